@@ -1,0 +1,284 @@
+//! Digishare reply actions and the limits the Messages API enforces.
+//!
+//! This crate is the one definition of what a bot may answer. The guest SDK
+//! builds these values (and refuses bad ones before they leave the plugin);
+//! the host converts what a plugin returns into them and validates again,
+//! because a plugin need not have been built with our SDK. Neither side keeps
+//! its own copy of a limit.
+//!
+//! No wasmtime, no tokio, no serde unless the `serde` feature asks for it:
+//! this crate compiles into every Rust plugin.
+
+#![forbid(unsafe_code)]
+
+mod builders;
+mod validate;
+
+pub use builders::{ButtonsBuilder, ListBuilder};
+pub use validate::LimitError;
+
+/// The limits of Digishare's Messages API (and of WhatsApp behind it).
+pub mod limits {
+    /// Characters in a text message.
+    pub const TEXT_MAX: usize = 4096;
+    /// Characters in the header of a buttons or list message.
+    pub const HEADER_MAX: usize = 60;
+    /// Reply buttons in one message.
+    pub const BUTTONS_MAX: usize = 3;
+    /// Characters in a reply button's title.
+    pub const BUTTON_TITLE_MAX: usize = 20;
+    /// Rows in a list menu, across all its sections.
+    pub const LIST_ROWS_MAX: usize = 10;
+    /// Characters in a list row's title.
+    pub const ROW_TITLE_MAX: usize = 24;
+    /// Characters in an id the customer's choice comes back with
+    /// (button or row id). WhatsApp's limit.
+    pub const CHOICE_ID_MAX: usize = 200;
+    /// Characters in an id that digibot puts into a URL path or a
+    /// `reply_to` (user ids, message ids).
+    pub const REF_ID_MAX: usize = 128;
+}
+
+/// One reply a bot asks digibot to perform, in the conversation of the
+/// event being handled.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(tag = "kind", rename_all = "snake_case")
+)]
+pub enum Action {
+    /// A text message to the customer.
+    Text {
+        body: String,
+        #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+        reply_to: Option<String>,
+    },
+    /// Up to three reply buttons.
+    Buttons(Buttons),
+    /// A list menu.
+    List(ListMenu),
+    /// A location pin.
+    Location(Location),
+    /// Ask the customer to share their location.
+    LocationRequest { body: String },
+    /// A file Digishare downloads from a URL.
+    File(FileReply),
+    /// An internal note, visible to agents only (`send_to_third = false`).
+    Note { body: String },
+    /// Attach a human agent to the conversation.
+    HandOff { user_id: String, as_handler: bool },
+}
+
+/// A reply-buttons message.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Buttons {
+    pub header: Option<String>,
+    pub body: String,
+    pub buttons: Vec<Button>,
+}
+
+/// One reply button.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Button {
+    pub id: String,
+    pub title: String,
+}
+
+/// A list-menu message.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ListMenu {
+    pub header: Option<String>,
+    pub body: String,
+    /// Label of the button that opens the list.
+    pub button: String,
+    pub sections: Vec<ListSection>,
+}
+
+/// A titled group of rows in a list menu.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ListSection {
+    pub title: String,
+    pub rows: Vec<ListRow>,
+}
+
+/// One choice in a list menu.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ListRow {
+    pub id: String,
+    pub title: String,
+    pub description: Option<String>,
+}
+
+/// A location pin.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Location {
+    pub latitude: f64,
+    pub longitude: f64,
+    pub name: Option<String>,
+    pub address: Option<String>,
+}
+
+/// A file sent by URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct FileReply {
+    pub url: String,
+    pub file_name: Option<String>,
+    pub extension: Option<String>,
+    /// Deliver audio as a voice note.
+    pub voice: bool,
+}
+
+impl Action {
+    /// A text message, checked against [`limits::TEXT_MAX`].
+    pub fn text(body: impl Into<String>) -> Result<Action, LimitError> {
+        Action::Text {
+            body: body.into(),
+            reply_to: None,
+        }
+        .validated()
+    }
+
+    /// A text message quoting the message `message_id` of this conversation.
+    pub fn text_reply_to(
+        body: impl Into<String>,
+        message_id: impl Into<String>,
+    ) -> Result<Action, LimitError> {
+        Action::Text {
+            body: body.into(),
+            reply_to: Some(message_id.into()),
+        }
+        .validated()
+    }
+
+    /// Reply buttons: `Action::buttons("Body").button("id", "Title").build()`.
+    pub fn buttons(body: impl Into<String>) -> ButtonsBuilder {
+        ButtonsBuilder::new(body)
+    }
+
+    /// A list menu: `Action::list("Body", "Open").row("id", "Title").build()`.
+    pub fn list(body: impl Into<String>, button: impl Into<String>) -> ListBuilder {
+        ListBuilder::new(body, button)
+    }
+
+    /// A location pin.
+    pub fn location(latitude: f64, longitude: f64) -> Result<Action, LimitError> {
+        Action::Location(Location {
+            latitude,
+            longitude,
+            name: None,
+            address: None,
+        })
+        .validated()
+    }
+
+    /// A named location pin with an address.
+    pub fn place(
+        latitude: f64,
+        longitude: f64,
+        name: impl Into<String>,
+        address: impl Into<String>,
+    ) -> Result<Action, LimitError> {
+        Action::Location(Location {
+            latitude,
+            longitude,
+            name: Some(name.into()),
+            address: Some(address.into()),
+        })
+        .validated()
+    }
+
+    /// Ask the customer to share their location, with a prompt.
+    pub fn location_request(prompt: impl Into<String>) -> Result<Action, LimitError> {
+        Action::LocationRequest {
+            body: prompt.into(),
+        }
+        .validated()
+    }
+
+    /// A file Digishare fetches from `url` (http or https).
+    pub fn file(url: impl Into<String>) -> Result<Action, LimitError> {
+        Action::File(FileReply {
+            url: url.into(),
+            file_name: None,
+            extension: None,
+            voice: false,
+        })
+        .validated()
+    }
+
+    /// An internal note for the agents; the customer never sees it.
+    pub fn note(body: impl Into<String>) -> Result<Action, LimitError> {
+        Action::Note { body: body.into() }.validated()
+    }
+
+    /// Attach the agent `user_id`; `as_handler` also makes them the handler.
+    pub fn hand_off(user_id: impl Into<String>, as_handler: bool) -> Result<Action, LimitError> {
+        Action::HandOff {
+            user_id: user_id.into(),
+            as_handler,
+        }
+        .validated()
+    }
+
+    /// Short name of the action kind, as used in logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Text { .. } => "text",
+            Action::Buttons(_) => "buttons",
+            Action::List(_) => "list",
+            Action::Location(_) => "location",
+            Action::LocationRequest { .. } => "location_request",
+            Action::File(_) => "file",
+            Action::Note { .. } => "note",
+            Action::HandOff { .. } => "hand_off",
+        }
+    }
+
+    /// Approximate size in bytes of the strings this action carries; the
+    /// host caps the total per invocation.
+    pub fn payload_len(&self) -> usize {
+        fn opt(s: &Option<String>) -> usize {
+            s.as_deref().map_or(0, str::len)
+        }
+        match self {
+            Action::Text { body, reply_to } => body.len() + opt(reply_to),
+            Action::Buttons(b) => {
+                opt(&b.header)
+                    + b.body.len()
+                    + b.buttons.iter().map(|x| x.id.len() + x.title.len()).sum::<usize>()
+            }
+            Action::List(l) => {
+                opt(&l.header)
+                    + l.body.len()
+                    + l.button.len()
+                    + l.sections
+                        .iter()
+                        .map(|s| {
+                            s.title.len()
+                                + s.rows
+                                    .iter()
+                                    .map(|r| r.id.len() + r.title.len() + opt(&r.description))
+                                    .sum::<usize>()
+                        })
+                        .sum::<usize>()
+            }
+            Action::Location(l) => 16 + opt(&l.name) + opt(&l.address),
+            Action::LocationRequest { body } | Action::Note { body } => body.len(),
+            Action::File(f) => f.url.len() + opt(&f.file_name) + opt(&f.extension),
+            Action::HandOff { user_id, .. } => user_id.len(),
+        }
+    }
+
+    fn validated(self) -> Result<Action, LimitError> {
+        self.validate()?;
+        Ok(self)
+    }
+}
