@@ -1,0 +1,153 @@
+//! `NAME.toml`, the optional file beside a plugin's `NAME.wasm`: whether it
+//! is enabled, which events it wants, its private configuration, its limits
+//! and the capabilities it is granted.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A plugin's settings. Every field has a default, so no file is needed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Manifest {
+    pub enabled: bool,
+    /// `new_conversation` and/or `message`.
+    pub events: Vec<EventFilter>,
+    /// Values the plugin reads with `config.get`. Only this plugin sees them.
+    pub config: BTreeMap<String, String>,
+    pub limits: LimitOverrides,
+    pub grants: Grants,
+}
+
+impl Default for Manifest {
+    fn default() -> Self {
+        Manifest {
+            enabled: true,
+            events: vec![EventFilter::NewConversation, EventFilter::Message],
+            config: BTreeMap::new(),
+            limits: LimitOverrides::default(),
+            grants: Grants::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventFilter {
+    NewConversation,
+    Message,
+}
+
+/// Per-plugin overrides of [`Limits`]; unset fields keep the host default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitOverrides {
+    pub timeout_ms: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub max_actions: Option<usize>,
+    pub max_action_bytes: Option<usize>,
+    pub max_log_bytes: Option<usize>,
+    pub fuel: Option<u64>,
+}
+
+/// Capabilities beyond the default sandbox. All off by default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grants {
+    /// See the real wall clock (otherwise it reads as the Unix epoch).
+    pub clock: bool,
+}
+
+/// What one invocation may use.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Limits {
+    /// Wall-clock deadline, enforced by epoch interruption.
+    pub timeout: Duration,
+    /// Linear memory cap, per memory.
+    pub memory_bytes: usize,
+    /// Table elements cap, per table.
+    pub table_elements: usize,
+    /// Core instances, memories and tables a component may create.
+    pub instances: usize,
+    pub max_actions: usize,
+    /// Total size of the strings in the returned actions.
+    pub max_action_bytes: usize,
+    /// stdout + stderr + `log` output kept per event.
+    pub max_log_bytes: usize,
+    /// Fuel per invocation when fuel metering is on for the engine.
+    pub fuel: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_millis(100),
+            memory_bytes: 64 << 20,
+            table_elements: 20_000,
+            instances: 32,
+            max_actions: 50,
+            max_action_bytes: 256 << 10,
+            max_log_bytes: 16 << 10,
+            fuel: None,
+        }
+    }
+}
+
+impl Limits {
+    /// These defaults with a manifest's overrides applied.
+    pub fn with(&self, o: &LimitOverrides) -> Limits {
+        Limits {
+            timeout: o.timeout_ms.map(Duration::from_millis).unwrap_or(self.timeout),
+            memory_bytes: o
+                .memory_mb
+                .map(|mb| (mb as usize) << 20)
+                .unwrap_or(self.memory_bytes),
+            max_actions: o.max_actions.unwrap_or(self.max_actions),
+            max_action_bytes: o.max_action_bytes.unwrap_or(self.max_action_bytes),
+            max_log_bytes: o.max_log_bytes.unwrap_or(self.max_log_bytes),
+            fuel: o.fuel.or(self.fuel),
+            ..self.clone()
+        }
+    }
+}
+
+impl Manifest {
+    /// Parses `NAME.toml`.
+    pub fn parse(text: &str) -> Result<Manifest, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn wants(&self, filter: EventFilter) -> bool {
+        self.enabled && self.events.contains(&filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Manifest::parse("").unwrap(), Manifest::default());
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let m = Manifest::parse(
+            "enabled = true\nevents = [\"message\"]\n[config]\ngreeting = \"Salam\"\n[limits]\ntimeout_ms = 20\nmemory_mb = 8\n",
+        )
+        .unwrap();
+        assert!(m.wants(EventFilter::Message));
+        assert!(!m.wants(EventFilter::NewConversation));
+        let limits = Limits::default().with(&m.limits);
+        assert_eq!(limits.timeout, Duration::from_millis(20));
+        assert_eq!(limits.memory_bytes, 8 << 20);
+        assert_eq!(limits.max_actions, 50);
+        assert_eq!(m.config["greeting"], "Salam");
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        assert!(Manifest::parse("enabeld = false").is_err());
+    }
+}

@@ -1,0 +1,539 @@
+//! The plugin runtime: the one place that touches Wasm.
+//!
+//! One [`wasmtime::Engine`] per process (epoch interruption, pooling
+//! allocator where the machine allows it); a [`Plugin`] is a validated,
+//! compiled component with its `InstancePre`; every invocation gets a fresh
+//! `Store` and instance, with the plugin's limits, and returns typed
+//! [`Action`]s or a [`Failure`] that says why.
+
+pub mod manifest;
+mod state;
+mod stdio;
+pub mod v0_1_0;
+
+use crate::event;
+use digibot_protocol::Action;
+pub use manifest::{EventFilter, Grants, Limits, Manifest};
+use sha2::{Digest, Sha256};
+use state::HostState;
+pub use state::{KvRead, LogLevel, LogLine, MemoryKv};
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+pub use crate::store::KvWrite;
+
+/// How often the epoch ticks; deadlines are rounded up to it.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// The `digishare:bot` versions this host loads.
+pub const SUPPORTED_WIT: &[&str] = &[v0_1_0::VERSION];
+
+/// Interfaces a plugin may import besides `digishare:bot`: WASI p2, linked
+/// with no capability granted (no preopens, env, args or network), because
+/// language runtimes import them even when they never use them.
+const ALLOWED_WASI: &[&str] = &[
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:filesystem/",
+    "wasi:io/",
+    "wasi:random/",
+    "wasi:sockets/",
+];
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Use the pooling allocator (falls back to on-demand if the machine
+    /// refuses the reservation).
+    pub pooling: bool,
+    /// Instances the pool holds at once.
+    pub pool_instances: u32,
+    /// Ceiling for any plugin's memory limit.
+    pub max_memory_bytes: usize,
+    /// Meter fuel (slower code; per-plugin `limits.fuel` then applies).
+    pub fuel: bool,
+    /// Where compiled components are cached (none: always compile).
+    pub cache_dir: Option<PathBuf>,
+    /// Limits for plugins whose manifest does not override them.
+    pub defaults: Limits,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            pooling: true,
+            pool_instances: 64,
+            max_memory_bytes: 256 << 20,
+            fuel: false,
+            cache_dir: None,
+            defaults: Limits::default(),
+        }
+    }
+}
+
+/// Why a component cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a WebAssembly component (a core module or another file); build with --target wasm32-wasip2")]
+    NotAComponent,
+    #[error("does not compile: {0}")]
+    Compile(String),
+    #[error("does not target digishare:bot (no digishare:bot import); is it built with digibot-sdk?")]
+    NotABot,
+    #[error("targets digishare:bot@{found}, this host supports {}", SUPPORTED_WIT.join(", "))]
+    UnsupportedVersion { found: String },
+    #[error("imports what digibot does not provide: {}", .0.join(", "))]
+    RefusedImports(Vec<String>),
+    #[error("does not link: {0}")]
+    Link(String),
+    #[error("does not export the bot world: {0}")]
+    Exports(String),
+    #[error("invalid plugin name {0:?}: use letters, digits, '-' and '_'")]
+    BadName(String),
+}
+
+/// Why an invocation produced no actions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("timeout")]
+    Timeout,
+    #[error("memory")]
+    Memory,
+    #[error("fuel")]
+    Fuel,
+    #[error("trap: {0}")]
+    Trap(String),
+    #[error("error: {0}")]
+    Error(String),
+    #[error("too many actions ({count}, limit {max})")]
+    TooManyActions { count: usize, max: usize },
+    #[error("actions too large ({bytes} bytes, limit {max})")]
+    ActionsTooLarge { bytes: usize, max: usize },
+}
+
+/// What one invocation did.
+#[derive(Debug)]
+pub struct Invocation {
+    pub outcome: Result<Vec<Action>, Failure>,
+    /// KV writes to commit with the event; empty when the call failed.
+    pub kv_writes: Vec<KvWrite>,
+    pub logs: Vec<LogLine>,
+    /// stdout and stderr, as far as the log cap allowed.
+    pub output: String,
+    pub logs_dropped: usize,
+    pub elapsed: Duration,
+}
+
+/// A loaded, validated plugin version. Immutable: a new version is a new
+/// `Plugin`, so invocations in flight keep the one they started with.
+pub struct Plugin {
+    pub name: String,
+    /// SHA-256 of the component bytes, hex.
+    pub hash: String,
+    pub wit_version: &'static str,
+    pub manifest: Manifest,
+    pub limits: Limits,
+    pub imports: Vec<String>,
+    pub size: usize,
+    pub compile_time: Duration,
+    /// Loaded from the compile cache.
+    pub cached: bool,
+    name_arc: Arc<str>,
+    config: Arc<BTreeMap<String, String>>,
+    pre: v0_1_0::Pre<HostState>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("hash", &self.hash)
+            .field("wit_version", &self.wit_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to call on a plugin, with the event it comes from.
+pub enum Call<'a> {
+    NewConversation {
+        event_id: &'a str,
+        conversation: &'a event::Conversation,
+    },
+    Message {
+        event_id: &'a str,
+        message: &'a event::Message,
+    },
+}
+
+impl Call<'_> {
+    /// The call for `event`, if plugins handle it.
+    pub fn for_event(event: &event::Event) -> Option<Call<'_>> {
+        if !event.invokes_plugins() {
+            return None;
+        }
+        match &event.kind {
+            event::EventKind::NewConversation(conversation) => Some(Call::NewConversation {
+                event_id: &event.key,
+                conversation,
+            }),
+            event::EventKind::Message(message) => Some(Call::Message {
+                event_id: &event.key,
+                message,
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn filter(&self) -> EventFilter {
+        match self {
+            Call::NewConversation { .. } => EventFilter::NewConversation,
+            Call::Message { .. } => EventFilter::Message,
+        }
+    }
+
+    pub fn conversation_id(&self) -> &str {
+        match self {
+            Call::NewConversation { conversation, .. } => &conversation.id,
+            Call::Message { message, .. } => &message.conversation_id,
+        }
+    }
+}
+
+/// The engine and linker, shared by every plugin.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    compat: String,
+    pooling: bool,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
+    let mut c = Config::new();
+    c.epoch_interruption(true);
+    c.consume_fuel(config.fuel);
+    if pooling {
+        let mut pool = PoolingAllocationConfig::default();
+        let n = config.pool_instances;
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 8)
+            .max_memory_size(config.max_memory_bytes)
+            // Keeping the first pages resident avoids a page fault storm
+            // in every fresh instance; measured in BENCHMARKS.md.
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(16 << 10);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    c
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, wasmtime::Error> {
+        let (engine, pooling) = match config.pooling {
+            true => match Engine::new(&engine_config(&config, true)) {
+                Ok(engine) => (engine, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pooling allocator unavailable, using on-demand instances");
+                    (Engine::new(&engine_config(&config, false))?, false)
+                }
+            },
+            false => (Engine::new(&engine_config(&config, false))?, false),
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        v0_1_0::add_to_linker(&mut linker)?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat = format!("{:016x}", hasher.finish());
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            std::thread::Builder::new()
+                .name("digibot-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?;
+        }
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+            compat,
+            pooling,
+            ticker_stop,
+        })
+    }
+
+    /// Whether the pooling allocator is in use.
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// Host-wide default limits.
+    pub fn default_limits(&self) -> &Limits {
+        &self.config.defaults
+    }
+
+    fn compile(&self, hash: &str, bytes: &[u8]) -> Result<(Component, bool), LoadError> {
+        let cached_path = self
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{hash}-{}.cwasm", self.compat)));
+        if let Some(path) = cached_path.as_ref().filter(|p| p.exists()) {
+            // SAFETY: the cache directory is digibot's own; its files were
+            // written by `Component::serialize` below, for this engine
+            // (the file name carries the engine's compatibility hash).
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(component) => return Ok((component, true)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "dropping a bad cache entry");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        if let Some(path) = cached_path {
+            if let Err(e) = write_cache(&path, &component) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled plugin");
+            }
+        }
+        Ok((component, false))
+    }
+
+    /// Validates and compiles a plugin: a component, for a supported
+    /// `digishare:bot` version, importing only what the host provides.
+    pub fn load(&self, name: &str, bytes: &[u8], manifest: Manifest) -> Result<Plugin, LoadError> {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(LoadError::BadName(name.to_string()));
+        }
+        // A component's preamble: magic, then version 0x0d and layer 1.
+        if bytes.len() < 8 || &bytes[0..4] != b"\0asm" || bytes[6..8] != [1, 0] {
+            return Err(LoadError::NotAComponent);
+        }
+        let hash = hex::encode(Sha256::digest(bytes));
+        let started = Instant::now();
+        let (component, cached) = self.compile(&hash, bytes)?;
+        let compile_time = started.elapsed();
+
+        let imports: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let wit_version = wit_version(&imports)?;
+        let refused: Vec<String> = imports
+            .iter()
+            .filter(|i| {
+                !i.starts_with("digishare:bot/") && !ALLOWED_WASI.iter().any(|p| i.starts_with(p))
+            })
+            .cloned()
+            .collect();
+        if !refused.is_empty() {
+            return Err(LoadError::RefusedImports(refused));
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = v0_1_0::Pre::new(pre).map_err(|e| LoadError::Exports(format!("{e:#}")))?;
+        let limits = self.config.defaults.with(&manifest.limits);
+        let limits = Limits {
+            memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
+            ..limits
+        };
+        Ok(Plugin {
+            name: name.to_string(),
+            name_arc: Arc::from(name),
+            hash,
+            wit_version,
+            config: Arc::new(manifest.config.clone()),
+            manifest,
+            limits,
+            imports,
+            size: bytes.len(),
+            compile_time,
+            cached,
+            pre,
+        })
+    }
+
+    /// Loads `path` (a `.wasm`) with its manifest.
+    pub fn load_file(&self, path: &Path, manifest: Manifest) -> Result<Plugin, LoadFileError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        self.load(&name, &bytes, manifest)
+            .map_err(|source| LoadFileError::Load {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Runs `call` on a fresh instance of `plugin`. Never panics on
+    /// anything the plugin does; every failure comes back as a [`Failure`].
+    pub fn invoke(&self, plugin: &Plugin, call: &Call<'_>, kv: Arc<dyn KvRead>) -> Invocation {
+        let started = Instant::now();
+        let state = HostState::new(
+            plugin.name_arc.clone(),
+            call.conversation_id(),
+            plugin.config.clone(),
+            &plugin.limits,
+            &plugin.manifest.grants,
+            kv,
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let tick = EPOCH_TICK.as_micros().max(1);
+        let ticks = plugin.limits.timeout.as_micros().div_ceil(tick) as u64;
+        store.set_epoch_deadline(ticks.max(1));
+        store.epoch_deadline_trap();
+        if self.config.fuel {
+            let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
+        }
+
+        let v0_call = match call {
+            Call::NewConversation {
+                event_id,
+                conversation,
+            } => v0_1_0::Call::NewConversation {
+                event_id,
+                conversation,
+            },
+            Call::Message { event_id, message } => v0_1_0::Call::Message { event_id, message },
+        };
+        let result = v0_1_0::call(&plugin.pre, &mut store, &v0_call);
+        let elapsed = started.elapsed();
+        let (output, cut) = store.data().stdio.contents();
+        let outcome = match result {
+            Ok(Ok(actions)) => check_actions(actions, &plugin.limits),
+            Ok(Err(message)) => Err(Failure::Error(message)),
+            Err(trap) => Err(classify(&trap, store.data(), &output)),
+        };
+        let state = store.into_data();
+        Invocation {
+            kv_writes: if outcome.is_ok() {
+                state.kv_writes
+            } else {
+                Vec::new()
+            },
+            logs: state.logs,
+            logs_dropped: state.logs_dropped + cut,
+            output,
+            outcome,
+            elapsed,
+        }
+    }
+}
+
+/// Why [`Runtime::load_file`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Load { path: PathBuf, source: LoadError },
+}
+
+fn write_cache(path: &Path, component: &Component) -> std::io::Result<()> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Write then rename, so a reader never sees half a file.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, path)
+}
+
+/// The `digishare:bot` version a component was built against, read from
+/// its imports (the `types` interface is always imported, if only for its
+/// types).
+fn wit_version(imports: &[String]) -> Result<&'static str, LoadError> {
+    let found = imports
+        .iter()
+        .find_map(|i| i.strip_prefix("digishare:bot/"))
+        .ok_or(LoadError::NotABot)?;
+    let version = found.split_once('@').map(|(_, v)| v).unwrap_or("");
+    SUPPORTED_WIT
+        .iter()
+        .find(|v| **v == version)
+        .copied()
+        .ok_or_else(|| LoadError::UnsupportedVersion {
+            found: version.to_string(),
+        })
+}
+
+fn check_actions(actions: Vec<Action>, limits: &Limits) -> Result<Vec<Action>, Failure> {
+    if actions.len() > limits.max_actions {
+        return Err(Failure::TooManyActions {
+            count: actions.len(),
+            max: limits.max_actions,
+        });
+    }
+    let bytes: usize = actions.iter().map(Action::payload_len).sum();
+    if bytes > limits.max_action_bytes {
+        return Err(Failure::ActionsTooLarge {
+            bytes,
+            max: limits.max_action_bytes,
+        });
+    }
+    Ok(actions)
+}
+
+fn classify(error: &wasmtime::Error, state: &HostState, output: &str) -> Failure {
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return Failure::Timeout,
+        Some(Trap::OutOfFuel) => return Failure::Fuel,
+        _ => {}
+    }
+    if state.limiter.memory_refused {
+        return Failure::Memory;
+    }
+    let mut reason = match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{}", error.root_cause()),
+    };
+    // A Rust guest prints its panic message to stderr before trapping.
+    if let Some(panic) = output.lines().find(|l| l.contains("panicked")) {
+        reason = format!("{reason} ({})", panic.trim());
+    }
+    Failure::Trap(reason)
+}

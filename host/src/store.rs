@@ -1,0 +1,799 @@
+//! The embedded SQLite store: inbox (events), outbox (actions and dead
+//! letters), plugin KV state. All SQL lives here.
+//!
+//! Writes go through one writer thread that commits every job waiting in its
+//! queue in one transaction (group commit): a burst of webhooks costs one
+//! fsync, not one each. Each job runs inside its own savepoint, so one
+//! failing job does not undo its neighbours, and its caller hears back only
+//! after the commit is durable. Reads use a small pool of WAL readers.
+//!
+//! Durability (`Durability::Full`, the default): `synchronous = FULL` in WAL
+//! mode fsyncs the WAL at every commit, so an acknowledged event survives a
+//! process crash *and* a power loss. `Durability::Normal` skips that fsync:
+//! still safe against a process crash (kill -9), but the last commits can be
+//! lost on power loss.
+
+use crate::event::Event;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the store is shut down")]
+    Closed,
+    #[error("bad stored value: {0}")]
+    Corrupt(String),
+}
+
+/// How hard a commit waits for the disk; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Full,
+    Normal,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Result of recording a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new event, with its inbox sequence number.
+    New(i64),
+    /// Already recorded (a redelivery).
+    Duplicate,
+}
+
+/// An event waiting for (or past) dispatch.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub event: Event,
+}
+
+/// An action ready to be written to the outbox.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewAction {
+    pub plugin: String,
+    pub idempotency_key: String,
+    pub method: String,
+    pub path: String,
+    pub body: serde_json::Value,
+}
+
+/// A plugin's KV write, applied with the event it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvWrite {
+    Set { key: String, value: String },
+    Delete { key: String },
+}
+
+/// The KV writes of one plugin for one conversation.
+#[derive(Debug, Clone)]
+pub struct KvChanges {
+    pub plugin: String,
+    pub conversation_id: String,
+    pub writes: Vec<KvWrite>,
+}
+
+/// An outbox row.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxAction {
+    pub id: i64,
+    pub event_seq: i64,
+    pub conversation_id: String,
+    pub plugin: String,
+    pub idempotency_key: String,
+    pub method: String,
+    pub path: String,
+    pub body: serde_json::Value,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+/// A recent event, for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    pub seq: i64,
+    pub key: String,
+    pub event: String,
+    pub conversation_id: Option<String>,
+    pub status: String,
+    pub received_at: i64,
+    pub handled_at: Option<i64>,
+    pub plugins: serde_json::Value,
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub events: usize,
+    pub actions: usize,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    conversation_id TEXT,
+    created_at TEXT,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    handled_at INTEGER,
+    outcomes TEXT
+);
+CREATE INDEX IF NOT EXISTS events_pending ON events(seq) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS events_done ON events(handled_at) WHERE status <> 'pending';
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_seq INTEGER NOT NULL,
+    conversation_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    done_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(conversation_id, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox(id) WHERE status = 'dead';
+CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(done_at) WHERE status = 'sent';
+CREATE TABLE IF NOT EXISTS kv (
+    plugin TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (plugin, conversation_id, key)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"#;
+
+fn open(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        },
+    )?;
+    Ok(conn)
+}
+
+/// Runs `f` in a savepoint: on error only its own writes are undone.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            Err(e)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    // Bounding the batch keeps one transaction (and its callers' latency) small.
+    const MAX_BATCH: usize = 512;
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Dropping the jobs drops their reply channels: callers get an
+            // error and nothing is half-written.
+            tracing::error!(error = %e, jobs = batch.len(), "store: cannot begin a transaction");
+            continue;
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        for job in batch {
+            completions.push(job(&conn));
+        }
+        let commit = conn.execute_batch("COMMIT");
+        let error = commit.as_ref().err().map(|e| e.to_string());
+        if error.is_some() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for c in completions {
+            c(error.as_deref());
+        }
+    }
+}
+
+impl Store {
+    /// Opens (and creates or migrates) the database under `data_dir`.
+    pub fn open(data_dir: &Path, durability: Durability) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join("digibot.db");
+        let conn = open(&path, durability)?;
+        conn.execute_batch(SCHEMA)?;
+        let readers = (0..4)
+            .map(|_| open(&path, durability))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer = std::thread::Builder::new()
+            .name("digibot-store".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                jobs: Mutex::new(Some(tx)),
+                readers: Mutex::new(readers),
+                path,
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// Where the database file is.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = in_savepoint(conn, f);
+            Box::new(move |commit_error: Option<&str>| {
+                let _ = tx.send(match commit_error {
+                    None => result,
+                    Some(e) => Err(StoreError::Commit(e.to_string())),
+                });
+            })
+        });
+        let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Closed)?;
+        jobs.as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(job)
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Runs `f` in the next group commit and waits until it is durable.
+    pub async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.submit(f)?.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`write`](Self::write) for synchronous callers (CLI, plugin threads).
+    pub fn write_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.submit(f)?
+            .blocking_recv()
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a reader connection (blocking).
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.inner.readers.lock().ok().and_then(|mut r| r.pop());
+        let conn = match conn {
+            Some(c) => c,
+            None => open(&self.inner.path, Durability::Normal)?,
+        };
+        let result = f(&conn);
+        if let Ok(mut readers) = self.inner.readers.lock() {
+            readers.push(conn);
+        }
+        result
+    }
+
+    /// [`read`](Self::read) off the async runtime's worker threads.
+    pub async fn read_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read(f))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stops the writer after the jobs already queued; later writes fail
+    /// with [`StoreError::Closed`].
+    pub fn close(&self) {
+        if let Ok(mut jobs) = self.inner.jobs.lock() {
+            jobs.take();
+        }
+        if let Some(handle) = self.inner.writer.lock().ok().and_then(|mut w| w.take()) {
+            let _ = handle.join();
+        }
+    }
+
+    // ---- inbox ---------------------------------------------------------
+
+    /// Records a delivered webhook. Events that invoke no plugin are
+    /// stored as `recorded`, the others as `pending`.
+    pub async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
+        self.write(move |conn| insert_event(conn, &event)).await
+    }
+
+    /// Events not yet dispatched, oldest first (recovery after a restart).
+    pub fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, payload) = row?;
+                let event = serde_json::from_str(&payload)
+                    .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+                out.push(StoredEvent { seq, event });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Marks an event handled, with what each plugin did, and in the same
+    /// transaction queues its actions and applies its KV writes. Returns the
+    /// number of actions queued.
+    pub async fn complete_event(
+        &self,
+        seq: i64,
+        conversation_id: String,
+        outcomes: serde_json::Value,
+        actions: Vec<NewAction>,
+        kv: Vec<KvChanges>,
+    ) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE events SET status = 'handled', handled_at = ?2, outcomes = ?3
+                     WHERE seq = ?1 AND status = 'pending'",
+                )?
+                .execute(params![seq, now, outcomes.to_string()])?;
+            if changed == 0 {
+                // Already completed (a recovery race): queue nothing twice.
+                return Ok(0);
+            }
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)
+                 ON CONFLICT(idempotency_key) DO NOTHING",
+            )?;
+            let mut queued = 0;
+            for a in &actions {
+                queued += insert.execute(params![
+                    seq,
+                    conversation_id,
+                    a.plugin,
+                    a.idempotency_key,
+                    a.method,
+                    a.path,
+                    a.body.to_string(),
+                    now
+                ])?;
+            }
+            for change in &kv {
+                apply_kv(conn, change, now)?;
+            }
+            Ok(queued)
+        })
+        .await
+    }
+
+    /// Recent events, newest first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                 FROM events ORDER BY seq DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| {
+                let outcomes: Option<String> = r.get(7)?;
+                Ok(EventSummary {
+                    seq: r.get(0)?,
+                    key: r.get(1)?,
+                    event: r.get(2)?,
+                    conversation_id: r.get(3)?,
+                    status: r.get(4)?,
+                    received_at: r.get(5)?,
+                    handled_at: r.get(6)?,
+                    plugins: outcomes
+                        .and_then(|o| serde_json::from_str(&o).ok())
+                        .unwrap_or(serde_json::Value::Array(vec![])),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    // ---- KV --------------------------------------------------------------
+
+    /// A plugin's stored value for one conversation.
+    pub fn kv_get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT value FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
+                )?
+                .query_row(params![plugin, conversation_id, key], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    // ---- outbox ------------------------------------------------------------
+
+    /// The first pending action of each conversation that is due by `now`
+    /// (later actions of a conversation wait for the first one).
+    pub fn due_actions(&self, now: i64, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox
+                 WHERE id IN (SELECT MIN(id) FROM outbox WHERE status = 'pending' GROUP BY conversation_id)
+                   AND next_attempt_at <= ?1
+                 ORDER BY next_attempt_at, id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![now, limit as i64], outbox_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// When the next pending head-of-line action becomes due, if any.
+    pub fn next_due_at(&self) -> Result<Option<i64>, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT MIN(next_attempt_at) FROM outbox
+                     WHERE id IN (SELECT MIN(id) FROM outbox WHERE status = 'pending' GROUP BY conversation_id)",
+                )?
+                .query_row([], |r| r.get(0))?)
+        })
+    }
+
+    /// Counts of outbox rows by status.
+    pub fn outbox_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM outbox GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Records a delivered action.
+    pub async fn mark_sent(&self, id: i64, status: u16) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = ?2, last_error = NULL, done_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![id, status, now_ms()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a failed attempt to be retried at `next_attempt_at`.
+    pub async fn mark_retry(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_status = ?3, last_error = ?4 WHERE id = ?1",
+            )?
+            .execute(params![id, next_attempt_at, last_status, last_error])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Turns an action into a dead letter, keeping the last status and body.
+    pub async fn mark_dead(
+        &self,
+        id: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = ?2, last_error = ?3, done_at = ?4 WHERE id = ?1",
+            )?
+            .execute(params![id, last_status, last_error, now_ms()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    // ---- dead letters ------------------------------------------------------
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<OutboxAction>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE status = 'dead' ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], outbox_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Puts dead letters back in the outbox (one id, or all when `None`),
+    /// due now with a fresh attempt count. Returns how many.
+    pub fn retry_dead_blocking(&self, id: Option<i64>) -> Result<usize, StoreError> {
+        self.write_blocking(move |conn| {
+            let sql = "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?2, done_at = NULL
+                       WHERE status = 'dead' AND (?1 IS NULL OR id = ?1)";
+            Ok(conn.execute(sql, params![id, now_ms()])?)
+        })
+    }
+
+    /// Deletes a dead letter. Returns whether it existed.
+    pub fn drop_dead_blocking(&self, id: i64) -> Result<bool, StoreError> {
+        self.write_blocking(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM outbox WHERE status = 'dead' AND id = ?1",
+                [id],
+            )? > 0)
+        })
+    }
+
+    // ---- retention ---------------------------------------------------------
+
+    /// Deletes handled events and sent actions finished before `before`
+    /// (ms). Pending work and dead letters are never pruned.
+    pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        self.write(move |conn| {
+            let actions = conn.execute(
+                "DELETE FROM outbox WHERE status = 'sent' AND done_at < ?1",
+                [before],
+            )?;
+            let events = conn.execute(
+                "DELETE FROM events WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < ?1
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_seq = events.seq)",
+                [before],
+            )?;
+            Ok(Pruned { events, actions })
+        })
+        .await
+    }
+}
+
+const OUTBOX_COLUMNS: &str = "id, event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, attempts, next_attempt_at, last_status, last_error, created_at";
+
+fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxAction> {
+    let body: String = r.get(7)?;
+    Ok(OutboxAction {
+        id: r.get(0)?,
+        event_seq: r.get(1)?,
+        conversation_id: r.get(2)?,
+        plugin: r.get(3)?,
+        idempotency_key: r.get(4)?,
+        method: r.get(5)?,
+        path: r.get(6)?,
+        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+        status: r.get(8)?,
+        attempts: r.get(9)?,
+        next_attempt_at: r.get(10)?,
+        last_status: r.get(11)?,
+        last_error: r.get(12)?,
+        created_at: r.get(13)?,
+    })
+}
+
+fn insert_event(conn: &Connection, event: &Event) -> Result<Inserted, StoreError> {
+    let payload =
+        serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let status = if event.invokes_plugins() {
+        "pending"
+    } else {
+        "recorded"
+    };
+    let now = now_ms();
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?6 = 'pending' THEN NULL ELSE ?7 END)
+             ON CONFLICT(key) DO NOTHING",
+        )?
+        .execute(params![
+            event.key,
+            event.name,
+            event.conversation_id(),
+            event.created_at(),
+            payload,
+            status,
+            now
+        ])?;
+    Ok(if inserted == 1 {
+        Inserted::New(conn.last_insert_rowid())
+    } else {
+        Inserted::Duplicate
+    })
+}
+
+fn apply_kv(conn: &Connection, change: &KvChanges, now: i64) -> Result<(), StoreError> {
+    for write in &change.writes {
+        match write {
+            KvWrite::Set { key, value } => {
+                conn.prepare_cached(
+                    "INSERT INTO kv (plugin, conversation_id, key, value, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(plugin, conversation_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                )?
+                .execute(params![change.plugin, change.conversation_id, key, value, now])?;
+            }
+            KvWrite::Delete { key } => {
+                conn.prepare_cached(
+                    "DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
+                )?
+                .execute(params![change.plugin, change.conversation_id, key])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, conv: &str) -> Event {
+        Event::parse(
+            format!(
+                r#"{{"event":"live_chat.new_message","data":{{"id":"{id}","data":{{"conversation_id":"{conv}","body":"hi","sender":{{"model_type":"third"}}}}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_detected_and_pending_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        let first = store.insert_event(event("m1", "c1")).await.unwrap();
+        assert!(matches!(first, Inserted::New(_)));
+        assert_eq!(
+            store.insert_event(event("m1", "c1")).await.unwrap(),
+            Inserted::Duplicate
+        );
+        store.close();
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        let pending = store.pending_events().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].event.key, "live_chat.new_message:m1");
+    }
+
+    #[tokio::test]
+    async fn concurrent_inserts_share_commits_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.insert_event(event(&format!("m{i}"), "c")).await
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await.unwrap().unwrap(), Inserted::New(_)));
+        }
+        assert_eq!(store.pending_events().unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn completing_queues_actions_and_kv_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
+        let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
+            panic!()
+        };
+        let action = NewAction {
+            plugin: "echo".into(),
+            idempotency_key: "k1".into(),
+            method: "POST".into(),
+            path: "/v1/messages".into(),
+            body: serde_json::json!({"body": "hi"}),
+        };
+        let kv = KvChanges {
+            plugin: "echo".into(),
+            conversation_id: "c1".into(),
+            writes: vec![KvWrite::Set {
+                key: "topic".into(),
+                value: "orders".into(),
+            }],
+        };
+        let queued = store
+            .complete_event(seq, "c1".into(), serde_json::json!([]), vec![action.clone()], vec![kv.clone()])
+            .await
+            .unwrap();
+        assert_eq!(queued, 1);
+        // A second completion (recovery race) queues nothing.
+        let again = store
+            .complete_event(seq, "c1".into(), serde_json::json!([]), vec![action], vec![kv])
+            .await
+            .unwrap();
+        assert_eq!(again, 0);
+        assert_eq!(store.due_actions(now_ms(), 10).unwrap().len(), 1);
+        assert_eq!(
+            store.kv_get("echo", "c1", "topic").unwrap().as_deref(),
+            Some("orders")
+        );
+        assert_eq!(store.kv_get("echo", "c2", "topic").unwrap(), None);
+        assert!(store.pending_events().unwrap().is_empty());
+    }
+}
