@@ -1,8 +1,8 @@
 //! Write a digibot plugin: implement [`Bot`], register it with
 //! [`export_bot!`], answer with [`Action`]s.
 //!
-//! ```ignore
-//! use digibot_sdk::{export_bot, Action, Bot, Message, Result};
+//! ```
+//! use digibot_sdk::{Action, Bot, Message, Result, export_bot};
 //!
 //! struct Echo;
 //!
@@ -16,6 +16,7 @@
 //! }
 //!
 //! export_bot!(Echo);
+//! # fn main() {}
 //! ```
 //!
 //! Build with `cargo build --target wasm32-wasip2 --release` (or
@@ -25,25 +26,62 @@
 //! outlive one event in [`kv`], scoped to the conversation. Replies always go
 //! to the conversation of the event being handled; a plugin cannot name
 //! another one.
+//!
+//! Replies are built with the constructors on [`Action`] (and
+//! [`FileBuilder`]), which check Digishare's [`limits`] before the reply
+//! leaves the plugin; digibot checks them again on its side.
+//!
+//! [`log`], [`config`] and [`kv`] call into digibot: they only work inside a
+//! plugin running in digibot, and panic in a native build (e.g. `cargo test`).
+
+#![warn(missing_docs)]
 
 mod event;
+mod file;
 
 pub use digibot_protocol::{
-    Action, Button, Buttons, ButtonsBuilder, FileReply, LimitError, ListBuilder, ListMenu,
-    ListRow, ListSection, Location, limits,
+    Action, Button, Buttons, ButtonsBuilder, FileReply, LimitError, ListBuilder, ListMenu, ListRow,
+    ListSection, Location, limits,
 };
 pub use event::{
     Choice, Contact, Content, Conversation, Media, MediaKind, Message, Phone, Sender, SenderKind,
-    UnknownContent,
+    SharedLocation, UnknownContent,
 };
+pub use file::FileBuilder;
 
 /// What a handler returns: the replies, or why the event could not be
 /// handled (digibot logs it and records it with the event).
+///
+/// `?` works on the builders' [`LimitError`] and on `String`/`&str` errors:
+///
+/// ```
+/// use digibot_sdk::{Action, Result};
+///
+/// fn greet(name: &str) -> Result<Vec<Action>> {
+///     if name.is_empty() {
+///         return Err("no name".into());
+///     }
+///     Ok(vec![Action::text(format!("Bonjour {name} !"))?])
+/// }
+///
+/// assert_eq!(greet("Amina").unwrap().len(), 1);
+/// assert_eq!(greet("").unwrap_err().to_string(), "no name");
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A handler's failure, with a message for the logs.
+///
+/// ```
+/// use digibot_sdk::{Action, Error};
+///
+/// let err: Error = Action::text("").unwrap_err().into();
+/// assert_eq!(err.to_string(), "text must not be empty");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Error(pub String);
+pub struct Error(
+    /// The message digibot logs and records with the event.
+    pub String,
+);
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,6 +111,33 @@ impl From<&str> for Error {
 
 /// Your bot. Every method has a default that does nothing, so implement
 /// only the events you care about.
+///
+/// The methods take no `self`: a plugin is instantiated fresh for every
+/// event, so there is nothing to keep in the value. Use [`kv`] for state.
+///
+/// ```
+/// use digibot_sdk::{Action, Bot, Conversation, Result};
+///
+/// struct Greeter;
+///
+/// impl Bot for Greeter {
+///     fn on_new_conversation(conversation: &Conversation) -> Result<Vec<Action>> {
+///         let name = conversation.customer_name.as_deref().unwrap_or("there");
+///         Ok(vec![Action::text(format!("Hello {name}!"))?])
+///     }
+/// }
+///
+/// let conversation = Conversation {
+///     id: "conv_1".into(),
+///     customer_id: "third_1".into(),
+///     customer_name: Some("Amina".into()),
+///     channel: Some("whatsapp".into()),
+///     platform_id: None,
+///     created_at: None,
+/// };
+/// let replies = Greeter::on_new_conversation(&conversation).unwrap();
+/// assert_eq!(replies, [Action::text("Hello Amina!").unwrap()]);
+/// ```
 pub trait Bot {
     /// A customer opened a conversation.
     fn on_new_conversation(conversation: &Conversation) -> Result<Vec<Action>> {
@@ -88,7 +153,11 @@ pub trait Bot {
     }
 }
 
-/// Registers a [`Bot`] as the plugin's entry points. Use it once per crate.
+/// Registers a [`Bot`] as the plugin's entry points. Use it once per crate,
+/// at the top level of a `cdylib` crate built for `wasm32-wasip2`.
+///
+/// A handler's `Ok` actions are sent in order; an `Err` sends nothing and is
+/// logged by digibot. See the [crate] docs for a complete plugin.
 #[macro_export]
 macro_rules! export_bot {
     ($bot:ty) => {
@@ -155,9 +224,21 @@ pub mod bindings {
 /// Log lines, tagged by digibot with the plugin and conversation.
 ///
 /// Output per event is capped by the host; past the cap lines are dropped.
+/// These functions call into digibot, so they only work inside a plugin.
+///
+/// ```no_run
+/// use digibot_sdk::log;
+///
+/// log::info("customer asked for the menu");
+/// log::warn(&format!("unknown choice {:?}", "xyz"));
+/// ```
 pub mod log {
     use crate::bindings::digishare::bot::log::{Level, log};
 
+    /// Fine-grained tracing, hidden unless digibot runs with `RUST_LOG=trace`.
+    pub fn trace(message: &str) {
+        log(Level::Trace, message)
+    }
     /// Debug detail, hidden unless digibot runs with `RUST_LOG=debug`.
     pub fn debug(message: &str) {
         log(Level::Debug, message)
@@ -178,6 +259,19 @@ pub mod log {
 
 /// This plugin's configuration: the `[config]` table of its `NAME.toml`.
 /// No other plugin can read it, and digibot's own secrets are never in it.
+///
+/// These functions call into digibot, so they only work inside a plugin.
+///
+/// ```no_run
+/// use digibot_sdk::config;
+///
+/// let greeting = config::get_or("greeting", "Hello");
+/// if let Some(agent) = config::get("agent_id") {
+///     // hand off to `agent`…
+/// #   let _ = agent;
+/// }
+/// # let _ = greeting;
+/// ```
 pub mod config {
     /// The value of `key`, if configured.
     pub fn get(key: &str) -> Option<String> {
@@ -191,6 +285,21 @@ pub mod config {
 }
 
 /// State kept between events of one conversation, private to this plugin.
+///
+/// Every key lives in the conversation of the event being handled: the same
+/// key in another conversation, or in another plugin, is a different value.
+/// These functions call into digibot, so they only work inside a plugin.
+///
+/// ```no_run
+/// use digibot_sdk::{Action, Result, kv};
+///
+/// fn count_visits() -> Result<Vec<Action>> {
+///     let visits: u32 = kv::get("visits").and_then(|v| v.parse().ok()).unwrap_or(0) + 1;
+///     kv::set("visits", &visits.to_string())?;
+///     Ok(vec![Action::text(format!("Visit number {visits}"))?])
+/// }
+/// # count_visits().unwrap();
+/// ```
 pub mod kv {
     /// The value stored under `key` in this conversation, if any.
     pub fn get(key: &str) -> Option<String> {

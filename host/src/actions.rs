@@ -43,7 +43,12 @@ pub fn to_request(
     Ok(build(conversation_id, action))
 }
 
-fn message(conversation_id: &str, kind: Option<&str>, to_customer: bool, extra: Value) -> ApiRequest {
+fn message(
+    conversation_id: &str,
+    kind: Option<&str>,
+    to_customer: bool,
+    extra: Value,
+) -> ApiRequest {
     let mut body = Map::new();
     body.insert("conversation_id".into(), json!(conversation_id));
     if let Some(kind) = kind {
@@ -82,7 +87,9 @@ fn build(conversation_id: &str, action: &Action) -> ApiRequest {
             put(&mut extra, "reply_to", reply_to.as_deref());
             message(conversation_id, Some("text"), true, Value::Object(extra))
         }
-        Action::Note { body } => message(conversation_id, Some("text"), false, json!({"body": body})),
+        Action::Note { body } => {
+            message(conversation_id, Some("text"), false, json!({"body": body}))
+        }
         Action::Buttons(b) => {
             let buttons: Vec<Value> = b
                 .buttons
@@ -94,7 +101,12 @@ fn build(conversation_id: &str, action: &Action) -> ApiRequest {
             body.insert("body".into(), json!({"text": b.body}));
             body.insert("action".into(), json!({"buttons": buttons}));
             let body = interactive(b.header.as_deref(), body);
-            message(conversation_id, Some("interactive"), true, json!({"body": body}))
+            message(
+                conversation_id,
+                Some("interactive"),
+                true,
+                json!({"body": body}),
+            )
         }
         Action::List(l) => {
             let sections: Vec<Value> = l
@@ -113,7 +125,11 @@ fn build(conversation_id: &str, action: &Action) -> ApiRequest {
                         })
                         .collect();
                     let mut section = Map::new();
-                    put(&mut section, "title", Some(s.title.as_str()).filter(|t| !t.is_empty()));
+                    put(
+                        &mut section,
+                        "title",
+                        Some(s.title.as_str()).filter(|t| !t.is_empty()),
+                    );
                     section.insert("rows".into(), Value::Array(rows));
                     Value::Object(section)
                 })
@@ -121,9 +137,17 @@ fn build(conversation_id: &str, action: &Action) -> ApiRequest {
             let mut body = Map::new();
             body.insert("type".into(), json!("list"));
             body.insert("body".into(), json!({"text": l.body}));
-            body.insert("action".into(), json!({"button": l.button, "sections": sections}));
+            body.insert(
+                "action".into(),
+                json!({"button": l.button, "sections": sections}),
+            );
             let body = interactive(l.header.as_deref(), body);
-            message(conversation_id, Some("interactive"), true, json!({"body": body}))
+            message(
+                conversation_id,
+                Some("interactive"),
+                true,
+                json!({"body": body}),
+            )
         }
         Action::Location(loc) => {
             let mut body = Map::new();
@@ -131,7 +155,12 @@ fn build(conversation_id: &str, action: &Action) -> ApiRequest {
             body.insert("longitude".into(), json!(loc.longitude));
             put(&mut body, "name", loc.name.as_deref());
             put(&mut body, "address", loc.address.as_deref());
-            message(conversation_id, Some("location"), true, json!({"body": body}))
+            message(
+                conversation_id,
+                Some("location"),
+                true,
+                json!({"body": body}),
+            )
         }
         Action::LocationRequest { body } => message(
             conversation_id,
@@ -215,7 +244,11 @@ mod tests {
 
     #[test]
     fn buttons_and_lists() {
-        let buttons = Action::buttons("Pick").header("H").button("a", "A").build().unwrap();
+        let buttons = Action::buttons("Pick")
+            .header("H")
+            .button("a", "A")
+            .build()
+            .unwrap();
         assert_eq!(
             req(buttons).body,
             json!({"conversation_id": "conv_1", "type": "interactive", "send_to_third": true, "body": {
@@ -252,10 +285,22 @@ mod tests {
 
     #[test]
     fn hand_off_uses_put_on_the_event_conversation() {
-        let r = to_request("p", 0, "conv/../x", &Action::hand_off("usr_17", true).unwrap()).unwrap();
+        let r = to_request(
+            "p",
+            0,
+            "conv/../x",
+            &Action::hand_off("usr_17", true).unwrap(),
+        )
+        .unwrap();
         assert_eq!(r.method, "PUT");
-        assert_eq!(r.path, "/v1/conversations/conv%2F..%2Fx/attach/participants");
-        assert_eq!(r.body, json!({"users": ["usr_17"], "bots": [], "handler_id": "usr_17"}));
+        assert_eq!(
+            r.path,
+            "/v1/conversations/conv%2F..%2Fx/attach/participants"
+        );
+        assert_eq!(
+            r.body,
+            json!({"users": ["usr_17"], "bots": [], "handler_id": "usr_17"})
+        );
     }
 
     #[test]

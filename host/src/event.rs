@@ -259,7 +259,10 @@ fn required(obj: &serde_json::Map<String, Value>, key: &'static str) -> Result<S
         }))
 }
 
-fn object<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a serde_json::Map<String, Value>> {
+fn object<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    key: &str,
+) -> Option<&'a serde_json::Map<String, Value>> {
     obj.get(key).and_then(Value::as_object)
 }
 
@@ -285,9 +288,15 @@ fn message(data: &serde_json::Map<String, Value>) -> Result<Message, ParseError>
         return Err(ParseError::Envelope("missing object data.data"));
     };
     let conversation_id = required(inner, "conversation_id")?;
-    let system = inner.get("system").and_then(Value::as_bool).unwrap_or(false);
+    let system = inner
+        .get("system")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let sender = object(inner, "sender");
-    let kind = match sender.and_then(|s| s.get("model_type")).and_then(Value::as_str) {
+    let kind = match sender
+        .and_then(|s| s.get("model_type"))
+        .and_then(Value::as_str)
+    {
         _ if system => SenderKind::System,
         Some("third") => SenderKind::Customer,
         Some("user") => SenderKind::Agent,
@@ -326,7 +335,10 @@ fn content(type_name: &str, body: &Value) -> Content {
             let Some(obj) = body.as_object() else {
                 return unknown();
             };
-            let coord = |k: &str| obj.get(k).and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()));
+            let coord = |k: &str| {
+                obj.get(k)
+                    .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
+            };
             match (coord("latitude"), coord("longitude")) {
                 (Some(latitude), Some(longitude)) => Content::Location(Location {
                     latitude,
@@ -372,7 +384,9 @@ fn content(type_name: &str, body: &Value) -> Content {
                 kind,
                 file_name: text(obj, "file_name"),
                 mime_type: text(obj, "mime_type"),
-                size: obj.get("size").and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok())),
+                size: obj
+                    .get("size")
+                    .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok())),
                 storage_path: text(obj, "path").or_else(|| text(obj, "url")),
                 is_voice: flag("is_voice") || flag("voice"),
             })
@@ -446,7 +460,9 @@ mod tests {
     fn customer_text_is_a_customer_message() {
         let e = fixture("message_text_customer");
         assert_eq!(e.key, "live_chat.new_message:msg_t_0001");
-        let EventKind::Message(m) = &e.kind else { panic!() };
+        let EventKind::Message(m) = &e.kind else {
+            panic!()
+        };
         assert_eq!(m.sender.kind, SenderKind::Customer);
         assert_eq!(
             m.content,
@@ -460,8 +476,15 @@ mod tests {
     #[test]
     fn missing_type_means_text_and_missing_sender_id_is_fine() {
         let e = fixture("message_text_minimal");
-        let EventKind::Message(m) = &e.kind else { panic!() };
-        assert_eq!(m.content, Content::Text { text: "/info".into() });
+        let EventKind::Message(m) = &e.kind else {
+            panic!()
+        };
+        assert_eq!(
+            m.content,
+            Content::Text {
+                text: "/info".into()
+            }
+        );
         assert_eq!(m.sender.id, None);
         assert_eq!(m.conversation_id, "conv_min_01");
     }
@@ -478,15 +501,30 @@ mod tests {
             EventKind::Message(m) => m.content,
             other => panic!("{other:?}"),
         };
-        assert!(matches!(content("message_button_reply"), Content::ButtonReply(c) if c.id == "btn_yes"));
-        assert!(matches!(content("message_list_reply"), Content::ListReply(c) if c.id == "row_2" && c.description.as_deref() == Some("Suivre un colis")));
-        assert!(matches!(content("message_location"), Content::Location(l) if l.latitude == 33.5731 && l.name.as_deref() == Some("Maarif")));
-        assert!(matches!(content("message_image"), Content::Media(m) if m.kind == MediaKind::Image && m.size == Some(184220) && !m.is_voice));
+        assert!(
+            matches!(content("message_button_reply"), Content::ButtonReply(c) if c.id == "btn_yes")
+        );
+        assert!(
+            matches!(content("message_list_reply"), Content::ListReply(c) if c.id == "row_2" && c.description.as_deref() == Some("Suivre un colis"))
+        );
+        assert!(
+            matches!(content("message_location"), Content::Location(l) if l.latitude == 33.5731 && l.name.as_deref() == Some("Maarif"))
+        );
+        assert!(
+            matches!(content("message_image"), Content::Media(m) if m.kind == MediaKind::Image && m.size == Some(184220) && !m.is_voice)
+        );
         assert_eq!(content("message_sticker"), Content::Sticker);
-        assert!(matches!(content("message_contacts"), Content::Contacts { contacts } if contacts[0].name == "Omar B." && contacts[0].phones[0].number == "+212600000001"));
-        assert!(matches!(content("message_unsupported"), Content::Unsupported { errors } if errors == ["Message type unknown"]));
+        assert!(
+            matches!(content("message_contacts"), Content::Contacts { contacts } if contacts[0].name == "Omar B." && contacts[0].phones[0].number == "+212600000001")
+        );
+        assert!(
+            matches!(content("message_unsupported"), Content::Unsupported { errors } if errors == ["Message type unknown"])
+        );
         match content("message_unknown_type") {
-            Content::Unknown { type_name, raw_json } => {
+            Content::Unknown {
+                type_name,
+                raw_json,
+            } => {
                 assert_eq!(type_name, "reaction");
                 assert!(raw_json.contains("msg_bot_0009"));
             }
@@ -497,7 +535,9 @@ mod tests {
     #[test]
     fn conversations_and_other_events() {
         let e = fixture("new_conversation");
-        let EventKind::NewConversation(c) = &e.kind else { panic!() };
+        let EventKind::NewConversation(c) = &e.kind else {
+            panic!()
+        };
         assert_eq!(c.channel.as_deref(), Some("whatsapp"));
         assert_eq!(c.platform_id.as_deref(), Some("212661234567"));
         assert_eq!(e.key, "live_chat.new_conversation:conv_7Hq2Lm9Xa1");

@@ -6,6 +6,15 @@
 //! [`actions`] → [`store`] (outbox) → [`sender`] → Digishare's Messages API.
 
 pub mod actions;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
 pub mod event;
+pub mod registry;
 pub mod runtime;
+pub mod sender;
+pub mod server;
 pub mod store;
+pub mod watch;
+pub mod webhook;

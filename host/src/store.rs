@@ -385,9 +385,8 @@ impl Store {
     /// Events not yet dispatched, oldest first (recovery after a restart).
     pub fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq",
-            )?;
+            let mut stmt = conn
+                .prepare("SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
             let mut out = Vec::new();
             for row in rows {
@@ -605,10 +604,7 @@ impl Store {
     /// Deletes a dead letter. Returns whether it existed.
     pub fn drop_dead_blocking(&self, id: i64) -> Result<bool, StoreError> {
         self.write_blocking(move |conn| {
-            Ok(conn.execute(
-                "DELETE FROM outbox WHERE status = 'dead' AND id = ?1",
-                [id],
-            )? > 0)
+            Ok(conn.execute("DELETE FROM outbox WHERE status = 'dead' AND id = ?1", [id])? > 0)
         })
     }
 
@@ -656,8 +652,7 @@ fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxAction> {
 }
 
 fn insert_event(conn: &Connection, event: &Event) -> Result<Inserted, StoreError> {
-    let payload =
-        serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let payload = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let status = if event.invokes_plugins() {
         "pending"
     } else {
@@ -778,13 +773,25 @@ mod tests {
             }],
         };
         let queued = store
-            .complete_event(seq, "c1".into(), serde_json::json!([]), vec![action.clone()], vec![kv.clone()])
+            .complete_event(
+                seq,
+                "c1".into(),
+                serde_json::json!([]),
+                vec![action.clone()],
+                vec![kv.clone()],
+            )
             .await
             .unwrap();
         assert_eq!(queued, 1);
         // A second completion (recovery race) queues nothing.
         let again = store
-            .complete_event(seq, "c1".into(), serde_json::json!([]), vec![action], vec![kv])
+            .complete_event(
+                seq,
+                "c1".into(),
+                serde_json::json!([]),
+                vec![action],
+                vec![kv],
+            )
             .await
             .unwrap();
         assert_eq!(again, 0);

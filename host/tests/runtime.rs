@@ -24,7 +24,9 @@ fn fixture(name: &str) -> Event {
 #[test]
 fn echo_answers_a_customer_text() {
     let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
-    let echo = runtime.load("echo", &wasm("echo"), Manifest::default()).unwrap();
+    let echo = runtime
+        .load("echo", &wasm("echo"), Manifest::default())
+        .unwrap();
     assert_eq!(echo.wit_version, "0.1.0");
     let event = fixture("message_text_customer");
     let call = Call::for_event(&event).unwrap();
@@ -33,14 +35,21 @@ fn echo_answers_a_customer_text() {
         out.outcome.unwrap(),
         vec![Action::text("Bonjour, je voudrais suivre ma commande").unwrap()]
     );
-    let EventKind::Message(_) = event.kind else { panic!() };
+    let EventKind::Message(_) = event.kind else {
+        panic!()
+    };
 }
 
 #[test]
 fn a_core_module_is_not_a_component() {
     let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
     let core = b"\0asm\x01\0\0\0".to_vec();
-    let err = runtime.load("core", &core, Manifest::default()).unwrap_err();
-    assert!(err.to_string().contains("not a WebAssembly component"), "{err}");
+    let err = runtime
+        .load("core", &core, Manifest::default())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not a WebAssembly component"),
+        "{err}"
+    );
     let _ = Failure::Timeout;
 }

@@ -51,7 +51,10 @@ pub enum Action {
     /// A text message to the customer.
     Text {
         body: String,
-        #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+        #[cfg_attr(
+            feature = "serde",
+            serde(default, skip_serializing_if = "Option::is_none")
+        )]
         reply_to: Option<String>,
     },
     /// Up to three reply buttons.
@@ -253,7 +256,10 @@ impl Action {
             Action::Buttons(b) => {
                 opt(&b.header)
                     + b.body.len()
-                    + b.buttons.iter().map(|x| x.id.len() + x.title.len()).sum::<usize>()
+                    + b.buttons
+                        .iter()
+                        .map(|x| x.id.len() + x.title.len())
+                        .sum::<usize>()
             }
             Action::List(l) => {
                 opt(&l.header)

@@ -216,7 +216,10 @@ mod tests {
                 len: 4097
             }
         );
-        assert_eq!(err.to_string(), "text is 4097 characters, the limit is 4096");
+        assert_eq!(
+            err.to_string(),
+            "text is 4097 characters, the limit is 4096"
+        );
     }
 
     #[test]

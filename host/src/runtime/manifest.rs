@@ -97,7 +97,10 @@ impl Limits {
     /// These defaults with a manifest's overrides applied.
     pub fn with(&self, o: &LimitOverrides) -> Limits {
         Limits {
-            timeout: o.timeout_ms.map(Duration::from_millis).unwrap_or(self.timeout),
+            timeout: o
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(self.timeout),
             memory_bytes: o
                 .memory_mb
                 .map(|mb| (mb as usize) << 20)

@@ -80,11 +80,15 @@ impl Default for RuntimeConfig {
 /// Why a component cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("not a WebAssembly component (a core module or another file); build with --target wasm32-wasip2")]
+    #[error(
+        "not a WebAssembly component (a core module or another file); build with --target wasm32-wasip2"
+    )]
     NotAComponent,
     #[error("does not compile: {0}")]
     Compile(String),
-    #[error("does not target digishare:bot (no digishare:bot import); is it built with digibot-sdk?")]
+    #[error(
+        "does not target digishare:bot (no digishare:bot import); is it built with digibot-sdk?"
+    )]
     NotABot,
     #[error("targets digishare:bot@{found}, this host supports {}", SUPPORTED_WIT.join(", "))]
     UnsupportedVersion { found: String },
@@ -313,8 +317,8 @@ impl Runtime {
                 }
             }
         }
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         if let Some(path) = cached_path {
             if let Err(e) = write_cache(&path, &component) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled plugin");

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
 
 /// Longest KV key a plugin may use, in bytes.
 pub const KV_KEY_MAX: usize = 256;
@@ -35,7 +37,10 @@ impl MemoryKv {
         for w in writes {
             match w {
                 KvWrite::Set { key, value } => {
-                    map.insert((plugin.into(), conversation_id.into(), key.clone()), value.clone());
+                    map.insert(
+                        (plugin.into(), conversation_id.into(), key.clone()),
+                        value.clone(),
+                    );
                 }
                 KvWrite::Delete { key } => {
                     map.remove(&(plugin.into(), conversation_id.into(), key.clone()));
@@ -48,7 +53,8 @@ impl MemoryKv {
 impl KvRead for MemoryKv {
     fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
         let map = self.0.lock().ok()?;
-        map.get(&(plugin.into(), conversation_id.into(), key.into())).cloned()
+        map.get(&(plugin.into(), conversation_id.into(), key.into()))
+            .cloned()
     }
 }
 

@@ -1,0 +1,182 @@
+//! The admin API under `/admin`, behind `DIGIBOT_ADMIN_TOKEN` (no token: the
+//! routes do not exist). Dead letters, recent events, and plugin
+//! management (list, upload, delete, rollback).
+
+use crate::registry::RegistryError;
+use crate::server::AppState;
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// The `/admin` routes, or none when no admin token is configured.
+pub fn routes(state: AppState) -> Option<Router<AppState>> {
+    let token = state.admin_token.clone()?;
+    let router = Router::new()
+        .route("/admin/dead-letters", get(dead_letters))
+        .route("/admin/dead-letters/retry", post(retry_all))
+        .route("/admin/dead-letters/{id}/retry", post(retry_one))
+        .route("/admin/dead-letters/{id}", axum::routing::delete(drop_one))
+        .route("/admin/events", get(events))
+        .route("/admin/outbox", get(outbox))
+        .route("/admin/plugins", get(plugins))
+        .route(
+            "/admin/plugins/{name}",
+            axum::routing::put(upload).delete(remove),
+        )
+        .route("/admin/plugins/{name}/rollback", post(rollback))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let token = token.clone();
+            async move {
+                let ok = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .is_some_and(|t| t.trim() == token);
+                if ok {
+                    next.run(req).await
+                } else {
+                    error(StatusCode::UNAUTHORIZED, "admin token required")
+                }
+            }
+        }));
+    Some(router)
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn dead_letters(State(app): State<AppState>) -> Response {
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.dead_letters()).await {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn retry(app: AppState, id: Option<i64>) -> Response {
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.retry_dead_blocking(id)).await {
+        Ok(Ok(0)) if id.is_some() => error(StatusCode::NOT_FOUND, "no such dead letter"),
+        Ok(Ok(n)) => {
+            app.outbox.wake();
+            Json(json!({ "retried": n })).into_response()
+        }
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn retry_all(State(app): State<AppState>) -> Response {
+    retry(app, None).await
+}
+
+async fn retry_one(State(app): State<AppState>, Path(id): Path<i64>) -> Response {
+    retry(app, Some(id)).await
+}
+
+async fn drop_one(State(app): State<AppState>, Path(id): Path<i64>) -> Response {
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.drop_dead_blocking(id)).await {
+        Ok(Ok(true)) => Json(json!({ "dropped": id })).into_response(),
+        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, "no such dead letter"),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn events(State(app): State<AppState>, Query(q): Query<Limit>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.recent_events(limit)).await {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn outbox(State(app): State<AppState>) -> Response {
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.outbox_counts()).await {
+        Ok(Ok(rows)) => Json(
+            rows.into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .into_response(),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn plugins(State(app): State<AppState>) -> Response {
+    Json(json!({
+        "pooling": app.registry.runtime().pooling(),
+        "plugins": app.registry.report(),
+    }))
+    .into_response()
+}
+
+fn registry_error(e: RegistryError) -> Response {
+    match e {
+        RegistryError::NotFound(_) | RegistryError::NoPrevious(_) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        RegistryError::Load { .. } | RegistryError::Manifest { .. } => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+        RegistryError::Io { .. } => store_error(e),
+    }
+}
+
+fn installed(plugin: &crate::runtime::Plugin) -> Response {
+    Json(json!({
+        "name": plugin.name,
+        "version": plugin.hash,
+        "wit_version": plugin.wit_version,
+        "compile_ms": plugin.compile_time.as_millis() as u64,
+    }))
+    .into_response()
+}
+
+async fn upload(State(app): State<AppState>, Path(name): Path<String>, body: Bytes) -> Response {
+    let registry = app.registry.clone();
+    match tokio::task::spawn_blocking(move || registry.install(&name, &body)).await {
+        Ok(Ok(plugin)) => installed(&plugin),
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn remove(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    match app.registry.remove(&name) {
+        Ok(()) => Json(json!({ "removed": name })).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+async fn rollback(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    let registry = app.registry.clone();
+    match tokio::task::spawn_blocking(move || registry.rollback(&name)).await {
+        Ok(Ok(plugin)) => installed(&plugin),
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => store_error(e),
+    }
+}

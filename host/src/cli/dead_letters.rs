@@ -1,0 +1,91 @@
+//! `digibot dead-letters list | retry ID|--all | drop ID`, on the database of
+//! the configured data dir. Works while the server runs (SQLite WAL): a
+//! retried letter is picked up by the running sender within a second.
+
+use crate::config::Settings;
+use crate::store::Store;
+use clap::Subcommand;
+use std::process::ExitCode;
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetters {
+    /// List dead letters with their last status and error.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the outbox.
+    Retry {
+        /// The dead letter to retry.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Retry every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete a dead letter for good.
+    Drop { id: i64 },
+}
+
+pub fn run(cmd: DeadLetters, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&settings.data_dir, settings.durability)?;
+    let code = match cmd {
+        DeadLetters::List { json } => {
+            let letters = store.dead_letters()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else if letters.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!(
+                    "{:>6}  {:<20}  {:<12}  {:>6}  {:>8}  error",
+                    "id", "conversation", "plugin", "status", "attempts"
+                );
+                for l in &letters {
+                    let error: String = l
+                        .last_error
+                        .as_deref()
+                        .unwrap_or("")
+                        .chars()
+                        .take(80)
+                        .collect();
+                    println!(
+                        "{:>6}  {:<20}  {:<12}  {:>6}  {:>8}  {} {} {}",
+                        l.id,
+                        l.conversation_id,
+                        l.plugin,
+                        l.last_status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        l.attempts,
+                        l.method,
+                        l.path,
+                        error
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        DeadLetters::Retry { id, all } => {
+            let n = store.retry_dead_blocking(if all { None } else { id })?;
+            println!("{n} dead letter(s) back in the outbox");
+            if n == 0 && !all {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        DeadLetters::Drop { id } => {
+            if store.drop_dead_blocking(id)? {
+                println!("dropped dead letter {id}");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("no dead letter {id}");
+                ExitCode::FAILURE
+            }
+        }
+    };
+    store.close();
+    Ok(code)
+}

@@ -1,0 +1,58 @@
+//! The `digibot` subcommands. `serve` runs the server; the others are tools
+//! for operators (dead letters) and plugin authors.
+
+mod dead_letters;
+
+use crate::config::Settings;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Sandboxed WebAssembly bots for Digishare LiveChat.
+#[derive(Debug, Parser)]
+#[command(name = "digibot", version, about)]
+pub struct Cli {
+    /// Settings file (TOML); DIGIBOT_* environment variables override it.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the webhook server (dry-run when no API token is set).
+    Serve {
+        /// Allow listening on a non-loopback address without webhook auth.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Inspect and fix actions Digishare refused or that ran out of retries.
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLetters),
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve { insecure } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(crate::server::serve(settings, insecure))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DeadLetters(cmd) => dead_letters::run(cmd, &settings),
+    }
+}

@@ -1,0 +1,345 @@
+//! From a stored event to queued actions: per-conversation ordering, a bound
+//! on conversations in flight, every enabled plugin in name order, and one
+//! transaction that marks the event handled with its actions and KV writes.
+//!
+//! Ordering: one conversation's events run one at a time, in arrival order,
+//! with one refinement: when several events of a conversation are waiting,
+//! the one with the earliest Digishare `created_at` goes first (if they all
+//! carry one). That fixes out-of-order deliveries that arrive while the
+//! conversation is busy without holding any event back to wait for others:
+//! a reorder window would add its length to every reply's latency.
+
+use crate::actions;
+use crate::registry::{Gate, Registry};
+use crate::runtime::{Call, Failure, KvRead};
+use crate::sender::Outbox;
+use crate::store::{KvChanges, NewAction, Store, StoredEvent, now_ms};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+/// What one plugin did with one event, stored with the event.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginOutcome {
+    pub plugin: String,
+    pub version: String,
+    /// `ok`, `failed`, `skipped` (quarantined) or `filtered` (not subscribed).
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Actions queued for sending.
+    pub actions: usize,
+    /// Actions refused for breaking a Digishare limit.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<String>,
+    pub elapsed_us: u64,
+}
+
+/// Everything one event produced, ready to commit.
+#[derive(Debug, Default)]
+pub struct Handled {
+    pub outcomes: Vec<PluginOutcome>,
+    pub actions: Vec<NewAction>,
+    pub kv: Vec<KvChanges>,
+}
+
+/// Breaker settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Breaker {
+    pub failures: u32,
+    pub cooldown: Duration,
+}
+
+/// Runs every plugin of `registry` on `event`, in name order. Blocking (it
+/// runs Wasm): call it from a blocking thread. Also used by `replay`.
+pub fn run_plugins(
+    registry: &Registry,
+    event: &crate::event::Event,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+) -> Handled {
+    let mut handled = Handled::default();
+    let Some(call) = Call::for_event(event) else {
+        return handled;
+    };
+    let conversation_id = call.conversation_id().to_string();
+    let snapshot = registry.snapshot();
+    for entry in &snapshot.plugins {
+        let plugin = &entry.plugin;
+        let mut outcome = PluginOutcome {
+            plugin: plugin.name.clone(),
+            version: plugin.hash[..12].to_string(),
+            outcome: "ok",
+            reason: None,
+            actions: 0,
+            rejected: Vec::new(),
+            elapsed_us: 0,
+        };
+        if !plugin.manifest.wants(call.filter()) {
+            outcome.outcome = "filtered";
+            handled.outcomes.push(outcome);
+            continue;
+        }
+        if let Gate::Skip(until) = entry.health.gate(now_ms()) {
+            outcome.outcome = "skipped";
+            outcome.reason = Some(format!("quarantined until {until}"));
+            handled.outcomes.push(outcome);
+            continue;
+        }
+        let invocation = registry.runtime().invoke(plugin, &call, kv.clone());
+        outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
+        for line in &invocation.logs {
+            tracing::info!(plugin = %plugin.name, conversation = %conversation_id, level = ?line.level, "plugin: {}", line.message);
+        }
+        if !invocation.output.is_empty() {
+            tracing::info!(plugin = %plugin.name, conversation = %conversation_id, "plugin output: {}", invocation.output.trim_end());
+        }
+        if invocation.logs_dropped > 0 {
+            tracing::warn!(plugin = %plugin.name, dropped = invocation.logs_dropped, "plugin log output over its cap was dropped");
+        }
+        match invocation.outcome {
+            Ok(actions) => {
+                entry.health.success();
+                for (index, action) in actions.iter().enumerate() {
+                    match actions::to_request(&plugin.name, index, &conversation_id, action) {
+                        Ok(request) => {
+                            handled.actions.push(NewAction {
+                                plugin: plugin.name.clone(),
+                                idempotency_key: format!("{}/{}/{index}", event.key, plugin.name),
+                                method: request.method,
+                                path: request.path,
+                                body: request.body,
+                            });
+                            outcome.actions += 1;
+                        }
+                        Err(rejected) => {
+                            tracing::warn!(conversation = %conversation_id, "{rejected}");
+                            outcome.rejected.push(rejected.to_string());
+                        }
+                    }
+                }
+                if !invocation.kv_writes.is_empty() {
+                    handled.kv.push(KvChanges {
+                        plugin: plugin.name.clone(),
+                        conversation_id: conversation_id.clone(),
+                        writes: invocation.kv_writes,
+                    });
+                }
+            }
+            Err(failure) => {
+                let reason = failure.to_string();
+                tracing::warn!(plugin = %plugin.name, conversation = %conversation_id, event = %event.key, %reason, "plugin failed");
+                if entry
+                    .health
+                    .failure(&reason, breaker.failures, breaker.cooldown)
+                {
+                    tracing::warn!(plugin = %plugin.name, cooldown_s = breaker.cooldown.as_secs(), "plugin quarantined after repeated failures");
+                }
+                outcome.outcome = "failed";
+                outcome.reason = Some(reason);
+                if matches!(failure, Failure::Timeout) {
+                    outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
+                }
+            }
+        }
+        handled.outcomes.push(outcome);
+    }
+    handled
+}
+
+struct StoreKv(Store);
+
+impl KvRead for StoreKv {
+    fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
+        match self.0.kv_get(plugin, conversation_id, key) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "kv read failed");
+                None
+            }
+        }
+    }
+}
+
+/// Hands stored events to plugins, one conversation at a time.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    registry: Arc<Registry>,
+    outbox: Outbox,
+    kv: Arc<dyn KvRead>,
+    lanes: Mutex<HashMap<String, Vec<StoredEvent>>>,
+    conversations: Arc<Semaphore>,
+    /// Plugin work is CPU-bound: at most this many invocations at once.
+    plugin_threads: Arc<Semaphore>,
+    breaker: Breaker,
+    shutdown: watch::Receiver<bool>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        outbox: Outbox,
+        concurrency: usize,
+        plugin_threads: usize,
+        breaker: Breaker,
+        shutdown: watch::Receiver<bool>,
+    ) -> Dispatcher {
+        Dispatcher {
+            inner: Arc::new(Inner {
+                kv: Arc::new(StoreKv(store.clone())),
+                store,
+                registry,
+                outbox,
+                lanes: Mutex::new(HashMap::new()),
+                conversations: Arc::new(Semaphore::new(concurrency)),
+                plugin_threads: Arc::new(Semaphore::new(plugin_threads)),
+                breaker,
+                shutdown,
+                tasks: Mutex::new(JoinSet::new()),
+            }),
+        }
+    }
+
+    /// Queues a stored event behind the others of its conversation.
+    pub fn submit(&self, stored: StoredEvent) {
+        let Some(conversation) = stored.event.conversation_id().map(str::to_string) else {
+            return;
+        };
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        match lanes.get_mut(&conversation) {
+            // A lane task is running for it and will pick this up.
+            Some(queue) => queue.push(stored),
+            None => {
+                lanes.insert(conversation.clone(), vec![stored]);
+                drop(lanes);
+                let this = self.clone();
+                let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                // Reap finished lanes so the set does not grow.
+                while tasks.try_join_next().is_some() {}
+                tasks.spawn(async move { this.run_lane(conversation).await });
+            }
+        }
+    }
+
+    /// Requeues every pending event (at start-up).
+    pub fn recover(&self) -> Result<usize, crate::store::StoreError> {
+        let pending = self.inner.store.pending_events()?;
+        let n = pending.len();
+        for stored in pending {
+            self.submit(stored);
+        }
+        Ok(n)
+    }
+
+    fn next_event(&self, conversation: &str) -> Option<StoredEvent> {
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = lanes.get_mut(conversation)?;
+        if queue.is_empty() || *self.inner.shutdown.borrow() {
+            lanes.remove(conversation);
+            return None;
+        }
+        let all_dated = queue.iter().all(|s| s.event.created_at().is_some());
+        let index = if all_dated {
+            (0..queue.len())
+                .min_by(|&a, &b| {
+                    let (x, y) = (&queue[a], &queue[b]);
+                    (x.event.created_at(), x.seq).cmp(&(y.event.created_at(), y.seq))
+                })
+                .unwrap_or(0)
+        } else {
+            (0..queue.len()).min_by_key(|&i| queue[i].seq).unwrap_or(0)
+        };
+        Some(queue.remove(index))
+    }
+
+    async fn run_lane(&self, conversation: String) {
+        let Ok(_permit) = self.inner.conversations.clone().acquire_owned().await else {
+            return;
+        };
+        while let Some(stored) = self.next_event(&conversation) {
+            self.handle(stored).await;
+        }
+    }
+
+    async fn handle(&self, stored: StoredEvent) {
+        let Ok(permit) = self.inner.plugin_threads.clone().acquire_owned().await else {
+            return;
+        };
+        let registry = self.inner.registry.clone();
+        let kv = self.inner.kv.clone();
+        let breaker = self.inner.breaker;
+        let event = stored.event.clone();
+        let handled = tokio::task::spawn_blocking(move || {
+            let handled = run_plugins(&registry, &event, kv, breaker);
+            drop(permit);
+            handled
+        })
+        .await;
+        let handled = match handled {
+            Ok(h) => h,
+            Err(e) => {
+                // Left pending: the next start retries it.
+                tracing::error!(event = %stored.event.key, error = %e, "plugin thread failed; event left pending");
+                return;
+            }
+        };
+        let conversation = stored
+            .event
+            .conversation_id()
+            .unwrap_or_default()
+            .to_string();
+        let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
+        match self
+            .inner
+            .store
+            .complete_event(
+                stored.seq,
+                conversation,
+                outcomes,
+                handled.actions,
+                handled.kv,
+            )
+            .await
+        {
+            Ok(queued) => {
+                if queued > 0 {
+                    self.inner.outbox.wake();
+                }
+            }
+            Err(e) => {
+                tracing::error!(event = %stored.event.key, error = %e, "cannot record a handled event; it stays pending");
+            }
+        }
+    }
+
+    /// Waits until every lane has stopped (after shutdown was signalled,
+    /// lanes stop between events) or the deadline passes.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        let mut tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        tokio::time::timeout(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Events queued in memory (for tests and metrics).
+    pub fn queued(&self) -> usize {
+        self.inner
+            .lanes
+            .lock()
+            .map(|l| l.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,418 @@
+//! Delivering the outbox to Digishare: the one place that makes outgoing
+//! HTTP requests.
+//!
+//! Each conversation's actions go out strictly in order: only the oldest
+//! pending action of a conversation is ever in flight. Connection errors,
+//! timeouts, 408, 429 and 5xx are retried with exponential backoff and full
+//! jitter (or exactly `Retry-After` when Digishare sends one); other 4xx
+//! are final. An action that is refused or runs out of attempts becomes a
+//! dead letter, with the last status and body, and the conversation moves
+//! on: one bad reply must not silence the bot for that customer.
+//!
+//! Without a token or OAuth client, the sender is in dry-run: it logs each
+//! request (method, path, JSON body) and marks it sent.
+
+use crate::config::{RetrySettings, Settings};
+use crate::store::{OutboxAction, Store, now_ms};
+use rand::Rng;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore, watch};
+
+/// Wakes the sender when new actions are queued.
+#[derive(Clone, Default)]
+pub struct Outbox {
+    notify: Arc<Notify>,
+}
+
+impl Outbox {
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+}
+
+/// How requests are authenticated.
+enum Auth {
+    DryRun,
+    Static(String),
+    OAuth {
+        client_id: String,
+        client_secret: String,
+        token: tokio::sync::Mutex<Option<(String, Instant)>>,
+    },
+}
+
+/// The result of one attempt.
+#[derive(Debug)]
+enum Attempt {
+    Sent(u16),
+    Retry {
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    Fatal {
+        status: Option<u16>,
+        error: String,
+    },
+}
+
+/// Delivers outbox actions.
+pub struct Sender {
+    store: Store,
+    outbox: Outbox,
+    client: reqwest::Client,
+    base_url: String,
+    auth: Auth,
+    retry: RetrySettings,
+    in_flight: Mutex<HashSet<String>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Sender {
+    pub fn new(
+        settings: &Settings,
+        store: Store,
+        outbox: Outbox,
+    ) -> Result<Arc<Sender>, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.request_timeout_ms))
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("digibot/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let auth = match (
+            &settings.api_token,
+            &settings.client_id,
+            &settings.client_secret,
+        ) {
+            (Some(token), _, _) => Auth::Static(token.clone()),
+            (None, Some(id), Some(secret)) => Auth::OAuth {
+                client_id: id.clone(),
+                client_secret: secret.clone(),
+                token: tokio::sync::Mutex::new(None),
+            },
+            _ => Auth::DryRun,
+        };
+        Ok(Arc::new(Sender {
+            store,
+            outbox,
+            client,
+            base_url: settings.api_base_url.trim_end_matches('/').to_string(),
+            auth,
+            retry: settings.retry.clone(),
+            in_flight: Mutex::new(HashSet::new()),
+            permits: Arc::new(Semaphore::new(settings.send_concurrency)),
+        }))
+    }
+
+    /// Sends due actions until `shutdown` turns true, then waits for the
+    /// requests in flight (up to `grace`).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let store = self.store.clone();
+            let due = tokio::task::spawn_blocking(move || {
+                let due = store.due_actions(now_ms(), 512)?;
+                let next = store.next_due_at()?;
+                Ok::<_, crate::store::StoreError>((due, next))
+            })
+            .await;
+            let (due, next) = match due {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    (Vec::new(), Some(now_ms() + 1000))
+                }
+                Err(_) => (Vec::new(), Some(now_ms() + 1000)),
+            };
+            for action in due {
+                {
+                    let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    if !in_flight.insert(action.conversation_id.clone()) {
+                        continue;
+                    }
+                }
+                let this = self.clone();
+                tasks.spawn(async move {
+                    let conversation = action.conversation_id.clone();
+                    this.deliver(action).await;
+                    this.in_flight
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&conversation);
+                    this.outbox.wake();
+                });
+            }
+            while tasks.try_join_next().is_some() {}
+            let wait = match next {
+                Some(at) => Duration::from_millis((at - now_ms()).clamp(1, 1000) as u64),
+                None => Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = self.outbox.notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    }
+
+    async fn deliver(&self, action: OutboxAction) {
+        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let attempt = self.attempt(&action).await;
+        let attempts_after = action.attempts as u32 + 1;
+        let result = match attempt {
+            Attempt::Sent(status) => self.store.mark_sent(action.id, status).await,
+            Attempt::Retry {
+                status,
+                error,
+                retry_after,
+            } if attempts_after < self.retry.max_attempts => {
+                let delay = retry_after
+                    .map(|d| d.min(Duration::from_secs(3600)))
+                    .unwrap_or_else(|| backoff(&self.retry, attempts_after));
+                tracing::info!(action = action.id, conversation = %action.conversation_id, ?status, %error,
+                    retry_in_ms = delay.as_millis() as u64, attempt = attempts_after, "send failed, will retry");
+                self.store
+                    .mark_retry(
+                        action.id,
+                        now_ms() + delay.as_millis() as i64,
+                        status,
+                        error,
+                    )
+                    .await
+            }
+            Attempt::Retry { status, error, .. } | Attempt::Fatal { status, error } => {
+                tracing::warn!(action = action.id, conversation = %action.conversation_id, ?status, %error,
+                    attempts = attempts_after, "action is now a dead letter");
+                self.store.mark_dead(action.id, status, error).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(action = action.id, error = %e, "cannot record a delivery result");
+        }
+    }
+
+    async fn attempt(&self, action: &OutboxAction) -> Attempt {
+        let token = match &self.auth {
+            Auth::DryRun => {
+                tracing::info!(
+                    conversation = %action.conversation_id,
+                    "dry-run: {} {} {}",
+                    action.method,
+                    action.path,
+                    action.body
+                );
+                return Attempt::Sent(200);
+            }
+            Auth::Static(token) => token.clone(),
+            Auth::OAuth { .. } => match self.oauth_token(false).await {
+                Ok(t) => t,
+                Err(e) => return e,
+            },
+        };
+        let first = self.request(action, &token).await;
+        if let (
+            Attempt::Fatal {
+                status: Some(401), ..
+            },
+            Auth::OAuth { .. },
+        ) = (&first, &self.auth)
+        {
+            // The token may have been revoked or expired early: refresh once.
+            match self.oauth_token(true).await {
+                Ok(fresh) => return self.request(action, &fresh).await,
+                Err(e) => return e,
+            }
+        }
+        first
+    }
+
+    async fn request(&self, action: &OutboxAction, token: &str) -> Attempt {
+        let method = match action.method.as_str() {
+            "PUT" => reqwest::Method::PUT,
+            "DELETE" => reqwest::Method::DELETE,
+            _ => reqwest::Method::POST,
+        };
+        let response = self
+            .client
+            .request(method, format!("{}{}", self.base_url, action.path))
+            .bearer_auth(token)
+            .header("Idempotency-Key", &action.idempotency_key)
+            .json(&action.body)
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Retry {
+                    status: None,
+                    error: format!("{e}"),
+                    retry_after: None,
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = response.text().await.unwrap_or_default();
+        let body_short: String = body.chars().take(2000).collect();
+        match status {
+            200..=299 => {
+                // Digishare answers 200 even when it could not fetch a file,
+                // with a text message saying so.
+                if action.body.get("file").is_some() && body.contains("unsupported file type") {
+                    return Attempt::Fatal {
+                        status: Some(status),
+                        error: format!("Digishare could not use the file: {body_short}"),
+                    };
+                }
+                Attempt::Sent(status)
+            }
+            408 | 429 | 500..=599 => Attempt::Retry {
+                status: Some(status),
+                error: body_short,
+                retry_after,
+            },
+            _ => Attempt::Fatal {
+                status: Some(status),
+                error: body_short,
+            },
+        }
+    }
+
+    /// The cached OAuth token, fetched when missing, near expiry, or when
+    /// `force`d after a 401.
+    async fn oauth_token(&self, force: bool) -> Result<String, Attempt> {
+        let Auth::OAuth {
+            client_id,
+            client_secret,
+            token,
+        } = &self.auth
+        else {
+            return Err(Attempt::Fatal {
+                status: None,
+                error: "no OAuth client".into(),
+            });
+        };
+        let mut cached = token.lock().await;
+        if let Some((t, expires)) = cached.as_ref() {
+            if !force && Instant::now() < *expires {
+                return Ok(t.clone());
+            }
+        }
+        let response = self
+            .client
+            .post(format!("{}/v1/oauth/token", self.base_url))
+            .json(&serde_json::json!({
+                "grant_type": "client_credentials",
+                "client_id": client_id,
+                "client_secret": client_secret,
+            }))
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry {
+                status: None,
+                error: format!("oauth: {e}"),
+                retry_after: None,
+            })?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let error = format!("oauth token request answered {status}");
+            return Err(if status == 429 || status >= 500 {
+                Attempt::Retry {
+                    status: Some(status),
+                    error,
+                    retry_after: None,
+                }
+            } else {
+                Attempt::Fatal {
+                    status: Some(status),
+                    error,
+                }
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct Grant {
+            access_token: String,
+            expires_in: Option<u64>,
+        }
+        let grant: Grant = response.json().await.map_err(|e| Attempt::Retry {
+            status: Some(status),
+            error: format!("oauth: bad token response: {e}"),
+            retry_after: None,
+        })?;
+        // Refresh a little before expiry: a tenth of the lifetime, at most a minute.
+        let lifetime = Duration::from_secs(grant.expires_in.unwrap_or(3600));
+        let margin = (lifetime / 10).min(Duration::from_secs(60));
+        *cached = Some((
+            grant.access_token.clone(),
+            Instant::now() + lifetime - margin,
+        ));
+        Ok(grant.access_token)
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay in
+/// `[d/2, d]` where `d = min(max, base · 2^(attempt-1))`.
+fn backoff(retry: &RetrySettings, attempt: u32) -> Duration {
+    let exp = retry
+        .base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
+    let d = exp.min(retry.max_ms).max(1);
+    Duration::from_millis(rand::rng().random_range(d / 2..=d))
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(secs) = value.trim().parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let r = RetrySettings {
+            base_ms: 100,
+            max_ms: 1000,
+            max_attempts: 10,
+        };
+        for _ in 0..50 {
+            let first = backoff(&r, 1).as_millis();
+            assert!((50..=100).contains(&first), "{first}");
+            let third = backoff(&r, 3).as_millis();
+            assert!((200..=400).contains(&third), "{third}");
+            let late = backoff(&r, 20).as_millis();
+            assert!((500..=1000).contains(&late), "{late}");
+        }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_date() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("-1"), None);
+        let past = httpdate::fmt_http_date(std::time::SystemTime::UNIX_EPOCH);
+        assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,219 @@
+//! Wiring `digibot serve`: the router, the shared state, the background
+//! tasks (dispatcher, sender, plugin watcher, retention), and a graceful
+//! shutdown that leaves unfinished work durable for the next start.
+
+use crate::admin;
+use crate::config::Settings;
+use crate::dispatch::{Breaker, Dispatcher};
+use crate::registry::Registry;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::sender::{Outbox, Sender};
+use crate::store::{Store, now_ms};
+use crate::watch;
+use crate::webhook::{self, WebhookAuth};
+use axum::Router;
+use axum::routing::{get, post};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch as signal;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0} without webhook authentication: set DIGIBOT_WEBHOOK_TOKEN or DIGIBOT_WEBHOOK_BASIC, or pass --insecure"
+    )]
+    Unauthenticated(std::net::SocketAddr),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
+    #[error("HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub dispatcher: Dispatcher,
+    pub registry: Arc<Registry>,
+    pub outbox: Outbox,
+    pub webhook_auth: WebhookAuth,
+    pub webhook_max_bytes: usize,
+    pub admin_token: Option<String>,
+}
+
+/// The HTTP routes.
+pub fn app(state: AppState) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/webhooks/digishare", post(webhook::receive));
+    if let Some(admin) = admin::routes(state.clone()) {
+        router = router.merge(admin);
+    }
+    router.fallback(webhook::not_found).with_state(state)
+}
+
+/// Builds the plugin runtime from settings.
+pub fn runtime(settings: &Settings) -> Result<Arc<Runtime>, ServeError> {
+    let config = RuntimeConfig {
+        pooling: settings.runtime.pooling,
+        pool_instances: settings.runtime.pool_instances,
+        fuel: settings.runtime.fuel,
+        cache_dir: Some(settings.data_dir.join("cache")),
+        defaults: settings.runtime.limits(),
+        ..RuntimeConfig::default()
+    };
+    Runtime::new(config)
+        .map(Arc::new)
+        .map_err(|e| ServeError::Runtime(format!("{e:#}")))
+}
+
+/// Runs the server until SIGTERM or ctrl-c.
+pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError> {
+    let webhook_auth = match (&settings.webhook_token, &settings.webhook_basic) {
+        (Some(token), _) => WebhookAuth::Token(token.clone()),
+        (None, Some(basic)) => WebhookAuth::Basic(basic.clone()),
+        (None, None) => WebhookAuth::None,
+    };
+    if matches!(webhook_auth, WebhookAuth::None) {
+        if !settings.listen.ip().is_loopback() && !insecure {
+            return Err(ServeError::Unauthenticated(settings.listen));
+        }
+        tracing::warn!("webhooks are not authenticated (set DIGIBOT_WEBHOOK_TOKEN)");
+    }
+
+    let store = Store::open(&settings.data_dir, settings.durability)?;
+    let runtime = runtime(&settings)?;
+    let registry = Arc::new(Registry::new(
+        runtime,
+        settings.plugins_dir.clone(),
+        &settings.data_dir,
+    ));
+    for error in registry.load_dir() {
+        tracing::error!("{error}");
+    }
+    let (stop_tx, stop_rx) = signal::channel(false);
+    let outbox = Outbox::default();
+    let sender = Sender::new(&settings, store.clone(), outbox.clone())?;
+    let breaker = Breaker {
+        failures: settings.runtime.breaker_failures,
+        cooldown: Duration::from_secs(settings.runtime.breaker_cooldown_secs),
+    };
+    let plugin_threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
+    let plugin_threads = plugin_threads.min(settings.runtime.pool_instances as usize);
+    let dispatcher = Dispatcher::new(
+        store.clone(),
+        registry.clone(),
+        outbox.clone(),
+        settings.concurrency,
+        plugin_threads,
+        breaker,
+        stop_rx.clone(),
+    );
+    let recovered = dispatcher.recover()?;
+    let grace = Duration::from_secs(settings.shutdown_grace_secs);
+    let sender_task = tokio::spawn(sender.run(stop_rx.clone(), grace));
+    let _watcher = match (&settings.plugins_dir, settings.watch_plugins) {
+        (Some(dir), true) => match watch::watch(dir, registry.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the plugins folder; hot reload off");
+                None
+            }
+        },
+        _ => None,
+    };
+    let retention = Duration::from_secs(settings.retention_hours * 3600);
+    let pruner = tokio::spawn({
+        let store = store.clone();
+        async move {
+            loop {
+                match store.prune(now_ms() - retention.as_millis() as i64).await {
+                    Ok(p) if p.events + p.actions > 0 => {
+                        tracing::info!(events = p.events, actions = p.actions, "retention pruned")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "retention failed"),
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }
+    });
+
+    let state = AppState {
+        store: store.clone(),
+        dispatcher: dispatcher.clone(),
+        registry: registry.clone(),
+        outbox,
+        webhook_auth,
+        webhook_max_bytes: settings.webhook_max_bytes,
+        admin_token: settings.admin_token.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let plugins: Vec<String> = registry
+        .snapshot()
+        .plugins
+        .iter()
+        .map(|e| e.plugin.name.clone())
+        .collect();
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        plugins = ?plugins,
+        dry_run = settings.dry_run(),
+        recovered,
+        "digibot listening on {}",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+
+    tracing::info!("shutting down: draining in-flight work");
+    let _ = stop_tx.send(true);
+    let drained = dispatcher.drain(grace).await;
+    let _ = tokio::time::timeout(grace, sender_task).await;
+    pruner.abort();
+    store.close();
+    tracing::info!(
+        drained,
+        "stopped; unfinished work resumes at the next start"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,83 @@
+//! Hot reload: watches the plugins folder and reloads a plugin whose
+//! `NAME.wasm` or `NAME.toml` appeared, changed or disappeared.
+//!
+//! Changes are debounced until the files stop changing, and a file still
+//! being written either fails validation (the old version keeps serving) or
+//! is picked up complete by the next event, so nothing half-written serves.
+
+use crate::registry::Registry;
+use notify::{RecursiveMode, Watcher};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Quiet time before a changed plugin is reloaded.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Keeps the watcher alive; dropping it stops watching.
+pub struct WatchHandle {
+    _watcher: notify::RecommendedWatcher,
+}
+
+fn plugin_name(path: &Path) -> Option<String> {
+    let ext = path.extension()?.to_str()?;
+    if ext != "wasm" && ext != "toml" {
+        return None;
+    }
+    path.file_stem()?.to_str().map(str::to_string)
+}
+
+fn size(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.len())
+}
+
+pub fn watch(dir: &Path, registry: Arc<Registry>) -> notify::Result<WatchHandle> {
+    let (tx, rx) = mpsc::channel::<PathBuf>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res {
+            for path in event.paths {
+                let _ = tx.send(path);
+            }
+        }
+    })?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("digibot-watch".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut names = BTreeSet::new();
+                names.extend(plugin_name(&first));
+                // Debounce: wait until no change arrives for SETTLE.
+                while let Ok(path) = rx.recv_timeout(SETTLE) {
+                    names.extend(plugin_name(&path));
+                }
+                for name in names {
+                    let wasm = dir.join(format!("{name}.wasm"));
+                    // Still growing? Wait for it to be stable.
+                    let mut last = size(&wasm);
+                    for _ in 0..50 {
+                        std::thread::sleep(Duration::from_millis(20));
+                        let now = size(&wasm);
+                        if now == last {
+                            break;
+                        }
+                        last = now;
+                    }
+                    match registry.reload(&name) {
+                        Ok(true) => {
+                            tracing::info!(plugin = %name, "plugin reloaded from the folder")
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(
+                            "hot reload refused, the previous version keeps serving: {e}"
+                        ),
+                    }
+                }
+            }
+        })
+        .map_err(|e| notify::Error::generic(&e.to_string()))?;
+    Ok(WatchHandle { _watcher: watcher })
+}

@@ -1,0 +1,129 @@
+//! Concierge: a demo shop assistant for Digishare LiveChat that uses every
+//! kind of reply digibot can send: text (quoting the customer), reply
+//! buttons, a list menu, a location pin, a location request, a file, an
+//! internal note and a hand-off to a human agent. The end-to-end tests drive
+//! it through a whole conversation.
+//!
+//! Config (`concierge.toml`, `[config]`), both optional:
+//! - `agent_id`: the Digishare user to hand the conversation to
+//!   (default `usr_17`);
+//! - `invoice_url`: the file sent as the invoice
+//!   (default `https://example.com/facture.pdf`).
+//!
+//! State (per conversation): `topic` (`orders`/`stores`), `choice` (the last
+//! list row picked) and `handed_off` (`yes` once an agent took over, after
+//! which free text gets no automatic answer).
+use digibot_sdk::{
+    Action, Bot, Conversation, FileBuilder, Message, Result, config, export_bot, kv,
+};
+
+const HELP: &str = "Tapez « menu » pour les options ou « agent » pour parler à un conseiller.";
+
+struct Concierge;
+
+impl Bot for Concierge {
+    fn on_new_conversation(conversation: &Conversation) -> Result<Vec<Action>> {
+        let greeting = match &conversation.customer_name {
+            Some(name) => format!("Bonjour {name} ! Comment puis-je vous aider ?"),
+            None => "Bonjour ! Comment puis-je vous aider ?".to_string(),
+        };
+        let welcome = Action::buttons(greeting)
+            .header("Bienvenue")
+            .button("orders", "Mes commandes")
+            .button("stores", "Nos magasins")
+            .button("agent", "Parler à un agent")
+            .build()?;
+        Ok(vec![welcome])
+    }
+
+    fn on_message(message: &Message) -> Result<Vec<Action>> {
+        let typed = message.text().map(|text| text.trim().to_lowercase());
+        match (message.choice_id(), typed.as_deref()) {
+            (Some("agent"), _) | (_, Some("agent" | "conseiller")) => hand_off(),
+            (Some("orders"), _) | (_, Some("menu")) => remember("topic", "orders", orders_menu()?),
+            (Some("stores"), _) => remember(
+                "topic",
+                "stores",
+                vec![Action::location_request(
+                    "Partagez votre position pour trouver le magasin le plus proche.",
+                )?],
+            ),
+            (Some("track"), _) => remember(
+                "choice",
+                "track",
+                vec![Action::text(
+                    "Votre colis est en route. Tapez « agent » pour parler à un conseiller.",
+                )?],
+            ),
+            (Some("return"), _) => remember(
+                "choice",
+                "return",
+                vec![Action::text(
+                    "Pour un retour, répondez avec votre numéro de commande.",
+                )?],
+            ),
+            (Some("invoice"), _) => remember("choice", "invoice", invoice()?),
+            (None, Some(_)) => help(message),
+            _ if message.location().is_some() => Ok(vec![
+                Action::place(
+                    33.5731,
+                    -7.5898,
+                    "Digishare Store Maarif",
+                    "Bd Al Massira, Casablanca",
+                )?,
+                Action::text("Voici le magasin le plus proche.")?,
+            ]),
+            // Media, stickers, contacts, unknown choices…: nothing to say.
+            _ => Ok(vec![]),
+        }
+    }
+}
+
+/// Stores `value` under `key` once the replies are built, then returns them.
+fn remember(key: &str, value: &str, replies: Vec<Action>) -> Result<Vec<Action>> {
+    kv::set(key, value)?;
+    Ok(replies)
+}
+
+/// Tells the agents why (in a note), attaches one, tells the customer.
+fn hand_off() -> Result<Vec<Action>> {
+    let topic = kv::get("topic").unwrap_or_else(|| "aucun".to_string());
+    let replies = vec![
+        Action::note(format!("Le client demande un conseiller. Sujet : {topic}."))?,
+        Action::hand_off(config::get_or("agent_id", "usr_17"), true)?,
+        Action::text("Je vous passe un conseiller, un instant.")?,
+    ];
+    remember("handed_off", "yes", replies)
+}
+
+fn orders_menu() -> Result<Vec<Action>> {
+    let menu = Action::list("Que voulez-vous faire ?", "Options")
+        .header("Commandes")
+        .section("Commandes")
+        .row("track", "Suivre un colis")
+        .row("return", "Retourner un article")
+        .row("invoice", "Recevoir ma facture")
+        .build()?;
+    Ok(vec![menu])
+}
+
+fn invoice() -> Result<Vec<Action>> {
+    let url = config::get_or("invoice_url", "https://example.com/facture.pdf");
+    Ok(vec![
+        FileBuilder::new(url).file_name("facture.pdf").build()?,
+        Action::text("Voici votre facture.")?,
+    ])
+}
+
+/// Any other text: point at the menu, quoting the customer's message; once
+/// an agent has taken over, stay quiet.
+fn help(message: &Message) -> Result<Vec<Action>> {
+    if kv::get("handed_off").as_deref() == Some("yes") {
+        return Ok(vec![]);
+    }
+    // Quote the message when its id is one digibot accepts in `reply_to`.
+    let reply = Action::text_reply_to(HELP, message.id.as_str()).or_else(|_| Action::text(HELP))?;
+    Ok(vec![reply])
+}
+
+export_bot!(Concierge);
