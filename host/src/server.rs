@@ -111,7 +111,10 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     let plugin_threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(2);
-    let plugin_threads = plugin_threads.min(settings.runtime.pool_instances as usize);
+    // Warm pools may hold half the instance pool; invocations use the rest.
+    let plugin_threads = plugin_threads
+        .min(settings.runtime.pool_instances as usize / 2)
+        .max(1);
     let dispatcher = Dispatcher::new(
         store.clone(),
         registry.clone(),

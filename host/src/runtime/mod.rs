@@ -20,8 +20,8 @@ pub use state::{KvRead, LogLevel, LogLine, MemoryKv};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
@@ -62,6 +62,8 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Limits for plugins whose manifest does not override them.
     pub defaults: Limits,
+    /// Instances kept ready per plugin (0: instantiate on the event path).
+    pub warm_instances: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -73,6 +75,7 @@ impl Default for RuntimeConfig {
             fuel: false,
             cache_dir: None,
             defaults: Limits::default(),
+            warm_instances: 2,
         }
     }
 }
@@ -148,9 +151,35 @@ pub struct Plugin {
     pub compile_time: Duration,
     /// Loaded from the compile cache.
     pub cached: bool,
-    name_arc: Arc<str>,
-    config: Arc<BTreeMap<String, String>>,
+    warm: Arc<WarmPool>,
+}
+
+/// Instances of one plugin version made ahead of time, each used for
+/// exactly one event: the event still gets a fresh, isolated instance, but
+/// instantiation happens off its path, on the runtime's janitor thread.
+struct WarmPool {
     pre: v0_1_0::Pre<HostState>,
+    name: Arc<str>,
+    config: Arc<BTreeMap<String, String>>,
+    limits: Limits,
+    grants: Grants,
+    ready: Mutex<Vec<Ready>>,
+    target: usize,
+    fuel: bool,
+}
+
+/// An instantiated, never-called plugin instance.
+struct Ready {
+    store: Store<HostState>,
+    bot: v0_1_0::Bot,
+}
+
+/// Background work kept off the event path.
+enum Chore {
+    /// Bring a plugin's warm pool up to its target.
+    Refill(Arc<WarmPool>),
+    /// Drop a used store (resetting a pool slot costs microseconds).
+    Drop(Box<Store<HostState>>),
 }
 
 impl std::fmt::Debug for Plugin {
@@ -217,6 +246,10 @@ pub struct Runtime {
     compat: String,
     pooling: bool,
     ticker_stop: Arc<AtomicBool>,
+    janitor: Mutex<mpsc::Sender<Chore>>,
+    /// Warm instances across all plugins, capped so that warm pools never
+    /// take the pool slots invocations need.
+    warm_total: Arc<AtomicUsize>,
 }
 
 impl Drop for Runtime {
@@ -279,6 +312,16 @@ impl Runtime {
                     }
                 })?;
         }
+        let (janitor, chores) = mpsc::channel::<Chore>();
+        let warm_total = Arc::new(AtomicUsize::new(0));
+        let warm_cap = (config.pool_instances as usize / 2).max(1);
+        {
+            let engine = engine.clone();
+            let warm_total = warm_total.clone();
+            std::thread::Builder::new()
+                .name("digibot-janitor".into())
+                .spawn(move || janitor_loop(&engine, chores, &warm_total, warm_cap))?;
+        }
         Ok(Runtime {
             engine,
             linker,
@@ -286,6 +329,8 @@ impl Runtime {
             compat,
             pooling,
             ticker_stop,
+            janitor: Mutex::new(janitor),
+            warm_total,
         })
     }
 
@@ -306,10 +351,18 @@ impl Runtime {
             .as_ref()
             .map(|dir| dir.join(format!("{hash}-{}.cwasm", self.compat)));
         if let Some(path) = cached_path.as_ref().filter(|p| p.exists()) {
-            // SAFETY: the cache directory is digibot's own; its files were
-            // written by `Component::serialize` below, for this engine
-            // (the file name carries the engine's compatibility hash).
-            match unsafe { Component::deserialize_file(&self.engine, path) } {
+            // Read, not mmap: a cache file changed in place under a mapping
+            // would crash the process (SIGBUS) at the next instantiation.
+            let loaded = std::fs::read(path)
+                .map_err(wasmtime::Error::from)
+                .and_then(|bytes| {
+                    // SAFETY: the cache directory is digibot's own; its files
+                    // are written by `Component::serialize` below for this
+                    // engine (the name carries the engine's compatibility
+                    // hash), and wasmtime still checks header and version.
+                    unsafe { Component::deserialize(&self.engine, &bytes) }
+                });
+            match loaded {
                 Ok(component) => return Ok((component, true)),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "dropping a bad cache entry");
@@ -372,19 +425,32 @@ impl Runtime {
             memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
             ..limits
         };
+        let warm = Arc::new(WarmPool {
+            pre,
+            name: Arc::from(name),
+            config: Arc::new(manifest.config.clone()),
+            limits: limits.clone(),
+            grants: manifest.grants.clone(),
+            ready: Mutex::new(Vec::new()),
+            target: if manifest.enabled {
+                self.config.warm_instances
+            } else {
+                0
+            },
+            fuel: self.config.fuel,
+        });
+        self.chore(Chore::Refill(warm.clone()));
         Ok(Plugin {
             name: name.to_string(),
-            name_arc: Arc::from(name),
             hash,
             wit_version,
-            config: Arc::new(manifest.config.clone()),
             manifest,
             limits,
             imports,
             size: bytes.len(),
             compile_time,
             cached,
-            pre,
+            warm,
         })
     }
 
@@ -406,24 +472,60 @@ impl Runtime {
             })
     }
 
+    fn chore(&self, chore: Chore) {
+        if let Ok(janitor) = self.janitor.lock() {
+            let _ = janitor.send(chore);
+        }
+    }
+
+    /// Warm instances currently held across all plugins.
+    pub fn warm_instances(&self) -> usize {
+        self.warm_total.load(Ordering::Relaxed)
+    }
+
+    /// A never-called instance of `plugin`: a warm one if ready, else made
+    /// now. The caller binds it to its event.
+    fn fresh(&self, plugin: &Plugin) -> wasmtime::Result<Ready> {
+        let warm = plugin
+            .warm
+            .ready
+            .lock()
+            .ok()
+            .and_then(|mut ready| ready.pop());
+        match warm {
+            Some(ready) => {
+                self.warm_total.fetch_sub(1, Ordering::Relaxed);
+                self.chore(Chore::Refill(plugin.warm.clone()));
+                Ok(ready)
+            }
+            None => {
+                if plugin.warm.target > 0 {
+                    self.chore(Chore::Refill(plugin.warm.clone()));
+                }
+                plugin.warm.instantiate(&self.engine)
+            }
+        }
+    }
+
     /// Runs `call` on a fresh instance of `plugin`. Never panics on
     /// anything the plugin does; every failure comes back as a [`Failure`].
     pub fn invoke(&self, plugin: &Plugin, call: &Call<'_>, kv: Arc<dyn KvRead>) -> Invocation {
         let started = Instant::now();
-        let state = HostState::new(
-            plugin.name_arc.clone(),
-            call.conversation_id(),
-            plugin.config.clone(),
-            &plugin.limits,
-            &plugin.manifest.grants,
-            kv,
-        );
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        let tick = EPOCH_TICK.as_micros().max(1);
-        let ticks = plugin.limits.timeout.as_micros().div_ceil(tick) as u64;
-        store.set_epoch_deadline(ticks.max(1));
-        store.epoch_deadline_trap();
+        let Ready { mut store, bot } = match self.fresh(plugin) {
+            Ok(ready) => ready,
+            Err(e) => {
+                return Invocation {
+                    outcome: Err(Failure::Trap(format!("instantiation failed: {e:#}"))),
+                    kv_writes: Vec::new(),
+                    logs: Vec::new(),
+                    output: String::new(),
+                    logs_dropped: 0,
+                    elapsed: started.elapsed(),
+                };
+            }
+        };
+        store.data_mut().bind(call.conversation_id(), kv);
+        set_deadline(&mut store, &plugin.limits);
         if self.config.fuel {
             let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
         }
@@ -438,7 +540,7 @@ impl Runtime {
             },
             Call::Message { event_id, message } => v0_1_0::Call::Message { event_id, message },
         };
-        let result = v0_1_0::call(&plugin.pre, &mut store, &v0_call);
+        let result = v0_1_0::call(&bot, &mut store, &v0_call);
         let elapsed = started.elapsed();
         let (output, cut) = store.data().stdio.contents();
         let outcome = match result {
@@ -446,18 +548,78 @@ impl Runtime {
             Ok(Err(message)) => Err(Failure::Error(message)),
             Err(trap) => Err(classify(&trap, store.data(), &output)),
         };
-        let state = store.into_data();
+        let state = store.data_mut();
+        let kv_writes = std::mem::take(&mut state.kv_writes);
+        let logs = std::mem::take(&mut state.logs);
+        let logs_dropped = state.logs_dropped + cut;
+        self.chore(Chore::Drop(Box::new(store)));
         Invocation {
             kv_writes: if outcome.is_ok() {
-                state.kv_writes
+                kv_writes
             } else {
                 Vec::new()
             },
-            logs: state.logs,
-            logs_dropped: state.logs_dropped + cut,
+            logs,
+            logs_dropped,
             output,
             outcome,
             elapsed,
+        }
+    }
+}
+
+fn set_deadline(store: &mut Store<HostState>, limits: &Limits) {
+    let tick = EPOCH_TICK.as_micros().max(1);
+    let ticks = limits.timeout.as_micros().div_ceil(tick) as u64;
+    store.set_epoch_deadline(ticks.max(1));
+    store.epoch_deadline_trap();
+}
+
+impl WarmPool {
+    fn instantiate(&self, engine: &Engine) -> wasmtime::Result<Ready> {
+        let state = HostState::new(
+            self.name.clone(),
+            self.config.clone(),
+            &self.limits,
+            &self.grants,
+        );
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Instantiation runs the guest's start-up code: it gets a deadline too.
+        set_deadline(&mut store, &self.limits);
+        if self.fuel {
+            store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX))?;
+        }
+        let bot = v0_1_0::instantiate(&self.pre, &mut store)?;
+        Ok(Ready { store, bot })
+    }
+}
+
+fn janitor_loop(
+    engine: &Engine,
+    chores: mpsc::Receiver<Chore>,
+    warm_total: &AtomicUsize,
+    cap: usize,
+) {
+    while let Ok(chore) = chores.recv() {
+        match chore {
+            Chore::Drop(store) => drop(store),
+            Chore::Refill(pool) => loop {
+                let have = pool.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX);
+                if have >= pool.target || warm_total.load(Ordering::Relaxed) >= cap {
+                    break;
+                }
+                match pool.instantiate(engine) {
+                    Ok(ready) => {
+                        warm_total.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut r) = pool.ready.lock() {
+                            r.push(ready);
+                        }
+                    }
+                    // The event path will instantiate (and report) itself.
+                    Err(_) => break,
+                }
+            },
         }
     }
 }
@@ -535,9 +697,17 @@ fn classify(error: &wasmtime::Error, state: &HostState, output: &str) -> Failure
         Some(trap) => trap.to_string(),
         None => format!("{}", error.root_cause()),
     };
-    // A Rust guest prints its panic message to stderr before trapping.
-    if let Some(panic) = output.lines().find(|l| l.contains("panicked")) {
-        reason = format!("{reason} ({})", panic.trim());
+    // A Rust guest prints "thread '..' panicked at FILE:LINE:COL:" and then
+    // its message to stderr before trapping.
+    let mut lines = output.lines();
+    if let Some(at) = lines.find(|l| l.contains("panicked at")) {
+        let location = at
+            .split("panicked at ")
+            .nth(1)
+            .unwrap_or(at)
+            .trim_end_matches(':');
+        let message = lines.next().unwrap_or("").trim();
+        reason = format!("{reason} (panicked at {location}: {message})");
     }
     Failure::Trap(reason)
 }

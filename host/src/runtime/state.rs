@@ -27,6 +27,15 @@ pub trait KvRead: Send + Sync {
     fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String>;
 }
 
+/// Before an instance is bound to an event it can read no state.
+struct NoKv;
+
+impl KvRead for NoKv {
+    fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
+        None
+    }
+}
+
 /// An in-memory [`KvRead`] that can apply an invocation's writes.
 #[derive(Default)]
 pub struct MemoryKv(std::sync::Mutex<HashMap<(String, String, String), String>>);
@@ -164,13 +173,13 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// State for an instance of `plugin` not yet bound to an event; see
+    /// [`bind`](Self::bind).
     pub(super) fn new(
         plugin: Arc<str>,
-        conversation_id: &str,
         config: Arc<BTreeMap<String, String>>,
         limits: &Limits,
         grants: &Grants,
-        kv: Arc<dyn KvRead>,
     ) -> HostState {
         let stdio = CappedPipe::new(limits.max_log_bytes);
         // No preopens, no environment, no arguments, no network: the
@@ -197,9 +206,9 @@ impl HostState {
             },
             stdio,
             plugin,
-            conversation_id: conversation_id.to_string(),
+            conversation_id: String::new(),
             config,
-            kv,
+            kv: Arc::new(NoKv),
             kv_view: HashMap::new(),
             kv_writes: Vec::new(),
             logs: Vec::new(),
@@ -207,6 +216,13 @@ impl HostState {
             log_cap: limits.max_log_bytes,
             logs_dropped: 0,
         }
+    }
+
+    /// Binds the instance to the event it will serve: its conversation
+    /// (the only one its KV reads and writes can reach) and the KV source.
+    pub(super) fn bind(&mut self, conversation_id: &str, kv: Arc<dyn KvRead>) {
+        self.conversation_id = conversation_id.to_string();
+        self.kv = kv;
     }
 
     pub(super) fn log(&mut self, level: LogLevel, message: &str) {

@@ -37,14 +37,18 @@ pub enum Call<'a> {
     },
 }
 
-/// Instantiates from `pre` in `store` and calls the export for `call`.
-/// The outer error is a trap; the inner one the plugin's own `err`.
+/// A fresh instance, not yet called.
+pub fn instantiate(pre: &Pre<HostState>, store: &mut Store<HostState>) -> wasmtime::Result<Bot> {
+    pre.instantiate(store)
+}
+
+/// Calls the export for `call` on `bot`, an instance that was never called
+/// before. The outer error is a trap; the inner one the plugin's own `err`.
 pub fn call(
-    pre: &Pre<HostState>,
+    bot: &Bot,
     store: &mut Store<HostState>,
     call: &Call<'_>,
 ) -> wasmtime::Result<Result<Vec<proto::Action>, String>> {
-    let bot = pre.instantiate(&mut *store)?;
     let answer = match call {
         Call::NewConversation {
             event_id,
