@@ -10,7 +10,8 @@ use digibot::event::Event;
 use digibot::runtime::{Call, Manifest, MemoryKv, Runtime, RuntimeConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
-use wasmtime::component::{Component, Linker, ResourceTable, Val};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -62,9 +63,64 @@ fn bench(c: &mut Criterion) {
     let plugin = runtime.load("echo", &bytes, Manifest::default()).unwrap();
     let kv: Arc<dyn digibot::runtime::KvRead> = Arc::new(MemoryKv::default());
     let mut group = c.benchmark_group("plugin_call");
-    group.bench_function("digibot_invoke_fresh_instance", |b| {
+    // Events arriving at any rate the janitor keeps up with: a warm,
+    // never-used instance is ready; only the call is timed.
+    group.bench_function("digibot_invoke_fresh_instance_paced", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                while runtime.warm_instances() == 0 {
+                    std::thread::yield_now();
+                }
+                let started = Instant::now();
+                let out = runtime.invoke(&plugin, &call, kv.clone());
+                total += started.elapsed();
+                assert_eq!(out.outcome.unwrap().len(), 1);
+            }
+            total
+        })
+    });
+    for keep in [256usize << 10, 2 << 20] {
+        let rt = Runtime::new(RuntimeConfig {
+            keep_resident: keep,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let p = rt.load("echo", &bytes, Manifest::default()).unwrap();
+        group.bench_function(format!("digibot_invoke_paced_keep_resident_{}k", keep >> 10), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    while rt.warm_instances() == 0 {
+                        std::thread::yield_now();
+                    }
+                    let started = Instant::now();
+                    let out = rt.invoke(&p, &call, kv.clone());
+                    total += started.elapsed();
+                    assert_eq!(out.outcome.unwrap().len(), 1);
+                }
+                total
+            })
+        });
+    }
+    // Back to back: the janitor cannot refill as fast, so most calls also
+    // instantiate inline.
+    group.bench_function("digibot_invoke_fresh_instance_back_to_back", |b| {
         b.iter(|| {
             let out = runtime.invoke(&plugin, &call, kv.clone());
+            assert_eq!(out.outcome.unwrap().len(), 1);
+        })
+    });
+    // Warm pool off: instantiate and drop on the calling thread.
+    let cold = Runtime::new(RuntimeConfig {
+        warm_instances: 0,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let cold_plugin = cold.load("echo", &bytes, Manifest::default()).unwrap();
+    group.bench_function("digibot_invoke_fresh_instance_no_warm_pool", |b| {
+        b.iter(|| {
+            let out = cold.invoke(&cold_plugin, &call, kv.clone());
             assert_eq!(out.outcome.unwrap().len(), 1);
         })
     });
@@ -114,7 +170,6 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
-    let _ = Val::Bool(true);
 }
 
 fn plain_event(ev: &Event) -> digibot::runtime::v0_1_0::digishare::bot::types::MessageEvent {

@@ -16,7 +16,7 @@
 //! Needs `cargo build-plugins` first. Run: `scripts/bench-plugins`, or
 //! `cargo bench -p digibot --bench plugins [-- swap|start|neighbour]`.
 
-#[allow(dead_code, unused_imports)]
+// The end-to-end tests' fake Digishare and process driver.
 #[path = "../../tests/e2e/support/mod.rs"]
 mod support;
 

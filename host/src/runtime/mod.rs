@@ -64,6 +64,10 @@ pub struct RuntimeConfig {
     pub defaults: Limits,
     /// Instances kept ready per plugin (0: instantiate on the event path).
     pub warm_instances: usize,
+    /// Bytes at the start of each pooled linear memory that are zeroed
+    /// rather than returned to the kernel when a slot is reused: the next
+    /// instance then takes no page faults there.
+    pub keep_resident: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -76,6 +80,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             defaults: Limits::default(),
             warm_instances: 2,
+            keep_resident: 64 << 10,
         }
     }
 }
@@ -166,6 +171,8 @@ struct WarmPool {
     ready: Mutex<Vec<Ready>>,
     target: usize,
     fuel: bool,
+    /// A refill is queued; more requests would only repeat it.
+    refill_queued: AtomicBool,
 }
 
 /// An instantiated, never-called plugin instance.
@@ -250,6 +257,10 @@ pub struct Runtime {
     /// Warm instances across all plugins, capped so that warm pools never
     /// take the pool slots invocations need.
     warm_total: Arc<AtomicUsize>,
+    /// Used stores queued for the janitor to drop. Each holds a pool slot,
+    /// so past `drop_cap` the caller drops its store itself (backpressure).
+    pending_drops: Arc<AtomicUsize>,
+    drop_cap: usize,
 }
 
 impl Drop for Runtime {
@@ -272,7 +283,7 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
             .max_memory_size(config.max_memory_bytes)
             // Keeping the first pages resident avoids a page fault storm
             // in every fresh instance; measured in BENCHMARKS.md.
-            .linear_memory_keep_resident(64 << 10)
+            .linear_memory_keep_resident(config.keep_resident)
             .table_keep_resident(16 << 10);
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
@@ -312,15 +323,22 @@ impl Runtime {
                     }
                 })?;
         }
+        // The instance pool's budget: a quarter for warm instances, a
+        // quarter for stores waiting to be dropped, half for invocations
+        // (the server runs at most that many at once).
         let (janitor, chores) = mpsc::channel::<Chore>();
         let warm_total = Arc::new(AtomicUsize::new(0));
-        let warm_cap = (config.pool_instances as usize / 2).max(1);
+        let pending_drops = Arc::new(AtomicUsize::new(0));
+        let quarter = (config.pool_instances as usize / 4).max(1);
         {
             let engine = engine.clone();
             let warm_total = warm_total.clone();
+            let pending_drops = pending_drops.clone();
             std::thread::Builder::new()
                 .name("digibot-janitor".into())
-                .spawn(move || janitor_loop(&engine, chores, &warm_total, warm_cap))?;
+                .spawn(move || {
+                    janitor_loop(&engine, chores, &warm_total, &pending_drops, quarter)
+                })?;
         }
         Ok(Runtime {
             engine,
@@ -331,6 +349,8 @@ impl Runtime {
             ticker_stop,
             janitor: Mutex::new(janitor),
             warm_total,
+            pending_drops,
+            drop_cap: quarter,
         })
     }
 
@@ -438,8 +458,9 @@ impl Runtime {
                 0
             },
             fuel: self.config.fuel,
+            refill_queued: AtomicBool::new(false),
         });
-        self.chore(Chore::Refill(warm.clone()));
+        self.refill(&warm);
         Ok(Plugin {
             name: name.to_string(),
             hash,
@@ -478,6 +499,21 @@ impl Runtime {
         }
     }
 
+    fn refill(&self, pool: &Arc<WarmPool>) {
+        if pool.target > 0 && !pool.refill_queued.swap(true, Ordering::AcqRel) {
+            self.chore(Chore::Refill(pool.clone()));
+        }
+    }
+
+    fn discard(&self, store: Store<HostState>) {
+        if self.pending_drops.fetch_add(1, Ordering::AcqRel) < self.drop_cap {
+            self.chore(Chore::Drop(Box::new(store)));
+        } else {
+            self.pending_drops.fetch_sub(1, Ordering::AcqRel);
+            drop(store);
+        }
+    }
+
     /// Warm instances currently held across all plugins.
     pub fn warm_instances(&self) -> usize {
         self.warm_total.load(Ordering::Relaxed)
@@ -495,13 +531,11 @@ impl Runtime {
         match warm {
             Some(ready) => {
                 self.warm_total.fetch_sub(1, Ordering::Relaxed);
-                self.chore(Chore::Refill(plugin.warm.clone()));
+                self.refill(&plugin.warm);
                 Ok(ready)
             }
             None => {
-                if plugin.warm.target > 0 {
-                    self.chore(Chore::Refill(plugin.warm.clone()));
-                }
+                self.refill(&plugin.warm);
                 plugin.warm.instantiate(&self.engine)
             }
         }
@@ -552,7 +586,7 @@ impl Runtime {
         let kv_writes = std::mem::take(&mut state.kv_writes);
         let logs = std::mem::take(&mut state.logs);
         let logs_dropped = state.logs_dropped + cut;
-        self.chore(Chore::Drop(Box::new(store)));
+        self.discard(store);
         Invocation {
             kv_writes: if outcome.is_ok() {
                 kv_writes
@@ -599,27 +633,34 @@ fn janitor_loop(
     engine: &Engine,
     chores: mpsc::Receiver<Chore>,
     warm_total: &AtomicUsize,
-    cap: usize,
+    pending_drops: &AtomicUsize,
+    warm_cap: usize,
 ) {
     while let Ok(chore) = chores.recv() {
         match chore {
-            Chore::Drop(store) => drop(store),
-            Chore::Refill(pool) => loop {
-                let have = pool.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX);
-                if have >= pool.target || warm_total.load(Ordering::Relaxed) >= cap {
-                    break;
-                }
-                match pool.instantiate(engine) {
-                    Ok(ready) => {
-                        warm_total.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut r) = pool.ready.lock() {
-                            r.push(ready);
-                        }
+            Chore::Drop(store) => {
+                drop(store);
+                pending_drops.fetch_sub(1, Ordering::AcqRel);
+            }
+            Chore::Refill(pool) => {
+                pool.refill_queued.store(false, Ordering::Release);
+                loop {
+                    let have = pool.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX);
+                    if have >= pool.target || warm_total.load(Ordering::Relaxed) >= warm_cap {
+                        break;
                     }
-                    // The event path will instantiate (and report) itself.
-                    Err(_) => break,
+                    match pool.instantiate(engine) {
+                        Ok(ready) => {
+                            warm_total.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut r) = pool.ready.lock() {
+                                r.push(ready);
+                            }
+                        }
+                        // The event path will instantiate (and report) itself.
+                        Err(_) => break,
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -708,6 +749,14 @@ fn classify(error: &wasmtime::Error, state: &HostState, output: &str) -> Failure
             .trim_end_matches(':');
         let message = lines.next().unwrap_or("").trim();
         reason = format!("{reason} (panicked at {location}: {message})");
+    }
+    // A Python guest prints a traceback whose last line names the exception
+    // (componentize-py then panics in its own runtime, which says nothing).
+    if let Some((_, traceback)) = output.split_once("Traceback (most recent call last)") {
+        let before_panic = traceback.split("thread '").next().unwrap_or(traceback);
+        if let Some(exception) = before_panic.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+            reason = format!("{reason} ({exception})");
+        }
     }
     Failure::Trap(reason)
 }
