@@ -8,8 +8,22 @@
 //!
 //! No wasmtime, no tokio, no serde unless the `serde` feature asks for it:
 //! this crate compiles into every Rust plugin.
+//!
+//! ```
+//! use digibot_protocol::{Action, LimitError, limits};
+//! let menu = Action::buttons("Track your order?")
+//!     .button("yes", "Yes")
+//!     .button("no", "No")
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(menu.kind(), "buttons");
+//!
+//! let long = "x".repeat(limits::TEXT_MAX + 1);
+//! assert!(matches!(Action::text(long), Err(LimitError::TooLong { .. })));
+//! ```
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod builders;
 mod validate;
@@ -18,6 +32,8 @@ pub use builders::{ButtonsBuilder, ListBuilder};
 pub use validate::LimitError;
 
 /// The limits of Digishare's Messages API (and of WhatsApp behind it).
+///
+/// Lengths count characters (Unicode scalar values), not bytes.
 pub mod limits {
     /// Characters in a text message.
     pub const TEXT_MAX: usize = 4096;
@@ -41,6 +57,18 @@ pub mod limits {
 
 /// One reply a bot asks digibot to perform, in the conversation of the
 /// event being handled.
+///
+/// Build actions with the constructors ([`Action::text`],
+/// [`Action::buttons`], ...), which check Digishare's limits; a value built
+/// by hand is checked by [`Action::validate`], which the host runs on every
+/// action a plugin returns.
+///
+/// ```
+/// use digibot_protocol::Action;
+/// let reply = Action::text("Bonjour !").unwrap();
+/// assert_eq!(reply, Action::Text { body: "Bonjour !".into(), reply_to: None });
+/// assert!(Action::text("").is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(
     feature = "serde",
@@ -50,7 +78,9 @@ pub mod limits {
 pub enum Action {
     /// A text message to the customer.
     Text {
+        /// The message, at most [`limits::TEXT_MAX`] characters.
         body: String,
+        /// The id of a message of this conversation to quote.
         #[cfg_attr(
             feature = "serde",
             serde(default, skip_serializing_if = "Option::is_none")
@@ -64,21 +94,35 @@ pub enum Action {
     /// A location pin.
     Location(Location),
     /// Ask the customer to share their location.
-    LocationRequest { body: String },
+    LocationRequest {
+        /// The prompt shown with the request.
+        body: String,
+    },
     /// A file Digishare downloads from a URL.
     File(FileReply),
     /// An internal note, visible to agents only (`send_to_third = false`).
-    Note { body: String },
+    Note {
+        /// The note's text.
+        body: String,
+    },
     /// Attach a human agent to the conversation.
-    HandOff { user_id: String, as_handler: bool },
+    HandOff {
+        /// The Digishare user (agent) to attach.
+        user_id: String,
+        /// Also make that agent the conversation's handler.
+        as_handler: bool,
+    },
 }
 
 /// A reply-buttons message.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Buttons {
+    /// A text header above the body, at most [`limits::HEADER_MAX`] characters.
     pub header: Option<String>,
+    /// The message above the buttons.
     pub body: String,
+    /// One to [`limits::BUTTONS_MAX`] buttons, with distinct ids.
     pub buttons: Vec<Button>,
 }
 
@@ -86,7 +130,9 @@ pub struct Buttons {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Button {
+    /// Comes back as the customer's choice when they tap the button.
     pub id: String,
+    /// The label, at most [`limits::BUTTON_TITLE_MAX`] characters.
     pub title: String,
 }
 
@@ -94,10 +140,13 @@ pub struct Button {
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListMenu {
+    /// A text header above the body, at most [`limits::HEADER_MAX`] characters.
     pub header: Option<String>,
+    /// The message above the menu button.
     pub body: String,
     /// Label of the button that opens the list.
     pub button: String,
+    /// The rows, grouped; at most [`limits::LIST_ROWS_MAX`] rows in all.
     pub sections: Vec<ListSection>,
 }
 
@@ -105,7 +154,10 @@ pub struct ListMenu {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListSection {
+    /// Required (at most [`limits::ROW_TITLE_MAX`] characters) when the menu
+    /// has several sections; may be empty when it has one.
     pub title: String,
+    /// The choices of this section.
     pub rows: Vec<ListRow>,
 }
 
@@ -113,8 +165,11 @@ pub struct ListSection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListRow {
+    /// Comes back as the customer's choice when they pick the row.
     pub id: String,
+    /// The row's label, at most [`limits::ROW_TITLE_MAX`] characters.
     pub title: String,
+    /// A second, smaller line under the title.
     pub description: Option<String>,
 }
 
@@ -122,9 +177,13 @@ pub struct ListRow {
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Location {
+    /// Degrees, within ±90.
     pub latitude: f64,
+    /// Degrees, within ±180.
     pub longitude: f64,
+    /// The place's name, shown above the address.
     pub name: Option<String>,
+    /// The place's address.
     pub address: Option<String>,
 }
 
@@ -132,8 +191,11 @@ pub struct Location {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FileReply {
+    /// Where Digishare downloads the file from (http or https).
     pub url: String,
+    /// The name the customer sees.
     pub file_name: Option<String>,
+    /// The file's extension (e.g. `pdf`), when the URL does not tell.
     pub extension: Option<String>,
     /// Deliver audio as a voice note.
     pub voice: bool,
@@ -150,6 +212,14 @@ impl Action {
     }
 
     /// A text message quoting the message `message_id` of this conversation.
+    /// The id must be a plain id (letters, digits, `-_.:`), so it cannot
+    /// steer the request elsewhere.
+    ///
+    /// ```
+    /// use digibot_protocol::Action;
+    /// assert!(Action::text_reply_to("Noted", "msg_t_0001").is_ok());
+    /// assert!(Action::text_reply_to("Noted", "../other").is_err());
+    /// ```
     pub fn text_reply_to(
         body: impl Into<String>,
         message_id: impl Into<String>,
@@ -183,6 +253,13 @@ impl Action {
     }
 
     /// A named location pin with an address.
+    ///
+    /// ```
+    /// use digibot_protocol::Action;
+    /// let shop = Action::place(33.5731, -7.5898, "Digishare", "Casablanca").unwrap();
+    /// assert_eq!(shop.kind(), "location");
+    /// assert!(Action::place(123.0, 0.0, "Nowhere", "").is_err());
+    /// ```
     pub fn place(
         latitude: f64,
         longitude: f64,
@@ -207,6 +284,12 @@ impl Action {
     }
 
     /// A file Digishare fetches from `url` (http or https).
+    ///
+    /// ```
+    /// use digibot_protocol::{Action, LimitError};
+    /// assert!(Action::file("https://example.com/menu.pdf").is_ok());
+    /// assert_eq!(Action::file("file:///etc/passwd"), Err(LimitError::BadUrl));
+    /// ```
     pub fn file(url: impl Into<String>) -> Result<Action, LimitError> {
         Action::File(FileReply {
             url: url.into(),
@@ -223,6 +306,12 @@ impl Action {
     }
 
     /// Attach the agent `user_id`; `as_handler` also makes them the handler.
+    ///
+    /// ```
+    /// use digibot_protocol::Action;
+    /// let hand_off = Action::hand_off("usr_17", true).unwrap();
+    /// assert_eq!(hand_off.kind(), "hand_off");
+    /// ```
     pub fn hand_off(user_id: impl Into<String>, as_handler: bool) -> Result<Action, LimitError> {
         Action::HandOff {
             user_id: user_id.into(),
@@ -247,6 +336,11 @@ impl Action {
 
     /// Approximate size in bytes of the strings this action carries; the
     /// host caps the total per invocation.
+    ///
+    /// ```
+    /// use digibot_protocol::Action;
+    /// assert_eq!(Action::text("héllo").unwrap().payload_len(), 6);
+    /// ```
     pub fn payload_len(&self) -> usize {
         fn opt(s: &Option<String>) -> usize {
             s.as_deref().map_or(0, str::len)

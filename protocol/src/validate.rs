@@ -6,29 +6,56 @@ use crate::{Action, Buttons, ListMenu};
 use std::fmt;
 
 /// Why an action would be refused by Digishare (or is unsafe to send).
+///
+/// Its `Display` is a sentence for logs and for a plugin's error:
+///
+/// ```
+/// use digibot_protocol::{Action, LimitError};
+/// let err = Action::buttons("Pick").build().unwrap_err();
+/// assert_eq!(err, LimitError::NoItems { what: "buttons" });
+/// assert_eq!(err.to_string(), "at least one of buttons is needed");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitError {
     /// A text field is longer than Digishare accepts (counted in characters).
     TooLong {
+        /// The field, e.g. `"button title"`.
         field: &'static str,
+        /// Digishare's limit, in characters.
         max: usize,
+        /// The field's length, in characters.
         len: usize,
     },
-    /// A required text field is empty.
-    Empty { field: &'static str },
+    /// A required text field is empty (or only whitespace).
+    Empty {
+        /// The field, e.g. `"text"`.
+        field: &'static str,
+    },
     /// Too many items (buttons, rows).
     TooMany {
+        /// What is counted, e.g. `"buttons"`.
         what: &'static str,
+        /// The most allowed.
         max: usize,
+        /// How many there are.
         count: usize,
     },
     /// No items where at least one is needed.
-    NoItems { what: &'static str },
+    NoItems {
+        /// What is missing, e.g. `"list rows"`.
+        what: &'static str,
+    },
     /// Two buttons or rows share an id, so the reply would be ambiguous.
-    DuplicateId { id: String },
+    DuplicateId {
+        /// The repeated id.
+        id: String,
+    },
     /// An id that digibot puts into a URL or `reply_to` has characters
     /// outside `A-Z a-z 0-9 - _ . :`.
-    BadId { field: &'static str },
+    BadId {
+        /// The field, `"reply_to"` or `"user id"`.
+        field: &'static str,
+    },
     /// A file URL that is not http(s).
     BadUrl,
     /// Latitude or longitude out of range.
@@ -161,6 +188,22 @@ fn list(l: &ListMenu) -> Result<(), LimitError> {
 
 impl Action {
     /// Checks every limit; the first one broken is the error.
+    ///
+    /// The constructors already call it; it matters for values built by
+    /// hand, or received from a plugin that was not built with the SDK.
+    ///
+    /// ```
+    /// use digibot_protocol::{Action, Button, Buttons, LimitError};
+    /// let reply = Action::Buttons(Buttons {
+    ///     header: None,
+    ///     body: "Pick one".into(),
+    ///     buttons: vec![Button { id: "a".into(), title: "A title far over twenty".into() }],
+    /// });
+    /// assert_eq!(
+    ///     reply.validate(),
+    ///     Err(LimitError::TooLong { field: "button title", max: 20, len: 23 })
+    /// );
+    /// ```
     pub fn validate(&self) -> Result<(), LimitError> {
         match self {
             Action::Text { body, reply_to } => {

@@ -1,0 +1,153 @@
+//! Webhook payloads (from tests/fixtures/webhooks) and builders for new
+//! ones, plus the plugin .wasm files built by `cargo build-plugins`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+/// tests/fixtures/webhooks
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/webhooks")
+}
+
+/// The fixture `name` (with or without `.json`) as JSON. Panics when it is
+/// missing or not JSON: a broken fixture is a bug in the suite.
+pub fn fixture(name: &str) -> Value {
+    let file = if name.ends_with(".json") {
+        name.to_string()
+    } else {
+        format!("{name}.json")
+    };
+    let path = fixtures_dir().join(&file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading fixture {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {file} is not JSON: {e}"))
+}
+
+/// Every fixture, as (file stem, JSON), sorted by name.
+pub fn all_fixtures() -> Vec<(String, Value)> {
+    let dir = fixtures_dir();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".json"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let value = fixture(&name);
+            (name.trim_end_matches(".json").to_string(), value)
+        })
+        .collect()
+}
+
+/// The dedup key digibot must answer for this envelope: `event_id` when
+/// present, else `{event}:{data.id}`, and for `conversation_archived`
+/// `{event}:{conversation_id}:{archived_at}`.
+pub fn event_key(envelope: &Value) -> String {
+    if let Some(id) = envelope.get("event_id").and_then(Value::as_str) {
+        return id.to_string();
+    }
+    let event = envelope["event"].as_str().unwrap_or_default();
+    let data = &envelope["data"];
+    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
+    if event == "live_chat.conversation_archived" {
+        format!(
+            "{event}:{}:{}",
+            s(&data["conversation_id"]),
+            s(&data["archived_at"])
+        )
+    } else {
+        format!("{event}:{}", s(&data["id"]))
+    }
+}
+
+/// `live_chat.new_message` from the customer (Salma, sender
+/// `model_type = "third"`), built from message_text_customer.json, with a
+/// new message id, conversation and text.
+pub fn customer_text(conversation_id: &str, message_id: &str, text: &str) -> Value {
+    let mut v = fixture("message_text_customer");
+    v["data"]["id"] = json!(message_id);
+    v["data"]["data"]["conversation_id"] = json!(conversation_id);
+    v["data"]["data"]["body"] = json!(text);
+    v
+}
+
+/// The same, written by an agent (from message_agent.json).
+pub fn agent_text(conversation_id: &str, message_id: &str, text: &str) -> Value {
+    let mut v = fixture("message_agent");
+    v["data"]["id"] = json!(message_id);
+    v["data"]["data"]["conversation_id"] = json!(conversation_id);
+    v["data"]["data"]["body"] = json!(text);
+    v
+}
+
+/// The customer tapped reply button `id` (from message_button_reply.json).
+pub fn button_reply(conversation_id: &str, message_id: &str, id: &str, title: &str) -> Value {
+    let mut v = fixture("message_button_reply");
+    v["data"]["id"] = json!(message_id);
+    v["data"]["data"]["conversation_id"] = json!(conversation_id);
+    v["data"]["data"]["body"] =
+        json!({"type": "button_reply", "button_reply": {"id": id, "title": title}});
+    v
+}
+
+/// The customer picked list row `id` (from message_list_reply.json).
+pub fn list_reply(conversation_id: &str, message_id: &str, id: &str, title: &str) -> Value {
+    let mut v = fixture("message_list_reply");
+    v["data"]["id"] = json!(message_id);
+    v["data"]["data"]["conversation_id"] = json!(conversation_id);
+    v["data"]["data"]["body"] =
+        json!({"type": "list_reply", "list_reply": {"id": id, "title": title}});
+    v
+}
+
+/// The customer shared a location (from message_location.json).
+pub fn customer_location(
+    conversation_id: &str,
+    message_id: &str,
+    latitude: f64,
+    longitude: f64,
+) -> Value {
+    let mut v = fixture("message_location");
+    v["data"]["id"] = json!(message_id);
+    v["data"]["data"]["conversation_id"] = json!(conversation_id);
+    v["data"]["data"]["body"] = json!({"latitude": latitude, "longitude": longitude});
+    v
+}
+
+/// `live_chat.new_conversation` (from new_conversation.json) for a new
+/// conversation id and customer name.
+pub fn new_conversation(conversation_id: &str, customer_name: &str) -> Value {
+    let mut v = fixture("new_conversation");
+    v["data"]["id"] = json!(conversation_id);
+    v["data"]["data"]["third"]["name"] = json!(customer_name);
+    v
+}
+
+/// target/wasm32-wasip2/release/NAME.wasm of the target dir this test was
+/// built in (or $DIGIBOT_E2E_PLUGINS, if set). Panics when missing.
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("DIGIBOT_E2E_PLUGINS") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            // CARGO_BIN_EXE_digibot = <target>/<profile>/digibot
+            let exe = Path::new(env!("CARGO_BIN_EXE_digibot"));
+            let target = exe
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("wasm32-wasip2/release")
+        }
+    };
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "plugin {} not found: run `cargo build-plugins` first",
+        path.display()
+    );
+    path
+}
