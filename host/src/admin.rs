@@ -3,6 +3,7 @@
 //! management (list, upload, delete, rollback).
 
 use crate::registry::RegistryError;
+use crate::runtime::LoadError;
 use crate::server::AppState;
 use axum::Json;
 use axum::Router;
@@ -135,15 +136,23 @@ async fn plugins(State(app): State<AppState>) -> Response {
 }
 
 fn registry_error(e: RegistryError) -> Response {
-    match e {
-        RegistryError::NotFound(_) | RegistryError::NoPrevious(_) => {
-            error(StatusCode::NOT_FOUND, e.to_string())
-        }
+    let status = match &e {
+        RegistryError::NotFound(_) | RegistryError::NoPrevious(_) => StatusCode::NOT_FOUND,
         RegistryError::Load { .. } | RegistryError::Manifest { .. } => {
-            error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            StatusCode::UNPROCESSABLE_ENTITY
         }
-        RegistryError::Io { .. } => store_error(e),
+        RegistryError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut body = json!({ "error": e.to_string() });
+    // The refused imports also as a list, for tools.
+    if let RegistryError::Load {
+        source: LoadError::RefusedImports(imports),
+        ..
+    } = &e
+    {
+        body["refused_imports"] = json!(imports);
     }
+    (status, Json(body)).into_response()
 }
 
 fn installed(plugin: &crate::runtime::Plugin) -> Response {
@@ -151,6 +160,7 @@ fn installed(plugin: &crate::runtime::Plugin) -> Response {
         "name": plugin.name,
         "version": plugin.hash,
         "wit_version": plugin.wit_version,
+        "cached": plugin.cached,
         "compile_ms": plugin.compile_time.as_millis() as u64,
     }))
     .into_response()
@@ -166,9 +176,13 @@ async fn upload(State(app): State<AppState>, Path(name): Path<String>, body: Byt
 }
 
 async fn remove(State(app): State<AppState>, Path(name): Path<String>) -> Response {
-    match app.registry.remove(&name) {
-        Ok(()) => Json(json!({ "removed": name })).into_response(),
-        Err(e) => registry_error(e),
+    // Blocking: it waits for an install in progress (a compile) to finish.
+    let registry = app.registry.clone();
+    let removed = name.clone();
+    match tokio::task::spawn_blocking(move || registry.remove(&name)).await {
+        Ok(Ok(())) => Json(json!({ "removed": removed })).into_response(),
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => store_error(e),
     }
 }
 

@@ -10,10 +10,11 @@
 //! a reorder window would add its length to every reply's latency.
 
 use crate::actions;
-use crate::registry::{Gate, Registry};
-use crate::runtime::{Call, Failure, KvRead};
+use crate::registry::{Entry, Gate, Registry};
+use crate::runtime::{Call, Failure, KvRead, Runtime};
 use crate::sender::Outbox;
 use crate::store::{KvChanges, NewAction, Store, StoredEvent, now_ms};
+use digibot_protocol::Action;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,10 @@ pub struct PluginOutcome {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<String>,
     pub elapsed_us: u64,
+    /// The actions as the plugin returned them, refused ones included
+    /// (shown by `replay` and `chat`; not stored).
+    #[serde(skip)]
+    pub returned: Vec<Action>,
 }
 
 /// Everything one event produced, ready to commit.
@@ -54,9 +59,28 @@ pub struct Breaker {
 }
 
 /// Runs every plugin of `registry` on `event`, in name order. Blocking (it
-/// runs Wasm): call it from a blocking thread. Also used by `replay`.
+/// runs Wasm): call it from a blocking thread.
 pub fn run_plugins(
     registry: &Registry,
+    event: &crate::event::Event,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+) -> Handled {
+    run_entries(
+        registry.runtime(),
+        &registry.snapshot().plugins,
+        event,
+        kv,
+        breaker,
+    )
+}
+
+/// [`run_plugins`] on given entries (sorted by name), for tools that load
+/// plugins without a registry (`replay`, `chat`): same routing, filters,
+/// limits and request building as the server.
+pub fn run_entries(
+    runtime: &Runtime,
+    entries: &[Entry],
     event: &crate::event::Event,
     kv: Arc<dyn KvRead>,
     breaker: Breaker,
@@ -66,8 +90,7 @@ pub fn run_plugins(
         return handled;
     };
     let conversation_id = call.conversation_id().to_string();
-    let snapshot = registry.snapshot();
-    for entry in &snapshot.plugins {
+    for entry in entries {
         let plugin = &entry.plugin;
         let mut outcome = PluginOutcome {
             plugin: plugin.name.clone(),
@@ -77,6 +100,7 @@ pub fn run_plugins(
             actions: 0,
             rejected: Vec::new(),
             elapsed_us: 0,
+            returned: Vec::new(),
         };
         if !plugin.manifest.wants(call.filter()) {
             outcome.outcome = "filtered";
@@ -89,7 +113,7 @@ pub fn run_plugins(
             handled.outcomes.push(outcome);
             continue;
         }
-        let invocation = registry.runtime().invoke(plugin, &call, kv.clone());
+        let invocation = runtime.invoke(plugin, &call, kv.clone());
         outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
         for line in &invocation.logs {
             tracing::info!(plugin = %plugin.name, conversation = %conversation_id, level = ?line.level, "plugin: {}", line.message);
@@ -121,6 +145,7 @@ pub fn run_plugins(
                         }
                     }
                 }
+                outcome.returned = actions;
                 if !invocation.kv_writes.is_empty() {
                     handled.kv.push(KvChanges {
                         plugin: plugin.name.clone(),

@@ -16,5 +16,6 @@ pub mod runtime;
 pub mod sender;
 pub mod server;
 pub mod store;
+pub mod testing;
 pub mod watch;
 pub mod webhook;

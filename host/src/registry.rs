@@ -8,6 +8,13 @@
 //!
 //! Installed versions are written to the plugins folder (so a restart
 //! loads them) and kept under `DATA_DIR/plugin-history/NAME/` for rollback.
+//! Changes to the set (upload, folder reload, remove, rollback) are
+//! serialised, and a reload reads the folder inside that critical section,
+//! so the folder and the served set cannot drift apart.
+//!
+//! Each served version has a [`Health`]: the circuit breaker that
+//! quarantines a plugin after repeated failures. Called by `dispatch`
+//! (every event), `admin` (the plugin API) and `watch` (the folder).
 
 use crate::runtime::{LoadError, Manifest, Plugin, Runtime};
 use crate::store::now_ms;
@@ -15,8 +22,8 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Registry failures.
@@ -41,38 +48,70 @@ pub enum RegistryError {
 }
 
 /// Consecutive-failure circuit breaker of one plugin version.
+///
+/// Closed, every event runs the plugin. After `threshold` consecutive
+/// failures it opens: events skip the plugin until the cool-down ends. Then
+/// it is half-open: one event runs the plugin as a trial while the others
+/// keep skipping it; a success closes the breaker, a failure opens it for
+/// another cool-down. One trial at a time, because a plugin that times out
+/// would otherwise hold every plugin thread for a whole deadline, once per
+/// event that arrives during the trial.
 #[derive(Debug, Default)]
 pub struct Health {
     consecutive: AtomicU32,
     quarantined_until: AtomicI64,
+    /// Set when the breaker opens, cleared by a success.
+    tripped: AtomicBool,
+    /// When the half-open trial started (ms); 0 when none is in flight.
+    trial_since: AtomicI64,
     pub invocations: AtomicU64,
     pub failures: AtomicU64,
     pub skipped: AtomicU64,
     last_failure: Mutex<Option<String>>,
 }
 
+/// A trial older than this is presumed lost (its event never reported
+/// back) and another one may start.
+const TRIAL_STALE_MS: i64 = 60_000;
+
 /// What the breaker says about the next event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
     Run,
-    /// Quarantined until this time (ms).
+    /// Quarantined until this time (ms); in the past while a half-open
+    /// trial is in flight.
     Skip(i64),
 }
 
 impl Health {
+    /// Whether the next event runs the plugin. Every `Run` must be
+    /// followed by [`Health::success`] or [`Health::failure`].
     pub fn gate(&self, now: i64) -> Gate {
-        let until = self.quarantined_until.load(Ordering::Relaxed);
-        if now < until {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
-            Gate::Skip(until)
-        } else {
-            Gate::Run
+        let until = self.quarantined_until.load(Ordering::SeqCst);
+        if now >= until {
+            if !self.tripped.load(Ordering::SeqCst) {
+                return Gate::Run;
+            }
+            let since = self.trial_since.load(Ordering::SeqCst);
+            let free = since == 0 || now - since > TRIAL_STALE_MS;
+            if free
+                && self
+                    .trial_since
+                    .compare_exchange(since, now.max(1), Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                return Gate::Run;
+            }
         }
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        Gate::Skip(until)
     }
 
     pub fn success(&self) {
         self.invocations.fetch_add(1, Ordering::Relaxed);
-        self.consecutive.store(0, Ordering::Relaxed);
+        self.consecutive.store(0, Ordering::SeqCst);
+        self.tripped.store(false, Ordering::SeqCst);
+        self.trial_since.store(0, Ordering::SeqCst);
     }
 
     /// Records a failure; returns true when it opens the breaker.
@@ -83,22 +122,32 @@ impl Health {
             *last = Some(reason.to_string());
         }
         // After a cool-down the count is still at or over the threshold, so
-        // one more failure quarantines again (half-open).
-        let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-        if threshold > 0 && n >= threshold {
+        // a failed trial quarantines again at once.
+        let n = self.consecutive.fetch_add(1, Ordering::SeqCst) + 1;
+        let opens = threshold > 0 && n >= threshold;
+        if opens {
             self.quarantined_until
-                .store(now_ms() + cooldown.as_millis() as i64, Ordering::Relaxed);
-            return true;
+                .store(now_ms() + cooldown.as_millis() as i64, Ordering::SeqCst);
+            self.tripped.store(true, Ordering::SeqCst);
         }
-        false
+        // Only after the new quarantine is set, so no second trial slips in.
+        self.trial_since.store(0, Ordering::SeqCst);
+        opens
     }
 
     fn report(&self, now: i64) -> HealthReport {
-        let until = self.quarantined_until.load(Ordering::Relaxed);
+        let until = self.quarantined_until.load(Ordering::SeqCst);
+        let state = if now < until {
+            "quarantined"
+        } else if self.tripped.load(Ordering::SeqCst) {
+            "half-open"
+        } else {
+            "active"
+        };
         HealthReport {
-            state: if now < until { "quarantined" } else { "active" },
+            state,
             quarantined_until: (now < until).then_some(until),
-            consecutive_failures: self.consecutive.load(Ordering::Relaxed),
+            consecutive_failures: self.consecutive.load(Ordering::SeqCst),
             invocations: self.invocations.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
@@ -134,14 +183,22 @@ pub struct PluginReport {
     pub wit_version: &'static str,
     pub enabled: bool,
     pub size: usize,
+    /// Loaded from the on-disk compile cache rather than compiled.
+    pub cached: bool,
+    /// Time to compile (or load from the cache) and validate, in ms.
+    pub compile_ms: u64,
     pub limits: crate::runtime::Limits,
     #[serde(flatten)]
     pub health: HealthReport,
+    /// Versions `rollback` can go back to (this process's history).
     pub previous_versions: usize,
 }
 
+/// The breaker's view of a plugin, on `/admin/plugins`.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
+    /// `active`, `quarantined` (events skip it) or `half-open` (cool-down
+    /// over: the next event runs it as a trial).
     pub state: &'static str,
     pub quarantined_until: Option<i64>,
     pub consecutive_failures: u32,
@@ -167,6 +224,23 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
     move |source| RegistryError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// Refuses a name that is not a plain file stem before it is joined to a
+/// folder path (an admin URL could otherwise hold `../`).
+fn check_name(name: &str) -> Result<(), RegistryError> {
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        Ok(())
+    } else {
+        Err(RegistryError::Load {
+            name: name.to_string(),
+            source: LoadError::BadName(name.to_string()),
+        })
     }
 }
 
@@ -205,6 +279,7 @@ impl Registry {
 
     /// Reads `NAME.toml` beside the plugin, if any.
     pub fn read_manifest(&self, name: &str) -> Result<Manifest, RegistryError> {
+        check_name(name)?;
         let Some(dir) = &self.dir else {
             return Ok(Manifest::default());
         };
@@ -247,49 +322,67 @@ impl Registry {
         errors
     }
 
+    /// Serialises every change to the set (install, reload, remove,
+    /// rollback): a change reads the folder and publishes under this lock,
+    /// so a reload triggered by an older write can never publish bytes an
+    /// upload has replaced since.
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.install_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// (Re)loads `NAME` from the folder: its `.wasm` and `.toml`. A missing
     /// `.wasm` removes the plugin. Unchanged bytes and manifest: no-op.
+    /// Returns whether the set changed.
     pub fn reload(&self, name: &str) -> Result<bool, RegistryError> {
+        check_name(name)?;
         let Some(dir) = &self.dir else {
             return Ok(false);
         };
+        let _guard = self.lock();
         let path = dir.join(format!("{name}.wasm"));
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let manifest = self.read_manifest(name)?;
-                self.install_bytes(name, &bytes, manifest, false)
+                self.install_locked(name, &bytes, manifest, false)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.unpublish(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.unpublish(name)),
             Err(e) => Err(io(&path)(e)),
         }
     }
 
-    /// Validates and installs a new version of `name` (upload). The old
-    /// version keeps serving if the new one is refused.
+    /// Validates and installs a new version of `name` (upload), and writes
+    /// it to the plugins folder so a restart serves it too. The old version
+    /// keeps serving if the new one is refused.
     pub fn install(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, RegistryError> {
+        check_name(name)?;
+        let _guard = self.lock();
         let manifest = self.read_manifest(name)?;
-        self.install_bytes(name, bytes, manifest, true)?;
+        self.install_locked(name, bytes, manifest, true)?;
+        self.current(name)
+    }
+
+    fn current(&self, name: &str) -> Result<Arc<Plugin>, RegistryError> {
         self.snapshot()
             .get(name)
             .map(|e| e.plugin.clone())
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))
     }
 
-    fn install_bytes(
+    /// Compiles, validates and publishes; the caller holds [`Registry::lock`].
+    fn install_locked(
         &self,
         name: &str,
         bytes: &[u8],
         manifest: Manifest,
         write_to_dir: bool,
     ) -> Result<bool, RegistryError> {
-        let _guard = self.install_lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.snapshot();
-        if let Some(existing) = current.get(name) {
-            let same_bytes =
-                existing.plugin.hash == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
-            if same_bytes && existing.plugin.manifest == manifest {
-                return Ok(false);
-            }
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+        if let Some(existing) = current.get(name)
+            && existing.plugin.hash == hash
+            && existing.plugin.manifest == manifest
+        {
+            return Ok(false);
         }
         let plugin =
             self.runtime
@@ -305,18 +398,16 @@ impl Registry {
         if !kept.exists() {
             write_atomic(&kept, bytes)?;
         }
-        if write_to_dir {
-            if let Some(dir) = &self.dir {
-                write_atomic(&dir.join(format!("{name}.wasm")), bytes)?;
-            }
+        if write_to_dir && let Some(dir) = &self.dir {
+            write_atomic(&dir.join(format!("{name}.wasm")), bytes)?;
         }
         let previous = current.get(name).map(|e| e.plugin.hash.clone());
-        if let Some(prev) = previous.filter(|p| *p != plugin.hash) {
-            if let Ok(mut h) = self.history.lock() {
-                let versions = h.entry(name.to_string()).or_default();
-                versions.retain(|v| *v != prev);
-                versions.push(prev);
-            }
+        if let Some(prev) = previous.filter(|p| *p != plugin.hash)
+            && let Ok(mut h) = self.history.lock()
+        {
+            let versions = h.entry(name.to_string()).or_default();
+            versions.retain(|v| *v != prev);
+            versions.push(prev);
         }
         tracing::info!(plugin = name, version = %&plugin.hash[..12], cached = plugin.cached,
             compile_ms = plugin.compile_time.as_millis() as u64, "plugin loaded");
@@ -341,7 +432,8 @@ impl Registry {
         });
     }
 
-    fn unpublish(&self, name: &str) -> Result<bool, RegistryError> {
+    /// Takes `name` out of the snapshot; returns whether it was there.
+    fn unpublish(&self, name: &str) -> bool {
         let mut removed = false;
         self.current.rcu(|old| {
             removed = old.get(name).is_some();
@@ -357,45 +449,54 @@ impl Registry {
         if removed {
             tracing::info!(plugin = name, "plugin removed");
         }
-        Ok(removed)
+        removed
     }
 
-    /// Removes `name` from service and from the plugins folder.
+    /// Removes `name` from service and its `.wasm` from the plugins folder
+    /// (also when that file was refused at load and so never served).
+    /// `NAME.toml` stays: it is the operator's configuration.
     pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
-        let _guard = self.install_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.unpublish(name)? {
-            return Err(RegistryError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
+        let _guard = self.lock();
+        let mut found = self.unpublish(name);
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{name}.wasm"));
             match std::fs::remove_file(&path) {
-                Ok(()) => {}
+                Ok(()) => found = true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io(&path)(e)),
             }
         }
+        if !found {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
         Ok(())
     }
 
-    /// Reinstalls the version `name` had before the current one.
+    /// Reinstalls the version `name` had before the current one. The
+    /// version rolled back from is not kept as a rollback target, so
+    /// repeated rollbacks walk further back.
     pub fn rollback(&self, name: &str) -> Result<Arc<Plugin>, RegistryError> {
+        check_name(name)?;
+        let _guard = self.lock();
         let previous = self
             .history
             .lock()
             .ok()
-            .and_then(|mut h| h.get_mut(name).and_then(|v| v.pop()))
+            .and_then(|h| h.get(name).and_then(|v| v.last().cloned()))
             .ok_or_else(|| RegistryError::NoPrevious(name.to_string()))?;
         let path = self.history_dir.join(name).join(format!("{previous}.wasm"));
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        let current = self.snapshot().get(name).map(|e| e.plugin.hash.clone());
-        let plugin = self.install(name, &bytes)?;
-        // The version rolled back from is not a rollback target.
-        if let (Some(cur), Ok(mut h)) = (current, self.history.lock()) {
-            if let Some(v) = h.get_mut(name) {
-                v.retain(|x| *x != cur);
-            }
+        let rolled_back_from = self.snapshot().get(name).map(|e| e.plugin.hash.clone());
+        let manifest = self.read_manifest(name)?;
+        self.install_locked(name, &bytes, manifest, true)?;
+        // Only now that it serves does the target leave the history.
+        if let Ok(mut h) = self.history.lock()
+            && let Some(v) = h.get_mut(name)
+        {
+            v.retain(|x| *x != previous && Some(x) != rolled_back_from.as_ref());
         }
-        Ok(plugin)
+        self.current(name)
     }
 
     /// Admin view of every plugin.
@@ -411,10 +512,87 @@ impl Registry {
                 wit_version: e.plugin.wit_version,
                 enabled: e.plugin.manifest.enabled,
                 size: e.plugin.size,
+                cached: e.plugin.cached,
+                compile_ms: e.plugin.compile_time.as_millis() as u64,
                 limits: e.plugin.limits.clone(),
                 health: e.health.report(now),
                 previous_versions: history.get(&e.plugin.name).map_or(0, Vec::len),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COOLDOWN: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_breaker_opens_after_the_threshold_and_skips() {
+        let h = Health::default();
+        let now = now_ms();
+        assert_eq!(h.gate(now), Gate::Run);
+        assert!(!h.failure("trap", 3, COOLDOWN));
+        assert!(!h.failure("trap", 3, COOLDOWN));
+        assert_eq!(h.gate(now), Gate::Run, "still closed below the threshold");
+        assert!(h.failure("trap", 3, COOLDOWN));
+        assert!(matches!(h.gate(now_ms()), Gate::Skip(_)));
+        let report = h.report(now_ms());
+        assert_eq!(report.state, "quarantined");
+        assert_eq!(report.consecutive_failures, 3);
+        assert_eq!(report.skipped, 1);
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let h = Health::default();
+        h.failure("trap", 2, COOLDOWN);
+        h.success();
+        assert!(!h.failure("trap", 2, COOLDOWN));
+        assert_eq!(h.gate(now_ms()), Gate::Run);
+    }
+
+    #[test]
+    fn half_open_lets_one_trial_through_at_a_time() {
+        let h = Health::default();
+        h.failure("timeout", 1, COOLDOWN);
+        let later = now_ms() + COOLDOWN.as_millis() as i64 + 1;
+        assert_eq!(h.report(later).state, "half-open");
+        assert_eq!(h.gate(later), Gate::Run, "the trial");
+        assert!(
+            matches!(h.gate(later), Gate::Skip(_)),
+            "others skip while the trial runs"
+        );
+        // The trial fails: quarantined again for a full cool-down.
+        assert!(h.failure("timeout", 1, COOLDOWN));
+        assert!(matches!(h.gate(now_ms()), Gate::Skip(_)));
+
+        let later = now_ms() + COOLDOWN.as_millis() as i64 + 1;
+        assert_eq!(h.gate(later), Gate::Run);
+        h.success();
+        assert_eq!(h.report(later).state, "active");
+        assert_eq!(h.gate(later), Gate::Run);
+        assert_eq!(h.gate(later), Gate::Run, "closed: no more trials");
+    }
+
+    #[test]
+    fn a_lost_trial_does_not_block_the_plugin_forever() {
+        let h = Health::default();
+        h.failure("timeout", 1, COOLDOWN);
+        let later = now_ms() + COOLDOWN.as_millis() as i64 + 1;
+        assert_eq!(h.gate(later), Gate::Run);
+        assert!(matches!(h.gate(later + 1), Gate::Skip(_)));
+        assert_eq!(h.gate(later + TRIAL_STALE_MS + 1), Gate::Run);
+    }
+
+    #[test]
+    fn names_that_are_not_plain_stems_are_refused() {
+        for bad in ["", "../x", "a/b", "a.b", ".hidden", "x y"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["echo", "echo-v2", "bad_loop", "P1"] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
     }
 }

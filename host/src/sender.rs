@@ -33,7 +33,7 @@ impl Outbox {
 }
 
 /// How requests are authenticated.
-enum Auth {
+enum Credentials {
     DryRun,
     Static(String),
     OAuth {
@@ -58,15 +58,26 @@ enum Attempt {
     },
 }
 
+/// What the run loop must not start again.
+#[derive(Default)]
+struct InFlight {
+    /// Conversations with a request in flight (at most one each).
+    conversations: HashSet<String>,
+    /// Actions whose attempt ended since the current outbox read began:
+    /// that read may predate the attempt's commit, so its view of them is
+    /// stale (a sent action would look pending and go out twice).
+    settled: HashSet<i64>,
+}
+
 /// Delivers outbox actions.
 pub struct Sender {
     store: Store,
     outbox: Outbox,
     client: reqwest::Client,
     base_url: String,
-    auth: Auth,
+    auth: Credentials,
     retry: RetrySettings,
-    in_flight: Mutex<HashSet<String>>,
+    in_flight: Mutex<InFlight>,
     permits: Arc<Semaphore>,
 }
 
@@ -86,13 +97,13 @@ impl Sender {
             &settings.client_id,
             &settings.client_secret,
         ) {
-            (Some(token), _, _) => Auth::Static(token.clone()),
-            (None, Some(id), Some(secret)) => Auth::OAuth {
+            (Some(token), _, _) => Credentials::Static(token.clone()),
+            (None, Some(id), Some(secret)) => Credentials::OAuth {
                 client_id: id.clone(),
                 client_secret: secret.clone(),
                 token: tokio::sync::Mutex::new(None),
             },
-            _ => Auth::DryRun,
+            _ => Credentials::DryRun,
         };
         Ok(Arc::new(Sender {
             store,
@@ -101,53 +112,85 @@ impl Sender {
             base_url: settings.api_base_url.trim_end_matches('/').to_string(),
             auth,
             retry: settings.retry.clone(),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(InFlight::default()),
             permits: Arc::new(Semaphore::new(settings.send_concurrency)),
         }))
     }
 
     /// Sends due actions until `shutdown` turns true, then waits for the
     /// requests in flight (up to `grace`).
+    ///
+    /// The outbox is read only when a send permit is free, and only as many
+    /// heads as could be started (those in flight come back too): under
+    /// load, a completed delivery costs one small read, not a scan of
+    /// hundreds of rows.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let store = self.store.clone();
-            let due = tokio::task::spawn_blocking(move || {
-                let due = store.due_actions(now_ms(), 512)?;
-                let next = store.next_due_at()?;
-                Ok::<_, crate::store::StoreError>((due, next))
-            })
-            .await;
-            let (due, next) = match due {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot read the outbox");
-                    (Vec::new(), Some(now_ms() + 1000))
-                }
-                Err(_) => (Vec::new(), Some(now_ms() + 1000)),
-            };
-            for action in due {
-                {
+            let free = self.permits.available_permits();
+            let mut next = None;
+            if free > 0 {
+                let limit = {
                     let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                    if !in_flight.insert(action.conversation_id.clone()) {
-                        continue;
+                    // Before the read starts: anything settled from now on
+                    // is recorded, and skipped if the read returns it.
+                    in_flight.settled.clear();
+                    in_flight.conversations.len() + free
+                };
+                let store = self.store.clone();
+                let heads =
+                    match tokio::task::spawn_blocking(move || store.outbox_heads(limit)).await {
+                        Ok(Ok(heads)) => heads,
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "cannot read the outbox");
+                            Vec::new()
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                let now = now_ms();
+                for action in heads {
+                    if action.next_attempt_at > now {
+                        // Sorted by due time: the rest waits too.
+                        next = Some(action.next_attempt_at);
+                        break;
+                    }
+                    {
+                        let mut in_flight =
+                            self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                        if in_flight.settled.contains(&action.id)
+                            || in_flight.conversations.contains(&action.conversation_id)
+                        {
+                            continue;
+                        }
+                        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                            break;
+                        };
+                        in_flight
+                            .conversations
+                            .insert(action.conversation_id.clone());
+                        let this = self.clone();
+                        tasks.spawn(async move {
+                            let (id, conversation) = (action.id, action.conversation_id.clone());
+                            this.deliver(action).await;
+                            drop(permit);
+                            // One lock for both, so the loop never sees the
+                            // conversation free but the action not settled.
+                            let mut in_flight =
+                                this.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                            in_flight.settled.insert(id);
+                            in_flight.conversations.remove(&conversation);
+                            drop(in_flight);
+                            this.outbox.wake();
+                        });
                     }
                 }
-                let this = self.clone();
-                tasks.spawn(async move {
-                    let conversation = action.conversation_id.clone();
-                    this.deliver(action).await;
-                    this.in_flight
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&conversation);
-                    this.outbox.wake();
-                });
             }
             while tasks.try_join_next().is_some() {}
+            // A completion or new work wakes the loop; the timer covers
+            // retries coming due (and is a safety net).
             let wait = match next {
                 Some(at) => Duration::from_millis((at - now_ms()).clamp(1, 1000) as u64),
                 None => Duration::from_secs(1),
@@ -162,10 +205,9 @@ impl Sender {
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     }
 
+    /// One attempt at `action` (the caller holds a send permit), and its
+    /// result recorded.
     async fn deliver(&self, action: OutboxAction) {
-        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
-            return;
-        };
         let attempt = self.attempt(&action).await;
         let attempts_after = action.attempts as u32 + 1;
         let result = match attempt {
@@ -202,7 +244,7 @@ impl Sender {
 
     async fn attempt(&self, action: &OutboxAction) -> Attempt {
         let token = match &self.auth {
-            Auth::DryRun => {
+            Credentials::DryRun => {
                 tracing::info!(
                     conversation = %action.conversation_id,
                     "dry-run: {} {} {}",
@@ -212,8 +254,8 @@ impl Sender {
                 );
                 return Attempt::Sent(200);
             }
-            Auth::Static(token) => token.clone(),
-            Auth::OAuth { .. } => match self.oauth_token(false).await {
+            Credentials::Static(token) => token.clone(),
+            Credentials::OAuth { .. } => match self.oauth_token(None).await {
                 Ok(t) => t,
                 Err(e) => return e,
             },
@@ -223,11 +265,12 @@ impl Sender {
             Attempt::Fatal {
                 status: Some(401), ..
             },
-            Auth::OAuth { .. },
+            Credentials::OAuth { .. },
         ) = (&first, &self.auth)
         {
-            // The token may have been revoked or expired early: refresh once.
-            match self.oauth_token(true).await {
+            // The token may have been revoked or expired early: refresh once
+            // (unless a concurrent 401 already did).
+            match self.oauth_token(Some(&token)).await {
                 Ok(fresh) => return self.request(action, &fresh).await,
                 Err(e) => return e,
             }
@@ -292,9 +335,11 @@ impl Sender {
     }
 
     /// The cached OAuth token, fetched when missing, near expiry, or when
-    /// `force`d after a 401.
-    async fn oauth_token(&self, force: bool) -> Result<String, Attempt> {
-        let Auth::OAuth {
+    /// it is `refused` (Digishare answered 401 to it). Requests refused
+    /// together share one refresh: only the first finds the refused token
+    /// still cached.
+    async fn oauth_token(&self, refused: Option<&str>) -> Result<String, Attempt> {
+        let Credentials::OAuth {
             client_id,
             client_secret,
             token,
@@ -306,10 +351,11 @@ impl Sender {
             });
         };
         let mut cached = token.lock().await;
-        if let Some((t, expires)) = cached.as_ref() {
-            if !force && Instant::now() < *expires {
-                return Ok(t.clone());
-            }
+        if let Some((t, expires)) = cached.as_ref()
+            && Some(t.as_str()) != refused
+            && Instant::now() < *expires
+        {
+            return Ok(t.clone());
         }
         let response = self
             .client

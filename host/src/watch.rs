@@ -21,12 +21,16 @@ pub struct WatchHandle {
     _watcher: notify::RecommendedWatcher,
 }
 
+/// The plugin a changed path belongs to: `NAME.wasm` or `NAME.toml`.
+/// Temporary files (`NAME.wasm.tmp`, `.NAME.wasm` of editors and copy
+/// tools) are not plugins: only the final rename counts.
 fn plugin_name(path: &Path) -> Option<String> {
     let ext = path.extension()?.to_str()?;
     if ext != "wasm" && ext != "toml" {
         return None;
     }
-    path.file_stem()?.to_str().map(str::to_string)
+    let name = path.file_stem()?.to_str()?;
+    (!name.starts_with('.')).then(|| name.to_string())
 }
 
 fn size(path: &Path) -> Option<u64> {

@@ -1,1 +1,16 @@
-fn main() {}
+//! End-to-end tests: the real `digibot serve` binary, with real plugins
+//! (built by `cargo build-plugins`), against a fake Digishare API.
+
+mod support;
+
+mod authoring;
+mod containment;
+mod core_flow;
+mod dead_letters;
+mod delivery;
+mod durability;
+mod fake_selftest;
+mod hot_swap;
+mod oauth;
+mod startup;
+mod webhook;

@@ -1,7 +1,12 @@
 //! The `digibot` subcommands. `serve` runs the server; the others are tools
 //! for operators (dead letters) and plugin authors.
 
+pub(crate) mod build;
+mod chat;
+mod check;
 mod dead_letters;
+mod new;
+mod replay;
 
 use crate::config::Settings;
 use clap::{Parser, Subcommand};
@@ -30,6 +35,16 @@ pub enum Command {
     /// Inspect and fix actions Digishare refused or that ran out of retries.
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLetters),
+    /// Create a plugin crate: an echo bot with a test and a README.
+    New(new::NewArgs),
+    /// Build a plugin crate to a component (wasm32-wasip2) and print its path.
+    Build(build::BuildArgs),
+    /// Say whether a component will load here: world, imports, size, compile time.
+    Check(check::CheckArgs),
+    /// Run plugins on recorded webhooks and print their actions and requests as JSON.
+    Replay(replay::ReplayArgs),
+    /// Talk to a bot in the terminal, as the customer.
+    Chat(chat::ChatArgs),
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
@@ -54,5 +69,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters(cmd) => dead_letters::run(cmd, &settings),
+        Command::New(args) => new::run(args),
+        Command::Build(args) => build::run(args),
+        Command::Check(args) => check::run(args, &settings),
+        Command::Replay(args) => replay::run(args, &settings),
+        Command::Chat(args) => chat::run(args, &settings),
     }
 }
