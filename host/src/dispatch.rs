@@ -107,9 +107,14 @@ pub fn run_entries(
             handled.outcomes.push(outcome);
             continue;
         }
-        if let Gate::Skip(until) = entry.health.gate(now_ms()) {
+        let now = now_ms();
+        if let Gate::Skip(until) = entry.health.gate(now) {
             outcome.outcome = "skipped";
-            outcome.reason = Some(format!("quarantined until {until}"));
+            outcome.reason = Some(if until > now {
+                format!("quarantined for {} ms more", until - now)
+            } else {
+                "quarantined: a trial event is running".to_string()
+            });
             handled.outcomes.push(outcome);
             continue;
         }

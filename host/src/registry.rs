@@ -258,8 +258,8 @@ impl Registry {
             runtime,
             current: ArcSwap::from_pointee(Snapshot::default()),
             dir,
+            history: Mutex::new(read_history(&data_dir.join("plugin-history"))),
             history_dir: data_dir.join("plugin-history"),
-            history: Mutex::new(BTreeMap::new()),
             install_lock: Mutex::new(()),
         }
     }
@@ -402,12 +402,14 @@ impl Registry {
             write_atomic(&dir.join(format!("{name}.wasm")), bytes)?;
         }
         let previous = current.get(name).map(|e| e.plugin.hash.clone());
-        if let Some(prev) = previous.filter(|p| *p != plugin.hash)
-            && let Ok(mut h) = self.history.lock()
-        {
+        if let Ok(mut h) = self.history.lock() {
             let versions = h.entry(name.to_string()).or_default();
-            versions.retain(|v| *v != prev);
-            versions.push(prev);
+            // The serving version is never its own rollback target.
+            versions.retain(|v| *v != plugin.hash);
+            if let Some(prev) = previous.filter(|p| *p != plugin.hash) {
+                versions.retain(|v| *v != prev);
+                versions.push(prev);
+            }
         }
         tracing::info!(plugin = name, version = %&plugin.hash[..12], cached = plugin.cached,
             compile_ms = plugin.compile_time.as_millis() as u64, "plugin loaded");
@@ -595,4 +597,35 @@ mod tests {
             assert!(check_name(good).is_ok(), "{good:?}");
         }
     }
+}
+
+/// Versions kept on disk from earlier runs, oldest first per plugin, so a
+/// rollback still works after a restart.
+fn read_history(dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut history = BTreeMap::new();
+    let Ok(plugins) = std::fs::read_dir(dir) else {
+        return history;
+    };
+    for plugin in plugins.filter_map(Result::ok) {
+        let Some(name) = plugin.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let Ok(files) = std::fs::read_dir(plugin.path()) else {
+            continue;
+        };
+        let mut versions: Vec<(std::time::SystemTime, String)> = files
+            .filter_map(Result::ok)
+            .filter_map(|f| {
+                let path = f.path();
+                if path.extension()? != "wasm" {
+                    return None;
+                }
+                let hash = path.file_stem()?.to_str()?.to_string();
+                Some((f.metadata().ok()?.modified().ok()?, hash))
+            })
+            .collect();
+        versions.sort();
+        history.insert(name, versions.into_iter().map(|(_, h)| h).collect());
+    }
+    history
 }

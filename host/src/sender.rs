@@ -79,6 +79,8 @@ pub struct Sender {
     retry: RetrySettings,
     in_flight: Mutex<InFlight>,
     permits: Arc<Semaphore>,
+    /// The number of permits (`send_concurrency`).
+    concurrency: usize,
 }
 
 impl Sender {
@@ -114,25 +116,36 @@ impl Sender {
             retry: settings.retry.clone(),
             in_flight: Mutex::new(InFlight::default()),
             permits: Arc::new(Semaphore::new(settings.send_concurrency)),
+            concurrency: settings.send_concurrency,
         }))
     }
 
     /// Sends due actions until `shutdown` turns true, then waits for the
     /// requests in flight (up to `grace`).
     ///
-    /// The outbox is read only when a send permit is free, and only as many
-    /// heads as could be started (those in flight come back too): under
-    /// load, a completed delivery costs one small read, not a scan of
-    /// hundreds of rows.
+    /// The outbox is read only when send permits are free, and only as many
+    /// heads as could be started (those in flight come back too). When most
+    /// requests are still in flight, the loop lingers up to `LINGER` for
+    /// more to finish, so that under load one read starts several requests
+    /// instead of one read per completed request.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
         let mut tasks = tokio::task::JoinSet::new();
+        let mut linger_until: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             let free = self.permits.available_permits();
+            let idle = free == self.concurrency;
+            let batch = free * 4 >= self.concurrency;
+            let lingered = linger_until.is_some_and(|t| Instant::now() >= t);
+            let read = free > 0 && (idle || batch || lingered);
+            if free > 0 && !read && linger_until.is_none() {
+                linger_until = Some(Instant::now() + LINGER);
+            }
             let mut next = None;
-            if free > 0 {
+            if read {
+                linger_until = None;
                 let limit = {
                     let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
                     // Before the read starts: anything settled from now on
@@ -190,11 +203,14 @@ impl Sender {
             }
             while tasks.try_join_next().is_some() {}
             // A completion or new work wakes the loop; the timer covers
-            // retries coming due (and is a safety net).
-            let wait = match next {
+            // retries coming due, the end of a linger (and is a safety net).
+            let mut wait = match next {
                 Some(at) => Duration::from_millis((at - now_ms()).clamp(1, 1000) as u64),
                 None => Duration::from_secs(1),
             };
+            if let Some(until) = linger_until {
+                wait = wait.min(until.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 _ = self.outbox.notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -408,6 +424,10 @@ impl Sender {
         Ok(grant.access_token)
     }
 }
+
+/// How long the run loop waits for more requests to finish before reading
+/// the outbox for a single free send permit.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// Exponential backoff with full jitter: a random delay in
 /// `[d/2, d]` where `d = min(max, base · 2^(attempt-1))`.

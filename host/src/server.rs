@@ -108,9 +108,13 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         failures: settings.runtime.breaker_failures,
         cooldown: Duration::from_secs(settings.runtime.breaker_cooldown_secs),
     };
+    // Deadlines are wall-clock, so more invocations than cores do not
+    // stretch them, and a plugin stuck until its deadline then holds one
+    // slot of several instead of a whole core's worth of conversations.
     let plugin_threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
-        .max(2);
+        .saturating_mul(4)
+        .max(4);
     // Warm pools may hold half the instance pool; invocations use the rest.
     let plugin_threads = plugin_threads
         .min(settings.runtime.pool_instances as usize / 2)

@@ -12,7 +12,7 @@
 //! process crash *and* a power loss. `Durability::Normal` skips that fsync:
 //! still safe against a process crash (kill -9), but the last commits can be
 //! lost on power loss; it also moves checkpoints off the commit path (see
-//! [`checkpoint_loop`]).
+//! `checkpoint_loop`).
 
 use crate::event::Event;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -786,6 +786,11 @@ mod tests {
         for t in tasks {
             assert!(matches!(t.await.unwrap().unwrap(), Inserted::New(_)));
         }
+        assert_eq!(store.pending_events().unwrap().len(), 200);
+        // `normal` checkpoints on its own thread: closing stops it, and
+        // everything is still there after a reopen.
+        store.close();
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
         assert_eq!(store.pending_events().unwrap().len(), 200);
     }
 

@@ -53,7 +53,7 @@ pub use serde_json::{Value, json};
 /// The deadline of one invocation in tests. The server's default is much
 /// shorter; tests check behaviour, and a loaded CI machine must not turn a
 /// correct bot into a flaky test.
-const TEST_TIMEOUT: Duration = Duration::from_secs(2);
+const TEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a bot could not be built or loaded.
 #[derive(Debug, thiserror::Error)]

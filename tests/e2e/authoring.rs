@@ -13,6 +13,10 @@ use sha2::Digest;
 use crate::support::fixtures::fixtures_dir;
 use crate::support::*;
 
+/// The plugin deadline the tools get here: these tests are about what a
+/// plugin answers, and the server's 100 ms can pass on a loaded CI machine.
+const PLUGIN_TIMEOUT_MS: &str = "10000";
+
 /// The real `digibot` with none of the caller's DIGIBOT_* settings.
 fn digibot() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_digibot"));
@@ -21,7 +25,9 @@ fn digibot() -> Command {
             cmd.env_remove(&key);
         }
     }
-    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
+    cmd.env("RUST_LOG", "warn")
+        .env("DIGIBOT_PLUGIN_TIMEOUT_MS", PLUGIN_TIMEOUT_MS)
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -212,7 +218,7 @@ fn replay_echo_on_every_fixture() -> Result<()> {
 }
 
 /// The concierge flow across files: KV (the topic) carries from one file
-/// to the next, `--set` overrides config, agent messages run nothing, and a
+/// to the next, `--config` overrides config, agent messages run nothing, and a
 /// repeated event is a duplicate.
 #[test]
 fn replay_concierge_flow_keeps_state_across_files() -> Result<()> {
@@ -245,9 +251,9 @@ fn replay_concierge_flow_keeps_state_across_files() -> Result<()> {
         &files,
         &plugin_wasm("concierge"),
         &[
-            "--set",
+            "--config",
             "agent_id=usr_99",
-            "--set",
+            "--config",
             "invoice_url=https://shop.example/f/42.pdf",
         ],
     )?
@@ -541,7 +547,8 @@ fn chat_from_a_pipe() -> Result<()> {
     std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, input.as_bytes())?;
     let out = child.wait_with_output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "chat failed: {stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "chat failed: {stdout}\n{stderr}");
     let expected_in_order = [
         "concierge> *Bienvenue*",
         "           Bonjour Omar ! Comment puis-je vous aider ?",
@@ -567,7 +574,7 @@ fn chat_from_a_pipe() -> Result<()> {
     for line in expected_in_order {
         match rest.find(line) {
             Some(at) => rest = &rest[at + line.len()..],
-            None => bail!("chat output lacks {line:?} (in order):\n{stdout}"),
+            None => bail!("chat output lacks {line:?} (in order):\n{stdout}\n{stderr}"),
         }
     }
     ensure!(!stdout.contains("never read"), "{stdout}");
@@ -686,7 +693,8 @@ fn chat_in_a_terminal() -> Result<()> {
         config,
     };
     let command = format!(
-        "exec env RUST_LOG=warn '{}' chat --plugin '{}' --name Salma",
+        "exec env RUST_LOG=warn DIGIBOT_PLUGIN_TIMEOUT_MS={PLUGIN_TIMEOUT_MS} '{}' chat \
+         --plugin '{}' --name Salma",
         env!("CARGO_BIN_EXE_digibot"),
         plugin_wasm("concierge").display()
     );

@@ -475,7 +475,7 @@ async fn the_breaker_quarantines_then_retries() -> Result<()> {
         ensure!(
             o["reason"]
                 .as_str()
-                .is_some_and(|r| r.starts_with("quarantined until")),
+                .is_some_and(|r| r.starts_with("quarantined for ")),
             "{o}"
         );
     }

@@ -1,4 +1,4 @@
-//! `digibot chat --plugin FILE.wasm [--set KEY=VALUE] [--name CUSTOMER]`: a
+//! `digibot chat --plugin FILE.wasm [--config KEY=VALUE] [--name CUSTOMER]`: a
 //! conversation with a bot in the terminal. It opens with a new-conversation
 //! event; each line typed is a customer message. Replies are rendered as a
 //! customer (or, for notes and hand-offs, an agent) would see them; buttons

@@ -17,11 +17,16 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "digibot", version, about)]
 pub struct Cli {
-    /// Settings file (TOML); DIGIBOT_* environment variables override it.
-    #[arg(long, global = true, value_name = "PATH")]
-    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The settings file of the commands that use digibot's settings.
+#[derive(Debug, clap::Args)]
+pub struct SettingsFile {
+    /// Settings file (TOML); DIGIBOT_* environment variables override it.
+    #[arg(long = "config", value_name = "PATH")]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,10 +36,16 @@ pub enum Command {
         /// Allow listening on a non-loopback address without webhook auth.
         #[arg(long)]
         insecure: bool,
+        #[command(flatten)]
+        settings: SettingsFile,
     },
     /// Inspect and fix actions Digishare refused or that ran out of retries.
-    #[command(subcommand)]
-    DeadLetters(dead_letters::DeadLetters),
+    DeadLetters {
+        #[command(flatten)]
+        settings: SettingsFile,
+        #[command(subcommand)]
+        command: dead_letters::DeadLetters,
+    },
     /// Create a plugin crate: an echo bot with a test and a README.
     New(new::NewArgs),
     /// Build a plugin crate to a component (wasm32-wasip2) and print its path.
@@ -59,20 +70,25 @@ pub fn init_tracing() {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    // The authoring tools take `--config KEY=VALUE` for the plugin; their
+    // digibot settings come from DIGIBOT_* alone.
+    let env_settings = || Settings::load(None);
     match cli.command {
-        Command::Serve { insecure } => {
+        Command::Serve { insecure, settings } => {
+            let settings = Settings::load(settings.path.as_deref())?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(crate::server::serve(settings, insecure))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::DeadLetters(cmd) => dead_letters::run(cmd, &settings),
+        Command::DeadLetters { settings, command } => {
+            dead_letters::run(command, &Settings::load(settings.path.as_deref())?)
+        }
         Command::New(args) => new::run(args),
         Command::Build(args) => build::run(args),
-        Command::Check(args) => check::run(args, &settings),
-        Command::Replay(args) => replay::run(args, &settings),
-        Command::Chat(args) => chat::run(args, &settings),
+        Command::Check(args) => check::run(args, &env_settings()?),
+        Command::Replay(args) => replay::run(args, &env_settings()?),
+        Command::Chat(args) => chat::run(args, &env_settings()?),
     }
 }

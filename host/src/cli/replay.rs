@@ -1,4 +1,4 @@
-//! `digibot replay FILE.json... --plugin FILE.wasm [--plugin …] [--set KEY=VALUE]`:
+//! `digibot replay FILE.json... --plugin FILE.wasm [--plugin …] [--config KEY=VALUE]`:
 //! runs plugins on recorded webhook payloads, in order, and prints as JSON
 //! what each plugin did: its outcome, its actions and the exact Messages
 //! API requests they become. Exits non-zero when a plugin fails or returns
@@ -44,7 +44,7 @@ pub struct PluginArgs {
     pub plugins: Vec<PathBuf>,
     /// A configuration value for every plugin, over its `NAME.toml`.
     /// (`--config` is taken: it names digibot's own settings file.)
-    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = key_value)]
+    #[arg(long = "config", visible_alias = "set", value_name = "KEY=VALUE", value_parser = key_value)]
     pub set: Vec<(String, String)>,
 }
 
