@@ -39,6 +39,10 @@ struct Args {
     /// alone.
     #[arg(long)]
     agent: bool,
+    /// Post stickers instead of texts: plugins run, but echo answers
+    /// nothing (measures the pipeline without the outbox and sender).
+    #[arg(long)]
+    sticker: bool,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -57,8 +61,16 @@ struct Tally {
 fn payload(run: u128, conn: usize, n: u64, args: &Args) -> String {
     let conversation = (conn as u64 * 7919 + n) % args.conversations as u64;
     let sender = if args.agent { "user" } else { "third" };
+    let (kind, body) = if args.sticker {
+        ("sticker", "null".to_string())
+    } else {
+        (
+            "text",
+            format!(r#""Bonjour, je voudrais suivre ma commande {n}""#),
+        )
+    };
     format!(
-        r#"{{"event":"live_chat.new_message","data":{{"id":"lg_{run}_{conn}_{n}","data":{{"conversation_id":"conv_lg_{conversation}","system":false,"type":"text","body":"Bonjour, je voudrais suivre ma commande {n}","send_to_third":false,"sent_using":"whatsapp","created_at":"2026-03-14T09:12:55.000000Z","sender":{{"id":"sndr_thd_4Kd8sPq2","model_type":"{sender}","model_id":"thd_4Kd8sPq2","name":"Salma Idrissi"}}}}}}}}"#
+        r#"{{"event":"live_chat.new_message","data":{{"id":"lg_{run}_{conn}_{n}","data":{{"conversation_id":"conv_lg_{conversation}","system":false,"type":"{kind}","body":{body},"send_to_third":false,"sent_using":"whatsapp","created_at":"2026-03-14T09:12:55.000000Z","sender":{{"id":"sndr_thd_4Kd8sPq2","model_type":"{sender}","model_id":"thd_4Kd8sPq2","name":"Salma Idrissi"}}}}}}}}"#
     )
 }
 

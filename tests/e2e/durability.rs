@@ -253,8 +253,20 @@ async fn kill9_mid_burst_loses_nothing() -> Result<()> {
     }
     bot.kill9()?;
     let acked_at_kill = acked.load(Ordering::SeqCst);
+    // A request the dead process wrote may still sit in the fake's socket
+    // buffer: wait until the fake has recorded everything (no new request
+    // for 200 ms); from then on, anything it records comes from the new
+    // process.
+    let mut seen = fake.requests().len();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = fake.requests().len();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
     let replies_at_kill = fake.successful().len();
-    // Anything the fake records from here on was sent by the new process.
     let restarted_at = Instant::now();
     bot.restart().await?;
 
