@@ -87,21 +87,24 @@ fn bench(c: &mut Criterion) {
         })
         .unwrap();
         let p = rt.load("echo", &bytes, Manifest::default()).unwrap();
-        group.bench_function(format!("digibot_invoke_paced_keep_resident_{}k", keep >> 10), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    while rt.warm_instances() == 0 {
-                        std::thread::yield_now();
+        group.bench_function(
+            format!("digibot_invoke_paced_keep_resident_{}k", keep >> 10),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        while rt.warm_instances() == 0 {
+                            std::thread::yield_now();
+                        }
+                        let started = Instant::now();
+                        let out = rt.invoke(&p, &call, kv.clone());
+                        total += started.elapsed();
+                        assert_eq!(out.outcome.unwrap().len(), 1);
                     }
-                    let started = Instant::now();
-                    let out = rt.invoke(&p, &call, kv.clone());
-                    total += started.elapsed();
-                    assert_eq!(out.outcome.unwrap().len(), 1);
-                }
-                total
-            })
-        });
+                    total
+                })
+            },
+        );
     }
     // Back to back: the janitor cannot refill as fast, so most calls also
     // instantiate inline.

@@ -83,12 +83,36 @@ pub struct RetrySettings {
     pub max_attempts: u32,
 }
 
+/// How plugins are compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompileMode {
+    Fast,
+    Optimized,
+}
+
+impl std::str::FromStr for CompileMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fast" => Ok(CompileMode::Fast),
+            "optimized" => Ok(CompileMode::Optimized),
+            _ => Err("expected fast or optimized".into()),
+        }
+    }
+}
+
 /// Plugin runtime settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeSettings {
     pub pooling: bool,
     pub pool_instances: u32,
+    /// KiB of each pooled memory kept resident between instances.
+    pub keep_resident_kb: usize,
+    /// `fast` (single-pass register allocation: quicker compiles, the
+    /// default) or `optimized` (quicker code).
+    pub compile: CompileMode,
     pub fuel: bool,
     pub timeout_ms: u64,
     pub memory_mb: u64,
@@ -143,6 +167,8 @@ impl Default for RuntimeSettings {
         RuntimeSettings {
             pooling: true,
             pool_instances: 64,
+            keep_resident_kb: crate::runtime::RuntimeConfig::default().keep_resident >> 10,
+            compile: CompileMode::Fast,
             fuel: false,
             timeout_ms: limits.timeout.as_millis() as u64,
             memory_mb: (limits.memory_bytes >> 20) as u64,
@@ -267,6 +293,12 @@ impl Settings {
         )?;
         env_parse(&env, "DIGIBOT_POOLING", &mut s.runtime.pooling)?;
         env_parse(&env, "DIGIBOT_FUEL", &mut s.runtime.fuel)?;
+        env_parse(
+            &env,
+            "DIGIBOT_KEEP_RESIDENT_KB",
+            &mut s.runtime.keep_resident_kb,
+        )?;
+        env_parse(&env, "DIGIBOT_COMPILE", &mut s.runtime.compile)?;
         env_parse(&env, "DIGIBOT_PLUGIN_TIMEOUT_MS", &mut s.runtime.timeout_ms)?;
         env_parse(&env, "DIGIBOT_PLUGIN_MEMORY_MB", &mut s.runtime.memory_mb)?;
         env_parse(
@@ -285,12 +317,12 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(basic) = &self.webhook_basic {
-            if !basic.contains(':') {
-                return Err(ConfigError::Invalid(
-                    "webhook_basic must be user:password".into(),
-                ));
-            }
+        if let Some(basic) = &self.webhook_basic
+            && !basic.contains(':')
+        {
+            return Err(ConfigError::Invalid(
+                "webhook_basic must be user:password".into(),
+            ));
         }
         if self.client_id.is_some() != self.client_secret.is_some() {
             return Err(ConfigError::Invalid(
@@ -308,6 +340,21 @@ impl Settings {
     /// Whether webhooks must authenticate.
     pub fn webhook_auth(&self) -> bool {
         self.webhook_token.is_some() || self.webhook_basic.is_some()
+    }
+
+    /// The plugin runtime `serve` builds, compile cache under the data dir.
+    pub fn runtime_config(&self) -> crate::runtime::RuntimeConfig {
+        let r = &self.runtime;
+        crate::runtime::RuntimeConfig {
+            pooling: r.pooling,
+            pool_instances: r.pool_instances,
+            fuel: r.fuel,
+            optimized_code: r.compile == CompileMode::Optimized,
+            keep_resident: r.keep_resident_kb << 10,
+            cache_dir: Some(self.data_dir.join("cache")),
+            defaults: r.limits(),
+            ..crate::runtime::RuntimeConfig::default()
+        }
     }
 
     /// No way to call Digishare: log requests instead of sending them.

@@ -524,6 +524,37 @@ impl Registry {
     }
 }
 
+/// Versions kept on disk from earlier runs, oldest first per plugin, so a
+/// rollback still works after a restart.
+fn read_history(dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut history = BTreeMap::new();
+    let Ok(plugins) = std::fs::read_dir(dir) else {
+        return history;
+    };
+    for plugin in plugins.filter_map(Result::ok) {
+        let Some(name) = plugin.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let Ok(files) = std::fs::read_dir(plugin.path()) else {
+            continue;
+        };
+        let mut versions: Vec<(std::time::SystemTime, String)> = files
+            .filter_map(Result::ok)
+            .filter_map(|f| {
+                let path = f.path();
+                if path.extension()? != "wasm" {
+                    return None;
+                }
+                let hash = path.file_stem()?.to_str()?.to_string();
+                Some((f.metadata().ok()?.modified().ok()?, hash))
+            })
+            .collect();
+        versions.sort();
+        history.insert(name, versions.into_iter().map(|(_, h)| h).collect());
+    }
+    history
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,35 +628,4 @@ mod tests {
             assert!(check_name(good).is_ok(), "{good:?}");
         }
     }
-}
-
-/// Versions kept on disk from earlier runs, oldest first per plugin, so a
-/// rollback still works after a restart.
-fn read_history(dir: &Path) -> BTreeMap<String, Vec<String>> {
-    let mut history = BTreeMap::new();
-    let Ok(plugins) = std::fs::read_dir(dir) else {
-        return history;
-    };
-    for plugin in plugins.filter_map(Result::ok) {
-        let Some(name) = plugin.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        let Ok(files) = std::fs::read_dir(plugin.path()) else {
-            continue;
-        };
-        let mut versions: Vec<(std::time::SystemTime, String)> = files
-            .filter_map(Result::ok)
-            .filter_map(|f| {
-                let path = f.path();
-                if path.extension()? != "wasm" {
-                    return None;
-                }
-                let hash = path.file_stem()?.to_str()?.to_string();
-                Some((f.metadata().ok()?.modified().ok()?, hash))
-            })
-            .collect();
-        versions.sort();
-        history.insert(name, versions.into_iter().map(|(_, h)| h).collect());
-    }
-    history
 }

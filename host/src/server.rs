@@ -6,7 +6,7 @@ use crate::admin;
 use crate::config::Settings;
 use crate::dispatch::{Breaker, Dispatcher};
 use crate::registry::Registry;
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::Runtime;
 use crate::sender::{Outbox, Sender};
 use crate::store::{Store, now_ms};
 use crate::watch;
@@ -64,15 +64,7 @@ pub fn app(state: AppState) -> Router {
 
 /// Builds the plugin runtime from settings.
 pub fn runtime(settings: &Settings) -> Result<Arc<Runtime>, ServeError> {
-    let config = RuntimeConfig {
-        pooling: settings.runtime.pooling,
-        pool_instances: settings.runtime.pool_instances,
-        fuel: settings.runtime.fuel,
-        cache_dir: Some(settings.data_dir.join("cache")),
-        defaults: settings.runtime.limits(),
-        ..RuntimeConfig::default()
-    };
-    Runtime::new(config)
+    Runtime::new(settings.runtime_config())
         .map(Arc::new)
         .map_err(|e| ServeError::Runtime(format!("{e:#}")))
 }

@@ -168,13 +168,14 @@ CREATE TABLE IF NOT EXISTS events (
     outcomes TEXT
 );
 CREATE INDEX IF NOT EXISTS events_pending ON events(seq) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS events_done ON events(handled_at) WHERE status <> 'pending';
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_seq INTEGER NOT NULL,
     conversation_id TEXT NOT NULL,
     plugin TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL UNIQUE,
+    -- Not unique: complete_event's status guard already queues an event's
+    -- actions once, and every index here costs a write per reply.
+    idempotency_key TEXT NOT NULL,
     method TEXT NOT NULL,
     path TEXT NOT NULL,
     body TEXT NOT NULL,
@@ -188,7 +189,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(conversation_id, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox(id) WHERE status = 'dead';
-CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(done_at) WHERE status = 'sent';
 CREATE TABLE IF NOT EXISTS kv (
     plugin TEXT NOT NULL,
     conversation_id TEXT NOT NULL,
@@ -475,7 +475,7 @@ impl Store {
             let mut insert = conn.prepare_cached(
                 "INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)
-                 ON CONFLICT(idempotency_key) DO NOTHING",
+",
             )?;
             let mut queued = 0;
             for a in &actions {
@@ -652,19 +652,37 @@ impl Store {
     /// Deletes handled events and sent actions finished before `before`
     /// (ms). Pending work and dead letters are never pruned.
     pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
-        self.write(move |conn| {
-            let actions = conn.execute(
-                "DELETE FROM outbox WHERE status = 'sent' AND done_at < ?1",
-                [before],
-            )?;
-            let events = conn.execute(
-                "DELETE FROM events WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < ?1
-                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_seq = events.seq)",
-                [before],
-            )?;
-            Ok(Pruned { events, actions })
-        })
-        .await
+        // In batches, each its own transaction, so webhooks keep flowing;
+        // in key order, where the oldest rows are: no time index needed.
+        const BATCH: usize = 5000;
+        let mut total = Pruned::default();
+        loop {
+            let pruned = self
+                .write(move |conn| {
+                    let events = conn.execute(
+                        "DELETE FROM events WHERE seq IN (
+                           SELECT seq FROM events
+                           WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < ?1
+                             AND seq NOT IN (SELECT event_seq FROM outbox WHERE status = 'pending'
+                                             UNION SELECT event_seq FROM outbox WHERE status = 'dead')
+                           ORDER BY seq LIMIT ?2)",
+                        params![before, BATCH as i64],
+                    )?;
+                    let actions = conn.execute(
+                        "DELETE FROM outbox WHERE id IN (
+                           SELECT id FROM outbox WHERE status = 'sent' AND done_at < ?1
+                           ORDER BY id LIMIT ?2)",
+                        params![before, BATCH as i64],
+                    )?;
+                    Ok(Pruned { events, actions })
+                })
+                .await?;
+            total.events += pruned.events;
+            total.actions += pruned.actions;
+            if pruned.events < BATCH && pruned.actions < BATCH {
+                return Ok(total);
+            }
+        }
     }
 }
 

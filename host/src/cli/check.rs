@@ -24,12 +24,8 @@ pub struct CheckArgs {
 /// compile cache (so compile times are real and nothing is written).
 pub(super) fn runtime(settings: &Settings) -> anyhow::Result<Runtime> {
     Runtime::new(RuntimeConfig {
-        pooling: settings.runtime.pooling,
-        pool_instances: settings.runtime.pool_instances,
-        fuel: settings.runtime.fuel,
         cache_dir: None,
-        defaults: settings.runtime.limits(),
-        ..RuntimeConfig::default()
+        ..settings.runtime_config()
     })
     .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))
 }

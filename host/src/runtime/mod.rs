@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
@@ -58,6 +58,11 @@ pub struct RuntimeConfig {
     pub max_memory_bytes: usize,
     /// Meter fuel (slower code; per-plugin `limits.fuel` then applies).
     pub fuel: bool,
+    /// Compile with Cranelift's best register allocator: faster code,
+    /// ~30% slower compiles. Off by default: bot plugins are small glue
+    /// whose compile time (hot swaps, first loads) matters more than peak
+    /// speed; turn it on for compute-heavy guests such as interpreters.
+    pub optimized_code: bool,
     /// Where compiled components are cached (none: always compile).
     pub cache_dir: Option<PathBuf>,
     /// Limits for plugins whose manifest does not override them.
@@ -77,10 +82,13 @@ impl Default for RuntimeConfig {
             pool_instances: 64,
             max_memory_bytes: 256 << 20,
             fuel: false,
+            optimized_code: false,
             cache_dir: None,
             defaults: Limits::default(),
-            warm_instances: 2,
-            keep_resident: 64 << 10,
+            warm_instances: 4,
+            // A Rust guest's stack is its first MiB and its data follows:
+            // 18 wasm pages cover what a first call touches (BENCHMARKS.md).
+            keep_resident: 18 << 16,
         }
     }
 }
@@ -253,7 +261,8 @@ pub struct Runtime {
     compat: String,
     pooling: bool,
     ticker_stop: Arc<AtomicBool>,
-    janitor: Mutex<mpsc::Sender<Chore>>,
+    janitor: Arc<Janitor>,
+    janitor_thread: std::thread::Thread,
     /// Warm instances across all plugins, capped so that warm pools never
     /// take the pool slots invocations need.
     warm_total: Arc<AtomicUsize>,
@@ -266,13 +275,31 @@ pub struct Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+        self.janitor.stop.store(true, Ordering::Release);
+        self.janitor_thread.unpark();
     }
+}
+
+/// How long the janitor naps when it has nothing to do. Chores are queued
+/// without waking it (a wake-up is a syscall on the event path); it picks
+/// them up within this delay, or at once when woken because a warm pool
+/// ran dry.
+const JANITOR_NAP: Duration = Duration::from_millis(1);
+
+/// The janitor's queue of chores.
+#[derive(Default)]
+struct Janitor {
+    queue: Mutex<Vec<Chore>>,
+    stop: AtomicBool,
 }
 
 fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
     c.consume_fuel(config.fuel);
+    if !config.optimized_code {
+        c.cranelift_regalloc_algorithm(wasmtime::RegallocAlgorithm::SinglePass);
+    }
     if pooling {
         let mut pool = PoolingAllocationConfig::default();
         let n = config.pool_instances;
@@ -326,20 +353,23 @@ impl Runtime {
         // The instance pool's budget: a quarter for warm instances, a
         // quarter for stores waiting to be dropped, half for invocations
         // (the server runs at most that many at once).
-        let (janitor, chores) = mpsc::channel::<Chore>();
+        let janitor = Arc::new(Janitor::default());
         let warm_total = Arc::new(AtomicUsize::new(0));
         let pending_drops = Arc::new(AtomicUsize::new(0));
         let quarter = (config.pool_instances as usize / 4).max(1);
-        {
+        let janitor_thread = {
             let engine = engine.clone();
+            let janitor = janitor.clone();
             let warm_total = warm_total.clone();
             let pending_drops = pending_drops.clone();
             std::thread::Builder::new()
                 .name("digibot-janitor".into())
                 .spawn(move || {
-                    janitor_loop(&engine, chores, &warm_total, &pending_drops, quarter)
-                })?;
-        }
+                    janitor_loop(&engine, &janitor, &warm_total, &pending_drops, quarter)
+                })?
+                .thread()
+                .clone()
+        };
         Ok(Runtime {
             engine,
             linker,
@@ -347,7 +377,8 @@ impl Runtime {
             compat,
             pooling,
             ticker_stop,
-            janitor: Mutex::new(janitor),
+            janitor,
+            janitor_thread,
             warm_total,
             pending_drops,
             drop_cap: quarter,
@@ -392,10 +423,10 @@ impl Runtime {
         }
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        if let Some(path) = cached_path {
-            if let Err(e) = write_cache(&path, &component) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled plugin");
-            }
+        if let Some(path) = cached_path
+            && let Err(e) = write_cache(&path, &component)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled plugin");
         }
         Ok((component, false))
     }
@@ -460,7 +491,7 @@ impl Runtime {
             fuel: self.config.fuel,
             refill_queued: AtomicBool::new(false),
         });
-        self.refill(&warm);
+        self.refill(&warm, true);
         Ok(Plugin {
             name: name.to_string(),
             hash,
@@ -493,21 +524,26 @@ impl Runtime {
             })
     }
 
-    fn chore(&self, chore: Chore) {
-        if let Ok(janitor) = self.janitor.lock() {
-            let _ = janitor.send(chore);
+    /// Queues a chore; `urgent` also wakes the janitor.
+    fn chore(&self, chore: Chore, urgent: bool) {
+        if let Ok(mut queue) = self.janitor.queue.lock() {
+            queue.push(chore);
+        }
+        if urgent {
+            self.janitor_thread.unpark();
         }
     }
 
-    fn refill(&self, pool: &Arc<WarmPool>) {
+    fn refill(&self, pool: &Arc<WarmPool>, urgent: bool) {
         if pool.target > 0 && !pool.refill_queued.swap(true, Ordering::AcqRel) {
-            self.chore(Chore::Refill(pool.clone()));
+            self.chore(Chore::Refill(pool.clone()), urgent);
         }
     }
 
     fn discard(&self, store: Store<HostState>) {
-        if self.pending_drops.fetch_add(1, Ordering::AcqRel) < self.drop_cap {
-            self.chore(Chore::Drop(Box::new(store)));
+        let queued = self.pending_drops.fetch_add(1, Ordering::AcqRel);
+        if queued < self.drop_cap {
+            self.chore(Chore::Drop(Box::new(store)), queued >= self.drop_cap / 2);
         } else {
             self.pending_drops.fetch_sub(1, Ordering::AcqRel);
             drop(store);
@@ -531,11 +567,12 @@ impl Runtime {
         match warm {
             Some(ready) => {
                 self.warm_total.fetch_sub(1, Ordering::Relaxed);
-                self.refill(&plugin.warm);
+                let left = plugin.warm.ready.lock().map_or(0, |r| r.len());
+                self.refill(&plugin.warm, left <= plugin.warm.target / 2);
                 Ok(ready)
             }
             None => {
-                self.refill(&plugin.warm);
+                self.refill(&plugin.warm, true);
                 plugin.warm.instantiate(&self.engine)
             }
         }
@@ -631,33 +668,51 @@ impl WarmPool {
 
 fn janitor_loop(
     engine: &Engine,
-    chores: mpsc::Receiver<Chore>,
+    janitor: &Janitor,
     warm_total: &AtomicUsize,
     pending_drops: &AtomicUsize,
     warm_cap: usize,
 ) {
-    while let Ok(chore) = chores.recv() {
-        match chore {
-            Chore::Drop(store) => {
-                drop(store);
-                pending_drops.fetch_sub(1, Ordering::AcqRel);
+    loop {
+        let chores = janitor
+            .queue
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        if chores.is_empty() {
+            if janitor.stop.load(Ordering::Acquire) {
+                return;
             }
-            Chore::Refill(pool) => {
-                pool.refill_queued.store(false, Ordering::Release);
-                loop {
-                    let have = pool.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX);
-                    if have >= pool.target || warm_total.load(Ordering::Relaxed) >= warm_cap {
-                        break;
-                    }
-                    match pool.instantiate(engine) {
-                        Ok(ready) => {
-                            warm_total.fetch_add(1, Ordering::Relaxed);
-                            if let Ok(mut r) = pool.ready.lock() {
-                                r.push(ready);
-                            }
+            std::thread::park_timeout(JANITOR_NAP);
+            continue;
+        }
+        // Drops first: they free the pool slots refills need.
+        let (drops, refills): (Vec<Chore>, Vec<Chore>) = chores
+            .into_iter()
+            .partition(|c| matches!(c, Chore::Drop(_)));
+        for chore in drops.into_iter().chain(refills) {
+            match chore {
+                Chore::Drop(store) => {
+                    drop(store);
+                    pending_drops.fetch_sub(1, Ordering::AcqRel);
+                }
+                Chore::Refill(pool) => {
+                    pool.refill_queued.store(false, Ordering::Release);
+                    loop {
+                        let have = pool.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX);
+                        if have >= pool.target || warm_total.load(Ordering::Relaxed) >= warm_cap {
+                            break;
                         }
-                        // The event path will instantiate (and report) itself.
-                        Err(_) => break,
+                        match pool.instantiate(engine) {
+                            Ok(ready) => {
+                                warm_total.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut r) = pool.ready.lock() {
+                                    r.push(ready);
+                                }
+                            }
+                            // The event path will instantiate (and report) itself.
+                            Err(_) => break,
+                        }
                     }
                 }
             }
