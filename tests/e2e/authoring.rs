@@ -754,7 +754,7 @@ fn chat_in_a_terminal() -> Result<()> {
             "-p",
             "-t",
             "chat",
-            "#{pane_dead} #{pane_dead_status}",
+            "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}",
         ])?;
         if state.trim() == "1 0" {
             return Ok(());

@@ -263,6 +263,7 @@ pub struct Runtime {
     ticker_stop: Arc<AtomicBool>,
     janitor: Arc<Janitor>,
     janitor_thread: std::thread::Thread,
+    janitor_handle: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Warm instances across all plugins, capped so that warm pools never
     /// take the pool slots invocations need.
     warm_total: Arc<AtomicUsize>,
@@ -277,6 +278,10 @@ impl Drop for Runtime {
         self.ticker_stop.store(true, Ordering::Relaxed);
         self.janitor.stop.store(true, Ordering::Release);
         self.janitor_thread.unpark();
+        // Wait for it: no plugin code may run while the process exits.
+        if let Some(handle) = self.janitor_handle.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -357,7 +362,7 @@ impl Runtime {
         let warm_total = Arc::new(AtomicUsize::new(0));
         let pending_drops = Arc::new(AtomicUsize::new(0));
         let quarter = (config.pool_instances as usize / 4).max(1);
-        let janitor_thread = {
+        let janitor_handle = {
             let engine = engine.clone();
             let janitor = janitor.clone();
             let warm_total = warm_total.clone();
@@ -367,9 +372,8 @@ impl Runtime {
                 .spawn(move || {
                     janitor_loop(&engine, &janitor, &warm_total, &pending_drops, quarter)
                 })?
-                .thread()
-                .clone()
         };
+        let janitor_thread = janitor_handle.thread().clone();
         Ok(Runtime {
             engine,
             linker,
@@ -379,6 +383,7 @@ impl Runtime {
             ticker_stop,
             janitor,
             janitor_thread,
+            janitor_handle: Mutex::new(Some(janitor_handle)),
             warm_total,
             pending_drops,
             drop_cap: quarter,
@@ -686,10 +691,14 @@ fn janitor_loop(
             std::thread::park_timeout(JANITOR_NAP);
             continue;
         }
-        // Drops first: they free the pool slots refills need.
-        let (drops, refills): (Vec<Chore>, Vec<Chore>) = chores
+        // Drops first: they free the pool slots refills need. Once the
+        // runtime is stopping, refills are skipped.
+        let (drops, mut refills): (Vec<Chore>, Vec<Chore>) = chores
             .into_iter()
             .partition(|c| matches!(c, Chore::Drop(_)));
+        if janitor.stop.load(Ordering::Acquire) {
+            refills.clear();
+        }
         for chore in drops.into_iter().chain(refills) {
             match chore {
                 Chore::Drop(store) => {
