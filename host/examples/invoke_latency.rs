@@ -5,28 +5,15 @@
 //!
 //! `cargo build-plugins && cargo run --release -p digibot --example invoke_latency [CALLS]`
 
-use digibot::event::Event;
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use common::{Plain, echo_bytes, event, wit_event};
 use digibot::runtime::{Call, KvRead, Manifest, MemoryKv, Runtime, RuntimeConfig};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-
-struct Plain {
-    wasi: WasiCtx,
-    table: ResourceTable,
-}
-
-impl WasiView for Plain {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
 
 fn percentiles(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
@@ -45,13 +32,8 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bytes = std::fs::read(root.join("target/wasm32-wasip2/release/echo.wasm"))
-        .expect("run `cargo build-plugins` first");
-    let event = Event::parse(
-        &std::fs::read(root.join("tests/fixtures/webhooks/message_text_customer.json")).unwrap(),
-    )
-    .unwrap();
+    let bytes = echo_bytes();
+    let event = event();
     let call = Call::for_event(&event).unwrap();
     let kv: Arc<dyn KvRead> = Arc::new(MemoryKv::default());
     // Events arrive spaced out, as webhooks do (200 µs: 5,000 events/s for
@@ -109,15 +91,7 @@ fn main() {
     let pre =
         digibot::runtime::v0_1_0::BotPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
     let wit_event = wit_event(&event);
-    let new_store = || {
-        Store::new(
-            &engine,
-            Plain {
-                wasi: WasiCtxBuilder::new().build(),
-                table: ResourceTable::new(),
-            },
-        )
-    };
+    let new_store = || Store::new(&engine, Plain::new());
     let mut samples = Vec::with_capacity(calls);
     for i in 0..calls + 1000 {
         let started = Instant::now();
@@ -149,28 +123,4 @@ fn main() {
         assert_eq!(out.len(), 1);
     }
     percentiles("reused instance (no isolation)", samples);
-}
-
-fn wit_event(ev: &Event) -> digibot::runtime::v0_1_0::digishare::bot::types::MessageEvent {
-    use digibot::runtime::v0_1_0::digishare::bot::types as wit;
-    let digibot::event::EventKind::Message(m) = &ev.kind else {
-        unreachable!()
-    };
-    let digibot::event::Content::Text { text } = &m.content else {
-        unreachable!()
-    };
-    wit::MessageEvent {
-        event_id: ev.key.clone(),
-        message: wit::Message {
-            id: m.id.clone(),
-            conversation_id: m.conversation_id.clone(),
-            sender: wit::Sender {
-                kind: wit::SenderKind::Customer,
-                name: m.sender.name.clone(),
-                id: m.sender.id.clone(),
-            },
-            created_at: m.created_at.clone(),
-            content: wit::Content::Text(text.clone()),
-        },
-    }
 }
