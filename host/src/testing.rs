@@ -156,11 +156,7 @@ impl Bot {
             path: path.clone(),
             source,
         })?;
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string();
+        let name = crate::runtime::plugin_name(&path);
         let runtime = Runtime::new(RuntimeConfig {
             pooling: false,
             defaults: Limits {

@@ -102,11 +102,7 @@ fn check(runtime: &Runtime, file: &Path) -> Report {
             return report;
         }
     };
-    let name = file
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default();
-    match runtime.load(name, &bytes, manifest) {
+    match runtime.load(&crate::runtime::plugin_name(file), &bytes, manifest) {
         Ok(plugin) => {
             report.ok = true;
             report.sha256 = Some(plugin.hash.clone());

@@ -517,12 +517,7 @@ impl Runtime {
             path: path.to_path_buf(),
             source,
         })?;
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string();
-        self.load(&name, &bytes, manifest)
+        self.load(&plugin_name(path), &bytes, manifest)
             .map_err(|source| LoadFileError::Load {
                 path: path.to_path_buf(),
                 source,
@@ -727,6 +722,14 @@ fn janitor_loop(
             }
         }
     }
+}
+
+/// A plugin's name: its file name without `.wasm`.
+pub fn plugin_name(path: &Path) -> String {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Why [`Runtime::load_file`] failed.

@@ -661,7 +661,8 @@ impl Digibot {
     }
 }
 
-async fn reply(resp: reqwest::Response) -> Result<HttpReply> {
+/// Status, headers and body of a response.
+pub async fn reply(resp: reqwest::Response) -> Result<HttpReply> {
     let status = resp.status().as_u16();
     let headers = resp
         .headers()

@@ -43,23 +43,7 @@ impl Poster {
             req = req.header(name, value);
         }
         let resp = req.send().await.context("POST /webhooks/digishare")?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = resp.text().await?;
-        Ok(HttpReply {
-            status,
-            headers,
-            body,
-        })
+        super::digibot::reply(resp).await
     }
 
     /// Posts until digibot answers 200, the way Digishare redelivers a
