@@ -692,9 +692,11 @@ fn chat_in_a_terminal() -> Result<()> {
         socket: format!("digibot-e2e-{}", std::process::id()),
         config,
     };
+    // The shell prints chat's exit code: tmux's own pane_dead_status is
+    // sometimes empty for a pane that did exit 0 (seen with tmux 3.3a).
     let command = format!(
-        "exec env RUST_LOG=warn DIGIBOT_PLUGIN_TIMEOUT_MS={PLUGIN_TIMEOUT_MS} '{}' chat \
-         --plugin '{}' --name Salma",
+        "env RUST_LOG=warn DIGIBOT_PLUGIN_TIMEOUT_MS={PLUGIN_TIMEOUT_MS} '{}' chat \
+         --plugin '{}' --name Salma; echo \"chat-exit=$?\"",
         env!("CARGO_BIN_EXE_digibot"),
         plugin_wasm("concierge").display()
     );
@@ -747,22 +749,10 @@ fn chat_in_a_terminal() -> Result<()> {
     );
 
     tmux.type_line("/quit")?;
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let state = tmux.tmux(&[
-            "display-message",
-            "-p",
-            "-t",
-            "chat",
-            "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}",
-        ])?;
-        if state.trim() == "1 0" {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "chat did not exit 0 after /quit (pane: {state:?})"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let screen = tmux.wait_for("chat to exit after /quit", |s| s.contains("chat-exit="))?;
+    ensure!(
+        screen.contains("chat-exit=0"),
+        "chat did not exit 0 after /quit:\n{screen}"
+    );
+    Ok(())
 }
