@@ -601,17 +601,7 @@ impl Runtime {
             let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
         }
 
-        let v0_call = match call {
-            Call::NewConversation {
-                event_id,
-                conversation,
-            } => v0_1_0::Call::NewConversation {
-                event_id,
-                conversation,
-            },
-            Call::Message { event_id, message } => v0_1_0::Call::Message { event_id, message },
-        };
-        let result = v0_1_0::call(&bot, &mut store, &v0_call);
+        let result = v0_1_0::call(&bot, &mut store, call);
         let elapsed = started.elapsed();
         let (output, cut) = store.data().stdio.contents();
         let outcome = match result {

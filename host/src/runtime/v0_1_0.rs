@@ -3,6 +3,7 @@
 //! sees only [`crate::event`] and [`digibot_protocol::Action`]; a later WIT
 //! version gets a sibling module that converts to the same types.
 
+use super::Call;
 use super::state::{HostState, LogLevel};
 use crate::event;
 use digibot_protocol as proto;
@@ -23,18 +24,6 @@ pub use self::BotPre as Pre;
 
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Bot::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
-}
-
-/// What to call on the plugin.
-pub enum Call<'a> {
-    NewConversation {
-        event_id: &'a str,
-        conversation: &'a event::Conversation,
-    },
-    Message {
-        event_id: &'a str,
-        message: &'a event::Message,
-    },
 }
 
 /// A fresh instance, not yet called.
