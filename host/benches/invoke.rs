@@ -8,13 +8,12 @@
 
 mod common;
 
-use common::{Plain, echo_bytes, event, wit_event};
+use common::{Plain, echo_bytes, event, plain_pre, wit_event};
 use criterion::{Criterion, criterion_group, criterion_main};
 use digibot::runtime::{Call, KvRead, Manifest, MemoryKv, Runtime, RuntimeConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::Store;
 
 fn bench(c: &mut Criterion) {
     let bytes = echo_bytes();
@@ -65,16 +64,7 @@ fn bench(c: &mut Criterion) {
     });
 
     // Plain wasmtime 48, pooling allocator, fresh instance per call.
-    let mut config = Config::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
-        PoolingAllocationConfig::default(),
-    ));
-    let engine = Engine::new(&config).unwrap();
-    let component = Component::new(&engine, &bytes).unwrap();
-    let mut linker: Linker<Plain> = Linker::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
-    let pre = linker.instantiate_pre(&component).unwrap();
-    let pre = digibot::runtime::v0_1_0::BotPre::new(pre).unwrap();
+    let (engine, pre) = plain_pre(&bytes);
     let wit_event = wit_event(&ev);
     group.bench_function("plain_wasmtime_pooling_fresh_instance", |b| {
         b.iter(|| {

@@ -8,12 +8,11 @@
 #[path = "../benches/common/mod.rs"]
 mod common;
 
-use common::{Plain, echo_bytes, event, wit_event};
+use common::{Plain, echo_bytes, event, plain_pre, wit_event};
 use digibot::runtime::{Call, KvRead, Manifest, MemoryKv, Runtime, RuntimeConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::Store;
 
 fn percentiles(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
@@ -80,16 +79,7 @@ fn main() {
         percentiles(label, samples);
     }
 
-    let mut config = Config::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
-        PoolingAllocationConfig::default(),
-    ));
-    let engine = Engine::new(&config).unwrap();
-    let component = Component::new(&engine, &bytes).unwrap();
-    let mut linker: Linker<Plain> = Linker::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
-    let pre =
-        digibot::runtime::v0_1_0::BotPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    let (engine, pre) = plain_pre(&bytes);
     let wit_event = wit_event(&event);
     let new_store = || Store::new(&engine, Plain::new());
     let mut samples = Vec::with_capacity(calls);

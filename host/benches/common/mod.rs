@@ -5,9 +5,11 @@
 #![allow(dead_code)]
 
 use digibot::event::Event;
+use digibot::runtime::v0_1_0::BotPre;
 use digibot::runtime::v0_1_0::digishare::bot::types as wit;
 use std::path::PathBuf;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 fn root() -> PathBuf {
@@ -49,6 +51,21 @@ impl WasiView for Plain {
             table: &mut self.table,
         }
     }
+}
+
+/// The baseline: plain wasmtime 48 with the pooling allocator and WASI,
+/// ready to instantiate `bytes` as a bot.
+pub fn plain_pre(bytes: &[u8]) -> (Engine, BotPre<Plain>) {
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
+        PoolingAllocationConfig::default(),
+    ));
+    let engine = Engine::new(&config).unwrap();
+    let component = Component::new(&engine, bytes).unwrap();
+    let mut linker: Linker<Plain> = Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
+    let pre = BotPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    (engine, pre)
 }
 
 /// The fixture as the bindings' event record, built once.
