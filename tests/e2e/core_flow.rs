@@ -40,6 +40,19 @@ fn note(conversation: &str, body: &str) -> Value {
     }))
 }
 
+/// What concierge sends on "agent": a note naming the topic, the hand-off
+/// to usr_17 as handler, and the customer-facing text.
+fn hand_off(conversation: &str, topic: &str) -> [Value; 3] {
+    [
+        note(
+            conversation,
+            &format!("Le client demande un conseiller. Sujet : {topic}."),
+        ),
+        attach(conversation, "usr_17"),
+        text(conversation, HAND_OFF_TEXT),
+    ]
+}
+
 fn attach(conversation: &str, user: &str) -> Value {
     json!({
         "method": "PUT",
@@ -145,9 +158,7 @@ async fn concierge_full_flow() -> Result<()> {
     let invoice = list_reply(C, "msg_flow_03", "invoice", "Recevoir ma facture");
     step(&bot, &fake, C, invoice, &expected).await?;
 
-    expected.push(note(C, "Le client demande un conseiller. Sujet : orders."));
-    expected.push(attach(C, "usr_17"));
-    expected.push(text(C, HAND_OFF_TEXT));
+    expected.extend(hand_off(C, "orders"));
     let agent = customer_text(C, "msg_flow_04", "agent");
     step(&bot, &fake, C, agent, &expected).await?;
 
@@ -180,20 +191,12 @@ async fn concierge_kv_is_per_conversation() -> Result<()> {
     let menu = customer_text(a, "msg_kv_a1", "menu");
     step(&bot, &fake, a, menu, &expected_a).await?;
 
-    let expected_b = vec![
-        note(b, "Le client demande un conseiller. Sujet : aucun."),
-        attach(b, "usr_17"),
-        text(b, HAND_OFF_TEXT),
-    ];
+    let expected_b = hand_off(b, "aucun").to_vec();
     let agent_b = customer_text(b, "msg_kv_b1", "agent");
     step(&bot, &fake, b, agent_b, &expected_b).await?;
 
     let mut expected_a = expected_a;
-    expected_a.extend([
-        note(a, "Le client demande un conseiller. Sujet : orders."),
-        attach(a, "usr_17"),
-        text(a, HAND_OFF_TEXT),
-    ]);
+    expected_a.extend(hand_off(a, "orders"));
     let agent_a = button_reply(a, "msg_kv_a2", "agent", "Parler à un agent");
     step(&bot, &fake, a, agent_a, &expected_a).await?;
 
@@ -253,9 +256,7 @@ async fn concierge_stores_location_and_help() -> Result<()> {
     let hello = customer_text(c, "msg_st_04", "Bonjour, vous êtes ouverts dimanche ?");
     step(&bot, &fake, c, hello, &expected).await?;
 
-    expected.push(note(c, "Le client demande un conseiller. Sujet : stores."));
-    expected.push(attach(c, "usr_17"));
-    expected.push(text(c, HAND_OFF_TEXT));
+    expected.extend(hand_off(c, "stores"));
     let advisor = customer_text(c, "msg_st_05", "conseiller");
     step(&bot, &fake, c, advisor, &expected).await?;
 
