@@ -10,6 +10,7 @@ mod common;
 
 use common::{Plain, echo_bytes, event, plain_pre, wit_event};
 use criterion::{Criterion, criterion_group, criterion_main};
+use digibot::event::ConversationState;
 use digibot::runtime::{Call, KvRead, Manifest, MemoryKv, Runtime, RuntimeConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use wasmtime::Store;
 fn bench(c: &mut Criterion) {
     let bytes = echo_bytes();
     let ev = event();
-    let call = Call::for_event(&ev).unwrap();
+    let call = Call::for_event(&ev, ConversationState::Bot).unwrap();
     let kv: Arc<dyn KvRead> = Arc::new(MemoryKv::default());
     let mut group = c.benchmark_group("plugin_call");
 

@@ -9,6 +9,7 @@
 mod common;
 
 use common::{Plain, echo_bytes, event, plain_pre, wit_event};
+use digibot::event::ConversationState;
 use digibot::runtime::{Call, KvRead, Manifest, MemoryKv, Runtime, RuntimeConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ fn main() {
         .unwrap_or(20_000);
     let bytes = echo_bytes();
     let event = event();
-    let call = Call::for_event(&event).unwrap();
+    let call = Call::for_event(&event, ConversationState::Bot).unwrap();
     let kv: Arc<dyn KvRead> = Arc::new(MemoryKv::default());
     // Events arrive spaced out, as webhooks do (200 µs: 5,000 events/s for
     // this one plugin); only the call is timed.

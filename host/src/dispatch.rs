@@ -10,6 +10,7 @@
 //! a reorder window would add its length to every reply's latency.
 
 use crate::actions;
+use crate::event::ConversationState;
 use crate::registry::{Entry, Gate, Registry};
 use crate::runtime::{Call, Failure, KvRead, Runtime};
 use crate::sender::Outbox;
@@ -63,6 +64,7 @@ pub struct Breaker {
 pub fn run_plugins(
     registry: &Registry,
     event: &crate::event::Event,
+    state: ConversationState,
     kv: Arc<dyn KvRead>,
     breaker: Breaker,
 ) -> Handled {
@@ -70,6 +72,7 @@ pub fn run_plugins(
         registry.runtime(),
         &registry.snapshot().plugins,
         event,
+        state,
         kv,
         breaker,
     )
@@ -82,11 +85,12 @@ pub fn run_entries(
     runtime: &Runtime,
     entries: &[Entry],
     event: &crate::event::Event,
+    state: ConversationState,
     kv: Arc<dyn KvRead>,
     breaker: Breaker,
 ) -> Handled {
     let mut handled = Handled::default();
-    let Some(call) = Call::for_event(event) else {
+    let Some(call) = Call::for_event(event, state) else {
         return handled;
     };
     let conversation_id = call.conversation_id().to_string();
@@ -310,7 +314,9 @@ impl Dispatcher {
         let breaker = self.inner.breaker;
         let event = stored.event.clone();
         let handled = tokio::task::spawn_blocking(move || {
-            let handled = run_plugins(&registry, &event, kv, breaker);
+            // Every conversation is in the bot's hands until the store
+            // keeps a state per conversation.
+            let handled = run_plugins(&registry, &event, ConversationState::Bot, kv, breaker);
             drop(permit);
             handled
         })

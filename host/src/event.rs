@@ -138,6 +138,38 @@ pub enum Content {
     Unknown { type_name: String, raw_json: String },
 }
 
+/// Who is in charge of a conversation, as far as digibot knows. Plugins
+/// see it with every event they receive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationState {
+    /// The bot is in charge: plugins answer the customer (the default).
+    #[default]
+    Bot,
+    /// A human agent is in charge: only assist plugins run, and they may
+    /// only write internal notes.
+    Human,
+    /// The conversation is archived.
+    Closed,
+}
+
+impl ConversationState {
+    /// The name used in the store, the API and logs: `bot`, `human`, `closed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConversationState::Bot => "bot",
+            ConversationState::Human => "human",
+            ConversationState::Closed => "closed",
+        }
+    }
+}
+
+impl std::fmt::Display for ConversationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Event {
     /// Parses a webhook body. Fails only on bad JSON or a bad envelope;
     /// anything inside that digibot does not model is kept as unknown.
@@ -572,6 +604,24 @@ mod tests {
             b"null",
         ] {
             assert!(Event::parse(body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn conversation_states_have_one_name_everywhere() {
+        assert_eq!(ConversationState::default(), ConversationState::Bot);
+        for (state, name) in [
+            (ConversationState::Bot, "bot"),
+            (ConversationState::Human, "human"),
+            (ConversationState::Closed, "closed"),
+        ] {
+            assert_eq!(state.as_str(), name);
+            assert_eq!(state.to_string(), name);
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<ConversationState>(name.into()).unwrap(),
+                state
+            );
         }
     }
 }

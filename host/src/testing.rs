@@ -36,7 +36,8 @@
 use crate::actions::{self, ApiRequest, Rejected};
 use crate::cli::build::{BuildError, Diagnostics, cargo_build};
 use crate::event::{
-    Choice, Content, Conversation, Event, EventKind, Location, Message, Sender, SenderKind,
+    Choice, Content, Conversation, ConversationState, Event, EventKind, Location, Message, Sender,
+    SenderKind,
 };
 use crate::runtime::{
     Call, KvRead, Limits, LoadError, Manifest, MemoryKv, Plugin, Runtime, RuntimeConfig,
@@ -306,7 +307,7 @@ impl Bot {
         if !self.seen.insert(event.key.clone()) {
             return Ok(Vec::new());
         }
-        let Some(call) = Call::for_event(event) else {
+        let Some(call) = Call::for_event(event, ConversationState::Bot) else {
             return Ok(Vec::new());
         };
         if self.plugin.is_none() {

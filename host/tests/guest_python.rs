@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result, bail};
 use digibot::actions::{self, ApiRequest};
-use digibot::event::{Content, Event, EventKind};
+use digibot::event::{Content, ConversationState, Event, EventKind};
 use digibot::runtime::{Call, Manifest, MemoryKv, Plugin, Runtime, RuntimeConfig};
 use digibot_protocol::Action;
 use serde_json::Value;
@@ -104,7 +104,7 @@ fn run(
     plugin: &Plugin,
     event: &Event,
 ) -> Result<(Vec<Action>, Vec<ApiRequest>)> {
-    let Some(call) = Call::for_event(event) else {
+    let Some(call) = Call::for_event(event, ConversationState::Bot) else {
         return Ok((vec![], vec![]));
     };
     let invocation = runtime.invoke(plugin, &call, Arc::new(MemoryKv::default()));

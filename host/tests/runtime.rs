@@ -3,7 +3,7 @@
 //! hostile plugin can hit and the reason it comes back with, the sandbox,
 //! refusal at load, and the compile cache.
 
-use digibot::event::Event;
+use digibot::event::{ConversationState, Event};
 use digibot::runtime::{
     Call, Failure, Invocation, KvRead, LoadError, Manifest, MemoryKv, Plugin, Runtime,
     RuntimeConfig,
@@ -51,7 +51,7 @@ fn load(runtime: &Runtime, name: &str, source: &str, manifest: &str) -> Plugin {
 }
 
 fn invoke(runtime: &Runtime, plugin: &Plugin, event: &Event, kv: Arc<dyn KvRead>) -> Invocation {
-    let call = Call::for_event(event).expect("an event plugins handle");
+    let call = Call::for_event(event, ConversationState::Bot).expect("an event plugins handle");
     runtime.invoke(plugin, &call, kv)
 }
 

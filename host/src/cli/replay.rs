@@ -12,7 +12,7 @@
 use super::check::{runtime, sibling_manifest};
 use crate::config::Settings;
 use crate::dispatch::{self, Breaker, Handled};
-use crate::event::Event;
+use crate::event::{ConversationState, Event};
 use crate::registry::{Entry, Health};
 use crate::runtime::{MemoryKv, Runtime};
 use anyhow::{Context, bail};
@@ -125,6 +125,7 @@ impl Session {
             &self.runtime,
             &self.entries,
             event,
+            ConversationState::Bot,
             self.kv.clone(),
             breaker,
         );

@@ -207,21 +207,25 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-/// What to call on a plugin, with the event it comes from.
+/// What to call on a plugin, with the event it comes from and the state of
+/// its conversation when the event is handled.
 pub enum Call<'a> {
     NewConversation {
         event_id: &'a str,
         conversation: &'a event::Conversation,
+        state: event::ConversationState,
     },
     Message {
         event_id: &'a str,
         message: &'a event::Message,
+        state: event::ConversationState,
     },
 }
 
 impl Call<'_> {
-    /// The call for `event`, if plugins handle it.
-    pub fn for_event(event: &event::Event) -> Option<Call<'_>> {
+    /// The call for `event`, if plugins handle it, in a conversation that
+    /// is in `state`.
+    pub fn for_event(event: &event::Event, state: event::ConversationState) -> Option<Call<'_>> {
         if !event.invokes_plugins() {
             return None;
         }
@@ -229,12 +233,21 @@ impl Call<'_> {
             event::EventKind::NewConversation(conversation) => Some(Call::NewConversation {
                 event_id: &event.key,
                 conversation,
+                state,
             }),
             event::EventKind::Message(message) => Some(Call::Message {
                 event_id: &event.key,
                 message,
+                state,
             }),
             _ => None,
+        }
+    }
+
+    /// The conversation's state the plugin is told about.
+    pub fn state(&self) -> event::ConversationState {
+        match self {
+            Call::NewConversation { state, .. } | Call::Message { state, .. } => *state,
         }
     }
 

@@ -39,9 +39,11 @@ pub fn call(
     call: &Call<'_>,
 ) -> wasmtime::Result<Result<Vec<proto::Action>, String>> {
     let answer = match call {
+        // 0.1.0 has no conversation state: its plugins do not see it.
         Call::NewConversation {
             event_id,
             conversation,
+            ..
         } => bot.call_on_new_conversation(
             &mut *store,
             &wit::NewConversationEvent {
@@ -49,7 +51,9 @@ pub fn call(
                 conversation: to_wit_conversation(conversation),
             },
         )?,
-        Call::Message { event_id, message } => bot.call_on_message(
+        Call::Message {
+            event_id, message, ..
+        } => bot.call_on_message(
             &mut *store,
             &wit::MessageEvent {
                 event_id: event_id.to_string(),
