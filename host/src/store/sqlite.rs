@@ -1,5 +1,5 @@
-//! The embedded SQLite store: inbox (events), outbox (actions and dead
-//! letters), plugin KV state. All SQL lives here.
+//! The SQLite back end (the embedded default): one database file under the
+//! data dir. All of its SQL lives here.
 //!
 //! Writes go through one writer thread that commits every job waiting in its
 //! queue in one transaction (group commit): a burst of webhooks costs one
@@ -14,144 +14,27 @@
 //! lost on power loss; it also moves checkpoints off the commit path (see
 //! `checkpoint_loop`).
 
+use super::{
+    Durability, EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, Pruned,
+    StoreError, StoredEvent, now_ms,
+};
 use crate::event::Event;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, mpsc};
 use tokio::sync::oneshot;
-
-/// Store failures.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("commit failed: {0}")]
-    Commit(String),
-    #[error("cannot create the data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the store is shut down")]
-    Closed,
-    #[error("bad stored value: {0}")]
-    Corrupt(String),
-}
-
-/// How hard a commit waits for the disk; see the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    Full,
-    Normal,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
 
-/// Handle to the store; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
+/// The open SQLite database: its writer thread and reader pool.
+pub struct Sqlite {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Dropping the sender stops the checkpoint thread.
     checkpoint: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
-}
-
-/// Result of recording a webhook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inserted {
-    /// A new event, with its inbox sequence number.
-    New(i64),
-    /// Already recorded (a redelivery).
-    Duplicate,
-}
-
-/// An event waiting for (or past) dispatch.
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    pub seq: i64,
-    pub event: Event,
-}
-
-/// An action ready to be written to the outbox.
-#[derive(Debug, Clone, Serialize)]
-pub struct NewAction {
-    pub plugin: String,
-    pub idempotency_key: String,
-    pub method: String,
-    pub path: String,
-    pub body: serde_json::Value,
-}
-
-/// A plugin's KV write, applied with the event it came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KvWrite {
-    Set { key: String, value: String },
-    Delete { key: String },
-}
-
-/// The KV writes of one plugin for one conversation.
-#[derive(Debug, Clone)]
-pub struct KvChanges {
-    pub plugin: String,
-    pub conversation_id: String,
-    pub writes: Vec<KvWrite>,
-}
-
-/// An outbox row.
-#[derive(Debug, Clone, Serialize)]
-pub struct OutboxAction {
-    pub id: i64,
-    pub event_seq: i64,
-    pub conversation_id: String,
-    pub plugin: String,
-    pub idempotency_key: String,
-    pub method: String,
-    pub path: String,
-    pub body: serde_json::Value,
-    pub status: String,
-    pub attempts: i64,
-    pub next_attempt_at: i64,
-    pub last_status: Option<i64>,
-    pub last_error: Option<String>,
-    pub created_at: i64,
-}
-
-/// A recent event, for the admin API.
-#[derive(Debug, Clone, Serialize)]
-pub struct EventSummary {
-    pub seq: i64,
-    pub key: String,
-    pub event: String,
-    pub conversation_id: Option<String>,
-    pub status: String,
-    pub received_at: i64,
-    pub handled_at: Option<i64>,
-    pub plugins: serde_json::Value,
-}
-
-/// What retention removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Pruned {
-    pub events: usize,
-    pub actions: usize,
 }
 
 const SCHEMA: &str = r#"
@@ -292,9 +175,9 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (and creates or migrates) the database under `data_dir`.
-    pub fn open(data_dir: &Path, durability: Durability) -> Result<Store, StoreError> {
+    pub fn open(data_dir: &Path, durability: Durability) -> Result<Sqlite, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.to_path_buf(),
             source,
@@ -325,20 +208,13 @@ impl Store {
             .name("digibot-store".into())
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                jobs: Mutex::new(Some(tx)),
-                readers: Mutex::new(readers),
-                path,
-                writer: Mutex::new(Some(writer)),
-                checkpoint: Mutex::new(checkpoint),
-            }),
+        Ok(Sqlite {
+            jobs: Mutex::new(Some(tx)),
+            readers: Mutex::new(readers),
+            path,
+            writer: Mutex::new(Some(writer)),
+            checkpoint: Mutex::new(checkpoint),
         })
-    }
-
-    /// Where the database file is.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     fn submit<T: Send + 'static>(
@@ -355,7 +231,7 @@ impl Store {
                 });
             })
         });
-        let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Closed)?;
+        let jobs = self.jobs.lock().map_err(|_| StoreError::Closed)?;
         jobs.as_ref()
             .ok_or(StoreError::Closed)?
             .send(job)
@@ -364,7 +240,7 @@ impl Store {
     }
 
     /// Runs `f` in the next group commit and waits until it is durable.
-    pub async fn write<T: Send + 'static>(
+    async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -372,7 +248,7 @@ impl Store {
     }
 
     /// [`write`](Self::write) for synchronous callers (CLI, plugin threads).
-    pub fn write_blocking<T: Send + 'static>(
+    fn write_blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -382,44 +258,33 @@ impl Store {
     }
 
     /// Runs `f` on a reader connection (blocking).
-    pub fn read<T>(
+    fn read<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let conn = self.inner.readers.lock().ok().and_then(|mut r| r.pop());
+        let conn = self.readers.lock().ok().and_then(|mut r| r.pop());
         let conn = match conn {
             Some(c) => c,
-            None => open(&self.inner.path, Durability::Normal)?,
+            None => open(&self.path, Durability::Normal)?,
         };
         let result = f(&conn);
-        if let Ok(mut readers) = self.inner.readers.lock() {
+        if let Ok(mut readers) = self.readers.lock() {
             readers.push(conn);
         }
         result
     }
 
-    /// [`read`](Self::read) off the async runtime's worker threads.
-    pub async fn read_async<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.read(f))
-            .await
-            .map_err(|_| StoreError::Closed)?
-    }
-
     /// Stops the writer after the jobs already queued; later writes fail
     /// with [`StoreError::Closed`].
     pub fn close(&self) {
-        if let Ok(mut jobs) = self.inner.jobs.lock() {
+        if let Ok(mut jobs) = self.jobs.lock() {
             jobs.take();
         }
-        if let Some((stop, handle)) = self.inner.checkpoint.lock().ok().and_then(|mut c| c.take()) {
+        if let Some((stop, handle)) = self.checkpoint.lock().ok().and_then(|mut c| c.take()) {
             drop(stop);
             let _ = handle.join();
         }
-        if let Some(handle) = self.inner.writer.lock().ok().and_then(|mut w| w.take()) {
+        if let Some(handle) = self.writer.lock().ok().and_then(|mut w| w.take()) {
             let _ = handle.join();
         }
     }
@@ -762,36 +627,19 @@ fn apply_kv(conn: &Connection, change: &KvChanges, now: i64) -> Result<(), Store
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
+    use crate::store::suite::{TestDb, event, store_suite};
 
-    fn event(id: &str, conv: &str) -> Event {
-        Event::parse(
-            format!(
-                r#"{{"event":"live_chat.new_message","data":{{"id":"{id}","data":{{"conversation_id":"{conv}","body":"hi","sender":{{"model_type":"third"}}}}}}}}"#
-            )
-            .as_bytes(),
-        )
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn duplicates_are_detected_and_pending_survives_reopen() {
+    fn fixture() -> TestDb {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::Full).unwrap();
-        let first = store.insert_event(event("m1", "c1")).await.unwrap();
-        assert!(matches!(first, Inserted::New(_)));
-        assert_eq!(
-            store.insert_event(event("m1", "c1")).await.unwrap(),
-            Inserted::Duplicate
-        );
-        store.close();
-        let store = Store::open(dir.path(), Durability::Full).unwrap();
-        let pending = store.pending_events().unwrap();
-        assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].event.key, "live_chat.new_message:m1");
+        let path = dir.path().to_path_buf();
+        TestDb::new(move || Store::open(&path, Durability::Full).unwrap(), dir)
     }
 
+    store_suite!(fixture);
+
     #[tokio::test]
-    async fn concurrent_inserts_share_commits_and_all_land() {
+    async fn normal_durability_checkpoints_off_the_writer_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Durability::Normal).unwrap();
         let mut tasks = Vec::new();
@@ -810,200 +658,5 @@ mod tests {
         store.close();
         let store = Store::open(dir.path(), Durability::Normal).unwrap();
         assert_eq!(store.pending_events().unwrap().len(), 200);
-    }
-
-    #[tokio::test]
-    async fn completing_queues_actions_and_kv_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::Normal).unwrap();
-        let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
-            panic!()
-        };
-        let action = NewAction {
-            plugin: "echo".into(),
-            idempotency_key: "k1".into(),
-            method: "POST".into(),
-            path: "/v1/messages".into(),
-            body: serde_json::json!({"body": "hi"}),
-        };
-        let kv = KvChanges {
-            plugin: "echo".into(),
-            conversation_id: "c1".into(),
-            writes: vec![KvWrite::Set {
-                key: "topic".into(),
-                value: "orders".into(),
-            }],
-        };
-        let queued = store
-            .complete_event(
-                seq,
-                "c1".into(),
-                serde_json::json!([]),
-                vec![action.clone()],
-                vec![kv.clone()],
-            )
-            .await
-            .unwrap();
-        assert_eq!(queued, 1);
-        // A second completion (recovery race) queues nothing.
-        let again = store
-            .complete_event(
-                seq,
-                "c1".into(),
-                serde_json::json!([]),
-                vec![action],
-                vec![kv],
-            )
-            .await
-            .unwrap();
-        assert_eq!(again, 0);
-        assert_eq!(store.outbox_heads(10).unwrap().len(), 1);
-        assert_eq!(
-            store.kv_get("echo", "c1", "topic").unwrap().as_deref(),
-            Some("orders")
-        );
-        assert_eq!(store.kv_get("echo", "c2", "topic").unwrap(), None);
-        assert!(store.pending_events().unwrap().is_empty());
-    }
-
-    /// Inserts a customer message, completes it with `actions` (keys
-    /// `{id}/a{n}`), and returns its sequence number.
-    async fn handled(store: &Store, id: &str, actions: usize) -> i64 {
-        let Inserted::New(seq) = store.insert_event(event(id, "c")).await.unwrap() else {
-            panic!("{id} is a duplicate")
-        };
-        let actions = (0..actions)
-            .map(|n| NewAction {
-                plugin: "echo".into(),
-                idempotency_key: format!("{id}/a{n}"),
-                method: "POST".into(),
-                path: "/v1/messages".into(),
-                body: serde_json::json!({"body": id}),
-            })
-            .collect();
-        store
-            .complete_event(seq, "c".into(), serde_json::json!([]), actions, vec![])
-            .await
-            .unwrap();
-        seq
-    }
-
-    async fn action_id(store: &Store, key: &str) -> i64 {
-        let key = key.to_string();
-        store
-            .read_async(move |conn| {
-                Ok(conn.query_row(
-                    "SELECT id FROM outbox WHERE idempotency_key = ?1",
-                    [key],
-                    |r| r.get(0),
-                )?)
-            })
-            .await
-            .unwrap()
-    }
-
-    /// Moves an event (and its finished actions) `at` ms into the past.
-    async fn age(store: &Store, seq: i64, at: i64) {
-        store
-            .write(move |conn| {
-                conn.execute(
-                    "UPDATE events SET received_at = ?2, handled_at = CASE WHEN handled_at IS NULL THEN NULL ELSE ?2 END WHERE seq = ?1",
-                    params![seq, at],
-                )?;
-                conn.execute(
-                    "UPDATE outbox SET created_at = ?2, done_at = CASE WHEN done_at IS NULL THEN NULL ELSE ?2 END WHERE event_seq = ?1",
-                    params![seq, at],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn prune_removes_only_old_finished_work() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::Normal).unwrap();
-        let old = now_ms() - 10 * 3_600_000;
-        let cut = now_ms() - 3_600_000;
-
-        // Old and finished: its action was sent. Both go.
-        let sent = handled(&store, "old_sent", 1).await;
-        store
-            .mark_sent(action_id(&store, "old_sent/a0").await, 201)
-            .await
-            .unwrap();
-        // Old agent message (recorded, never pending). Goes.
-        let agent = {
-            let e = Event::parse(br#"{"event":"live_chat.new_message","data":{"id":"old_agent","data":{"conversation_id":"c","body":"hi","sender":{"model_type":"user"}}}}"#).unwrap();
-            let Inserted::New(seq) = store.insert_event(e).await.unwrap() else {
-                panic!()
-            };
-            seq
-        };
-        // Old dead letter: kept, and so is its event.
-        let dead = handled(&store, "old_dead", 1).await;
-        store
-            .mark_dead(
-                action_id(&store, "old_dead/a0").await,
-                Some(400),
-                "no".into(),
-            )
-            .await
-            .unwrap();
-        // Old event whose action is still pending: both kept.
-        let unsent = handled(&store, "old_unsent", 1).await;
-        // Old event still pending (never dispatched): kept.
-        let Inserted::New(pending) = store.insert_event(event("old_pending", "c")).await.unwrap()
-        else {
-            panic!()
-        };
-        for seq in [sent, agent, dead, unsent, pending] {
-            age(&store, seq, old).await;
-        }
-        // Recent and finished: kept.
-        handled(&store, "recent_sent", 1).await;
-        store
-            .mark_sent(action_id(&store, "recent_sent/a0").await, 201)
-            .await
-            .unwrap();
-
-        let pruned = store.prune(cut).await.unwrap();
-        assert_eq!(
-            pruned,
-            Pruned {
-                events: 2,
-                actions: 1
-            }
-        );
-        let mut keys: Vec<String> = store
-            .recent_events(100)
-            .unwrap()
-            .into_iter()
-            .map(|e| {
-                e.key
-                    .trim_start_matches("live_chat.new_message:")
-                    .to_string()
-            })
-            .collect();
-        keys.sort();
-        assert_eq!(
-            keys,
-            ["old_dead", "old_pending", "old_unsent", "recent_sent"]
-        );
-        let mut counts = store.outbox_counts().unwrap();
-        counts.sort();
-        assert_eq!(
-            counts,
-            [
-                ("dead".to_string(), 1),
-                ("pending".to_string(), 1),
-                ("sent".to_string(), 1)
-            ]
-        );
-        assert_eq!(store.dead_letters().unwrap().len(), 1);
-        assert_eq!(store.pending_events().unwrap().len(), 1);
-        // Pruning again finds nothing more.
-        assert_eq!(store.prune(cut).await.unwrap(), Pruned::default());
     }
 }

@@ -1,0 +1,286 @@
+//! The durable store: inbox (events), outbox (actions and dead letters),
+//! plugin KV state. [`Store`] is the handle every other module uses; it does
+//! not say which database is behind it. Each back end (a module here) holds
+//! all of its own SQL and gives every operation the same guarantees:
+//! a write returns only after it is committed, an event is recorded once per
+//! key, and an event's completion (status, actions, KV writes) is one
+//! transaction.
+//!
+//! - [`sqlite`]: the embedded default, a file under the data dir, with a
+//!   group-commit writer thread.
+//!
+//! Adding an operation: a method here that delegates with `on_backend!`,
+//! the same method on every back end, and a test in `suite` (run against
+//! every back end).
+
+pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod suite;
+
+use crate::event::Event;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the store is shut down")]
+    Closed,
+    #[error("bad stored value: {0}")]
+    Corrupt(String),
+}
+
+/// How hard a SQLite commit waits for the disk; see [`sqlite`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Full,
+    Normal,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<Backend>,
+}
+
+/// The database behind a [`Store`]. An enum rather than a trait object: the
+/// operations are async, and a `match` costs nothing on SQLite's hot path.
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+}
+
+/// Runs the same call on whichever back end the store has.
+macro_rules! on_backend {
+    ($store:expr, $b:ident => $call:expr) => {
+        match &*$store.backend {
+            Backend::Sqlite($b) => $call,
+        }
+    };
+}
+
+/// Result of recording a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new event, with its inbox sequence number.
+    New(i64),
+    /// Already recorded (a redelivery).
+    Duplicate,
+}
+
+/// An event waiting for (or past) dispatch.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub event: Event,
+}
+
+/// An action ready to be written to the outbox.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewAction {
+    pub plugin: String,
+    pub idempotency_key: String,
+    pub method: String,
+    pub path: String,
+    pub body: serde_json::Value,
+}
+
+/// A plugin's KV write, applied with the event it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvWrite {
+    Set { key: String, value: String },
+    Delete { key: String },
+}
+
+/// The KV writes of one plugin for one conversation.
+#[derive(Debug, Clone)]
+pub struct KvChanges {
+    pub plugin: String,
+    pub conversation_id: String,
+    pub writes: Vec<KvWrite>,
+}
+
+/// An outbox row.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxAction {
+    pub id: i64,
+    pub event_seq: i64,
+    pub conversation_id: String,
+    pub plugin: String,
+    pub idempotency_key: String,
+    pub method: String,
+    pub path: String,
+    pub body: serde_json::Value,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+/// A recent event, for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    pub seq: i64,
+    pub key: String,
+    pub event: String,
+    pub conversation_id: Option<String>,
+    pub status: String,
+    pub received_at: i64,
+    pub handled_at: Option<i64>,
+    pub plugins: serde_json::Value,
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub events: usize,
+    pub actions: usize,
+}
+
+impl Store {
+    /// Opens (and creates or migrates) the SQLite database under `data_dir`.
+    pub fn open(data_dir: &Path, durability: Durability) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Arc::new(Backend::Sqlite(sqlite::Sqlite::open(data_dir, durability)?)),
+        })
+    }
+
+    /// Finishes the writes already queued; later writes fail with
+    /// [`StoreError::Closed`].
+    pub fn close(&self) {
+        on_backend!(self, b => b.close())
+    }
+
+    // ---- inbox ---------------------------------------------------------
+
+    /// Records a delivered webhook, committed before this returns. Events
+    /// that invoke no plugin are stored as `recorded`, the others as
+    /// `pending`; a key already recorded is a [`Inserted::Duplicate`].
+    pub async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
+        on_backend!(self, b => b.insert_event(event).await)
+    }
+
+    /// Events not yet dispatched, oldest first (recovery after a restart).
+    pub fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
+        on_backend!(self, b => b.pending_events())
+    }
+
+    /// Marks an event handled, with what each plugin did, and in the same
+    /// transaction queues its actions and applies its KV writes. Returns the
+    /// number of actions queued (0 when the event was already handled).
+    pub async fn complete_event(
+        &self,
+        seq: i64,
+        conversation_id: String,
+        outcomes: serde_json::Value,
+        actions: Vec<NewAction>,
+        kv: Vec<KvChanges>,
+    ) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.complete_event(seq, conversation_id, outcomes, actions, kv).await)
+    }
+
+    /// Recent events, newest first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, StoreError> {
+        on_backend!(self, b => b.recent_events(limit))
+    }
+
+    // ---- KV --------------------------------------------------------------
+
+    /// A plugin's stored value for one conversation.
+    pub fn kv_get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        on_backend!(self, b => b.kv_get(plugin, conversation_id, key))
+    }
+
+    // ---- outbox ------------------------------------------------------------
+
+    /// The first pending action of each conversation (later actions of a
+    /// conversation wait for the first one), soonest due first, at most
+    /// `limit`. The sender starts the due ones and sleeps until the first
+    /// that is not: one query serves both.
+    pub fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
+        on_backend!(self, b => b.outbox_heads(limit))
+    }
+
+    /// Counts of outbox rows by status.
+    pub fn outbox_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        on_backend!(self, b => b.outbox_counts())
+    }
+
+    /// Records a delivered action.
+    pub async fn mark_sent(&self, id: i64, status: u16) -> Result<(), StoreError> {
+        on_backend!(self, b => b.mark_sent(id, status).await)
+    }
+
+    /// Records a failed attempt to be retried at `next_attempt_at`.
+    pub async fn mark_retry(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.mark_retry(id, next_attempt_at, last_status, last_error).await)
+    }
+
+    /// Turns an action into a dead letter, keeping the last status and body.
+    pub async fn mark_dead(
+        &self,
+        id: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.mark_dead(id, last_status, last_error).await)
+    }
+
+    // ---- dead letters ------------------------------------------------------
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<OutboxAction>, StoreError> {
+        on_backend!(self, b => b.dead_letters())
+    }
+
+    /// Puts dead letters back in the outbox (one id, or all when `None`),
+    /// due now with a fresh attempt count. Returns how many.
+    pub fn retry_dead_blocking(&self, id: Option<i64>) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.retry_dead_blocking(id))
+    }
+
+    /// Deletes a dead letter. Returns whether it existed.
+    pub fn drop_dead_blocking(&self, id: i64) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.drop_dead_blocking(id))
+    }
+
+    // ---- retention ---------------------------------------------------------
+
+    /// Deletes handled events and sent actions finished before `before`
+    /// (ms). Pending work and dead letters are never pruned.
+    pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        on_backend!(self, b => b.prune(before).await)
+    }
+}

@@ -1,0 +1,387 @@
+//! The store test suite, written once and run against every back end: each
+//! back end's tests module calls `store_suite!(fixture)` with a function
+//! that makes a fresh, empty database. A new store operation gets its test
+//! here (and a line in the macro), so every back end runs it.
+
+use super::*;
+
+/// A fresh database for one test; [`open`](TestDb::open) may be called
+/// again to reopen the same database (as after a restart).
+pub(crate) struct TestDb {
+    open: Box<dyn Fn() -> Store + Send + Sync>,
+    /// Whatever keeps the database alive (a temp dir, a database to drop).
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl TestDb {
+    pub(crate) fn new(
+        open: impl Fn() -> Store + Send + Sync + 'static,
+        keep: impl std::any::Any + Send + Sync,
+    ) -> TestDb {
+        TestDb {
+            open: Box::new(open),
+            _keep: Box::new(keep),
+        }
+    }
+
+    pub(crate) fn open(&self) -> Store {
+        (self.open)()
+    }
+}
+
+/// One `#[tokio::test]` per suite test, each on a fresh database from
+/// `$fixture: fn() -> TestDb`.
+macro_rules! store_suite {
+    ($fixture:path) => {
+        $crate::store::suite::store_suite!(@tests $fixture;
+            duplicates_are_detected_and_pending_survives_reopen,
+            concurrent_inserts_all_land,
+            completing_queues_actions_and_kv_once,
+            outbox_heads_are_each_conversations_oldest_pending,
+            retries_wait_and_dead_letters_can_be_retried_or_dropped,
+            prune_removes_only_old_finished_work,
+        );
+    };
+    (@tests $fixture:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::store::suite::$name($fixture()).await
+            }
+        )*
+    };
+}
+pub(crate) use store_suite;
+
+pub(crate) fn event(id: &str, conv: &str) -> Event {
+    Event::parse(
+        format!(
+            r#"{{"event":"live_chat.new_message","data":{{"id":"{id}","data":{{"conversation_id":"{conv}","body":"hi","sender":{{"model_type":"third"}}}}}}}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap()
+}
+
+fn action(key: &str) -> NewAction {
+    NewAction {
+        plugin: "echo".into(),
+        idempotency_key: key.into(),
+        method: "POST".into(),
+        path: "/v1/messages".into(),
+        body: serde_json::json!({"body": key}),
+    }
+}
+
+/// Inserts a customer message in conversation `conv`, completes it with
+/// `actions` actions (keys `{id}/a{n}`), and returns its sequence number.
+async fn handled_in(store: &Store, id: &str, conv: &str, actions: usize) -> i64 {
+    let Inserted::New(seq) = store.insert_event(event(id, conv)).await.unwrap() else {
+        panic!("{id} is a duplicate")
+    };
+    let actions = (0..actions)
+        .map(|n| action(&format!("{id}/a{n}")))
+        .collect();
+    store
+        .complete_event(seq, conv.into(), serde_json::json!([]), actions, vec![])
+        .await
+        .unwrap();
+    seq
+}
+
+/// [`handled_in`] a conversation of its own, named after the event.
+async fn handled(store: &Store, id: &str, actions: usize) -> i64 {
+    handled_in(store, id, id, actions).await
+}
+
+/// Runs a `_blocking` operation as its callers do: off the async workers.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// The id of the pending action with this idempotency key, which must be
+/// the head of its conversation.
+fn head_id(store: &Store, key: &str) -> i64 {
+    store
+        .outbox_heads(10_000)
+        .unwrap()
+        .into_iter()
+        .find(|a| a.idempotency_key == key)
+        .unwrap_or_else(|| panic!("{key} is not an outbox head"))
+        .id
+}
+
+pub(crate) async fn duplicates_are_detected_and_pending_survives_reopen(db: TestDb) {
+    let store = db.open();
+    let first = store.insert_event(event("m1", "c1")).await.unwrap();
+    assert!(matches!(first, Inserted::New(_)));
+    assert_eq!(
+        store.insert_event(event("m1", "c1")).await.unwrap(),
+        Inserted::Duplicate
+    );
+    store.close();
+    let store = db.open();
+    let pending = store.pending_events().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].event.key, "live_chat.new_message:m1");
+    assert_eq!(
+        store.insert_event(event("m1", "c1")).await.unwrap(),
+        Inserted::Duplicate
+    );
+}
+
+pub(crate) async fn concurrent_inserts_all_land(db: TestDb) {
+    let store = db.open();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Every event twice, at once: exactly one of each is new.
+            let a = store.insert_event(event(&format!("m{i}"), "c")).await;
+            (a, store.insert_event(event(&format!("m{i}"), "c")).await)
+        }));
+    }
+    let mut new = 0;
+    for t in tasks {
+        let (a, b) = t.await.unwrap();
+        new += [a.unwrap(), b.unwrap()]
+            .iter()
+            .filter(|i| matches!(i, Inserted::New(_)))
+            .count();
+    }
+    assert_eq!(new, 200);
+    let pending = store.pending_events().unwrap();
+    assert_eq!(pending.len(), 200);
+    assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq));
+    store.close();
+    let store = db.open();
+    assert_eq!(store.pending_events().unwrap().len(), 200);
+}
+
+pub(crate) async fn completing_queues_actions_and_kv_once(db: TestDb) {
+    let store = db.open();
+    let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
+        panic!()
+    };
+    let kv = KvChanges {
+        plugin: "echo".into(),
+        conversation_id: "c1".into(),
+        writes: vec![
+            KvWrite::Set {
+                key: "topic".into(),
+                value: "orders".into(),
+            },
+            KvWrite::Set {
+                key: "gone".into(),
+                value: "x".into(),
+            },
+            KvWrite::Delete { key: "gone".into() },
+        ],
+    };
+    let queued = store
+        .complete_event(
+            seq,
+            "c1".into(),
+            serde_json::json!([{"plugin": "echo"}]),
+            vec![action("k1"), action("k2")],
+            vec![kv.clone()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued, 2);
+    // A second completion (recovery race) queues nothing.
+    let again = store
+        .complete_event(
+            seq,
+            "c1".into(),
+            serde_json::json!([]),
+            vec![action("k3")],
+            vec![kv],
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    let heads = store.outbox_heads(10).unwrap();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(heads[0].idempotency_key, "k1");
+    assert_eq!(heads[0].body, serde_json::json!({"body": "k1"}));
+    assert_eq!(heads[0].conversation_id, "c1");
+    assert_eq!(heads[0].event_seq, seq);
+    assert_eq!(
+        store.kv_get("echo", "c1", "topic").unwrap().as_deref(),
+        Some("orders")
+    );
+    assert_eq!(store.kv_get("echo", "c1", "gone").unwrap(), None);
+    assert_eq!(store.kv_get("echo", "c2", "topic").unwrap(), None);
+    assert!(store.pending_events().unwrap().is_empty());
+    let recent = store.recent_events(10).unwrap();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(recent[0].status, "handled");
+    assert_eq!(recent[0].plugins, serde_json::json!([{"plugin": "echo"}]));
+}
+
+pub(crate) async fn outbox_heads_are_each_conversations_oldest_pending(db: TestDb) {
+    let store = db.open();
+    handled_in(&store, "a1", "a", 2).await;
+    handled_in(&store, "b1", "b", 1).await;
+    handled_in(&store, "a2", "a", 1).await;
+    let keys = |store: &Store| {
+        let mut k: Vec<String> = store
+            .outbox_heads(100)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.idempotency_key)
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&store), ["a1/a0", "b1/a0"]);
+    store
+        .mark_sent(head_id(&store, "a1/a0"), 201)
+        .await
+        .unwrap();
+    assert_eq!(keys(&store), ["a1/a1", "b1/a0"]);
+    store
+        .mark_sent(head_id(&store, "a1/a1"), 201)
+        .await
+        .unwrap();
+    store
+        .mark_sent(head_id(&store, "b1/a0"), 201)
+        .await
+        .unwrap();
+    assert_eq!(keys(&store), ["a2/a0"]);
+    let mut counts = store.outbox_counts().unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [("pending".to_string(), 1), ("sent".to_string(), 3)]
+    );
+}
+
+pub(crate) async fn retries_wait_and_dead_letters_can_be_retried_or_dropped(db: TestDb) {
+    let store = db.open();
+    handled(&store, "r", 1).await;
+    handled(&store, "d1", 1).await;
+    handled(&store, "d2", 1).await;
+    let later = now_ms() + 60_000;
+    let r = head_id(&store, "r/a0");
+    store
+        .mark_retry(r, later, Some(503), "busy".into())
+        .await
+        .unwrap();
+    let head = store
+        .outbox_heads(10)
+        .unwrap()
+        .into_iter()
+        .find(|a| a.id == r)
+        .unwrap();
+    assert_eq!(
+        (head.attempts, head.next_attempt_at, head.last_status),
+        (1, later, Some(503))
+    );
+    assert_eq!(head.last_error.as_deref(), Some("busy"));
+    // Soonest due first: the retry comes last.
+    assert_eq!(store.outbox_heads(10).unwrap().last().unwrap().id, r);
+
+    let d1 = head_id(&store, "d1/a0");
+    let d2 = head_id(&store, "d2/a0");
+    store.mark_dead(d1, Some(400), "bad".into()).await.unwrap();
+    store.mark_dead(d2, None, "refused".into()).await.unwrap();
+    let dead = store.dead_letters().unwrap();
+    assert_eq!(dead.iter().map(|a| a.id).collect::<Vec<_>>(), [d1, d2]);
+    assert_eq!(dead[0].last_status, Some(400));
+    assert_eq!(dead[0].status, "dead");
+    assert_eq!(dead[0].body, serde_json::json!({"body": "d1/a0"}));
+
+    assert_eq!(blocking(|| store.retry_dead_blocking(Some(d1))).unwrap(), 1);
+    assert_eq!(blocking(|| store.retry_dead_blocking(Some(d1))).unwrap(), 0);
+    let retried = store
+        .outbox_heads(10)
+        .unwrap()
+        .into_iter()
+        .find(|a| a.id == d1)
+        .unwrap();
+    assert_eq!(retried.attempts, 0);
+    assert!(retried.next_attempt_at <= now_ms());
+    assert!(!blocking(|| store.drop_dead_blocking(d1)).unwrap());
+    assert!(blocking(|| store.drop_dead_blocking(d2)).unwrap());
+    assert!(store.dead_letters().unwrap().is_empty());
+    store.mark_dead(d1, Some(400), "bad".into()).await.unwrap();
+    assert_eq!(blocking(|| store.retry_dead_blocking(None)).unwrap(), 1);
+    assert!(store.dead_letters().unwrap().is_empty());
+}
+
+pub(crate) async fn prune_removes_only_old_finished_work(db: TestDb) {
+    let store = db.open();
+    // Old and finished: its action was sent. Both go.
+    handled(&store, "old_sent", 1).await;
+    store
+        .mark_sent(head_id(&store, "old_sent/a0"), 201)
+        .await
+        .unwrap();
+    // Old agent message (recorded, never pending). Goes.
+    let agent = Event::parse(br#"{"event":"live_chat.new_message","data":{"id":"old_agent","data":{"conversation_id":"c","body":"hi","sender":{"model_type":"user"}}}}"#).unwrap();
+    assert!(matches!(
+        store.insert_event(agent).await.unwrap(),
+        Inserted::New(_)
+    ));
+    // Old dead letter: kept, and so is its event.
+    handled(&store, "old_dead", 1).await;
+    store
+        .mark_dead(head_id(&store, "old_dead/a0"), Some(400), "no".into())
+        .await
+        .unwrap();
+    // Old event whose action is still pending: both kept.
+    handled(&store, "old_unsent", 1).await;
+    // Old event still pending (never dispatched): kept.
+    store.insert_event(event("old_pending", "p")).await.unwrap();
+    // The cut: strictly after everything above, strictly before the rest
+    // (timestamps are in ms).
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    let cut = now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    // Recent and finished: kept.
+    handled(&store, "recent_sent", 1).await;
+    store
+        .mark_sent(head_id(&store, "recent_sent/a0"), 201)
+        .await
+        .unwrap();
+
+    let pruned = store.prune(cut).await.unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            events: 2,
+            actions: 1
+        }
+    );
+    let mut keys: Vec<String> = store
+        .recent_events(100)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            e.key
+                .trim_start_matches("live_chat.new_message:")
+                .to_string()
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["old_dead", "old_pending", "old_unsent", "recent_sent"]
+    );
+    let mut counts = store.outbox_counts().unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("dead".to_string(), 1),
+            ("pending".to_string(), 1),
+            ("sent".to_string(), 1)
+        ]
+    );
+    assert_eq!(store.dead_letters().unwrap().len(), 1);
+    assert_eq!(store.pending_events().unwrap().len(), 1);
+    // Pruning again finds nothing more.
+    assert_eq!(store.prune(cut).await.unwrap(), Pruned::default());
+}
