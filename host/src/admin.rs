@@ -21,7 +21,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The `/admin` routes, or none when no admin token is configured.
 pub fn routes(state: AppState) -> Option<Router<AppState>> {
-    let token = state.admin_token.clone()?;
+    state.admin_token.as_ref()?;
     let router = Router::new()
         .route("/admin/dead-letters", get(dead_letters))
         .route("/admin/dead-letters/retry", post(retry_all))
@@ -36,23 +36,26 @@ pub fn routes(state: AppState) -> Option<Router<AppState>> {
         )
         .route("/admin/plugins/{name}/rollback", post(rollback))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            let token = token.clone();
-            async move {
-                let ok = req
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .is_some_and(|t| t.trim() == token);
-                if ok {
-                    next.run(req).await
-                } else {
-                    error(StatusCode::UNAUTHORIZED, "admin token required")
-                }
-            }
-        }));
+        .layer(middleware::from_fn_with_state(state, require_admin));
     Some(router)
+}
+
+/// Lets a request through only with `Authorization: Bearer ADMIN_TOKEN`
+/// (the admin API, the dashboard and `/metrics`).
+pub async fn require_admin(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let token = app.admin_token.as_deref();
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (token, given) {
+        (Some(token), Some(given)) if crate::webhook::same(given.as_bytes(), token.as_bytes()) => {
+            next.run(req).await
+        }
+        _ => error(StatusCode::UNAUTHORIZED, "admin token required"),
+    }
 }
 
 fn store_error(e: impl std::fmt::Display) -> Response {

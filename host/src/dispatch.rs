@@ -11,6 +11,7 @@
 
 use crate::actions;
 use crate::event::ConversationState;
+use crate::metrics::metrics;
 use crate::registry::{Entry, Gate, Registry};
 use crate::runtime::{Call, Failure, KvRead, Runtime};
 use crate::sender::Outbox;
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// What one plugin did with one event, stored with the event.
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +51,9 @@ pub struct PluginOutcome {
 pub struct Handled {
     pub outcomes: Vec<PluginOutcome>,
     pub actions: Vec<NewAction>,
+    /// The [`Action::kind`] of each of `actions`, in the same order
+    /// (counted once they are committed).
+    pub action_kinds: Vec<&'static str>,
     pub kv: Vec<KvChanges>,
 }
 
@@ -57,6 +62,18 @@ pub struct Handled {
 pub struct Breaker {
     pub failures: u32,
     pub cooldown: Duration,
+}
+
+/// The span every log line about handling `event` runs in: its dedup key,
+/// conversation and name. Each plugin invocation opens a child `plugin`
+/// span inside it.
+pub fn event_span(event: &crate::event::Event) -> tracing::Span {
+    tracing::info_span!(
+        "event",
+        event_id = %event.key,
+        conversation_id = event.conversation_id().unwrap_or_default(),
+        event = %event.name,
+    )
 }
 
 /// Runs every plugin of `registry` on `event`, in name order. Blocking (it
@@ -122,16 +139,26 @@ pub fn run_entries(
             handled.outcomes.push(outcome);
             continue;
         }
+        let _span =
+            tracing::info_span!("plugin", plugin = %plugin.name, version = %outcome.version)
+                .entered();
         let invocation = runtime.invoke(plugin, &call, kv.clone());
         outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
+        metrics()
+            .plugin_invocation_seconds
+            .with(&[&plugin.name])
+            .observe(invocation.elapsed);
         for line in &invocation.logs {
-            tracing::info!(plugin = %plugin.name, conversation = %conversation_id, level = ?line.level, "plugin: {}", line.message);
+            tracing::info!(level = ?line.level, "plugin: {}", line.message);
         }
         if !invocation.output.is_empty() {
-            tracing::info!(plugin = %plugin.name, conversation = %conversation_id, "plugin output: {}", invocation.output.trim_end());
+            tracing::info!("plugin output: {}", invocation.output.trim_end());
         }
         if invocation.logs_dropped > 0 {
-            tracing::warn!(plugin = %plugin.name, dropped = invocation.logs_dropped, "plugin log output over its cap was dropped");
+            tracing::warn!(
+                dropped = invocation.logs_dropped,
+                "plugin log output over its cap was dropped"
+            );
         }
         match invocation.outcome {
             Ok(actions) => {
@@ -146,10 +173,12 @@ pub fn run_entries(
                                 path: request.path,
                                 body: request.body,
                             });
+                            handled.action_kinds.push(action.kind());
                             outcome.actions += 1;
                         }
                         Err(rejected) => {
-                            tracing::warn!(conversation = %conversation_id, "{rejected}");
+                            metrics().actions_rejected.with(&[rejected.kind]).inc();
+                            tracing::warn!("{rejected}");
                             outcome.rejected.push(rejected.to_string());
                         }
                     }
@@ -165,12 +194,19 @@ pub fn run_entries(
             }
             Err(failure) => {
                 let reason = failure.to_string();
-                tracing::warn!(plugin = %plugin.name, conversation = %conversation_id, event = %event.key, %reason, "plugin failed");
+                metrics()
+                    .plugin_failures
+                    .with(&[&plugin.name, failure.kind()])
+                    .inc();
+                tracing::warn!(%reason, "plugin failed");
                 if entry
                     .health
                     .failure(&reason, breaker.failures, breaker.cooldown)
                 {
-                    tracing::warn!(plugin = %plugin.name, cooldown_s = breaker.cooldown.as_secs(), "plugin quarantined after repeated failures");
+                    tracing::warn!(
+                        cooldown_s = breaker.cooldown.as_secs(),
+                        "plugin quarantined after repeated failures"
+                    );
                 }
                 outcome.outcome = "failed";
                 outcome.reason = Some(reason);
@@ -306,6 +342,13 @@ impl Dispatcher {
     }
 
     async fn handle(&self, stored: StoredEvent) {
+        let span = event_span(&stored.event);
+        self.handle_in(stored, span.clone()).instrument(span).await;
+    }
+
+    /// [`Dispatcher::handle`] inside the event's `span` (entered again on
+    /// the plugin thread).
+    async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) {
         let Ok(permit) = self.inner.plugin_threads.clone().acquire_owned().await else {
             return;
         };
@@ -314,6 +357,7 @@ impl Dispatcher {
         let breaker = self.inner.breaker;
         let event = stored.event.clone();
         let handled = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
             // Every conversation is in the bot's hands until the store
             // keeps a state per conversation.
             let handled = run_plugins(&registry, &event, ConversationState::Bot, kv, breaker);
@@ -325,7 +369,7 @@ impl Dispatcher {
             Ok(h) => h,
             Err(e) => {
                 // Left pending: the next start retries it.
-                tracing::error!(event = %stored.event.key, error = %e, "plugin thread failed; event left pending");
+                tracing::error!(error = %e, "plugin thread failed; event left pending");
                 return;
             }
         };
@@ -335,6 +379,7 @@ impl Dispatcher {
             .unwrap_or_default()
             .to_string();
         let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
+        let kinds = handled.action_kinds;
         match self
             .inner
             .store
@@ -349,11 +394,15 @@ impl Dispatcher {
         {
             Ok(queued) => {
                 if queued > 0 {
+                    // 0 when another run already completed the event.
+                    for kind in kinds {
+                        metrics().actions.with(&[kind]).inc();
+                    }
                     self.inner.outbox.wake();
                 }
             }
             Err(e) => {
-                tracing::error!(event = %stored.event.key, error = %e, "cannot record a handled event; it stays pending");
+                tracing::error!(error = %e, "cannot record a handled event; it stays pending");
             }
         }
     }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod event;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod sender;

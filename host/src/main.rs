@@ -4,7 +4,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = digibot::cli::Cli::parse();
-    digibot::cli::init_tracing();
+    if let Err(e) = digibot::cli::init_tracing() {
+        eprintln!("digibot: {e}");
+        return std::process::ExitCode::from(2);
+    }
     match digibot::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {

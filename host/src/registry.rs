@@ -218,6 +218,8 @@ pub struct Registry {
     history: Mutex<BTreeMap<String, Vec<String>>>,
     /// Serialises installs so two swaps of one plugin cannot interleave.
     install_lock: Mutex<()>,
+    /// The plugins folder has been loaded once (readiness).
+    loaded: AtomicBool,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
@@ -261,7 +263,14 @@ impl Registry {
             history: Mutex::new(read_history(&data_dir.join("plugin-history"))),
             history_dir: data_dir.join("plugin-history"),
             install_lock: Mutex::new(()),
+            loaded: AtomicBool::new(false),
         }
+    }
+
+    /// Whether [`Registry::load_dir`] has run (plugins that failed to load
+    /// were reported; they do not make it false).
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -297,6 +306,12 @@ impl Registry {
     /// Loads every `NAME.wasm` of the plugins folder. A plugin that fails
     /// to load is reported and skipped; the others serve.
     pub fn load_dir(&self) -> Vec<RegistryError> {
+        let errors = self.load_dir_inner();
+        self.loaded.store(true, Ordering::Release);
+        errors
+    }
+
+    fn load_dir_inner(&self) -> Vec<RegistryError> {
         let Some(dir) = self.dir.clone() else {
             return Vec::new();
         };

@@ -13,12 +13,14 @@
 //! request (method, path, JSON body) and marks it sent.
 
 use crate::config::{RetrySettings, Settings};
+use crate::metrics::metrics;
 use crate::store::{OutboxAction, Store, now_ms};
 use rand::Rng;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument;
 
 /// Wakes the sender when new actions are queued.
 #[derive(Clone, Default)]
@@ -222,8 +224,18 @@ impl Sender {
     }
 
     /// One attempt at `action` (the caller holds a send permit), and its
-    /// result recorded.
+    /// result recorded, in a span naming the action and its conversation.
     async fn deliver(&self, action: OutboxAction) {
+        let span = tracing::info_span!(
+            "send",
+            action_id = action.id,
+            conversation_id = %action.conversation_id,
+            plugin = %action.plugin,
+        );
+        self.deliver_in(action).instrument(span).await
+    }
+
+    async fn deliver_in(&self, action: OutboxAction) {
         let attempt = self.attempt(&action).await;
         let attempts_after = action.attempts as u32 + 1;
         let result = match attempt {
@@ -236,7 +248,8 @@ impl Sender {
                 let delay = retry_after
                     .map(|d| d.min(Duration::from_secs(3600)))
                     .unwrap_or_else(|| backoff(&self.retry, attempts_after));
-                tracing::info!(action = action.id, conversation = %action.conversation_id, ?status, %error,
+                metrics().api_retries.inc();
+                tracing::info!(?status, %error,
                     retry_in_ms = delay.as_millis() as u64, attempt = attempts_after, "send failed, will retry");
                 self.store
                     .mark_retry(
@@ -248,26 +261,20 @@ impl Sender {
                     .await
             }
             Attempt::Retry { status, error, .. } | Attempt::Fatal { status, error } => {
-                tracing::warn!(action = action.id, conversation = %action.conversation_id, ?status, %error,
+                tracing::warn!(?status, %error,
                     attempts = attempts_after, "action is now a dead letter");
                 self.store.mark_dead(action.id, status, error).await
             }
         };
         if let Err(e) = result {
-            tracing::error!(action = action.id, error = %e, "cannot record a delivery result");
+            tracing::error!(error = %e, "cannot record a delivery result");
         }
     }
 
     async fn attempt(&self, action: &OutboxAction) -> Attempt {
         let token = match &self.auth {
             Credentials::DryRun => {
-                tracing::info!(
-                    conversation = %action.conversation_id,
-                    "dry-run: {} {} {}",
-                    action.method,
-                    action.path,
-                    action.body
-                );
+                tracing::info!("dry-run: {} {} {}", action.method, action.path, action.body);
                 return Attempt::Sent(200);
             }
             Credentials::Static(token) => token.clone(),
@@ -311,6 +318,7 @@ impl Sender {
         let response = match response {
             Ok(r) => r,
             Err(e) => {
+                metrics().api_requests.with(&["error"]).inc();
                 return Attempt::Retry {
                     status: None,
                     error: format!("{e}"),
@@ -319,6 +327,10 @@ impl Sender {
             }
         };
         let status = response.status().as_u16();
+        metrics()
+            .api_requests
+            .with(&[response.status().as_str()])
+            .inc();
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)

@@ -5,14 +5,19 @@
 use crate::admin;
 use crate::config::Settings;
 use crate::dispatch::{Breaker, Dispatcher};
+use crate::metrics;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::sender::{Outbox, Sender};
 use crate::store::{Store, now_ms};
 use crate::watch;
 use crate::webhook::{self, WebhookAuth};
-use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch as signal;
@@ -55,11 +60,53 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/webhooks/digishare", post(webhook::receive));
     if let Some(admin) = admin::routes(state.clone()) {
         router = router.merge(admin);
     }
+    // Like the admin API: only with an admin token, and behind it.
+    if state.admin_token.is_some() {
+        router = router.route(
+            "/metrics",
+            get(metrics::handler).layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                admin::require_admin,
+            )),
+        );
+    }
     router.fallback(webhook::not_found).with_state(state)
+}
+
+/// How long `/readyz` waits for the store before calling it not ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /readyz`: 200 when the store answers (through its writer, which
+/// every webhook needs) and the plugins folder has been loaded; else 503
+/// with what is not ready. Unauthenticated: it says nothing secret.
+async fn readyz(State(app): State<AppState>) -> Response {
+    let store = match tokio::time::timeout(READY_TIMEOUT, app.store.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} s", READY_TIMEOUT.as_secs()),
+    };
+    let plugins = if app.registry.loaded() {
+        "ok".to_string()
+    } else {
+        "not loaded yet".to_string()
+    };
+    let ready = store == "ok" && plugins == "ok";
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "checks": { "store": store, "plugins": plugins },
+        "plugins_loaded": app.registry.snapshot().plugins.len(),
+    });
+    (status, Json(body)).into_response()
 }
 
 /// Builds the plugin runtime from settings.

@@ -4,6 +4,7 @@
 //! retries rather than losing it.
 
 use crate::event::Event;
+use crate::metrics::metrics;
 use crate::server::AppState;
 use crate::store::{Inserted, StoredEvent};
 use axum::Json;
@@ -25,7 +26,7 @@ pub enum WebhookAuth {
 }
 
 /// Compares without an early exit, so timing does not leak the secret.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -62,9 +63,15 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// Counts the webhook under `outcome` (see `digibot_webhooks_total`).
+fn count(outcome: &str) {
+    metrics().webhooks.with(&[outcome]).inc();
+}
+
 /// `POST /webhooks/digishare`.
 pub async fn receive(State(app): State<AppState>, request: Request) -> Response {
     if !app.webhook_auth.allows(request.headers()) {
+        count("unauthorized");
         return error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong webhook credentials",
@@ -76,6 +83,7 @@ pub async fn receive(State(app): State<AppState>, request: Request) -> Response 
         Err(e) => {
             let too_large = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            count(if too_large { "too_large" } else { "malformed" });
             return if too_large {
                 error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -91,22 +99,31 @@ pub async fn receive(State(app): State<AppState>, request: Request) -> Response 
     };
     let event = match Event::parse(&body) {
         Ok(event) => event,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            count("malformed");
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
     };
     let key = event.key.clone();
     let dispatch = event.invokes_plugins().then(|| event.clone());
     match app.store.insert_event(event).await {
         Ok(Inserted::New(seq)) => {
-            if let Some(event) = dispatch {
-                app.dispatcher.submit(StoredEvent { seq, event });
+            match dispatch {
+                Some(event) => {
+                    count("accepted");
+                    app.dispatcher.submit(StoredEvent { seq, event });
+                }
+                None => count("ignored"),
             }
             Json(json!({"status": "accepted", "event_id": key})).into_response()
         }
         Ok(Inserted::Duplicate) => {
+            count("duplicate");
             Json(json!({"status": "duplicate", "event_id": key})).into_response()
         }
         Err(e) => {
-            tracing::error!(event = %key, error = %e, "cannot record a webhook");
+            count("unavailable");
+            tracing::error!(event_id = %key, error = %e, "cannot record a webhook");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cannot record the event now; retry",

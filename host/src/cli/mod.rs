@@ -58,17 +58,54 @@ pub enum Command {
     Chat(chat::ChatArgs),
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// Log line formats, chosen by `DIGIBOT_LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Readable lines, coloured only on a terminal (the default).
+    Text,
+    /// One JSON object per line, with the fields of the current span and
+    /// of every span it is in (`span`, `spans`).
+    Json,
+}
+
+impl LogFormat {
+    /// `DIGIBOT_LOG_FORMAT`: unset or empty means text.
+    pub fn from_env() -> Result<LogFormat, String> {
+        match std::env::var("DIGIBOT_LOG_FORMAT")
+            .as_deref()
+            .map(str::trim)
+        {
+            Err(_) | Ok("") | Ok("text") => Ok(LogFormat::Text),
+            Ok("json") => Ok(LogFormat::Json),
+            Ok(other) => Err(format!(
+                "DIGIBOT_LOG_FORMAT must be `text` or `json`, not {other:?}"
+            )),
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in the format
+/// `DIGIBOT_LOG_FORMAT` asks for.
+pub fn init_tracing() -> Result<(), String> {
+    let format = LogFormat::from_env()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
     });
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    };
+    Ok(())
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {

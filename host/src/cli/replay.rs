@@ -121,6 +121,7 @@ impl Session {
             failures: 0,
             cooldown: Duration::ZERO,
         };
+        let _span = dispatch::event_span(event).entered();
         let handled = dispatch::run_entries(
             &self.runtime,
             &self.entries,

@@ -137,6 +137,21 @@ pub enum Failure {
     ActionsTooLarge { bytes: usize, max: usize },
 }
 
+impl Failure {
+    /// The failure's kind without its details: a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Memory => "memory",
+            Failure::Fuel => "fuel",
+            Failure::Trap(_) => "trap",
+            Failure::Error(_) => "error",
+            Failure::TooManyActions { .. } => "too_many_actions",
+            Failure::ActionsTooLarge { .. } => "actions_too_large",
+        }
+    }
+}
+
 /// What one invocation did.
 #[derive(Debug)]
 pub struct Invocation {

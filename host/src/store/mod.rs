@@ -151,6 +151,15 @@ pub struct EventSummary {
     pub plugins: serde_json::Value,
 }
 
+/// Outbox rows still needing attention (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxDepth {
+    /// Waiting to be sent, retries included.
+    pub pending: i64,
+    /// Dead letters.
+    pub dead: i64,
+}
+
 /// What retention removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Pruned {
@@ -170,6 +179,12 @@ impl Store {
     /// [`StoreError::Closed`].
     pub fn close(&self) {
         on_backend!(self, b => b.close())
+    }
+
+    /// Whether the store answers, through the path webhooks take (the
+    /// writer, for SQLite): readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_backend!(self, b => b.ping().await)
     }
 
     // ---- inbox ---------------------------------------------------------
@@ -230,6 +245,11 @@ impl Store {
     /// Counts of outbox rows by status.
     pub fn outbox_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         on_backend!(self, b => b.outbox_counts())
+    }
+
+    /// Pending actions and dead letters (for metrics).
+    pub fn outbox_depth(&self) -> Result<OutboxDepth, StoreError> {
+        on_backend!(self, b => b.outbox_depth())
     }
 
     /// Records a delivered action.

@@ -15,8 +15,8 @@
 //! `checkpoint_loop`).
 
 use super::{
-    Durability, EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, Pruned,
-    StoreError, StoredEvent, now_ms,
+    Durability, EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth,
+    Pruned, StoreError, StoredEvent, now_ms,
 };
 use crate::event::Event;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -274,6 +274,16 @@ impl Sqlite {
         result
     }
 
+    /// A no-op job through the writer: fails when the store is closed or
+    /// the writer does not answer.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.write(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Stops the writer after the jobs already queued; later writes fail
     /// with [`StoreError::Closed`].
     pub fn close(&self) {
@@ -432,6 +442,24 @@ impl Sqlite {
             let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM outbox GROUP BY status")?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Pending actions and dead letters, counted on their partial indexes
+    /// (sent rows are never scanned).
+    pub fn outbox_depth(&self) -> Result<OutboxDepth, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending'),
+                            (SELECT COUNT(*) FROM outbox WHERE status = 'dead')",
+                )?
+                .query_row([], |r| {
+                    Ok(OutboxDepth {
+                        pending: r.get(0)?,
+                        dead: r.get(1)?,
+                    })
+                })?)
         })
     }
 

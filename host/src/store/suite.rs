@@ -40,6 +40,7 @@ macro_rules! store_suite {
             outbox_heads_are_each_conversations_oldest_pending,
             retries_wait_and_dead_letters_can_be_retried_or_dropped,
             prune_removes_only_old_finished_work,
+            outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -384,4 +385,37 @@ pub(crate) async fn prune_removes_only_old_finished_work(db: TestDb) {
     assert_eq!(store.pending_events().unwrap().len(), 1);
     // Pruning again finds nothing more.
     assert_eq!(store.prune(cut).await.unwrap(), Pruned::default());
+}
+
+pub(crate) async fn outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed(db: TestDb) {
+    let store = db.open();
+    store.ping().await.unwrap();
+    assert_eq!(store.outbox_depth().unwrap(), OutboxDepth::default());
+    handled(&store, "p", 2).await;
+    handled(&store, "s", 1).await;
+    handled(&store, "d", 1).await;
+    store.mark_sent(head_id(&store, "s/a0"), 200).await.unwrap();
+    store
+        .mark_dead(head_id(&store, "d/a0"), Some(400), "bad".into())
+        .await
+        .unwrap();
+    // A retry waiting for its time still counts as pending.
+    store
+        .mark_retry(
+            head_id(&store, "p/a0"),
+            now_ms() + 60_000,
+            Some(500),
+            "x".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.outbox_depth().unwrap(),
+        OutboxDepth {
+            pending: 2,
+            dead: 1
+        }
+    );
+    store.close();
+    assert!(matches!(store.ping().await, Err(StoreError::Closed)));
 }
