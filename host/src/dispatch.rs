@@ -215,6 +215,12 @@ pub fn run_entries(
                 }
             }
         }
+        tracing::debug!(
+            outcome = outcome.outcome,
+            elapsed_us = outcome.elapsed_us,
+            actions = outcome.actions,
+            "plugin ran"
+        );
         handled.outcomes.push(outcome);
     }
     handled

@@ -239,7 +239,10 @@ impl Sender {
         let attempt = self.attempt(&action).await;
         let attempts_after = action.attempts as u32 + 1;
         let result = match attempt {
-            Attempt::Sent(status) => self.store.mark_sent(action.id, status).await,
+            Attempt::Sent(status) => {
+                tracing::debug!(status, "sent");
+                self.store.mark_sent(action.id, status).await
+            }
             Attempt::Retry {
                 status,
                 error,

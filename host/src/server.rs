@@ -263,3 +263,133 @@ async fn shutdown_signal() {
         _ = term => {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RuntimeConfig;
+    use crate::store::Durability;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// The server's state over a fresh store and an empty plugins folder,
+    /// with the plugins not loaded yet.
+    fn state(dir: &std::path::Path, admin_token: Option<&str>) -> AppState {
+        let store = Store::open(&dir.join("data"), Durability::Normal).unwrap();
+        let runtime = Arc::new(
+            Runtime::new(RuntimeConfig {
+                pooling: false,
+                warm_instances: 0,
+                ..RuntimeConfig::default()
+            })
+            .unwrap(),
+        );
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        let registry = Arc::new(Registry::new(runtime, Some(plugins), &dir.join("data")));
+        let outbox = Outbox::default();
+        let (_stop, stop_rx) = signal::channel(false);
+        let breaker = Breaker {
+            failures: 5,
+            cooldown: Duration::from_secs(30),
+        };
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            registry.clone(),
+            outbox.clone(),
+            4,
+            1,
+            breaker,
+            stop_rx,
+        );
+        AppState {
+            store,
+            dispatcher,
+            registry,
+            outbox,
+            webhook_auth: WebhookAuth::None,
+            webhook_max_bytes: 1 << 20,
+            admin_token: admin_token.map(str::to_string),
+        }
+    }
+
+    async fn get(app: &AppState, path: &str, bearer: Option<&str>) -> (StatusCode, String) {
+        let mut request = Request::get(path);
+        if let Some(token) = bearer {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = super::app(app.clone())
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readyz_waits_for_the_plugins_and_fails_once_the_store_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = state(dir.path(), None);
+        assert_eq!(
+            get(&app, "/healthz", None).await,
+            (StatusCode::OK, "ok".into())
+        );
+
+        let (status, body) = get(&app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"ready": false, "checks": {"store": "ok", "plugins": "not loaded yet"}, "plugins_loaded": 0})
+        );
+
+        assert!(app.registry.load_dir().is_empty());
+        let (status, body) = get(&app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"ready": true, "checks": {"store": "ok", "plugins": "ok"}, "plugins_loaded": 0})
+        );
+
+        app.store.close();
+        let (status, body) = get(&app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["ready"], false);
+        assert_eq!(body["checks"]["store"], "the store is shut down");
+        assert_eq!(body["checks"]["plugins"], "ok");
+        // Alive all the same: the process serves.
+        assert_eq!(get(&app, "/healthz", None).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_want_the_admin_token_and_exist_only_with_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = state(dir.path(), Some("s3cret"));
+        assert_eq!(
+            get(&app, "/metrics", None).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            get(&app, "/metrics", Some("wrong")).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let (status, body) = get(&app, "/metrics", Some("s3cret")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("\ndigibot_outbox_depth 0\n"), "{body}");
+        assert!(body.contains("\ndigibot_dead_letters 0\n"), "{body}");
+        assert!(
+            body.contains("# TYPE digibot_webhooks_total counter\n"),
+            "{body}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let open = state(dir.path(), None);
+        assert_eq!(get(&open, "/metrics", None).await.0, StatusCode::NOT_FOUND);
+    }
+}

@@ -12,5 +12,6 @@ mod durability;
 mod fake_selftest;
 mod hot_swap;
 mod oauth;
+mod observability;
 mod startup;
 mod webhook;
