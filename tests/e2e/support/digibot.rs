@@ -65,6 +65,8 @@ impl HttpReply {
 /// Configures a [`Digibot`]. Defaults: listen on a free 127.0.0.1 port,
 /// webhook token [`WEBHOOK_TOKEN`], admin token [`ADMIN_TOKEN`], retries
 /// 5 ms / 50 ms / 8 attempts, `RUST_LOG=info`, no API base/token, no plugins.
+/// Cloning it gives the same configuration for another replica.
+#[derive(Clone)]
 pub struct DigibotBuilder {
     env: BTreeMap<String, Option<String>>,
     args: Vec<String>,
@@ -182,6 +184,25 @@ impl DigibotBuilder {
     pub fn env_remove(mut self, key: &str) -> Self {
         self.env.insert(key.to_string(), None);
         self
+    }
+
+    /// DIGIBOT_DATABASE_URL: PostgreSQL instead of SQLite under data/.
+    pub fn database(self, url: &str) -> Self {
+        self.env("DIGIBOT_DATABASE_URL", url)
+    }
+
+    /// `n` replicas of this configuration (each with its own port and
+    /// folder, so its own plugins folder and compile cache), started at
+    /// once; they share a store only through [`DigibotBuilder::database`].
+    pub async fn start_replicas(self, n: usize) -> Result<Vec<Digibot>> {
+        let mut bots = Vec::with_capacity(n);
+        for _ in 0..n {
+            bots.push(self.clone().spawn()?);
+        }
+        for bot in &mut bots {
+            bot.wait_healthy(START_TIMEOUT).await?;
+        }
+        Ok(bots)
     }
 
     /// Spawns digibot and waits until /healthz answers 200 (fails with the

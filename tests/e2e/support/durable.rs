@@ -13,32 +13,52 @@ use serde_json::Value;
 
 use super::digibot::{ADMIN_TOKEN, Digibot, HttpReply};
 
-/// Posts webhooks to one digibot address from any task (cheap to clone).
+/// Posts webhooks to one digibot address, or round-robin to several
+/// replicas as a load balancer would, from any task (cheap to clone).
 /// Unlike [`Digibot::post_json`] it needs no borrow of the [`Digibot`], so
 /// the test can kill and restart the process while posts are in flight.
 #[derive(Clone)]
 pub struct Poster {
     client: reqwest::Client,
-    url: String,
+    urls: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
     auth: Option<(String, String)>,
 }
 
 impl Poster {
     /// For `bot`'s address and webhook auth (both survive a restart).
     pub fn new(bot: &Digibot) -> Result<Poster> {
+        Poster::round_robin(&[bot])
+    }
+
+    /// Each POST to the next of `bots` in turn (they share webhook auth);
+    /// a redelivery after a failed POST so goes to another replica.
+    pub fn round_robin(bots: &[&Digibot]) -> Result<Poster> {
+        let first = bots.first().context("no digibot to post to")?;
         Ok(Poster {
             client: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(30))
                 .build()?,
-            url: format!("{}/webhooks/digishare", bot.url()),
-            auth: bot.auth_header(),
+            urls: Arc::new(
+                bots.iter()
+                    .map(|b| format!("{}/webhooks/digishare", b.url()))
+                    .collect(),
+            ),
+            next: Arc::new(AtomicUsize::new(0)),
+            auth: first.auth_header(),
         })
     }
 
     /// One POST; `Err` when no HTTP answer came back (refused, reset).
     pub async fn post(&self, body: &Value) -> Result<HttpReply> {
-        let mut req = self.client.post(&self.url).json(body);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len();
+        self.post_to(i, body).await
+    }
+
+    /// One POST to the `i`th digibot of the rotation.
+    pub async fn post_to(&self, i: usize, body: &Value) -> Result<HttpReply> {
+        let mut req = self.client.post(&self.urls[i]).json(body);
         if let Some((name, value)) = &self.auth {
             req = req.header(name, value);
         }

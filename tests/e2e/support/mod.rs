@@ -4,10 +4,12 @@
 //! Later test modules use parts the first ones do not.
 #![allow(dead_code, unused_imports)]
 
+pub mod burst;
 pub mod digibot;
 pub mod durable;
 pub mod fake;
 pub mod fixtures;
+pub mod pg;
 
 use std::collections::HashSet;
 use std::time::Duration;
