@@ -1,6 +1,8 @@
 //! The admin API under `/admin`, behind `DIGIBOT_ADMIN_TOKEN` (no token: the
-//! routes do not exist). Dead letters, recent events, and plugin
-//! management (list, upload, delete, rollback).
+//! routes do not exist). Dead letters, recent events and conversations,
+//! plugin management (list, upload, delete, rollback), and the simulator's
+//! routes (see `simulator`). The dashboard page itself (`dashboard`) is
+//! served without the token: it holds no data and calls these routes.
 
 use crate::registry::RegistryError;
 use crate::runtime::LoadError;
@@ -14,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use std::collections::BTreeMap;
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
@@ -35,6 +38,9 @@ pub fn routes(state: AppState) -> Option<Router<AppState>> {
             axum::routing::put(upload).delete(remove),
         )
         .route("/admin/plugins/{name}/rollback", post(rollback))
+        .route("/admin/conversations", get(conversations))
+        .route("/admin/conversations/{id}", get(conversation))
+        .merge(crate::simulator::routes())
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .layer(middleware::from_fn_with_state(state, require_admin));
     Some(router)
@@ -130,10 +136,106 @@ async fn outbox(State(app): State<AppState>) -> Response {
     }
 }
 
+async fn conversations(State(app): State<AppState>, Query(q): Query<Limit>) -> Response {
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.recent_conversations(limit)).await {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn conversation(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.conversation(&id)).await {
+        Ok(Ok(detail)) if detail.events.is_empty() && detail.actions.is_empty() => error(
+            StatusCode::NOT_FOUND,
+            "no recent events in this conversation",
+        ),
+        Ok(Ok(detail)) => Json(detail).into_response(),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Events whose recorded plugin outcomes feed the latency summary.
+const LATENCY_EVENTS: usize = 1000;
+
+/// Invocation latency of one plugin version over recent events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// p50/p99 of `elapsed_us` per plugin and version (the first 12 hex
+/// digits, as outcomes record it), from the outcomes stored with recent
+/// events: the runtime's own record of each invocation, so nothing is
+/// counted twice. Filtered and skipped outcomes did not run and are left
+/// out.
+pub fn latencies(events: &[crate::store::EventSummary]) -> BTreeMap<(String, String), Latency> {
+    let mut samples: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+    for event in events {
+        for outcome in event.plugins.as_array().into_iter().flatten() {
+            if !matches!(outcome["outcome"].as_str(), Some("ok" | "failed")) {
+                continue;
+            }
+            let (Some(plugin), Some(version), Some(us)) = (
+                outcome["plugin"].as_str(),
+                outcome["version"].as_str(),
+                outcome["elapsed_us"].as_u64(),
+            ) else {
+                continue;
+            };
+            samples
+                .entry((plugin.to_string(), version.to_string()))
+                .or_default()
+                .push(us);
+        }
+    }
+    samples
+        .into_iter()
+        .map(|(key, mut us)| {
+            us.sort_unstable();
+            // Nearest rank.
+            let rank = |q: f64| us[((q * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1];
+            let latency = Latency {
+                samples: us.len(),
+                p50_us: rank(0.50),
+                p99_us: rank(0.99),
+            };
+            (key, latency)
+        })
+        .collect()
+}
+
 async fn plugins(State(app): State<AppState>) -> Response {
+    let store = app.store.clone();
+    let recent = tokio::task::spawn_blocking(move || store.recent_events(LATENCY_EVENTS)).await;
+    let latency = match recent {
+        Ok(Ok(events)) => latencies(&events),
+        Ok(Err(e)) => return store_error(e),
+        Err(e) => return store_error(e),
+    };
+    let plugins: Vec<serde_json::Value> = app
+        .registry
+        .report()
+        .into_iter()
+        .map(|report| {
+            let key = (
+                report.name.clone(),
+                report.version.chars().take(12).collect::<String>(),
+            );
+            let mut value = json!(report);
+            value["latency"] = json!(latency.get(&key));
+            value
+        })
+        .collect();
     Json(json!({
         "pooling": app.registry.runtime().pooling(),
-        "plugins": app.registry.report(),
+        "plugins": plugins,
     }))
     .into_response()
 }
@@ -195,5 +297,59 @@ async fn rollback(State(app): State<AppState>, Path(name): Path<String>) -> Resp
         Ok(Ok(plugin)) => installed(&plugin),
         Ok(Err(e)) => registry_error(e),
         Err(e) => store_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EventSummary;
+
+    fn event(outcomes: serde_json::Value) -> EventSummary {
+        EventSummary {
+            seq: 1,
+            key: "k".into(),
+            event: "live_chat.new_message".into(),
+            conversation_id: Some("c".into()),
+            status: "handled".into(),
+            received_at: 0,
+            handled_at: Some(0),
+            plugins: outcomes,
+        }
+    }
+
+    #[test]
+    fn latency_is_summarised_per_plugin_version_from_recorded_invocations() {
+        let mut events: Vec<EventSummary> = (1..=100)
+            .map(|us| {
+                event(json!([
+                    {"plugin": "echo", "version": "aaaaaaaaaaaa", "outcome": "ok", "elapsed_us": us},
+                    {"plugin": "greeter", "version": "bbbbbbbbbbbb", "outcome": "filtered", "elapsed_us": 0},
+                ]))
+            })
+            .collect();
+        events.push(event(json!([
+            {"plugin": "echo", "version": "cccccccccccc", "outcome": "failed", "elapsed_us": 7},
+            {"plugin": "echo", "version": "aaaaaaaaaaaa", "outcome": "skipped", "elapsed_us": 0},
+        ])));
+        let latency = latencies(&events);
+        assert_eq!(
+            latency.get(&("echo".into(), "aaaaaaaaaaaa".into())),
+            Some(&Latency {
+                samples: 100,
+                p50_us: 50,
+                p99_us: 99
+            })
+        );
+        assert_eq!(
+            latency.get(&("echo".into(), "cccccccccccc".into())),
+            Some(&Latency {
+                samples: 1,
+                p50_us: 7,
+                p99_us: 7
+            })
+        );
+        // Filtered and skipped outcomes did not run.
+        assert_eq!(latency.len(), 2);
     }
 }

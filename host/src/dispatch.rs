@@ -106,6 +106,32 @@ pub fn run_entries(
     kv: Arc<dyn KvRead>,
     breaker: Breaker,
 ) -> Handled {
+    run(runtime, entries, event, state, kv, breaker, true)
+}
+
+/// [`run_entries`] without touching the process's metrics: for the
+/// dashboard's simulator, whose operator test messages inside the server
+/// must not count as customer traffic (nor trip failure alerts).
+pub fn run_entries_unmetered(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &crate::event::Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+) -> Handled {
+    run(runtime, entries, event, state, kv, breaker, false)
+}
+
+fn run(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &crate::event::Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+    metered: bool,
+) -> Handled {
     let mut handled = Handled::default();
     let Some(call) = Call::for_event(event, state) else {
         return handled;
@@ -144,10 +170,12 @@ pub fn run_entries(
                 .entered();
         let invocation = runtime.invoke(plugin, &call, kv.clone());
         outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
-        metrics()
-            .plugin_invocation_seconds
-            .with(&[&plugin.name])
-            .observe(invocation.elapsed);
+        if metered {
+            metrics()
+                .plugin_invocation_seconds
+                .with(&[&plugin.name])
+                .observe(invocation.elapsed);
+        }
         for line in &invocation.logs {
             tracing::info!(level = ?line.level, "plugin: {}", line.message);
         }
@@ -177,7 +205,9 @@ pub fn run_entries(
                             outcome.actions += 1;
                         }
                         Err(rejected) => {
-                            metrics().actions_rejected.with(&[rejected.kind]).inc();
+                            if metered {
+                                metrics().actions_rejected.with(&[rejected.kind]).inc();
+                            }
                             tracing::warn!("{rejected}");
                             outcome.rejected.push(rejected.to_string());
                         }
@@ -194,10 +224,12 @@ pub fn run_entries(
             }
             Err(failure) => {
                 let reason = failure.to_string();
-                metrics()
-                    .plugin_failures
-                    .with(&[&plugin.name, failure.kind()])
-                    .inc();
+                if metered {
+                    metrics()
+                        .plugin_failures
+                        .with(&[&plugin.name, failure.kind()])
+                        .inc();
+                }
                 tracing::warn!(%reason, "plugin failed");
                 if entry
                     .health
@@ -423,6 +455,13 @@ impl Dispatcher {
         })
         .await
         .is_ok()
+    }
+
+    /// A slot of the plugin-thread bound, for other callers that run
+    /// plugins in this process (the dashboard's simulator), so they share
+    /// the instance pool's budget with the dispatcher. `None` once closed.
+    pub async fn plugin_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.plugin_threads.clone().acquire_owned().await.ok()
     }
 
     /// Events queued in memory (for tests and metrics).

@@ -4,6 +4,7 @@
 
 use crate::admin;
 use crate::config::Settings;
+use crate::dashboard;
 use crate::dispatch::{Breaker, Dispatcher};
 use crate::metrics;
 use crate::registry::Registry;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub webhook_auth: WebhookAuth,
     pub webhook_max_bytes: usize,
     pub admin_token: Option<String>,
+    /// The dashboard's simulated conversations.
+    pub simulator: Arc<crate::simulator::Simulator>,
 }
 
 /// The HTTP routes.
@@ -63,7 +66,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/webhooks/digishare", post(webhook::receive));
     if let Some(admin) = admin::routes(state.clone()) {
-        router = router.merge(admin);
+        router = router.merge(admin).merge(dashboard::routes());
     }
     // Like the admin API: only with an admin token, and behind it.
     if state.admin_token.is_some() {
@@ -205,6 +208,7 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         webhook_auth,
         webhook_max_bytes: settings.webhook_max_bytes,
         admin_token: settings.admin_token.clone(),
+        simulator: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await

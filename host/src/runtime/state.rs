@@ -41,6 +41,13 @@ impl KvRead for NoKv {
 pub struct MemoryKv(std::sync::Mutex<HashMap<(String, String, String), String>>);
 
 impl MemoryKv {
+    /// Forgets every plugin's state for one conversation.
+    pub fn clear_conversation(&self, conversation_id: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|(_, conversation, _), _| conversation != conversation_id);
+        }
+    }
+
     pub fn apply(&self, plugin: &str, conversation_id: &str, writes: &[KvWrite]) {
         let Ok(mut map) = self.0.lock() else { return };
         for w in writes {

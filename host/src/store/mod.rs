@@ -160,6 +160,39 @@ pub struct OutboxDepth {
     pub dead: i64,
 }
 
+/// How many of the most recent events (and outbox rows) the conversation
+/// views look at.
+pub const CONVERSATION_WINDOW: i64 = 20_000;
+
+/// Outbox actions of a conversation by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ActionCounts {
+    pub sent: i64,
+    pub pending: i64,
+    pub dead: i64,
+}
+
+/// A recently active conversation, for the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConversationSummary {
+    pub conversation_id: String,
+    pub events: i64,
+    pub pending_events: i64,
+    pub first_event_at: i64,
+    pub last_event_at: i64,
+    /// The name of its latest event (`live_chat.new_message`, ...).
+    pub last_event: String,
+    pub actions: ActionCounts,
+}
+
+/// A conversation's recent events and the actions they queued.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConversationDetail {
+    pub conversation_id: String,
+    pub events: Vec<EventSummary>,
+    pub actions: Vec<OutboxAction>,
+}
+
 /// What retention removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Pruned {
@@ -218,6 +251,23 @@ impl Store {
     /// Recent events, newest first.
     pub fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, StoreError> {
         on_backend!(self, b => b.recent_events(limit))
+    }
+
+    /// The conversations with events among the last
+    /// [`CONVERSATION_WINDOW`] events, most recently active first, at most
+    /// `limit`, with their action counts (dashboard).
+    pub fn recent_conversations(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        on_backend!(self, b => b.recent_conversations(limit))
+    }
+
+    /// One conversation's events (oldest first, with what each plugin did)
+    /// and the actions they queued, with their API status, within the last
+    /// [`CONVERSATION_WINDOW`] events and outbox rows.
+    pub fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, StoreError> {
+        on_backend!(self, b => b.conversation(conversation_id))
     }
 
     // ---- KV --------------------------------------------------------------

@@ -15,8 +15,9 @@
 //! `checkpoint_loop`).
 
 use super::{
-    Durability, EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth,
-    Pruned, StoreError, StoredEvent, now_ms,
+    ActionCounts, CONVERSATION_WINDOW, ConversationDetail, ConversationSummary, Durability,
+    EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned,
+    StoreError, StoredEvent, now_ms,
 };
 use crate::event::Event;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -380,22 +381,95 @@ impl Sqlite {
                 "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
                  FROM events ORDER BY seq DESC LIMIT ?1",
             )?;
-            let rows = stmt.query_map([limit as i64], |r| {
-                let outcomes: Option<String> = r.get(7)?;
-                Ok(EventSummary {
-                    seq: r.get(0)?,
-                    key: r.get(1)?,
-                    event: r.get(2)?,
-                    conversation_id: r.get(3)?,
-                    status: r.get(4)?,
-                    received_at: r.get(5)?,
-                    handled_at: r.get(6)?,
-                    plugins: outcomes
-                        .and_then(|o| serde_json::from_str(&o).ok())
-                        .unwrap_or(serde_json::Value::Array(vec![])),
-                })
-            })?;
+            let rows = stmt.query_map([limit as i64], event_summary)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// The conversations with events among the last
+    /// [`CONVERSATION_WINDOW`] events, most recently active first, at most
+    /// `limit`, with their action counts (dashboard).
+    pub fn recent_conversations(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        self.read(|conn| {
+            // Bounded by primary-key ranges: no conversation index to
+            // maintain on every webhook for a page an operator opens.
+            let mut stmt = conn.prepare(
+                "SELECT conversation_id, COUNT(*), MIN(received_at), MAX(received_at),
+                        SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), MAX(seq)
+                 FROM events
+                 WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - ?1
+                   AND conversation_id IS NOT NULL
+                 GROUP BY conversation_id ORDER BY MAX(seq) DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![CONVERSATION_WINDOW, limit as i64], |r| {
+                let summary = ConversationSummary {
+                    conversation_id: r.get(0)?,
+                    events: r.get(1)?,
+                    first_event_at: r.get(2)?,
+                    last_event_at: r.get(3)?,
+                    pending_events: r.get(4)?,
+                    last_event: String::new(),
+                    actions: ActionCounts::default(),
+                };
+                Ok((summary, r.get::<_, i64>(5)?))
+            })?;
+            let mut conversations = rows.collect::<Result<Vec<_>, _>>()?;
+            let mut last = conn.prepare_cached("SELECT name FROM events WHERE seq = ?1")?;
+            let mut counts = conn.prepare_cached(
+                "SELECT status, COUNT(*) FROM outbox
+                 WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - ?1 AND conversation_id = ?2
+                 GROUP BY status",
+            )?;
+            for (c, last_seq) in &mut conversations {
+                c.last_event = last.query_row([*last_seq], |r| r.get(0))?;
+                let rows = counts
+                    .query_map(params![CONVERSATION_WINDOW, c.conversation_id], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                    })?;
+                for row in rows {
+                    let (status, n) = row?;
+                    match status.as_str() {
+                        "sent" => c.actions.sent = n,
+                        "pending" => c.actions.pending = n,
+                        "dead" => c.actions.dead = n,
+                        _ => {}
+                    }
+                }
+            }
+            Ok(conversations.into_iter().map(|(c, _)| c).collect())
+        })
+    }
+
+    /// One conversation's events (oldest first, with what each plugin did)
+    /// and the actions they queued, with their API status, within the last
+    /// [`CONVERSATION_WINDOW`] events and actions.
+    pub fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                 FROM events
+                 WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - ?1 AND conversation_id = ?2
+                 ORDER BY seq",
+            )?;
+            let events = stmt
+                .query_map(params![CONVERSATION_WINDOW, conversation_id], event_summary)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox
+                 WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - ?1 AND conversation_id = ?2
+                 ORDER BY id"
+            ))?;
+            let actions = stmt
+                .query_map(params![CONVERSATION_WINDOW, conversation_id], outbox_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ConversationDetail {
+                conversation_id: conversation_id.to_string(),
+                events,
+                actions,
+            })
         })
     }
 
@@ -598,6 +672,24 @@ fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxAction> {
         last_status: r.get(11)?,
         last_error: r.get(12)?,
         created_at: r.get(13)?,
+    })
+}
+
+/// Reads `seq, key, name, conversation_id, status, received_at,
+/// handled_at, outcomes`.
+fn event_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
+    let outcomes: Option<String> = r.get(7)?;
+    Ok(EventSummary {
+        seq: r.get(0)?,
+        key: r.get(1)?,
+        event: r.get(2)?,
+        conversation_id: r.get(3)?,
+        status: r.get(4)?,
+        received_at: r.get(5)?,
+        handled_at: r.get(6)?,
+        plugins: outcomes
+            .and_then(|o| serde_json::from_str(&o).ok())
+            .unwrap_or(serde_json::Value::Array(vec![])),
     })
 }
 

@@ -41,6 +41,7 @@ macro_rules! store_suite {
             retries_wait_and_dead_letters_can_be_retried_or_dropped,
             prune_removes_only_old_finished_work,
             outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed,
+            conversations_list_recent_first_with_events_and_actions,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -418,4 +419,57 @@ pub(crate) async fn outbox_depth_counts_pending_and_dead_and_ping_fails_once_clo
     );
     store.close();
     assert!(matches!(store.ping().await, Err(StoreError::Closed)));
+}
+
+pub(crate) async fn conversations_list_recent_first_with_events_and_actions(db: TestDb) {
+    let store = db.open();
+    // Conversation "c": two handled messages, one sent and one dead action.
+    handled_in(&store, "c1", "c", 1).await;
+    handled_in(&store, "c2", "c", 1).await;
+    store
+        .mark_sent(head_id(&store, "c1/a0"), 201)
+        .await
+        .unwrap();
+    store
+        .mark_dead(head_id(&store, "c2/a0"), Some(422), "bad".into())
+        .await
+        .unwrap();
+    // Then conversation "d": one pending event.
+    store.insert_event(event("d1", "d")).await.unwrap();
+
+    let list = blocking(|| store.recent_conversations(10)).unwrap();
+    let ids: Vec<&str> = list.iter().map(|c| c.conversation_id.as_str()).collect();
+    assert_eq!(ids, ["d", "c"]);
+    assert_eq!((list[0].events, list[0].pending_events), (1, 1));
+    assert_eq!(list[0].actions, ActionCounts::default());
+    assert_eq!((list[1].events, list[1].pending_events), (2, 0));
+    assert_eq!(list[1].last_event, "live_chat.new_message");
+    assert!(list[1].first_event_at <= list[1].last_event_at);
+    assert_eq!(
+        list[1].actions,
+        ActionCounts {
+            sent: 1,
+            pending: 0,
+            dead: 1
+        }
+    );
+    assert_eq!(blocking(|| store.recent_conversations(1)).unwrap().len(), 1);
+
+    let detail = blocking(|| store.conversation("c")).unwrap();
+    let keys: Vec<&str> = detail.events.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["live_chat.new_message:c1", "live_chat.new_message:c2"]
+    );
+    let actions: Vec<(&str, &str, Option<i64>)> = detail
+        .actions
+        .iter()
+        .map(|a| (a.idempotency_key.as_str(), a.status.as_str(), a.last_status))
+        .collect();
+    assert_eq!(
+        actions,
+        [("c1/a0", "sent", Some(201)), ("c2/a0", "dead", Some(422))]
+    );
+    let unknown = blocking(|| store.conversation("nope")).unwrap();
+    assert!(unknown.events.is_empty() && unknown.actions.is_empty());
 }
