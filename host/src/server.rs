@@ -315,6 +315,7 @@ mod tests {
             webhook_auth: WebhookAuth::None,
             webhook_max_bytes: 1 << 20,
             admin_token: admin_token.map(str::to_string),
+            simulator: Arc::default(),
         }
     }
 

@@ -43,6 +43,9 @@ fn fixture(plugins: &[(&str, &str)]) -> Fixture {
     // A generous deadline: a loaded CI machine must not turn echo into a
     // timeout. The real limit's enforcement is the runtime tests' job.
     let runtime = Runtime::new(RuntimeConfig {
+        // Several tests at once: no pool reservation each.
+        pooling: false,
+        warm_instances: 0,
         defaults: Limits {
             timeout: Duration::from_secs(5),
             ..Limits::default()
