@@ -138,37 +138,9 @@ pub enum Content {
     Unknown { type_name: String, raw_json: String },
 }
 
-/// Who is in charge of a conversation, as far as digibot knows. Plugins
-/// see it with every event they receive.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConversationState {
-    /// The bot is in charge: plugins answer the customer (the default).
-    #[default]
-    Bot,
-    /// A human agent is in charge: only assist plugins run, and they may
-    /// only write internal notes.
-    Human,
-    /// The conversation is archived.
-    Closed,
-}
-
-impl ConversationState {
-    /// The name used in the store, the API and logs: `bot`, `human`, `closed`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConversationState::Bot => "bot",
-            ConversationState::Human => "human",
-            ConversationState::Closed => "closed",
-        }
-    }
-}
-
-impl std::fmt::Display for ConversationState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Who is in charge of a conversation (bot, human, closed): defined once,
+/// in `digibot_protocol`, because plugins built with the SDK name it too.
+pub use digibot_protocol::ConversationState;
 
 impl Event {
     /// Parses a webhook body. Fails only on bad JSON or a bad envelope;

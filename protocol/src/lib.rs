@@ -6,6 +6,9 @@
 //! because a plugin need not have been built with our SDK. Neither side keeps
 //! its own copy of a limit.
 //!
+//! It is also the one definition of [`ConversationState`], which the host
+//! keeps per conversation and plugins are told with every event.
+//!
 //! No wasmtime, no tokio, no serde unless the `serde` feature asks for it:
 //! this crate compiles into every Rust plugin.
 //!
@@ -30,6 +33,50 @@ mod validate;
 
 pub use builders::{ButtonsBuilder, ListBuilder};
 pub use validate::LimitError;
+
+/// Who is in charge of a conversation. Plugins are told it with every event
+/// they receive (`digishare:bot@0.2.0` and later).
+///
+/// ```
+/// use digibot_protocol::ConversationState;
+///
+/// assert_eq!(ConversationState::default(), ConversationState::Bot);
+/// assert_eq!(ConversationState::Human.to_string(), "human");
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum ConversationState {
+    /// The bot is in charge: plugins answer the customer. Every
+    /// conversation starts so.
+    #[default]
+    Bot,
+    /// A human agent is in charge: only assist plugins run, and they may
+    /// only write internal notes.
+    Human,
+    /// The conversation is archived.
+    Closed,
+}
+
+impl ConversationState {
+    /// The name used in the store, the API and logs: `bot`, `human`, `closed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConversationState::Bot => "bot",
+            ConversationState::Human => "human",
+            ConversationState::Closed => "closed",
+        }
+    }
+}
+
+impl std::fmt::Display for ConversationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// The limits of Digishare's Messages API (and of WhatsApp behind it).
 ///
