@@ -2,12 +2,15 @@
 //! [`Action`]s into what crosses the component boundary.
 //!
 //! The event types are generated from the plugin interface
-//! (`wit/since_v0.1.0/bot.wit`), so their fields are exactly what digibot
-//! sends.
+//! (`wit/since_v0.2.0/bot.wit`), so their fields are exactly what digibot
+//! sends. [`Message`] and [`Conversation`] are the event's record plus the
+//! [`ConversationState`] the event carries beside it, so a handler gets both
+//! in one argument.
 
 use crate::bindings::digishare::bot::types as wit;
 use digibot_protocol::Action;
 
+pub use digibot_protocol::ConversationState;
 /// The customer picked a reply button or a list row: see
 /// [`Content::ButtonReply`], [`Content::ListReply`] and [`Message::choice_id`].
 pub use wit::Choice;
@@ -15,9 +18,6 @@ pub use wit::Choice;
 pub use wit::Contact;
 /// What a [`Message`] carries: text, a location, a choice, a file…
 pub use wit::Content;
-/// A conversation, as [`Bot::on_new_conversation`](crate::Bot::on_new_conversation)
-/// receives it.
-pub use wit::Conversation;
 /// A location the customer shared ([`Content::Location`]); not to be confused
 /// with [`Location`](crate::Location), the pin a bot sends.
 pub use wit::Location as SharedLocation;
@@ -25,9 +25,6 @@ pub use wit::Location as SharedLocation;
 pub use wit::Media;
 /// The kind of file in a [`Media`] message.
 pub use wit::MediaKind;
-/// A customer message, as [`Bot::on_message`](crate::Bot::on_message)
-/// receives it.
-pub use wit::Message;
 /// One phone number of a [`Contact`].
 pub use wit::Phone;
 /// Who wrote a [`Message`].
@@ -39,11 +36,103 @@ pub use wit::SenderKind;
 /// ([`Content::Unknown`]).
 pub use wit::UnknownContent;
 
+/// The state an event carries, as the SDK names it.
+fn state(state: wit::ConversationState) -> ConversationState {
+    match state {
+        wit::ConversationState::Bot => ConversationState::Bot,
+        wit::ConversationState::Human => ConversationState::Human,
+        wit::ConversationState::Closed => ConversationState::Closed,
+    }
+}
+
+/// A conversation, as [`Bot::on_new_conversation`](crate::Bot::on_new_conversation)
+/// receives it.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    /// Digishare's conversation id (the one replies go to).
+    pub id: String,
+    /// The customer ("third") id.
+    pub customer_id: String,
+    /// The customer's display name, when Digishare sent one.
+    pub customer_name: Option<String>,
+    /// The channel the customer writes from, e.g. `whatsapp`.
+    pub channel: Option<String>,
+    /// The customer's id on that channel, e.g. a phone number.
+    pub platform_id: Option<String>,
+    /// When the conversation started (RFC 3339, as Digishare sent it).
+    pub created_at: Option<String>,
+    /// Who is in charge of the conversation as this event is handled.
+    pub state: ConversationState,
+}
+
+impl From<wit::NewConversationEvent> for Conversation {
+    fn from(event: wit::NewConversationEvent) -> Self {
+        let wit::Conversation {
+            id,
+            customer_id,
+            customer_name,
+            channel,
+            platform_id,
+            created_at,
+        } = event.conversation;
+        Conversation {
+            id,
+            customer_id,
+            customer_name,
+            channel,
+            platform_id,
+            created_at,
+            state: state(event.state),
+        }
+    }
+}
+
+/// A customer message, as [`Bot::on_message`](crate::Bot::on_message)
+/// receives it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Digishare's message id (what [`Action::text_reply_to`] quotes).
+    pub id: String,
+    /// The conversation it was written in (the one replies go to).
+    pub conversation_id: String,
+    /// Who wrote it: the customer, since only customer messages reach a bot.
+    pub sender: Sender,
+    /// When it was written (RFC 3339, as Digishare sent it).
+    pub created_at: Option<String>,
+    /// What it carries.
+    pub content: Content,
+    /// Who is in charge of the conversation as this message is handled.
+    /// A plain bot only ever sees [`ConversationState::Bot`] here; an assist
+    /// plugin also sees [`ConversationState::Human`], and then answers with
+    /// internal notes for the agent.
+    pub state: ConversationState,
+}
+
+impl From<wit::MessageEvent> for Message {
+    fn from(event: wit::MessageEvent) -> Self {
+        let wit::Message {
+            id,
+            conversation_id,
+            sender,
+            created_at,
+            content,
+        } = event.message;
+        Message {
+            id,
+            conversation_id,
+            sender,
+            created_at,
+            content,
+            state: state(event.state),
+        }
+    }
+}
+
 impl Message {
     /// The text, when this is a text message.
     ///
     /// ```
-    /// # use digibot_sdk::{Content, Message, Sender, SenderKind};
+    /// # use digibot_sdk::{Content, ConversationState, Message, Sender, SenderKind};
     /// # let sender = Sender { kind: SenderKind::Customer, name: None, id: None };
     /// let message = Message {
     ///     id: "msg_1".into(),
@@ -51,6 +140,7 @@ impl Message {
     ///     sender,
     ///     created_at: None,
     ///     content: Content::Text("Bonjour".into()),
+    ///     state: ConversationState::Bot,
     /// };
     /// assert_eq!(message.text(), Some("Bonjour"));
     /// assert_eq!(message.choice_id(), None);
@@ -66,7 +156,7 @@ impl Message {
     /// the bot gave it in [`Action::buttons`] or [`Action::list`].
     ///
     /// ```
-    /// # use digibot_sdk::{Choice, Content, Message, Sender, SenderKind};
+    /// # use digibot_sdk::{Choice, Content, ConversationState, Message, Sender, SenderKind};
     /// # let sender = Sender { kind: SenderKind::Customer, name: None, id: None };
     /// let message = Message {
     ///     id: "msg_2".into(),
@@ -78,6 +168,7 @@ impl Message {
     ///         title: "Oui".into(),
     ///         description: None,
     ///     }),
+    ///     state: ConversationState::Bot,
     /// };
     /// assert_eq!(message.choice_id(), Some("yes"));
     /// assert_eq!(message.text(), None);
@@ -92,7 +183,7 @@ impl Message {
     /// The shared location, when this is a location message.
     ///
     /// ```
-    /// # use digibot_sdk::{Content, Message, Sender, SenderKind, SharedLocation};
+    /// # use digibot_sdk::{Content, ConversationState, Message, Sender, SenderKind, SharedLocation};
     /// # let sender = Sender { kind: SenderKind::Customer, name: None, id: None };
     /// let message = Message {
     ///     id: "msg_3".into(),
@@ -105,6 +196,7 @@ impl Message {
     ///         name: None,
     ///         address: None,
     ///     }),
+    ///     state: ConversationState::Bot,
     /// };
     /// assert_eq!(message.location().map(|l| l.latitude), Some(33.57));
     /// ```
@@ -193,6 +285,7 @@ mod tests {
             },
             created_at: None,
             content,
+            state: ConversationState::Bot,
         }
     }
 

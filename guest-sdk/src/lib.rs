@@ -33,6 +33,44 @@
 //!
 //! [`log`], [`config`] and [`kv`] call into digibot: they only work inside a
 //! plugin running in digibot, and panic in a native build (e.g. `cargo test`).
+//!
+//! # Who is in charge
+//!
+//! Every event says who is in charge of its conversation:
+//! [`Message::state`] and [`Conversation::state`], a [`ConversationState`].
+//! A conversation is `Bot` until a human agent takes it over (the bot
+//! handed it off, or an agent wrote in it); then it is `Human` until it is
+//! released back to the bot, and `Closed` once archived. While a human is in
+//! charge digibot only calls plugins marked `assist = true` in their
+//! `NAME.toml`, and sends only their internal notes: such a plugin can
+//! suggest answers to the agent.
+//!
+//! ```
+//! use digibot_sdk::{Action, Bot, ConversationState, Message, Result, export_bot};
+//!
+//! struct Suggest;
+//!
+//! impl Bot for Suggest {
+//!     fn on_message(message: &Message) -> Result<Vec<Action>> {
+//!         let Some(text) = message.text() else {
+//!             return Ok(vec![]);
+//!         };
+//!         let answer = format!("About {text:?}: our shop opens at 9:00.");
+//!         match message.state {
+//!             ConversationState::Bot => Ok(vec![Action::text(answer)?]),
+//!             // An agent is in charge: a note only they see.
+//!             ConversationState::Human => Ok(vec![Action::note(format!("Suggested: {answer}"))?]),
+//!             ConversationState::Closed => Ok(vec![]),
+//!         }
+//!     }
+//! }
+//!
+//! export_bot!(Suggest);
+//! # fn main() {}
+//! ```
+//!
+//! Plugins built with an SDK from before `digishare:bot@0.2.0` keep working;
+//! they are simply not told the state.
 
 #![warn(missing_docs)]
 
@@ -44,8 +82,8 @@ pub use digibot_protocol::{
     ListSection, Location, limits,
 };
 pub use event::{
-    Choice, Contact, Content, Conversation, Media, MediaKind, Message, Phone, Sender, SenderKind,
-    SharedLocation, UnknownContent,
+    Choice, Contact, Content, Conversation, ConversationState, Media, MediaKind, Message, Phone,
+    Sender, SenderKind, SharedLocation, UnknownContent,
 };
 pub use file::FileBuilder;
 
@@ -116,7 +154,7 @@ impl From<&str> for Error {
 /// event, so there is nothing to keep in the value. Use [`kv`] for state.
 ///
 /// ```
-/// use digibot_sdk::{Action, Bot, Conversation, Result};
+/// use digibot_sdk::{Action, Bot, Conversation, ConversationState, Result};
 ///
 /// struct Greeter;
 ///
@@ -134,6 +172,7 @@ impl From<&str> for Error {
 ///     channel: Some("whatsapp".into()),
 ///     platform_id: None,
 ///     created_at: None,
+///     state: ConversationState::Bot,
 /// };
 /// let replies = Greeter::on_new_conversation(&conversation).unwrap();
 /// assert_eq!(replies, [Action::text("Hello Amina!").unwrap()]);
@@ -172,7 +211,7 @@ macro_rules! export_bot {
                 $crate::__private::String,
             > {
                 $crate::__private::run(<$bot as $crate::Bot>::on_new_conversation(
-                    &event.conversation,
+                    &event.into(),
                 ))
             }
 
@@ -182,7 +221,7 @@ macro_rules! export_bot {
                 $crate::__private::Vec<$crate::__private::WitAction>,
                 $crate::__private::String,
             > {
-                $crate::__private::run(<$bot as $crate::Bot>::on_message(&event.message))
+                $crate::__private::run(<$bot as $crate::Bot>::on_message(&event.into()))
             }
         }
 
@@ -214,7 +253,7 @@ pub mod __private {
 pub mod bindings {
     wit_bindgen::generate!({
         world: "bot",
-        path: "../wit/since_v0.1.0",
+        path: "../wit/since_v0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_bot_world",
         default_bindings_module: "digibot_sdk::bindings",

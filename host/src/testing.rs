@@ -36,8 +36,7 @@
 use crate::actions::{self, ApiRequest, Rejected};
 use crate::cli::build::{BuildError, Diagnostics, cargo_build};
 use crate::event::{
-    Choice, Content, Conversation, ConversationState, Event, EventKind, Location, Message, Sender,
-    SenderKind,
+    Choice, Content, Conversation, Event, EventKind, Location, Message, Sender, SenderKind,
 };
 use crate::runtime::{
     Call, KvRead, Limits, LoadError, Manifest, MemoryKv, Plugin, Runtime, RuntimeConfig,
@@ -47,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use crate::event::ConversationState;
 pub use crate::runtime::{Failure, LogLine};
 pub use digibot_protocol::{self as protocol, Action};
 pub use serde_json::{Value, json};
@@ -98,6 +98,8 @@ pub struct Bot {
     seen: HashSet<String>,
     logs: Vec<LogLine>,
     output: String,
+    /// The conversation's state the plugin is told.
+    state: ConversationState,
 }
 
 impl std::fmt::Debug for Bot {
@@ -190,6 +192,7 @@ impl Bot {
             seen: HashSet::new(),
             logs: Vec::new(),
             output: String::new(),
+            state: ConversationState::Bot,
         })
     }
 
@@ -204,6 +207,18 @@ impl Bot {
     /// The plugin's name (its file name without `.wasm`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets the state of the current conversation that the plugin is told
+    /// with the next events (`Message::state` in the SDK), e.g.
+    /// [`ConversationState::Human`] to test what an assist plugin suggests
+    /// once an agent is in charge. A new conversation starts as
+    /// [`ConversationState::Bot`].
+    ///
+    /// The harness calls the plugin whatever the state; which plugins the
+    /// server calls in each state is the server's business.
+    pub fn set_state(&mut self, state: ConversationState) {
+        self.state = state;
     }
 
     /// The id of the current conversation (`conv_1`, `conv_2`, …).
@@ -233,6 +248,7 @@ impl Bot {
             self.conversation += 1;
         }
         self.customer = customer_name.to_string();
+        self.state = ConversationState::Bot;
         let event = new_conversation_event(&self.conversation_id(), customer_name);
         self.send(&event)
     }
@@ -307,7 +323,7 @@ impl Bot {
         if !self.seen.insert(event.key.clone()) {
             return Ok(Vec::new());
         }
-        let Some(call) = Call::for_event(event, ConversationState::Bot) else {
+        let Some(call) = Call::for_event(event, self.state) else {
             return Ok(Vec::new());
         };
         if self.plugin.is_none() {

@@ -51,7 +51,18 @@ fn load(runtime: &Runtime, name: &str, source: &str, manifest: &str) -> Plugin {
 }
 
 fn invoke(runtime: &Runtime, plugin: &Plugin, event: &Event, kv: Arc<dyn KvRead>) -> Invocation {
-    let call = Call::for_event(event, ConversationState::Bot).expect("an event plugins handle");
+    invoke_in(runtime, plugin, event, ConversationState::Bot, kv)
+}
+
+/// [`invoke`] in a conversation that is in `state`.
+fn invoke_in(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    event: &Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+) -> Invocation {
+    let call = Call::for_event(event, state).expect("an event plugins handle");
     runtime.invoke(plugin, &call, kv)
 }
 
@@ -79,7 +90,7 @@ fn single_text(invocation: Invocation) -> String {
 fn echo_answers_a_customer_text() {
     let runtime = runtime();
     let echo = load(&runtime, "echo", "echo", "");
-    assert_eq!(echo.wit_version, "0.1.0");
+    assert_eq!(echo.wit_version, "0.2.0");
     let out = invoke(
         &runtime,
         &echo,
@@ -90,6 +101,79 @@ fn echo_answers_a_customer_text() {
         out.outcome.unwrap(),
         vec![Action::text("Bonjour, je voudrais suivre ma commande").unwrap()]
     );
+}
+
+/// Rule 4 of docs/wit-versioning.md: a plugin built against 0.1.0 (frozen
+/// in plugins/echo-v0_1) loads and answers beside 0.2.0 plugins in one
+/// runtime, whatever the conversation's state (it is not told).
+#[test]
+fn plugins_of_every_wit_version_load_and_answer_side_by_side() {
+    let runtime = runtime();
+    let old = load(&runtime, "old", "echo_v0_1", "");
+    let new = load(&runtime, "new", "echo", "");
+    assert_eq!((old.wit_version, new.wit_version), ("0.1.0", "0.2.0"));
+    assert!(
+        old.imports.iter().any(|i| i == "digishare:bot/types@0.1.0")
+            && new.imports.iter().any(|i| i == "digishare:bot/types@0.2.0"),
+        "{:?} {:?}",
+        old.imports,
+        new.imports
+    );
+    let text = "Bonjour, je voudrais suivre ma commande";
+    for state in [
+        ConversationState::Bot,
+        ConversationState::Human,
+        ConversationState::Closed,
+    ] {
+        let message = fixture("message_text_customer");
+        let kv = || -> Arc<dyn KvRead> { Arc::new(MemoryKv::default()) };
+        let out = invoke_in(&runtime, &old, &message, state, kv());
+        assert_eq!(
+            out.outcome.unwrap(),
+            vec![Action::text(format!("v0.1: {text}")).unwrap()]
+        );
+        let out = invoke_in(&runtime, &new, &message, state, kv());
+        assert_eq!(out.outcome.unwrap(), vec![Action::text(text).unwrap()]);
+        for plugin in [&old, &new] {
+            let out = invoke_in(&runtime, plugin, &fixture("new_conversation"), state, kv());
+            assert_eq!(out.outcome.unwrap(), vec![], "{}", plugin.name);
+        }
+    }
+}
+
+/// A 0.2.0 plugin is told the state the host passes, for both events.
+#[test]
+fn a_0_2_0_plugin_is_told_the_conversation_state() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "state-echo", "state_echo", "");
+    assert_eq!(plugin.wit_version, "0.2.0");
+    for (state, name) in [
+        (ConversationState::Bot, "bot"),
+        (ConversationState::Human, "human"),
+        (ConversationState::Closed, "closed"),
+    ] {
+        let message = customer_text("conv_state", "msg_state", "where is my order?");
+        let out = invoke_in(
+            &runtime,
+            &plugin,
+            &message,
+            state,
+            Arc::new(MemoryKv::default()),
+        );
+        assert_eq!(
+            single_text(out),
+            format!("{name}: where is my order?"),
+            "{state:?}"
+        );
+        let out = invoke_in(
+            &runtime,
+            &plugin,
+            &fixture("new_conversation"),
+            state,
+            Arc::new(MemoryKv::default()),
+        );
+        assert_eq!(single_text(out), format!("state: {name}"), "{state:?}");
+    }
 }
 
 #[test]

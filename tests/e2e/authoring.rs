@@ -187,7 +187,7 @@ fn new_build_check_replay_a_scaffolded_bot() -> Result<()> {
     ensure!(
         check
             .stdout
-            .contains("world:         digishare:bot/bot@0.1.0")
+            .contains("world:         digishare:bot/bot@0.2.0")
             && check.stdout.contains("OK: this component loads in digibot"),
         "{}",
         check.stdout
@@ -390,7 +390,13 @@ fn replay_fails_with_the_reason() -> Result<()> {
 
 #[test]
 fn check_reports_what_will_load() -> Result<()> {
-    for name in ["echo", "concierge"] {
+    // SDK plugins target the newest interface; echo_v0_1 stays on 0.1.0,
+    // which this host still loads.
+    for (name, version) in [
+        ("echo", "0.2.0"),
+        ("concierge", "0.2.0"),
+        ("echo_v0_1", "0.1.0"),
+    ] {
         let wasm = plugin_wasm(name);
         let bytes = std::fs::read(&wasm)?;
         let mut report = run(digibot().args(["check", "--json"]).arg(&wasm))?
@@ -406,13 +412,15 @@ fn check_reports_what_will_load() -> Result<()> {
             &report,
             &json!({"file": wasm.display().to_string(), "ok": true, "problem": null,
                 "size": bytes.len(), "sha256": hex::encode(sha2::Sha256::digest(&bytes)),
-                "world": "digishare:bot/bot@0.1.0", "wit_version": "0.1.0",
-                "supported_wit_versions": ["0.1.0"], "compile_ms": null, "manifest": null}),
+                "world": format!("digishare:bot/bot@{version}"), "wit_version": version,
+                "supported_wit_versions": ["0.1.0", "0.2.0"], "compile_ms": null, "manifest": null}),
             &format!("check {name}"),
         )?;
         let imports = imports.as_array().context("imports")?;
         ensure!(
-            imports.contains(&json!({"name": "digishare:bot/types@0.1.0", "status": "ok"})),
+            imports.contains(
+                &json!({"name": format!("digishare:bot/types@{version}"), "status": "ok"})
+            ),
             "{imports:?}"
         );
         ensure!(
@@ -425,9 +433,20 @@ fn check_reports_what_will_load() -> Result<()> {
     }
     // concierge uses kv and config: they are imported.
     let concierge = run(digibot().arg("check").arg(plugin_wasm("concierge")))?.ok("check")?;
-    for import in ["digishare:bot/kv@0.1.0", "digishare:bot/config@0.1.0"] {
+    for import in ["digishare:bot/kv@0.2.0", "digishare:bot/config@0.2.0"] {
         ensure!(concierge.stdout.contains(import), "{}", concierge.stdout);
     }
+    let old = run(digibot().arg("check").arg(plugin_wasm("echo_v0_1")))?.ok("check")?;
+    ensure!(
+        old.stdout
+            .contains("world:         digishare:bot/bot@0.1.0")
+            && old
+                .stdout
+                .contains("digishare:bot: 0.1.0 (this host loads 0.1.0, 0.2.0)")
+            && old.stdout.contains("OK: this component loads in digibot"),
+        "{}",
+        old.stdout
+    );
     Ok(())
 }
 
@@ -437,18 +456,7 @@ fn check_fails_on_what_will_not_load() -> Result<()> {
     // digibot does not provide (same length, so the binary stays valid).
     let tmp = tempfile::tempdir()?;
     let bytes = std::fs::read(plugin_wasm("echo"))?;
-    let (from, to) = (b"wasi:cli/environment", b"evil:cli/environment");
-    let mut patched = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i..].starts_with(from) {
-            patched.extend_from_slice(to);
-            i += from.len();
-        } else {
-            patched.push(bytes[i]);
-            i += 1;
-        }
-    }
+    let patched = replace_all(&bytes, b"wasi:cli/environment", b"evil:cli/environment");
     ensure!(
         patched != bytes,
         "echo.wasm does not import wasi:cli/environment"
@@ -481,6 +489,28 @@ fn check_fails_on_what_will_not_load() -> Result<()> {
     let human = run(digibot().arg("check").arg(&forbidden))?;
     ensure!(human.stdout.contains("REFUSED"), "{}", human.stdout);
 
+    // A plugin built against a digishare:bot this host does not know: the
+    // 0.1.0 echo with its version rewritten (same length).
+    let future = tmp.path().join("future.wasm");
+    std::fs::write(
+        &future,
+        replace_all(
+            &std::fs::read(plugin_wasm("echo_v0_1"))?,
+            b"digishare:bot/types@0.1.0",
+            b"digishare:bot/types@0.9.0",
+        ),
+    )?;
+    let out = run(digibot().args(["check", "--json"]).arg(&future))?;
+    ensure!(!out.success, "an unknown version passed check");
+    let report = out.json()?;
+    ensure!(
+        report["ok"] == false
+            && report["wit_version"] == "0.9.0"
+            && report["problem"] == "targets digishare:bot@0.9.0, this host supports 0.1.0, 0.2.0"
+            && report["supported_wit_versions"] == json!(["0.1.0", "0.2.0"]),
+        "{report}"
+    );
+
     // Not a component at all, and a plugin whose NAME.toml is broken.
     let text = tmp.path().join("notes.wasm");
     std::fs::write(&text, "not wasm")?;
@@ -500,6 +530,22 @@ fn check_fails_on_what_will_not_load() -> Result<()> {
         out.stdout
     );
     Ok(())
+}
+
+/// `bytes` with every `from` replaced by `to`.
+fn replace_all(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Without the wasm32-wasip2 target, `build` says exactly what to run. A

@@ -6,10 +6,14 @@
 //! `Store` and instance, with the plugin's limits, and returns typed
 //! [`Action`]s or a [`Failure`] that says why.
 
+// First: the version modules expand its macro.
+#[macro_use]
+mod edge;
 pub mod manifest;
 mod state;
 mod stdio;
 pub mod v0_1_0;
+pub mod v0_2_0;
 
 use crate::event;
 use digibot_protocol::Action;
@@ -32,7 +36,7 @@ pub use crate::store::KvWrite;
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// The `digishare:bot` versions this host loads.
-pub const SUPPORTED_WIT: &[&str] = &[v0_1_0::VERSION];
+pub const SUPPORTED_WIT: &[&str] = &[v0_1_0::VERSION, v0_2_0::VERSION];
 
 /// Interfaces a plugin may import besides `digishare:bot`: WASI p2, linked
 /// with no capability granted (no preopens, env, args or network), because
@@ -186,7 +190,7 @@ pub struct Plugin {
 /// exactly one event: the event still gets a fresh, isolated instance, but
 /// instantiation happens off its path, on the runtime's janitor thread.
 struct WarmPool {
-    pre: v0_1_0::Pre<HostState>,
+    pre: Pre,
     name: Arc<str>,
     config: Arc<BTreeMap<String, String>>,
     limits: Limits,
@@ -201,7 +205,60 @@ struct WarmPool {
 /// An instantiated, never-called plugin instance.
 struct Ready {
     store: Store<HostState>,
-    bot: v0_1_0::Bot,
+    bot: Instance,
+}
+
+/// A plugin's pre-instantiated bindings, in the `digishare:bot` version it
+/// was built against. With [`Instance`], the host's only switch on the
+/// version: everything else sees [`event`] and [`Action`].
+enum Pre {
+    V0_1_0(v0_1_0::Pre<HostState>),
+    V0_2_0(v0_2_0::Pre<HostState>),
+}
+
+/// An instance of a plugin, in its version's bindings.
+enum Instance {
+    V0_1_0(v0_1_0::Bot),
+    V0_2_0(v0_2_0::Bot),
+}
+
+impl Pre {
+    /// The bindings for `version`, one of [`SUPPORTED_WIT`].
+    fn new(
+        version: &str,
+        pre: wasmtime::component::InstancePre<HostState>,
+    ) -> Result<Pre, LoadError> {
+        let exports = |e: wasmtime::Error| LoadError::Exports(format!("{e:#}"));
+        match version {
+            v0_1_0::VERSION => Ok(Pre::V0_1_0(v0_1_0::Pre::new(pre).map_err(exports)?)),
+            v0_2_0::VERSION => Ok(Pre::V0_2_0(v0_2_0::Pre::new(pre).map_err(exports)?)),
+            found => Err(LoadError::UnsupportedVersion {
+                found: found.to_string(),
+            }),
+        }
+    }
+
+    fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
+        Ok(match self {
+            Pre::V0_1_0(pre) => Instance::V0_1_0(v0_1_0::instantiate(pre, store)?),
+            Pre::V0_2_0(pre) => Instance::V0_2_0(v0_2_0::instantiate(pre, store)?),
+        })
+    }
+}
+
+impl Instance {
+    /// Calls the export for `call`. The outer error is a trap; the inner
+    /// one the plugin's own `err`.
+    fn call(
+        &self,
+        store: &mut Store<HostState>,
+        call: &Call<'_>,
+    ) -> wasmtime::Result<Result<Vec<Action>, String>> {
+        match self {
+            Instance::V0_1_0(bot) => v0_1_0::call(bot, store, call),
+            Instance::V0_2_0(bot) => v0_2_0::call(bot, store, call),
+        }
+    }
 }
 
 /// Background work kept off the event path.
@@ -364,7 +421,10 @@ impl Runtime {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // Each version's imports carry its version in their names
+        // (`digishare:bot/kv@0.1.0`, `@0.2.0`): they coexist in one linker.
         v0_1_0::add_to_linker(&mut linker)?;
+        v0_2_0::add_to_linker(&mut linker)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -503,7 +563,7 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        let pre = v0_1_0::Pre::new(pre).map_err(|e| LoadError::Exports(format!("{e:#}")))?;
+        let pre = Pre::new(wit_version, pre)?;
         let limits = self.config.defaults.with(&manifest.limits);
         let limits = Limits {
             memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
@@ -629,7 +689,7 @@ impl Runtime {
             let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
         }
 
-        let result = v0_1_0::call(&bot, &mut store, call);
+        let result = bot.call(&mut store, call);
         let elapsed = started.elapsed();
         let (output, cut) = store.data().stdio.contents();
         let outcome = match result {
@@ -679,7 +739,7 @@ impl WarmPool {
         if self.fuel {
             store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX))?;
         }
-        let bot = v0_1_0::instantiate(&self.pre, &mut store)?;
+        let bot = self.pre.instantiate(&mut store)?;
         Ok(Ready { store, bot })
     }
 }
