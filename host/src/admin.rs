@@ -247,6 +247,8 @@ fn registry_error(e: RegistryError) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY
         }
         RegistryError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        // The database is away: nothing changed; try again.
+        RegistryError::Shared { .. } => StatusCode::SERVICE_UNAVAILABLE,
     };
     let mut body = json!({ "error": e.to_string() });
     // The refused imports also as a list, for tools.

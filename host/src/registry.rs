@@ -15,6 +15,14 @@
 //! Each served version has a [`Health`]: the circuit breaker that
 //! quarantines a plugin after repeated failures. Called by `dispatch`
 //! (every event), `admin` (the plugin API) and `watch` (the folder).
+//!
+//! Replicas sharing a database ([`SharedPlugins`], see `cluster`): every
+//! upload, rollback and removal is recorded there (bytes, hash, rollback
+//! history) before it is published here, and [`Registry::sync`] applies
+//! what other replicas recorded, through the same compile-validate-publish
+//! path. The plugins folder is then an input only: at start it seeds the
+//! plugins the database does not know yet, and a file dropped in it is
+//! uploaded to the whole cluster; `NAME.toml` stays each replica's own.
 
 use crate::runtime::{LoadError, Manifest, Plugin, Runtime};
 use crate::store::now_ms;
@@ -45,6 +53,55 @@ pub enum RegistryError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("plugin {name}: the shared plugin store failed: {message}")]
+    Shared { name: String, message: String },
+}
+
+/// A plugin as the cluster records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedPlugin {
+    /// The version every replica serves; `None` once removed (the name
+    /// stays known, so a replica's stale folder cannot bring it back).
+    pub hash: Option<String>,
+    /// Versions a rollback goes back to, oldest first.
+    pub previous: Vec<String>,
+}
+
+/// One replica's breaker for one plugin, as the cluster sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaHealth {
+    pub replica: String,
+    pub version: String,
+    #[serde(flatten)]
+    pub health: HealthReport,
+    /// When that replica last reported (ms since the epoch).
+    pub reported_at: i64,
+}
+
+/// What other replicas recorded, as of the last [`Registry::set_cluster_view`].
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub plugins: BTreeMap<String, SharedPlugin>,
+    /// Per plugin name, every live replica's breaker.
+    pub health: BTreeMap<String, Vec<ReplicaHealth>>,
+}
+
+/// Where replicas sharing a database keep their plugins. Blocking calls:
+/// the registry calls them from blocking threads only.
+pub trait SharedPlugins: Send + Sync {
+    /// Records `bytes` as the version of `name` every replica serves; the
+    /// version it replaces becomes the latest rollback target.
+    fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), String>;
+    /// Takes `name` out of service everywhere; false when it was not served.
+    fn remove(&self, name: &str) -> Result<bool, String>;
+    /// Makes the latest rollback target current (dropping it and the
+    /// version rolled back from from the targets) and returns its bytes;
+    /// `None` when there is no target.
+    fn rollback(&self, name: &str) -> Result<Option<Vec<u8>>, String>;
+    /// Every plugin name the cluster knows.
+    fn list(&self) -> Result<BTreeMap<String, SharedPlugin>, String>;
+    /// The bytes of one recorded version.
+    fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, String>;
 }
 
 /// Consecutive-failure circuit breaker of one plugin version.
@@ -145,7 +202,7 @@ impl Health {
             "active"
         };
         HealthReport {
-            state,
+            state: state.to_string(),
             quarantined_until: (now < until).then_some(until),
             consecutive_failures: self.consecutive.load(Ordering::SeqCst),
             invocations: self.invocations.load(Ordering::Relaxed),
@@ -190,16 +247,22 @@ pub struct PluginReport {
     pub limits: crate::runtime::Limits,
     #[serde(flatten)]
     pub health: HealthReport,
-    /// Versions `rollback` can go back to (this process's history).
+    /// Versions `rollback` can go back to (this process's history; with a
+    /// shared database, the cluster's).
     pub previous_versions: usize,
+    /// With a shared database: every live replica's breaker for this
+    /// plugin (this one's included), as last reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Vec<ReplicaHealth>>,
 }
 
-/// The breaker's view of a plugin, on `/admin/plugins`.
-#[derive(Debug, Clone, Serialize)]
+/// The breaker's view of a plugin, on `/admin/plugins` (and, read back,
+/// another replica's, from the shared database).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct HealthReport {
     /// `active`, `quarantined` (events skip it) or `half-open` (cool-down
     /// over: the next event runs it as a trial).
-    pub state: &'static str,
+    pub state: String,
     pub quarantined_until: Option<i64>,
     pub consecutive_failures: u32,
     pub invocations: u64,
@@ -220,6 +283,10 @@ pub struct Registry {
     install_lock: Mutex<()>,
     /// The plugins folder has been loaded once (readiness).
     loaded: AtomicBool,
+    /// The cluster's record of plugins, when replicas share a database.
+    shared: Option<Arc<dyn SharedPlugins>>,
+    /// The cluster as last read, for reports (which must not block).
+    cluster: Mutex<Option<ClusterView>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
@@ -264,7 +331,80 @@ impl Registry {
             history_dir: data_dir.join("plugin-history"),
             install_lock: Mutex::new(()),
             loaded: AtomicBool::new(false),
+            shared: None,
+            cluster: Mutex::new(None),
         }
+    }
+
+    /// Records plugin changes in `shared` and serves what it holds (see
+    /// the module doc); before [`Registry::load_dir`].
+    pub fn with_shared(mut self, shared: Arc<dyn SharedPlugins>) -> Registry {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Whether plugins are shared with other replicas.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Replaces the cluster view that [`Registry::report`] merges in.
+    pub fn set_cluster_view(&self, view: ClusterView) {
+        if let Ok(mut cluster) = self.cluster.lock() {
+            *cluster = Some(view);
+        }
+    }
+
+    fn shared_error(name: &str) -> impl FnOnce(String) -> RegistryError + '_ {
+        move |message| RegistryError::Shared {
+            name: name.to_string(),
+            message,
+        }
+    }
+
+    /// Serves what the cluster recorded: installs every version that
+    /// differs from the one served here (compiled and validated like an
+    /// upload) and takes out the removed ones. Returns the names changed
+    /// and the errors (a version that does not load keeps the old one).
+    /// Without a shared store, nothing.
+    pub fn sync(&self) -> (Vec<String>, Vec<RegistryError>) {
+        let Some(shared) = self.shared.clone() else {
+            return (Vec::new(), Vec::new());
+        };
+        let listed = match shared.list() {
+            Ok(listed) => listed,
+            Err(e) => return (Vec::new(), vec![Self::shared_error("*")(e)]),
+        };
+        let mut changed = Vec::new();
+        let mut errors = Vec::new();
+        for (name, recorded) in listed {
+            if check_name(&name).is_err() {
+                continue;
+            }
+            let serving = self.snapshot().get(&name).map(|e| e.plugin.hash.clone());
+            if serving == recorded.hash {
+                continue;
+            }
+            let _guard = self.lock();
+            let result = match &recorded.hash {
+                None => Ok(self.unpublish(&name)),
+                Some(hash) => match shared.bytes(&name, hash) {
+                    Ok(Some(bytes)) => self
+                        .read_manifest(&name)
+                        .and_then(|m| self.install_locked(&name, &bytes, m, false, false)),
+                    Ok(None) => Err(Self::shared_error(&name)(format!(
+                        "version {hash} is recorded without its bytes"
+                    ))),
+                    Err(e) => Err(Self::shared_error(&name)(e)),
+                },
+            };
+            match result {
+                Ok(true) => changed.push(name),
+                Ok(false) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        (changed, errors)
     }
 
     /// Whether [`Registry::load_dir`] has run (plugins that failed to load
@@ -312,10 +452,22 @@ impl Registry {
     }
 
     fn load_dir_inner(&self) -> Vec<RegistryError> {
-        let Some(dir) = self.dir.clone() else {
-            return Vec::new();
+        // With a shared store, what the cluster recorded wins over this
+        // replica's folder, which only seeds the names it does not know.
+        let (_, mut errors) = self.sync();
+        let known: Vec<String> = match &self.shared {
+            Some(shared) if errors.is_empty() => match shared.list() {
+                Ok(listed) => listed.into_keys().collect(),
+                Err(e) => {
+                    errors.push(Self::shared_error("*")(e));
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
         };
-        let mut errors = Vec::new();
+        let Some(dir) = self.dir.clone() else {
+            return errors;
+        };
         let mut names: Vec<String> = match std::fs::read_dir(&dir) {
             Ok(entries) => entries
                 .filter_map(|e| e.ok())
@@ -326,9 +478,13 @@ impl Registry {
                         .flatten()
                 })
                 .collect(),
-            Err(e) => return vec![io(&dir)(e)],
+            Err(e) => {
+                errors.push(io(&dir)(e));
+                return errors;
+            }
         };
         names.sort();
+        names.retain(|n| !known.contains(n));
         for name in names {
             if let Err(e) = self.reload(&name) {
                 errors.push(e);
@@ -358,9 +514,16 @@ impl Registry {
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let manifest = self.read_manifest(name)?;
-                self.install_locked(name, &bytes, manifest, false)
+                self.install_locked(name, &bytes, manifest, false, true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.unpublish(name)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A file taken out of the folder stops it everywhere.
+                let removed = self.unpublish(name);
+                if removed && let Some(shared) = &self.shared {
+                    shared.remove(name).map_err(Self::shared_error(name))?;
+                }
+                Ok(removed)
+            }
             Err(e) => Err(io(&path)(e)),
         }
     }
@@ -372,7 +535,7 @@ impl Registry {
         check_name(name)?;
         let _guard = self.lock();
         let manifest = self.read_manifest(name)?;
-        self.install_locked(name, bytes, manifest, true)?;
+        self.install_locked(name, bytes, manifest, true, true)?;
         self.current(name)
     }
 
@@ -384,12 +547,16 @@ impl Registry {
     }
 
     /// Compiles, validates and publishes; the caller holds [`Registry::lock`].
+    /// `record`: a change made here (not one read from the cluster), so
+    /// recorded in the shared store, when there is one, before it serves;
+    /// a shared store also keeps the folder as it is (an input only).
     fn install_locked(
         &self,
         name: &str,
         bytes: &[u8],
         manifest: Manifest,
         write_to_dir: bool,
+        record: bool,
     ) -> Result<bool, RegistryError> {
         let current = self.snapshot();
         let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
@@ -406,6 +573,20 @@ impl Registry {
                     name: name.to_string(),
                     source,
                 })?;
+        if let Some(shared) = &self.shared {
+            if record {
+                shared
+                    .put(name, &plugin.hash, bytes)
+                    .map_err(Self::shared_error(name))?;
+            }
+            tracing::info!(plugin = name, version = %&plugin.hash[..12], cached = plugin.cached,
+                compile_ms = plugin.compile_time.as_millis() as u64, shared = true, "plugin loaded");
+            self.publish(Entry {
+                plugin: Arc::new(plugin),
+                health: Arc::new(Health::default()),
+            });
+            return Ok(true);
+        }
         // Keep the bytes for rollback and restarts before publishing.
         let history = self.history_dir.join(name);
         std::fs::create_dir_all(&history).map_err(io(&history))?;
@@ -475,7 +656,11 @@ impl Registry {
     pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
         check_name(name)?;
         let _guard = self.lock();
-        let mut found = self.unpublish(name);
+        let mut found = false;
+        if let Some(shared) = &self.shared {
+            found = shared.remove(name).map_err(Self::shared_error(name))?;
+        }
+        found |= self.unpublish(name);
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{name}.wasm"));
             match std::fs::remove_file(&path) {
@@ -496,6 +681,15 @@ impl Registry {
     pub fn rollback(&self, name: &str) -> Result<Arc<Plugin>, RegistryError> {
         check_name(name)?;
         let _guard = self.lock();
+        if let Some(shared) = &self.shared {
+            let bytes = shared
+                .rollback(name)
+                .map_err(Self::shared_error(name))?
+                .ok_or_else(|| RegistryError::NoPrevious(name.to_string()))?;
+            let manifest = self.read_manifest(name)?;
+            self.install_locked(name, &bytes, manifest, false, false)?;
+            return self.current(name);
+        }
         let previous = self
             .history
             .lock()
@@ -506,7 +700,7 @@ impl Registry {
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let rolled_back_from = self.snapshot().get(name).map(|e| e.plugin.hash.clone());
         let manifest = self.read_manifest(name)?;
-        self.install_locked(name, &bytes, manifest, true)?;
+        self.install_locked(name, &bytes, manifest, true, true)?;
         // Only now that it serves does the target leave the history.
         if let Ok(mut h) = self.history.lock()
             && let Some(v) = h.get_mut(name)
@@ -519,7 +713,15 @@ impl Registry {
     /// Admin view of every plugin.
     pub fn report(&self) -> Vec<PluginReport> {
         let now = now_ms();
-        let history = self.history.lock().map(|h| h.clone()).unwrap_or_default();
+        let mut history = self.history.lock().map(|h| h.clone()).unwrap_or_default();
+        let cluster = self.cluster.lock().ok().and_then(|c| c.clone());
+        if let Some(view) = &cluster {
+            history = view
+                .plugins
+                .iter()
+                .map(|(name, p)| (name.clone(), p.previous.clone()))
+                .collect();
+        }
         self.snapshot()
             .plugins
             .iter()
@@ -534,6 +736,9 @@ impl Registry {
                 limits: e.plugin.limits.clone(),
                 health: e.health.report(now),
                 previous_versions: history.get(&e.plugin.name).map_or(0, Vec::len),
+                replicas: cluster
+                    .as_ref()
+                    .map(|view| view.health.get(&e.plugin.name).cloned().unwrap_or_default()),
             })
             .collect()
     }
