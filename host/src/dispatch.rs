@@ -71,7 +71,7 @@ pub fn event_span(event: &crate::event::Event) -> tracing::Span {
     tracing::info_span!(
         "event",
         event_id = %event.key,
-        conversation_id = event.conversation_id().unwrap_or_default(),
+        conversation_id = %event.conversation_id().unwrap_or_default(),
         event = %event.name,
     )
 }
@@ -177,10 +177,10 @@ fn run(
                 .observe(invocation.elapsed);
         }
         for line in &invocation.logs {
-            tracing::info!(level = ?line.level, "plugin: {}", line.message);
+            tracing::info!(level = ?line.level, "plugin: {}", one_line(&line.message));
         }
         if !invocation.output.is_empty() {
-            tracing::info!("plugin output: {}", invocation.output.trim_end());
+            tracing::info!("plugin output: {}", one_line(invocation.output.trim_end()));
         }
         if invocation.logs_dropped > 0 {
             tracing::warn!(
@@ -256,6 +256,16 @@ fn run(
         handled.outcomes.push(outcome);
     }
     handled
+}
+
+/// A plugin's text with its line breaks shown as `\n`: in text logs a raw
+/// line break would let a plugin start a line that looks like the host's.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains(['\n', '\r']) {
+        text.replace('\n', "\\n").replace('\r', "\\r").into()
+    } else {
+        text.into()
+    }
 }
 
 struct StoreKv(Store);
@@ -471,5 +481,19 @@ impl Dispatcher {
             .lock()
             .map(|l| l.values().map(Vec::len).sum())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn plugin_text_is_logged_on_one_line() {
+        assert_eq!(one_line("plain"), "plain");
+        assert_eq!(
+            one_line("boom\n2026-01-01T00:00:00Z  INFO forged\r"),
+            "boom\\n2026-01-01T00:00:00Z  INFO forged\\r"
+        );
     }
 }

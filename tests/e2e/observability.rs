@@ -264,6 +264,21 @@ async fn metrics_after_a_scripted_conversation() -> Result<()> {
         "invocation time sum"
     );
 
+    // Text logs (the default) carry the same spans as a prefix, and
+    // RUST_LOG=info (the harness's) leaves the debug lines out.
+    let logs = bot.logs();
+    let trap_key = &keys[1];
+    ensure!(
+        logs.lines().any(|l| l.contains("plugin failed")
+            && l.contains(&format!("event{{event_id={trap_key} conversation_id={C}"))
+            && l.contains("plugin{plugin=hostile_trap")),
+        "no `plugin failed` line in the event and plugin spans:\n{logs}"
+    );
+    ensure!(
+        !logs.contains("plugin ran"),
+        "a debug line at RUST_LOG=info"
+    );
+
     // No token, no metrics.
     let anonymous = bot.get("/metrics").await?;
     ensure!(
