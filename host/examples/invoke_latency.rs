@@ -1,6 +1,6 @@
 //! Per-call latency of one plugin call (event in, actions out), as p50/p99
 //! over many calls, for digibot's `Runtime::invoke` and for plain wasmtime
-//! in the same run. Criterion (benches/invoke.rs) gives means; this gives
+//! in the same run. Criterion (benches/hot_paths.rs) gives means; this gives
 //! the percentiles BENCHMARKS.md quotes.
 //!
 //! `cargo build-plugins && cargo run --release -p digibot --example invoke_latency [CALLS]`
@@ -80,7 +80,7 @@ fn main() {
         percentiles(label, samples);
     }
 
-    let (engine, pre) = plain_pre(&bytes);
+    let (engine, pre) = plain_pre(&bytes, true);
     let wit_event = wit_event(&event);
     let new_store = || Store::new(&engine, Plain::new());
     let mut samples = Vec::with_capacity(calls);

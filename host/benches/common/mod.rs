@@ -1,4 +1,4 @@
-//! Shared by `benches/invoke.rs` and `examples/invoke_latency.rs`: the echo
+//! Shared by `benches/hot_paths.rs` and `examples/invoke_latency.rs`: the echo
 //! component, the fixture event, and what plain wasmtime needs to call it
 //! (the baseline both measure against).
 
@@ -53,13 +53,16 @@ impl WasiView for Plain {
     }
 }
 
-/// The baseline: plain wasmtime 48 with the pooling allocator and WASI,
-/// ready to instantiate `bytes` as a bot.
-pub fn plain_pre(bytes: &[u8]) -> (Engine, BotPre<Plain>) {
+/// The baseline: plain wasmtime 48 with WASI and the pooling allocator
+/// (or on-demand allocation: wasmtime's default), ready to instantiate
+/// `bytes` as a bot.
+pub fn plain_pre(bytes: &[u8], pooling: bool) -> (Engine, BotPre<Plain>) {
     let mut config = Config::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
-        PoolingAllocationConfig::default(),
-    ));
+    if pooling {
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(
+            PoolingAllocationConfig::default(),
+        ));
+    }
     let engine = Engine::new(&config).unwrap();
     let component = Component::new(&engine, bytes).unwrap();
     let mut linker: Linker<Plain> = Linker::new(&engine);
