@@ -1,4 +1,4 @@
-//! The baseline of the webhook benchmark (`scripts/bench-webhooks`): an axum
+//! The ceiling of the load benchmark (`scripts/bench-load`): an axum
 //! server whose `POST /webhooks/digishare` only parses the body as JSON and
 //! answers 200, i.e. the fastest a Rust webhook endpoint can acknowledge,
 //! with no auth, no storage and no work behind it.

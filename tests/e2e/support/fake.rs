@@ -350,6 +350,12 @@ impl FakeDigishare {
 
     // ---- Inspection ----------------------------------------------------
 
+    /// How many requests arrived so far, without copying them (for
+    /// polling while thousands arrive, as the load benchmark does).
+    pub fn received(&self) -> usize {
+        self.lock().requests.len()
+    }
+
     /// Every request so far, in arrival order (failed ones included).
     pub fn requests(&self) -> Vec<Recorded> {
         self.lock().requests.clone()
