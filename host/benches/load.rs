@@ -520,7 +520,7 @@ fn check(
     let expected_per_webhook = usize::from(target.answers());
     let mut guard = Guard {
         acked: acked.len(),
-        acked_without_id: (warm.acked + measured.acked) as usize - acked.len(),
+        acked_without_id: ((warm.acked + measured.acked) as usize).saturating_sub(acked.len()),
         api_requests: requests.len(),
         expected_per_webhook,
         allowed_in_flight: 2 * args.connections,
