@@ -5,8 +5,8 @@
 #![allow(dead_code)]
 
 use digibot::event::Event;
-use digibot::runtime::v0_1_0::BotPre;
-use digibot::runtime::v0_1_0::digishare::bot::types as wit;
+use digibot::runtime::v0_2_0::BotPre;
+use digibot::runtime::v0_2_0::digishare::bot::types as wit;
 use std::path::PathBuf;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -92,5 +92,6 @@ pub fn wit_event(ev: &Event) -> wit::MessageEvent {
             created_at: m.created_at.clone(),
             content: wit::Content::Text(text.clone()),
         },
+        state: wit::ConversationState::Bot,
     }
 }
