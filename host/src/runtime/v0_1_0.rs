@@ -2,7 +2,7 @@
 //! types and the host's own, at this module's edge. The rest of the host
 //! sees only [`crate::event`] and [`digibot_protocol::Action`]; each WIT
 //! version has a sibling module that converts to the same types, sharing
-//! what the versions have in common through [`version_edge!`].
+//! what the versions have in common through `version_edge!` (edge.rs).
 
 wasmtime::component::bindgen!({
     world: "bot",

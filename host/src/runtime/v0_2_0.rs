@@ -1,7 +1,7 @@
 //! `digishare:bot@0.2.0`: its bindings, and the conversions between its
 //! types and the host's own, at this module's edge. 0.2.0 adds the
 //! conversation's state to both events; everything else is 0.1.0's and
-//! converts through the shared [`version_edge!`].
+//! converts through the shared `version_edge!` (edge.rs).
 
 wasmtime::component::bindgen!({
     world: "bot",
