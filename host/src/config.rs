@@ -54,6 +54,14 @@ pub struct Settings {
     pub plugins_dir: Option<PathBuf>,
     /// SQLite database and compile cache.
     pub data_dir: PathBuf,
+    /// `postgres://user:password@host:port/db`: share one PostgreSQL
+    /// database with other replicas instead of SQLite under `data_dir`.
+    pub database_url: Option<String>,
+    /// Connections each replica keeps to PostgreSQL at most.
+    pub database_pool: usize,
+    /// PostgreSQL: how long a replica's hold on a conversation lasts
+    /// without renewal, so how long a dead replica's conversations wait.
+    pub lease_ms: u64,
     /// Largest webhook body accepted.
     pub webhook_max_bytes: usize,
     /// `full` (fsync every group commit) or `normal`.
@@ -137,6 +145,9 @@ impl Default for Settings {
             admin_token: None,
             plugins_dir: None,
             data_dir: PathBuf::from("./data"),
+            database_url: None,
+            database_pool: 16,
+            lease_ms: 30_000,
             webhook_max_bytes: 1 << 20,
             durability: Durability::Full,
             concurrency: 64,
@@ -257,6 +268,9 @@ impl Settings {
         if let Some(v) = env("DIGIBOT_DATA_DIR") {
             s.data_dir = PathBuf::from(v);
         }
+        env_string(&env, "DIGIBOT_DATABASE_URL", &mut s.database_url);
+        env_parse(&env, "DIGIBOT_DATABASE_POOL", &mut s.database_pool)?;
+        env_parse(&env, "DIGIBOT_LEASE_MS", &mut s.lease_ms)?;
         env_parse(&env, "DIGIBOT_WEBHOOK_MAX_BYTES", &mut s.webhook_max_bytes)?;
         if let Some(v) = env("DIGIBOT_DURABILITY") {
             s.durability = match v.as_str() {
@@ -327,6 +341,18 @@ impl Settings {
         if self.client_id.is_some() != self.client_secret.is_some() {
             return Err(ConfigError::Invalid(
                 "OAuth needs both DIGIBOT_CLIENT_ID and DIGIBOT_CLIENT_SECRET".into(),
+            ));
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid(
+                "DIGIBOT_DATABASE_URL must be a postgres:// URL".into(),
+            ));
+        }
+        if self.database_pool == 0 || self.lease_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "database_pool and lease_ms must be at least 1".into(),
             ));
         }
         if self.concurrency == 0 || self.send_concurrency == 0 {

@@ -133,7 +133,7 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         tracing::warn!("webhooks are not authenticated (set DIGIBOT_WEBHOOK_TOKEN)");
     }
 
-    let store = Store::open(&settings.data_dir, settings.durability)?;
+    let store = Store::from_settings(&settings)?;
     let runtime = runtime(&settings)?;
     let registry = Arc::new(Registry::new(
         runtime,

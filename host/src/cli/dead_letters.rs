@@ -1,6 +1,7 @@
-//! `digibot dead-letters list | retry ID|--all | drop ID`, on the database of
-//! the configured data dir. Works while the server runs (SQLite WAL): a
-//! retried letter is picked up by the running sender within a second.
+//! `digibot dead-letters list | retry ID|--all | drop ID`, on the configured
+//! database (SQLite under the data dir, or `DIGIBOT_DATABASE_URL`). Works
+//! while the server runs: a retried letter is picked up by a running sender
+//! (any replica's) within a second.
 
 use crate::config::Settings;
 use crate::store::Store;
@@ -29,7 +30,7 @@ pub enum DeadLetters {
 }
 
 pub fn run(cmd: DeadLetters, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let store = Store::open(&settings.data_dir, settings.durability)?;
+    let store = Store::from_settings(&settings)?;
     let code = match cmd {
         DeadLetters::List { json } => {
             let letters = store.dead_letters()?;

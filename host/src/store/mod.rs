@@ -7,12 +7,22 @@
 //! transaction.
 //!
 //! - [`sqlite`]: the embedded default, a file under the data dir, with a
-//!   group-commit writer thread.
+//!   group-commit writer thread; one node.
+//! - [`postgres`]: `DIGIBOT_DATABASE_URL=postgres://...`, shared by several
+//!   replicas, which split the work through conversation leases and outbox
+//!   claims (see its module docs).
+//!
+//! Work sharing is part of the boundary, so the dispatcher and the sender
+//! need not know which back end they run on: a dispatcher lane claims its
+//! conversation before handling it and releases it when it runs dry, and
+//! `outbox_heads` claims what it returns. On SQLite, with one node, these
+//! claims are free and always granted.
 //!
 //! Adding an operation: a method here that delegates with `on_backend!`,
 //! the same method on every back end, and a test in `suite` (run against
 //! every back end).
 
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
@@ -28,6 +38,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("conversation {0} is now handled by another replica")]
+    LeaseLost(String),
     #[error("commit failed: {0}")]
     Commit(String),
     #[error("cannot create the data directory {path}: {source}")]
@@ -67,6 +83,7 @@ pub struct Store {
 /// operations are async, and a `match` costs nothing on SQLite's hot path.
 enum Backend {
     Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
 }
 
 /// Runs the same call on whichever back end the store has.
@@ -74,6 +91,7 @@ macro_rules! on_backend {
     ($store:expr, $b:ident => $call:expr) => {
         match &*$store.backend {
             Backend::Sqlite($b) => $call,
+            Backend::Postgres($b) => $call,
         }
     };
 }
@@ -208,6 +226,49 @@ impl Store {
         })
     }
 
+    /// Connects to the PostgreSQL database at `config` (and migrates it).
+    pub fn open_postgres(
+        config: tokio_postgres::Config,
+        options: postgres::Options,
+    ) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Arc::new(Backend::Postgres(postgres::Postgres::open(
+                config, options,
+            )?)),
+        })
+    }
+
+    /// The store the settings ask for: PostgreSQL when `database_url` is
+    /// set, else SQLite under the data dir.
+    pub fn from_settings(settings: &crate::config::Settings) -> Result<Store, StoreError> {
+        match &settings.database_url {
+            Some(url) => {
+                let lease = std::time::Duration::from_millis(settings.lease_ms);
+                Store::open_postgres(
+                    postgres::parse_url(url)?,
+                    postgres::Options {
+                        pool_size: settings.database_pool,
+                        lease,
+                        // Longer than one request, so a live sender keeps it.
+                        claim: lease
+                            + std::time::Duration::from_millis(settings.request_timeout_ms),
+                        ..postgres::Options::default()
+                    },
+                )
+            }
+            None => Store::open(&settings.data_dir, settings.durability),
+        }
+    }
+
+    /// The PostgreSQL back end, for modules with PostgreSQL-only work
+    /// (notifications between replicas).
+    pub fn postgres(&self) -> Option<&postgres::Postgres> {
+        match &*self.backend {
+            Backend::Postgres(pg) => Some(pg),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
     /// Finishes the writes already queued; later writes fail with
     /// [`StoreError::Closed`].
     pub fn close(&self) {
@@ -246,6 +307,40 @@ impl Store {
         kv: Vec<KvChanges>,
     ) -> Result<usize, StoreError> {
         on_backend!(self, b => b.complete_event(seq, conversation_id, outcomes, actions, kv).await)
+    }
+
+    /// Takes (or renews) this replica's lease on a conversation before its
+    /// events are handled. `None`: another replica holds it (and is told an
+    /// event waits). `Some`: the conversation's pending events, which may
+    /// include some this replica never received (always empty on a single
+    /// node, where the dispatcher already has them all).
+    pub async fn claim_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+        on_backend!(self, b => b.claim_conversation(conversation_id).await)
+    }
+
+    /// Gives a conversation's lease back once its lane ran dry, unless
+    /// events of it still wait: then the lease is kept and those returned.
+    pub async fn release_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        on_backend!(self, b => b.release_conversation(conversation_id).await)
+    }
+
+    /// Pending events this replica should pick up although it did not
+    /// receive them: in conversations it holds, or orphaned (their
+    /// replica died). Oldest first, at most `limit`.
+    pub async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        on_backend!(self, b => b.claimable_events(limit).await)
+    }
+
+    /// Woken when [`claimable_events`](Self::claimable_events) may have
+    /// something; `None` when work only ever arrives through this process.
+    pub fn inbox_wakeups(&self) -> Option<Arc<tokio::sync::Notify>> {
+        on_backend!(self, b => b.inbox_wakeups())
     }
 
     /// Recent events, newest first.

@@ -374,6 +374,31 @@ impl Sqlite {
         .await
     }
 
+    /// One node: every conversation is ours, and the dispatcher already
+    /// has every pending event.
+    pub async fn claim_conversation(
+        &self,
+        _conversation_id: &str,
+    ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+        Ok(Some(Vec::new()))
+    }
+
+    pub async fn release_conversation(
+        &self,
+        _conversation_id: &str,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// One node: no work arrives through another process.
+    pub async fn claimable_events(&self, _limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    pub fn inbox_wakeups(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+
     /// Recent events, newest first.
     pub fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, StoreError> {
         self.read(|conn| {
@@ -750,10 +775,13 @@ mod tests {
     use crate::store::Store;
     use crate::store::suite::{TestDb, event, store_suite};
 
-    fn fixture() -> TestDb {
+    fn fixture() -> Option<TestDb> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        TestDb::new(move || Store::open(&path, Durability::Full).unwrap(), dir)
+        Some(TestDb::new(
+            move || Store::open(&path, Durability::Full).unwrap(),
+            dir,
+        ))
     }
 
     store_suite!(fixture);

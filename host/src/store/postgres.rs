@@ -1,0 +1,1186 @@
+//! The PostgreSQL back end, for several replicas sharing one database
+//! (`DIGIBOT_DATABASE_URL=postgres://...`). All of its SQL lives here.
+//!
+//! Connections: a small pool of `tokio-postgres` clients whose connection
+//! tasks run on a runtime of the store's own (one thread), so the store
+//! works the same from the server, from plugin threads and from the CLI
+//! (which has no runtime). Async operations run in the caller's task; the
+//! blocking ones hand their work to that runtime and wait.
+//!
+//! Round trips: every operation on the event path is one statement, so one
+//! round trip, and commits on its own (data-modifying CTEs keep an event's
+//! completion, with its actions and KV writes, one atomic statement).
+//! Statements are prepared once per connection. Concurrent commits already
+//! share WAL flushes in PostgreSQL, so there is no group commit here.
+//!
+//! Work sharing between replicas, without a coordinator:
+//! - a conversation is handled by one replica at a time: its lease (a row of
+//!   `conversation_leases`: owner replica, expiry) is taken when a dispatcher
+//!   lane starts, renewed by every completion, given back when the lane
+//!   runs dry; a dead replica's lease expires and another replica takes the
+//!   conversation over. A completion whose conversation is leased to
+//!   another replica is refused, so a replica that lost its lease cannot
+//!   reorder the conversation.
+//! - the outbox head of a conversation is claimed (`FOR UPDATE SKIP LOCKED`,
+//!   then `claimed_by`/`claim_expires`) by one replica's sender: only the
+//!   oldest pending action of a conversation is in flight, cluster-wide.
+//! - events that arrive at a replica whose conversation another replica
+//!   holds stay in the inbox, and a `NOTIFY digibot_inbox` tells the owner;
+//!   every replica also polls for orphaned events (lease expired, or never
+//!   taken), so nothing waits on a notification that was missed.
+//!
+//! Schema changes are versioned migrations, applied at start inside a
+//! transaction holding an advisory lock: replicas starting together apply
+//! each migration once.
+
+use super::{
+    EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, Pruned, StoreError,
+    StoredEvent, now_ms,
+};
+use crate::event::Event;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+
+/// The channel a replica notifies when it leaves an event to the
+/// conversation's owner.
+pub const INBOX_CHANNEL: &str = "digibot_inbox";
+
+/// Channels every replica listens on; their notifications are broadcast
+/// to [`Postgres::notifications`] subscribers.
+pub const CHANNELS: &[&str] = &[INBOX_CHANNEL];
+
+/// Versioned schema changes, applied in order, each once.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE events (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    conversation_id TEXT,
+    created_at TEXT,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    handled_at BIGINT,
+    outcomes TEXT
+);
+CREATE INDEX events_pending ON events (conversation_id, seq) WHERE status = 'pending';
+CREATE TABLE outbox (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_seq BIGINT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    last_status BIGINT,
+    last_error TEXT,
+    created_at BIGINT NOT NULL,
+    done_at BIGINT,
+    -- The replica sending it, until claim_expires (a dead replica's claim
+    -- runs out and another replica sends it, with the same idempotency key).
+    claimed_by TEXT,
+    claim_expires TIMESTAMPTZ
+);
+CREATE INDEX outbox_pending ON outbox (conversation_id, id) WHERE status = 'pending';
+CREATE INDEX outbox_dead ON outbox (id) WHERE status = 'dead';
+CREATE TABLE kv (
+    plugin TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (plugin, conversation_id, key)
+);
+CREATE TABLE conversation_leases (
+    conversation_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+"#,
+)];
+
+/// Any `pg_advisory_xact_lock` key of digibot's own; this one guards
+/// migrations.
+const MIGRATION_LOCK: i64 = 0x6469_6769_626f_7401;
+
+/// How the PostgreSQL back end is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Connections in the pool (each replica has its own pool).
+    pub pool_size: usize,
+    /// How long a conversation lease lasts without renewal: how long a dead
+    /// replica's conversations wait before another replica takes them.
+    pub lease: Duration,
+    /// How long a claimed outbox action stays with its sender (longer than
+    /// one request to Digishare).
+    pub claim: Duration,
+    /// How often a replica looks for orphaned work; also how old an
+    /// unleased event must be before a replica other than the one that
+    /// received it takes it.
+    pub poll: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pool_size: 8,
+            lease: Duration::from_secs(30),
+            claim: Duration::from_secs(60),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A `postgres://` URL as a connection config (the password is never
+/// shown in the error).
+pub fn parse_url(url: &str) -> Result<Config, StoreError> {
+    url.parse::<Config>()
+        .map_err(|e| StoreError::Config(format!("DIGIBOT_DATABASE_URL: {e}")))
+}
+
+/// Opens one connection, its connection task running on `runtime`.
+pub async fn connect(
+    config: &Config,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Client, StoreError> {
+    let config = config.clone();
+    runtime
+        .spawn(async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "postgres connection closed");
+                }
+            });
+            Ok::<_, StoreError>(client)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+}
+
+/// A pooled connection with its prepared statements.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    async fn prepare(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let statement = self.prepare(sql).await?;
+        Ok(self.client.query(&statement, params).await?)
+    }
+
+    async fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, StoreError> {
+        let statement = self.prepare(sql).await?;
+        Ok(self.client.query_one(&statement, params).await?)
+    }
+
+    async fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let statement = self.prepare(sql).await?;
+        Ok(self.client.execute(&statement, params).await?)
+    }
+}
+
+/// A connection borrowed from the pool; it goes back when dropped, unless
+/// it broke.
+pub struct Pooled {
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pooled {
+    /// The client, for statements of another module's own.
+    pub fn client(&self) -> &Client {
+        &self.conn.as_ref().expect("present until dropped").client
+    }
+
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && !conn.client.is_closed()
+            && let Ok(mut idle) = self.pool.idle.lock()
+        {
+            idle.push(conn);
+        }
+    }
+}
+
+/// At most `size` connections, opened on demand, reused while healthy.
+struct Pool {
+    config: Config,
+    runtime: tokio::runtime::Handle,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+    closed: AtomicBool,
+}
+
+impl Pool {
+    async fn get(self: &Arc<Self>) -> Result<Pooled, StoreError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let reused = {
+            let mut idle = self.idle.lock().map_err(|_| StoreError::Closed)?;
+            let mut found = None;
+            while let Some(conn) = idle.pop() {
+                if !conn.client.is_closed() {
+                    found = Some(conn);
+                    break;
+                }
+            }
+            found
+        };
+        let conn = match reused {
+            Some(conn) => conn,
+            None => Conn {
+                client: connect(&self.config, &self.runtime).await?,
+                statements: HashMap::new(),
+            },
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// A notification from another replica (or our own), on one of
+/// [`CHANNELS`]. After a lost listener connection comes back, every
+/// channel gets one with an empty payload: something may have been missed.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub channel: String,
+    pub payload: String,
+}
+
+/// The open PostgreSQL back end.
+pub struct Postgres {
+    /// Runs connection tasks, the listener and the blocking operations.
+    /// `None` once dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    pool: Arc<Pool>,
+    /// This replica, as it appears in leases and claims.
+    replica: String,
+    options: Options,
+    notifications: broadcast::Sender<Notification>,
+    /// Woken by inbox notifications and the poll timer.
+    inbox: Arc<Notify>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one's async context panics.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Postgres {
+    /// Connects, applies pending migrations, and starts listening.
+    pub fn open(config: Config, options: Options) -> Result<Postgres, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("digibot-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Config(format!("cannot start the database runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let mut config = config;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("digibot");
+        let pool = Arc::new(Pool {
+            config,
+            runtime: handle.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(options.pool_size.max(1))),
+            closed: AtomicBool::new(false),
+        });
+        let replica = format!(
+            "{}-{}-{:08x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "digibot".into()),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let (notifications, _) = broadcast::channel(1024);
+        let pg = Postgres {
+            runtime: Some(runtime),
+            handle,
+            pool,
+            replica,
+            options,
+            notifications,
+            inbox: Arc::new(Notify::new()),
+        };
+        let pool = pg.pool.clone();
+        pg.block(async move { migrate(&pool).await })?;
+        pg.start_listener();
+        Ok(pg)
+    }
+
+    /// This replica's name in leases and claims.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// A connection from the pool, for statements of another module's own.
+    pub async fn client(&self) -> Result<Pooled, StoreError> {
+        self.pool.get().await
+    }
+
+    /// Notifications on [`CHANNELS`], from every replica.
+    pub fn notifications(&self) -> broadcast::Receiver<Notification> {
+        self.notifications.subscribe()
+    }
+
+    /// Runs `f` on the store's runtime and waits for it (for the blocking
+    /// operations: callable from any thread, with or without a runtime).
+    fn block<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Keeps one connection LISTENing on [`CHANNELS`] (reconnecting when it
+    /// drops), and wakes the inbox watchers on every inbox notification and
+    /// every poll interval.
+    fn start_listener(&self) {
+        let config = self.pool.config.clone();
+        let tx = self.notifications.clone();
+        let inbox = self.inbox.clone();
+        let poll = self.options.poll;
+        self.handle.spawn({
+            let inbox = inbox.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(poll).await;
+                    inbox.notify_one();
+                }
+            }
+        });
+        self.handle.spawn(async move {
+            let mut first = true;
+            loop {
+                match config.connect(NoTls).await {
+                    Ok((client, mut connection)) => {
+                        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+                        let forward = tx.clone();
+                        let wake = inbox.clone();
+                        let driver = tokio::spawn(async move {
+                            loop {
+                                let message =
+                                    std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+                                match message {
+                                    Some(Ok(AsyncMessage::Notification(n))) => {
+                                        if n.channel() == INBOX_CHANNEL {
+                                            wake.notify_one();
+                                        }
+                                        let _ = forward.send(Notification {
+                                            channel: n.channel().to_string(),
+                                            payload: n.payload().to_string(),
+                                        });
+                                    }
+                                    Some(Ok(_)) => {}
+                                    Some(Err(e)) => {
+                                        tracing::warn!(error = %e, "postgres listener lost its connection");
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            let _ = done_tx.send(());
+                        });
+                        let listen: String =
+                            CHANNELS.iter().map(|c| format!("LISTEN {c};")).collect();
+                        if let Err(e) = client.batch_execute(&listen).await {
+                            tracing::warn!(error = %e, "postgres LISTEN failed");
+                        } else if !first {
+                            // Anything sent while we were away is lost:
+                            // tell every subscriber to look again.
+                            for c in CHANNELS {
+                                let _ = tx.send(Notification {
+                                    channel: c.to_string(),
+                                    payload: String::new(),
+                                });
+                            }
+                            inbox.notify_one();
+                        }
+                        first = false;
+                        let _ = (&mut done_rx).await;
+                        driver.abort();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "postgres listener cannot connect");
+                        first = false;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    /// Later operations fail with [`StoreError::Closed`].
+    pub fn close(&self) {
+        self.pool.closed.store(true, Ordering::Relaxed);
+        if let Ok(mut idle) = self.pool.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    async fn conn(&self) -> Result<Pooled, StoreError> {
+        self.pool.get().await
+    }
+
+    // ---- inbox ---------------------------------------------------------
+
+    pub async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
+        let payload =
+            serde_json::to_string(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let status = if event.invokes_plugins() {
+            "pending"
+        } else {
+            "recorded"
+        };
+        let now = now_ms();
+        let handled_at = (status != "pending").then_some(now);
+        let mut c = self.conn().await?;
+        let rows = c
+            .conn()
+            .query(
+                "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (key) DO NOTHING RETURNING seq",
+                &[
+                    &event.key,
+                    &event.name,
+                    &event.conversation_id(),
+                    &event.created_at(),
+                    &payload,
+                    &status,
+                    &now,
+                    &handled_at,
+                ],
+            )
+            .await?;
+        Ok(match rows.first() {
+            Some(row) => Inserted::New(row.try_get(0)?),
+            None => Inserted::Duplicate,
+        })
+    }
+
+    pub fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq",
+                    &[],
+                )
+                .await?;
+            stored_events(&rows)
+        })
+    }
+
+    pub async fn complete_event(
+        &self,
+        seq: i64,
+        conversation_id: String,
+        outcomes: serde_json::Value,
+        actions: Vec<NewAction>,
+        kv: Vec<KvChanges>,
+    ) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let outcomes = outcomes.to_string();
+        let mut a: [Vec<String>; 5] = Default::default();
+        for action in &actions {
+            a[0].push(action.plugin.clone());
+            a[1].push(action.idempotency_key.clone());
+            a[2].push(action.method.clone());
+            a[3].push(action.path.clone());
+            a[4].push(action.body.to_string());
+        }
+        let (sets, deletes) = kv_final(&kv);
+        let mut c = self.conn().await?;
+        // One statement, so one round trip and one atomic commit: the lease
+        // check, the status guard (a second completion queues nothing), the
+        // lease renewal, the actions in order, the KV writes.
+        let row = c
+            .conn()
+            .query_one(
+                "WITH blocked AS (
+                    SELECT 1 FROM conversation_leases
+                    WHERE conversation_id = $2 AND owner <> $5 AND expires_at > now()
+                 ), done AS (
+                    UPDATE events SET status = 'handled', handled_at = $3, outcomes = $4
+                    WHERE seq = $1 AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM blocked)
+                    RETURNING seq
+                 ), renewed AS (
+                    UPDATE conversation_leases SET expires_at = now() + make_interval(secs => $6)
+                    WHERE conversation_id = $2 AND owner = $5 RETURNING 1
+                 ), queued AS (
+                    INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
+                    SELECT done.seq, $2, a.plugin, a.key, a.method, a.path, a.body, 'pending', $3, $3
+                    FROM done, unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+                         WITH ORDINALITY AS a(plugin, key, method, path, body, n)
+                    ORDER BY a.n
+                    RETURNING id
+                 ), kv_set AS (
+                    INSERT INTO kv (plugin, conversation_id, key, value, updated_at)
+                    SELECT s.plugin, s.conv, s.key, s.value, $3
+                    FROM done, unnest($12::text[], $13::text[], $14::text[], $15::text[]) AS s(plugin, conv, key, value)
+                    ON CONFLICT (plugin, conversation_id, key)
+                    DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+                    RETURNING 1
+                 ), kv_delete AS (
+                    DELETE FROM kv USING done, unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
+                    WHERE kv.plugin = d.plugin AND kv.conversation_id = d.conv AND kv.key = d.key
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM queued),
+                        EXISTS (SELECT 1 FROM blocked),
+                        (SELECT count(*) FROM kv_set) + (SELECT count(*) FROM kv_delete) + (SELECT count(*) FROM renewed)",
+                &[
+                    &seq,
+                    &conversation_id,
+                    &now,
+                    &outcomes,
+                    &self.replica,
+                    &secs(self.options.lease),
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    &sets[0],
+                    &sets[1],
+                    &sets[2],
+                    &sets[3],
+                    &deletes[0],
+                    &deletes[1],
+                    &deletes[2],
+                ],
+            )
+            .await?;
+        if row.try_get::<_, bool>(1)? {
+            return Err(StoreError::LeaseLost(conversation_id));
+        }
+        Ok(row.try_get::<_, i64>(0)? as usize)
+    }
+
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                     FROM events ORDER BY seq DESC LIMIT $1",
+                    &[&(limit as i64)],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    let outcomes: Option<String> = r.try_get(7)?;
+                    Ok(EventSummary {
+                        seq: r.try_get(0)?,
+                        key: r.try_get(1)?,
+                        event: r.try_get(2)?,
+                        conversation_id: r.try_get(3)?,
+                        status: r.try_get(4)?,
+                        received_at: r.try_get(5)?,
+                        handled_at: r.try_get(6)?,
+                        plugins: outcomes
+                            .and_then(|o| serde_json::from_str(&o).ok())
+                            .unwrap_or(serde_json::Value::Array(vec![])),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    // ---- conversations -------------------------------------------------
+
+    pub async fn claim_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+        let mut c = self.conn().await?;
+        // Taken when free, expired, or already ours; when another replica
+        // holds it, that replica is told (NOTIFY) an event waits for it.
+        let rows = c
+            .conn()
+            .query(
+                "WITH lease AS (
+                    INSERT INTO conversation_leases (conversation_id, owner, expires_at)
+                    VALUES ($1, $2, now() + make_interval(secs => $3))
+                    ON CONFLICT (conversation_id) DO UPDATE
+                    SET owner = excluded.owner, expires_at = excluded.expires_at
+                    WHERE conversation_leases.owner = excluded.owner
+                       OR conversation_leases.expires_at < now()
+                    RETURNING 1
+                 ), held AS (
+                    SELECT count(*) AS n FROM lease
+                 ), nudge AS (
+                    SELECT pg_notify('digibot_inbox', $1) FROM held WHERE n = 0
+                 )
+                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload
+                 FROM held LEFT JOIN events e
+                   ON held.n > 0 AND e.conversation_id = $1 AND e.status = 'pending'
+                 ORDER BY e.seq",
+                &[&conversation_id, &self.replica, &secs(self.options.lease)],
+            )
+            .await?;
+        let held = rows
+            .first()
+            .map(|r| r.try_get::<_, i64>(0))
+            .transpose()?
+            .unwrap_or(0);
+        if held == 0 {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        for r in &rows {
+            if let Some(seq) = r.try_get::<_, Option<i64>>(2)? {
+                let payload: String = r.try_get(3)?;
+                events.push(stored_event(seq, &payload)?);
+            }
+        }
+        Ok(Some(events))
+    }
+
+    pub async fn release_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut c = self.conn().await?;
+        // Kept (and the events returned) while events of the conversation
+        // wait: those arrived at other replicas meanwhile.
+        let rows = c
+            .conn()
+            .query(
+                "WITH waiting AS (
+                    SELECT seq, payload FROM events
+                    WHERE conversation_id = $1 AND status = 'pending'
+                 ), released AS (
+                    DELETE FROM conversation_leases
+                    WHERE conversation_id = $1 AND owner = $2
+                      AND NOT EXISTS (SELECT 1 FROM waiting)
+                    RETURNING 1
+                 )
+                 SELECT seq, payload, (SELECT count(*) FROM released) FROM waiting ORDER BY seq",
+                &[&conversation_id, &self.replica],
+            )
+            .await?;
+        stored_events(&rows)
+    }
+
+    pub async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut c = self.conn().await?;
+        // Ours, or orphaned: no live lease, and old enough that the replica
+        // which received it had its chance.
+        let settled = now_ms() - self.options.poll.as_millis() as i64 * 2;
+        let rows = c
+            .conn()
+            .query(
+                "SELECT e.seq, e.payload FROM events e
+                 LEFT JOIN conversation_leases l ON l.conversation_id = e.conversation_id
+                 WHERE e.status = 'pending' AND e.conversation_id IS NOT NULL
+                   AND (l.owner = $1 OR ((l.owner IS NULL OR l.expires_at < now()) AND e.received_at < $2))
+                 ORDER BY e.seq LIMIT $3",
+                &[&self.replica, &settled, &(limit as i64)],
+            )
+            .await?;
+        stored_events(&rows)
+    }
+
+    /// Woken when work may wait in the inbox for this replica.
+    pub fn inbox_wakeups(&self) -> Option<Arc<Notify>> {
+        Some(self.inbox.clone())
+    }
+
+    // ---- KV --------------------------------------------------------------
+
+    pub fn kv_get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let pool = self.pool.clone();
+        let (plugin, conversation_id, key) = (
+            plugin.to_string(),
+            conversation_id.to_string(),
+            key.to_string(),
+        );
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT value FROM kv WHERE plugin = $1 AND conversation_id = $2 AND key = $3",
+                    &[&plugin, &conversation_id, &key],
+                )
+                .await?;
+            Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
+        })
+    }
+
+    // ---- outbox ------------------------------------------------------------
+
+    pub fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
+        let pool = self.pool.clone();
+        let replica = self.replica.clone();
+        let claim = secs(self.options.claim);
+        self.block(async move {
+            let mut c = pool.get().await?;
+            // The due heads are claimed for this replica (its own claims
+            // come back too: the sender skips what it has in flight); the
+            // heads not yet due come back unclaimed, for the sleep.
+            // Conditions on `o` are rechecked on the latest row version
+            // after the lock, so a head sent meanwhile is not claimed.
+            let rows = c
+                .conn()
+                .query(
+                    "WITH heads AS (
+                        SELECT DISTINCT ON (conversation_id) id, next_attempt_at
+                        FROM outbox WHERE status = 'pending'
+                        ORDER BY conversation_id, id
+                     ), due AS (
+                        SELECT o.id FROM outbox o JOIN heads h ON o.id = h.id
+                        WHERE o.status = 'pending' AND o.next_attempt_at <= $1
+                          AND (o.claimed_by IS NULL OR o.claimed_by = $2 OR o.claim_expires < now())
+                        ORDER BY o.next_attempt_at, o.id
+                        LIMIT $3
+                        FOR UPDATE OF o SKIP LOCKED
+                     ), claimed AS (
+                        UPDATE outbox SET claimed_by = $2, claim_expires = now() + make_interval(secs => $4)
+                        FROM due WHERE outbox.id = due.id
+                        RETURNING outbox.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                                  status, attempts, outbox.next_attempt_at, last_status, last_error, created_at
+                     ), later AS (
+                        SELECT o.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                               status, attempts, o.next_attempt_at, last_status, last_error, created_at
+                        FROM outbox o JOIN heads h ON o.id = h.id
+                        WHERE h.next_attempt_at > $1
+                        ORDER BY h.next_attempt_at, h.id
+                        LIMIT $3
+                     )
+                     SELECT * FROM (SELECT * FROM claimed UNION ALL SELECT * FROM later) x
+                     ORDER BY next_attempt_at, id LIMIT $3",
+                    &[&now_ms(), &replica, &(limit as i64), &claim],
+                )
+                .await?;
+            rows.iter().map(outbox_row).collect()
+        })
+    }
+
+    pub fn outbox_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query("SELECT status, COUNT(*) FROM outbox GROUP BY status", &[])
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+
+    pub async fn mark_sent(&self, id: i64, status: u16) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        c.conn()
+            .execute(
+                "UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = $2, last_error = NULL,
+                 done_at = $3, claimed_by = NULL, claim_expires = NULL WHERE id = $1",
+                &[&id, &(status as i64), &now_ms()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_retry(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        c.conn()
+            .execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_status = $3, last_error = $4,
+                 claimed_by = NULL, claim_expires = NULL WHERE id = $1",
+                &[
+                    &id,
+                    &next_attempt_at,
+                    &last_status.map(i64::from),
+                    &last_error,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_dead(
+        &self,
+        id: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        c.conn()
+            .execute(
+                "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = $2, last_error = $3,
+                 done_at = $4, claimed_by = NULL, claim_expires = NULL WHERE id = $1",
+                &[&id, &last_status.map(i64::from), &last_error, &now_ms()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    // ---- dead letters ------------------------------------------------------
+
+    pub fn dead_letters(&self) -> Result<Vec<OutboxAction>, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                            status, attempts, next_attempt_at, last_status, last_error, created_at
+                     FROM outbox WHERE status = 'dead' ORDER BY id",
+                    &[],
+                )
+                .await?;
+            rows.iter().map(outbox_row).collect()
+        })
+    }
+
+    pub fn retry_dead_blocking(&self, id: Option<i64>) -> Result<usize, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let n = c
+                .conn()
+                .execute(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, done_at = NULL,
+                     claimed_by = NULL, claim_expires = NULL
+                     WHERE status = 'dead' AND ($1::BIGINT IS NULL OR id = $1)",
+                    &[&id, &now_ms()],
+                )
+                .await?;
+            Ok(n as usize)
+        })
+    }
+
+    pub fn drop_dead_blocking(&self, id: i64) -> Result<bool, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let n = c
+                .conn()
+                .execute(
+                    "DELETE FROM outbox WHERE status = 'dead' AND id = $1",
+                    &[&id],
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    // ---- retention ---------------------------------------------------------
+
+    pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        // In batches, each its own statement, so webhooks keep flowing.
+        const BATCH: i64 = 5000;
+        let mut total = Pruned::default();
+        loop {
+            let mut c = self.conn().await?;
+            let events = c
+                .conn()
+                .execute(
+                    "DELETE FROM events WHERE seq IN (
+                       SELECT seq FROM events
+                       WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < $1
+                         AND seq NOT IN (SELECT event_seq FROM outbox WHERE status IN ('pending', 'dead'))
+                       ORDER BY seq LIMIT $2)",
+                    &[&before, &BATCH],
+                )
+                .await? as usize;
+            let actions = c
+                .conn()
+                .execute(
+                    "DELETE FROM outbox WHERE id IN (
+                       SELECT id FROM outbox WHERE status = 'sent' AND done_at < $1
+                       ORDER BY id LIMIT $2)",
+                    &[&before, &BATCH],
+                )
+                .await? as usize;
+            total.events += events;
+            total.actions += actions;
+            if events < BATCH as usize && actions < BATCH as usize {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Applies the migrations this database lacks, under an advisory lock held
+/// by the transaction: a replica starting at the same time waits, then
+/// finds them applied.
+async fn migrate(pool: &Arc<Pool>) -> Result<(), StoreError> {
+    let mut c = pool.get().await?;
+    let client = &mut c.conn().client;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS digibot_migrations (
+            version INTEGER PRIMARY KEY,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )",
+    )
+    .await?;
+    let applied: i32 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM digibot_migrations",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    for (version, sql) in MIGRATIONS {
+        if *version > applied {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO digibot_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, "database migrated");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Each key's last write, as parallel arrays for `unnest`: upserts
+/// (plugin, conversation, key, value) and deletes (plugin, conversation,
+/// key). One statement cannot touch a row twice, and the last write is
+/// what the plugin meant.
+fn kv_final(changes: &[KvChanges]) -> ([Vec<String>; 4], [Vec<String>; 3]) {
+    let mut last: Vec<((&str, &str, &str), Option<&str>)> = Vec::new();
+    for change in changes {
+        for write in &change.writes {
+            let (key, value) = match write {
+                KvWrite::Set { key, value } => (key.as_str(), Some(value.as_str())),
+                KvWrite::Delete { key } => (key.as_str(), None),
+            };
+            let id = (change.plugin.as_str(), change.conversation_id.as_str(), key);
+            match last.iter_mut().find(|(k, _)| *k == id) {
+                Some(slot) => slot.1 = value,
+                None => last.push((id, value)),
+            }
+        }
+    }
+    let mut sets: [Vec<String>; 4] = Default::default();
+    let mut deletes: [Vec<String>; 3] = Default::default();
+    for ((plugin, conv, key), value) in last {
+        match value {
+            Some(v) => {
+                sets[0].push(plugin.into());
+                sets[1].push(conv.into());
+                sets[2].push(key.into());
+                sets[3].push(v.into());
+            }
+            None => {
+                deletes[0].push(plugin.into());
+                deletes[1].push(conv.into());
+                deletes[2].push(key.into());
+            }
+        }
+    }
+    (sets, deletes)
+}
+
+fn stored_event(seq: i64, payload: &str) -> Result<StoredEvent, StoreError> {
+    let event = serde_json::from_str(payload)
+        .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+    Ok(StoredEvent { seq, event })
+}
+
+/// Rows of (seq, payload, ...).
+fn stored_events(rows: &[Row]) -> Result<Vec<StoredEvent>, StoreError> {
+    rows.iter()
+        .map(|r| stored_event(r.try_get(0)?, r.try_get::<_, &str>(1)?))
+        .collect()
+}
+
+fn outbox_row(r: &Row) -> Result<OutboxAction, StoreError> {
+    let body: String = r.try_get(7)?;
+    Ok(OutboxAction {
+        id: r.try_get(0)?,
+        event_seq: r.try_get(1)?,
+        conversation_id: r.try_get(2)?,
+        plugin: r.try_get(3)?,
+        idempotency_key: r.try_get(4)?,
+        method: r.try_get(5)?,
+        path: r.try_get(6)?,
+        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+        status: r.try_get(8)?,
+        attempts: r.try_get(9)?,
+        next_attempt_at: r.try_get(10)?,
+        last_status: r.try_get(11)?,
+        last_error: r.try_get(12)?,
+        created_at: r.try_get(13)?,
+    })
+}
+
+/// Test databases: each test gets a database of its own on the server at
+/// `DIGIBOT_TEST_DATABASE_URL`, dropped afterwards.
+#[cfg(test)]
+pub(crate) mod testdb {
+    use super::*;
+
+    /// A fresh database's config, and the guard that drops it. `None` (with
+    /// a loud note) when no server is configured; under `CI` that fails the
+    /// test instead.
+    pub(crate) fn create() -> Option<(Config, DropDb)> {
+        let Ok(url) = std::env::var("DIGIBOT_TEST_DATABASE_URL") else {
+            if std::env::var_os("CI").is_some() {
+                panic!("DIGIBOT_TEST_DATABASE_URL is not set: CI must run the PostgreSQL tests");
+            }
+            eprintln!("SKIPPED: PostgreSQL test (set DIGIBOT_TEST_DATABASE_URL to run it)");
+            return None;
+        };
+        let admin = parse_url(&url).unwrap();
+        let name = format!("digibot_test_{:016x}", rand::random::<u64>());
+        on_own_runtime({
+            let (admin, name) = (admin.clone(), name.clone());
+            async move {
+                let (client, conn) = admin.connect(NoTls).await.unwrap();
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut config = admin.clone();
+        config.dbname(&name);
+        Some((config, DropDb { admin, name }))
+    }
+
+    /// Drops its database (and its connections) when dropped.
+    pub(crate) struct DropDb {
+        admin: Config,
+        name: String,
+    }
+
+    impl Drop for DropDb {
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            on_own_runtime(async move {
+                if let Ok((client, conn)) = admin.connect(NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        }
+    }
+
+    /// Runs `f` to completion on a runtime of its own, on a thread of its
+    /// own (callable from inside a test's runtime).
+    fn on_own_runtime(f: impl Future<Output = ()> + Send + 'static) {
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f)
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use crate::store::suite::{TestDb, store_suite};
+
+    fn fixture() -> Option<TestDb> {
+        let (config, guard) = testdb::create()?;
+        Some(TestDb::new(
+            move || Store::open_postgres(config.clone(), Options::default()).unwrap(),
+            guard,
+        ))
+    }
+
+    store_suite!(fixture);
+}
