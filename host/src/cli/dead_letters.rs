@@ -30,7 +30,7 @@ pub enum DeadLetters {
 }
 
 pub fn run(cmd: DeadLetters, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let store = Store::from_settings(&settings)?;
+    let store = Store::from_settings(settings)?;
     let code = match cmd {
         DeadLetters::List { json } => {
             let letters = store.dead_letters()?;

@@ -34,7 +34,8 @@
 //! each migration once.
 
 use super::{
-    EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, Pruned, StoreError,
+    ActionCounts, CONVERSATION_WINDOW, ConversationDetail, ConversationSummary, EventSummary,
+    Inserted, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned, StoreError,
     StoredEvent, now_ms,
 };
 use crate::event::Event;
@@ -488,6 +489,14 @@ impl Postgres {
         self.pool.get().await
     }
 
+    /// A round trip on a pooled connection: fails when the database cannot
+    /// be reached (or the store is closed).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        c.conn().query("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
     // ---- inbox ---------------------------------------------------------
 
     pub async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
@@ -638,23 +647,102 @@ impl Postgres {
                     &[&(limit as i64)],
                 )
                 .await?;
+            rows.iter().map(event_summary).collect()
+        })
+    }
+
+    pub fn recent_conversations(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            // The window is a range of sequence numbers, as on SQLite (here
+            // duplicates use up numbers too, so it may hold a few fewer).
+            let rows = c
+                .conn()
+                .query(
+                    "WITH recent AS (
+                        SELECT conversation_id, COUNT(*) AS events, MIN(received_at) AS first_at,
+                               MAX(received_at) AS last_at,
+                               SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END)::BIGINT AS pending,
+                               MAX(seq) AS last_seq
+                        FROM events
+                        WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1
+                          AND conversation_id IS NOT NULL
+                        GROUP BY conversation_id ORDER BY MAX(seq) DESC LIMIT $2
+                     ), actions AS (
+                        SELECT conversation_id,
+                               COUNT(*) FILTER (WHERE status = 'sent') AS sent,
+                               COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+                               COUNT(*) FILTER (WHERE status = 'dead') AS dead
+                        FROM outbox
+                        WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1
+                          AND conversation_id IN (SELECT conversation_id FROM recent)
+                        GROUP BY conversation_id
+                     )
+                     SELECT r.conversation_id, r.events, r.first_at, r.last_at, r.pending, e.name,
+                            COALESCE(a.sent, 0), COALESCE(a.pending, 0), COALESCE(a.dead, 0)
+                     FROM recent r JOIN events e ON e.seq = r.last_seq
+                     LEFT JOIN actions a ON a.conversation_id = r.conversation_id
+                     ORDER BY r.last_seq DESC",
+                    &[&CONVERSATION_WINDOW, &(limit as i64)],
+                )
+                .await?;
             rows.iter()
                 .map(|r| {
-                    let outcomes: Option<String> = r.try_get(7)?;
-                    Ok(EventSummary {
-                        seq: r.try_get(0)?,
-                        key: r.try_get(1)?,
-                        event: r.try_get(2)?,
-                        conversation_id: r.try_get(3)?,
-                        status: r.try_get(4)?,
-                        received_at: r.try_get(5)?,
-                        handled_at: r.try_get(6)?,
-                        plugins: outcomes
-                            .and_then(|o| serde_json::from_str(&o).ok())
-                            .unwrap_or(serde_json::Value::Array(vec![])),
+                    Ok(ConversationSummary {
+                        conversation_id: r.try_get(0)?,
+                        events: r.try_get(1)?,
+                        first_event_at: r.try_get(2)?,
+                        last_event_at: r.try_get(3)?,
+                        pending_events: r.try_get(4)?,
+                        last_event: r.try_get(5)?,
+                        actions: ActionCounts {
+                            sent: r.try_get(6)?,
+                            pending: r.try_get(7)?,
+                            dead: r.try_get(8)?,
+                        },
                     })
                 })
                 .collect()
+        })
+    }
+
+    pub fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, StoreError> {
+        let pool = self.pool.clone();
+        let conversation_id = conversation_id.to_string();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                     FROM events
+                     WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 AND conversation_id = $2
+                     ORDER BY seq",
+                    &[&CONVERSATION_WINDOW, &conversation_id],
+                )
+                .await?;
+            let events = rows.iter().map(event_summary).collect::<Result<_, _>>()?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                            status, attempts, next_attempt_at, last_status, last_error, created_at
+                     FROM outbox
+                     WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1 AND conversation_id = $2
+                     ORDER BY id",
+                    &[&CONVERSATION_WINDOW, &conversation_id],
+                )
+                .await?;
+            let actions = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+            Ok(ConversationDetail {
+                conversation_id,
+                events,
+                actions,
+            })
         })
     }
 
@@ -848,6 +936,25 @@ impl Postgres {
         })
     }
 
+    pub fn outbox_depth(&self) -> Result<OutboxDepth, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let row = c
+                .conn()
+                .query_one(
+                    "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending'),
+                            (SELECT COUNT(*) FROM outbox WHERE status = 'dead')",
+                    &[],
+                )
+                .await?;
+            Ok(OutboxDepth {
+                pending: row.try_get(0)?,
+                dead: row.try_get(1)?,
+            })
+        })
+    }
+
     pub async fn mark_sent(&self, id: i64, status: u16) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         c.conn()
@@ -1031,7 +1138,9 @@ async fn migrate(pool: &Arc<Pool>) -> Result<(), StoreError> {
 /// key). One statement cannot touch a row twice, and the last write is
 /// what the plugin meant.
 fn kv_final(changes: &[KvChanges]) -> ([Vec<String>; 4], [Vec<String>; 3]) {
-    let mut last: Vec<((&str, &str, &str), Option<&str>)> = Vec::new();
+    /// (plugin, conversation, key) and the value, `None` for a delete.
+    type Last<'a> = ((&'a str, &'a str, &'a str), Option<&'a str>);
+    let mut last: Vec<Last> = Vec::new();
     for change in changes {
         for write in &change.writes {
             let (key, value) = match write {
@@ -1076,6 +1185,24 @@ fn stored_events(rows: &[Row]) -> Result<Vec<StoredEvent>, StoreError> {
     rows.iter()
         .map(|r| stored_event(r.try_get(0)?, r.try_get::<_, &str>(1)?))
         .collect()
+}
+
+/// Reads `seq, key, name, conversation_id, status, received_at,
+/// handled_at, outcomes`.
+fn event_summary(r: &Row) -> Result<EventSummary, StoreError> {
+    let outcomes: Option<String> = r.try_get(7)?;
+    Ok(EventSummary {
+        seq: r.try_get(0)?,
+        key: r.try_get(1)?,
+        event: r.try_get(2)?,
+        conversation_id: r.try_get(3)?,
+        status: r.try_get(4)?,
+        received_at: r.try_get(5)?,
+        handled_at: r.try_get(6)?,
+        plugins: outcomes
+            .and_then(|o| serde_json::from_str(&o).ok())
+            .unwrap_or(serde_json::Value::Array(vec![])),
+    })
 }
 
 fn outbox_row(r: &Row) -> Result<OutboxAction, StoreError> {
