@@ -15,10 +15,10 @@ use crate::metrics::metrics;
 use crate::registry::{Entry, Gate, Registry};
 use crate::runtime::{Call, Failure, KvRead, Runtime};
 use crate::sender::Outbox;
-use crate::store::{KvChanges, NewAction, Store, StoredEvent, now_ms};
+use crate::store::{KvChanges, NewAction, Store, StoreError, StoredEvent, now_ms};
 use digibot_protocol::Action;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
@@ -282,7 +282,62 @@ impl KvRead for StoreKv {
     }
 }
 
+/// The conversations this process is working on.
+#[derive(Default)]
+struct Lanes {
+    /// Events waiting, per conversation with a lane task running.
+    queues: HashMap<String, Vec<StoredEvent>>,
+    /// Events queued or being handled here: an event found again in the
+    /// store (a claim, a poll) is not queued twice.
+    active: HashSet<i64>,
+    /// Events handled here lately, in two generations rotated at each poll
+    /// of the inbox: a poll that read the inbox before their completion
+    /// committed must not queue them again. Only kept while polling.
+    done: [HashSet<i64>; 2],
+    polling: bool,
+}
+
+impl Lanes {
+    fn known(&self, seq: i64) -> bool {
+        self.active.contains(&seq) || self.done.iter().any(|d| d.contains(&seq))
+    }
+
+    /// Adds events to a running lane's queue, skipping known ones.
+    fn merge(&mut self, conversation: &str, found: Vec<StoredEvent>) {
+        for stored in found {
+            if !self.known(stored.seq) {
+                self.active.insert(stored.seq);
+                self.queues
+                    .entry(conversation.to_string())
+                    .or_default()
+                    .push(stored);
+            }
+        }
+    }
+
+    /// Ends a lane: its queued events stay pending in the store.
+    fn remove(&mut self, conversation: &str) {
+        for stored in self.queues.remove(conversation).unwrap_or_default() {
+            self.active.remove(&stored.seq);
+        }
+    }
+
+    fn finished(&mut self, seq: i64) {
+        self.active.remove(&seq);
+        if self.polling {
+            self.done[0].insert(seq);
+        }
+    }
+}
+
 /// Hands stored events to plugins, one conversation at a time.
+///
+/// Before a lane handles a conversation it claims it from the store, and
+/// it gives it back when it runs dry: with several replicas on one
+/// database, only one handles a conversation at a time, and the claim
+/// brings the conversation's events that arrived at other replicas. A
+/// conversation held elsewhere is left to its holder. On a single node the
+/// claims are always granted and bring nothing.
 #[derive(Clone)]
 pub struct Dispatcher {
     inner: Arc<Inner>,
@@ -293,7 +348,7 @@ struct Inner {
     registry: Arc<Registry>,
     outbox: Outbox,
     kv: Arc<dyn KvRead>,
-    lanes: Mutex<HashMap<String, Vec<StoredEvent>>>,
+    lanes: Mutex<Lanes>,
     conversations: Arc<Semaphore>,
     /// Plugin work is CPU-bound: at most this many invocations at once.
     plugin_threads: Arc<Semaphore>,
@@ -318,7 +373,7 @@ impl Dispatcher {
                 store,
                 registry,
                 outbox,
-                lanes: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(Lanes::default()),
                 conversations: Arc::new(Semaphore::new(concurrency)),
                 plugin_threads: Arc::new(Semaphore::new(plugin_threads)),
                 breaker,
@@ -334,11 +389,15 @@ impl Dispatcher {
             return;
         };
         let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        match lanes.get_mut(&conversation) {
+        if lanes.known(stored.seq) {
+            return;
+        }
+        lanes.active.insert(stored.seq);
+        match lanes.queues.get_mut(&conversation) {
             // A lane task is running for it and will pick this up.
             Some(queue) => queue.push(stored),
             None => {
-                lanes.insert(conversation.clone(), vec![stored]);
+                lanes.queues.insert(conversation.clone(), vec![stored]);
                 drop(lanes);
                 let this = self.clone();
                 let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
@@ -359,11 +418,52 @@ impl Dispatcher {
         Ok(n)
     }
 
+    /// Polls the store for events that arrived at other replicas (in
+    /// conversations this one holds) or were left by a dead replica, when
+    /// the store can have such events; until shutdown.
+    pub fn poll_inbox(&self) {
+        let Some(wake) = self.inner.store.inbox_wakeups() else {
+            return;
+        };
+        self.lock_lanes().polling = true;
+        let this = self.clone();
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+                {
+                    let mut lanes = this.lock_lanes();
+                    let recent = std::mem::take(&mut lanes.done[0]);
+                    lanes.done[1] = recent;
+                }
+                match this.inner.store.claimable_events(1000).await {
+                    Ok(found) => {
+                        for stored in found {
+                            this.submit(stored);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot poll the inbox"),
+                }
+            }
+        });
+    }
+
+    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, Lanes> {
+        self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lane's next event, `None` when its queue is empty or the
+    /// process is stopping (the lane stays registered: see `run_lane`).
     fn next_event(&self, conversation: &str) -> Option<StoredEvent> {
-        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        let queue = lanes.get_mut(conversation)?;
+        let mut lanes = self.lock_lanes();
+        let queue = lanes.queues.get_mut(conversation)?;
         if queue.is_empty() || *self.inner.shutdown.borrow() {
-            lanes.remove(conversation);
             return None;
         }
         let all_dated = queue.iter().all(|s| s.event.created_at().is_some());
@@ -384,21 +484,65 @@ impl Dispatcher {
         let Ok(_permit) = self.inner.conversations.clone().acquire_owned().await else {
             return;
         };
-        while let Some(stored) = self.next_event(&conversation) {
-            self.handle(stored).await;
+        loop {
+            match self.inner.store.claim_conversation(&conversation).await {
+                Ok(Some(found)) => self.lock_lanes().merge(&conversation, found),
+                Ok(None) => {
+                    // Another replica holds it, and was told: it handles
+                    // these events too (they are in the store).
+                    tracing::debug!(%conversation, "conversation held by another replica");
+                    self.lock_lanes().remove(&conversation);
+                    return;
+                }
+                Err(e) => {
+                    // Its events stay pending: a later poll (or start) retries.
+                    tracing::error!(%conversation, error = %e, "cannot claim a conversation");
+                    self.lock_lanes().remove(&conversation);
+                    return;
+                }
+            }
+            while let Some(stored) = self.next_event(&conversation) {
+                if !self.handle(stored).await {
+                    self.lock_lanes().remove(&conversation);
+                    return;
+                }
+            }
+            let stopping = *self.inner.shutdown.borrow();
+            // Dry: give the conversation back, unless events of it that
+            // arrived elsewhere wait.
+            match self.inner.store.release_conversation(&conversation).await {
+                Ok(waiting) if !waiting.is_empty() && !stopping => {
+                    self.lock_lanes().merge(&conversation, waiting);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%conversation, error = %e, "cannot release a conversation; its lease will expire")
+                }
+            }
+            let mut lanes = self.lock_lanes();
+            // Events submitted meanwhile keep the lane (and claim again).
+            if stopping || lanes.queues.get(&conversation).is_none_or(Vec::is_empty) {
+                lanes.remove(&conversation);
+                return;
+            }
         }
     }
 
-    async fn handle(&self, stored: StoredEvent) {
+    /// Handles one event; `false` when the lane must stop (its
+    /// conversation went to another replica).
+    async fn handle(&self, stored: StoredEvent) -> bool {
+        let seq = stored.seq;
         let span = event_span(&stored.event);
-        self.handle_in(stored, span.clone()).instrument(span).await;
+        let keep = self.handle_in(stored, span.clone()).instrument(span).await;
+        self.lock_lanes().finished(seq);
+        keep
     }
 
     /// [`Dispatcher::handle`] inside the event's `span` (entered again on
     /// the plugin thread).
-    async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) {
+    async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) -> bool {
         let Ok(permit) = self.inner.plugin_threads.clone().acquire_owned().await else {
-            return;
+            return false;
         };
         let registry = self.inner.registry.clone();
         let kv = self.inner.kv.clone();
@@ -418,7 +562,7 @@ impl Dispatcher {
             Err(e) => {
                 // Left pending: the next start retries it.
                 tracing::error!(error = %e, "plugin thread failed; event left pending");
-                return;
+                return true;
             }
         };
         let conversation = stored
@@ -448,9 +592,17 @@ impl Dispatcher {
                     }
                     self.inner.outbox.wake();
                 }
+                true
+            }
+            Err(StoreError::LeaseLost(_)) => {
+                // This replica was too slow and the conversation moved on:
+                // its new holder handles the event, in order.
+                tracing::warn!("conversation taken over by another replica; event left to it");
+                false
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot record a handled event; it stays pending");
+                true
             }
         }
     }
@@ -476,11 +628,7 @@ impl Dispatcher {
 
     /// Events queued in memory (for tests and metrics).
     pub fn queued(&self) -> usize {
-        self.inner
-            .lanes
-            .lock()
-            .map(|l| l.values().map(Vec::len).sum())
-            .unwrap_or(0)
+        self.lock_lanes().queues.values().map(Vec::len).sum()
     }
 }
 

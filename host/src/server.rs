@@ -171,6 +171,8 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         stop_rx.clone(),
     );
     let recovered = dispatcher.recover()?;
+    // With a shared database: events that other replicas leave to this one.
+    dispatcher.poll_inbox();
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     let sender_task = tokio::spawn(sender.run(stop_rx.clone(), grace));
     let _watcher = match (&settings.plugins_dir, settings.watch_plugins) {

@@ -1102,6 +1102,9 @@ async fn migrate(pool: &Arc<Pool>) -> Result<(), StoreError> {
     let mut c = pool.get().await?;
     let client = &mut c.conn().client;
     let tx = client.transaction().await?;
+    // No "already exists, skipping" notices in every replica's log.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(
@@ -1310,4 +1313,304 @@ mod tests {
     }
 
     store_suite!(fixture);
+
+    use crate::store::suite::event;
+    use crate::store::{Inserted, NewAction};
+
+    /// Two stores on one fresh database, as two replicas would have.
+    fn two_replicas(options: Options) -> Option<(Store, Store, testdb::DropDb)> {
+        let (config, guard) = testdb::create()?;
+        let a = Store::open_postgres(config.clone(), options.clone()).unwrap();
+        let b = Store::open_postgres(config, options).unwrap();
+        Some((a, b, guard))
+    }
+
+    async fn insert(store: &Store, id: &str, conv: &str) -> StoredEvent {
+        let e = event(id, conv);
+        let Inserted::New(seq) = store.insert_event(e.clone()).await.unwrap() else {
+            panic!("{id} is a duplicate")
+        };
+        StoredEvent { seq, event: e }
+    }
+
+    fn action(key: &str) -> NewAction {
+        NewAction {
+            plugin: "echo".into(),
+            idempotency_key: key.into(),
+            method: "POST".into(),
+            path: "/v1/messages".into(),
+            body: serde_json::json!({ "body": key }),
+        }
+    }
+
+    fn seqs(events: &[StoredEvent]) -> Vec<i64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    /// Waits (generously, polling) until `f` returns `Some`.
+    async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_replica_holds_a_conversation_and_gets_the_events_of_both() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        let e1 = insert(&a, "m1", "c").await;
+        let e2 = insert(&b, "m2", "c").await;
+        // A holds it, and its claim brings the event B received, in order.
+        let got = a.claim_conversation("c").await.unwrap().unwrap();
+        assert_eq!(seqs(&got), [e1.seq, e2.seq]);
+        // B is refused, and cannot complete an event of it either.
+        assert!(b.claim_conversation("c").await.unwrap().is_none());
+        let refused = b
+            .complete_event(
+                e1.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![action("x")],
+                vec![],
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::LeaseLost(_))),
+            "{refused:?}"
+        );
+        // A completes the first; an event B receives meanwhile keeps A's
+        // lease at release, and comes back to A.
+        let queued = a
+            .complete_event(
+                e1.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![action("k1")],
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(queued, 1);
+        let e3 = insert(&b, "m3", "c").await;
+        let waiting = a.release_conversation("c").await.unwrap();
+        assert_eq!(seqs(&waiting), [e2.seq, e3.seq]);
+        assert!(b.claim_conversation("c").await.unwrap().is_none());
+        // B's inbox poll finds nothing of A's conversation; A's finds both.
+        assert!(b.claimable_events(100).await.unwrap().is_empty());
+        assert_eq!(
+            seqs(&a.claimable_events(100).await.unwrap()),
+            [e2.seq, e3.seq]
+        );
+        for e in [&e2, &e3] {
+            a.complete_event(e.seq, "c".into(), serde_json::json!([]), vec![], vec![])
+                .await
+                .unwrap();
+        }
+        // Dry: released, and now B may take it.
+        assert!(a.release_conversation("c").await.unwrap().is_empty());
+        assert_eq!(b.claim_conversation("c").await.unwrap().unwrap().len(), 0);
+        assert!(a.claim_conversation("c").await.unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_replicas_lease_expires_and_another_takes_over() {
+        let options = Options {
+            lease: Duration::from_millis(300),
+            poll: Duration::from_millis(50),
+            ..Options::default()
+        };
+        let Some((a, b, _db)) = two_replicas(options) else {
+            return;
+        };
+        let e1 = insert(&a, "m1", "c").await;
+        assert_eq!(
+            seqs(&a.claim_conversation("c").await.unwrap().unwrap()),
+            [e1.seq]
+        );
+        // A "dies" holding the conversation. B's poll finds the event once
+        // the lease ran out, and B's claim then succeeds.
+        a.close();
+        let found = eventually("B finds the orphaned event", async || {
+            let found = b.claimable_events(100).await.unwrap();
+            (!found.is_empty()).then_some(found)
+        })
+        .await;
+        assert_eq!(seqs(&found), [e1.seq]);
+        let got = b.claim_conversation("c").await.unwrap().unwrap();
+        assert_eq!(seqs(&got), [e1.seq]);
+        assert_eq!(
+            b.complete_event(
+                e1.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![action("k")],
+                vec![]
+            )
+            .await
+            .unwrap(),
+            1
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unleased_events_wait_for_their_replica_before_others_poll_them() {
+        let options = Options {
+            poll: Duration::from_millis(200),
+            ..Options::default()
+        };
+        let Some((a, b, _db)) = two_replicas(options) else {
+            return;
+        };
+        let e = insert(&a, "m1", "c").await;
+        // Fresh: left to A, which received it (and polls nothing of its own).
+        assert!(b.claimable_events(100).await.unwrap().is_empty());
+        // A never claims it (it died right after the insert): B takes it.
+        let found = eventually("B polls the old unleased event", async || {
+            let found = b.claimable_events(100).await.unwrap();
+            (!found.is_empty()).then_some(found)
+        })
+        .await;
+        assert_eq!(seqs(&found), [e.seq]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_outbox_head_is_claimed_by_one_replica_and_order_holds() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        // 40 conversations, two actions each.
+        for i in 0..40 {
+            let conv = format!("c{i}");
+            let e = insert(&a, &format!("m{i}"), &conv).await;
+            a.complete_event(
+                e.seq,
+                conv.clone(),
+                serde_json::json!([]),
+                vec![
+                    action(&format!("{conv}/first")),
+                    action(&format!("{conv}/second")),
+                ],
+                vec![],
+            )
+            .await
+            .unwrap();
+        }
+        // Both replicas read the outbox at once.
+        let (ra, rb) = (a.clone(), b.clone());
+        let ta = tokio::task::spawn_blocking(move || ra.outbox_heads(1000).unwrap());
+        let tb = tokio::task::spawn_blocking(move || rb.outbox_heads(1000).unwrap());
+        let (ha, hb) = (ta.await.unwrap(), tb.await.unwrap());
+        let mut all: Vec<String> = ha
+            .iter()
+            .chain(&hb)
+            .map(|h| h.idempotency_key.clone())
+            .collect();
+        all.sort();
+        let mut expected: Vec<String> = (0..40).map(|i| format!("c{i}/first")).collect();
+        expected.sort();
+        // Every head exactly once, none of the second actions.
+        assert_eq!(all, expected);
+        // A replica's own claims come back to it, never to the other.
+        let again_b = tokio::task::block_in_place(|| b.outbox_heads(1000).unwrap());
+        let mut keys_b: Vec<_> = again_b.iter().map(|h| h.idempotency_key.clone()).collect();
+        let mut had_b: Vec<_> = hb.iter().map(|h| h.idempotency_key.clone()).collect();
+        keys_b.sort();
+        had_b.sort();
+        assert_eq!(keys_b, had_b);
+        // A sends its heads: the second actions of those conversations are
+        // next, and go to whoever reads first (B here).
+        for h in &ha {
+            a.mark_sent(h.id, 201).await.unwrap();
+        }
+        let next = tokio::task::block_in_place(|| b.outbox_heads(1000).unwrap());
+        let mut keys: Vec<String> = next.iter().map(|h| h.idempotency_key.clone()).collect();
+        keys.sort();
+        let mut expected: Vec<String> = ha
+            .iter()
+            .map(|h| format!("{}/second", h.conversation_id))
+            .chain(hb.iter().map(|h| h.idempotency_key.clone()))
+            .collect();
+        expected.sort();
+        assert_eq!(keys, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_senders_claim_expires_and_a_retry_is_due_for_anyone() {
+        let options = Options {
+            claim: Duration::from_millis(300),
+            ..Options::default()
+        };
+        let Some((a, b, _db)) = two_replicas(options) else {
+            return;
+        };
+        let e = insert(&a, "m1", "c").await;
+        a.complete_event(
+            e.seq,
+            "c".into(),
+            serde_json::json!([]),
+            vec![action("k")],
+            vec![],
+        )
+        .await
+        .unwrap();
+        let ha = tokio::task::block_in_place(|| a.outbox_heads(10).unwrap());
+        assert_eq!(ha.len(), 1);
+        assert!(tokio::task::block_in_place(|| b.outbox_heads(10).unwrap()).is_empty());
+        // A dies mid-send: B gets the action once the claim runs out.
+        a.close();
+        let hb = eventually("B claims the abandoned head", async || {
+            let h = tokio::task::block_in_place(|| b.outbox_heads(10).unwrap());
+            (!h.is_empty()).then_some(h)
+        })
+        .await;
+        assert_eq!(hb[0].id, ha[0].id);
+        // A retry releases the claim: due again, anyone may send it.
+        b.mark_retry(hb[0].id, now_ms(), Some(503), "busy".into())
+            .await
+            .unwrap();
+        let c = Store::open_postgres(
+            b.postgres().unwrap().pool.config.clone(),
+            Options::default(),
+        )
+        .unwrap();
+        let hc = tokio::task::block_in_place(|| c.outbox_heads(10).unwrap());
+        assert_eq!(hc.len(), 1);
+        assert_eq!(hc[0].attempts, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_starting_together_migrate_once() {
+        let Some((config, _db)) = testdb::create() else {
+            return;
+        };
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let config = config.clone();
+                std::thread::spawn(move || Store::open_postgres(config, Options::default()))
+            })
+            .collect();
+        let stores: Vec<Store> = opens
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        let pg = stores[0].postgres().unwrap();
+        let pooled = pg.client().await.unwrap();
+        let rows = pooled
+            .client()
+            .query(
+                "SELECT version FROM digibot_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap();
+        let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        let expected: Vec<i32> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, expected);
+    }
 }
