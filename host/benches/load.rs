@@ -20,8 +20,10 @@
 //! Measured per target: acknowledged webhooks/s, ack latency p50/p99 (wrk),
 //! webhook-to-API latency p50/p99 (the client's send time, carried in the
 //! message id, to the fake's arrival time of the Messages API request whose
-//! Idempotency-Key names that event), and peak RSS (`VmHWM`); each as a
-//! ratio to the bare handler of the same round. The correctness guard
+//! Idempotency-Key names that event), peak RSS (`VmHWM`) and the server's
+//! CPU time per acknowledged webhook (`/proc/PID/stat`, all threads: the
+//! figure other load on the machine disturbs least); each as a ratio to
+//! the bare handler of the same round. The correctness guard
 //! checks that every acknowledged webhook produced exactly one API request
 //! (pipeline) or none (inbox); the process exits 1 if it does not hold.
 //!
@@ -253,6 +255,10 @@ struct Run {
     /// Send to arrival at the fake, measured run only.
     e2e_us: Option<(f64, f64)>,
     peak_rss_kib: Option<u64>,
+    /// The server's CPU time (all threads, user + system) from the start
+    /// of the warm-up to the end of the drain, per webhook acknowledged:
+    /// the figure the machine's other load disturbs least.
+    cpu_us_per_webhook: Option<f64>,
     guard: Option<Guard>,
 }
 
@@ -272,6 +278,7 @@ impl Run {
             },
             "webhook_to_api_ms": self.e2e_us.map(|(p50, p99)| json!({"p50": p50 / 1000.0, "p99": p99 / 1000.0})),
             "peak_rss_kib": self.peak_rss_kib,
+            "cpu_us_per_webhook": self.cpu_us_per_webhook,
             "wrk": {
                 "seconds": self.wrk.duration.as_secs_f64(), "sent": self.wrk.sent,
                 "acked": self.wrk.acked, "refused": self.wrk.refused,
@@ -411,6 +418,7 @@ async fn run_target(args: &Args, target: Target, round: usize, work: &Path) -> R
             },
         )
     };
+    let cpu_before = server.pid().and_then(cpu_seconds);
     let warm = wrk_run("w", args.warmup)?;
     let measured = wrk_run("m", args.seconds)?;
     let load_stopped = Instant::now();
@@ -423,6 +431,7 @@ async fn run_target(args: &Args, target: Target, round: usize, work: &Path) -> R
         acked_per_s,
         e2e_us: None,
         peak_rss_kib: None,
+        cpu_us_per_webhook: None,
         guard: None,
     };
     if let Server::Digibot(bot, fake) = &server {
@@ -441,8 +450,13 @@ async fn run_target(args: &Args, target: Target, round: usize, work: &Path) -> R
             bail!("digibot is not running");
         }
     }
-    // After the drain: the peak covers the backlog too.
+    // After the drain: the peak and the CPU time cover the backlog too.
     run.peak_rss_kib = server.pid().and_then(peak_rss_kib);
+    let cpu_after = server.pid().and_then(cpu_seconds);
+    let webhooks = (warm.acked + measured.acked).max(1) as f64;
+    run.cpu_us_per_webhook = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| (after - before) * 1e6 / webhooks);
     run.wrk = measured;
     drop(server);
     Ok(run)
@@ -625,6 +639,25 @@ fn wrk(args: &Args, load: &Load) -> Result<Wrk> {
     })
 }
 
+/// User + system CPU time of a process (all its threads), in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3:
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        command_line("getconf", &["CLK_TCK"])
+            .parse()
+            .unwrap_or(100.0)
+    })
+}
+
 /// `VmHWM` of a process, in KiB.
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -675,6 +708,7 @@ fn summarise(args: &Args, runs: &[Run]) -> Value {
         let p50 = |r: &Run| Some(r.wrk.p50_us / 1000.0);
         let p99 = |r: &Run| Some(r.wrk.p99_us / 1000.0);
         let rss = |r: &Run| r.peak_rss_kib.map(|k| k as f64 / 1024.0);
+        let cpu = |r: &Run| r.cpu_us_per_webhook;
         out.push(json!({
             "target": target.name(),
             "label": target.label(args),
@@ -690,6 +724,8 @@ fn summarise(args: &Args, runs: &[Run]) -> Value {
             "webhook_to_api_p99_ms": figure(&|r: &Run| Some(r.e2e_us?.1 / 1000.0)),
             "peak_rss_mib": figure(&rss),
             "peak_rss_vs_ceiling": ratio(&rss),
+            "cpu_us_per_webhook": figure(&cpu),
+            "cpu_vs_ceiling": ratio(&cpu),
             "guard_ok": mine.iter().all(|r| r.guard_ok()),
             "acked_per_s_runs": mine.iter().map(|r| r.acked_per_s.round()).collect::<Vec<_>>(),
         }));
@@ -710,11 +746,11 @@ fn table(summary: &Value) -> String {
     };
     let times = |v: &Value| v.as_f64().map_or("—".to_string(), |x| format!("{x:.2}×"));
     let mut out = String::from(
-        "| target | acked/s | vs ceiling | ack p50 ms | ack p99 ms | webhook→API p50 ms | webhook→API p99 ms | peak RSS MiB | guard |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| target | acked/s | vs ceiling | ack p50 ms | ack p99 ms | webhook→API p50 ms | webhook→API p99 ms | peak RSS MiB | server CPU µs/webhook | guard |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in summary.as_array().into_iter().flatten() {
         out += &format!(
-            "| {} | {} | {} | {} ({}) | {} ({}) | {} | {} | {} ({}) | {} |\n",
+            "| {} | {} | {} | {} ({}) | {} ({}) | {} | {} | {} ({}) | {} ({}) | {} |\n",
             s["label"].as_str().unwrap_or_default(),
             num(&s["acked_per_s"], 0),
             pct(&s["acked_vs_ceiling"]),
@@ -726,6 +762,8 @@ fn table(summary: &Value) -> String {
             num(&s["webhook_to_api_p99_ms"], 2),
             num(&s["peak_rss_mib"], 1),
             times(&s["peak_rss_vs_ceiling"]),
+            num(&s["cpu_us_per_webhook"], 1),
+            times(&s["cpu_vs_ceiling"]),
             if s["target"] == "bare" {
                 "—"
             } else if s["guard_ok"] == true {
@@ -756,6 +794,9 @@ fn one_line(run: &Run) -> String {
     }
     if let Some(kib) = run.peak_rss_kib {
         line += &format!("  peak RSS {:.1} MiB", kib as f64 / 1024.0);
+    }
+    if let Some(cpu) = run.cpu_us_per_webhook {
+        line += &format!("  CPU {cpu:.1} µs/webhook");
     }
     if let Some(g) = &run.guard {
         line += &format!(
