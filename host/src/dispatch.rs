@@ -287,9 +287,15 @@ impl KvRead for StoreKv {
 struct Lanes {
     /// Events waiting, per conversation with a lane task running.
     queues: HashMap<String, Vec<StoredEvent>>,
-    /// Events queued or being handled here: an event found again in the
-    /// store (a claim, a poll) is not queued twice.
-    active: HashSet<i64>,
+    /// Events queued or being handled here (an event found again in the
+    /// store, by a claim or a poll, is not queued twice), each with the
+    /// tick at which it was queued: see [`Lanes::tick`].
+    active: HashMap<i64, u64>,
+    /// Counts submissions. A lane reads it just before it reads its
+    /// conversation's pending events from the store; an event queued
+    /// later may have been preceded by one that reached another replica
+    /// after that read, so the lane reads again before handling it.
+    ticks: u64,
     /// Events handled here lately, in two generations rotated at each poll
     /// of the inbox: a poll that read the inbox before their completion
     /// committed must not queue them again. Only kept while polling.
@@ -299,14 +305,21 @@ struct Lanes {
 
 impl Lanes {
     fn known(&self, seq: i64) -> bool {
-        self.active.contains(&seq) || self.done.iter().any(|d| d.contains(&seq))
+        self.active.contains_key(&seq) || self.done.iter().any(|d| d.contains(&seq))
     }
 
-    /// Adds events to a running lane's queue, skipping known ones.
+    /// The tick before a read of the store: events queued up to now are
+    /// covered by that read.
+    fn tick(&self) -> u64 {
+        self.ticks
+    }
+
+    /// Adds events read from the store to a running lane's queue (covered
+    /// by that read: tick 0), skipping known ones.
     fn merge(&mut self, conversation: &str, found: Vec<StoredEvent>) {
         for stored in found {
             if !self.known(stored.seq) {
-                self.active.insert(stored.seq);
+                self.active.insert(stored.seq, 0);
                 self.queues
                     .entry(conversation.to_string())
                     .or_default()
@@ -328,6 +341,14 @@ impl Lanes {
             self.done[0].insert(seq);
         }
     }
+}
+
+/// What a lane does next.
+enum Next {
+    Event(Box<StoredEvent>),
+    /// The next event was queued after the lane last read the store.
+    Stale,
+    Dry,
 }
 
 /// Hands stored events to plugins, one conversation at a time.
@@ -392,7 +413,9 @@ impl Dispatcher {
         if lanes.known(stored.seq) {
             return;
         }
-        lanes.active.insert(stored.seq);
+        lanes.ticks += 1;
+        let tick = lanes.ticks;
+        lanes.active.insert(stored.seq, tick);
         match lanes.queues.get_mut(&conversation) {
             // A lane task is running for it and will pick this up.
             Some(queue) => queue.push(stored),
@@ -458,13 +481,18 @@ impl Dispatcher {
         self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The lane's next event, `None` when its queue is empty or the
-    /// process is stopping (the lane stays registered: see `run_lane`).
-    fn next_event(&self, conversation: &str) -> Option<StoredEvent> {
+    /// The lane's next event, if the lane's last read of the store (at
+    /// `read_at`, see [`Lanes::tick`]) covers it; `Dry` when its queue is
+    /// empty or the process is stopping (the lane stays registered: see
+    /// `run_lane`).
+    fn next_event(&self, conversation: &str, read_at: u64) -> Next {
         let mut lanes = self.lock_lanes();
-        let queue = lanes.queues.get_mut(conversation)?;
+        let lanes = &mut *lanes;
+        let Some(queue) = lanes.queues.get_mut(conversation) else {
+            return Next::Dry;
+        };
         if queue.is_empty() || *self.inner.shutdown.borrow() {
-            return None;
+            return Next::Dry;
         }
         let all_dated = queue.iter().all(|s| s.event.created_at().is_some());
         let index = if all_dated {
@@ -477,14 +505,22 @@ impl Dispatcher {
         } else {
             (0..queue.len()).min_by_key(|&i| queue[i].seq).unwrap_or(0)
         };
-        Some(queue.remove(index))
+        if lanes
+            .active
+            .get(&queue[index].seq)
+            .is_some_and(|&t| t > read_at)
+        {
+            return Next::Stale;
+        }
+        Next::Event(Box::new(queue.remove(index)))
     }
 
     async fn run_lane(&self, conversation: String) {
         let Ok(_permit) = self.inner.conversations.clone().acquire_owned().await else {
             return;
         };
-        loop {
+        'claim: loop {
+            let read_at = self.lock_lanes().tick();
             match self.inner.store.claim_conversation(&conversation).await {
                 Ok(Some(found)) => self.lock_lanes().merge(&conversation, found),
                 Ok(None) => {
@@ -501,10 +537,17 @@ impl Dispatcher {
                     return;
                 }
             }
-            while let Some(stored) = self.next_event(&conversation) {
-                if !self.handle(stored).await {
-                    self.lock_lanes().remove(&conversation);
-                    return;
+            loop {
+                match self.next_event(&conversation, read_at) {
+                    Next::Event(stored) => {
+                        if !self.handle(*stored).await {
+                            self.lock_lanes().remove(&conversation);
+                            return;
+                        }
+                    }
+                    // Read the store again (and renew the claim) first.
+                    Next::Stale => continue 'claim,
+                    Next::Dry => break,
                 }
             }
             let stopping = *self.inner.shutdown.borrow();

@@ -95,6 +95,12 @@ metrics! {
     /// answer came (connection error, timeout).
     api_requests: Family<Counter> = Family::new("digibot_api_requests_total", "Messages API requests, by HTTP status or error.", &["status"]);
     api_retries: Single<Counter> = Single::new("digibot_api_retries_total", "Failed Messages API attempts scheduled for a retry.");
+    /// PostgreSQL: every statement sent (a first prepare on a connection
+    /// counts too); SQLite: every job handed to the writer thread and every
+    /// read on a reader connection. Divided by events: the store's cost.
+    store_round_trips: Single<Counter> = Single::new("digibot_store_round_trips_total", "Requests to the database (statements to PostgreSQL; writer jobs and reads on SQLite).");
+    /// SQLite group commits: one fsync each with durability `full`.
+    store_commits: Single<Counter> = Single::new("digibot_store_commits_total", "SQLite transactions committed by the writer (one per group commit).");
 }
 
 /// The process's instruments.

@@ -382,7 +382,10 @@ impl Store {
     /// The first pending action of each conversation (later actions of a
     /// conversation wait for the first one), soonest due first, at most
     /// `limit`. The sender starts the due ones and sleeps until the first
-    /// that is not: one query serves both.
+    /// that is not: one query serves both. With replicas, the heads
+    /// returned are claimed for this one (its own claims included), and
+    /// no other replica gets them until they are settled or the claim
+    /// runs out.
     pub fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
         on_backend!(self, b => b.outbox_heads(limit))
     }

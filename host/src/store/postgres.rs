@@ -22,8 +22,9 @@
 //!   another replica is refused, so a replica that lost its lease cannot
 //!   reorder the conversation.
 //! - the outbox head of a conversation is claimed (`FOR UPDATE SKIP LOCKED`,
-//!   then `claimed_by`/`claim_expires`) by one replica's sender: only the
-//!   oldest pending action of a conversation is in flight, cluster-wide.
+//!   then `claimed_by`/`claim_expires`) by one replica's sender, which alone
+//!   sends it, when due: only the oldest pending action of a conversation
+//!   is in flight, cluster-wide.
 //! - events that arrive at a replica whose conversation another replica
 //!   holds stay in the inbox, and a `NOTIFY digibot_inbox` tells the owner;
 //!   every replica also polls for orphaned events (lease expired, or never
@@ -39,6 +40,7 @@ use super::{
     StoredEvent, now_ms,
 };
 use crate::event::Event;
+use crate::metrics::metrics;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -181,6 +183,7 @@ impl Conn {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
+        metrics().store_round_trips.inc();
         let s = self.client.prepare(sql).await?;
         self.statements.insert(sql, s.clone());
         Ok(s)
@@ -192,6 +195,7 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         let statement = self.prepare(sql).await?;
+        metrics().store_round_trips.inc();
         Ok(self.client.query(&statement, params).await?)
     }
 
@@ -201,6 +205,7 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, StoreError> {
         let statement = self.prepare(sql).await?;
+        metrics().store_round_trips.inc();
         Ok(self.client.query_one(&statement, params).await?)
     }
 
@@ -210,6 +215,7 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, StoreError> {
         let statement = self.prepare(sql).await?;
+        metrics().store_round_trips.inc();
         Ok(self.client.execute(&statement, params).await?)
     }
 }
@@ -881,41 +887,35 @@ impl Postgres {
         let claim = secs(self.options.claim);
         self.block(async move {
             let mut c = pool.get().await?;
-            // The due heads are claimed for this replica (its own claims
-            // come back too: the sender skips what it has in flight); the
-            // heads not yet due come back unclaimed, for the sleep.
-            // Conditions on `o` are rechecked on the latest row version
-            // after the lock, so a head sent meanwhile is not claimed.
+            // Every head returned is claimed for this replica, due or not:
+            // the sender starts those due by its own clock and sleeps until
+            // the next, so it must never see one it does not hold. Its own
+            // claims come back too (renewed); it skips what it has in
+            // flight. Conditions on `o` are rechecked on the latest row
+            // version after the lock, so a head sent or claimed meanwhile
+            // is passed over.
             let rows = c
                 .conn()
                 .query(
                     "WITH heads AS (
-                        SELECT DISTINCT ON (conversation_id) id, next_attempt_at
+                        SELECT DISTINCT ON (conversation_id) id
                         FROM outbox WHERE status = 'pending'
                         ORDER BY conversation_id, id
-                     ), due AS (
+                     ), mine AS (
                         SELECT o.id FROM outbox o JOIN heads h ON o.id = h.id
-                        WHERE o.status = 'pending' AND o.next_attempt_at <= $1
-                          AND (o.claimed_by IS NULL OR o.claimed_by = $2 OR o.claim_expires < now())
+                        WHERE o.status = 'pending'
+                          AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.claim_expires < now())
                         ORDER BY o.next_attempt_at, o.id
-                        LIMIT $3
+                        LIMIT $2
                         FOR UPDATE OF o SKIP LOCKED
                      ), claimed AS (
-                        UPDATE outbox SET claimed_by = $2, claim_expires = now() + make_interval(secs => $4)
-                        FROM due WHERE outbox.id = due.id
+                        UPDATE outbox SET claimed_by = $1, claim_expires = now() + make_interval(secs => $3)
+                        FROM mine WHERE outbox.id = mine.id
                         RETURNING outbox.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
-                                  status, attempts, outbox.next_attempt_at, last_status, last_error, created_at
-                     ), later AS (
-                        SELECT o.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
-                               status, attempts, o.next_attempt_at, last_status, last_error, created_at
-                        FROM outbox o JOIN heads h ON o.id = h.id
-                        WHERE h.next_attempt_at > $1
-                        ORDER BY h.next_attempt_at, h.id
-                        LIMIT $3
+                                  status, attempts, next_attempt_at, last_status, last_error, created_at
                      )
-                     SELECT * FROM (SELECT * FROM claimed UNION ALL SELECT * FROM later) x
-                     ORDER BY next_attempt_at, id LIMIT $3",
-                    &[&now_ms(), &replica, &(limit as i64), &claim],
+                     SELECT * FROM claimed ORDER BY next_attempt_at, id",
+                    &[&replica, &(limit as i64), &claim],
                 )
                 .await?;
             rows.iter().map(outbox_row).collect()
@@ -1538,6 +1538,103 @@ mod tests {
             .collect();
         expected.sort();
         assert_eq!(keys, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_senders_racing_send_each_action_once_in_order() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        const CONVERSATIONS: usize = 20;
+        const PER: usize = 10;
+        for i in 0..PER {
+            for c in 0..CONVERSATIONS {
+                let conv = format!("c{c}");
+                let e = insert(&a, &format!("m{c}_{i}"), &conv).await;
+                a.complete_event(
+                    e.seq,
+                    conv.clone(),
+                    serde_json::json!([]),
+                    vec![action(&format!("{conv}/{i}"))],
+                    vec![],
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let sent = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sender = |store: Store, sent: Arc<Mutex<Vec<String>>>| {
+            tokio::spawn(async move {
+                loop {
+                    let s = store.clone();
+                    let heads = tokio::task::spawn_blocking(move || s.outbox_heads(1000).unwrap())
+                        .await
+                        .unwrap();
+                    if heads.is_empty() {
+                        return;
+                    }
+                    for h in heads {
+                        sent.lock().unwrap().push(h.idempotency_key.clone());
+                        store.mark_sent(h.id, 201).await.unwrap();
+                    }
+                }
+            })
+        };
+        let ta = sender(a.clone(), sent.clone());
+        let tb = sender(b.clone(), sent.clone());
+        ta.await.unwrap();
+        tb.await.unwrap();
+        let sent = sent.lock().unwrap().clone();
+        let mut unique = sent.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            sent.len(),
+            "an action was sent twice: {sent:?}"
+        );
+        assert_eq!(sent.len(), CONVERSATIONS * PER);
+        for c in 0..CONVERSATIONS {
+            let order: Vec<&String> = sent
+                .iter()
+                .filter(|k| k.starts_with(&format!("c{c}/")))
+                .collect();
+            let expected: Vec<String> = (0..PER).map(|i| format!("c{c}/{i}")).collect();
+            assert_eq!(order, expected.iter().collect::<Vec<_>>());
+        }
+    }
+
+    /// The sender decides what is due by its own clock, after the read: a
+    /// head it got but another replica could also get would be sent twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_not_yet_due_is_held_by_the_replica_that_read_it() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        let e = insert(&a, "m1", "c").await;
+        a.complete_event(
+            e.seq,
+            "c".into(),
+            serde_json::json!([]),
+            vec![action("k")],
+            vec![],
+        )
+        .await
+        .unwrap();
+        let id = tokio::task::block_in_place(|| a.outbox_heads(10).unwrap())[0].id;
+        a.mark_retry(id, now_ms() + 100, Some(503), "busy".into())
+            .await
+            .unwrap();
+        let ha = tokio::task::block_in_place(|| a.outbox_heads(10).unwrap());
+        assert_eq!(ha.len(), 1);
+        assert!(ha[0].next_attempt_at > now_ms() - 1_000);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Due now, and still A's alone.
+        assert!(tokio::task::block_in_place(|| b.outbox_heads(10).unwrap()).is_empty());
+        assert_eq!(
+            tokio::task::block_in_place(|| a.outbox_heads(10).unwrap())[0].id,
+            id
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,7 @@ use super::{
     StoreError, StoredEvent, now_ms,
 };
 use crate::event::Event;
+use crate::metrics::metrics;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
@@ -147,6 +148,9 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
             completions.push(job(&conn));
         }
         let commit = run(&conn, "COMMIT");
+        if commit.is_ok() {
+            metrics().store_commits.inc();
+        }
         let error = commit.as_ref().err().map(|e| e.to_string());
         if error.is_some() {
             let _ = run(&conn, "ROLLBACK");
@@ -232,6 +236,7 @@ impl Sqlite {
                 });
             })
         });
+        metrics().store_round_trips.inc();
         let jobs = self.jobs.lock().map_err(|_| StoreError::Closed)?;
         jobs.as_ref()
             .ok_or(StoreError::Closed)?
@@ -263,6 +268,7 @@ impl Sqlite {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        metrics().store_round_trips.inc();
         let conn = self.readers.lock().ok().and_then(|mut r| r.pop());
         let conn = match conn {
             Some(c) => c,
