@@ -335,9 +335,11 @@ impl Lanes {
         }
     }
 
-    fn finished(&mut self, seq: i64) {
+    /// `done`: completed in the store (else it stays pending, and a claim
+    /// or poll may queue it again).
+    fn finished(&mut self, seq: i64, done: bool) {
         self.active.remove(&seq);
-        if self.polling {
+        if done && self.polling {
             self.done[0].insert(seq);
         }
     }
@@ -571,14 +573,16 @@ impl Dispatcher {
         }
     }
 
-    /// Handles one event; `false` when the lane must stop (its
-    /// conversation went to another replica).
+    /// Handles one event; `false` when it stays pending, and the lane must
+    /// stop: handling later events of the conversation first would break
+    /// its order. The event is retried with the conversation's others, in
+    /// order: by the inbox poll (replicas), else at the next start.
     async fn handle(&self, stored: StoredEvent) -> bool {
         let seq = stored.seq;
         let span = event_span(&stored.event);
-        let keep = self.handle_in(stored, span.clone()).instrument(span).await;
-        self.lock_lanes().finished(seq);
-        keep
+        let done = self.handle_in(stored, span.clone()).instrument(span).await;
+        self.lock_lanes().finished(seq, done);
+        done
     }
 
     /// [`Dispatcher::handle`] inside the event's `span` (entered again on
@@ -603,9 +607,8 @@ impl Dispatcher {
         let handled = match handled {
             Ok(h) => h,
             Err(e) => {
-                // Left pending: the next start retries it.
                 tracing::error!(error = %e, "plugin thread failed; event left pending");
-                return true;
+                return false;
             }
         };
         let conversation = stored
