@@ -175,7 +175,10 @@ impl OwnCluster {
 }
 
 impl Drop for OwnCluster {
+    /// Destroys the cluster, or (with `DIGIBOT_E2E_KEEP`, like the
+    /// driver's folders) stops it and keeps its data for a look.
     fn drop(&mut self) {
-        let _ = pg_cluster(&["destroy", &self.name]);
+        let keep = std::env::var_os("DIGIBOT_E2E_KEEP").is_some();
+        let _ = pg_cluster(&[if keep { "stop" } else { "destroy" }, &self.name]);
     }
 }
