@@ -618,37 +618,51 @@ impl Dispatcher {
             .to_string();
         let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
         let kinds = handled.action_kinds;
-        match self
-            .inner
-            .store
-            .complete_event(
-                stored.seq,
-                conversation,
-                outcomes,
-                handled.actions,
-                handled.kv,
-            )
-            .await
-        {
-            Ok(queued) => {
-                if queued > 0 {
-                    // 0 when another run already completed the event.
-                    for kind in kinds {
-                        metrics().actions.with(&[kind]).inc();
+        // A completion that cannot be committed (the database is away) is
+        // retried, with the plugin's outcome kept, until it commits: the
+        // lane must not move on to the conversation's next event first, or
+        // the replies would go out of order.
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self
+                .inner
+                .store
+                .complete_event(
+                    stored.seq,
+                    conversation.clone(),
+                    outcomes.clone(),
+                    handled.actions.clone(),
+                    handled.kv.clone(),
+                )
+                .await
+            {
+                Ok(queued) => {
+                    if queued > 0 {
+                        // 0 when another run already completed the event.
+                        for kind in kinds {
+                            metrics().actions.with(&[kind]).inc();
+                        }
+                        self.inner.outbox.wake();
                     }
-                    self.inner.outbox.wake();
+                    return true;
                 }
-                true
-            }
-            Err(StoreError::LeaseLost(_)) => {
-                // This replica was too slow and the conversation moved on:
-                // its new holder handles the event, in order.
-                tracing::warn!("conversation taken over by another replica; event left to it");
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record a handled event; it stays pending");
-                true
+                Err(StoreError::LeaseLost(_)) => {
+                    // This replica was too slow and the conversation moved on:
+                    // its new holder handles the event, in order.
+                    tracing::warn!("conversation taken over by another replica; event left to it");
+                    return false;
+                }
+                Err(e) => {
+                    if *self.inner.shutdown.borrow() {
+                        // Left pending: the next start handles it, in order.
+                        tracing::error!(error = %e, "cannot record a handled event; it stays pending");
+                        return false;
+                    }
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64,
+                        "cannot record a handled event yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
             }
         }
     }
