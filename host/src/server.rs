@@ -3,6 +3,7 @@
 //! shutdown that leaves unfinished work durable for the next start.
 
 use crate::admin;
+use crate::cluster;
 use crate::config::Settings;
 use crate::dashboard;
 use crate::dispatch::{Breaker, Dispatcher};
@@ -135,15 +136,24 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
 
     let store = Store::from_settings(&settings)?;
     let runtime = runtime(&settings)?;
-    let registry = Arc::new(Registry::new(
-        runtime,
-        settings.plugins_dir.clone(),
-        &settings.data_dir,
-    ));
-    for error in registry.load_dir() {
+    let mut registry = Registry::new(runtime, settings.plugins_dir.clone(), &settings.data_dir);
+    // On PostgreSQL, plugins are the cluster's (see `cluster`).
+    let shared = cluster::PgPlugins::new(&store, tokio::runtime::Handle::current()).map(Arc::new);
+    if let Some(shared) = &shared {
+        registry = registry.with_shared(shared.clone());
+    }
+    let registry = Arc::new(registry);
+    // Blocking: compiles, and reads the shared record on PostgreSQL.
+    let loading = registry.clone();
+    let errors = tokio::task::spawn_blocking(move || loading.load_dir())
+        .await
+        .map_err(|e| ServeError::Runtime(format!("loading plugins: {e}")))?;
+    for error in errors {
         tracing::error!("{error}");
     }
     let (stop_tx, stop_rx) = signal::channel(false);
+    let plugin_sync =
+        shared.map(|shared| tokio::spawn(cluster::run(registry.clone(), shared, stop_rx.clone())));
     let outbox = Outbox::default();
     let sender = Sender::new(&settings, store.clone(), outbox.clone())?;
     let breaker = Breaker {
@@ -241,6 +251,9 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     let drained = dispatcher.drain(grace).await;
     let _ = tokio::time::timeout(grace, sender_task).await;
     pruner.abort();
+    if let Some(sync) = plugin_sync {
+        sync.abort();
+    }
     store.close();
     tracing::info!(
         drained,

@@ -55,12 +55,17 @@ pub const INBOX_CHANNEL: &str = "digibot_inbox";
 
 /// Channels every replica listens on; their notifications are broadcast
 /// to [`Postgres::notifications`] subscribers.
-pub const CHANNELS: &[&str] = &[INBOX_CHANNEL];
+pub const CHANNELS: &[&str] = &[INBOX_CHANNEL, PLUGINS_CHANNEL];
+
+/// The channel a replica notifies when it changed the cluster's plugins
+/// (see `cluster`).
+pub const PLUGINS_CHANNEL: &str = "digibot_plugins";
 
 /// Versioned schema changes, applied in order, each once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE events (
     seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
@@ -111,7 +116,38 @@ CREATE TABLE conversation_leases (
     expires_at TIMESTAMPTZ NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        // Plugins across replicas (see `cluster`): every version's bytes,
+        // what serves now with its rollback targets, each replica's breakers.
+        r#"
+CREATE TABLE plugin_versions (
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    bytes BYTEA NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (name, hash)
+);
+CREATE TABLE plugins (
+    name TEXT PRIMARY KEY,
+    -- NULL once removed: the name stays known.
+    hash TEXT,
+    -- Rollback targets, oldest first.
+    previous TEXT[] NOT NULL DEFAULT '{}',
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE plugin_health (
+    replica TEXT NOT NULL,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    report TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (replica, name)
+);
+"#,
+    ),
+];
 
 /// Any `pg_advisory_xact_lock` key of digibot's own; this one guards
 /// migrations.
