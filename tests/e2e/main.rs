@@ -13,5 +13,6 @@ mod fake_selftest;
 mod hot_swap;
 mod oauth;
 mod observability;
+mod replicas;
 mod startup;
 mod webhook;
