@@ -1,12 +1,15 @@
-//! Several digibot replicas on one PostgreSQL database (issue 10): the
-//! same webhook delivered to two replicas at once, and a plugin uploaded
-//! to one replica serving on another. Every test counts exactly what
-//! reached the fake Digishare API.
+//! Several digibot replicas on one PostgreSQL database (issue 10): a
+//! burst spread round-robin over three replicas with one killed by -9, the
+//! same webhook delivered to two replicas at once, a plugin uploaded to one
+//! replica serving on another, and the database stopped under load. Every
+//! test counts exactly what reached the fake Digishare API.
 //!
 //! Each needs PostgreSQL (`DIGIBOT_TEST_DATABASE_URL`, set by
 //! `scripts/test`): without it a test is skipped loudly, or fails under CI.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -14,8 +17,8 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::support::burst::*;
-use crate::support::durable::{Poster, admin};
-use crate::support::pg::fresh_database;
+use crate::support::durable::{Poster, admin, admin_dead_letters};
+use crate::support::pg::{OwnCluster, fresh_database};
 use crate::support::*;
 
 /// How long a dead replica's conversations wait before another replica
@@ -30,6 +33,127 @@ fn echo_replicas(fake: &FakeDigishare, database: &str) -> DigibotBuilder {
         .retry(5, 200, 30)
         .database(database)
         .env("DIGIBOT_LEASE_MS", LEASE_MS)
+}
+
+/// Checks the duplicates [`check_replies`] returned: each is a reply the
+/// killed (or cut off) side had sent but not yet recorded as sent, sent
+/// again once its claim ran out: exactly two copies, the first before
+/// `cut` (plus the time a request the dead process wrote may sit in the
+/// fake's socket), the second after it; at most one per conversation (only
+/// a conversation's head of line is in flight) and at most `SEND_CONCURRENCY`
+/// per replica cut.
+fn explain_duplicates(
+    duplicates: &BTreeMap<String, Vec<Recorded>>,
+    cut: Instant,
+    replicas_cut: usize,
+) -> Result<()> {
+    let mut conversations = HashSet::new();
+    for (key, copies) in duplicates {
+        ensure!(
+            copies.len() == 2,
+            "{key} was sent {} times: {:#?}",
+            copies.len(),
+            copies.iter().map(Recorded::summary).collect::<Vec<_>>()
+        );
+        ensure!(
+            copies[0].received_at < cut + Duration::from_secs(1) && copies[1].received_at > cut,
+            "{key} was duplicated without a cut in between: {} / {}",
+            copies[0].summary(),
+            copies[1].summary()
+        );
+        ensure!(
+            conversations.insert(copies[0].conversation_id()),
+            "two duplicates in one conversation: only its head of line can be in flight"
+        );
+    }
+    ensure!(
+        duplicates.len() <= SEND_CONCURRENCY * replicas_cut,
+        "{} duplicates, more than could be in flight",
+        duplicates.len()
+    );
+    Ok(())
+}
+
+/// Three replicas on one database; 1,200 webhooks over 60 conversations,
+/// posted round-robin over the three (24 in flight; a webhook that gets no
+/// 200 is redelivered to the next replica, as Digishare retries through
+/// the load balancer). Once about half are acknowledged, replica 3 is
+/// killed with SIGKILL and not restarted. Every acknowledged webhook gets
+/// exactly its echo, in posting order within each conversation; the
+/// conversations the dead replica held are taken over when its leases
+/// expire.
+///
+/// Duplicates: replies the killed replica had sent and not yet recorded
+/// as sent are sent again by a survivor with the same Idempotency-Key once
+/// the claim expires (see [`explain_duplicates`]). Acknowledged webhooks
+/// answered `duplicate` are redeliveries of ones the killed replica had
+/// committed but whose answer was lost with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_kill9_mid_burst_every_reply_once_in_order() -> Result<()> {
+    const TEST: &str = "repl";
+    const CONVERSATIONS: usize = 60;
+    const PER_CONVERSATION: usize = 20;
+    const TOTAL: usize = CONVERSATIONS * PER_CONVERSATION;
+    let Some(database) = fresh_database("replicas_burst").await? else {
+        return Ok(());
+    };
+
+    let fake = FakeDigishare::start().await?;
+    let mut bots = echo_replicas(&fake, &database).start_replicas(3).await?;
+    let poster = Poster::round_robin(&bots.iter().collect::<Vec<_>>())?;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let tasks = post_burst(
+        &poster,
+        TEST,
+        CONVERSATIONS,
+        PER_CONVERSATION,
+        24,
+        acked.clone(),
+    );
+
+    let deadline = Instant::now() + LONG;
+    while acked.load(Ordering::SeqCst) < TOTAL / 2 {
+        ensure!(Instant::now() < deadline, "the burst stalled before half");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    bots[2].kill9()?;
+    let killed_at = Instant::now();
+    let acked_at_kill = acked.load(Ordering::SeqCst);
+    let replies_at_kill = fake.successful().len();
+
+    let answers = join_answers(tasks).await?;
+    ensure!(
+        answers.values().sum::<usize>() == TOTAL,
+        "not every webhook was acknowledged: {answers:?}"
+    );
+    wait_distinct_replies(&fake, TOTAL, LONG).await?;
+    wait_outbox(&bots[0], json!({"sent": TOTAL})).await?;
+    let total_requests = fake.successful().len();
+    fake.assert_quiet(total_requests, SETTLE).await?;
+
+    let duplicates = check_replies(&fake, TEST, CONVERSATIONS, PER_CONVERSATION)?;
+    explain_duplicates(&duplicates, killed_at, 1)?;
+    // The survivors' admin APIs see the whole cluster: every event handled.
+    for bot in &bots[..2] {
+        let events = bot.events(TOTAL + 10).await?;
+        ensure!(
+            events.len() == TOTAL,
+            "{} sees {} events, not {TOTAL}",
+            bot.url(),
+            events.len()
+        );
+        ensure!(
+            events.iter().all(|e| e["status"] != "pending"),
+            "events left pending"
+        );
+        ensure!(admin_dead_letters(bot).await?.is_empty(), "dead letters");
+    }
+    eprintln!(
+        "kill -9 of replica 3 after {acked_at_kill} acknowledged webhooks and {replies_at_kill} \
+         replies; answers {answers:?}; {total_requests} requests for {TOTAL} replies, {} duplicates",
+        duplicates.len(),
+    );
+    Ok(())
 }
 
 /// Every fixture, and 40 more customer messages, each delivered to two
@@ -117,6 +241,106 @@ async fn same_webhook_to_two_replicas_at_once_one_reply() -> Result<()> {
             && fake.messages_for("conv_min_01").len() == 1,
         "the fixtures' customer texts were not answered once each:\n{}",
         fake.dump()
+    );
+    Ok(())
+}
+
+/// The database stopped for a few seconds under load (a cluster of the
+/// test's own, so the other tests keep theirs): meanwhile both replicas
+/// answer webhooks 503 (so Digishare retries) and `/readyz` 503; once it is
+/// back, processing resumes by itself and every acknowledged webhook gets
+/// exactly its echo, in order. Webhooks redelivered after a 503 count as
+/// new deliveries: nothing answered 200 is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_answers_503_and_resumes() -> Result<()> {
+    const TEST: &str = "outage";
+    const CONVERSATIONS: usize = 20;
+    const PER_CONVERSATION: usize = 10;
+    const TOTAL: usize = CONVERSATIONS * PER_CONVERSATION;
+    let Some(cluster) = OwnCluster::start("outage").await? else {
+        return Ok(());
+    };
+    let database = cluster.database("replicas_outage").await?;
+    let fake = FakeDigishare::start().await?;
+    // The default lease (30 s), longer than the outage: each replica keeps
+    // its conversations through it, as in production.
+    let bots = echo_replicas(&fake, &database)
+        .env_remove("DIGIBOT_LEASE_MS")
+        .start_replicas(2)
+        .await?;
+    for bot in &bots {
+        bot.get("/readyz").await?.expect_status(200)?;
+    }
+    let poster = Poster::round_robin(&[&bots[0], &bots[1]])?;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let tasks = post_burst(
+        &poster,
+        TEST,
+        CONVERSATIONS,
+        PER_CONVERSATION,
+        8,
+        acked.clone(),
+    );
+    let deadline = Instant::now() + LONG;
+    while acked.load(Ordering::SeqCst) < TOTAL / 4 {
+        ensure!(Instant::now() < deadline, "the burst stalled");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    cluster.stop().await?;
+    let stopped_at = Instant::now();
+    let acked_at_stop = acked.load(Ordering::SeqCst);
+    // Each replica: a new webhook gets 503, and /readyz says not ready.
+    let probe = customer_text("conv_outage_probe", "msg_outage_probe", "probe");
+    for (i, bot) in bots.iter().enumerate() {
+        let reply = poster.post_to(i, &probe).await?;
+        ensure!(
+            reply.status == 503,
+            "replica {i} answered {} while the database was down: {}",
+            reply.status,
+            reply.body
+        );
+        let ready = bot.get("/readyz").await?;
+        ensure!(
+            ready.status == 503,
+            "replica {i} ready without a database: {}",
+            ready.body
+        );
+    }
+    let acked_during = acked.load(Ordering::SeqCst) - acked_at_stop;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        acked.load(Ordering::SeqCst) == acked_at_stop,
+        "webhooks acknowledged while the database was down"
+    );
+    cluster.restart().await?;
+    let restarted_at = Instant::now();
+
+    let answers = join_answers(tasks).await?;
+    ensure!(
+        answers.values().sum::<usize>() == TOTAL,
+        "not every webhook was acknowledged: {answers:?}"
+    );
+    wait_distinct_replies(&fake, TOTAL, LONG).await?;
+    wait_outbox(&bots[1], json!({"sent": TOTAL})).await?;
+    let total_requests = fake.successful().len();
+    fake.assert_quiet(total_requests, SETTLE).await?;
+    let duplicates = check_replies(&fake, TEST, CONVERSATIONS, PER_CONVERSATION)?;
+    // A reply sent while its success could not be recorded is sent again.
+    explain_duplicates(&duplicates, stopped_at, 2)?;
+    let probe_reply = poster.post_to(0, &probe).await?;
+    probe_reply.expect_status(200)?;
+    for (i, bot) in bots.iter().enumerate() {
+        let ready = bot.get("/readyz").await?;
+        ensure!(ready.status == 200, "replica {i} not ready: {}", ready.body);
+        ensure!(admin_dead_letters(bot).await?.is_empty(), "dead letters");
+    }
+    eprintln!(
+        "database stopped after {acked_at_stop} acknowledged webhooks ({acked_during} more acknowledged \
+         before the stop took effect), back after {:?}; answers {answers:?}; {total_requests} requests \
+         for {TOTAL} replies, {} duplicates",
+        restarted_at - stopped_at,
+        duplicates.len()
     );
     Ok(())
 }
