@@ -6,6 +6,7 @@ mod support;
 mod authoring;
 mod containment;
 mod core_flow;
+mod dashboard;
 mod dead_letters;
 mod delivery;
 mod durability;

@@ -18,7 +18,7 @@ function el(tag, attrs, ...children) {
     else if (key === "dataset") Object.assign(node.dataset, value);
     else node.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -397,7 +397,7 @@ function renderAction(action) {
     case "location": {
       const place = [action.name, action.address].filter(Boolean).join(", ");
       const url = `https://www.openstreetmap.org/?mlat=${action.latitude}&mlon=${action.longitude}`;
-      return el("div", { class: "bubble location" }, el("span", { class: "tag" }, "📍 location"),
+      return el("div", { class: "bubble location" }, el("span", { class: "tag" }, "location"),
         place ? el("div", {}, place) : null,
         el("a", { href: url, target: "_blank", rel: "noopener noreferrer" }, `${action.latitude}, ${action.longitude}`));
     }
@@ -406,11 +406,11 @@ function renderAction(action) {
         el("div", { class: "bubble" }, action.body),
         el("div", { class: "choices" }, el("button", {
           class: "choice", type: "button", onclick: shareLocation,
-        }, "📍 Send location")),
+        }, "Send my location")),
       ];
     case "file": {
       const label = action.file_name || action.url;
-      return el("div", { class: "bubble file" }, el("span", { class: "tag" }, action.voice ? "🎤 voice note" : "📄 file"),
+      return el("div", { class: "bubble file" }, el("span", { class: "tag" }, action.voice ? "voice note" : "file"),
         /^https?:\/\//.test(action.url)
           ? el("a", { href: action.url, target: "_blank", rel: "noopener noreferrer" }, label)
           : label);
@@ -453,7 +453,7 @@ function renderTurn(turn) {
 }
 
 function renderTurnDetails(turn) {
-  $("#sim-turn").replaceChildren(
+  $("#sim-turn").replaceChildren(el("div", {},
     el("p", { class: "muted small" }, `${shortEvent(turn.event)} in ${turn.conversation_id}`),
     turn.plugins.length === 0 ? el("p", { class: "muted" }, "No plugin is loaded.") : null,
     turn.plugins.map((p) => el("div", { class: "turn-plugin" },
@@ -461,14 +461,14 @@ function renderTurnDetails(turn) {
         el("span", { class: "muted small" }, `${p.version} · ${micros(p.elapsed_us)}`)),
       p.reason ? el("div", { class: "error small" }, p.reason) : null,
       p.replies.map((r) => r.request
-        ? el("details", {}, el("summary", {}, `${r.action.kind} → ${r.request.method} ${r.request.path}`), json(r.request.body))
+        ? el("details", { open: true }, el("summary", {}, `${r.action.kind} → ${r.request.method} ${r.request.path}`), json(r.request.body))
         : el("div", { class: "error small" }, `${r.action.kind}: ${r.rejected}`)),
     )),
-  );
+  ));
 }
 
 function shareLocation() {
-  customerSays("📍 33.5731, -7.5898");
+  customerSays("Location: 33.5731, -7.5898");
   simulate({ type: "location", latitude: 33.5731, longitude: -7.5898 });
 }
 

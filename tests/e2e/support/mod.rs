@@ -4,6 +4,7 @@
 //! Later test modules use parts the first ones do not.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod burst;
 pub mod digibot;
 pub mod durable;
