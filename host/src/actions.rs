@@ -1,7 +1,8 @@
 //! Turning a plugin's [`Action`] into the exact Messages API request it
 //! becomes: the one place that knows Digishare's request shapes. Limits are
 //! checked by [`Action::validate`] (shared with the guest SDK) before any
-//! request is built.
+//! request is built, and so is what a plugin may say in the conversation's
+//! state (an assist plugin, while a human is in charge, only notes).
 
 use digibot_protocol::{Action, LimitError};
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,29 @@ pub struct Rejected {
     pub plugin: String,
     pub index: usize,
     pub kind: &'static str,
-    pub reason: LimitError,
+    pub reason: Refusal,
+}
+
+/// Why an action is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// It breaks one of Digishare's limits.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// It would reach the customer while a human agent is in charge.
+    #[error(
+        "a human agent is in charge of this conversation: an assist plugin may only write internal notes"
+    )]
+    HumanInCharge,
+}
+
+/// What a plugin may send in the conversation it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Anything (the bot is in charge).
+    Everything,
+    /// Internal notes only (an assist plugin while a human is in charge).
+    NotesOnly,
 }
 
 /// Validates `action` and builds its request for `conversation_id` (which
@@ -34,13 +57,36 @@ pub fn to_request(
     conversation_id: &str,
     action: &Action,
 ) -> Result<ApiRequest, Rejected> {
-    action.validate().map_err(|reason| Rejected {
+    to_request_in(plugin, index, conversation_id, action, Scope::Everything)
+}
+
+/// [`to_request`], refusing what `scope` does not allow.
+pub fn to_request_in(
+    plugin: &str,
+    index: usize,
+    conversation_id: &str,
+    action: &Action,
+    scope: Scope,
+) -> Result<ApiRequest, Rejected> {
+    let rejected = |reason: Refusal| Rejected {
         plugin: plugin.to_string(),
         index,
         kind: action.kind(),
         reason,
-    })?;
+    };
+    if scope == Scope::NotesOnly && !matches!(action, Action::Note { .. }) {
+        return Err(rejected(Refusal::HumanInCharge));
+    }
+    action.validate().map_err(|e| rejected(e.into()))?;
     Ok(build(conversation_id, action))
+}
+
+/// Whether a queued request is a hand-off (attaching an agent): once
+/// delivered, a human is in charge of the conversation.
+pub fn is_hand_off(method: &str, path: &str) -> bool {
+    method == "PUT"
+        && path.starts_with("/v1/conversations/")
+        && path.ends_with("/attach/participants")
 }
 
 fn message(
@@ -301,6 +347,31 @@ mod tests {
             r.body,
             json!({"users": ["usr_17"], "bots": [], "handler_id": "usr_17"})
         );
+    }
+
+    #[test]
+    fn notes_only_refuses_everything_else_with_a_clear_reason() {
+        let note = to_request_in(
+            "suggest",
+            0,
+            "c",
+            &Action::note("Try X").unwrap(),
+            Scope::NotesOnly,
+        );
+        assert_eq!(note.unwrap().body["send_to_third"], json!(false));
+        let text = Action::text("Hi").unwrap();
+        let err = to_request_in("suggest", 1, "c", &text, Scope::NotesOnly).unwrap_err();
+        assert_eq!(err.reason, Refusal::HumanInCharge);
+        assert_eq!(
+            err.to_string(),
+            "plugin suggest: text action #1 refused: a human agent is in charge of this conversation: an assist plugin may only write internal notes"
+        );
+        let hand_off = Action::hand_off("usr_1", false).unwrap();
+        assert!(to_request_in("suggest", 2, "c", &hand_off, Scope::NotesOnly).is_err());
+        let r = to_request("p", 0, "c", &hand_off).unwrap();
+        assert!(is_hand_off(&r.method, &r.path));
+        let r = to_request("p", 0, "c", &text).unwrap();
+        assert!(!is_hand_off(&r.method, &r.path));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The admin API under `/admin`, behind `DIGIBOT_ADMIN_TOKEN` (no token: the
-//! routes do not exist). Dead letters, recent events and conversations,
-//! plugin management (list, upload, delete, rollback), and the simulator's
+//! routes do not exist). Dead letters, recent events and conversations
+//! (with who is in charge, and handing one back to the bot), plugin
+//! management (list, upload, delete, rollback), and the simulator's
 //! routes (see `simulator`). The dashboard page itself (`dashboard`) is
 //! served without the token: it holds no data and calls these routes.
 
@@ -41,6 +42,7 @@ pub fn routes(state: AppState) -> Option<Router<AppState>> {
         .route("/admin/conversations", get(conversations))
         .route("/admin/conversations/{id}", get(conversation))
         .merge(crate::simulator::routes())
+        .route("/admin/conversations/{id}/release", post(release))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .layer(middleware::from_fn_with_state(state, require_admin));
     Some(router)
@@ -298,6 +300,33 @@ async fn rollback(State(app): State<AppState>, Path(name): Path<String>) -> Resp
     match tokio::task::spawn_blocking(move || registry.rollback(&name)).await {
         Ok(Ok(plugin)) => installed(&plugin),
         Ok(Err(e)) => registry_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /admin/conversations/{id}/release`: a conversation in a human's
+/// hands goes back to the bot. 404 for a conversation digibot never saw,
+/// 409 when it is not in a human's hands.
+async fn release(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    use crate::store::Release;
+    let store = app.store.clone();
+    let conversation = id.clone();
+    let released = tokio::task::spawn_blocking(move || {
+        store.release_blocking(&conversation, "released through the admin API".into())
+    })
+    .await;
+    match released {
+        Ok(Ok(Release::Released)) => {
+            crate::metrics::metrics().releases.with(&["admin"]).inc();
+            tracing::info!(conversation = %id, reason = "admin API", "conversation released to the bot");
+            Json(json!({ "conversation_id": id, "state": "bot" })).into_response()
+        }
+        Ok(Ok(Release::NotHuman(state))) => error(
+            StatusCode::CONFLICT,
+            format!("conversation {id} is {state}, not in a human's hands"),
+        ),
+        Ok(Ok(Release::Unknown)) => error(StatusCode::NOT_FOUND, format!("no conversation {id}")),
+        Ok(Err(e)) => store_error(e),
         Err(e) => store_error(e),
     }
 }

@@ -80,6 +80,12 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     /// Watch the plugins folder and reload changed plugins.
     pub watch_plugins: bool,
+    /// An agent's internal note with exactly this text hands the
+    /// conversation back to the bot.
+    pub release_command: String,
+    /// A conversation in a human's hands returns to the bot after this many
+    /// seconds without an agent message; 0 (the default) never.
+    pub human_idle_release_secs: u64,
 }
 
 /// Backoff of the outbox sender.
@@ -158,6 +164,8 @@ impl Default for Settings {
             request_timeout_ms: 10_000,
             runtime: RuntimeSettings::default(),
             watch_plugins: true,
+            release_command: "/bot".into(),
+            human_idle_release_secs: 0,
         }
     }
 }
@@ -326,6 +334,14 @@ impl Settings {
             &mut s.runtime.breaker_cooldown_secs,
         )?;
         env_parse(&env, "DIGIBOT_WATCH_PLUGINS", &mut s.watch_plugins)?;
+        if let Some(v) = env("DIGIBOT_RELEASE_COMMAND") {
+            s.release_command = v;
+        }
+        env_parse(
+            &env,
+            "DIGIBOT_HUMAN_IDLE_RELEASE_SECS",
+            &mut s.human_idle_release_secs,
+        )?;
         s.validate()?;
         Ok(s)
     }
@@ -353,6 +369,11 @@ impl Settings {
         if self.database_pool == 0 || self.lease_ms == 0 {
             return Err(ConfigError::Invalid(
                 "database_pool and lease_ms must be at least 1".into(),
+            ));
+        }
+        if self.release_command.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "release_command must not be empty".into(),
             ));
         }
         if self.concurrency == 0 || self.send_concurrency == 0 {
@@ -408,6 +429,8 @@ mod tests {
         assert!(s.dry_run());
         assert!(s.listen.ip().is_loopback());
         assert_eq!(s.durability, Durability::Full);
+        assert_eq!(s.release_command, "/bot");
+        assert_eq!(s.human_idle_release_secs, 0);
     }
 
     #[test]

@@ -8,14 +8,24 @@
 //! carry one). That fixes out-of-order deliveries that arrive while the
 //! conversation is busy without holding any event back to wait for others:
 //! a reorder window would add its length to every reply's latency.
+//!
+//! Who is in charge: every event of a conversation (agent messages and
+//! archiving included) goes through its lane, and what it changes about
+//! the conversation's state (see [`crate::lifecycle`]) is committed with
+//! it. While a human is in charge, plugins are skipped (reason `human`)
+//! except assist plugins, which may only write internal notes.
 
-use crate::actions;
-use crate::event::ConversationState;
+use crate::actions::{self, Scope};
+use crate::event::{ConversationState, EventKind, Message, SenderKind};
+use crate::lifecycle::{self, Rules, Sends};
 use crate::metrics::metrics;
 use crate::registry::{Entry, Gate, Registry};
 use crate::runtime::{Call, Failure, KvRead, Runtime};
 use crate::sender::Outbox;
-use crate::store::{KvChanges, NewAction, Store, StoreError, StoredEvent, now_ms};
+use crate::store::{
+    ConversationRecord, ConversationUpdate, KvChanges, NewAction, StateChange, Store, StoreError,
+    StoredEvent, now_ms,
+};
 use digibot_protocol::Action;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -30,7 +40,8 @@ use tracing::Instrument;
 pub struct PluginOutcome {
     pub plugin: String,
     pub version: String,
-    /// `ok`, `failed`, `skipped` (quarantined) or `filtered` (not subscribed).
+    /// `ok`, `failed`, `skipped` (quarantined, or `human` in charge) or
+    /// `filtered` (not subscribed).
     pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -154,6 +165,18 @@ fn run(
             handled.outcomes.push(outcome);
             continue;
         }
+        // While a human is in charge only assist plugins run, and they may
+        // only write internal notes.
+        let scope = match state {
+            ConversationState::Human if plugin.manifest.assist => Scope::NotesOnly,
+            ConversationState::Human => {
+                outcome.outcome = "skipped";
+                outcome.reason = Some("human".to_string());
+                handled.outcomes.push(outcome);
+                continue;
+            }
+            ConversationState::Bot | ConversationState::Closed => Scope::Everything,
+        };
         let now = now_ms();
         if let Gate::Skip(until) = entry.health.gate(now) {
             outcome.outcome = "skipped";
@@ -192,7 +215,13 @@ fn run(
             Ok(actions) => {
                 entry.health.success();
                 for (index, action) in actions.iter().enumerate() {
-                    match actions::to_request(&plugin.name, index, &conversation_id, action) {
+                    match actions::to_request_in(
+                        &plugin.name,
+                        index,
+                        &conversation_id,
+                        action,
+                        scope,
+                    ) {
                         Ok(request) => {
                             handled.actions.push(NewAction {
                                 plugin: plugin.name.clone(),
@@ -265,6 +294,26 @@ fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
         text.replace('\n', "\\n").replace('\r', "\\r").into()
     } else {
         text.into()
+    }
+}
+
+/// Counts a state change the dispatcher applied (from `from`).
+fn count_change(from: ConversationState, change: &StateChange) {
+    let m = metrics();
+    match (from, change.to) {
+        (_, ConversationState::Human) => m.takeovers.with(&["agent"]).inc(),
+        (ConversationState::Human, ConversationState::Closed) => {
+            m.releases.with(&["archived"]).inc()
+        }
+        (ConversationState::Human, ConversationState::Bot) => {
+            let reason = if change.reason.starts_with("idle") {
+                "idle"
+            } else {
+                "command"
+            };
+            m.releases.with(&[reason]).inc()
+        }
+        _ => {}
     }
 }
 
@@ -376,11 +425,17 @@ struct Inner {
     /// Plugin work is CPU-bound: at most this many invocations at once.
     plugin_threads: Arc<Semaphore>,
     breaker: Breaker,
+    rules: Rules,
+    /// Sends in flight, which an agent message may have to wait for.
+    sends: Sends,
     shutdown: watch::Receiver<bool>,
     tasks: Mutex<JoinSet<()>>,
 }
 
 impl Dispatcher {
+    // One argument more than clippy likes: each is a separate part of the
+    // server (grouping them would only move the list elsewhere).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         registry: Arc<Registry>,
@@ -388,6 +443,7 @@ impl Dispatcher {
         concurrency: usize,
         plugin_threads: usize,
         breaker: Breaker,
+        rules: Rules,
         shutdown: watch::Receiver<bool>,
     ) -> Dispatcher {
         Dispatcher {
@@ -395,11 +451,13 @@ impl Dispatcher {
                 kv: Arc::new(StoreKv(store.clone())),
                 store,
                 registry,
+                sends: outbox.sends().clone(),
                 outbox,
                 lanes: Mutex::new(Lanes::default()),
                 conversations: Arc::new(Semaphore::new(concurrency)),
                 plugin_threads: Arc::new(Semaphore::new(plugin_threads)),
                 breaker,
+                rules,
                 shutdown,
                 tasks: Mutex::new(JoinSet::new()),
             }),
@@ -588,36 +646,57 @@ impl Dispatcher {
     /// [`Dispatcher::handle`] inside the event's `span` (entered again on
     /// the plugin thread).
     async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) -> bool {
-        let Ok(permit) = self.inner.plugin_threads.clone().acquire_owned().await else {
-            return false;
-        };
-        let registry = self.inner.registry.clone();
-        let kv = self.inner.kv.clone();
-        let breaker = self.inner.breaker;
-        let event = stored.event.clone();
-        let handled = tokio::task::spawn_blocking(move || {
-            let _span = span.entered();
-            // Every conversation is in the bot's hands until the store
-            // keeps a state per conversation.
-            let handled = run_plugins(&registry, &event, ConversationState::Bot, kv, breaker);
-            drop(permit);
-            handled
-        })
-        .await;
-        let handled = match handled {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!(error = %e, "plugin thread failed; event left pending");
-                return false;
-            }
-        };
         let conversation = stored
             .event
             .conversation_id()
             .unwrap_or_default()
             .to_string();
+        let store = self.inner.store.clone();
+        let id = conversation.clone();
+        let record = match tokio::task::spawn_blocking(move || store.conversation_state(&id)).await
+        {
+            Ok(Ok(record)) => record,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the conversation's state; event left pending");
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the conversation's state; event left pending");
+                return false;
+            }
+        };
+        let state = record.as_ref().map(|r| r.state).unwrap_or_default();
+        // The state plugins ran in (none ran for agent messages, archiving).
+        let mut ran_in = None;
+        let (handled, update) = match &stored.event.kind {
+            EventKind::Message(m) if m.sender.kind == SenderKind::Agent => {
+                (Handled::default(), self.judge_agent(m, state).await)
+            }
+            EventKind::ConversationArchived { archived_at, .. } => (
+                Handled::default(),
+                ConversationUpdate {
+                    change: Some(StateChange {
+                        from: None,
+                        to: ConversationState::Closed,
+                        reason: format!("archived at {archived_at}"),
+                    }),
+                    archive: Some(format!(
+                        "archived: the conversation was archived ({archived_at}) before this action was sent"
+                    )),
+                    ..ConversationUpdate::default()
+                },
+            ),
+            _ => match self.run(&stored, record.as_ref(), span).await {
+                Some((handled, update, state)) => {
+                    ran_in = Some(state);
+                    (handled, update)
+                }
+                None => return false,
+            },
+        };
         let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
         let kinds = handled.action_kinds;
+        let change = update.change.clone();
         // A completion that cannot be committed (the database is away) is
         // retried, with the plugin's outcome kept, until it commits: the
         // lane must not move on to the conversation's next event first, or
@@ -633,11 +712,25 @@ impl Dispatcher {
                     outcomes.clone(),
                     handled.actions.clone(),
                     handled.kv.clone(),
+                    update.clone(),
                 )
                 .await
             {
-                Ok(queued) => {
-                    if queued > 0 {
+                Ok(done) => {
+                    if let Some(change) = change.filter(|_| done.changed) {
+                        tracing::info!(conversation = %conversation, event = %stored.event.key,
+                            from = %state, to = %change.to, reason = %change.reason, "conversation state changed");
+                        count_change(state, &change);
+                    }
+                    if done.completed && ran_in == Some(ConversationState::Human) {
+                        metrics().skipped_human.inc();
+                    }
+                    if done.archived > 0 {
+                        metrics().archived_dead_letters.add(done.archived as u64);
+                        tracing::info!(conversation = %conversation, actions = done.archived,
+                            "archived: pending actions are now dead letters");
+                    }
+                    if done.queued > 0 {
                         // 0 when another run already completed the event.
                         for kind in kinds {
                             metrics().actions.with(&[kind]).inc();
@@ -664,6 +757,186 @@ impl Dispatcher {
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
+        }
+    }
+
+    /// Runs the plugins on a customer message or a new conversation, in the
+    /// state the conversation is in once this event is taken into account
+    /// (a closed conversation reopens; an idle human hands it back).
+    async fn run(
+        &self,
+        stored: &StoredEvent,
+        record: Option<&ConversationRecord>,
+        span: tracing::Span,
+    ) -> Option<(Handled, ConversationUpdate, ConversationState)> {
+        let now = now_ms();
+        let mut update = ConversationUpdate::default();
+        let mut state = record.map(|r| r.state).unwrap_or_default();
+        match &stored.event.kind {
+            EventKind::Message(m) => {
+                update.customer_at = Some(
+                    m.created_at
+                        .as_deref()
+                        .and_then(lifecycle::parse_time)
+                        .unwrap_or(now),
+                );
+                update.channel = m.sent_using.clone().filter(|_| !m.sent_through_api());
+            }
+            EventKind::NewConversation(c) => update.channel = c.channel.clone(),
+            _ => {}
+        }
+        match (state, record) {
+            (ConversationState::Closed, _) => {
+                update.change = Some(StateChange {
+                    from: Some(ConversationState::Closed),
+                    to: ConversationState::Bot,
+                    reason: "reopened: the customer wrote after it was archived".into(),
+                });
+                state = ConversationState::Bot;
+            }
+            (ConversationState::Human, Some(r)) => {
+                let last_agent = r.last_agent_at.unwrap_or(r.changed_at).max(r.changed_at);
+                if let Some(idle) = self.inner.rules.idle_release
+                    && now - last_agent >= idle.as_millis() as i64
+                {
+                    update.change = Some(StateChange {
+                        from: Some(ConversationState::Human),
+                        to: ConversationState::Bot,
+                        reason: format!("idle: no agent message for {} s", idle.as_secs()),
+                    });
+                    state = ConversationState::Bot;
+                }
+            }
+            _ => {}
+        }
+
+        let permit = self
+            .inner
+            .plugin_threads
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()?;
+        let registry = self.inner.registry.clone();
+        let kv = self.inner.kv.clone();
+        let breaker = self.inner.breaker;
+        let event = stored.event.clone();
+        let handled = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
+            let handled = run_plugins(&registry, &event, state, kv, breaker);
+            drop(permit);
+            handled
+        })
+        .await;
+        let handled = match handled {
+            Ok(h) => h,
+            Err(e) => {
+                // Left pending: the next start retries it.
+                tracing::error!(event = %stored.event.key, error = %e, "plugin thread failed; event left pending");
+                return None;
+            }
+        };
+
+        // WhatsApp refuses free-form messages more than 24 h after the
+        // customer's last message: say so before sending.
+        let channel = update
+            .channel
+            .as_deref()
+            .or(record.and_then(|r| r.channel.as_deref()));
+        let last_customer = update
+            .customer_at
+            .max(record.and_then(|r| r.last_customer_at));
+        if lifecycle::is_whatsapp(channel)
+            && let Some(last) = last_customer
+            && now - last > lifecycle::WINDOW_MS
+        {
+            for a in handled
+                .actions
+                .iter()
+                .filter(|a| a.body.get("send_to_third") == Some(&serde_json::Value::Bool(true)))
+            {
+                tracing::warn!(conversation = %stored.event.conversation_id().unwrap_or_default(),
+                    plugin = %a.plugin, hours = (now - last) / 3_600_000,
+                    "outside WhatsApp's 24-hour window: the customer last wrote over 24 h ago, Digishare will likely refuse this message");
+            }
+        }
+        Some((handled, update, state))
+    }
+
+    /// What an agent's message changes: nothing if it is digibot's own
+    /// message coming back; back to the bot for the release command as an
+    /// internal note; otherwise a human takes over.
+    async fn judge_agent(&self, m: &Message, state: ConversationState) -> ConversationUpdate {
+        let conversation = m.conversation_id.as_str();
+        let echo = ConversationUpdate::default();
+        if m.sent_through_api() {
+            tracing::debug!(conversation, message = %m.id, "agent message sent through the API: digibot's own, not a takeover");
+            return echo;
+        }
+        if self.own_message(m).await {
+            tracing::debug!(conversation, message = %m.id, "digibot's own message came back: not a takeover");
+            return echo;
+        }
+        let who = m.sender.name.as_deref().unwrap_or("an agent");
+        let mut update = ConversationUpdate {
+            agent_at: Some(now_ms()),
+            ..ConversationUpdate::default()
+        };
+        if m.is_internal_note() && m.text().is_some_and(|t| self.inner.rules.is_release(t)) {
+            update.change = Some(StateChange {
+                from: Some(ConversationState::Human),
+                to: ConversationState::Bot,
+                reason: format!("release command from {who} (message {})", m.id),
+            });
+            return update;
+        }
+        let mut reason = format!("{who} wrote (message {})", m.id);
+        if self.inner.sends.busy(conversation) {
+            // It may be the echo of a send whose id is not known yet.
+            match self
+                .inner
+                .sends
+                .settled(conversation, self.inner.rules.echo_wait)
+                .await
+            {
+                Some(waited) => {
+                    if self.own_message(m).await {
+                        tracing::info!(conversation, message = %m.id, waited_ms = waited.as_millis() as u64,
+                            "digibot's own message came back before its send returned: not a takeover");
+                        return echo;
+                    }
+                }
+                None => {
+                    // The send's outcome is unknown past this bound (longer
+                    // than an attempt can take): fail towards the human, who
+                    // is then in charge until released; the other way, the
+                    // bot could talk over an agent with nothing to show it.
+                    tracing::warn!(conversation, message = %m.id, waited_s = self.inner.rules.echo_wait.as_secs(),
+                        "a send to this conversation is still in flight: judging the agent message without its id (takeover)");
+                    reason.push_str(", judged while a send was still in flight");
+                }
+            }
+        }
+        if state != ConversationState::Human {
+            update.change = Some(StateChange {
+                from: None,
+                to: ConversationState::Human,
+                reason,
+            });
+        }
+        update
+    }
+
+    async fn own_message(&self, m: &Message) -> bool {
+        let store = self.inner.store.clone();
+        let (conversation, id) = (m.conversation_id.clone(), m.id.clone());
+        match tokio::task::spawn_blocking(move || store.is_own_message(&conversation, &id)).await {
+            Ok(Ok(own)) => own,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, message = %m.id, "cannot look up sent message ids");
+                false
+            }
+            Err(_) => false,
         }
     }
 

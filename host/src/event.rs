@@ -74,6 +74,39 @@ pub struct Message {
     pub sender: Sender,
     pub created_at: Option<String>,
     pub content: Content,
+    /// `send_to_third` as sent, when present: for an agent's message,
+    /// `false` is an internal note only agents see.
+    #[serde(default)]
+    pub to_customer: Option<bool>,
+    /// `sent_using` as sent, when present: the channel (`whatsapp`, ...)
+    /// or, for messages created through the Messages API, the API.
+    #[serde(default)]
+    pub sent_using: Option<String>,
+}
+
+impl Message {
+    /// The text of a text message.
+    pub fn text(&self) -> Option<&str> {
+        match &self.content {
+            Content::Text { text } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// An internal note: `send_to_third` explicitly `false`. (Only
+    /// meaningful for agents: customer texts carry `false` too.)
+    pub fn is_internal_note(&self) -> bool {
+        self.to_customer == Some(false)
+    }
+
+    /// `sent_using` says the message was created through the API (e.g.
+    /// `api`, `public_api`), i.e. not typed by a person in Digishare.
+    pub fn sent_through_api(&self) -> bool {
+        self.sent_using.as_deref().is_some_and(|s| {
+            s.split(|c: char| !c.is_ascii_alphanumeric())
+                .any(|word| word.eq_ignore_ascii_case("api"))
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,6 +262,21 @@ impl Event {
         }
     }
 
+    /// Whether the dispatcher handles the event in its conversation's lane:
+    /// the events that invoke plugins, and those that change who is in
+    /// charge (agent messages, archiving), so that a conversation's state
+    /// changes in the order its events are handled. Everything else is
+    /// only recorded.
+    pub fn dispatched(&self) -> bool {
+        match &self.kind {
+            EventKind::NewConversation(_) | EventKind::ConversationArchived { .. } => true,
+            EventKind::Message(m) => {
+                matches!(m.sender.kind, SenderKind::Customer | SenderKind::Agent)
+            }
+            EventKind::Other => false,
+        }
+    }
+
     /// Ordering hint inside a conversation: Digishare's `created_at`.
     pub fn created_at(&self) -> Option<&str> {
         match &self.kind {
@@ -322,6 +370,8 @@ fn message(data: &serde_json::Map<String, Value>) -> Result<Message, ParseError>
         },
         created_at: text(inner, "created_at"),
         content: content(&type_name, body),
+        to_customer: inner.get("send_to_third").and_then(Value::as_bool),
+        sent_using: text(inner, "sent_using").filter(|s| !s.is_empty()),
     })
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod dashboard;
 pub mod dispatch;
 pub mod event;
+pub mod lifecycle;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;

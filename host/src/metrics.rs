@@ -101,6 +101,18 @@ metrics! {
     store_round_trips: Single<Counter> = Single::new("digibot_store_round_trips_total", "Requests to the database (statements to PostgreSQL; writer jobs and reads on SQLite).");
     /// SQLite group commits: one fsync each with durability `full`.
     store_commits: Single<Counter> = Single::new("digibot_store_commits_total", "SQLite transactions committed by the writer (one per group commit).");
+    /// A human took a conversation from the bot; `cause`: `hand_off` (a
+    /// plugin's hand-off was delivered) or `agent` (an agent wrote).
+    takeovers: Family<Counter> = Family::new("digibot_takeovers_total", "Conversations a human took over from the bot, by cause.", &["cause"]);
+    /// A conversation left a human's hands; `reason`: `command` (the
+    /// agent's release note), `idle`, `admin` (the admin API), `archived`.
+    /// `digibot conversations release` runs in its own process: not counted.
+    releases: Family<Counter> = Family::new("digibot_releases_total", "Conversations handed back from a human, by reason.", &["reason"]);
+    /// Customer messages no plugin answered because a human is in charge.
+    skipped_human: Single<Counter> = Single::new("digibot_messages_skipped_human_total", "Customer messages not answered because a human is in charge.");
+    /// Pending actions that became dead letters because their conversation
+    /// was archived.
+    archived_dead_letters: Single<Counter> = Single::new("digibot_archived_dead_letters_total", "Pending actions turned into dead letters by archiving.");
 }
 
 /// The process's instruments.
@@ -121,6 +133,9 @@ impl Metrics {
             &["too_large"],
             &["unavailable"],
         ]);
+        m.takeovers.preset(&[&["hand_off"], &["agent"]]);
+        m.releases
+            .preset(&[&["command"], &["idle"], &["admin"], &["archived"]]);
         m
     }
 }

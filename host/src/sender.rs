@@ -11,8 +11,15 @@
 //!
 //! Without a token or OAuth client, the sender is in dry-run: it logs each
 //! request (method, path, JSON body) and marks it sent.
+//!
+//! A delivery is recorded with the message id Digishare answered (to
+//! recognise the message when it comes back as a webhook); a delivered
+//! hand-off puts the conversation in a human's hands in the same
+//! transaction. Each request is announced to [`Sends`] while in flight, so
+//! an agent message can wait for the id of a send it may be the echo of.
 
 use crate::config::{RetrySettings, Settings};
+use crate::lifecycle::{self, Sends};
 use crate::metrics::metrics;
 use crate::store::{OutboxAction, Store, now_ms};
 use rand::Rng;
@@ -22,15 +29,22 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument;
 
-/// Wakes the sender when new actions are queued.
+/// What the dispatcher and the sender share: the sender's wake-up when new
+/// actions are queued, and the conversations with a send in flight.
 #[derive(Clone, Default)]
 pub struct Outbox {
     notify: Arc<Notify>,
+    sends: Sends,
 }
 
 impl Outbox {
     pub fn wake(&self) {
         self.notify.notify_one();
+    }
+
+    /// The sends in flight, by conversation.
+    pub fn sends(&self) -> &Sends {
+        &self.sends
     }
 }
 
@@ -48,7 +62,11 @@ enum Credentials {
 /// The result of one attempt.
 #[derive(Debug)]
 enum Attempt {
-    Sent(u16),
+    Sent {
+        status: u16,
+        /// The created message's id, when Digishare answered one.
+        message_id: Option<String>,
+    },
     Retry {
         status: Option<u16>,
         error: String,
@@ -83,6 +101,7 @@ pub struct Sender {
     permits: Arc<Semaphore>,
     /// The number of permits (`send_concurrency`).
     concurrency: usize,
+    sends: Sends,
 }
 
 impl Sender {
@@ -111,7 +130,6 @@ impl Sender {
         };
         Ok(Arc::new(Sender {
             store,
-            outbox,
             client,
             base_url: settings.api_base_url.trim_end_matches('/').to_string(),
             auth,
@@ -119,6 +137,8 @@ impl Sender {
             in_flight: Mutex::new(InFlight::default()),
             permits: Arc::new(Semaphore::new(settings.send_concurrency)),
             concurrency: settings.send_concurrency,
+            sends: outbox.sends.clone(),
+            outbox,
         }))
     }
 
@@ -186,10 +206,15 @@ impl Sender {
                         in_flight
                             .conversations
                             .insert(action.conversation_id.clone());
+                        self.sends.begin(&action.conversation_id);
                         let this = self.clone();
                         tasks.spawn(async move {
                             let (id, conversation) = (action.id, action.conversation_id.clone());
                             this.deliver(action).await;
+                            // After the result (and the message id) is
+                            // committed: an agent message waiting on this
+                            // send then finds the id.
+                            this.sends.end(&conversation);
                             drop(permit);
                             // One lock for both, so the loop never sees the
                             // conversation free but the action not settled.
@@ -239,9 +264,27 @@ impl Sender {
         let attempt = self.attempt(&action).await;
         let attempts_after = action.attempts as u32 + 1;
         let result = match attempt {
-            Attempt::Sent(status) => {
+            Attempt::Sent { status, message_id } => {
                 tracing::debug!(status, "sent");
-                self.store.mark_sent(action.id, status).await
+                if message_id.is_none() && action.path == "/v1/messages" {
+                    tracing::warn!(action = action.id, conversation = %action.conversation_id,
+                        "Digishare answered no message id: if this message comes back as a webhook it cannot be told from an agent's");
+                }
+                let hand_off = crate::actions::is_hand_off(&action.method, &action.path);
+                match self
+                    .store
+                    .mark_sent(action.id, status, message_id, hand_off)
+                    .await
+                {
+                    Ok(true) => {
+                        metrics().takeovers.with(&["hand_off"]).inc();
+                        tracing::info!(action = action.id, conversation = %action.conversation_id,
+                            "hand-off delivered: a human is in charge of the conversation");
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                }
             }
             Attempt::Retry {
                 status,
@@ -278,7 +321,10 @@ impl Sender {
         let token = match &self.auth {
             Credentials::DryRun => {
                 tracing::info!("dry-run: {} {} {}", action.method, action.path, action.body);
-                return Attempt::Sent(200);
+                return Attempt::Sent {
+                    status: 200,
+                    message_id: None,
+                };
             }
             Credentials::Static(token) => token.clone(),
             Credentials::OAuth { .. } => match self.oauth_token(None).await {
@@ -351,13 +397,31 @@ impl Sender {
                         error: format!("Digishare could not use the file: {body_short}"),
                     };
                 }
-                Attempt::Sent(status)
+                Attempt::Sent {
+                    status,
+                    message_id: message_id(&body),
+                }
             }
             408 | 429 | 500..=599 => Attempt::Retry {
                 status: Some(status),
                 error: body_short,
                 retry_after,
             },
+            _ if lifecycle::is_window_refusal(&body) => {
+                let store = self.store.clone();
+                let conversation = action.conversation_id.clone();
+                let last_customer =
+                    tokio::task::spawn_blocking(move || store.conversation_state(&conversation))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten()
+                        .and_then(|c| c.last_customer_at);
+                Attempt::Fatal {
+                    status: Some(status),
+                    error: lifecycle::window_refusal_error(status, &body_short, last_customer),
+                }
+            }
             _ => Attempt::Fatal {
                 status: Some(status),
                 error: body_short,
@@ -440,6 +504,20 @@ impl Sender {
     }
 }
 
+/// The id of the message Digishare created, from either documented answer:
+/// `{"id": ...}` or `{"data": {"id": ...}}`.
+fn message_id(body: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    let id = value
+        .get("id")
+        .or_else(|| value.get("data").and_then(|d| d.get("id")))?;
+    match id {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// How long the run loop waits for more requests to finish before reading
 /// the outbox for a single free send permit.
 const LINGER: Duration = Duration::from_millis(2);
@@ -485,6 +563,20 @@ mod tests {
             let late = backoff(&r, 20).as_millis();
             assert!((500..=1000).contains(&late), "{late}");
         }
+    }
+
+    #[test]
+    fn message_id_from_both_answers() {
+        assert_eq!(
+            message_id(r#"{"id": "msg_1", "status": "sent"}"#).as_deref(),
+            Some("msg_1")
+        );
+        assert_eq!(
+            message_id(r#"{"data": {"object": "Message", "id": 42}}"#).as_deref(),
+            Some("42")
+        );
+        assert_eq!(message_id(r#"{"status": "ok"}"#), None);
+        assert_eq!(message_id("not json"), None);
     }
 
     #[test]

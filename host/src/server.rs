@@ -178,6 +178,7 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         settings.concurrency,
         plugin_threads,
         breaker,
+        crate::lifecycle::Rules::from_settings(&settings),
         stop_rx.clone(),
     );
     let recovered = dispatcher.recover()?;
@@ -320,6 +321,7 @@ mod tests {
             4,
             1,
             breaker,
+            crate::lifecycle::Rules::from_settings(&crate::config::Settings::default()),
             stop_rx,
         );
         AppState {

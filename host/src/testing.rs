@@ -392,6 +392,8 @@ pub fn customer_message_event(
             },
             created_at: None,
             content,
+            to_customer: Some(false),
+            sent_using: None,
         }),
     }
 }

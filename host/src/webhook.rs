@@ -105,12 +105,19 @@ pub async fn receive(State(app): State<AppState>, request: Request) -> Response 
         }
     };
     let key = event.key.clone();
-    let dispatch = event.invokes_plugins().then(|| event.clone());
+    let dispatch = event.dispatched().then(|| event.clone());
     match app.store.insert_event(event).await {
         Ok(Inserted::New(seq)) => {
+            // `accepted` when plugins will run; agent messages and
+            // archiving go through the dispatcher too (they change who is
+            // in charge) but run no plugin: `ignored`, as before.
             match dispatch {
                 Some(event) => {
-                    count("accepted");
+                    count(if event.invokes_plugins() {
+                        "accepted"
+                    } else {
+                        "ignored"
+                    });
                     app.dispatcher.submit(StoredEvent { seq, event });
                 }
                 None => count("ignored"),

@@ -72,6 +72,7 @@ fn fixture(plugins: &[(&str, &str)]) -> Fixture {
             failures: 3,
             cooldown: Duration::from_secs(60),
         },
+        digibot::lifecycle::Rules::from_settings(&digibot::config::Settings::default()),
         stop_rx,
     );
     Fixture {
@@ -219,12 +220,19 @@ async fn conversations_list_and_detail_show_events_actions_and_api_status() {
         body: json!({"conversation_id": "conv_a", "type": "text", "send_to_third": true, "body": "hi"}),
     };
     store
-        .complete_event(seq, "conv_a".into(), outcomes.clone(), vec![action], vec![])
+        .complete_event(
+            seq,
+            "conv_a".into(),
+            outcomes.clone(),
+            vec![action],
+            vec![],
+            digibot::store::ConversationUpdate::default(),
+        )
         .await
         .unwrap();
     let detail = admin(&f.state, "GET", "/admin/conversations/conv_a", None).await;
     let id = detail["actions"][0]["id"].as_i64().unwrap();
-    store.mark_sent(id, 201).await.unwrap();
+    store.mark_sent(id, 201, None, false).await.unwrap();
     store.insert_event(message("m2", "conv_b")).await.unwrap();
 
     let list = admin(&f.state, "GET", "/admin/conversations", None).await;
@@ -290,7 +298,14 @@ async fn plugins_carry_their_latency_from_recorded_invocations() {
                                "actions": 0, "elapsed_us": us}]);
         f.state
             .store
-            .complete_event(seq, "c".into(), outcomes, vec![], vec![])
+            .complete_event(
+                seq,
+                "c".into(),
+                outcomes,
+                vec![],
+                vec![],
+                digibot::store::ConversationUpdate::default(),
+            )
             .await
             .unwrap();
     }

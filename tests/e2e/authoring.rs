@@ -121,6 +121,10 @@ fn entry(
 /// fixture to the texts it answers; other dispatched fixtures get none.
 fn expected_echo_like(plugin: &str, texts: &dyn Fn(&str) -> Vec<&'static str>) -> Result<Value> {
     let mut entries = Vec::new();
+    // Files run in name order: once message_agent has run, an agent is in
+    // charge of conv_7Hq2Lm9Xa1 and the plugin is skipped there (reason
+    // `human`), as in the server.
+    let mut human = false;
     for (name, path) in fixture_files() {
         let envelope = fixture(&name);
         let (conversation, dispatched) = match name.as_str() {
@@ -130,14 +134,20 @@ fn expected_echo_like(plugin: &str, texts: &dyn Fn(&str) -> Vec<&'static str>) -
             "new_conversation_minimal" | "message_text_minimal" => (Some("conv_min_01"), true),
             _ => (Some("conv_7Hq2Lm9Xa1"), true),
         };
+        let conv = conversation.unwrap_or_default();
         let plugins = dispatched.then(|| {
-            let conv = conversation.unwrap_or_default();
-            ok(
-                plugin,
-                texts(&name).into_iter().map(|t| text(conv, t)).collect(),
-            )
+            if human && conv == "conv_7Hq2Lm9Xa1" {
+                json!({"plugin": plugin, "outcome": "skipped", "reason": "human",
+                       "actions": [], "requests": []})
+            } else {
+                ok(
+                    plugin,
+                    texts(&name).into_iter().map(|t| text(conv, t)).collect(),
+                )
+            }
         });
         entries.push(entry(&path, conversation, &envelope, plugins));
+        human |= name == "message_agent";
     }
     Ok(Value::Array(entries))
 }
@@ -218,8 +228,9 @@ fn replay_echo_on_every_fixture() -> Result<()> {
 }
 
 /// The concierge flow across files: KV (the topic) carries from one file
-/// to the next, `--config` overrides config, agent messages run nothing, and a
-/// repeated event is a duplicate.
+/// to the next, `--config` overrides config, agent messages run nothing, a
+/// hand-off puts a human in charge (concierge skipped), and a repeated event
+/// is a duplicate.
 #[test]
 fn replay_concierge_flow_keeps_state_across_files() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -324,8 +335,9 @@ fn replay_concierge_flow_keeps_state_across_files() -> Result<()> {
         {"file": files[4].display().to_string(), "event": "live_chat.new_message:msg_agent_0001",
          "type": "live_chat.new_message", "conversation_id": conv, "dispatched": false,
          "plugins": []},
-        message(&files[5], "msg_e2e_4", json!({"plugin": "concierge", "outcome": "ok",
-            "actions": [], "requests": []})),
+        // The hand-off (and the agent's message) put a human in charge.
+        message(&files[5], "msg_e2e_4", json!({"plugin": "concierge", "outcome": "skipped",
+            "reason": "human", "actions": [], "requests": []})),
         {"file": files[6].display().to_string(), "event": "live_chat.new_message:msg_e2e_1",
          "type": "live_chat.new_message", "conversation_id": conv, "dispatched": false,
          "duplicate": true, "plugins": []},
@@ -579,7 +591,8 @@ fn build_says_how_to_install_the_target() -> Result<()> {
 }
 
 /// `chat` from a pipe: location request and answer, KV across turns (the
-/// topic in the hand-off note), `/new` starting over.
+/// topic in the hand-off note), a human in charge after the hand-off until
+/// `/bot`, `/new` starting over.
 #[test]
 fn chat_from_a_pipe() -> Result<()> {
     let mut child = digibot()
@@ -589,7 +602,7 @@ fn chat_from_a_pipe() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let input = "2\n/location 33.5 -7.6\nagent\nmerci\n/new\n/quit\nnever read\n";
+    let input = "2\n/location 33.5 -7.6\nagent\nmerci\n/bot\nmerci\n/new\n/quit\nnever read\n";
     std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, input.as_bytes())?;
     let out = child.wait_with_output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -611,6 +624,11 @@ fn chat_from_a_pipe() -> Result<()> {
         "concierge> Je vous passe un conseiller, un instant.",
         "you> merci",
         "(no reply)",
+        "[a human agent is in charge since the hand-off: /bot hands it back]",
+        "you> /bot",
+        "[the agent hands the conversation back to the bot]",
+        "you> merci",
+        "concierge> (replying to msg_chat_5) Tapez « menu » pour les options ou « agent » pour parler à un conseiller.",
         "you> /new",
         "--- new conversation conv_chat_2 with Omar ---",
         "           Bonjour Omar ! Comment puis-je vous aider ?",

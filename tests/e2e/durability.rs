@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::support::burst::*;
@@ -236,7 +236,24 @@ async fn each_fixture_five_times_concurrently_replies_once() -> Result<()> {
         .start()
         .await?;
     let poster = Poster::new(&bot)?;
-    let fixtures = all_fixtures();
+    // The agent's message and the archiving change who is in charge of
+    // their conversation, and posted all at once they would land before or
+    // after the customer's text: they go to a conversation of their own.
+    let fixtures: Vec<(String, Value)> = all_fixtures()
+        .into_iter()
+        .map(|(name, mut envelope)| {
+            match name.as_str() {
+                "message_agent" => {
+                    envelope["data"]["data"]["conversation_id"] = json!("conv_dur_agent")
+                }
+                "conversation_archived" => {
+                    envelope["data"]["conversation_id"] = json!("conv_dur_agent")
+                }
+                _ => {}
+            }
+            (name, envelope)
+        })
+        .collect();
     ensure!(fixtures.len() >= 15, "fixtures missing");
 
     let mut tasks = JoinSet::new();

@@ -12,6 +12,7 @@ mod delivery;
 mod durability;
 mod fake_selftest;
 mod hot_swap;
+mod lifecycle;
 mod oauth;
 mod observability;
 mod replicas;

@@ -38,7 +38,7 @@ fn parse_metrics(text: &str) -> Result<BTreeMap<String, f64>> {
     Ok(series)
 }
 
-async fn scrape(bot: &Digibot) -> Result<BTreeMap<String, f64>> {
+pub(crate) async fn scrape(bot: &Digibot) -> Result<BTreeMap<String, f64>> {
     let reply = bot.admin_get("/metrics").await?;
     reply.expect_status(200)?;
     ensure!(
@@ -53,7 +53,10 @@ async fn scrape(bot: &Digibot) -> Result<BTreeMap<String, f64>> {
 
 /// Every `(series, value)` in `expected` is in `metrics` with that value;
 /// lists all the differences at once.
-fn ensure_metrics(metrics: &BTreeMap<String, f64>, expected: &[(String, f64)]) -> Result<()> {
+pub(crate) fn ensure_metrics(
+    metrics: &BTreeMap<String, f64>,
+    expected: &[(String, f64)],
+) -> Result<()> {
     let wrong: Vec<String> = expected
         .iter()
         .filter(|(series, value)| metrics.get(series) != Some(value))
@@ -68,7 +71,7 @@ fn ensure_metrics(metrics: &BTreeMap<String, f64>, expected: &[(String, f64)]) -
     Ok(())
 }
 
-fn series(s: &str, value: f64) -> (String, f64) {
+pub(crate) fn series(s: &str, value: f64) -> (String, f64) {
     (s.to_string(), value)
 }
 

@@ -1,7 +1,7 @@
 //! The webhook endpoint: acceptance, routing to plugins, dedup, auth and
 //! body validation.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -19,15 +19,14 @@ async fn every_fixture_is_accepted_and_only_customer_texts_are_echoed() -> Resul
     let fake = FakeDigishare::start().await?;
     let bot = echo_bot(&fake).await?;
 
-    // The archived event goes last: some hosts might stop answering an
-    // archived conversation, and the sentinels below must be answered.
-    let (archived, others): (Vec<_>, Vec<_>) = all_fixtures()
+    // The agent's message and the archived event go last, once the rest is
+    // handled: an agent writing puts the conversation in a human's hands and
+    // archiving drops what is still pending, and the sentinels below must be
+    // answered.
+    let (last, others): (Vec<_>, Vec<_>) = all_fixtures()
         .into_iter()
-        .partition(|(name, _)| name == "conversation_archived");
-    ensure!(
-        archived.len() == 1 && others.len() >= 14,
-        "fixtures missing"
-    );
+        .partition(|(name, _)| name == "message_agent" || name == "conversation_archived");
+    ensure!(last.len() == 2 && others.len() >= 13, "fixtures missing");
 
     let mut keys = Vec::new();
     for (name, envelope) in &others {
@@ -56,19 +55,23 @@ async fn every_fixture_is_accepted_and_only_customer_texts_are_echoed() -> Resul
     minimal_sentinel["data"]["id"] = json!("msg_min_sentinel");
     minimal_sentinel["data"]["data"]["body"] = json!("fin");
     keys.push(bot.accept(&minimal_sentinel).await?);
+    bot.wait_idle(&keys, TIMEOUT).await?;
 
-    let (name, envelope) = &archived[0];
-    keys.push(event_key(envelope));
-    let reply = bot.post_json(envelope).await?;
-    reply.expect_status(200)?;
-    ensure_json_eq(
-        &reply.json()?,
-        &json!({"status": "accepted", "event_id": "live_chat.conversation_archived:conv_7Hq2Lm9Xa1:2026-03-14T10:30:00.000000Z"}),
-        &format!("answer to {name}"),
-    )?;
+    let mut last_keys = Vec::new();
+    for name in ["message_agent", "conversation_archived"] {
+        let envelope = &last.iter().find(|(n, _)| n == name).context("fixture")?.1;
+        let reply = bot.post_json(envelope).await?;
+        reply.expect_status(200)?;
+        ensure_json_eq(
+            &reply.json()?,
+            &json!({"status": "accepted", "event_id": event_key(envelope)}),
+            &format!("answer to {name}"),
+        )?;
+        last_keys.push(event_key(envelope));
+    }
 
     // Every event handled and every action delivered: nothing more can come.
-    bot.wait_idle(&keys, TIMEOUT).await?;
+    bot.wait_idle(&last_keys, TIMEOUT).await?;
     let requests = fake.settle(4, TIMEOUT).await?;
     ensure_api_headers(&requests, API_TOKEN)?;
     for r in &requests {
@@ -117,7 +120,9 @@ async fn every_fixture_is_accepted_and_only_customer_texts_are_echoed() -> Resul
     Ok(())
 }
 
-/// An agent's text in a conversation never reaches echo.
+/// An agent's text in a conversation never reaches echo, and puts the
+/// conversation in a human's hands: the customer's next text is not
+/// answered either (see lifecycle.rs for the whole lifecycle).
 #[tokio::test]
 async fn agent_messages_cause_no_request() -> Result<()> {
     let fake = FakeDigishare::start().await?;
@@ -128,27 +133,19 @@ async fn agent_messages_cause_no_request() -> Result<()> {
             .await?,
         bot.accept(&agent_text("conv_agent_1", "msg_a2", "menu"))
             .await?,
-        // Sentinel: a customer text in the same conversation, after them.
-        bot.accept(&customer_text("conv_agent_1", "msg_c1", "merci"))
-            .await?,
     ];
     bot.wait_idle(&keys, TIMEOUT).await?;
-
-    let requests = fake.settle(1, TIMEOUT).await?;
+    // A customer text in the same conversation, after them.
+    let customer = bot
+        .accept(&customer_text("conv_agent_1", "msg_c1", "merci"))
+        .await?;
+    let handled = bot.wait_handled(&[customer], TIMEOUT).await?;
     ensure_json_eq(
-        &requests[0].wire(),
-        &json!({
-            "method": "POST",
-            "path": "/v1/messages",
-            "body": {
-                "conversation_id": "conv_agent_1",
-                "type": "text",
-                "body": "merci",
-                "send_to_third": true
-            }
-        }),
-        "the only request",
+        &handled[0]["plugins"][0]["reason"],
+        &json!("human"),
+        "echo's outcome on the customer text",
     )?;
+    fake.settle(0, TIMEOUT).await?;
     Ok(())
 }
 

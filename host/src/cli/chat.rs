@@ -25,7 +25,8 @@ pub struct ChatArgs {
 }
 
 const HELP: &str = "Type as the customer. A number picks a button or list row; \
-/location LAT LON shares a location; /new starts a new conversation; /quit exits.";
+/location LAT LON shares a location; /bot hands the conversation back to the bot \
+after a hand-off (as the agent's note would); /new starts a new conversation; /quit exits.";
 
 /// A button or list row the customer can pick by number.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +41,7 @@ enum Input {
     Quit,
     Help,
     New,
+    Release,
     Send(Content),
     Invalid(String),
 }
@@ -50,6 +52,7 @@ fn parse_input(line: &str, picks: &[Pick]) -> Input {
         "/quit" | "/exit" => return Input::Quit,
         "/help" => return Input::Help,
         "/new" => return Input::New,
+        "/bot" => return Input::Release,
         _ => {}
     }
     if let Some(rest) = line.strip_prefix("/location") {
@@ -275,6 +278,14 @@ fn no_reply(turn: &Turn, out: &mut String) {
         .all(|o| o.outcome != "failed" && o.returned.is_empty());
     if silent && !turn.duplicate {
         out.push_str("(no reply)\n");
+        if turn
+            .handled
+            .outcomes
+            .iter()
+            .any(|o| o.reason.as_deref() == Some("human"))
+        {
+            out.push_str("[a human agent is in charge since the hand-off: /bot hands it back]\n");
+        }
     }
 }
 
@@ -319,6 +330,14 @@ pub fn run(args: ChatArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
             Input::Quit => break,
             Input::Help => out.push_str(&format!("{HELP}\n")),
             Input::New => chat.start(&mut out),
+            Input::Release => {
+                let id = chat.conversation_id();
+                if chat.session.release(&id) {
+                    out.push_str("[the agent hands the conversation back to the bot]\n");
+                } else {
+                    out.push_str("[no human agent is in charge of this conversation]\n");
+                }
+            }
             Input::Invalid(message) => out.push_str(&format!("{message}\n")),
             Input::Send(content) => chat.send(content, &mut out),
         }

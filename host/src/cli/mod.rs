@@ -1,9 +1,10 @@
 //! The `digibot` subcommands. `serve` runs the server; the others are tools
-//! for operators (dead letters) and plugin authors.
+//! for operators (dead letters, conversations) and plugin authors.
 
 pub(crate) mod build;
 mod chat;
 mod check;
+mod conversations;
 mod dead_letters;
 mod new;
 mod replay;
@@ -45,6 +46,13 @@ pub enum Command {
         settings: SettingsFile,
         #[command(subcommand)]
         command: dead_letters::DeadLetters,
+    },
+    /// See who is in charge of conversations; hand one back to the bot.
+    Conversations {
+        #[command(flatten)]
+        settings: SettingsFile,
+        #[command(subcommand)]
+        command: conversations::Conversations,
     },
     /// Create a plugin crate: an echo bot with a test and a README.
     New(new::NewArgs),
@@ -123,6 +131,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::DeadLetters { settings, command } => {
             dead_letters::run(command, &Settings::load(settings.path.as_deref())?)
+        }
+        Command::Conversations { settings, command } => {
+            conversations::run(command, &Settings::load(settings.path.as_deref())?)
         }
         Command::New(args) => new::run(args),
         Command::Build(args) => build::run(args),

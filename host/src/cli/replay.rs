@@ -7,12 +7,15 @@
 //! Also home of [`Session`], the serverless stand-in for the dispatcher that
 //! `chat` shares: plugins loaded from files with their `NAME.toml`, events
 //! run through [`dispatch::run_entries`] (the server's own routing, filters
-//! and request building), KV kept in memory across events.
+//! and request building), KV kept in memory across events, and who is in
+//! charge of each conversation: a hand-off (taken as delivered: these tools
+//! send nothing) or an agent's message puts a human in charge, the agent's
+//! release note or archiving ends it, as in the server.
 
 use super::check::{runtime, sibling_manifest};
 use crate::config::Settings;
 use crate::dispatch::{self, Breaker, Handled};
-use crate::event::{ConversationState, Event};
+use crate::event::{ConversationState, Event, EventKind, SenderKind};
 use crate::registry::{Entry, Health};
 use crate::runtime::{MemoryKv, Runtime};
 use anyhow::{Context, bail};
@@ -20,7 +23,7 @@ use clap::Args;
 use digibot_protocol::Action;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -71,6 +74,8 @@ pub struct Session {
     entries: Vec<Entry>,
     kv: Arc<MemoryKv>,
     seen: HashSet<String>,
+    states: HashMap<String, ConversationState>,
+    release_command: String,
 }
 
 impl Session {
@@ -97,6 +102,8 @@ impl Session {
             entries,
             kv: Arc::new(MemoryKv::default()),
             seen: HashSet::new(),
+            states: HashMap::new(),
+            release_command: settings.release_command.trim().to_string(),
         })
     }
 
@@ -108,13 +115,59 @@ impl Session {
             .collect()
     }
 
-    /// Runs every plugin on `event` and keeps their KV writes.
+    /// Who is in charge of `conversation`.
+    pub fn state(&self, conversation: &str) -> ConversationState {
+        self.states.get(conversation).copied().unwrap_or_default()
+    }
+
+    /// Hands `conversation` back to the bot (as the agent's release note
+    /// would); returns whether a human had it.
+    pub fn release(&mut self, conversation: &str) -> bool {
+        self.state(conversation) == ConversationState::Human
+            && self
+                .states
+                .insert(conversation.to_string(), ConversationState::Bot)
+                .is_some()
+    }
+
+    /// Runs every plugin on `event` (in its conversation's state) and keeps
+    /// their KV writes.
     pub fn run(&mut self, event: &Event) -> Turn {
         if !self.seen.insert(event.key.clone()) {
             return Turn {
                 duplicate: true,
                 handled: Handled::default(),
             };
+        }
+        let conversation = event.conversation_id().unwrap_or_default().to_string();
+        let mut state = self.state(&conversation);
+        match &event.kind {
+            EventKind::Message(m) if m.sender.kind == SenderKind::Agent => {
+                let release = m.is_internal_note()
+                    && m.text()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case(&self.release_command));
+                if release {
+                    self.release(&conversation);
+                } else if !m.sent_through_api() {
+                    self.states.insert(conversation, ConversationState::Human);
+                }
+                return Turn {
+                    duplicate: false,
+                    handled: Handled::default(),
+                };
+            }
+            EventKind::ConversationArchived { .. } => {
+                self.states.insert(conversation, ConversationState::Closed);
+                return Turn {
+                    duplicate: false,
+                    handled: Handled::default(),
+                };
+            }
+            _ => {}
+        }
+        if state == ConversationState::Closed {
+            state = ConversationState::Bot;
+            self.states.insert(conversation.clone(), state);
         }
         // No breaker: a tool shows every failure instead of quarantining.
         let breaker = Breaker {
@@ -126,10 +179,18 @@ impl Session {
             &self.runtime,
             &self.entries,
             event,
-            ConversationState::Bot,
+            state,
             self.kv.clone(),
             breaker,
         );
+        if state == ConversationState::Bot
+            && handled
+                .actions
+                .iter()
+                .any(|a| crate::actions::is_hand_off(&a.method, &a.path))
+        {
+            self.states.insert(conversation, ConversationState::Human);
+        }
         for changes in &handled.kv {
             self.kv
                 .apply(&changes.plugin, &changes.conversation_id, &changes.writes);
@@ -151,7 +212,8 @@ struct Request {
 #[derive(Debug, Serialize)]
 struct PluginReport {
     plugin: String,
-    /// `ok`, `failed` or `filtered` (its `NAME.toml` does not want the event).
+    /// `ok`, `failed`, `filtered` (its `NAME.toml` does not want the event)
+    /// or `skipped` (reason `human`: a human agent is in charge).
     outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,

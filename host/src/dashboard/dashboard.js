@@ -232,6 +232,9 @@ async function showConversation(id) {
   pane.replaceChildren(
     el("h2", {}, el("code", {}, detail.conversation_id),
       detail.state ? badge(stateText(detail.state), "neutral") : null),
+    detail.state && detail.state.reason
+      ? el("p", { class: "muted small" }, `since ${time(detail.state.changed_at)}: ${detail.state.reason}`)
+      : null,
     el("ul", { class: "timeline" }, (detail.events || []).map((e) => el("li", {},
       el("div", {}, el("strong", {}, shortEvent(e.event)), " ",
         badge(e.status, STATUS_KIND[e.status] || "neutral"), " ",

@@ -1,6 +1,6 @@
 //! `NAME.toml`, the optional file beside a plugin's `NAME.wasm`: whether it
-//! is enabled, which events it wants, its private configuration, its limits
-//! and the capabilities it is granted.
+//! is enabled, which events it wants, its private configuration, its limits,
+//! the capabilities it is granted, and whether it assists human agents.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -17,6 +17,9 @@ pub struct Manifest {
     pub config: BTreeMap<String, String>,
     pub limits: LimitOverrides,
     pub grants: Grants,
+    /// Keeps running while a human agent is in charge of a conversation,
+    /// limited to internal notes (suggestions for the agent).
+    pub assist: bool,
 }
 
 impl Default for Manifest {
@@ -27,6 +30,7 @@ impl Default for Manifest {
             config: BTreeMap::new(),
             limits: LimitOverrides::default(),
             grants: Grants::default(),
+            assist: false,
         }
     }
 }
@@ -147,6 +151,8 @@ mod tests {
         assert_eq!(limits.memory_bytes, 8 << 20);
         assert_eq!(limits.max_actions, 50);
         assert_eq!(m.config["greeting"], "Salam");
+        assert!(!m.assist);
+        assert!(Manifest::parse("assist = true").unwrap().assist);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The durable store: inbox (events), outbox (actions and dead letters),
-//! plugin KV state. [`Store`] is the handle every other module uses; it does
+//! plugin KV state, and who is in charge of each conversation (with the ids
+//! of the messages digibot sent, to recognise their echoes). [`Store`] is the handle every other module uses; it does
 //! not say which database is behind it. Each back end (a module here) holds
 //! all of its own SQL and gives every operation the same guarantees:
 //! a write returns only after it is committed, an event is recorded once per
-//! key, and an event's completion (status, actions, KV writes) is one
-//! transaction.
+//! key, and an event's completion (status, actions, KV writes, its
+//! conversation's state change) is one transaction.
 //!
 //! - [`sqlite`]: the embedded default, a file under the data dir, with a
 //!   group-commit writer thread; one node.
@@ -27,7 +28,7 @@ pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
 
-use crate::event::Event;
+use crate::event::{ConversationState, Event};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -201,6 +202,9 @@ pub struct ConversationSummary {
     /// The name of its latest event (`live_chat.new_message`, ...).
     pub last_event: String,
     pub actions: ActionCounts,
+    /// Who is in charge, since when and why (none before its first event
+    /// is handled).
+    pub state: Option<ConversationRecord>,
 }
 
 /// A conversation's recent events and the actions they queued.
@@ -209,6 +213,83 @@ pub struct ConversationDetail {
     pub conversation_id: String,
     pub events: Vec<EventSummary>,
     pub actions: Vec<OutboxAction>,
+    /// Who is in charge, since when and why.
+    pub state: Option<ConversationRecord>,
+}
+
+/// Who is in charge of a conversation, since when and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConversationRecord {
+    pub id: String,
+    pub state: ConversationState,
+    /// When the state last changed (ms).
+    pub changed_at: i64,
+    /// Why it last changed.
+    pub reason: String,
+    /// The customer's channel (`whatsapp`, ...), when known.
+    pub channel: Option<String>,
+    /// When the customer last wrote (Digishare's time when it sent one, ms).
+    pub last_customer_at: Option<i64>,
+    /// When an agent last wrote (ms), echoes of digibot's own excluded.
+    pub last_agent_at: Option<i64>,
+}
+
+/// A change of state, applied only if the conversation is in `from` (any
+/// other state than `to` when `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    pub from: Option<ConversationState>,
+    pub to: ConversationState,
+    pub reason: String,
+}
+
+/// What handling one event changes about its conversation, committed with
+/// the event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConversationUpdate {
+    pub channel: Option<String>,
+    pub customer_at: Option<i64>,
+    pub agent_at: Option<i64>,
+    pub change: Option<StateChange>,
+    /// Pending outbox actions of the conversation become dead letters with
+    /// this error (the conversation was archived).
+    pub archive: Option<String>,
+}
+
+/// What [`Store::complete_event`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Completed {
+    /// Whether this call completed the event (false: it already was).
+    pub completed: bool,
+    /// Actions queued (0 when the event was already completed).
+    pub queued: usize,
+    /// Whether the update's state change applied.
+    pub changed: bool,
+    /// Pending actions turned into dead letters by archiving.
+    pub archived: usize,
+}
+
+/// What [`Store::release_blocking`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// It was `human`; it is `bot` now.
+    Released,
+    /// It was not in a human's hands (already `bot`, or `closed`).
+    NotHuman(ConversationState),
+    /// digibot has never seen that conversation.
+    Unknown,
+}
+
+/// A state as stored (`bot`, `human`, `closed`).
+pub(crate) fn parse_state(s: &str) -> Result<ConversationState, StoreError> {
+    match s {
+        "bot" => Ok(ConversationState::Bot),
+        "human" => Ok(ConversationState::Human),
+        "closed" => Ok(ConversationState::Closed),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown conversation state {other:?}"
+        ))),
+    }
 }
 
 /// What retention removed.
@@ -284,8 +365,8 @@ impl Store {
     // ---- inbox ---------------------------------------------------------
 
     /// Records a delivered webhook, committed before this returns. Events
-    /// that invoke no plugin are stored as `recorded`, the others as
-    /// `pending`; a key already recorded is a [`Inserted::Duplicate`].
+    /// the dispatcher handles ([`Event::dispatched`]) are stored as
+    /// `pending`, the others as `recorded`; a key already recorded is a [`Inserted::Duplicate`].
     pub async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
         on_backend!(self, b => b.insert_event(event).await)
     }
@@ -296,8 +377,12 @@ impl Store {
     }
 
     /// Marks an event handled, with what each plugin did, and in the same
-    /// transaction queues its actions and applies its KV writes. Returns the
-    /// number of actions queued (0 when the event was already handled).
+    /// transaction queues its actions, applies its KV writes and what it
+    /// changes about its conversation (creating it in the bot's hands if
+    /// new; a state change applies only from its `from` state; `archive`
+    /// turns the conversation's pending actions into dead letters). An
+    /// event already completed (a recovery race) changes nothing: a retried
+    /// event never queues twice nor applies its state change twice.
     pub async fn complete_event(
         &self,
         seq: i64,
@@ -305,8 +390,41 @@ impl Store {
         outcomes: serde_json::Value,
         actions: Vec<NewAction>,
         kv: Vec<KvChanges>,
-    ) -> Result<usize, StoreError> {
-        on_backend!(self, b => b.complete_event(seq, conversation_id, outcomes, actions, kv).await)
+        update: ConversationUpdate,
+    ) -> Result<Completed, StoreError> {
+        on_backend!(self, b => b.complete_event(seq, conversation_id, outcomes, actions, kv, update).await)
+    }
+
+    // ---- conversations -----------------------------------------------------
+
+    /// One conversation's state, if digibot has seen it.
+    pub fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
+        on_backend!(self, b => b.conversation_state(id))
+    }
+
+    /// Conversations, most recently changed first, optionally only those in
+    /// `state`.
+    pub fn conversation_states(
+        &self,
+        state: Option<ConversationState>,
+        limit: usize,
+    ) -> Result<Vec<ConversationRecord>, StoreError> {
+        on_backend!(self, b => b.conversation_states(state, limit))
+    }
+
+    /// Whether the Messages API gave digibot this message id when it sent
+    /// something to this conversation.
+    pub fn is_own_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.is_own_message(conversation_id, message_id))
+    }
+
+    /// Hands a conversation in a human's hands back to the bot, saying why.
+    pub fn release_blocking(&self, id: &str, reason: String) -> Result<Release, StoreError> {
+        on_backend!(self, b => b.release_blocking(id, reason))
     }
 
     /// Takes (or renews) this replica's lease on a conversation before its
@@ -399,13 +517,22 @@ impl Store {
     pub fn outbox_depth(&self) -> Result<OutboxDepth, StoreError> {
         on_backend!(self, b => b.outbox_depth())
     }
-
-    /// Records a delivered action.
-    pub async fn mark_sent(&self, id: i64, status: u16) -> Result<(), StoreError> {
-        on_backend!(self, b => b.mark_sent(id, status).await)
+    /// Records a delivered action, with the message id Digishare gave it
+    /// (kept to recognise the message when it comes back as a webhook). A
+    /// delivered hand-off puts its conversation in a human's hands (if the
+    /// bot had it) in the same transaction; returns whether it did.
+    pub async fn mark_sent(
+        &self,
+        id: i64,
+        status: u16,
+        message_id: Option<String>,
+        hand_off: bool,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.mark_sent(id, status, message_id, hand_off).await)
     }
 
-    /// Records a failed attempt to be retried at `next_attempt_at`.
+    /// Records a failed attempt to be retried at `next_attempt_at` (unless
+    /// the action stopped being pending meanwhile, e.g. archived).
     pub async fn mark_retry(
         &self,
         id: i64,
@@ -416,7 +543,8 @@ impl Store {
         on_backend!(self, b => b.mark_retry(id, next_attempt_at, last_status, last_error).await)
     }
 
-    /// Turns an action into a dead letter, keeping the last status and body.
+    /// Turns a pending action into a dead letter, keeping the last status
+    /// and body (an action archived meanwhile keeps its reason).
     pub async fn mark_dead(
         &self,
         id: i64,

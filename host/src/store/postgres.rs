@@ -35,11 +35,11 @@
 //! each migration once.
 
 use super::{
-    ActionCounts, CONVERSATION_WINDOW, ConversationDetail, ConversationSummary, EventSummary,
-    Inserted, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned, StoreError,
-    StoredEvent, now_ms,
+    ActionCounts, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
+    ConversationSummary, ConversationUpdate, EventSummary, Inserted, KvChanges, KvWrite, NewAction,
+    OutboxAction, OutboxDepth, Pruned, Release, StoreError, StoredEvent, now_ms, parse_state,
 };
-use crate::event::Event;
+use crate::event::{ConversationState, Event};
 use crate::metrics::metrics;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,6 +144,29 @@ CREATE TABLE plugin_health (
     report TEXT NOT NULL,
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (replica, name)
+);
+"#,
+    ),
+    (
+        3,
+        r#"
+-- Who is in charge of each conversation, and the ids the Messages API
+-- returned (to recognise digibot's own messages coming back as webhooks).
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    changed_at BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    channel TEXT,
+    last_customer_at BIGINT,
+    last_agent_at BIGINT
+);
+CREATE TABLE sent_messages (
+    conversation_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    action_id BIGINT NOT NULL,
+    sent_at BIGINT NOT NULL,
+    PRIMARY KEY (conversation_id, message_id)
 );
 "#,
     ),
@@ -544,7 +567,7 @@ impl Postgres {
     pub async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
         let payload =
             serde_json::to_string(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let status = if event.invokes_plugins() {
+        let status = if event.dispatched() {
             "pending"
         } else {
             "recorded"
@@ -598,9 +621,17 @@ impl Postgres {
         outcomes: serde_json::Value,
         actions: Vec<NewAction>,
         kv: Vec<KvChanges>,
-    ) -> Result<usize, StoreError> {
+        update: ConversationUpdate,
+    ) -> Result<Completed, StoreError> {
         let now = now_ms();
         let outcomes = outcomes.to_string();
+        let change_to = update.change.as_ref().map(|c| c.to.as_str());
+        let change_from = update
+            .change
+            .as_ref()
+            .and_then(|c| c.from)
+            .map(|s| s.as_str());
+        let reason = update.change.as_ref().map(|c| c.reason.as_str());
         let mut a: [Vec<String>; 5] = Default::default();
         for action in &actions {
             a[0].push(action.plugin.clone());
@@ -645,10 +676,42 @@ impl Postgres {
                     DELETE FROM kv USING done, unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
                     WHERE kv.plugin = d.plugin AND kv.conversation_id = d.conv AND kv.key = d.key
                     RETURNING 1
+                 ), old AS (
+                    SELECT state FROM conversations WHERE id = $2
+                 ), applies AS (
+                    -- The state change applies from its `from` state (any
+                    -- other state when none); a new conversation is `bot`.
+                    SELECT $19::text IS NOT NULL
+                           AND COALESCE((SELECT state FROM old), 'bot') <> $19::text
+                           AND ($20::text IS NULL OR COALESCE((SELECT state FROM old), 'bot') = $20::text) AS yes
+                 ), conv AS (
+                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at)
+                    SELECT $2, CASE WHEN applies.yes THEN $19::text ELSE 'bot' END, $3,
+                           CASE WHEN applies.yes THEN $21::text ELSE 'first event' END,
+                           $22::text, $23::bigint, $24::bigint
+                    FROM done, applies WHERE $2 <> ''
+                    ON CONFLICT (id) DO UPDATE SET
+                       state = CASE WHEN (SELECT yes FROM applies) THEN $19::text ELSE conversations.state END,
+                       changed_at = CASE WHEN (SELECT yes FROM applies) THEN $3 ELSE conversations.changed_at END,
+                       reason = CASE WHEN (SELECT yes FROM applies) THEN $21::text ELSE conversations.reason END,
+                       channel = COALESCE($22::text, conversations.channel),
+                       -- Times only move forward (GREATEST skips NULLs).
+                       last_customer_at = GREATEST(conversations.last_customer_at, $23::bigint),
+                       last_agent_at = GREATEST(conversations.last_agent_at, $24::bigint)
+                    RETURNING 1
+                 ), archived AS (
+                    UPDATE outbox SET status = 'dead', last_status = NULL, last_error = $25::text, done_at = $3,
+                           claimed_by = NULL, claim_expires = NULL
+                    FROM done
+                    WHERE $25::text IS NOT NULL AND outbox.conversation_id = $2 AND outbox.status = 'pending'
+                    RETURNING 1
                  )
                  SELECT (SELECT count(*) FROM queued),
                         EXISTS (SELECT 1 FROM blocked),
-                        (SELECT count(*) FROM kv_set) + (SELECT count(*) FROM kv_delete) + (SELECT count(*) FROM renewed)",
+                        (SELECT count(*) FROM kv_set) + (SELECT count(*) FROM kv_delete) + (SELECT count(*) FROM renewed),
+                        EXISTS (SELECT 1 FROM done),
+                        EXISTS (SELECT 1 FROM conv) AND (SELECT yes FROM applies),
+                        (SELECT count(*) FROM archived)",
                 &[
                     &seq,
                     &conversation_id,
@@ -668,13 +731,110 @@ impl Postgres {
                     &deletes[0],
                     &deletes[1],
                     &deletes[2],
+                    &change_to,
+                    &change_from,
+                    &reason,
+                    &update.channel,
+                    &update.customer_at,
+                    &update.agent_at,
+                    &update.archive,
                 ],
             )
             .await?;
         if row.try_get::<_, bool>(1)? {
             return Err(StoreError::LeaseLost(conversation_id));
         }
-        Ok(row.try_get::<_, i64>(0)? as usize)
+        Ok(Completed {
+            queued: row.try_get::<_, i64>(0)? as usize,
+            completed: row.try_get(3)?,
+            changed: row.try_get(4)?,
+            archived: row.try_get::<_, i64>(5)? as usize,
+        })
+    }
+
+    // ---- conversation state ------------------------------------------------
+
+    pub fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
+        let pool = self.pool.clone();
+        let id = id.to_string();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                     FROM conversations WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            rows.first().map(|r| conversation_record(r, 0)).transpose()
+        })
+    }
+
+    pub fn conversation_states(
+        &self,
+        state: Option<ConversationState>,
+        limit: usize,
+    ) -> Result<Vec<ConversationRecord>, StoreError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                     FROM conversations WHERE $1::text IS NULL OR state = $1
+                     ORDER BY changed_at DESC, id LIMIT $2",
+                    &[&state.map(|s| s.as_str()), &(limit as i64)],
+                )
+                .await?;
+            rows.iter().map(|r| conversation_record(r, 0)).collect()
+        })
+    }
+
+    pub fn is_own_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let pool = self.pool.clone();
+        let (conversation_id, message_id) = (conversation_id.to_string(), message_id.to_string());
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT 1 FROM sent_messages WHERE conversation_id = $1 AND message_id = $2",
+                    &[&conversation_id, &message_id],
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        })
+    }
+
+    pub fn release_blocking(&self, id: &str, reason: String) -> Result<Release, StoreError> {
+        let pool = self.pool.clone();
+        let id = id.to_string();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let row = c
+                .conn()
+                .query_one(
+                    "WITH old AS (SELECT state FROM conversations WHERE id = $1),
+                     released AS (
+                        UPDATE conversations SET state = 'bot', changed_at = $2, reason = $3
+                        WHERE id = $1 AND state = 'human' RETURNING 1)
+                     SELECT (SELECT state FROM old), EXISTS (SELECT 1 FROM released)",
+                    &[&id, &now_ms(), &reason],
+                )
+                .await?;
+            let old: Option<String> = row.try_get(0)?;
+            Ok(match old {
+                None => Release::Unknown,
+                Some(_) if row.try_get::<_, bool>(1)? => Release::Released,
+                Some(state) => Release::NotHuman(parse_state(&state)?),
+            })
+        })
     }
 
     pub fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, StoreError> {
@@ -725,9 +885,11 @@ impl Postgres {
                         GROUP BY conversation_id
                      )
                      SELECT r.conversation_id, r.events, r.first_at, r.last_at, r.pending, e.name,
-                            COALESCE(a.sent, 0), COALESCE(a.pending, 0), COALESCE(a.dead, 0)
+                            COALESCE(a.sent, 0), COALESCE(a.pending, 0), COALESCE(a.dead, 0),
+                            s.id, s.state, s.changed_at, s.reason, s.channel, s.last_customer_at, s.last_agent_at
                      FROM recent r JOIN events e ON e.seq = r.last_seq
                      LEFT JOIN actions a ON a.conversation_id = r.conversation_id
+                     LEFT JOIN conversations s ON s.id = r.conversation_id
                      ORDER BY r.last_seq DESC",
                     &[&CONVERSATION_WINDOW, &(limit as i64)],
                 )
@@ -745,6 +907,10 @@ impl Postgres {
                             sent: r.try_get(6)?,
                             pending: r.try_get(7)?,
                             dead: r.try_get(8)?,
+                        },
+                        state: match r.try_get::<_, Option<String>>(9)? {
+                            Some(_) => Some(conversation_record(r, 9)?),
+                            None => None,
                         },
                     })
                 })
@@ -780,10 +946,23 @@ impl Postgres {
                 )
                 .await?;
             let actions = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                     FROM conversations WHERE id = $1",
+                    &[&conversation_id],
+                )
+                .await?;
+            let state = rows
+                .first()
+                .map(|r| conversation_record(r, 0))
+                .transpose()?;
             Ok(ConversationDetail {
                 conversation_id,
                 events,
                 actions,
+                state,
             })
         })
     }
@@ -991,16 +1170,49 @@ impl Postgres {
         })
     }
 
-    pub async fn mark_sent(&self, id: i64, status: u16) -> Result<(), StoreError> {
+    pub async fn mark_sent(
+        &self,
+        id: i64,
+        status: u16,
+        message_id: Option<String>,
+        hand_off: bool,
+    ) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
-        c.conn()
-            .execute(
-                "UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = $2, last_error = NULL,
-                 done_at = $3, claimed_by = NULL, claim_expires = NULL WHERE id = $1",
-                &[&id, &(status as i64), &now_ms()],
+        let reason = format!("hand-off delivered (action {id})");
+        // One statement: the delivery, its message id, and a delivered
+        // hand-off taking the conversation from the bot.
+        let row = c
+            .conn()
+            .query_one(
+                "WITH sent AS (
+                    UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = $2, last_error = NULL,
+                    done_at = $3, claimed_by = NULL, claim_expires = NULL WHERE id = $1
+                    RETURNING conversation_id
+                 ), ids AS (
+                    INSERT INTO sent_messages (conversation_id, message_id, action_id, sent_at)
+                    SELECT conversation_id, $4::text, $1, $3 FROM sent WHERE $4::text IS NOT NULL
+                    ON CONFLICT (conversation_id, message_id) DO NOTHING
+                    RETURNING 1
+                 ), handed AS (
+                    INSERT INTO conversations (id, state, changed_at, reason)
+                    SELECT conversation_id, 'human', $3, $5 FROM sent WHERE $6
+                    ON CONFLICT (id) DO UPDATE
+                    SET state = 'human', changed_at = excluded.changed_at, reason = excluded.reason
+                    WHERE conversations.state = 'bot'
+                    RETURNING 1
+                 )
+                 SELECT EXISTS (SELECT 1 FROM handed), (SELECT count(*) FROM ids)",
+                &[
+                    &id,
+                    &(status as i64),
+                    &now_ms(),
+                    &message_id,
+                    &reason,
+                    &hand_off,
+                ],
             )
             .await?;
-        Ok(())
+        Ok(row.try_get(0)?)
     }
 
     pub async fn mark_retry(
@@ -1013,8 +1225,10 @@ impl Postgres {
         let mut c = self.conn().await?;
         c.conn()
             .execute(
+                // Only while pending: an action archived during its attempt
+                // stays a dead letter.
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_status = $3, last_error = $4,
-                 claimed_by = NULL, claim_expires = NULL WHERE id = $1",
+                 claimed_by = NULL, claim_expires = NULL WHERE id = $1 AND status = 'pending'",
                 &[
                     &id,
                     &next_attempt_at,
@@ -1035,8 +1249,9 @@ impl Postgres {
         let mut c = self.conn().await?;
         c.conn()
             .execute(
+                // An action archived during its attempt keeps its reason.
                 "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = $2, last_error = $3,
-                 done_at = $4, claimed_by = NULL, claim_expires = NULL WHERE id = $1",
+                 done_at = $4, claimed_by = NULL, claim_expires = NULL WHERE id = $1 AND status = 'pending'",
                 &[&id, &last_status.map(i64::from), &last_error, &now_ms()],
             )
             .await?;
@@ -1122,6 +1337,11 @@ impl Postgres {
                     &[&before, &BATCH],
                 )
                 .await? as usize;
+            // Echoes come back within seconds: ids as old as the pruned
+            // actions are of no use.
+            c.conn()
+                .execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
+                .await?;
             total.events += events;
             total.actions += actions;
             if events < BATCH as usize && actions < BATCH as usize {
@@ -1241,6 +1461,20 @@ fn event_summary(r: &Row) -> Result<EventSummary, StoreError> {
         plugins: outcomes
             .and_then(|o| serde_json::from_str(&o).ok())
             .unwrap_or(serde_json::Value::Array(vec![])),
+    })
+}
+
+/// Reads `id, state, changed_at, reason, channel, last_customer_at,
+/// last_agent_at` from column `at` on.
+fn conversation_record(r: &Row, at: usize) -> Result<ConversationRecord, StoreError> {
+    Ok(ConversationRecord {
+        id: r.try_get(at)?,
+        state: parse_state(r.try_get::<_, &str>(at + 1)?)?,
+        changed_at: r.try_get(at + 2)?,
+        reason: r.try_get(at + 3)?,
+        channel: r.try_get(at + 4)?,
+        last_customer_at: r.try_get(at + 5)?,
+        last_agent_at: r.try_get(at + 6)?,
     })
 }
 
@@ -1414,6 +1648,7 @@ mod tests {
                 serde_json::json!([]),
                 vec![action("x")],
                 vec![],
+                crate::store::ConversationUpdate::default(),
             )
             .await;
         assert!(
@@ -1429,9 +1664,11 @@ mod tests {
                 serde_json::json!([]),
                 vec![action("k1")],
                 vec![],
+                crate::store::ConversationUpdate::default(),
             )
             .await
-            .unwrap();
+            .unwrap()
+            .queued;
         assert_eq!(queued, 1);
         let e3 = insert(&b, "m3", "c").await;
         let waiting = a.release_conversation("c").await.unwrap();
@@ -1444,9 +1681,16 @@ mod tests {
             [e2.seq, e3.seq]
         );
         for e in [&e2, &e3] {
-            a.complete_event(e.seq, "c".into(), serde_json::json!([]), vec![], vec![])
-                .await
-                .unwrap();
+            a.complete_event(
+                e.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![],
+                vec![],
+                crate::store::ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
         }
         // Dry: released, and now B may take it.
         assert!(a.release_conversation("c").await.unwrap().is_empty());
@@ -1486,10 +1730,12 @@ mod tests {
                 "c".into(),
                 serde_json::json!([]),
                 vec![action("k")],
-                vec![]
+                vec![],
+                crate::store::ConversationUpdate::default()
             )
             .await
-            .unwrap(),
+            .unwrap()
+            .queued,
             1
         );
     }
@@ -1533,6 +1779,7 @@ mod tests {
                     action(&format!("{conv}/second")),
                 ],
                 vec![],
+                crate::store::ConversationUpdate::default(),
             )
             .await
             .unwrap();
@@ -1562,7 +1809,7 @@ mod tests {
         // A sends its heads: the second actions of those conversations are
         // next, and go to whoever reads first (B here).
         for h in &ha {
-            a.mark_sent(h.id, 201).await.unwrap();
+            a.mark_sent(h.id, 201, None, false).await.unwrap();
         }
         let next = tokio::task::block_in_place(|| b.outbox_heads(1000).unwrap());
         let mut keys: Vec<String> = next.iter().map(|h| h.idempotency_key.clone()).collect();
@@ -1593,6 +1840,7 @@ mod tests {
                     serde_json::json!([]),
                     vec![action(&format!("{conv}/{i}"))],
                     vec![],
+                    crate::store::ConversationUpdate::default(),
                 )
                 .await
                 .unwrap();
@@ -1611,7 +1859,7 @@ mod tests {
                     }
                     for h in heads {
                         sent.lock().unwrap().push(h.idempotency_key.clone());
-                        store.mark_sent(h.id, 201).await.unwrap();
+                        store.mark_sent(h.id, 201, None, false).await.unwrap();
                     }
                 }
             })
@@ -1654,6 +1902,7 @@ mod tests {
             serde_json::json!([]),
             vec![action("k")],
             vec![],
+            crate::store::ConversationUpdate::default(),
         )
         .await
         .unwrap();
@@ -1689,6 +1938,7 @@ mod tests {
             serde_json::json!([]),
             vec![action("k")],
             vec![],
+            crate::store::ConversationUpdate::default(),
         )
         .await
         .unwrap();

@@ -15,11 +15,12 @@
 //! `checkpoint_loop`).
 
 use super::{
-    ActionCounts, CONVERSATION_WINDOW, ConversationDetail, ConversationSummary, Durability,
-    EventSummary, Inserted, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned,
-    StoreError, StoredEvent, now_ms,
+    ActionCounts, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
+    ConversationSummary, ConversationUpdate, Durability, EventSummary, Inserted, KvChanges,
+    KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned, Release, StateChange, StoreError,
+    StoredEvent, now_ms, parse_state,
 };
-use crate::event::Event;
+use crate::event::{ConversationState, Event};
 use crate::metrics::metrics;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -74,6 +75,24 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(conversation_id, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox(id) WHERE status = 'dead';
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    changed_at INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    channel TEXT,
+    last_customer_at INTEGER,
+    last_agent_at INTEGER
+);
+-- The ids the Messages API returned, to recognise digibot's own messages
+-- when they come back as webhooks. Pruned with the outbox.
+CREATE TABLE IF NOT EXISTS sent_messages (
+    conversation_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    action_id INTEGER NOT NULL,
+    sent_at INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, message_id)
+);
 CREATE TABLE IF NOT EXISTS kv (
     plugin TEXT NOT NULL,
     conversation_id TEXT NOT NULL,
@@ -332,8 +351,10 @@ impl Sqlite {
     }
 
     /// Marks an event handled, with what each plugin did, and in the same
-    /// transaction queues its actions and applies its KV writes. Returns the
-    /// number of actions queued.
+    /// transaction queues its actions, applies its KV writes and what it
+    /// changes about its conversation. An event already completed (a
+    /// recovery race) changes nothing: a retried event never applies its
+    /// state change twice.
     pub async fn complete_event(
         &self,
         seq: i64,
@@ -341,7 +362,8 @@ impl Sqlite {
         outcomes: serde_json::Value,
         actions: Vec<NewAction>,
         kv: Vec<KvChanges>,
-    ) -> Result<usize, StoreError> {
+        update: ConversationUpdate,
+    ) -> Result<Completed, StoreError> {
         self.write(move |conn| {
             let now = now_ms();
             let changed = conn
@@ -351,17 +373,30 @@ impl Sqlite {
                 )?
                 .execute(params![seq, now, outcomes.to_string()])?;
             if changed == 0 {
-                // Already completed (a recovery race): queue nothing twice.
-                return Ok(0);
+                return Ok(Completed::default());
+            }
+            let mut done = Completed {
+                completed: true,
+                ..Completed::default()
+            };
+            if !conversation_id.is_empty() {
+                done.changed = update_conversation(conn, &conversation_id, &update, now)?;
+                if let Some(error) = &update.archive {
+                    done.archived = conn
+                        .prepare_cached(
+                            "UPDATE outbox SET status = 'dead', last_status = NULL, last_error = ?2, done_at = ?3
+                             WHERE conversation_id = ?1 AND status = 'pending'",
+                        )?
+                        .execute(params![conversation_id, error, now])?;
+                }
             }
             let mut insert = conn.prepare_cached(
                 "INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)
 ",
             )?;
-            let mut queued = 0;
             for a in &actions {
-                queued += insert.execute(params![
+                done.queued += insert.execute(params![
                     seq,
                     conversation_id,
                     a.plugin,
@@ -375,7 +410,7 @@ impl Sqlite {
             for change in &kv {
                 apply_kv(conn, change, now)?;
             }
-            Ok(queued)
+            Ok(done)
         })
         .await
     }
@@ -403,6 +438,75 @@ impl Sqlite {
 
     pub fn inbox_wakeups(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None
+    }
+
+    // ---- conversations -----------------------------------------------------
+
+    /// One conversation's state, if digibot has seen it.
+    pub fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
+        self.read(|conn| conversation_state(conn, id))
+    }
+
+    /// Conversations, most recently changed first, optionally only those in
+    /// `state`.
+    pub fn conversation_states(
+        &self,
+        state: Option<ConversationState>,
+        limit: usize,
+    ) -> Result<Vec<ConversationRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM conversations
+                 WHERE ?1 IS NULL OR state = ?1 ORDER BY changed_at DESC, id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(
+                params![state.map(|s| s.as_str()), limit as i64],
+                conversation_row,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Whether the Messages API gave digibot this message id when it sent
+    /// something to this conversation.
+    pub fn is_own_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT 1 FROM sent_messages WHERE conversation_id = ?1 AND message_id = ?2",
+                )?
+                .query_row([conversation_id, message_id], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
+    /// Hands a conversation in a human's hands back to the bot, saying why.
+    pub fn release_blocking(&self, id: &str, reason: String) -> Result<Release, StoreError> {
+        let id = id.to_string();
+        self.write_blocking(move |conn| {
+            let state: Option<String> = conn
+                .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
+                .query_row([&id], |r| r.get(0))
+                .optional()?;
+            let Some(state) = state else {
+                return Ok(Release::Unknown);
+            };
+            let change = StateChange {
+                from: Some(ConversationState::Human),
+                to: ConversationState::Bot,
+                reason,
+            };
+            if change_state(conn, &id, &change, now_ms())? {
+                Ok(Release::Released)
+            } else {
+                Ok(Release::NotHuman(parse_state(&state)?))
+            }
+        })
     }
 
     /// Recent events, newest first.
@@ -444,6 +548,7 @@ impl Sqlite {
                     pending_events: r.get(4)?,
                     last_event: String::new(),
                     actions: ActionCounts::default(),
+                    state: None,
                 };
                 Ok((summary, r.get::<_, i64>(5)?))
             })?;
@@ -456,6 +561,7 @@ impl Sqlite {
             )?;
             for (c, last_seq) in &mut conversations {
                 c.last_event = last.query_row([*last_seq], |r| r.get(0))?;
+                c.state = conversation_state(conn, &c.conversation_id)?;
                 let rows = counts
                     .query_map(params![CONVERSATION_WINDOW, c.conversation_id], |r| {
                         Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
@@ -500,6 +606,7 @@ impl Sqlite {
                 conversation_id: conversation_id.to_string(),
                 events,
                 actions,
+                state: conversation_state(conn, conversation_id)?,
             })
         })
     }
@@ -568,14 +675,52 @@ impl Sqlite {
         })
     }
 
-    /// Records a delivered action.
-    pub async fn mark_sent(&self, id: i64, status: u16) -> Result<(), StoreError> {
+    /// Records a delivered action, with the message id Digishare gave it.
+    /// A delivered hand-off puts its conversation in a human's hands (if
+    /// the bot had it), in the same transaction; returns whether it did.
+    pub async fn mark_sent(
+        &self,
+        id: i64,
+        status: u16,
+        message_id: Option<String>,
+        hand_off: bool,
+    ) -> Result<bool, StoreError> {
         self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = ?2, last_error = NULL, done_at = ?3 WHERE id = ?1",
-            )?
-            .execute(params![id, status, now_ms()])?;
-            Ok(())
+            let now = now_ms();
+            let conversation: Option<String> = conn
+                .prepare_cached(
+                    "UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = ?2, last_error = NULL, done_at = ?3
+                     WHERE id = ?1 RETURNING conversation_id",
+                )?
+                .query_row(params![id, status, now], |r| r.get(0))
+                .optional()?;
+            let Some(conversation) = conversation else {
+                return Ok(false);
+            };
+            if let Some(message_id) = message_id {
+                conn.prepare_cached(
+                    "INSERT INTO sent_messages (conversation_id, message_id, action_id, sent_at)
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (conversation_id, message_id) DO NOTHING",
+                )?
+                .execute(params![conversation, message_id, id, now])?;
+            }
+            if !hand_off {
+                return Ok(false);
+            }
+            let change = StateChange {
+                from: Some(ConversationState::Bot),
+                to: ConversationState::Human,
+                reason: format!("hand-off delivered (action {id})"),
+            };
+            update_conversation(
+                conn,
+                &conversation,
+                &ConversationUpdate {
+                    change: Some(change),
+                    ..ConversationUpdate::default()
+                },
+                now,
+            )
         })
         .await
     }
@@ -590,7 +735,9 @@ impl Sqlite {
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_status = ?3, last_error = ?4 WHERE id = ?1",
+                // Only while pending: an action archived during its attempt
+                // stays a dead letter.
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_status = ?3, last_error = ?4 WHERE id = ?1 AND status = 'pending'",
             )?
             .execute(params![id, next_attempt_at, last_status, last_error])?;
             Ok(())
@@ -607,7 +754,8 @@ impl Sqlite {
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = ?2, last_error = ?3, done_at = ?4 WHERE id = ?1",
+                // An action archived during its attempt keeps its reason.
+                "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = ?2, last_error = ?3, done_at = ?4 WHERE id = ?1 AND status = 'pending'",
             )?
             .execute(params![id, last_status, last_error, now_ms()])?;
             Ok(())
@@ -672,6 +820,10 @@ impl Sqlite {
                            ORDER BY id LIMIT ?2)",
                         params![before, BATCH as i64],
                     )?;
+                    // Echoes come back within seconds: ids as old as the
+                    // pruned actions are of no use.
+                    conn.prepare_cached("DELETE FROM sent_messages WHERE sent_at < ?1")?
+                        .execute([before])?;
                     Ok(Pruned { events, actions })
                 })
                 .await?;
@@ -726,7 +878,7 @@ fn event_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
 
 fn insert_event(conn: &Connection, event: &Event) -> Result<Inserted, StoreError> {
     let payload = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let status = if event.invokes_plugins() {
+    let status = if event.dispatched() {
         "pending"
     } else {
         "recorded"
@@ -752,6 +904,90 @@ fn insert_event(conn: &Connection, event: &Event) -> Result<Inserted, StoreError
     } else {
         Inserted::Duplicate
     })
+}
+
+const CONVERSATION_COLUMNS: &str =
+    "id, state, changed_at, reason, channel, last_customer_at, last_agent_at";
+
+fn conversation_state(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<ConversationRecord>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?1"
+        ))?
+        .query_row([id], conversation_row)
+        .optional()?)
+}
+
+fn conversation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConversationRecord> {
+    let state: String = r.get(1)?;
+    let state = parse_state(&state).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    Ok(ConversationRecord {
+        id: r.get(0)?,
+        state,
+        changed_at: r.get(2)?,
+        reason: r.get(3)?,
+        channel: r.get(4)?,
+        last_customer_at: r.get(5)?,
+        last_agent_at: r.get(6)?,
+    })
+}
+
+/// Applies `change` if the conversation is in its `from` state; returns
+/// whether it did.
+fn change_state(
+    conn: &Connection,
+    id: &str,
+    change: &StateChange,
+    now: i64,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE conversations SET state = ?2, changed_at = ?3, reason = ?4
+             WHERE id = ?1 AND state <> ?2 AND (?5 IS NULL OR state = ?5)",
+        )?
+        .execute(params![
+            id,
+            change.to.as_str(),
+            now,
+            change.reason,
+            change.from.map(|s| s.as_str())
+        ])?
+        > 0)
+}
+
+/// Creates the conversation (in the bot's hands) if new, then applies
+/// `update`; returns whether its state change applied.
+fn update_conversation(
+    conn: &Connection,
+    id: &str,
+    update: &ConversationUpdate,
+    now: i64,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO conversations (id, state, changed_at, reason) VALUES (?1, 'bot', ?2, 'first event')
+         ON CONFLICT (id) DO NOTHING",
+    )?
+    .execute(params![id, now])?;
+    if update.channel.is_some() || update.customer_at.is_some() || update.agent_at.is_some() {
+        // Times only move forward: events can be handled out of order.
+        conn.prepare_cached(
+            "UPDATE conversations SET
+               channel = COALESCE(?2, channel),
+               last_customer_at = CASE WHEN ?3 IS NOT NULL AND (last_customer_at IS NULL OR ?3 > last_customer_at) THEN ?3 ELSE last_customer_at END,
+               last_agent_at = CASE WHEN ?4 IS NOT NULL AND (last_agent_at IS NULL OR ?4 > last_agent_at) THEN ?4 ELSE last_agent_at END
+             WHERE id = ?1",
+        )?
+        .execute(params![id, update.channel, update.customer_at, update.agent_at])?;
+    }
+    match &update.change {
+        Some(change) => change_state(conn, id, change, now),
+        None => Ok(false),
+    }
 }
 
 fn apply_kv(conn: &Connection, change: &KvChanges, now: i64) -> Result<(), StoreError> {

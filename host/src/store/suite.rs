@@ -43,6 +43,7 @@ macro_rules! store_suite {
             prune_removes_only_old_finished_work,
             outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed,
             conversations_list_recent_first_with_events_and_actions,
+            conversation_state_changes_once_per_event_and_survives_reopen,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -87,7 +88,14 @@ async fn handled_in(store: &Store, id: &str, conv: &str, actions: usize) -> i64 
         .map(|n| action(&format!("{id}/a{n}")))
         .collect();
     store
-        .complete_event(seq, conv.into(), serde_json::json!([]), actions, vec![])
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            actions,
+            vec![],
+            ConversationUpdate::default(),
+        )
         .await
         .unwrap();
     seq
@@ -189,9 +197,11 @@ pub(crate) async fn completing_queues_actions_and_kv_once(db: TestDb) {
             serde_json::json!([{"plugin": "echo"}]),
             vec![action("k1"), action("k2")],
             vec![kv.clone()],
+            ConversationUpdate::default(),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .queued;
     assert_eq!(queued, 2);
     // A second completion (recovery race) queues nothing.
     let again = store
@@ -201,10 +211,11 @@ pub(crate) async fn completing_queues_actions_and_kv_once(db: TestDb) {
             serde_json::json!([]),
             vec![action("k3")],
             vec![kv],
+            ConversationUpdate::default(),
         )
         .await
         .unwrap();
-    assert_eq!(again, 0);
+    assert_eq!(again, Completed::default());
     let heads = store.outbox_heads(10).unwrap();
     assert_eq!(heads.len(), 1);
     assert_eq!(heads[0].idempotency_key, "k1");
@@ -241,16 +252,16 @@ pub(crate) async fn outbox_heads_are_each_conversations_oldest_pending(db: TestD
     };
     assert_eq!(keys(&store), ["a1/a0", "b1/a0"]);
     store
-        .mark_sent(head_id(&store, "a1/a0"), 201)
+        .mark_sent(head_id(&store, "a1/a0"), 201, None, false)
         .await
         .unwrap();
     assert_eq!(keys(&store), ["a1/a1", "b1/a0"]);
     store
-        .mark_sent(head_id(&store, "a1/a1"), 201)
+        .mark_sent(head_id(&store, "a1/a1"), 201, None, false)
         .await
         .unwrap();
     store
-        .mark_sent(head_id(&store, "b1/a0"), 201)
+        .mark_sent(head_id(&store, "b1/a0"), 201, None, false)
         .await
         .unwrap();
     assert_eq!(keys(&store), ["a2/a0"]);
@@ -320,11 +331,11 @@ pub(crate) async fn prune_removes_only_old_finished_work(db: TestDb) {
     // Old and finished: its action was sent. Both go.
     handled(&store, "old_sent", 1).await;
     store
-        .mark_sent(head_id(&store, "old_sent/a0"), 201)
+        .mark_sent(head_id(&store, "old_sent/a0"), 201, None, false)
         .await
         .unwrap();
-    // Old agent message (recorded, never pending). Goes.
-    let agent = Event::parse(br#"{"event":"live_chat.new_message","data":{"id":"old_agent","data":{"conversation_id":"c","body":"hi","sender":{"model_type":"user"}}}}"#).unwrap();
+    // Old system message (recorded, never pending). Goes.
+    let agent = Event::parse(br#"{"event":"live_chat.new_message","data":{"id":"old_agent","data":{"conversation_id":"c","system":true,"body":"hi","sender":{"model_type":"user"}}}}"#).unwrap();
     assert!(matches!(
         store.insert_event(agent).await.unwrap(),
         Inserted::New(_)
@@ -347,7 +358,7 @@ pub(crate) async fn prune_removes_only_old_finished_work(db: TestDb) {
     // Recent and finished: kept.
     handled(&store, "recent_sent", 1).await;
     store
-        .mark_sent(head_id(&store, "recent_sent/a0"), 201)
+        .mark_sent(head_id(&store, "recent_sent/a0"), 201, None, false)
         .await
         .unwrap();
 
@@ -397,7 +408,10 @@ pub(crate) async fn outbox_depth_counts_pending_and_dead_and_ping_fails_once_clo
     handled(&store, "p", 2).await;
     handled(&store, "s", 1).await;
     handled(&store, "d", 1).await;
-    store.mark_sent(head_id(&store, "s/a0"), 200).await.unwrap();
+    store
+        .mark_sent(head_id(&store, "s/a0"), 200, None, false)
+        .await
+        .unwrap();
     store
         .mark_dead(head_id(&store, "d/a0"), Some(400), "bad".into())
         .await
@@ -429,7 +443,7 @@ pub(crate) async fn conversations_list_recent_first_with_events_and_actions(db: 
     handled_in(&store, "c1", "c", 1).await;
     handled_in(&store, "c2", "c", 1).await;
     store
-        .mark_sent(head_id(&store, "c1/a0"), 201)
+        .mark_sent(head_id(&store, "c1/a0"), 201, None, false)
         .await
         .unwrap();
     store
@@ -474,4 +488,211 @@ pub(crate) async fn conversations_list_recent_first_with_events_and_actions(db: 
     );
     let unknown = blocking(|| store.conversation("nope")).unwrap();
     assert!(unknown.events.is_empty() && unknown.actions.is_empty());
+}
+
+fn takeover(reason: &str) -> ConversationUpdate {
+    ConversationUpdate {
+        agent_at: Some(now_ms()),
+        change: Some(StateChange {
+            from: None,
+            to: ConversationState::Human,
+            reason: reason.into(),
+        }),
+        ..ConversationUpdate::default()
+    }
+}
+
+async fn complete_with(
+    store: &Store,
+    id: &str,
+    conv: &str,
+    update: ConversationUpdate,
+) -> Completed {
+    let Inserted::New(seq) = store.insert_event(event(id, conv)).await.unwrap() else {
+        panic!("{id} is a duplicate")
+    };
+    let done = store
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            vec![],
+            vec![],
+            update.clone(),
+        )
+        .await
+        .unwrap();
+    // Completing it again (a recovery race) changes nothing.
+    let again = store
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            vec![],
+            vec![],
+            update,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Completed::default());
+    done
+}
+
+pub(crate) async fn conversation_state_changes_once_per_event_and_survives_reopen(db: TestDb) {
+    let store = db.open();
+    assert_eq!(store.conversation_state("c").unwrap(), None);
+    // A customer message: the conversation appears, in the bot's hands,
+    // with the customer's time and channel.
+    handled_in(&store, "m1", "c", 2).await;
+    let done = complete_with(
+        &store,
+        "m1b",
+        "c",
+        ConversationUpdate {
+            customer_at: Some(1_000),
+            channel: Some("whatsapp".into()),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert!(!done.changed);
+    let first = store.conversation_state("c").unwrap().unwrap();
+    assert_eq!(first.state, ConversationState::Bot);
+    assert_eq!(
+        (first.channel.as_deref(), first.last_customer_at),
+        (Some("whatsapp"), Some(1_000))
+    );
+    // Times only move forward (events can be handled out of order).
+    complete_with(
+        &store,
+        "m1c",
+        "c",
+        ConversationUpdate {
+            customer_at: Some(500),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        store
+            .conversation_state("c")
+            .unwrap()
+            .unwrap()
+            .last_customer_at,
+        Some(1_000)
+    );
+
+    // An agent takes over, once.
+    assert!(
+        complete_with(&store, "a1", "c", takeover("agent wrote"))
+            .await
+            .changed
+    );
+    assert!(
+        !complete_with(&store, "a2", "c", takeover("again"))
+            .await
+            .changed
+    );
+    let human = store.conversation_state("c").unwrap().unwrap();
+    assert_eq!(
+        (human.state, human.reason.as_str()),
+        (ConversationState::Human, "agent wrote")
+    );
+    assert!(human.last_agent_at.is_some());
+    assert_eq!(
+        store
+            .conversation_states(Some(ConversationState::Human), 10)
+            .unwrap(),
+        vec![human.clone()]
+    );
+    assert!(
+        store
+            .conversation_states(Some(ConversationState::Bot), 10)
+            .unwrap()
+            .is_empty()
+    );
+
+    // A delivery records its message id; a hand-off while human changes
+    // nothing.
+    let a0 = head_id(&store, "m1/a0");
+    assert!(
+        !store
+            .mark_sent(a0, 201, Some("msg_bot_1".into()), true)
+            .await
+            .unwrap()
+    );
+    assert!(store.is_own_message("c", "msg_bot_1").unwrap());
+    assert!(!store.is_own_message("other", "msg_bot_1").unwrap());
+    assert!(!store.is_own_message("c", "msg_bot_2").unwrap());
+
+    // Release: human → bot, then nothing to release.
+    let release = |id: &'static str| blocking(|| store.release_blocking(id, "cli".into()).unwrap());
+    assert_eq!(release("c"), Release::Released);
+    assert_eq!(release("c"), Release::NotHuman(ConversationState::Bot));
+    assert_eq!(release("nope"), Release::Unknown);
+    let bot = store.conversation_state("c").unwrap().unwrap();
+    assert_eq!(
+        (bot.state, bot.reason.as_str()),
+        (ConversationState::Bot, "cli")
+    );
+
+    // A delivered hand-off takes over from the bot.
+    handled_in(&store, "m2", "h", 1).await;
+    assert!(
+        store
+            .mark_sent(head_id(&store, "m2/a0"), 200, None, true)
+            .await
+            .unwrap()
+    );
+    let handed = store.conversation_state("h").unwrap().unwrap();
+    assert_eq!(handed.state, ConversationState::Human);
+    assert!(
+        handed.reason.starts_with("hand-off delivered"),
+        "{}",
+        handed.reason
+    );
+
+    // Archiving: the pending action (in flight, say) becomes a dead letter;
+    // its attempt ending in a retry does not revive it, and a failure does
+    // not overwrite the reason.
+    let a1 = head_id(&store, "m1/a1");
+    let done = complete_with(
+        &store,
+        "x1",
+        "c",
+        ConversationUpdate {
+            change: Some(StateChange {
+                from: None,
+                to: ConversationState::Closed,
+                reason: "archived".into(),
+            }),
+            archive: Some("archived: test".into()),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert_eq!((done.changed, done.archived), (true, 1));
+    store
+        .mark_retry(a1, now_ms(), Some(503), "busy".into())
+        .await
+        .unwrap();
+    store.mark_dead(a1, Some(400), "no".into()).await.unwrap();
+    let dead = store.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, a1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("archived: test"));
+    assert!(store.outbox_heads(10).unwrap().is_empty());
+
+    store.close();
+    let store = db.open();
+    let closed = store.conversation_state("c").unwrap().unwrap();
+    assert_eq!(
+        (closed.state, closed.reason.as_str()),
+        (ConversationState::Closed, "archived")
+    );
+    assert_eq!(
+        store.conversation_state("h").unwrap().unwrap().state,
+        ConversationState::Human
+    );
+    assert!(store.is_own_message("c", "msg_bot_1").unwrap());
 }

@@ -10,9 +10,10 @@
 //! - `invoice_url`: the file sent as the invoice
 //!   (default `https://example.com/facture.pdf`).
 //!
-//! State (per conversation): `topic` (`orders`/`stores`), `choice` (the last
-//! list row picked) and `handed_off` (`yes` once an agent took over, after
-//! which free text gets no automatic answer).
+//! State (per conversation): `topic` (`orders`/`stores`) and `choice` (the
+//! last list row picked). Once the hand-off is delivered a human is in
+//! charge and digibot stops calling the plugin for that conversation until
+//! it is released (e.g. the agent's `/bot` note): no flag of its own needed.
 use digibot_sdk::{
     Action, Bot, Conversation, FileBuilder, Message, Result, config, export_bot, kv,
 };
@@ -88,12 +89,11 @@ fn remember(key: &str, value: &str, replies: Vec<Action>) -> Result<Vec<Action>>
 /// Tells the agents why (in a note), attaches one, tells the customer.
 fn hand_off() -> Result<Vec<Action>> {
     let topic = kv::get("topic").unwrap_or_else(|| "aucun".to_string());
-    let replies = vec![
+    Ok(vec![
         Action::note(format!("Le client demande un conseiller. Sujet : {topic}."))?,
         Action::hand_off(config::get_or("agent_id", "usr_17"), true)?,
         Action::text("Je vous passe un conseiller, un instant.")?,
-    ];
-    remember("handed_off", "yes", replies)
+    ])
 }
 
 fn orders_menu() -> Result<Vec<Action>> {
@@ -115,12 +115,8 @@ fn invoice() -> Result<Vec<Action>> {
     ])
 }
 
-/// Any other text: point at the menu, quoting the customer's message; once
-/// an agent has taken over, stay quiet.
+/// Any other text: point at the menu, quoting the customer's message.
 fn help(message: &Message) -> Result<Vec<Action>> {
-    if kv::get("handed_off").as_deref() == Some("yes") {
-        return Ok(vec![]);
-    }
     // Quote the message when its id is one digibot accepts in `reply_to`.
     let reply = Action::text_reply_to(HELP, message.id.as_str()).or_else(|_| Action::text(HELP))?;
     Ok(vec![reply])

@@ -100,8 +100,9 @@ fn stores_ask_for_a_location_and_state_is_per_conversation() {
             Action::text("Voici le magasin le plus proche.").unwrap(),
         ]
     );
-    bot.message("agent").unwrap();
-    assert_eq!(bot.kv("handed_off").as_deref(), Some("yes"));
+    let handed = bot.message("agent").unwrap();
+    assert_eq!(handed.len(), 3, "note, hand-off, text: {handed:?}");
+    assert_eq!(handed[1].kind(), "hand_off");
 
     // A new conversation starts from nothing: the help text comes back,
     // quoting the customer's message.
@@ -110,7 +111,7 @@ fn stores_ask_for_a_location_and_state_is_per_conversation() {
         vec![greeting("Omar")]
     );
     assert_eq!(bot.conversation_id(), "conv_2");
-    assert_eq!(bot.kv("handed_off"), None);
+    assert_eq!(bot.kv("topic"), None);
     let help = bot.message("bonjour").unwrap();
     assert!(
         matches!(

@@ -1,6 +1,9 @@
 //! `FakeDigishare`: a local stand-in for Digishare's API that records every
-//! request digibot makes and answers like the real thing, with programmable
-//! failures for the retry tests.
+//! request digibot makes and answers like the real thing (a created message
+//! answers its id), with programmable failures for the retry tests. Like
+//! Digishare, it can send the messages digibot creates back to digibot's
+//! webhook as agent (`model_type = "user"`) messages: see
+//! [`FakeDigishare::echo_to`].
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -127,6 +130,43 @@ impl Scripted {
     }
 }
 
+/// When the fake delivers the echo of a message digibot created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EchoTiming {
+    /// Before answering the API call that created it: the echo webhook is
+    /// delivered (digibot answered 200), then the answer waits `hold` more.
+    BeforeResponse { hold: Duration },
+    /// Right after answering the API call.
+    AfterResponse,
+    /// Kept until [`FakeDigishare::release_echoes`].
+    Held,
+}
+
+/// How the fake echoes digibot's messages back to digibot's webhook.
+#[derive(Clone, Debug)]
+pub struct Echo {
+    /// digibot's `/webhooks/digishare` URL.
+    pub url: String,
+    /// The webhook bearer token digibot expects.
+    pub token: String,
+    /// `sent_using` on the echoes; `None` leaves the field out.
+    pub sent_using: Option<String>,
+    /// How many times each echo is delivered (redeliveries).
+    pub copies: usize,
+    pub timing: EchoTiming,
+}
+
+/// One echo webhook delivered to digibot.
+#[derive(Clone, Debug)]
+pub struct EchoDelivery {
+    /// The echoed message's id (the one the API call answered).
+    pub message_id: String,
+    /// digibot's status answer to the webhook.
+    pub status: u16,
+    /// digibot's answer's `status` field (`accepted` / `duplicate`).
+    pub outcome: String,
+}
+
 type BodyPredicate = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
 
 struct Reject {
@@ -173,6 +213,10 @@ struct Inner {
     require_issued_token: bool,
     oauth: OAuth,
     tokens: Vec<IssuedToken>,
+    echo: Option<Echo>,
+    /// Echo webhooks built but not delivered yet ([`EchoTiming::Held`]).
+    held_echoes: Vec<Value>,
+    echoes: Vec<EchoDelivery>,
 }
 
 /// What the fake is about to answer.
@@ -226,6 +270,9 @@ impl FakeDigishare {
                 client: None,
             },
             tokens: Vec::new(),
+            echo: None,
+            held_echoes: Vec::new(),
+            echoes: Vec::new(),
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -346,6 +393,37 @@ impl FakeDigishare {
     /// The access tokens issued so far, in order (`tok-1`, `tok-2`, ...).
     pub fn tokens_issued(&self) -> Vec<String> {
         self.lock().tokens.iter().map(|t| t.token.clone()).collect()
+    }
+
+    /// From now on, every message digibot creates (`POST /v1/messages`
+    /// answered 2xx) comes back to digibot's webhook as an agent message
+    /// with the id the fake answered, as Digishare does. `None` stops it.
+    pub fn echo_to(&self, echo: Option<Echo>) {
+        self.lock().echo = echo;
+    }
+
+    /// Delivers the held echoes ([`EchoTiming::Held`]), newest first when
+    /// `reversed` (out of order), each as many times as configured; returns
+    /// how many webhooks were delivered.
+    pub async fn release_echoes(&self, reversed: bool) -> Result<usize> {
+        let (mut held, echo) = {
+            let mut inner = self.lock();
+            (std::mem::take(&mut inner.held_echoes), inner.echo.clone())
+        };
+        let echo = echo.context("no echo configured")?;
+        if reversed {
+            held.reverse();
+        }
+        let mut n = 0;
+        for webhook in held {
+            n += deliver_echo(&self.inner, &echo, &webhook).await?;
+        }
+        Ok(n)
+    }
+
+    /// The echo webhooks delivered so far, in order.
+    pub fn echoes(&self) -> Vec<EchoDelivery> {
+        self.lock().echoes.clone()
     }
 
     // ---- Inspection ----------------------------------------------------
@@ -514,26 +592,95 @@ fn next_random(state: &mut u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn handle(
-    State(inner): State<Arc<Mutex<Inner>>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+/// The `live_chat.new_message` Digishare sends for a message created
+/// through the API with `request` and answered `message_id`.
+fn echo_webhook(echo: &Echo, message_id: &str, request: &Value) -> Value {
+    let mut data = json!({
+        "conversation_id": request.get("conversation_id").cloned().unwrap_or(Value::Null),
+        "system": false,
+        "type": request.get("type").cloned().unwrap_or(json!("text")),
+        "body": request.get("body").or(request.get("file")).cloned().unwrap_or(Value::Null),
+        "send_to_third": request.get("send_to_third").cloned().unwrap_or(json!(true)),
+        "sender": {"id": "sndr_usr_api", "model_type": "user", "model_id": "usr_api", "name": "API"}
+    });
+    if let Some(sent_using) = &echo.sent_using {
+        data["sent_using"] = json!(sent_using);
+    }
+    json!({"event": "live_chat.new_message", "data": {"id": message_id, "data": data}})
+}
+
+/// Posts `webhook` to digibot `echo.copies` times; records each answer.
+async fn deliver_echo(inner: &Arc<Mutex<Inner>>, echo: &Echo, webhook: &Value) -> Result<usize> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let message_id = webhook["data"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    for _ in 0..echo.copies {
+        let reply = client
+            .post(&echo.url)
+            .bearer_auth(&echo.token)
+            .json(webhook)
+            .send()
+            .await
+            .context("delivering an echo to digibot")?;
+        let status = reply.status().as_u16();
+        let answer: Value = reply.json().await.unwrap_or(Value::Null);
+        inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .echoes
+            .push(EchoDelivery {
+                message_id: message_id.clone(),
+                status,
+                outcome: answer["status"].as_str().unwrap_or_default().to_string(),
+            });
+    }
+    Ok(echo.copies)
+}
+
+/// What the fake answers a request, and the echo it owes digibot for it.
+type Handled = (Answer, Option<(Echo, Value)>);
+
+/// Answers and records one request (under the lock, nothing awaited).
+fn record(
+    shared: &Mutex<Inner>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Handled {
+    let mut inner = shared.lock().unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();
-    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let authorization = header_string(&headers, "authorization");
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let authorization = header_string(headers, "authorization");
     let path = uri.path().to_string();
     let answer = answer(
         &mut inner,
-        &method,
+        method,
         &path,
         authorization.as_deref(),
         &parsed,
         now,
     );
+    // Digishare sends a created message back as a webhook, sender the API
+    // user: the echo of what digibot said.
+    let echo = match &inner.echo {
+        Some(echo) if path == "/v1/messages" && (200..300).contains(&answer.status) => answer
+            .body
+            .get("id")
+            .and_then(Value::as_str)
+            .map(|id| (echo.clone(), echo_webhook(echo, id, &parsed))),
+        _ => None,
+    };
+    if let Some((echo, webhook)) = &echo
+        && echo.timing == EchoTiming::Held
+    {
+        inner.held_echoes.push(webhook.clone());
+    }
     let seq = inner.requests.len();
     let at = now.duration_since(inner.started);
     inner.requests.push(Recorded {
@@ -542,17 +689,48 @@ async fn handle(
         path,
         query: uri.query().map(str::to_string),
         authorization,
-        idempotency_key: header_string(&headers, "idempotency-key"),
-        content_type: header_string(&headers, "content-type"),
+        idempotency_key: header_string(headers, "idempotency-key"),
+        content_type: header_string(headers, "content-type"),
         body: parsed,
-        raw_body: String::from_utf8_lossy(&body).into_owned(),
+        raw_body: String::from_utf8_lossy(body).into_owned(),
         status: answer.status,
         retry_after: answer.retry_after.clone(),
         response: answer.body.clone(),
         at,
         received_at: now,
     });
-    drop(inner);
+    (answer, echo)
+}
+
+async fn handle(
+    State(shared): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (answer, echo) = record(&shared, &method, &uri, &headers, &body);
+    if let Some((echo, webhook)) = echo {
+        match echo.timing {
+            EchoTiming::BeforeResponse { hold } => {
+                if let Err(e) = deliver_echo(&shared, &echo, &webhook).await {
+                    eprintln!("fake Digishare: echo failed: {e:#}");
+                }
+                tokio::time::sleep(hold).await;
+            }
+            EchoTiming::AfterResponse => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    // Let the API answer reach digibot first.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if let Err(e) = deliver_echo(&shared, &echo, &webhook).await {
+                        eprintln!("fake Digishare: echo failed: {e:#}");
+                    }
+                });
+            }
+            EchoTiming::Held => {}
+        }
+    }
 
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, axum::Json(answer.body)).into_response();
