@@ -16,6 +16,14 @@
 //! - **paced**: the same pipeline at a steady rate it sustains (each
 //!   connection waits between requests), so that webhook-to-API latency is
 //!   the pipeline's and not the length of a backlog.
+//! - **pg1**, **pg2**, **pg3** (replicas mode): the pipeline on PostgreSQL
+//!   (a fresh database in the cluster of `DIGIBOT_TEST_DATABASE_URL`) with
+//!   1, 2 or 3 replicas sharing one fake Digishare, the connections split
+//!   over one wrk per replica (as a load balancer would); their figures
+//!   add up (rates, CPU, RSS) or take the worst (latency percentiles).
+//!   Also reported for every digibot target: database round trips per
+//!   acknowledged webhook (`digibot_store_round_trips_total` of every
+//!   replica, background work included).
 //!
 //! Measured per target: acknowledged webhooks/s, ack latency p50/p99 (wrk),
 //! webhook-to-API latency p50/p99 (the client's send time, carried in the
@@ -102,6 +110,9 @@ enum Target {
     Inbox,
     Pipeline,
     Paced,
+    Pg1,
+    Pg2,
+    Pg3,
 }
 
 impl Target {
@@ -111,6 +122,19 @@ impl Target {
             Target::Inbox => "inbox",
             Target::Pipeline => "pipeline",
             Target::Paced => "paced",
+            Target::Pg1 => "pg1",
+            Target::Pg2 => "pg2",
+            Target::Pg3 => "pg3",
+        }
+    }
+
+    /// Replicas on PostgreSQL (0: SQLite, or not digibot).
+    fn replicas(self) -> usize {
+        match self {
+            Target::Pg1 => 1,
+            Target::Pg2 => 2,
+            Target::Pg3 => 3,
+            _ => 0,
         }
     }
 
@@ -125,6 +149,10 @@ impl Target {
                 "digibot full pipeline, paced at ≤ {} webhooks/s (no backlog)",
                 args.paced_rate
             ),
+            Target::Pg1 | Target::Pg2 | Target::Pg3 => format!(
+                "digibot full pipeline on PostgreSQL, {} replica(s)",
+                self.replicas()
+            ),
         }
     }
 
@@ -136,7 +164,7 @@ impl Target {
 
     /// Each acknowledged webhook owes one Messages API request.
     fn answers(self) -> bool {
-        matches!(self, Target::Pipeline | Target::Paced)
+        matches!(self, Target::Pipeline | Target::Paced) || self.replicas() > 0
     }
 }
 
@@ -211,6 +239,27 @@ struct Wrk {
     ids: Vec<String>,
 }
 
+impl Wrk {
+    /// Several wrk runs at once (one per replica) as one: counts add up,
+    /// the duration is the longest, each latency percentile the worst.
+    fn merge(runs: Vec<Wrk>) -> Wrk {
+        let mut all = Wrk::default();
+        for w in runs {
+            all.duration = all.duration.max(w.duration);
+            all.sent += w.sent;
+            all.acked += w.acked;
+            all.refused += w.refused;
+            all.socket_errors += w.socket_errors;
+            all.p50_us = all.p50_us.max(w.p50_us);
+            all.p90_us = all.p90_us.max(w.p90_us);
+            all.p99_us = all.p99_us.max(w.p99_us);
+            all.max_us = all.max_us.max(w.max_us);
+            all.ids.extend(w.ids);
+        }
+        all
+    }
+}
+
 /// Every acknowledged webhook vs the Messages API requests that reached the
 /// fake, joined on the event key.
 #[derive(Debug, Default)]
@@ -259,6 +308,9 @@ struct Run {
     /// of the warm-up to the end of the drain, per webhook acknowledged:
     /// the figure the machine's other load disturbs least.
     cpu_us_per_webhook: Option<f64>,
+    /// Database round trips (all replicas, background work included) per
+    /// webhook acknowledged.
+    round_trips_per_webhook: Option<f64>,
     guard: Option<Guard>,
 }
 
@@ -279,6 +331,7 @@ impl Run {
             "webhook_to_api_ms": self.e2e_us.map(|(p50, p99)| json!({"p50": p50 / 1000.0, "p99": p99 / 1000.0})),
             "peak_rss_kib": self.peak_rss_kib,
             "cpu_us_per_webhook": self.cpu_us_per_webhook,
+            "round_trips_per_webhook": self.round_trips_per_webhook,
             "wrk": {
                 "seconds": self.wrk.duration.as_secs_f64(), "sent": self.wrk.sent,
                 "acked": self.wrk.acked, "refused": self.wrk.refused,
@@ -300,16 +353,38 @@ impl Run {
 /// The server under load: a child process either way.
 enum Server {
     Bare(Child),
-    Digibot(Box<Digibot>, FakeDigishare),
+    /// One digibot, or several replicas on one database, and their fake.
+    Digibot(Vec<Digibot>, FakeDigishare),
 }
 
 impl Server {
-    fn pid(&self) -> Option<u32> {
+    fn pids(&self) -> Vec<u32> {
         match self {
-            Server::Bare(child) => Some(child.id()),
-            Server::Digibot(bot, _) => bot.pid(),
+            Server::Bare(child) => vec![child.id()],
+            Server::Digibot(bots, _) => bots.iter().filter_map(Digibot::pid).collect(),
         }
     }
+
+    /// Summed over the processes; `None` if one has no figure.
+    fn sum(&self, f: impl Fn(u32) -> Option<f64>) -> Option<f64> {
+        self.pids().into_iter().map(f).sum()
+    }
+}
+
+/// `digibot_store_round_trips_total` summed over `bots` (their /metrics).
+async fn round_trips(bots: &[Digibot]) -> Option<f64> {
+    let mut total = 0.0;
+    for bot in bots {
+        let text = bot.admin_get("/metrics").await.ok()?.body;
+        total += text
+            .lines()
+            .find(|l| l.starts_with("digibot_store_round_trips_total "))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<f64>()
+            .ok()?;
+    }
+    Some(total)
 }
 
 impl Drop for Server {
@@ -328,7 +403,7 @@ fn bare_axum_bin() -> PathBuf {
         .join("bare_axum")
 }
 
-async fn start(args: &Args, target: Target) -> Result<(Server, String)> {
+async fn start(args: &Args, target: Target, round: usize) -> Result<(Server, Vec<String>)> {
     if target == Target::Bare {
         let bin = bare_axum_bin();
         if !bin.is_file() {
@@ -348,19 +423,27 @@ async fn start(args: &Args, target: Target) -> Result<(Server, String)> {
         let url = format!("http://{addr}");
         let server = Server::Bare(child);
         wait_healthy(&url).await?;
-        return Ok((server, url));
+        return Ok((server, vec![url]));
     }
     let fake = FakeDigishare::start().await?;
-    let bot = Digibot::builder()
+    let builder = Digibot::builder()
         .fake(&fake)
         .env("RUST_LOG", "warn")
         .env("DIGIBOT_DURABILITY", &args.durability)
         .env("DIGIBOT_WATCH_PLUGINS", "false")
-        .plugin("echo")
-        .start()
-        .await?;
-    let url = bot.url().to_string();
-    Ok((Server::Digibot(Box::new(bot), fake), url))
+        .plugin("echo");
+    let bots = match target.replicas() {
+        0 => vec![builder.start().await?],
+        n => {
+            let name = format!("bench_{}_{round}", target.name());
+            let database = support::pg::fresh_database(&name).await?.context(
+                "the replica targets need DIGIBOT_TEST_DATABASE_URL (scripts/pg-cluster start)",
+            )?;
+            builder.database(&database).start_replicas(n).await?
+        }
+    };
+    let urls = bots.iter().map(|b| b.url().to_string()).collect();
+    Ok((Server::Digibot(bots, fake), urls))
 }
 
 async fn wait_healthy(url: &str) -> Result<()> {
@@ -380,7 +463,7 @@ async fn wait_healthy(url: &str) -> Result<()> {
 }
 
 async fn run_target(args: &Args, target: Target, round: usize, work: &Path) -> Result<Run> {
-    let (server, url) = start(args, target).await?;
+    let (server, urls) = start(args, target, round).await?;
     // The same bytes for the ceiling and the pipeline; agent messages for
     // the inbox.
     let template = match target {
@@ -404,21 +487,43 @@ async fn run_target(args: &Args, target: Target, round: usize, work: &Path) -> R
         Target::Paced => (args.connections as u64 * 1000).div_ceil(args.paced_rate.max(1)),
         _ => 0,
     };
+    // One wrk per replica, the connections split between them.
     let wrk_run = |phase: &str, seconds: u64| {
-        wrk(
-            args,
-            &Load {
-                url: &url,
+        let connections = args.connections.div_ceil(urls.len()).max(1);
+        let loads: Vec<Load> = urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| Load {
+                url,
                 template: &template_path,
                 token,
-                tag: tag(phase),
+                tag: if urls.len() == 1 {
+                    tag(phase)
+                } else {
+                    format!("{}r{i}", tag(phase))
+                },
                 seconds,
                 delay_ms,
-                ids_out: work.join(format!("{}-{phase}.ids", target.name())),
-            },
-        )
+                connections,
+                ids_out: work.join(format!("{}-{phase}-{i}.ids", target.name())),
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = loads
+                .iter()
+                .map(|load| scope.spawn(move || wrk(args, load)))
+                .collect();
+            let mut all = Vec::new();
+            for run in runs {
+                all.push(
+                    run.join()
+                        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??,
+                );
+            }
+            Ok::<_, anyhow::Error>(Wrk::merge(all))
+        })
     };
-    let cpu_before = server.pid().and_then(cpu_seconds);
+    let cpu_before = server.sum(cpu_seconds);
     let warm = wrk_run("w", args.warmup)?;
     let measured = wrk_run("m", args.seconds)?;
     let load_stopped = Instant::now();
@@ -432,9 +537,10 @@ async fn run_target(args: &Args, target: Target, round: usize, work: &Path) -> R
         e2e_us: None,
         peak_rss_kib: None,
         cpu_us_per_webhook: None,
+        round_trips_per_webhook: None,
         guard: None,
     };
-    if let Server::Digibot(bot, fake) = &server {
+    if let Server::Digibot(bots, fake) = &server {
         let owed = if target.answers() {
             warm.ids.len() + measured.ids.len()
         } else {
@@ -446,13 +552,17 @@ async fn run_target(args: &Args, target: Target, round: usize, work: &Path) -> R
         let (guard, e2e) = check(args, target, &warm, &measured, &requests, &tag("m"));
         run.guard = Some(Guard { drain_s, ..guard });
         run.e2e_us = e2e;
-        if bot.pid().is_none() {
+        if bots.iter().any(|b| b.pid().is_none()) {
             bail!("digibot is not running");
         }
+        let webhooks = (warm.acked + measured.acked).max(1) as f64;
+        run.round_trips_per_webhook = round_trips(bots).await.map(|n| n / webhooks);
     }
     // After the drain: the peak and the CPU time cover the backlog too.
-    run.peak_rss_kib = server.pid().and_then(peak_rss_kib);
-    let cpu_after = server.pid().and_then(cpu_seconds);
+    run.peak_rss_kib = server
+        .sum(|pid| peak_rss_kib(pid).map(|k| k as f64))
+        .map(|k| k as u64);
+    let cpu_after = server.sum(cpu_seconds);
     let webhooks = (warm.acked + measured.acked).max(1) as f64;
     run.cpu_us_per_webhook = cpu_before
         .zip(cpu_after)
@@ -519,7 +629,8 @@ fn check(
         };
         *per_key.entry(event).or_default() += 1;
         let id = &event[KEY_PREFIX.len()..];
-        if id.starts_with(&format!("{measured_tag}-"))
+        // `TAG-…`, or `TAGrI-…` with one wrk per replica.
+        if id.starts_with(measured_tag)
             && let Some(sent) = sent_us(id)
         {
             latencies.push(wall_us(r.received_at).saturating_sub(sent) as f64);
@@ -573,6 +684,8 @@ struct Load<'a> {
     seconds: u64,
     /// Pause of each connection between requests (0: none).
     delay_ms: u64,
+    /// Open connections of this wrk.
+    connections: usize,
     /// Where load.lua writes the acknowledged event ids.
     ids_out: PathBuf,
 }
@@ -586,6 +699,7 @@ fn wrk(args: &Args, load: &Load) -> Result<Wrk> {
         ref tag,
         seconds,
         delay_ms,
+        connections,
         ref ids_out,
     } = *load;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load.lua");
@@ -593,7 +707,7 @@ fn wrk(args: &Args, load: &Load) -> Result<Wrk> {
         .env("WRK_IDS_OUT", ids_out)
         .env("WRK_DELAY_MS", delay_ms.to_string())
         .arg(format!("-t{}", args.threads))
-        .arg(format!("-c{}", args.connections))
+        .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))
         .arg("--timeout")
         .arg("10s")
@@ -726,6 +840,7 @@ fn summarise(args: &Args, runs: &[Run]) -> Value {
             "peak_rss_vs_ceiling": ratio(&rss),
             "cpu_us_per_webhook": figure(&cpu),
             "cpu_vs_ceiling": ratio(&cpu),
+            "round_trips_per_webhook": figure(&|r: &Run| r.round_trips_per_webhook),
             "guard_ok": mine.iter().all(|r| r.guard_ok()),
             "acked_per_s_runs": mine.iter().map(|r| r.acked_per_s.round()).collect::<Vec<_>>(),
         }));
@@ -797,6 +912,9 @@ fn one_line(run: &Run) -> String {
     }
     if let Some(cpu) = run.cpu_us_per_webhook {
         line += &format!("  CPU {cpu:.1} µs/webhook");
+    }
+    if let Some(trips) = run.round_trips_per_webhook {
+        line += &format!("  {trips:.2} store round trips/webhook");
     }
     if let Some(g) = &run.guard {
         line += &format!(
