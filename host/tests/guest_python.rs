@@ -188,7 +188,12 @@ fn replayed_requests(event: &Value, plugin: &str) -> Result<Vec<Value>> {
 
 #[test]
 fn digibot_replay_prints_the_same_requests_for_both_echoes() -> Result<()> {
-    let paths = fixture_paths()?;
+    // Without the agent's message: replay follows who is in charge, and
+    // after it both echoes would be skipped in that conversation.
+    let paths: Vec<_> = fixture_paths()?
+        .into_iter()
+        .filter(|p| !p.ends_with("message_agent.json"))
+        .collect();
     let output = Command::new(env!("CARGO_BIN_EXE_digibot"))
         .arg("replay")
         .args(&paths)
