@@ -170,7 +170,23 @@ async fn same_webhook_to_two_replicas_at_once_one_reply() -> Result<()> {
     let bots = echo_replicas(&fake, &database).start_replicas(2).await?;
     let poster = Poster::round_robin(&[&bots[0], &bots[1]])?;
 
-    let mut envelopes: Vec<(String, Value)> = all_fixtures();
+    // As in the durability test: the agent's message and the archiving
+    // change who is in charge, so they get a conversation of their own.
+    let mut envelopes: Vec<(String, Value)> = all_fixtures()
+        .into_iter()
+        .map(|(name, mut envelope)| {
+            match name.as_str() {
+                "message_agent" => {
+                    envelope["data"]["data"]["conversation_id"] = json!("conv_twice_agent")
+                }
+                "conversation_archived" => {
+                    envelope["data"]["conversation_id"] = json!("conv_twice_agent")
+                }
+                _ => {}
+            }
+            (name, envelope)
+        })
+        .collect();
     for i in 0..MESSAGES {
         envelopes.push((
             format!("message {i}"),
