@@ -299,11 +299,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
 /// Refuses a name that is not a plain file stem before it is joined to a
 /// folder path (an admin URL could otherwise hold `../`).
 fn check_name(name: &str) -> Result<(), RegistryError> {
-    let plain = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if plain {
+    if crate::runtime::is_plain_name(name) {
         Ok(())
     } else {
         Err(RegistryError::Load {

@@ -145,11 +145,7 @@ pub struct Simulator {
 }
 
 fn check_name(name: &str) -> Result<(), SimulatorError> {
-    let plain = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if plain {
+    if name.len() <= 64 && crate::runtime::is_plain_name(name) {
         Ok(())
     } else {
         Err(SimulatorError::BadName(name.to_string()))

@@ -527,11 +527,7 @@ impl Runtime {
     /// Validates and compiles a plugin: a component, for a supported
     /// `digishare:bot` version, importing only what the host provides.
     pub fn load(&self, name: &str, bytes: &[u8], manifest: Manifest) -> Result<Plugin, LoadError> {
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if !is_plain_name(name) {
             return Err(LoadError::BadName(name.to_string()));
         }
         // A component's preamble: magic, then version 0x0d and layer 1.
@@ -800,6 +796,15 @@ fn janitor_loop(
             }
         }
     }
+}
+
+/// Whether `name` is a plain plugin name (ASCII letters, digits, `-`,
+/// `_`; not empty), safe to join to a folder path or put in a URL.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A plugin's name: its file name without `.wasm`.

@@ -1584,8 +1584,8 @@ mod tests {
 
     store_suite!(fixture);
 
-    use crate::store::suite::event;
-    use crate::store::{Inserted, NewAction};
+    use crate::store::Inserted;
+    use crate::store::suite::{action, event};
 
     /// Two stores on one fresh database, as two replicas would have.
     fn two_replicas(options: Options) -> Option<(Store, Store, testdb::DropDb)> {
@@ -1601,16 +1601,6 @@ mod tests {
             panic!("{id} is a duplicate")
         };
         StoredEvent { seq, event: e }
-    }
-
-    fn action(key: &str) -> NewAction {
-        NewAction {
-            plugin: "echo".into(),
-            idempotency_key: key.into(),
-            method: "POST".into(),
-            path: "/v1/messages".into(),
-            body: serde_json::json!({ "body": key }),
-        }
     }
 
     fn seqs(events: &[StoredEvent]) -> Vec<i64> {

@@ -68,7 +68,7 @@ pub(crate) fn event(id: &str, conv: &str) -> Event {
     .unwrap()
 }
 
-fn action(key: &str) -> NewAction {
+pub(crate) fn action(key: &str) -> NewAction {
     NewAction {
         plugin: "echo".into(),
         idempotency_key: key.into(),
