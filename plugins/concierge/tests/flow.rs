@@ -1,8 +1,8 @@
 //! The concierge flow in digibot's real runtime, through the test harness:
 //! greeting buttons, the orders menu, the invoice, the hand-off, with the
 //! KV state that carries the topic from one message to the next.
-use digibot::testing::{Action, Bot, json};
 use digibot_sdk::FileBuilder;
+use digibot_testing::{Action, Bot, json};
 
 fn bot() -> Bot {
     Bot::build(env!("CARGO_MANIFEST_DIR")).expect("concierge builds and loads")

@@ -1,6 +1,6 @@
 //! Echo in digibot's real runtime, through the test harness: customer texts
 //! come back unchanged, everything else gets no answer.
-use digibot::testing::{Action, Bot, Value, json};
+use digibot_testing::{Action, Bot, Value, json};
 use std::path::Path;
 
 fn bot() -> Bot {

@@ -1,7 +1,7 @@
 //! state-echo in digibot's real runtime, through the test harness: the
 //! state the harness sets is the state the SDK hands the plugin, for both
 //! events, and a new conversation starts as `bot`.
-use digibot::testing::{Action, Bot, ConversationState};
+use digibot_testing::{Action, Bot, ConversationState};
 
 fn text(body: &str) -> Vec<Action> {
     vec![Action::text(body).unwrap()]

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 /// tests/fixtures/webhooks
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/webhooks")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/webhooks")
 }
 
 /// The fixture `name` (with or without `.json`) as JSON. Panics when it is
@@ -139,7 +139,7 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
                 .parent()
                 .and_then(Path::parent)
                 .map(Path::to_path_buf)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
             target.join("wasm32-wasip2/release")
         }
     };

@@ -14,10 +14,7 @@ use anyhow::{Context, Result, bail};
 
 /// The repository root (for `scripts/pg-cluster`).
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// `Ok(None)` (after saying so on stderr) when a PostgreSQL test should be

@@ -1,0 +1,314 @@
+//! `digibot replay FILE.json... --plugin FILE.wasm [--plugin …] [--config KEY=VALUE]`:
+//! runs plugins on recorded webhook payloads, in order, and prints as JSON
+//! what each plugin did: its outcome, its actions and the exact Messages
+//! API requests they become. Exits non-zero when a plugin fails or returns
+//! an action digibot refuses.
+//!
+//! Also home of [`Session`], the serverless stand-in for the dispatcher that
+//! `chat` shares: plugins loaded from files with their `NAME.toml`, events
+//! run through [`dispatch::run_entries`] (the server's own routing, filters
+//! and request building), KV kept in memory across events, and who is in
+//! charge of each conversation: a hand-off (taken as delivered: these tools
+//! send nothing) or an agent's message puts a human in charge, the agent's
+//! release note or archiving ends it, as in the server.
+
+use super::check::{runtime, sibling_manifest};
+use crate::config::Settings;
+use anyhow::{Context, bail};
+use clap::Args;
+use digibot_domain::event::{ConversationState, Event, EventKind, SenderKind};
+use digibot_pipeline::dispatch::{self, Breaker, Handled};
+use digibot_protocol::Action;
+use digibot_runtime::registry::{Entry, Health};
+use digibot_runtime::{MemoryKv, Runtime};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Webhook payloads (as Digishare posts them), run in this order.
+    #[arg(required = true, value_name = "FILE.json")]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub plugins: PluginArgs,
+}
+
+/// The plugins to run, shared by `replay` and `chat`.
+#[derive(Debug, Args)]
+pub struct PluginArgs {
+    /// A plugin component; repeat for several (they run in name order, as
+    /// in the server). A `NAME.toml` beside it is read as the server would.
+    #[arg(long = "plugin", required = true, value_name = "FILE.wasm")]
+    pub plugins: Vec<PathBuf>,
+    /// A configuration value for every plugin, over its `NAME.toml`.
+    /// (`--config` is taken: it names digibot's own settings file.)
+    #[arg(long = "config", visible_alias = "set", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub set: Vec<(String, String)>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// What one event did in a [`Session`].
+pub struct Turn {
+    /// The event key was seen before: the server acknowledges a redelivery
+    /// and runs nothing.
+    pub duplicate: bool,
+    pub handled: Handled,
+}
+
+/// Plugins and in-memory KV state, run event by event like the server.
+pub struct Session {
+    runtime: Runtime,
+    entries: Vec<Entry>,
+    kv: Arc<MemoryKv>,
+    seen: HashSet<String>,
+    states: HashMap<String, ConversationState>,
+    release_command: String,
+}
+
+impl Session {
+    /// Loads the plugins with the runtime `serve` would build from
+    /// `settings`.
+    pub fn open(settings: &Settings, args: &PluginArgs) -> anyhow::Result<Session> {
+        let runtime = runtime(settings)?;
+        let mut entries: Vec<Entry> = Vec::new();
+        for path in &args.plugins {
+            let mut manifest = sibling_manifest(path)?.map(|(_, m)| m).unwrap_or_default();
+            manifest.config.extend(args.set.iter().cloned());
+            let plugin = runtime.load_file(path, manifest)?;
+            if entries.iter().any(|e| e.plugin.name == plugin.name) {
+                bail!("two plugins are named {}", plugin.name);
+            }
+            entries.push(Entry {
+                plugin: Arc::new(plugin),
+                health: Arc::new(Health::default()),
+            });
+        }
+        entries.sort_by(|a, b| a.plugin.name.cmp(&b.plugin.name));
+        Ok(Session {
+            runtime,
+            entries,
+            kv: Arc::new(MemoryKv::default()),
+            seen: HashSet::new(),
+            states: HashMap::new(),
+            release_command: settings.release_command.trim().to_string(),
+        })
+    }
+
+    /// The plugins' names, in the order they run.
+    pub fn names(&self) -> Vec<&str> {
+        self.entries
+            .iter()
+            .map(|e| e.plugin.name.as_str())
+            .collect()
+    }
+
+    /// Who is in charge of `conversation`.
+    pub fn state(&self, conversation: &str) -> ConversationState {
+        self.states.get(conversation).copied().unwrap_or_default()
+    }
+
+    /// Hands `conversation` back to the bot (as the agent's release note
+    /// would); returns whether a human had it.
+    pub fn release(&mut self, conversation: &str) -> bool {
+        self.state(conversation) == ConversationState::Human
+            && self
+                .states
+                .insert(conversation.to_string(), ConversationState::Bot)
+                .is_some()
+    }
+
+    /// Runs every plugin on `event` (in its conversation's state) and keeps
+    /// their KV writes.
+    pub fn run(&mut self, event: &Event) -> Turn {
+        if !self.seen.insert(event.key.clone()) {
+            return Turn {
+                duplicate: true,
+                handled: Handled::default(),
+            };
+        }
+        let conversation = event.conversation_id().unwrap_or_default().to_string();
+        let mut state = self.state(&conversation);
+        match &event.kind {
+            EventKind::Message(m) if m.sender.kind == SenderKind::Agent => {
+                let release = m.is_internal_note()
+                    && m.text()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case(&self.release_command));
+                if release {
+                    self.release(&conversation);
+                } else if !m.sent_through_api() {
+                    self.states.insert(conversation, ConversationState::Human);
+                }
+                return Turn {
+                    duplicate: false,
+                    handled: Handled::default(),
+                };
+            }
+            EventKind::ConversationArchived { .. } => {
+                self.states.insert(conversation, ConversationState::Closed);
+                return Turn {
+                    duplicate: false,
+                    handled: Handled::default(),
+                };
+            }
+            _ => {}
+        }
+        if state == ConversationState::Closed {
+            state = ConversationState::Bot;
+            self.states.insert(conversation.clone(), state);
+        }
+        // No breaker: a tool shows every failure instead of quarantining.
+        let breaker = Breaker {
+            failures: 0,
+            cooldown: Duration::ZERO,
+        };
+        let _span = dispatch::event_span(event).entered();
+        let handled = dispatch::run_entries(
+            &self.runtime,
+            &self.entries,
+            event,
+            state,
+            self.kv.clone(),
+            breaker,
+        );
+        if state == ConversationState::Bot
+            && handled
+                .actions
+                .iter()
+                .any(|a| digibot_domain::actions::is_hand_off(&a.method, &a.path))
+        {
+            self.states.insert(conversation, ConversationState::Human);
+        }
+        for changes in &handled.kv {
+            self.kv
+                .apply(&changes.plugin, &changes.conversation_id, &changes.writes);
+        }
+        Turn {
+            duplicate: false,
+            handled,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Request {
+    method: String,
+    path: String,
+    body: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct PluginReport {
+    plugin: String,
+    /// `ok`, `failed`, `filtered` (its `NAME.toml` does not want the event)
+    /// or `skipped` (reason `human`: a human agent is in charge).
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    actions: Vec<Action>,
+    requests: Vec<Request>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rejected: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct EventReport {
+    file: String,
+    /// The event's dedup key.
+    event: String,
+    #[serde(rename = "type")]
+    kind: String,
+    conversation_id: Option<String>,
+    /// Whether plugins ran: not for agent or system messages, events other
+    /// than new conversations and messages, or a repeated event key.
+    dispatched: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+    plugins: Vec<PluginReport>,
+}
+
+fn report(file: String, event: &Event, turn: Turn) -> EventReport {
+    let Turn { duplicate, handled } = turn;
+    let plugins = handled
+        .outcomes
+        .into_iter()
+        .map(|o| PluginReport {
+            requests: handled
+                .actions
+                .iter()
+                .filter(|a| a.plugin == o.plugin)
+                .map(|a| Request {
+                    method: a.method.clone(),
+                    path: a.path.clone(),
+                    body: a.body.clone(),
+                })
+                .collect(),
+            plugin: o.plugin,
+            outcome: o.outcome,
+            reason: o.reason,
+            actions: o.returned,
+            rejected: o.rejected,
+        })
+        .collect();
+    EventReport {
+        file,
+        event: event.key.clone(),
+        kind: event.name.clone(),
+        conversation_id: event.conversation_id().map(str::to_string),
+        dispatched: !duplicate && event.invokes_plugins(),
+        duplicate,
+        plugins,
+    }
+}
+
+pub fn run(args: ReplayArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    // Every file is read and parsed before anything runs: a typo in the
+    // last file should not cost a run.
+    let mut events = Vec::new();
+    for file in &args.files {
+        let body =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let event = Event::parse(&body)
+            .with_context(|| format!("{} is not a Digishare webhook", file.display()))?;
+        events.push((file.display().to_string(), event));
+    }
+    let mut session = Session::open(settings, &args.plugins)?;
+    let mut reports = Vec::new();
+    let mut problems = 0;
+    for (file, event) in events {
+        let turn = session.run(&event);
+        let report = report(file, &event, turn);
+        for p in &report.plugins {
+            if let Some(reason) = p.reason.as_deref().filter(|_| p.outcome == "failed") {
+                eprintln!(
+                    "replay: {}: plugin {} failed: {reason}",
+                    report.file, p.plugin
+                );
+                problems += 1;
+            }
+            for rejected in &p.rejected {
+                eprintln!("replay: {}: {rejected}", report.file);
+                problems += 1;
+            }
+        }
+        reports.push(report);
+    }
+    println!("{}", serde_json::to_string_pretty(&reports)?);
+    Ok(if problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,216 @@
+//! `digibot serve`: builds every part from the settings, wires them
+//! (store → dispatcher → runtime → sender, the HTTP surfaces over them),
+//! runs the background tasks (dispatcher, sender, plugin watcher, replica
+//! sync, retention), and shuts down gracefully, leaving unfinished work
+//! durable for the next start.
+
+use crate::config::Settings;
+use digibot_pipeline::cluster::{self, ClusterPlugins};
+use digibot_pipeline::dispatch::{Breaker, Dispatcher};
+use digibot_pipeline::sender::{Outbox, Sender};
+use digibot_runtime::registry::Registry;
+use digibot_runtime::{Runtime, watch};
+use digibot_server::{AppState, Parts, WebhookAuth};
+use digibot_store::now_ms;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch as signal;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0} without webhook authentication: set DIGIBOT_WEBHOOK_TOKEN or DIGIBOT_WEBHOOK_BASIC, or pass --insecure"
+    )]
+    Unauthenticated(std::net::SocketAddr),
+    #[error(transparent)]
+    Store(#[from] digibot_store::StoreError),
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
+    #[error(transparent)]
+    Client(#[from] digibot_pipeline::sender::ClientError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds the plugin runtime from settings.
+pub fn runtime(settings: &Settings) -> Result<Arc<Runtime>, ServeError> {
+    Runtime::new(settings.runtime_config())
+        .map(Arc::new)
+        .map_err(|e| ServeError::Runtime(format!("{e:#}")))
+}
+
+/// Runs the server until SIGTERM or ctrl-c.
+pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError> {
+    // First, so that every update from here on is recorded.
+    digibot_server::metrics::install();
+    let webhook_auth = match (&settings.webhook_token, &settings.webhook_basic) {
+        (Some(token), _) => WebhookAuth::Token(token.clone()),
+        (None, Some(basic)) => WebhookAuth::Basic(basic.clone()),
+        (None, None) => WebhookAuth::None,
+    };
+    if matches!(webhook_auth, WebhookAuth::None) {
+        if !settings.listen.ip().is_loopback() && !insecure {
+            return Err(ServeError::Unauthenticated(settings.listen));
+        }
+        tracing::warn!("webhooks are not authenticated (set DIGIBOT_WEBHOOK_TOKEN)");
+    }
+
+    let store = crate::config::open_store(&settings)?;
+    let runtime = runtime(&settings)?;
+    let mut registry = Registry::new(runtime, settings.plugins_dir.clone(), &settings.data_dir);
+    // With replicas, plugins are the cluster's (see `cluster`).
+    let shared = store.plugin_records().map(|records| {
+        Arc::new(ClusterPlugins::new(
+            records,
+            tokio::runtime::Handle::current(),
+        ))
+    });
+    if let Some(shared) = &shared {
+        registry = registry.with_shared(shared.clone());
+    }
+    let registry = Arc::new(registry);
+    // Blocking: compiles, and reads the shared record with replicas.
+    let loading = registry.clone();
+    let errors = tokio::task::spawn_blocking(move || loading.load_dir())
+        .await
+        .map_err(|e| ServeError::Runtime(format!("loading plugins: {e}")))?;
+    for error in errors {
+        tracing::error!("{error}");
+    }
+    let (stop_tx, stop_rx) = signal::channel(false);
+    let plugin_sync =
+        shared.map(|shared| tokio::spawn(cluster::run(registry.clone(), shared, stop_rx.clone())));
+    let outbox = Outbox::default();
+    let sender = Sender::new(&settings.sender_config(), store.clone(), outbox.clone())?;
+    let breaker = Breaker {
+        failures: settings.runtime.breaker_failures,
+        cooldown: Duration::from_secs(settings.runtime.breaker_cooldown_secs),
+    };
+    // Deadlines are wall-clock, so more invocations than cores do not
+    // stretch them, and a plugin stuck until its deadline then holds one
+    // slot of several instead of a whole core's worth of conversations.
+    let plugin_threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .saturating_mul(4)
+        .max(4);
+    // Warm pools may hold half the instance pool; invocations use the rest.
+    let plugin_threads = plugin_threads
+        .min(settings.runtime.pool_instances as usize / 2)
+        .max(1);
+    let dispatcher = Dispatcher::new(
+        store.clone(),
+        registry.clone(),
+        outbox.clone(),
+        settings.concurrency,
+        plugin_threads,
+        breaker,
+        settings.lifecycle_rules(),
+        stop_rx.clone(),
+    );
+    let recovered = dispatcher.recover().await?;
+    // With a shared database: events that other replicas leave to this one.
+    dispatcher.poll_inbox();
+    let grace = Duration::from_secs(settings.shutdown_grace_secs);
+    let sender_task = tokio::spawn(sender.run(stop_rx.clone(), grace));
+    let _watcher = match (&settings.plugins_dir, settings.watch_plugins) {
+        (Some(dir), true) => match watch::watch(dir, registry.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the plugins folder; hot reload off");
+                None
+            }
+        },
+        _ => None,
+    };
+    let retention = Duration::from_secs(settings.retention_hours * 3600);
+    let pruner = tokio::spawn({
+        let store = store.clone();
+        async move {
+            loop {
+                match store.prune(now_ms() - retention.as_millis() as i64).await {
+                    Ok(p) if p.events + p.actions > 0 => {
+                        tracing::info!(events = p.events, actions = p.actions, "retention pruned")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "retention failed"),
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }
+    });
+
+    let state = AppState::new(Parts {
+        store: store.clone(),
+        dispatcher: dispatcher.clone(),
+        registry: registry.clone(),
+        outbox,
+        webhook_auth,
+        webhook_max_bytes: settings.webhook_max_bytes,
+        admin_token: settings.admin_token.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let plugins: Vec<String> = registry
+        .snapshot()
+        .plugins
+        .iter()
+        .map(|e| e.plugin.name.clone())
+        .collect();
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        plugins = ?plugins,
+        dry_run = settings.dry_run(),
+        recovered,
+        "digibot listening on {}",
+        listener.local_addr()?
+    );
+    axum::serve(listener, digibot_server::app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+
+    tracing::info!("shutting down: draining in-flight work");
+    let _ = stop_tx.send(true);
+    let drained = dispatcher.drain(grace).await;
+    let _ = tokio::time::timeout(grace, sender_task).await;
+    pruner.abort();
+    if let Some(sync) = plugin_sync {
+        sync.abort();
+    }
+    store.close();
+    tracing::info!(
+        drained,
+        "stopped; unfinished work resumes at the next start"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

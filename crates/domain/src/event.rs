@@ -1,0 +1,694 @@
+//! Typed Digishare events: the webhook body is parsed here, once, and nothing
+//! past this module sees raw webhook JSON.
+//!
+//! Parsing is lenient where Digishare is (missing `type` means text, unknown
+//! message types become [`Content::Unknown`], unknown events become
+//! [`EventKind::Other`]) and strict only about the envelope itself.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Why a body is not a Digishare webhook.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("malformed JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("not a webhook envelope: {0}")]
+    Envelope(&'static str),
+}
+
+/// One delivered webhook, typed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Dedup key: `event_id` when Digishare sent one, else derived.
+    pub key: String,
+    /// The event name as sent, e.g. `live_chat.new_message`.
+    pub name: String,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    NewConversation(Conversation),
+    Message(Message),
+    ConversationArchived {
+        conversation_id: String,
+        archived_at: String,
+    },
+    /// An event digibot does not handle (e.g. `ticket.created`); recorded,
+    /// acknowledged, never dispatched.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub id: String,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub channel: Option<String>,
+    pub platform_id: Option<String>,
+    pub created_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SenderKind {
+    Customer,
+    Agent,
+    System,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sender {
+    pub kind: SenderKind,
+    pub name: Option<String>,
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: String,
+    pub conversation_id: String,
+    pub sender: Sender,
+    pub created_at: Option<String>,
+    pub content: Content,
+    /// `send_to_third` as sent, when present: for an agent's message,
+    /// `false` is an internal note only agents see.
+    #[serde(default)]
+    pub to_customer: Option<bool>,
+    /// `sent_using` as sent, when present: the channel (`whatsapp`, ...)
+    /// or, for messages created through the Messages API, the API.
+    #[serde(default)]
+    pub sent_using: Option<String>,
+}
+
+impl Message {
+    /// The text of a text message.
+    pub fn text(&self) -> Option<&str> {
+        match &self.content {
+            Content::Text { text } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// An internal note: `send_to_third` explicitly `false`. (Only
+    /// meaningful for agents: customer texts carry `false` too.)
+    pub fn is_internal_note(&self) -> bool {
+        self.to_customer == Some(false)
+    }
+
+    /// `sent_using` says the message was created through the API (e.g.
+    /// `api`, `public_api`), i.e. not typed by a person in Digishare.
+    pub fn sent_through_api(&self) -> bool {
+        self.sent_using.as_deref().is_some_and(|s| {
+            s.split(|c: char| !c.is_ascii_alphanumeric())
+                .any(|word| word.eq_ignore_ascii_case("api"))
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Location {
+    pub latitude: f64,
+    pub longitude: f64,
+    pub name: Option<String>,
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    pub id: String,
+    pub title: String,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaKind {
+    Image,
+    Webp,
+    Video,
+    Audio,
+    Pdf,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Media {
+    pub kind: MediaKind,
+    pub file_name: Option<String>,
+    pub mime_type: Option<String>,
+    pub size: Option<u64>,
+    pub storage_path: Option<String>,
+    pub is_voice: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    pub name: String,
+    pub phones: Vec<Phone>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Phone {
+    pub number: String,
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Content {
+    Text { text: String },
+    Location(Location),
+    ButtonReply(Choice),
+    ListReply(Choice),
+    Media(Media),
+    Sticker,
+    Contacts { contacts: Vec<Contact> },
+    Unsupported { errors: Vec<String> },
+    Unknown { type_name: String, raw_json: String },
+}
+
+/// Who is in charge of a conversation (bot, human, closed): defined once,
+/// in `digibot_protocol`, because plugins built with the SDK name it too.
+pub use digibot_protocol::ConversationState;
+
+impl Event {
+    /// Parses a webhook body. Fails only on bad JSON or a bad envelope;
+    /// anything inside that digibot does not model is kept as unknown.
+    pub fn parse(body: &[u8]) -> Result<Event, ParseError> {
+        let value: Value = serde_json::from_slice(body)?;
+        Event::from_value(value)
+    }
+
+    pub fn from_value(value: Value) -> Result<Event, ParseError> {
+        let Value::Object(mut envelope) = value else {
+            return Err(ParseError::Envelope("the body must be a JSON object"));
+        };
+        let name = match envelope.get("event") {
+            Some(Value::String(name)) if !name.is_empty() => name.clone(),
+            _ => return Err(ParseError::Envelope("missing string field \"event\"")),
+        };
+        let Some(Value::Object(data)) = envelope.remove("data") else {
+            return Err(ParseError::Envelope("missing object field \"data\""));
+        };
+        let event_id = envelope
+            .get("event_id")
+            .and_then(scalar)
+            .filter(|id| !id.is_empty());
+
+        let (kind, derived_key) = match name.as_str() {
+            "live_chat.new_conversation" => {
+                let conversation = conversation(&data)?;
+                let key = format!("{name}:{}", conversation.id);
+                (EventKind::NewConversation(conversation), key)
+            }
+            "live_chat.new_message" => {
+                let message = message(&data)?;
+                let key = format!("{name}:{}", message.id);
+                (EventKind::Message(message), key)
+            }
+            "live_chat.conversation_archived" => {
+                let conversation_id = required(&data, "conversation_id")?;
+                let archived_at = data.get("archived_at").and_then(scalar).unwrap_or_default();
+                let key = format!("{name}:{conversation_id}:{archived_at}");
+                (
+                    EventKind::ConversationArchived {
+                        conversation_id,
+                        archived_at,
+                    },
+                    key,
+                )
+            }
+            _ => {
+                // Unknown events are kept, so an id is nice but not required;
+                // without one, the body itself identifies the delivery.
+                let key = match data.get("id").and_then(scalar) {
+                    Some(id) => format!("{name}:{id}"),
+                    None => format!("{name}:{}", Value::Object(data.clone())),
+                };
+                (EventKind::Other, key)
+            }
+        };
+        Ok(Event {
+            key: event_id.unwrap_or(derived_key),
+            name,
+            kind,
+        })
+    }
+
+    /// The conversation the event belongs to, if any.
+    pub fn conversation_id(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::NewConversation(c) => Some(&c.id),
+            EventKind::Message(m) => Some(&m.conversation_id),
+            EventKind::ConversationArchived {
+                conversation_id, ..
+            } => Some(conversation_id),
+            EventKind::Other => None,
+        }
+    }
+
+    /// Whether plugins are invoked for this event: new conversations and
+    /// customer messages. Agent and system messages are recorded only, so a
+    /// bot never answers an agent or its own echo.
+    pub fn invokes_plugins(&self) -> bool {
+        match &self.kind {
+            EventKind::NewConversation(_) => true,
+            EventKind::Message(m) => m.sender.kind == SenderKind::Customer,
+            _ => false,
+        }
+    }
+
+    /// Whether the dispatcher handles the event in its conversation's lane:
+    /// the events that invoke plugins, and those that change who is in
+    /// charge (agent messages, archiving), so that a conversation's state
+    /// changes in the order its events are handled. Everything else is
+    /// only recorded.
+    pub fn dispatched(&self) -> bool {
+        match &self.kind {
+            EventKind::NewConversation(_) | EventKind::ConversationArchived { .. } => true,
+            EventKind::Message(m) => {
+                matches!(m.sender.kind, SenderKind::Customer | SenderKind::Agent)
+            }
+            EventKind::Other => false,
+        }
+    }
+
+    /// Ordering hint inside a conversation: Digishare's `created_at`.
+    pub fn created_at(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::NewConversation(c) => c.created_at.as_deref(),
+            EventKind::Message(m) => m.created_at.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// A string or number as a string (Digishare ids are strings in the docs but
+/// numbers in some stored-file payloads).
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn text(obj: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
+    obj.get(key).and_then(scalar)
+}
+
+fn required(obj: &serde_json::Map<String, Value>, key: &'static str) -> Result<String, ParseError> {
+    text(obj, key)
+        .filter(|s| !s.is_empty())
+        .ok_or(ParseError::Envelope(match key {
+            "id" => "missing data.id",
+            "conversation_id" => "missing conversation_id",
+            _ => "missing a required id",
+        }))
+}
+
+fn object<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    key: &str,
+) -> Option<&'a serde_json::Map<String, Value>> {
+    obj.get(key).and_then(Value::as_object)
+}
+
+fn conversation(data: &serde_json::Map<String, Value>) -> Result<Conversation, ParseError> {
+    let id = required(data, "id")?;
+    let empty = serde_json::Map::new();
+    let inner = object(data, "data").unwrap_or(&empty);
+    let third = object(inner, "third").unwrap_or(&empty);
+    let link = object(third, "platform_link");
+    Ok(Conversation {
+        id,
+        customer_id: text(third, "id").unwrap_or_default(),
+        customer_name: text(third, "name"),
+        channel: link.and_then(|l| text(l, "channel")),
+        platform_id: link.and_then(|l| text(l, "platform_id")),
+        created_at: text(inner, "created_at"),
+    })
+}
+
+fn message(data: &serde_json::Map<String, Value>) -> Result<Message, ParseError> {
+    let id = required(data, "id")?;
+    let Some(inner) = object(data, "data") else {
+        return Err(ParseError::Envelope("missing object data.data"));
+    };
+    let conversation_id = required(inner, "conversation_id")?;
+    let system = inner
+        .get("system")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let sender = object(inner, "sender");
+    let kind = match sender
+        .and_then(|s| s.get("model_type"))
+        .and_then(Value::as_str)
+    {
+        _ if system => SenderKind::System,
+        Some("third") => SenderKind::Customer,
+        Some("user") => SenderKind::Agent,
+        _ => SenderKind::Other,
+    };
+    let type_name = inner
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("text")
+        .to_string();
+    let body = inner.get("body").unwrap_or(&Value::Null);
+    Ok(Message {
+        id,
+        conversation_id,
+        sender: Sender {
+            kind,
+            name: sender.and_then(|s| text(s, "name")),
+            id: sender.and_then(|s| text(s, "id")),
+        },
+        created_at: text(inner, "created_at"),
+        content: content(&type_name, body),
+        to_customer: inner.get("send_to_third").and_then(Value::as_bool),
+        sent_using: text(inner, "sent_using").filter(|s| !s.is_empty()),
+    })
+}
+
+fn content(type_name: &str, body: &Value) -> Content {
+    let unknown = || Content::Unknown {
+        type_name: type_name.to_string(),
+        raw_json: body.to_string(),
+    };
+    match type_name {
+        "text" => match body {
+            Value::String(text) => Content::Text { text: text.clone() },
+            _ => unknown(),
+        },
+        "location" => {
+            let Some(obj) = body.as_object() else {
+                return unknown();
+            };
+            let coord = |k: &str| {
+                obj.get(k)
+                    .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
+            };
+            match (coord("latitude"), coord("longitude")) {
+                (Some(latitude), Some(longitude)) => Content::Location(Location {
+                    latitude,
+                    longitude,
+                    name: text(obj, "name"),
+                    address: text(obj, "address"),
+                }),
+                _ => unknown(),
+            }
+        }
+        "interactive" => {
+            let Some(obj) = body.as_object() else {
+                return unknown();
+            };
+            let choice = |key: &str| {
+                let c = object(obj, key)?;
+                Some(Choice {
+                    id: text(c, "id")?,
+                    title: text(c, "title").unwrap_or_default(),
+                    description: text(c, "description"),
+                })
+            };
+            match obj.get("type").and_then(Value::as_str) {
+                Some("button_reply") => choice("button_reply").map(Content::ButtonReply),
+                Some("list_reply") => choice("list_reply").map(Content::ListReply),
+                _ => None,
+            }
+            .unwrap_or_else(unknown)
+        }
+        "image" | "webp" | "video" | "audio" | "pdf" | "other" => {
+            let empty = serde_json::Map::new();
+            let obj = body.as_object().unwrap_or(&empty);
+            let kind = match type_name {
+                "image" => MediaKind::Image,
+                "webp" => MediaKind::Webp,
+                "video" => MediaKind::Video,
+                "audio" => MediaKind::Audio,
+                "pdf" => MediaKind::Pdf,
+                _ => MediaKind::Other,
+            };
+            let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
+            Content::Media(Media {
+                kind,
+                file_name: text(obj, "file_name"),
+                mime_type: text(obj, "mime_type"),
+                size: obj
+                    .get("size")
+                    .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok())),
+                storage_path: text(obj, "path").or_else(|| text(obj, "url")),
+                is_voice: flag("is_voice") || flag("voice"),
+            })
+        }
+        "sticker" => Content::Sticker,
+        "contacts" => match body.as_array() {
+            Some(cards) => Content::Contacts {
+                contacts: cards.iter().map(contact).collect(),
+            },
+            None => unknown(),
+        },
+        "unsupported" => Content::Unsupported {
+            errors: body
+                .get("errors")
+                .and_then(Value::as_array)
+                .map(|errors| {
+                    errors
+                        .iter()
+                        .map(|e| match e.get("title").and_then(Value::as_str) {
+                            Some(title) => title.to_string(),
+                            None => e.to_string(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        },
+        _ => unknown(),
+    }
+}
+
+fn contact(card: &Value) -> Contact {
+    let name = match card.get("name") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(n)) => text(n, "formatted_name")
+            .or_else(|| text(n, "first_name"))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    let phones = card
+        .get("phones")
+        .and_then(Value::as_array)
+        .map(|phones| {
+            phones
+                .iter()
+                .filter_map(|p| {
+                    let p = p.as_object()?;
+                    Some(Phone {
+                        number: text(p, "phone").or_else(|| text(p, "wa_id"))?,
+                        kind: text(p, "type"),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Contact { name, phones }
+}
+
+// ---- Events made by digibot's own tools (simulator, chat, test harness) ----
+
+/// A `live_chat.new_conversation` event for a WhatsApp customer, as the
+/// webhook parser would produce it.
+pub fn new_conversation_event(conversation_id: &str, customer_name: &str) -> Event {
+    Event {
+        key: format!("live_chat.new_conversation:{conversation_id}"),
+        name: "live_chat.new_conversation".to_string(),
+        kind: EventKind::NewConversation(Conversation {
+            id: conversation_id.to_string(),
+            customer_id: "thd_test".to_string(),
+            customer_name: Some(customer_name.to_string()),
+            channel: Some("whatsapp".to_string()),
+            platform_id: None,
+            created_at: None,
+        }),
+    }
+}
+
+/// A `live_chat.new_message` event from the customer.
+pub fn customer_message_event(
+    conversation_id: &str,
+    message_id: &str,
+    customer_name: &str,
+    content: Content,
+) -> Event {
+    Event {
+        key: format!("live_chat.new_message:{message_id}"),
+        name: "live_chat.new_message".to_string(),
+        kind: EventKind::Message(Message {
+            id: message_id.to_string(),
+            conversation_id: conversation_id.to_string(),
+            sender: Sender {
+                kind: SenderKind::Customer,
+                name: Some(customer_name.to_string()),
+                id: Some("thd_test".to_string()),
+            },
+            created_at: None,
+            content,
+            to_customer: Some(false),
+            sent_using: None,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Event {
+        let path = format!(
+            "{}/../tests/fixtures/webhooks/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        Event::parse(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn customer_text_is_a_customer_message() {
+        let e = fixture("message_text_customer");
+        assert_eq!(e.key, "live_chat.new_message:msg_t_0001");
+        let EventKind::Message(m) = &e.kind else {
+            panic!()
+        };
+        assert_eq!(m.sender.kind, SenderKind::Customer);
+        assert_eq!(
+            m.content,
+            Content::Text {
+                text: "Bonjour, je voudrais suivre ma commande".into()
+            }
+        );
+        assert!(e.invokes_plugins());
+    }
+
+    #[test]
+    fn missing_type_means_text_and_missing_sender_id_is_fine() {
+        let e = fixture("message_text_minimal");
+        let EventKind::Message(m) = &e.kind else {
+            panic!()
+        };
+        assert_eq!(
+            m.content,
+            Content::Text {
+                text: "/info".into()
+            }
+        );
+        assert_eq!(m.sender.id, None);
+        assert_eq!(m.conversation_id, "conv_min_01");
+    }
+
+    #[test]
+    fn agent_messages_do_not_invoke_plugins() {
+        let e = fixture("message_agent");
+        assert!(!e.invokes_plugins());
+    }
+
+    #[test]
+    fn every_content_type() {
+        let content = |name| match fixture(name).kind {
+            EventKind::Message(m) => m.content,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            matches!(content("message_button_reply"), Content::ButtonReply(c) if c.id == "btn_yes")
+        );
+        assert!(
+            matches!(content("message_list_reply"), Content::ListReply(c) if c.id == "row_2" && c.description.as_deref() == Some("Suivre un colis"))
+        );
+        assert!(
+            matches!(content("message_location"), Content::Location(l) if l.latitude == 33.5731 && l.name.as_deref() == Some("Maarif"))
+        );
+        assert!(
+            matches!(content("message_image"), Content::Media(m) if m.kind == MediaKind::Image && m.size == Some(184220) && !m.is_voice)
+        );
+        assert_eq!(content("message_sticker"), Content::Sticker);
+        assert!(
+            matches!(content("message_contacts"), Content::Contacts { contacts } if contacts[0].name == "Omar B." && contacts[0].phones[0].number == "+212600000001")
+        );
+        assert!(
+            matches!(content("message_unsupported"), Content::Unsupported { errors } if errors == ["Message type unknown"])
+        );
+        match content("message_unknown_type") {
+            Content::Unknown {
+                type_name,
+                raw_json,
+            } => {
+                assert_eq!(type_name, "reaction");
+                assert!(raw_json.contains("msg_bot_0009"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn conversations_and_other_events() {
+        let e = fixture("new_conversation");
+        let EventKind::NewConversation(c) = &e.kind else {
+            panic!()
+        };
+        assert_eq!(c.channel.as_deref(), Some("whatsapp"));
+        assert_eq!(c.platform_id.as_deref(), Some("212661234567"));
+        assert_eq!(e.key, "live_chat.new_conversation:conv_7Hq2Lm9Xa1");
+
+        let archived = fixture("conversation_archived");
+        assert_eq!(
+            archived.key,
+            "live_chat.conversation_archived:conv_7Hq2Lm9Xa1:2026-03-14T10:30:00.000000Z"
+        );
+        assert!(!archived.invokes_plugins());
+
+        let ticket = fixture("other_event_ticket_created");
+        assert_eq!(ticket.kind, EventKind::Other);
+        assert_eq!(ticket.key, "ticket.created:tkt_n65opmdwby6l84r7");
+    }
+
+    #[test]
+    fn event_id_wins_as_key() {
+        let e = Event::parse(br#"{"event":"live_chat.new_message","event_id":"evt_9","data":{"id":"m1","data":{"conversation_id":"c1","body":"hi","sender":{"model_type":"third"}}}}"#).unwrap();
+        assert_eq!(e.key, "evt_9");
+    }
+
+    #[test]
+    fn bad_envelopes_are_errors_not_panics() {
+        for body in [
+            &b"{not json"[..],
+            b"[1,2]",
+            b"{\"data\":{}}",
+            b"{\"event\":\"x\"}",
+            b"{\"event\":\"live_chat.new_message\",\"data\":{\"id\":\"m\"}}",
+            b"{\"event\":\"live_chat.new_message\",\"data\":{\"data\":{\"conversation_id\":\"c\"}}}",
+            b"null",
+        ] {
+            assert!(Event::parse(body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn conversation_states_have_one_name_everywhere() {
+        assert_eq!(ConversationState::default(), ConversationState::Bot);
+        for (state, name) in [
+            (ConversationState::Bot, "bot"),
+            (ConversationState::Human, "human"),
+            (ConversationState::Closed, "closed"),
+        ] {
+            assert_eq!(state.as_str(), name);
+            assert_eq!(state.to_string(), name);
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<ConversationState>(name.into()).unwrap(),
+                state
+            );
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! digibot's domain, pure: no I/O, no async runtime, no Wasm.
+//!
+//! - [`event`]: the webhook body parsed once into typed Digishare events;
+//! - [`actions`]: a plugin's [`Action`](digibot_protocol::Action) to the
+//!   exact Messages API request, the one place that knows their shapes;
+//! - [`lifecycle`]: who is in charge of a conversation, and the rules that
+//!   move it between the bot and a human (WhatsApp's 24-hour window too);
+//! - [`kv`]: a plugin's KV writes, committed with the event they came from;
+//! - [`time`]: the clock the rest of digibot reads.
+//!
+//! Every other crate depends on this one; it depends on none of them, so
+//! its rules are unit-tested without a runtime, a socket or a database.
+
+pub mod actions;
+pub mod event;
+pub mod kv;
+pub mod lifecycle;
+pub mod time;

@@ -1,0 +1,984 @@
+//! From a stored event to queued actions: per-conversation ordering, a bound
+//! on conversations in flight, every enabled plugin in name order, and one
+//! transaction that marks the event handled with its actions and KV writes.
+//!
+//! Ordering: one conversation's events run one at a time, in arrival order,
+//! with one refinement: when several events of a conversation are waiting,
+//! the one with the earliest Digishare `created_at` goes first (if they all
+//! carry one). That fixes out-of-order deliveries that arrive while the
+//! conversation is busy without holding any event back to wait for others:
+//! a reorder window would add its length to every reply's latency.
+//!
+//! Who is in charge: every event of a conversation (agent messages and
+//! archiving included) goes through its lane, and what it changes about
+//! the conversation's state (see [`digibot_domain::lifecycle`]) is committed with
+//! it. While a human is in charge, plugins are skipped (reason `human`)
+//! except assist plugins, which may only write internal notes.
+
+use crate::metrics as m;
+use crate::sender::Outbox;
+use crate::sends::Sends;
+use digibot_domain::actions::{self, Scope};
+use digibot_domain::event::{ConversationState, EventKind, Message, SenderKind};
+use digibot_domain::lifecycle::{self, Rules};
+use digibot_protocol::Action;
+use digibot_runtime::registry::{Entry, Gate, Registry};
+use digibot_runtime::{Call, Failure, KvRead, Runtime};
+use digibot_store::{
+    ConversationRecord, ConversationUpdate, KvChanges, NewAction, StateChange, Store, StoreError,
+    StoredEvent, now_ms,
+};
+use metrics::counter;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// What one plugin did with one event, stored with the event.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginOutcome {
+    pub plugin: String,
+    pub version: String,
+    /// `ok`, `failed`, `skipped` (quarantined, or `human` in charge) or
+    /// `filtered` (not subscribed).
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Actions queued for sending.
+    pub actions: usize,
+    /// Actions refused for breaking a Digishare limit.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<String>,
+    pub elapsed_us: u64,
+    /// The actions as the plugin returned them, refused ones included
+    /// (shown by `replay` and `chat`; not stored).
+    #[serde(skip)]
+    pub returned: Vec<Action>,
+}
+
+/// Everything one event produced, ready to commit.
+#[derive(Debug, Default)]
+pub struct Handled {
+    pub outcomes: Vec<PluginOutcome>,
+    pub actions: Vec<NewAction>,
+    /// The [`Action::kind`] of each of `actions`, in the same order
+    /// (counted once they are committed).
+    pub action_kinds: Vec<&'static str>,
+    pub kv: Vec<KvChanges>,
+}
+
+/// Breaker settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Breaker {
+    pub failures: u32,
+    pub cooldown: Duration,
+}
+
+/// The span every log line about handling `event` runs in: its dedup key,
+/// conversation and name. Each plugin invocation opens a child `plugin`
+/// span inside it.
+pub fn event_span(event: &digibot_domain::event::Event) -> tracing::Span {
+    tracing::info_span!(
+        "event",
+        event_id = %event.key,
+        conversation_id = %event.conversation_id().unwrap_or_default(),
+        event = %event.name,
+    )
+}
+
+/// Runs every plugin of `registry` on `event`, in name order. Blocking (it
+/// runs Wasm): call it from a blocking thread.
+pub fn run_plugins(
+    registry: &Registry,
+    event: &digibot_domain::event::Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+) -> Handled {
+    run_entries(
+        registry.runtime(),
+        &registry.snapshot().plugins,
+        event,
+        state,
+        kv,
+        breaker,
+    )
+}
+
+/// [`run_plugins`] on given entries (sorted by name), for tools that load
+/// plugins without a registry (`replay`, `chat`): same routing, filters,
+/// limits and request building as the server.
+pub fn run_entries(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &digibot_domain::event::Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+) -> Handled {
+    run(runtime, entries, event, state, kv, breaker, true)
+}
+
+/// [`run_entries`] without touching the process's metrics: for the
+/// dashboard's simulator, whose operator test messages inside the server
+/// must not count as customer traffic (nor trip failure alerts).
+pub fn run_entries_unmetered(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &digibot_domain::event::Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+) -> Handled {
+    run(runtime, entries, event, state, kv, breaker, false)
+}
+
+fn run(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &digibot_domain::event::Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    breaker: Breaker,
+    metered: bool,
+) -> Handled {
+    let mut handled = Handled::default();
+    let Some(call) = Call::for_event(event, state) else {
+        return handled;
+    };
+    let conversation_id = call.conversation_id().to_string();
+    for entry in entries {
+        let plugin = &entry.plugin;
+        let mut outcome = PluginOutcome {
+            plugin: plugin.name.clone(),
+            version: plugin.hash[..12].to_string(),
+            outcome: "ok",
+            reason: None,
+            actions: 0,
+            rejected: Vec::new(),
+            elapsed_us: 0,
+            returned: Vec::new(),
+        };
+        if !plugin.manifest.wants(call.filter()) {
+            outcome.outcome = "filtered";
+            handled.outcomes.push(outcome);
+            continue;
+        }
+        // While a human is in charge only assist plugins run, and they may
+        // only write internal notes.
+        let scope = match state {
+            ConversationState::Human if plugin.manifest.assist => Scope::NotesOnly,
+            ConversationState::Human => {
+                outcome.outcome = "skipped";
+                outcome.reason = Some("human".to_string());
+                handled.outcomes.push(outcome);
+                continue;
+            }
+            ConversationState::Bot | ConversationState::Closed => Scope::Everything,
+        };
+        let now = now_ms();
+        if let Gate::Skip(until) = entry.health.gate(now) {
+            outcome.outcome = "skipped";
+            outcome.reason = Some(if until > now {
+                format!("quarantined for {} ms more", until - now)
+            } else {
+                "quarantined: a trial event is running".to_string()
+            });
+            handled.outcomes.push(outcome);
+            continue;
+        }
+        let _span =
+            tracing::info_span!("plugin", plugin = %plugin.name, version = %outcome.version)
+                .entered();
+        let invocation = runtime.invoke(plugin, &call, kv.clone());
+        outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
+        if metered {
+            metrics::histogram!(m::PLUGIN_INVOCATION_SECONDS, "plugin" => plugin.name.clone())
+                .record(invocation.elapsed);
+        }
+        for line in &invocation.logs {
+            tracing::info!(level = ?line.level, "plugin: {}", one_line(&line.message));
+        }
+        if !invocation.output.is_empty() {
+            tracing::info!("plugin output: {}", one_line(invocation.output.trim_end()));
+        }
+        if invocation.logs_dropped > 0 {
+            tracing::warn!(
+                dropped = invocation.logs_dropped,
+                "plugin log output over its cap was dropped"
+            );
+        }
+        match invocation.outcome {
+            Ok(actions) => {
+                entry.health.success();
+                for (index, action) in actions.iter().enumerate() {
+                    match actions::to_request_in(
+                        &plugin.name,
+                        index,
+                        &conversation_id,
+                        action,
+                        scope,
+                    ) {
+                        Ok(request) => {
+                            handled.actions.push(NewAction {
+                                plugin: plugin.name.clone(),
+                                idempotency_key: format!("{}/{}/{index}", event.key, plugin.name),
+                                method: request.method,
+                                path: request.path,
+                                body: request.body,
+                            });
+                            handled.action_kinds.push(action.kind());
+                            outcome.actions += 1;
+                        }
+                        Err(rejected) => {
+                            if metered {
+                                counter!(m::ACTIONS_REJECTED, "kind" => rejected.kind).increment(1);
+                            }
+                            tracing::warn!("{rejected}");
+                            outcome.rejected.push(rejected.to_string());
+                        }
+                    }
+                }
+                outcome.returned = actions;
+                if !invocation.kv_writes.is_empty() {
+                    handled.kv.push(KvChanges {
+                        plugin: plugin.name.clone(),
+                        conversation_id: conversation_id.clone(),
+                        writes: invocation.kv_writes,
+                    });
+                }
+            }
+            Err(failure) => {
+                let reason = failure.to_string();
+                if metered {
+                    counter!(m::PLUGIN_FAILURES, "plugin" => plugin.name.clone(), "reason" => failure.kind())
+                        .increment(1);
+                }
+                tracing::warn!(%reason, "plugin failed");
+                if entry
+                    .health
+                    .failure(&reason, breaker.failures, breaker.cooldown)
+                {
+                    tracing::warn!(
+                        cooldown_s = breaker.cooldown.as_secs(),
+                        "plugin quarantined after repeated failures"
+                    );
+                }
+                outcome.outcome = "failed";
+                outcome.reason = Some(reason);
+                if matches!(failure, Failure::Timeout) {
+                    outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
+                }
+            }
+        }
+        tracing::debug!(
+            outcome = outcome.outcome,
+            elapsed_us = outcome.elapsed_us,
+            actions = outcome.actions,
+            "plugin ran"
+        );
+        handled.outcomes.push(outcome);
+    }
+    handled
+}
+
+/// A plugin's text with its line breaks shown as `\n`: in text logs a raw
+/// line break would let a plugin start a line that looks like the host's.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains(['\n', '\r']) {
+        text.replace('\n', "\\n").replace('\r', "\\r").into()
+    } else {
+        text.into()
+    }
+}
+
+/// Counts a state change the dispatcher applied (from `from`).
+fn count_change(from: ConversationState, change: &StateChange) {
+    match (from, change.to) {
+        (_, ConversationState::Human) => counter!(m::TAKEOVERS, "cause" => "agent").increment(1),
+        (ConversationState::Human, ConversationState::Closed) => {
+            counter!(m::RELEASES, "reason" => "archived").increment(1)
+        }
+        (ConversationState::Human, ConversationState::Bot) => {
+            let reason = if change.reason.starts_with("idle") {
+                "idle"
+            } else {
+                "command"
+            };
+            counter!(m::RELEASES, "reason" => reason).increment(1)
+        }
+        _ => {}
+    }
+}
+
+/// The store's KV, read by plugins from their (blocking) plugin threads.
+/// The runtime's host calls are synchronous until turns become async, so a
+/// read drives the async store on the server's runtime from that thread.
+struct StoreKv {
+    store: Store,
+    runtime: tokio::runtime::Handle,
+}
+
+impl KvRead for StoreKv {
+    fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
+        match self
+            .runtime
+            .block_on(self.store.kv_get(plugin, conversation_id, key))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "kv read failed");
+                None
+            }
+        }
+    }
+}
+
+/// The conversations this process is working on.
+#[derive(Default)]
+struct Lanes {
+    /// Events waiting, per conversation with a lane task running.
+    queues: HashMap<String, Vec<StoredEvent>>,
+    /// Events queued or being handled here (an event found again in the
+    /// store, by a claim or a poll, is not queued twice), each with the
+    /// tick at which it was queued: see [`Lanes::tick`].
+    active: HashMap<i64, u64>,
+    /// Counts submissions. A lane reads it just before it reads its
+    /// conversation's pending events from the store; an event queued
+    /// later may have been preceded by one that reached another replica
+    /// after that read, so the lane reads again before handling it.
+    ticks: u64,
+    /// Events handled here lately, in two generations rotated at each poll
+    /// of the inbox: a poll that read the inbox before their completion
+    /// committed must not queue them again. Only kept while polling.
+    done: [HashSet<i64>; 2],
+    polling: bool,
+}
+
+impl Lanes {
+    fn known(&self, seq: i64) -> bool {
+        self.active.contains_key(&seq) || self.done.iter().any(|d| d.contains(&seq))
+    }
+
+    /// The tick before a read of the store: events queued up to now are
+    /// covered by that read.
+    fn tick(&self) -> u64 {
+        self.ticks
+    }
+
+    /// Adds events read from the store to a running lane's queue (covered
+    /// by that read: tick 0), skipping known ones.
+    fn merge(&mut self, conversation: &str, found: Vec<StoredEvent>) {
+        for stored in found {
+            if !self.known(stored.seq) {
+                self.active.insert(stored.seq, 0);
+                self.queues
+                    .entry(conversation.to_string())
+                    .or_default()
+                    .push(stored);
+            }
+        }
+    }
+
+    /// Ends a lane: its queued events stay pending in the store.
+    fn remove(&mut self, conversation: &str) {
+        for stored in self.queues.remove(conversation).unwrap_or_default() {
+            self.active.remove(&stored.seq);
+        }
+    }
+
+    /// `done`: completed in the store (else it stays pending, and a claim
+    /// or poll may queue it again).
+    fn finished(&mut self, seq: i64, done: bool) {
+        self.active.remove(&seq);
+        if done && self.polling {
+            self.done[0].insert(seq);
+        }
+    }
+}
+
+/// What a lane does next.
+enum Next {
+    Event(Box<StoredEvent>),
+    /// The next event was queued after the lane last read the store.
+    Stale,
+    Dry,
+}
+
+/// Hands stored events to plugins, one conversation at a time.
+///
+/// Before a lane handles a conversation it claims it from the store, and
+/// it gives it back when it runs dry: with several replicas on one
+/// database, only one handles a conversation at a time, and the claim
+/// brings the conversation's events that arrived at other replicas. A
+/// conversation held elsewhere is left to its holder. On a single node the
+/// claims are always granted and bring nothing.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    registry: Arc<Registry>,
+    outbox: Outbox,
+    kv: Arc<dyn KvRead>,
+    lanes: Mutex<Lanes>,
+    conversations: Arc<Semaphore>,
+    /// Plugin work is CPU-bound: at most this many invocations at once.
+    plugin_threads: Arc<Semaphore>,
+    breaker: Breaker,
+    rules: Rules,
+    /// Sends in flight, which an agent message may have to wait for.
+    sends: Sends,
+    shutdown: watch::Receiver<bool>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Dispatcher {
+    // One argument more than clippy likes: each is a separate part of the
+    // server (grouping them would only move the list elsewhere).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        outbox: Outbox,
+        concurrency: usize,
+        plugin_threads: usize,
+        breaker: Breaker,
+        rules: Rules,
+        shutdown: watch::Receiver<bool>,
+    ) -> Dispatcher {
+        Dispatcher {
+            inner: Arc::new(Inner {
+                kv: Arc::new(StoreKv {
+                    store: store.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                }),
+                store,
+                registry,
+                sends: outbox.sends().clone(),
+                outbox,
+                lanes: Mutex::new(Lanes::default()),
+                conversations: Arc::new(Semaphore::new(concurrency)),
+                plugin_threads: Arc::new(Semaphore::new(plugin_threads)),
+                breaker,
+                rules,
+                shutdown,
+                tasks: Mutex::new(JoinSet::new()),
+            }),
+        }
+    }
+
+    /// Queues a stored event behind the others of its conversation.
+    pub fn submit(&self, stored: StoredEvent) {
+        let Some(conversation) = stored.event.conversation_id().map(str::to_string) else {
+            return;
+        };
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if lanes.known(stored.seq) {
+            return;
+        }
+        lanes.ticks += 1;
+        let tick = lanes.ticks;
+        lanes.active.insert(stored.seq, tick);
+        match lanes.queues.get_mut(&conversation) {
+            // A lane task is running for it and will pick this up.
+            Some(queue) => queue.push(stored),
+            None => {
+                lanes.queues.insert(conversation.clone(), vec![stored]);
+                drop(lanes);
+                let this = self.clone();
+                let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                // Reap finished lanes so the set does not grow.
+                while tasks.try_join_next().is_some() {}
+                tasks.spawn(async move { this.run_lane(conversation).await });
+            }
+        }
+    }
+
+    /// Requeues every pending event (at start-up).
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let pending = self.inner.store.pending_events().await?;
+        let n = pending.len();
+        for stored in pending {
+            self.submit(stored);
+        }
+        Ok(n)
+    }
+
+    /// Polls the store for events that arrived at other replicas (in
+    /// conversations this one holds) or were left by a dead replica, when
+    /// the store can have such events; until shutdown.
+    pub fn poll_inbox(&self) {
+        let Some(wake) = self.inner.store.inbox_wakeups() else {
+            return;
+        };
+        self.lock_lanes().polling = true;
+        let this = self.clone();
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+                {
+                    let mut lanes = this.lock_lanes();
+                    let recent = std::mem::take(&mut lanes.done[0]);
+                    lanes.done[1] = recent;
+                }
+                match this.inner.store.claimable_events(1000).await {
+                    Ok(found) => {
+                        for stored in found {
+                            this.submit(stored);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot poll the inbox"),
+                }
+            }
+        });
+    }
+
+    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, Lanes> {
+        self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lane's next event, if the lane's last read of the store (at
+    /// `read_at`, see [`Lanes::tick`]) covers it; `Dry` when its queue is
+    /// empty or the process is stopping (the lane stays registered: see
+    /// `run_lane`).
+    fn next_event(&self, conversation: &str, read_at: u64) -> Next {
+        let mut lanes = self.lock_lanes();
+        let lanes = &mut *lanes;
+        let Some(queue) = lanes.queues.get_mut(conversation) else {
+            return Next::Dry;
+        };
+        if queue.is_empty() || *self.inner.shutdown.borrow() {
+            return Next::Dry;
+        }
+        let all_dated = queue.iter().all(|s| s.event.created_at().is_some());
+        let index = if all_dated {
+            (0..queue.len())
+                .min_by(|&a, &b| {
+                    let (x, y) = (&queue[a], &queue[b]);
+                    (x.event.created_at(), x.seq).cmp(&(y.event.created_at(), y.seq))
+                })
+                .unwrap_or(0)
+        } else {
+            (0..queue.len()).min_by_key(|&i| queue[i].seq).unwrap_or(0)
+        };
+        if lanes
+            .active
+            .get(&queue[index].seq)
+            .is_some_and(|&t| t > read_at)
+        {
+            return Next::Stale;
+        }
+        Next::Event(Box::new(queue.remove(index)))
+    }
+
+    async fn run_lane(&self, conversation: String) {
+        let Ok(_permit) = self.inner.conversations.clone().acquire_owned().await else {
+            return;
+        };
+        'claim: loop {
+            let read_at = self.lock_lanes().tick();
+            match self.inner.store.claim_conversation(&conversation).await {
+                Ok(Some(found)) => self.lock_lanes().merge(&conversation, found),
+                Ok(None) => {
+                    // Another replica holds it, and was told: it handles
+                    // these events too (they are in the store).
+                    tracing::debug!(%conversation, "conversation held by another replica");
+                    self.lock_lanes().remove(&conversation);
+                    return;
+                }
+                Err(e) => {
+                    // Its events stay pending: a later poll (or start) retries.
+                    tracing::error!(%conversation, error = %e, "cannot claim a conversation");
+                    self.lock_lanes().remove(&conversation);
+                    return;
+                }
+            }
+            loop {
+                match self.next_event(&conversation, read_at) {
+                    Next::Event(stored) => {
+                        if !self.handle(*stored).await {
+                            self.lock_lanes().remove(&conversation);
+                            return;
+                        }
+                    }
+                    // Read the store again (and renew the claim) first.
+                    Next::Stale => continue 'claim,
+                    Next::Dry => break,
+                }
+            }
+            let stopping = *self.inner.shutdown.borrow();
+            // Dry: give the conversation back, unless events of it that
+            // arrived elsewhere wait.
+            match self.inner.store.release_conversation(&conversation).await {
+                Ok(waiting) if !waiting.is_empty() && !stopping => {
+                    self.lock_lanes().merge(&conversation, waiting);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%conversation, error = %e, "cannot release a conversation; its lease will expire")
+                }
+            }
+            let mut lanes = self.lock_lanes();
+            // Events submitted meanwhile keep the lane (and claim again).
+            if stopping || lanes.queues.get(&conversation).is_none_or(Vec::is_empty) {
+                lanes.remove(&conversation);
+                return;
+            }
+        }
+    }
+
+    /// Handles one event; `false` when it stays pending, and the lane must
+    /// stop: handling later events of the conversation first would break
+    /// its order. The event is retried with the conversation's others, in
+    /// order: by the inbox poll (replicas), else at the next start.
+    async fn handle(&self, stored: StoredEvent) -> bool {
+        let seq = stored.seq;
+        let span = event_span(&stored.event);
+        let done = self.handle_in(stored, span.clone()).instrument(span).await;
+        self.lock_lanes().finished(seq, done);
+        done
+    }
+
+    /// [`Dispatcher::handle`] inside the event's `span` (entered again on
+    /// the plugin thread).
+    async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) -> bool {
+        let conversation = stored
+            .event
+            .conversation_id()
+            .unwrap_or_default()
+            .to_string();
+        let record = match self.inner.store.conversation_state(&conversation).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the conversation's state; event left pending");
+                return false;
+            }
+        };
+        let state = record.as_ref().map(|r| r.state).unwrap_or_default();
+        // The state plugins ran in (none ran for agent messages, archiving).
+        let mut ran_in = None;
+        let (handled, update) = match &stored.event.kind {
+            EventKind::Message(m) if m.sender.kind == SenderKind::Agent => {
+                (Handled::default(), self.judge_agent(m, state).await)
+            }
+            EventKind::ConversationArchived { archived_at, .. } => (
+                Handled::default(),
+                ConversationUpdate {
+                    change: Some(StateChange {
+                        from: None,
+                        to: ConversationState::Closed,
+                        reason: format!("archived at {archived_at}"),
+                    }),
+                    archive: Some(format!(
+                        "archived: the conversation was archived ({archived_at}) before this action was sent"
+                    )),
+                    ..ConversationUpdate::default()
+                },
+            ),
+            _ => match self.run(&stored, record.as_ref(), span).await {
+                Some((handled, update, state)) => {
+                    ran_in = Some(state);
+                    (handled, update)
+                }
+                None => return false,
+            },
+        };
+        let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
+        let kinds = handled.action_kinds;
+        let change = update.change.clone();
+        // A completion that cannot be committed (the database is away) is
+        // retried, with the plugin's outcome kept, until it commits: the
+        // lane must not move on to the conversation's next event first, or
+        // the replies would go out of order.
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self
+                .inner
+                .store
+                .complete_event(
+                    stored.seq,
+                    conversation.clone(),
+                    outcomes.clone(),
+                    handled.actions.clone(),
+                    handled.kv.clone(),
+                    update.clone(),
+                )
+                .await
+            {
+                Ok(done) => {
+                    if let Some(change) = change.filter(|_| done.changed) {
+                        tracing::info!(conversation = %conversation, event = %stored.event.key,
+                            from = %state, to = %change.to, reason = %change.reason, "conversation state changed");
+                        count_change(state, &change);
+                    }
+                    if done.completed && ran_in == Some(ConversationState::Human) {
+                        counter!(m::SKIPPED_HUMAN).increment(1);
+                    }
+                    if done.archived > 0 {
+                        counter!(m::ARCHIVED_DEAD_LETTERS).increment(done.archived as u64);
+                        tracing::info!(conversation = %conversation, actions = done.archived,
+                            "archived: pending actions are now dead letters");
+                    }
+                    if done.queued > 0 {
+                        // 0 when another run already completed the event.
+                        for kind in kinds {
+                            counter!(m::ACTIONS, "kind" => kind).increment(1);
+                        }
+                        self.inner.outbox.wake();
+                    }
+                    return true;
+                }
+                Err(StoreError::LeaseLost(_)) => {
+                    // This replica was too slow and the conversation moved on:
+                    // its new holder handles the event, in order.
+                    tracing::warn!("conversation taken over by another replica; event left to it");
+                    return false;
+                }
+                Err(e) => {
+                    if *self.inner.shutdown.borrow() {
+                        // Left pending: the next start handles it, in order.
+                        tracing::error!(error = %e, "cannot record a handled event; it stays pending");
+                        return false;
+                    }
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64,
+                        "cannot record a handled event yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Runs the plugins on a customer message or a new conversation, in the
+    /// state the conversation is in once this event is taken into account
+    /// (a closed conversation reopens; an idle human hands it back).
+    async fn run(
+        &self,
+        stored: &StoredEvent,
+        record: Option<&ConversationRecord>,
+        span: tracing::Span,
+    ) -> Option<(Handled, ConversationUpdate, ConversationState)> {
+        let now = now_ms();
+        let mut update = ConversationUpdate::default();
+        let mut state = record.map(|r| r.state).unwrap_or_default();
+        match &stored.event.kind {
+            EventKind::Message(m) => {
+                update.customer_at = Some(
+                    m.created_at
+                        .as_deref()
+                        .and_then(lifecycle::parse_time)
+                        .unwrap_or(now),
+                );
+                update.channel = m.sent_using.clone().filter(|_| !m.sent_through_api());
+            }
+            EventKind::NewConversation(c) => update.channel = c.channel.clone(),
+            _ => {}
+        }
+        match (state, record) {
+            (ConversationState::Closed, _) => {
+                update.change = Some(StateChange {
+                    from: Some(ConversationState::Closed),
+                    to: ConversationState::Bot,
+                    reason: "reopened: the customer wrote after it was archived".into(),
+                });
+                state = ConversationState::Bot;
+            }
+            (ConversationState::Human, Some(r)) => {
+                let last_agent = r.last_agent_at.unwrap_or(r.changed_at).max(r.changed_at);
+                if let Some(idle) = self.inner.rules.idle_release
+                    && now - last_agent >= idle.as_millis() as i64
+                {
+                    update.change = Some(StateChange {
+                        from: Some(ConversationState::Human),
+                        to: ConversationState::Bot,
+                        reason: format!("idle: no agent message for {} s", idle.as_secs()),
+                    });
+                    state = ConversationState::Bot;
+                }
+            }
+            _ => {}
+        }
+
+        let permit = self
+            .inner
+            .plugin_threads
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()?;
+        let registry = self.inner.registry.clone();
+        let kv = self.inner.kv.clone();
+        let breaker = self.inner.breaker;
+        let event = stored.event.clone();
+        let handled = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
+            let handled = run_plugins(&registry, &event, state, kv, breaker);
+            drop(permit);
+            handled
+        })
+        .await;
+        let handled = match handled {
+            Ok(h) => h,
+            Err(e) => {
+                // Left pending: the next start retries it.
+                tracing::error!(event = %stored.event.key, error = %e, "plugin thread failed; event left pending");
+                return None;
+            }
+        };
+
+        // WhatsApp refuses free-form messages more than 24 h after the
+        // customer's last message: say so before sending.
+        let channel = update
+            .channel
+            .as_deref()
+            .or(record.and_then(|r| r.channel.as_deref()));
+        let last_customer = update
+            .customer_at
+            .max(record.and_then(|r| r.last_customer_at));
+        if lifecycle::is_whatsapp(channel)
+            && let Some(last) = last_customer
+            && now - last > lifecycle::WINDOW_MS
+        {
+            for a in handled
+                .actions
+                .iter()
+                .filter(|a| a.body.get("send_to_third") == Some(&serde_json::Value::Bool(true)))
+            {
+                tracing::warn!(conversation = %stored.event.conversation_id().unwrap_or_default(),
+                    plugin = %a.plugin, hours = (now - last) / 3_600_000,
+                    "outside WhatsApp's 24-hour window: the customer last wrote over 24 h ago, Digishare will likely refuse this message");
+            }
+        }
+        Some((handled, update, state))
+    }
+
+    /// What an agent's message changes: nothing if it is digibot's own
+    /// message coming back; back to the bot for the release command as an
+    /// internal note; otherwise a human takes over.
+    async fn judge_agent(&self, m: &Message, state: ConversationState) -> ConversationUpdate {
+        let conversation = m.conversation_id.as_str();
+        let echo = ConversationUpdate::default();
+        if m.sent_through_api() {
+            tracing::debug!(conversation, message = %m.id, "agent message sent through the API: digibot's own, not a takeover");
+            return echo;
+        }
+        if self.own_message(m).await {
+            tracing::debug!(conversation, message = %m.id, "digibot's own message came back: not a takeover");
+            return echo;
+        }
+        let who = m.sender.name.as_deref().unwrap_or("an agent");
+        let mut update = ConversationUpdate {
+            agent_at: Some(now_ms()),
+            ..ConversationUpdate::default()
+        };
+        if m.is_internal_note() && m.text().is_some_and(|t| self.inner.rules.is_release(t)) {
+            update.change = Some(StateChange {
+                from: Some(ConversationState::Human),
+                to: ConversationState::Bot,
+                reason: format!("release command from {who} (message {})", m.id),
+            });
+            return update;
+        }
+        let mut reason = format!("{who} wrote (message {})", m.id);
+        if self.inner.sends.busy(conversation) {
+            // It may be the echo of a send whose id is not known yet.
+            match self
+                .inner
+                .sends
+                .settled(conversation, self.inner.rules.echo_wait)
+                .await
+            {
+                Some(waited) => {
+                    if self.own_message(m).await {
+                        tracing::info!(conversation, message = %m.id, waited_ms = waited.as_millis() as u64,
+                            "digibot's own message came back before its send returned: not a takeover");
+                        return echo;
+                    }
+                }
+                None => {
+                    // The send's outcome is unknown past this bound (longer
+                    // than an attempt can take): fail towards the human, who
+                    // is then in charge until released; the other way, the
+                    // bot could talk over an agent with nothing to show it.
+                    tracing::warn!(conversation, message = %m.id, waited_s = self.inner.rules.echo_wait.as_secs(),
+                        "a send to this conversation is still in flight: judging the agent message without its id (takeover)");
+                    reason.push_str(", judged while a send was still in flight");
+                }
+            }
+        }
+        if state != ConversationState::Human {
+            update.change = Some(StateChange {
+                from: None,
+                to: ConversationState::Human,
+                reason,
+            });
+        }
+        update
+    }
+
+    async fn own_message(&self, m: &Message) -> bool {
+        match self
+            .inner
+            .store
+            .is_own_message(&m.conversation_id, &m.id)
+            .await
+        {
+            Ok(own) => own,
+            Err(e) => {
+                tracing::error!(error = %e, message = %m.id, "cannot look up sent message ids");
+                false
+            }
+        }
+    }
+
+    /// Waits until every lane has stopped (after shutdown was signalled,
+    /// lanes stop between events) or the deadline passes.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        let mut tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        tokio::time::timeout(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok()
+    }
+
+    /// The plugin-thread bound, for other callers that run plugins in this
+    /// process (the dashboard's simulator), so they share the instance
+    /// pool's budget with the dispatcher.
+    pub fn plugin_slots(&self) -> Arc<Semaphore> {
+        self.inner.plugin_threads.clone()
+    }
+
+    /// Events queued in memory (for tests and metrics).
+    pub fn queued(&self) -> usize {
+        self.lock_lanes().queues.values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn plugin_text_is_logged_on_one_line() {
+        assert_eq!(one_line("plain"), "plain");
+        assert_eq!(
+            one_line("boom\n2026-01-01T00:00:00Z  INFO forged\r"),
+            "boom\\n2026-01-01T00:00:00Z  INFO forged\\r"
+        );
+    }
+}

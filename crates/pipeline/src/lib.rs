@@ -1,0 +1,20 @@
+//! digibot's event pipeline, from a stored event to Digishare's Messages
+//! API: the [`dispatch`]er's per-conversation lanes run each event's plugin
+//! turn and commit what it produced with the event, the lifecycle rules
+//! decide who is in charge, and the [`sender`] delivers the outbox. The
+//! one crate that makes outgoing HTTP requests (Cargo says so: nothing
+//! else depends on an HTTP client).
+//!
+//! - [`dispatch`]: lanes, ordering, the turn of every plugin on an event,
+//!   the completion that commits it;
+//! - [`sender`]: outbox delivery, retries, OAuth, dead letters;
+//! - [`sends`]: which conversations have a request in flight (the echo race);
+//! - [`cluster`]: plugins shared by replicas, kept in step with the store's
+//!   record;
+//! - [`metrics`]: the metrics the pipeline updates.
+
+pub mod cluster;
+pub mod dispatch;
+pub mod metrics;
+pub mod sender;
+pub mod sends;

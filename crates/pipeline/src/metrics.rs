@@ -1,0 +1,91 @@
+//! The metrics the pipeline updates, as `/metrics` names them. Each is
+//! declared here once (name, help, and the label sets that read 0 before
+//! their first event); `digibot-server` renders them.
+//!
+//! Label values must be few (plugin names, failure kinds, status codes),
+//! never free text or ids: a series lives as long as the process.
+
+use metrics::{counter, describe_counter, describe_histogram};
+
+/// Time of one plugin invocation, instance included, by plugin.
+pub const PLUGIN_INVOCATION_SECONDS: &str = "digibot_plugin_invocation_seconds";
+/// Failed plugin invocations, by plugin and reason (`Failure::kind`).
+pub const PLUGIN_FAILURES: &str = "digibot_plugin_failures_total";
+/// Actions committed to the outbox, after validation, by `Action::kind`.
+pub const ACTIONS: &str = "digibot_actions_total";
+/// Actions refused by validation against Digishare's limits: never sent.
+pub const ACTIONS_REJECTED: &str = "digibot_actions_rejected_total";
+/// One per Messages API attempt: the HTTP status, or `error` when no answer
+/// came (connection error, timeout).
+pub const API_REQUESTS: &str = "digibot_api_requests_total";
+/// Failed Messages API attempts scheduled for a retry.
+pub const API_RETRIES: &str = "digibot_api_retries_total";
+/// A human took a conversation from the bot; `cause`: `hand_off` (a
+/// plugin's hand-off was delivered) or `agent` (an agent wrote).
+pub const TAKEOVERS: &str = "digibot_takeovers_total";
+/// A conversation left a human's hands; `reason`: `command` (the agent's
+/// release note), `idle`, `admin` (the admin API), `archived`.
+/// `digibot conversations release` runs in its own process: not counted.
+pub const RELEASES: &str = "digibot_releases_total";
+/// Customer messages no plugin answered because a human is in charge.
+pub const SKIPPED_HUMAN: &str = "digibot_messages_skipped_human_total";
+/// Pending actions that became dead letters because their conversation
+/// was archived.
+pub const ARCHIVED_DEAD_LETTERS: &str = "digibot_archived_dead_letters_total";
+
+/// Buckets of [`PLUGIN_INVOCATION_SECONDS`]: a warm Rust plugin answers in
+/// tens of µs, the default deadline is 100 ms.
+pub const INVOCATION_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0,
+];
+
+/// Declares every pipeline metric, with its fixed label sets at 0.
+pub fn describe() {
+    describe_histogram!(
+        PLUGIN_INVOCATION_SECONDS,
+        "Time of one plugin invocation, instance included."
+    );
+    describe_counter!(
+        PLUGIN_FAILURES,
+        "Plugin invocations that failed, by plugin and reason."
+    );
+    describe_counter!(ACTIONS, "Actions queued for Digishare, by kind.");
+    describe_counter!(
+        ACTIONS_REJECTED,
+        "Actions refused for breaking a Digishare limit, by kind."
+    );
+    describe_counter!(
+        API_REQUESTS,
+        "Messages API requests, by HTTP status or error."
+    );
+    describe_counter!(
+        API_RETRIES,
+        "Failed Messages API attempts scheduled for a retry."
+    );
+    describe_counter!(
+        TAKEOVERS,
+        "Conversations a human took over from the bot, by cause."
+    );
+    describe_counter!(
+        RELEASES,
+        "Conversations handed back from a human, by reason."
+    );
+    describe_counter!(
+        SKIPPED_HUMAN,
+        "Customer messages not answered because a human is in charge."
+    );
+    describe_counter!(
+        ARCHIVED_DEAD_LETTERS,
+        "Pending actions turned into dead letters by archiving."
+    );
+    counter!(API_RETRIES).increment(0);
+    counter!(SKIPPED_HUMAN).increment(0);
+    counter!(ARCHIVED_DEAD_LETTERS).increment(0);
+    for cause in ["hand_off", "agent"] {
+        counter!(TAKEOVERS, "cause" => cause).increment(0);
+    }
+    for reason in ["command", "idle", "admin", "archived"] {
+        counter!(RELEASES, "reason" => reason).increment(0);
+    }
+}

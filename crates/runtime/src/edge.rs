@@ -1,0 +1,256 @@
+//! What every `digishare:bot` version module has in common, written once:
+//! [`version_edge!`] expands, inside a module that ran `bindgen!` on its
+//! WIT folder, to the linker and call glue, the `log`/`config`/`kv` host
+//! functions, and the conversions between that version's generated types
+//! and the host's own.
+//!
+//! Each version's bindings are distinct Rust types, but the versions are
+//! structurally the same wherever they did not change (same names, same
+//! fields), so the same source compiles against each. What a version
+//! changed stays in its own module: it defines
+//! `new_conversation_event(event_id, conversation, state)` and
+//! `message_event(event_id, message, state)`, which build its event records
+//! (and decide what of the host's event that version can carry). When a
+//! later version changes a type this macro converts, that conversion moves
+//! out of the macro into the version modules.
+
+/// Expands to the shared edge of a version module; see the module docs.
+/// The invoking module must have `wit` (its `digishare::bot::types`),
+/// `Bot`, `BotPre` and `digishare::bot::{log, config, kv}` in scope, as
+/// `bindgen!` and `use digishare::bot::types as wit` give it.
+macro_rules! version_edge {
+    () => {
+        use ::digibot_domain::event;
+        use digibot_protocol as proto;
+        use wasmtime::Store;
+        use wasmtime::component::{HasSelf, Linker};
+        use $crate::Call;
+        use $crate::state::{HostState, LogLevel};
+
+        pub use self::BotPre as Pre;
+
+        pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+            Bot::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
+        }
+
+        /// A fresh instance, not yet called.
+        pub fn instantiate(
+            pre: &Pre<HostState>,
+            store: &mut Store<HostState>,
+        ) -> wasmtime::Result<Bot> {
+            pre.instantiate(store)
+        }
+
+        /// Calls the export for `call` on `bot`, an instance that was never called
+        /// before. The outer error is a trap; the inner one the plugin's own `err`.
+        pub fn call(
+            bot: &Bot,
+            store: &mut Store<HostState>,
+            call: &Call<'_>,
+        ) -> wasmtime::Result<Result<Vec<proto::Action>, String>> {
+            let answer = match *call {
+                Call::NewConversation {
+                    event_id,
+                    conversation,
+                    state,
+                } => bot.call_on_new_conversation(
+                    &mut *store,
+                    &new_conversation_event(event_id, to_wit_conversation(conversation), state),
+                )?,
+                Call::Message {
+                    event_id,
+                    message,
+                    state,
+                } => bot.call_on_message(
+                    &mut *store,
+                    &message_event(event_id, to_wit_message(message), state),
+                )?,
+            };
+            Ok(answer.map(|actions| actions.into_iter().map(from_wit_action).collect()))
+        }
+
+        impl wit::Host for HostState {}
+
+        impl digishare::bot::log::Host for HostState {
+            fn log(&mut self, level: digishare::bot::log::Level, message: String) {
+                use digishare::bot::log::Level;
+                let level = match level {
+                    Level::Trace => LogLevel::Trace,
+                    Level::Debug => LogLevel::Debug,
+                    Level::Info => LogLevel::Info,
+                    Level::Warn => LogLevel::Warn,
+                    Level::Error => LogLevel::Error,
+                };
+                HostState::log(self, level, &message);
+            }
+        }
+
+        impl digishare::bot::config::Host for HostState {
+            fn get(&mut self, key: String) -> Option<String> {
+                self.config_get(&key)
+            }
+        }
+
+        impl digishare::bot::kv::Host for HostState {
+            fn get(&mut self, key: String) -> Option<String> {
+                self.kv_get(&key)
+            }
+            fn set(&mut self, key: String, value: String) -> Result<(), String> {
+                self.kv_set(key, value)
+            }
+            fn delete(&mut self, key: String) {
+                self.kv_delete(key)
+            }
+        }
+
+        fn to_wit_conversation(c: &event::Conversation) -> wit::Conversation {
+            wit::Conversation {
+                id: c.id.clone(),
+                customer_id: c.customer_id.clone(),
+                customer_name: c.customer_name.clone(),
+                channel: c.channel.clone(),
+                platform_id: c.platform_id.clone(),
+                created_at: c.created_at.clone(),
+            }
+        }
+
+        fn to_wit_choice(c: &event::Choice) -> wit::Choice {
+            wit::Choice {
+                id: c.id.clone(),
+                title: c.title.clone(),
+                description: c.description.clone(),
+            }
+        }
+
+        fn to_wit_message(m: &event::Message) -> wit::Message {
+            use event::Content as C;
+            let content = match &m.content {
+                C::Text { text } => wit::Content::Text(text.clone()),
+                C::Location(l) => wit::Content::Location(wit::Location {
+                    latitude: l.latitude,
+                    longitude: l.longitude,
+                    name: l.name.clone(),
+                    address: l.address.clone(),
+                }),
+                C::ButtonReply(c) => wit::Content::ButtonReply(to_wit_choice(c)),
+                C::ListReply(c) => wit::Content::ListReply(to_wit_choice(c)),
+                C::Media(media) => wit::Content::Media(wit::Media {
+                    kind: match media.kind {
+                        event::MediaKind::Image => wit::MediaKind::Image,
+                        event::MediaKind::Webp => wit::MediaKind::Webp,
+                        event::MediaKind::Video => wit::MediaKind::Video,
+                        event::MediaKind::Audio => wit::MediaKind::Audio,
+                        event::MediaKind::Pdf => wit::MediaKind::Pdf,
+                        event::MediaKind::Other => wit::MediaKind::Other,
+                    },
+                    file_name: media.file_name.clone(),
+                    mime_type: media.mime_type.clone(),
+                    size: media.size,
+                    storage_path: media.storage_path.clone(),
+                    is_voice: media.is_voice,
+                }),
+                C::Sticker => wit::Content::Sticker,
+                C::Contacts { contacts } => wit::Content::Contacts(
+                    contacts
+                        .iter()
+                        .map(|c| wit::Contact {
+                            name: c.name.clone(),
+                            phones: c
+                                .phones
+                                .iter()
+                                .map(|p| wit::Phone {
+                                    number: p.number.clone(),
+                                    kind: p.kind.clone(),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                ),
+                C::Unsupported { errors } => wit::Content::Unsupported(errors.clone()),
+                C::Unknown {
+                    type_name,
+                    raw_json,
+                } => wit::Content::Unknown(wit::UnknownContent {
+                    type_name: type_name.clone(),
+                    raw_json: raw_json.clone(),
+                }),
+            };
+            wit::Message {
+                id: m.id.clone(),
+                conversation_id: m.conversation_id.clone(),
+                sender: wit::Sender {
+                    kind: match m.sender.kind {
+                        event::SenderKind::Customer => wit::SenderKind::Customer,
+                        event::SenderKind::Agent => wit::SenderKind::Agent,
+                        event::SenderKind::System => wit::SenderKind::System,
+                        event::SenderKind::Other => wit::SenderKind::Other,
+                    },
+                    name: m.sender.name.clone(),
+                    id: m.sender.id.clone(),
+                },
+                created_at: m.created_at.clone(),
+                content,
+            }
+        }
+
+        fn from_wit_action(a: wit::Action) -> proto::Action {
+            match a {
+                wit::Action::Text(t) => proto::Action::Text {
+                    body: t.body,
+                    reply_to: t.reply_to,
+                },
+                wit::Action::Buttons(b) => proto::Action::Buttons(proto::Buttons {
+                    header: b.header,
+                    body: b.body,
+                    buttons: b
+                        .buttons
+                        .into_iter()
+                        .map(|b| proto::Button {
+                            id: b.id,
+                            title: b.title,
+                        })
+                        .collect(),
+                }),
+                wit::Action::List(l) => proto::Action::List(proto::ListMenu {
+                    header: l.header,
+                    body: l.body,
+                    button: l.button,
+                    sections: l
+                        .sections
+                        .into_iter()
+                        .map(|s| proto::ListSection {
+                            title: s.title,
+                            rows: s
+                                .rows
+                                .into_iter()
+                                .map(|r| proto::ListRow {
+                                    id: r.id,
+                                    title: r.title,
+                                    description: r.description,
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                }),
+                wit::Action::Location(l) => proto::Action::Location(proto::Location {
+                    latitude: l.latitude,
+                    longitude: l.longitude,
+                    name: l.name,
+                    address: l.address,
+                }),
+                wit::Action::LocationRequest(body) => proto::Action::LocationRequest { body },
+                wit::Action::File(f) => proto::Action::File(proto::FileReply {
+                    url: f.url,
+                    file_name: f.file_name,
+                    extension: f.extension,
+                    voice: f.voice,
+                }),
+                wit::Action::Note(body) => proto::Action::Note { body },
+                wit::Action::HandOff(h) => proto::Action::HandOff {
+                    user_id: h.user_id,
+                    as_handler: h.as_handler,
+                },
+            }
+        }
+    };
+}

@@ -1,0 +1,920 @@
+//! The plugin runtime: the one crate that touches Wasm (Cargo says so:
+//! nothing else depends on wasmtime). It knows no HTTP server and no SQL;
+//! what a plugin may reach beyond its own memory (KV reads, config, log)
+//! comes in through traits the pipeline implements, such as [`KvRead`].
+//!
+//! One [`wasmtime::Engine`] per process (epoch interruption, pooling
+//! allocator where the machine allows it); a [`Plugin`] is a validated,
+//! compiled component with its `InstancePre`; every invocation gets a fresh
+//! `Store` and instance, with the plugin's limits, and returns typed
+//! [`Action`]s or a [`Failure`] that says why.
+
+// First: the version modules expand its macro.
+#[macro_use]
+mod edge;
+pub mod manifest;
+pub mod registry;
+mod state;
+mod stdio;
+pub mod v0_1_0;
+pub mod v0_2_0;
+pub mod watch;
+
+use digibot_domain::event;
+use digibot_protocol::Action;
+pub use manifest::{EventFilter, Grants, Limits, Manifest};
+use sha2::{Digest, Sha256};
+use state::HostState;
+pub use state::{KvRead, LogLevel, LogLine, MemoryKv};
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+pub use digibot_domain::kv::KvWrite;
+
+/// How often the epoch ticks; deadlines are rounded up to it.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// The `digishare:bot` versions this host loads.
+pub const SUPPORTED_WIT: &[&str] = &[v0_1_0::VERSION, v0_2_0::VERSION];
+
+/// Interfaces a plugin may import besides `digishare:bot`: WASI p2, linked
+/// with no capability granted (no preopens, env, args or network), because
+/// language runtimes import them even when they never use them.
+const ALLOWED_WASI: &[&str] = &[
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:filesystem/",
+    "wasi:io/",
+    "wasi:random/",
+    "wasi:sockets/",
+];
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Use the pooling allocator (falls back to on-demand if the machine
+    /// refuses the reservation).
+    pub pooling: bool,
+    /// Instances the pool holds at once.
+    pub pool_instances: u32,
+    /// Ceiling for any plugin's memory limit.
+    pub max_memory_bytes: usize,
+    /// Meter fuel (slower code; per-plugin `limits.fuel` then applies).
+    pub fuel: bool,
+    /// Compile with Cranelift's best register allocator: faster code,
+    /// ~30% slower compiles. Off by default: bot plugins are small glue
+    /// whose compile time (hot swaps, first loads) matters more than peak
+    /// speed; turn it on for compute-heavy guests such as interpreters.
+    pub optimized_code: bool,
+    /// Where compiled components are cached (none: always compile).
+    pub cache_dir: Option<PathBuf>,
+    /// Limits for plugins whose manifest does not override them.
+    pub defaults: Limits,
+    /// Instances kept ready per plugin (0: instantiate on the event path).
+    pub warm_instances: usize,
+    /// Bytes at the start of each pooled linear memory that are zeroed
+    /// rather than returned to the kernel when a slot is reused: the next
+    /// instance then takes no page faults there.
+    pub keep_resident: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            pooling: true,
+            pool_instances: 64,
+            max_memory_bytes: 256 << 20,
+            fuel: false,
+            optimized_code: false,
+            cache_dir: None,
+            defaults: Limits::default(),
+            warm_instances: 4,
+            // A Rust guest's stack is its first MiB and its data follows:
+            // 18 wasm pages cover what a first call touches (BENCHMARKS.md).
+            keep_resident: 18 << 16,
+        }
+    }
+}
+
+/// Why a component cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "not a WebAssembly component (a core module or another file); build with --target wasm32-wasip2"
+    )]
+    NotAComponent,
+    #[error("does not compile: {0}")]
+    Compile(String),
+    #[error(
+        "does not target digishare:bot (no digishare:bot import); is it built with digibot-sdk?"
+    )]
+    NotABot,
+    #[error("targets digishare:bot@{found}, this host supports {}", SUPPORTED_WIT.join(", "))]
+    UnsupportedVersion { found: String },
+    #[error("imports what digibot does not provide: {}", .0.join(", "))]
+    RefusedImports(Vec<String>),
+    #[error("does not link: {0}")]
+    Link(String),
+    #[error("does not export the bot world: {0}")]
+    Exports(String),
+    #[error("invalid plugin name {0:?}: use letters, digits, '-' and '_'")]
+    BadName(String),
+}
+
+/// Why an invocation produced no actions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("timeout")]
+    Timeout,
+    #[error("memory")]
+    Memory,
+    #[error("fuel")]
+    Fuel,
+    #[error("trap: {0}")]
+    Trap(String),
+    #[error("error: {0}")]
+    Error(String),
+    #[error("too many actions ({count}, limit {max})")]
+    TooManyActions { count: usize, max: usize },
+    #[error("actions too large ({bytes} bytes, limit {max})")]
+    ActionsTooLarge { bytes: usize, max: usize },
+}
+
+impl Failure {
+    /// The failure's kind without its details: a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Memory => "memory",
+            Failure::Fuel => "fuel",
+            Failure::Trap(_) => "trap",
+            Failure::Error(_) => "error",
+            Failure::TooManyActions { .. } => "too_many_actions",
+            Failure::ActionsTooLarge { .. } => "actions_too_large",
+        }
+    }
+}
+
+/// What one invocation did.
+#[derive(Debug)]
+pub struct Invocation {
+    pub outcome: Result<Vec<Action>, Failure>,
+    /// KV writes to commit with the event; empty when the call failed.
+    pub kv_writes: Vec<KvWrite>,
+    pub logs: Vec<LogLine>,
+    /// stdout and stderr, as far as the log cap allowed.
+    pub output: String,
+    pub logs_dropped: usize,
+    pub elapsed: Duration,
+}
+
+/// A loaded, validated plugin version. Immutable: a new version is a new
+/// `Plugin`, so invocations in flight keep the one they started with.
+pub struct Plugin {
+    pub name: String,
+    /// SHA-256 of the component bytes, hex.
+    pub hash: String,
+    pub wit_version: &'static str,
+    pub manifest: Manifest,
+    pub limits: Limits,
+    pub imports: Vec<String>,
+    pub size: usize,
+    pub compile_time: Duration,
+    /// Loaded from the compile cache.
+    pub cached: bool,
+    warm: Arc<WarmPool>,
+}
+
+/// Instances of one plugin version made ahead of time, each used for
+/// exactly one event: the event still gets a fresh, isolated instance, but
+/// instantiation happens off its path, on the runtime's janitor thread.
+struct WarmPool {
+    pre: Pre,
+    name: Arc<str>,
+    config: Arc<BTreeMap<String, String>>,
+    limits: Limits,
+    grants: Grants,
+    ready: Mutex<Vec<Ready>>,
+    target: usize,
+    fuel: bool,
+    /// A refill is queued; more requests would only repeat it.
+    refill_queued: AtomicBool,
+}
+
+/// An instantiated, never-called plugin instance.
+struct Ready {
+    store: Store<HostState>,
+    bot: Instance,
+}
+
+/// A plugin's pre-instantiated bindings, in the `digishare:bot` version it
+/// was built against. With [`Instance`], the host's only switch on the
+/// version: everything else sees [`event`] and [`Action`].
+enum Pre {
+    V0_1_0(v0_1_0::Pre<HostState>),
+    V0_2_0(v0_2_0::Pre<HostState>),
+}
+
+/// An instance of a plugin, in its version's bindings.
+enum Instance {
+    V0_1_0(v0_1_0::Bot),
+    V0_2_0(v0_2_0::Bot),
+}
+
+impl Pre {
+    /// The bindings for `version`, one of [`SUPPORTED_WIT`].
+    fn new(
+        version: &str,
+        pre: wasmtime::component::InstancePre<HostState>,
+    ) -> Result<Pre, LoadError> {
+        let exports = |e: wasmtime::Error| LoadError::Exports(format!("{e:#}"));
+        match version {
+            v0_1_0::VERSION => Ok(Pre::V0_1_0(v0_1_0::Pre::new(pre).map_err(exports)?)),
+            v0_2_0::VERSION => Ok(Pre::V0_2_0(v0_2_0::Pre::new(pre).map_err(exports)?)),
+            found => Err(LoadError::UnsupportedVersion {
+                found: found.to_string(),
+            }),
+        }
+    }
+
+    fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
+        Ok(match self {
+            Pre::V0_1_0(pre) => Instance::V0_1_0(v0_1_0::instantiate(pre, store)?),
+            Pre::V0_2_0(pre) => Instance::V0_2_0(v0_2_0::instantiate(pre, store)?),
+        })
+    }
+}
+
+impl Instance {
+    /// Calls the export for `call`. The outer error is a trap; the inner
+    /// one the plugin's own `err`.
+    fn call(
+        &self,
+        store: &mut Store<HostState>,
+        call: &Call<'_>,
+    ) -> wasmtime::Result<Result<Vec<Action>, String>> {
+        match self {
+            Instance::V0_1_0(bot) => v0_1_0::call(bot, store, call),
+            Instance::V0_2_0(bot) => v0_2_0::call(bot, store, call),
+        }
+    }
+}
+
+/// Background work kept off the event path.
+enum Chore {
+    /// Bring a plugin's warm pool up to its target.
+    Refill(Arc<WarmPool>),
+    /// Drop a used store (resetting a pool slot costs microseconds).
+    Drop(Box<Store<HostState>>),
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("hash", &self.hash)
+            .field("wit_version", &self.wit_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to call on a plugin, with the event it comes from and the state of
+/// its conversation when the event is handled.
+pub enum Call<'a> {
+    NewConversation {
+        event_id: &'a str,
+        conversation: &'a event::Conversation,
+        state: event::ConversationState,
+    },
+    Message {
+        event_id: &'a str,
+        message: &'a event::Message,
+        state: event::ConversationState,
+    },
+}
+
+impl Call<'_> {
+    /// The call for `event`, if plugins handle it, in a conversation that
+    /// is in `state`.
+    pub fn for_event(event: &event::Event, state: event::ConversationState) -> Option<Call<'_>> {
+        if !event.invokes_plugins() {
+            return None;
+        }
+        match &event.kind {
+            event::EventKind::NewConversation(conversation) => Some(Call::NewConversation {
+                event_id: &event.key,
+                conversation,
+                state,
+            }),
+            event::EventKind::Message(message) => Some(Call::Message {
+                event_id: &event.key,
+                message,
+                state,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The conversation's state the plugin is told about.
+    pub fn state(&self) -> event::ConversationState {
+        match self {
+            Call::NewConversation { state, .. } | Call::Message { state, .. } => *state,
+        }
+    }
+
+    pub fn filter(&self) -> EventFilter {
+        match self {
+            Call::NewConversation { .. } => EventFilter::NewConversation,
+            Call::Message { .. } => EventFilter::Message,
+        }
+    }
+
+    pub fn conversation_id(&self) -> &str {
+        match self {
+            Call::NewConversation { conversation, .. } => &conversation.id,
+            Call::Message { message, .. } => &message.conversation_id,
+        }
+    }
+}
+
+/// The engine and linker, shared by every plugin.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    compat: String,
+    pooling: bool,
+    ticker_stop: Arc<AtomicBool>,
+    janitor: Arc<Janitor>,
+    janitor_thread: std::thread::Thread,
+    janitor_handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Warm instances across all plugins, capped so that warm pools never
+    /// take the pool slots invocations need.
+    warm_total: Arc<AtomicUsize>,
+    /// Used stores queued for the janitor to drop. Each holds a pool slot,
+    /// so past `drop_cap` the caller drops its store itself (backpressure).
+    pending_drops: Arc<AtomicUsize>,
+    drop_cap: usize,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.janitor.stop.store(true, Ordering::Release);
+        self.janitor_thread.unpark();
+        // Wait for it: no plugin code may run while the process exits.
+        if let Some(handle) = self.janitor_handle.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// How long the janitor naps when it has nothing to do. Chores are queued
+/// without waking it (a wake-up is a syscall on the event path); it picks
+/// them up within this delay, or at once when woken because a warm pool
+/// ran dry.
+const JANITOR_NAP: Duration = Duration::from_millis(1);
+
+/// The janitor's queue of chores.
+#[derive(Default)]
+struct Janitor {
+    queue: Mutex<Vec<Chore>>,
+    stop: AtomicBool,
+}
+
+fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
+    let mut c = Config::new();
+    c.epoch_interruption(true);
+    c.consume_fuel(config.fuel);
+    if !config.optimized_code {
+        c.cranelift_regalloc_algorithm(wasmtime::RegallocAlgorithm::SinglePass);
+    }
+    if pooling {
+        let mut pool = PoolingAllocationConfig::default();
+        let n = config.pool_instances;
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 8)
+            .max_memory_size(config.max_memory_bytes)
+            // Keeping the first pages resident avoids a page fault storm
+            // in every fresh instance; measured in BENCHMARKS.md.
+            .linear_memory_keep_resident(config.keep_resident)
+            .table_keep_resident(16 << 10);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    c
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, wasmtime::Error> {
+        let (engine, pooling) = match config.pooling {
+            true => match Engine::new(&engine_config(&config, true)) {
+                Ok(engine) => (engine, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pooling allocator unavailable, using on-demand instances");
+                    (Engine::new(&engine_config(&config, false))?, false)
+                }
+            },
+            false => (Engine::new(&engine_config(&config, false))?, false),
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // Each version's imports carry its version in their names
+        // (`digishare:bot/kv@0.1.0`, `@0.2.0`): they coexist in one linker.
+        v0_1_0::add_to_linker(&mut linker)?;
+        v0_2_0::add_to_linker(&mut linker)?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat = format!("{:016x}", hasher.finish());
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            std::thread::Builder::new()
+                .name("digibot-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?;
+        }
+        // The instance pool's budget: a quarter for warm instances, a
+        // quarter for stores waiting to be dropped, half for invocations
+        // (the server runs at most that many at once).
+        let janitor = Arc::new(Janitor::default());
+        let warm_total = Arc::new(AtomicUsize::new(0));
+        let pending_drops = Arc::new(AtomicUsize::new(0));
+        let quarter = (config.pool_instances as usize / 4).max(1);
+        let janitor_handle = {
+            let engine = engine.clone();
+            let janitor = janitor.clone();
+            let warm_total = warm_total.clone();
+            let pending_drops = pending_drops.clone();
+            std::thread::Builder::new()
+                .name("digibot-janitor".into())
+                .spawn(move || {
+                    janitor_loop(&engine, &janitor, &warm_total, &pending_drops, quarter)
+                })?
+        };
+        let janitor_thread = janitor_handle.thread().clone();
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+            compat,
+            pooling,
+            ticker_stop,
+            janitor,
+            janitor_thread,
+            janitor_handle: Mutex::new(Some(janitor_handle)),
+            warm_total,
+            pending_drops,
+            drop_cap: quarter,
+        })
+    }
+
+    /// Whether the pooling allocator is in use.
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// Host-wide default limits.
+    pub fn default_limits(&self) -> &Limits {
+        &self.config.defaults
+    }
+
+    fn compile(&self, hash: &str, bytes: &[u8]) -> Result<(Component, bool), LoadError> {
+        let cached_path = self
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{hash}-{}.cwasm", self.compat)));
+        if let Some(path) = cached_path.as_ref().filter(|p| p.exists()) {
+            // Read, not mmap: a cache file changed in place under a mapping
+            // would crash the process (SIGBUS) at the next instantiation.
+            let loaded = std::fs::read(path)
+                .map_err(wasmtime::Error::from)
+                .and_then(|bytes| {
+                    // SAFETY: the cache directory is digibot's own; its files
+                    // are written by `Component::serialize` below for this
+                    // engine (the name carries the engine's compatibility
+                    // hash), and wasmtime still checks header and version.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        Component::deserialize(&self.engine, &bytes)
+                    }
+                });
+            match loaded {
+                Ok(component) => return Ok((component, true)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "dropping a bad cache entry");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        if let Some(path) = cached_path
+            && let Err(e) = write_cache(&path, &component)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled plugin");
+        }
+        Ok((component, false))
+    }
+
+    /// Validates and compiles a plugin: a component, for a supported
+    /// `digishare:bot` version, importing only what the host provides.
+    pub fn load(&self, name: &str, bytes: &[u8], manifest: Manifest) -> Result<Plugin, LoadError> {
+        if !is_plain_name(name) {
+            return Err(LoadError::BadName(name.to_string()));
+        }
+        // A component's preamble: magic, then version 0x0d and layer 1.
+        if bytes.len() < 8 || &bytes[0..4] != b"\0asm" || bytes[6..8] != [1, 0] {
+            return Err(LoadError::NotAComponent);
+        }
+        let hash = hex::encode(Sha256::digest(bytes));
+        let started = Instant::now();
+        let (component, cached) = self.compile(&hash, bytes)?;
+        let compile_time = started.elapsed();
+
+        let imports: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let wit_version = wit_version(&imports)?;
+        let refused: Vec<String> = imports
+            .iter()
+            .filter(|i| {
+                !i.starts_with("digishare:bot/") && !ALLOWED_WASI.iter().any(|p| i.starts_with(p))
+            })
+            .cloned()
+            .collect();
+        if !refused.is_empty() {
+            return Err(LoadError::RefusedImports(refused));
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = Pre::new(wit_version, pre)?;
+        let limits = self.config.defaults.with(&manifest.limits);
+        let limits = Limits {
+            memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
+            ..limits
+        };
+        let warm = Arc::new(WarmPool {
+            pre,
+            name: Arc::from(name),
+            config: Arc::new(manifest.config.clone()),
+            limits: limits.clone(),
+            grants: manifest.grants.clone(),
+            ready: Mutex::new(Vec::new()),
+            target: if manifest.enabled {
+                self.config.warm_instances
+            } else {
+                0
+            },
+            fuel: self.config.fuel,
+            refill_queued: AtomicBool::new(false),
+        });
+        self.refill(&warm, true);
+        Ok(Plugin {
+            name: name.to_string(),
+            hash,
+            wit_version,
+            manifest,
+            limits,
+            imports,
+            size: bytes.len(),
+            compile_time,
+            cached,
+            warm,
+        })
+    }
+
+    /// Loads `path` (a `.wasm`) with its manifest.
+    pub fn load_file(&self, path: &Path, manifest: Manifest) -> Result<Plugin, LoadFileError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.load(&plugin_name(path), &bytes, manifest)
+            .map_err(|source| LoadFileError::Load {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Queues a chore; `urgent` also wakes the janitor.
+    fn chore(&self, chore: Chore, urgent: bool) {
+        if let Ok(mut queue) = self.janitor.queue.lock() {
+            queue.push(chore);
+        }
+        if urgent {
+            self.janitor_thread.unpark();
+        }
+    }
+
+    fn refill(&self, pool: &Arc<WarmPool>, urgent: bool) {
+        if pool.target > 0 && !pool.refill_queued.swap(true, Ordering::AcqRel) {
+            self.chore(Chore::Refill(pool.clone()), urgent);
+        }
+    }
+
+    fn discard(&self, store: Store<HostState>) {
+        let queued = self.pending_drops.fetch_add(1, Ordering::AcqRel);
+        if queued < self.drop_cap {
+            self.chore(Chore::Drop(Box::new(store)), queued >= self.drop_cap / 2);
+        } else {
+            self.pending_drops.fetch_sub(1, Ordering::AcqRel);
+            drop(store);
+        }
+    }
+
+    /// Warm instances currently held across all plugins.
+    pub fn warm_instances(&self) -> usize {
+        self.warm_total.load(Ordering::Relaxed)
+    }
+
+    /// A never-called instance of `plugin`: a warm one if ready, else made
+    /// now. The caller binds it to its event.
+    fn fresh(&self, plugin: &Plugin) -> wasmtime::Result<Ready> {
+        let warm = plugin
+            .warm
+            .ready
+            .lock()
+            .ok()
+            .and_then(|mut ready| ready.pop());
+        match warm {
+            Some(ready) => {
+                self.warm_total.fetch_sub(1, Ordering::Relaxed);
+                let left = plugin.warm.ready.lock().map_or(0, |r| r.len());
+                self.refill(&plugin.warm, left <= plugin.warm.target / 2);
+                Ok(ready)
+            }
+            None => {
+                self.refill(&plugin.warm, true);
+                plugin.warm.instantiate(&self.engine)
+            }
+        }
+    }
+
+    /// Runs `call` on a fresh instance of `plugin`. Never panics on
+    /// anything the plugin does; every failure comes back as a [`Failure`].
+    pub fn invoke(&self, plugin: &Plugin, call: &Call<'_>, kv: Arc<dyn KvRead>) -> Invocation {
+        let started = Instant::now();
+        let Ready { mut store, bot } = match self.fresh(plugin) {
+            Ok(ready) => ready,
+            Err(e) => {
+                return Invocation {
+                    outcome: Err(Failure::Trap(format!("instantiation failed: {e:#}"))),
+                    kv_writes: Vec::new(),
+                    logs: Vec::new(),
+                    output: String::new(),
+                    logs_dropped: 0,
+                    elapsed: started.elapsed(),
+                };
+            }
+        };
+        store.data_mut().bind(call.conversation_id(), kv);
+        set_deadline(&mut store, &plugin.limits);
+        if self.config.fuel {
+            let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
+        }
+
+        let result = bot.call(&mut store, call);
+        let elapsed = started.elapsed();
+        let (output, cut) = store.data().stdio.contents();
+        let outcome = match result {
+            Ok(Ok(actions)) => check_actions(actions, &plugin.limits),
+            Ok(Err(message)) => Err(Failure::Error(message)),
+            Err(trap) => Err(classify(&trap, store.data(), &output)),
+        };
+        let state = store.data_mut();
+        let kv_writes = std::mem::take(&mut state.kv_writes);
+        let logs = std::mem::take(&mut state.logs);
+        let logs_dropped = state.logs_dropped + cut;
+        self.discard(store);
+        Invocation {
+            kv_writes: if outcome.is_ok() {
+                kv_writes
+            } else {
+                Vec::new()
+            },
+            logs,
+            logs_dropped,
+            output,
+            outcome,
+            elapsed,
+        }
+    }
+}
+
+fn set_deadline(store: &mut Store<HostState>, limits: &Limits) {
+    let tick = EPOCH_TICK.as_micros().max(1);
+    let ticks = limits.timeout.as_micros().div_ceil(tick) as u64;
+    store.set_epoch_deadline(ticks.max(1));
+    store.epoch_deadline_trap();
+}
+
+impl WarmPool {
+    fn instantiate(&self, engine: &Engine) -> wasmtime::Result<Ready> {
+        let state = HostState::new(
+            self.name.clone(),
+            self.config.clone(),
+            &self.limits,
+            &self.grants,
+        );
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Instantiation runs the guest's start-up code: it gets a deadline too.
+        set_deadline(&mut store, &self.limits);
+        if self.fuel {
+            store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX))?;
+        }
+        let bot = self.pre.instantiate(&mut store)?;
+        Ok(Ready { store, bot })
+    }
+}
+
+fn janitor_loop(
+    engine: &Engine,
+    janitor: &Janitor,
+    warm_total: &AtomicUsize,
+    pending_drops: &AtomicUsize,
+    warm_cap: usize,
+) {
+    loop {
+        let chores = janitor
+            .queue
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        if chores.is_empty() {
+            if janitor.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::park_timeout(JANITOR_NAP);
+            continue;
+        }
+        // Drops first: they free the pool slots refills need. Once the
+        // runtime is stopping, refills are skipped.
+        let (drops, mut refills): (Vec<Chore>, Vec<Chore>) = chores
+            .into_iter()
+            .partition(|c| matches!(c, Chore::Drop(_)));
+        if janitor.stop.load(Ordering::Acquire) {
+            refills.clear();
+        }
+        for chore in drops.into_iter().chain(refills) {
+            match chore {
+                Chore::Drop(store) => {
+                    drop(store);
+                    pending_drops.fetch_sub(1, Ordering::AcqRel);
+                }
+                Chore::Refill(pool) => {
+                    pool.refill_queued.store(false, Ordering::Release);
+                    loop {
+                        let have = pool.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX);
+                        if have >= pool.target || warm_total.load(Ordering::Relaxed) >= warm_cap {
+                            break;
+                        }
+                        match pool.instantiate(engine) {
+                            Ok(ready) => {
+                                warm_total.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut r) = pool.ready.lock() {
+                                    r.push(ready);
+                                }
+                            }
+                            // The event path will instantiate (and report) itself.
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `name` is a plain plugin name (ASCII letters, digits, `-`,
+/// `_`; not empty), safe to join to a folder path or put in a URL.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A plugin's name: its file name without `.wasm`.
+pub fn plugin_name(path: &Path) -> String {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Why [`Runtime::load_file`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Load { path: PathBuf, source: LoadError },
+}
+
+fn write_cache(path: &Path, component: &Component) -> std::io::Result<()> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Write then rename, so a reader never sees half a file.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, path)
+}
+
+/// The `digishare:bot` version a component was built against, read from
+/// its imports (the `types` interface is always imported, if only for its
+/// types).
+fn wit_version(imports: &[String]) -> Result<&'static str, LoadError> {
+    let found = imports
+        .iter()
+        .find_map(|i| i.strip_prefix("digishare:bot/"))
+        .ok_or(LoadError::NotABot)?;
+    let version = found.split_once('@').map(|(_, v)| v).unwrap_or("");
+    SUPPORTED_WIT
+        .iter()
+        .find(|v| **v == version)
+        .copied()
+        .ok_or_else(|| LoadError::UnsupportedVersion {
+            found: version.to_string(),
+        })
+}
+
+fn check_actions(actions: Vec<Action>, limits: &Limits) -> Result<Vec<Action>, Failure> {
+    if actions.len() > limits.max_actions {
+        return Err(Failure::TooManyActions {
+            count: actions.len(),
+            max: limits.max_actions,
+        });
+    }
+    let bytes: usize = actions.iter().map(Action::payload_len).sum();
+    if bytes > limits.max_action_bytes {
+        return Err(Failure::ActionsTooLarge {
+            bytes,
+            max: limits.max_action_bytes,
+        });
+    }
+    Ok(actions)
+}
+
+fn classify(error: &wasmtime::Error, state: &HostState, output: &str) -> Failure {
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return Failure::Timeout,
+        Some(Trap::OutOfFuel) => return Failure::Fuel,
+        _ => {}
+    }
+    if state.limiter.memory_refused {
+        return Failure::Memory;
+    }
+    let mut reason = match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{}", error.root_cause()),
+    };
+    // A Rust guest prints "thread '..' panicked at FILE:LINE:COL:" and then
+    // its message to stderr before trapping.
+    let mut lines = output.lines();
+    if let Some(at) = lines.find(|l| l.contains("panicked at")) {
+        let location = at
+            .split("panicked at ")
+            .nth(1)
+            .unwrap_or(at)
+            .trim_end_matches(':');
+        let message = lines.next().unwrap_or("").trim();
+        reason = format!("{reason} (panicked at {location}: {message})");
+    }
+    // A Python guest prints a traceback whose last line names the exception
+    // (componentize-py then panics in its own runtime, which says nothing).
+    if let Some((_, traceback)) = output.split_once("Traceback (most recent call last)") {
+        let before_panic = traceback.split("thread '").next().unwrap_or(traceback);
+        if let Some(exception) = before_panic.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+            reason = format!("{reason} ({exception})");
+        }
+    }
+    Failure::Trap(reason)
+}

@@ -1,0 +1,295 @@
+//! What a plugin can touch during one invocation: the `Store` data. It is
+//! built for exactly one plugin and one conversation, so host functions have
+//! no way to reach another plugin's config or another conversation's state.
+
+use super::manifest::{Grants, Limits};
+use super::stdio::CappedPipe;
+use digibot_domain::kv::KvWrite;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
+
+/// Longest KV key a plugin may use, in bytes.
+pub const KV_KEY_MAX: usize = 256;
+/// Largest KV value, in bytes.
+pub const KV_VALUE_MAX: usize = 64 << 10;
+/// KV writes one invocation may make.
+pub const KV_WRITES_MAX: usize = 256;
+
+/// Where a plugin's KV reads come from: the SQLite store in the server, an
+/// in-memory map in `replay` and `chat`.
+pub trait KvRead: Send + Sync {
+    fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String>;
+}
+
+/// Before an instance is bound to an event it can read no state.
+struct NoKv;
+
+impl KvRead for NoKv {
+    fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
+        None
+    }
+}
+
+/// An in-memory [`KvRead`] that can apply an invocation's writes.
+#[derive(Default)]
+pub struct MemoryKv(std::sync::Mutex<HashMap<(String, String, String), String>>);
+
+impl MemoryKv {
+    /// Forgets every plugin's state for one conversation.
+    pub fn clear_conversation(&self, conversation_id: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|(_, conversation, _), _| conversation != conversation_id);
+        }
+    }
+
+    pub fn apply(&self, plugin: &str, conversation_id: &str, writes: &[KvWrite]) {
+        let Ok(mut map) = self.0.lock() else { return };
+        for w in writes {
+            match w {
+                KvWrite::Set { key, value } => {
+                    map.insert(
+                        (plugin.into(), conversation_id.into(), key.clone()),
+                        value.clone(),
+                    );
+                }
+                KvWrite::Delete { key } => {
+                    map.remove(&(plugin.into(), conversation_id.into(), key.clone()));
+                }
+            }
+        }
+    }
+}
+
+impl KvRead for MemoryKv {
+    fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
+        let map = self.0.lock().ok()?;
+        map.get(&(plugin.into(), conversation_id.into(), key.into()))
+            .cloned()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One line a plugin logged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub message: String,
+}
+
+/// Enforces the memory, table and instance caps, and remembers which one
+/// refused, so a trap that follows can be reported as `memory`.
+pub struct Limiter {
+    memory_bytes: usize,
+    table_elements: usize,
+    instances: usize,
+    pub memory_refused: bool,
+    pub table_refused: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.memory_refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            self.table_refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+    fn tables(&self) -> usize {
+        self.instances
+    }
+    fn memories(&self) -> usize {
+        self.instances
+    }
+}
+
+/// A wall clock stopped at the Unix epoch, for plugins not granted a clock:
+/// the time is not theirs to read (and replays stay deterministic).
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// The `Store` data of one invocation.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: Limiter,
+    pub(super) stdio: CappedPipe,
+    plugin: Arc<str>,
+    conversation_id: String,
+    config: Arc<BTreeMap<String, String>>,
+    kv: Arc<dyn KvRead>,
+    kv_view: HashMap<String, Option<String>>,
+    pub(super) kv_writes: Vec<KvWrite>,
+    pub(super) logs: Vec<LogLine>,
+    log_bytes: usize,
+    log_cap: usize,
+    pub(super) logs_dropped: usize,
+}
+
+impl HostState {
+    /// State for an instance of `plugin` not yet bound to an event; see
+    /// [`bind`](Self::bind).
+    pub(super) fn new(
+        plugin: Arc<str>,
+        config: Arc<BTreeMap<String, String>>,
+        limits: &Limits,
+        grants: &Grants,
+    ) -> HostState {
+        let stdio = CappedPipe::new(limits.max_log_bytes);
+        // No preopens, no environment, no arguments, no network: the
+        // builder's defaults, made explicit where a default could change.
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdio.clone())
+            .stderr(stdio.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }));
+        if !grants.clock {
+            wasi.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
+        }
+        HostState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes,
+                table_elements: limits.table_elements,
+                instances: limits.instances,
+                memory_refused: false,
+                table_refused: false,
+            },
+            stdio,
+            plugin,
+            conversation_id: String::new(),
+            config,
+            kv: Arc::new(NoKv),
+            kv_view: HashMap::new(),
+            kv_writes: Vec::new(),
+            logs: Vec::new(),
+            log_bytes: 0,
+            log_cap: limits.max_log_bytes,
+            logs_dropped: 0,
+        }
+    }
+
+    /// Binds the instance to the event it will serve: its conversation
+    /// (the only one its KV reads and writes can reach) and the KV source.
+    pub(super) fn bind(&mut self, conversation_id: &str, kv: Arc<dyn KvRead>) {
+        self.conversation_id = conversation_id.to_string();
+        self.kv = kv;
+    }
+
+    pub(super) fn log(&mut self, level: LogLevel, message: &str) {
+        if self.log_bytes + message.len() > self.log_cap {
+            self.logs_dropped += 1;
+            return;
+        }
+        self.log_bytes += message.len();
+        self.logs.push(LogLine {
+            level,
+            message: message.to_string(),
+        });
+    }
+
+    pub(super) fn config_get(&self, key: &str) -> Option<String> {
+        self.config.get(key).cloned()
+    }
+
+    /// Reads see this invocation's own writes first.
+    pub(super) fn kv_get(&mut self, key: &str) -> Option<String> {
+        if let Some(v) = self.kv_view.get(key) {
+            return v.clone();
+        }
+        let value = self.kv.get(&self.plugin, &self.conversation_id, key);
+        self.kv_view.insert(key.to_string(), value.clone());
+        value
+    }
+
+    pub(super) fn kv_set(&mut self, key: String, value: String) -> Result<(), String> {
+        if key.is_empty() || key.len() > KV_KEY_MAX {
+            return Err(format!("kv key must be 1 to {KV_KEY_MAX} bytes"));
+        }
+        if value.len() > KV_VALUE_MAX {
+            return Err(format!(
+                "kv value is {} bytes, the limit is {KV_VALUE_MAX}",
+                value.len()
+            ));
+        }
+        if self.kv_writes.len() >= KV_WRITES_MAX {
+            return Err(format!("more than {KV_WRITES_MAX} kv writes in one event"));
+        }
+        self.kv_view.insert(key.clone(), Some(value.clone()));
+        self.kv_writes.push(KvWrite::Set { key, value });
+        Ok(())
+    }
+
+    pub(super) fn kv_delete(&mut self, key: String) {
+        if self.kv_writes.len() >= KV_WRITES_MAX {
+            return;
+        }
+        self.kv_view.insert(key.clone(), None);
+        self.kv_writes.push(KvWrite::Delete { key });
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! `digishare:bot@0.2.0`: its bindings, and the conversions between its
+//! types and the host's own, at this module's edge. 0.2.0 adds the
+//! conversation's state to both events; everything else is 0.1.0's and
+//! converts through the shared `version_edge!` (edge.rs).
+
+wasmtime::component::bindgen!({
+    world: "bot",
+    path: "../../wit/since_v0.2.0",
+});
+
+use digishare::bot::types as wit;
+
+/// The interface version this module speaks.
+pub const VERSION: &str = "0.2.0";
+
+version_edge!();
+
+fn new_conversation_event(
+    event_id: &str,
+    conversation: wit::Conversation,
+    state: event::ConversationState,
+) -> wit::NewConversationEvent {
+    wit::NewConversationEvent {
+        event_id: event_id.to_string(),
+        conversation,
+        state: to_wit_state(state),
+    }
+}
+
+fn message_event(
+    event_id: &str,
+    message: wit::Message,
+    state: event::ConversationState,
+) -> wit::MessageEvent {
+    wit::MessageEvent {
+        event_id: event_id.to_string(),
+        message,
+        state: to_wit_state(state),
+    }
+}
+
+fn to_wit_state(state: event::ConversationState) -> wit::ConversationState {
+    match state {
+        event::ConversationState::Bot => wit::ConversationState::Bot,
+        event::ConversationState::Human => wit::ConversationState::Human,
+        event::ConversationState::Closed => wit::ConversationState::Closed,
+    }
+}

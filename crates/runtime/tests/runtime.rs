@@ -1,0 +1,594 @@
+//! The plugin runtime against real components built from plugins/ (run
+//! `cargo build-plugins` first): what a plugin answers, every limit a
+//! hostile plugin can hit and the reason it comes back with, the sandbox,
+//! refusal at load, and the compile cache.
+
+use digibot_domain::event::{ConversationState, Event};
+use digibot_protocol::Action;
+use digibot_runtime::{
+    Call, Failure, Invocation, KvRead, LoadError, Manifest, MemoryKv, Plugin, Runtime,
+    RuntimeConfig,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn wasm(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `cargo build-plugins` first", path.display()))
+}
+
+fn fixture_json(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/webhooks")
+        .join(format!("{name}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn fixture(name: &str) -> Event {
+    Event::parse(&serde_json::to_vec(&fixture_json(name)).unwrap()).unwrap()
+}
+
+/// A customer text `text` in `conversation`.
+fn customer_text(conversation: &str, id: &str, text: &str) -> Event {
+    let mut v = fixture_json("message_text_customer");
+    v["data"]["id"] = id.into();
+    v["data"]["data"]["conversation_id"] = conversation.into();
+    v["data"]["data"]["body"] = text.into();
+    Event::parse(&serde_json::to_vec(&v).unwrap()).unwrap()
+}
+
+fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig::default()).unwrap()
+}
+
+fn load(runtime: &Runtime, name: &str, source: &str, manifest: &str) -> Plugin {
+    runtime
+        .load(name, &wasm(source), Manifest::parse(manifest).unwrap())
+        .unwrap_or_else(|e| panic!("loading {source}: {e}"))
+}
+
+fn invoke(runtime: &Runtime, plugin: &Plugin, event: &Event, kv: Arc<dyn KvRead>) -> Invocation {
+    invoke_in(runtime, plugin, event, ConversationState::Bot, kv)
+}
+
+/// [`invoke`] in a conversation that is in `state`.
+fn invoke_in(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    event: &Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+) -> Invocation {
+    let call = Call::for_event(event, state).expect("an event plugins handle");
+    runtime.invoke(plugin, &call, kv)
+}
+
+fn on_text(runtime: &Runtime, plugin: &Plugin, text: &str) -> Invocation {
+    invoke(
+        runtime,
+        plugin,
+        &customer_text("conv_rt", "msg_rt", text),
+        Arc::new(MemoryKv::default()),
+    )
+}
+
+/// The single text body of a successful invocation.
+fn single_text(invocation: Invocation) -> String {
+    match invocation.outcome {
+        Ok(actions) => match actions.as_slice() {
+            [Action::Text { body, .. }] => body.clone(),
+            other => panic!("expected one text action, got {other:?}"),
+        },
+        Err(failure) => panic!("expected actions, got {failure}"),
+    }
+}
+
+#[test]
+fn echo_answers_a_customer_text() {
+    let runtime = runtime();
+    let echo = load(&runtime, "echo", "echo", "");
+    assert_eq!(echo.wit_version, "0.2.0");
+    let out = invoke(
+        &runtime,
+        &echo,
+        &fixture("message_text_customer"),
+        Arc::new(MemoryKv::default()),
+    );
+    assert_eq!(
+        out.outcome.unwrap(),
+        vec![Action::text("Bonjour, je voudrais suivre ma commande").unwrap()]
+    );
+}
+
+/// Rule 4 of docs/wit-versioning.md: a plugin built against 0.1.0 (frozen
+/// in plugins/echo-v0_1) loads and answers beside 0.2.0 plugins in one
+/// runtime, whatever the conversation's state (it is not told).
+#[test]
+fn plugins_of_every_wit_version_load_and_answer_side_by_side() {
+    let runtime = runtime();
+    let old = load(&runtime, "old", "echo_v0_1", "");
+    let new = load(&runtime, "new", "echo", "");
+    assert_eq!((old.wit_version, new.wit_version), ("0.1.0", "0.2.0"));
+    assert!(
+        old.imports.iter().any(|i| i == "digishare:bot/types@0.1.0")
+            && new.imports.iter().any(|i| i == "digishare:bot/types@0.2.0"),
+        "{:?} {:?}",
+        old.imports,
+        new.imports
+    );
+    let text = "Bonjour, je voudrais suivre ma commande";
+    for state in [
+        ConversationState::Bot,
+        ConversationState::Human,
+        ConversationState::Closed,
+    ] {
+        let message = fixture("message_text_customer");
+        let kv = || -> Arc<dyn KvRead> { Arc::new(MemoryKv::default()) };
+        let out = invoke_in(&runtime, &old, &message, state, kv());
+        assert_eq!(
+            out.outcome.unwrap(),
+            vec![Action::text(format!("v0.1: {text}")).unwrap()]
+        );
+        let out = invoke_in(&runtime, &new, &message, state, kv());
+        assert_eq!(out.outcome.unwrap(), vec![Action::text(text).unwrap()]);
+        for plugin in [&old, &new] {
+            let out = invoke_in(&runtime, plugin, &fixture("new_conversation"), state, kv());
+            assert_eq!(out.outcome.unwrap(), vec![], "{}", plugin.name);
+        }
+    }
+}
+
+/// A 0.2.0 plugin is told the state the host passes, for both events.
+#[test]
+fn a_0_2_0_plugin_is_told_the_conversation_state() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "state-echo", "state_echo", "");
+    assert_eq!(plugin.wit_version, "0.2.0");
+    for (state, name) in [
+        (ConversationState::Bot, "bot"),
+        (ConversationState::Human, "human"),
+        (ConversationState::Closed, "closed"),
+    ] {
+        let message = customer_text("conv_state", "msg_state", "where is my order?");
+        let out = invoke_in(
+            &runtime,
+            &plugin,
+            &message,
+            state,
+            Arc::new(MemoryKv::default()),
+        );
+        assert_eq!(
+            single_text(out),
+            format!("{name}: where is my order?"),
+            "{state:?}"
+        );
+        let out = invoke_in(
+            &runtime,
+            &plugin,
+            &fixture("new_conversation"),
+            state,
+            Arc::new(MemoryKv::default()),
+        );
+        assert_eq!(single_text(out), format!("state: {name}"), "{state:?}");
+    }
+}
+
+#[test]
+fn an_endless_loop_is_stopped_at_its_deadline() {
+    let runtime = runtime();
+    let looping = load(
+        &runtime,
+        "hostile-loop",
+        "hostile_loop",
+        "[limits]\ntimeout_ms = 30\n",
+    );
+    let out = on_text(&runtime, &looping, "hi");
+    assert_eq!(out.outcome.unwrap_err(), Failure::Timeout);
+    // The instance is gone, not stuck: the next call is stopped again.
+    let again = on_text(&runtime, &looping, "hi");
+    assert_eq!(again.outcome.unwrap_err(), Failure::Timeout);
+}
+
+#[test]
+fn a_memory_bomb_hits_the_memory_cap() {
+    let runtime = runtime();
+    // A long deadline so a slow machine reports memory, not timeout.
+    let bomb = load(
+        &runtime,
+        "hostile-memory",
+        "hostile_memory",
+        "[limits]\nmemory_mb = 8\ntimeout_ms = 10000\n",
+    );
+    assert_eq!(bomb.limits.memory_bytes, 8 << 20);
+    let out = on_text(&runtime, &bomb, "hi");
+    assert_eq!(out.outcome.unwrap_err(), Failure::Memory);
+}
+
+#[test]
+fn a_panic_is_a_trap_with_its_message_and_an_err_is_an_error() {
+    let runtime = runtime();
+    let trap = load(&runtime, "hostile-trap", "hostile_trap", "");
+    match on_text(&runtime, &trap, "hi").outcome {
+        Err(Failure::Trap(reason)) => assert!(
+            reason.contains("boom: hostile-trap panicked"),
+            "the panic message is missing from {reason:?}"
+        ),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    let out = invoke(
+        &runtime,
+        &trap,
+        &fixture("new_conversation"),
+        Arc::new(MemoryKv::default()),
+    );
+    assert_eq!(
+        out.outcome.unwrap_err(),
+        Failure::Error("refused to greet".into())
+    );
+}
+
+#[test]
+fn a_flood_of_actions_is_refused_whole() {
+    let runtime = runtime();
+    // A long deadline: lifting 10,000 actions in a debug build is slow.
+    let flood = load(
+        &runtime,
+        "hostile-flood",
+        "hostile_flood",
+        "[limits]\ntimeout_ms = 10000\n",
+    );
+    let failure = on_text(&runtime, &flood, "hi").outcome.unwrap_err();
+    assert_eq!(
+        failure,
+        Failure::TooManyActions {
+            count: 10_000,
+            max: 50
+        }
+    );
+    assert_eq!(failure.to_string(), "too many actions (10000, limit 50)");
+
+    let capped = load(
+        &runtime,
+        "hostile-flood",
+        "hostile_flood",
+        "[limits]\ntimeout_ms = 10000\nmax_actions = 7\n",
+    );
+    assert_eq!(
+        on_text(&runtime, &capped, "hi").outcome.unwrap_err(),
+        Failure::TooManyActions {
+            count: 10_000,
+            max: 7
+        }
+    );
+}
+
+#[test]
+fn the_sandbox_grants_no_files_env_network_or_clock() {
+    let runtime = runtime();
+    // A port something listens on, so `net:err` means refused, not absent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let escape = load(
+        &runtime,
+        "hostile-escape",
+        "hostile_escape",
+        &format!("[config]\nport = \"{port}\"\n"),
+    );
+    assert_eq!(
+        single_text(on_text(&runtime, &escape, "hi")),
+        "fs:err dir:err env:0 token:absent net:err clock:0"
+    );
+
+    // The clock grant is the one capability a manifest can give.
+    let timed = load(
+        &runtime,
+        "hostile-escape",
+        "hostile_escape",
+        &format!("[config]\nport = \"{port}\"\n[grants]\nclock = true\n"),
+    );
+    let report = single_text(on_text(&runtime, &timed, "hi"));
+    assert!(
+        report.starts_with("fs:err dir:err env:0 token:absent net:err clock:")
+            && !report.ends_with("clock:0"),
+        "a granted clock reads the real time: {report}"
+    );
+}
+
+#[test]
+fn config_is_visible_to_its_own_plugin_only() {
+    let runtime = runtime();
+    // The greeter has both keys the intruder asks for; the intruder has
+    // none of its own.
+    let greeter = load(
+        &runtime,
+        "greeter",
+        "greeter",
+        "[config]\ngreeting = \"Salam\"\napi_token = \"greeter-secret\"\n",
+    );
+    let intruder = load(&runtime, "hostile-intruder", "hostile_intruder", "");
+    assert_eq!(
+        single_text(on_text(&runtime, &greeter, "hi")),
+        "Salam hi",
+        "a plugin reads its own config"
+    );
+    assert_eq!(
+        single_text(on_text(&runtime, &intruder, "config")),
+        "api_token=None other=None"
+    );
+
+    let own = load(
+        &runtime,
+        "hostile-intruder",
+        "hostile_intruder",
+        "[config]\napi_token = \"intruder-own\"\n",
+    );
+    assert_eq!(
+        single_text(on_text(&runtime, &own, "config")),
+        "api_token=Some(\"intruder-own\") other=None"
+    );
+}
+
+#[test]
+fn kv_is_scoped_to_plugin_and_conversation() {
+    let runtime = runtime();
+    let kv = Arc::new(MemoryKv::default());
+    let intruder = load(&runtime, "intruder", "hostile_intruder", "");
+    let twin = load(&runtime, "twin", "hostile_intruder", "");
+
+    let stored = invoke(
+        &runtime,
+        &intruder,
+        &customer_text("conv_a", "m1", "store s3cret"),
+        kv.clone(),
+    );
+    kv.apply("intruder", "conv_a", &stored.kv_writes);
+    assert_eq!(single_text(stored), "stored");
+
+    let peek = |plugin: &Plugin, conversation: &str| {
+        single_text(invoke(
+            &runtime,
+            plugin,
+            &customer_text(conversation, "m2", "peek"),
+            kv.clone(),
+        ))
+    };
+    assert_eq!(peek(&intruder, "conv_a"), "secret=s3cret");
+    assert_eq!(peek(&intruder, "conv_b"), "secret=none");
+    assert_eq!(peek(&twin, "conv_a"), "secret=none");
+}
+
+#[test]
+fn a_failed_call_keeps_no_kv_writes() {
+    // The same `store` succeeds, then fails on a zero action cap: its KV
+    // write must go with the answer.
+    let runtime = runtime();
+    let intruder = load(&runtime, "intruder", "hostile_intruder", "");
+    let out = on_text(&runtime, &intruder, "store x");
+    assert_eq!(out.kv_writes.len(), 1);
+    let capped = load(
+        &runtime,
+        "intruder",
+        "hostile_intruder",
+        "[limits]\nmax_actions = 0\n",
+    );
+    let out = on_text(&runtime, &capped, "store x");
+    assert_eq!(
+        out.outcome.unwrap_err(),
+        Failure::TooManyActions { count: 1, max: 0 }
+    );
+    assert!(out.kv_writes.is_empty(), "{:?}", out.kv_writes);
+}
+
+#[test]
+fn foreign_imports_are_refused_and_listed() {
+    let runtime = runtime();
+    let err = runtime
+        .load("spy", &wasm("forbidden_imports"), Manifest::default())
+        .unwrap_err();
+    let LoadError::RefusedImports(imports) = &err else {
+        panic!("expected refused imports, got {err}");
+    };
+    assert_eq!(
+        imports,
+        &[
+            "digibot-test:forbidden/exfiltrate@0.1.0".to_string(),
+            "digibot-test:forbidden/spawn@0.1.0".to_string(),
+        ]
+    );
+    assert_eq!(
+        err.to_string(),
+        "imports what digibot does not provide: digibot-test:forbidden/exfiltrate@0.1.0, digibot-test:forbidden/spawn@0.1.0"
+    );
+}
+
+#[test]
+fn what_is_not_a_component_is_refused() {
+    let runtime = runtime();
+    let echo = wasm("echo");
+    let cases: [(&str, &[u8]); 4] = [
+        ("empty", b""),
+        ("core module", b"\0asm\x01\0\0\0"),
+        ("text", b"hello, this is not wasm at all"),
+        ("truncated header", &echo[..6]),
+    ];
+    for (what, bytes) in cases {
+        let err = runtime
+            .load("x", bytes, Manifest::default())
+            .expect_err(what);
+        assert!(
+            matches!(err, LoadError::NotAComponent),
+            "{what}: expected not a component, got {err}"
+        );
+        assert!(err.to_string().contains("not a WebAssembly component"));
+    }
+    // A component cut in half: right preamble, does not compile.
+    let err = runtime
+        .load("x", &echo[..echo.len() / 2], Manifest::default())
+        .unwrap_err();
+    assert!(matches!(err, LoadError::Compile(_)), "{err}");
+    // A name that could escape the plugins folder.
+    let err = runtime
+        .load("../echo", &echo, Manifest::default())
+        .unwrap_err();
+    assert!(matches!(err, LoadError::BadName(_)), "{err}");
+}
+
+#[test]
+fn compiled_components_are_cached_by_hash_and_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    };
+    let first = Runtime::new(config()).unwrap();
+    let echo = load(&first, "echo", "echo", "");
+    assert!(!echo.cached, "nothing was cached yet");
+    let entries: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        entries[0].starts_with(&format!("{}-", echo.hash)) && entries[0].ends_with(".cwasm"),
+        "cache file named by hash and engine: {entries:?}"
+    );
+
+    // A new engine (a restart) loads it without compiling, and it works.
+    let second = Runtime::new(config()).unwrap();
+    let again = load(&second, "echo", "echo", "");
+    assert!(again.cached);
+    assert_eq!(again.hash, echo.hash);
+    assert_eq!(single_text(on_text(&second, &again, "cached")), "cached");
+
+    // A corrupt entry is dropped and the component compiled again.
+    let path = dir.path().join(&entries[0]);
+    std::fs::write(&path, b"garbage").unwrap();
+    let third = Runtime::new(config()).unwrap();
+    let rebuilt = load(&third, "echo", "echo", "");
+    assert!(!rebuilt.cached);
+    assert_eq!(single_text(on_text(&third, &rebuilt, "fresh")), "fresh");
+    assert!(std::fs::metadata(&path).unwrap().len() > 100, "rewritten");
+}
+
+// ---- The registry: versions in and out of service -----------------------
+
+mod registry {
+    use super::*;
+    use digibot_runtime::registry::{Registry, RegistryError};
+
+    fn registry(root: &std::path::Path) -> Registry {
+        let plugins = root.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: Some(root.join("cache")),
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        Registry::new(Arc::new(runtime), Some(plugins), &root.join("data"))
+    }
+
+    fn serving(registry: &Registry, name: &str) -> Option<String> {
+        registry.snapshot().get(name).map(|e| e.plugin.hash.clone())
+    }
+
+    #[test]
+    fn install_refuse_rollback_remove() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry(root.path());
+        let dir = root.path().join("plugins");
+        let v1 = registry.install("echo", &wasm("echo")).unwrap();
+        let v2 = registry.install("echo", &wasm("echo_v2")).unwrap();
+        assert_ne!(v1.hash, v2.hash);
+        assert_eq!(
+            std::fs::read(dir.join("echo.wasm")).unwrap(),
+            wasm("echo_v2")
+        );
+
+        // Refused: v2 keeps serving, the folder keeps v2.
+        let v2_bytes = wasm("echo_v2");
+        let err = registry
+            .install("echo", &v2_bytes[..v2_bytes.len() / 2])
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Load { .. }), "{err}");
+        assert_eq!(serving(&registry, "echo"), Some(v2.hash.clone()));
+        assert_eq!(std::fs::read(dir.join("echo.wasm")).unwrap(), v2_bytes);
+
+        let back = registry.rollback("echo").unwrap();
+        assert_eq!(back.hash, v1.hash);
+        assert_eq!(std::fs::read(dir.join("echo.wasm")).unwrap(), wasm("echo"));
+        assert!(matches!(
+            registry.rollback("echo"),
+            Err(RegistryError::NoPrevious(_))
+        ));
+
+        registry.remove("echo").unwrap();
+        assert_eq!(serving(&registry, "echo"), None);
+        assert!(!dir.join("echo.wasm").exists());
+        assert!(matches!(
+            registry.remove("echo"),
+            Err(RegistryError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_folder_is_the_source_of_truth_for_reload() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry(root.path());
+        let dir = root.path().join("plugins");
+        std::fs::write(dir.join("echo.wasm"), wasm("echo")).unwrap();
+        assert!(registry.reload("echo").unwrap());
+        assert!(!registry.reload("echo").unwrap(), "unchanged: no-op");
+
+        // A changed manifest alone is a new entry with the same bytes.
+        std::fs::write(dir.join("echo.toml"), "[limits]\ntimeout_ms = 20\n").unwrap();
+        assert!(registry.reload("echo").unwrap());
+        let entry = registry.snapshot().get("echo").cloned().unwrap();
+        assert_eq!(entry.plugin.limits.timeout.as_millis(), 20);
+
+        // An upload writes the folder, so a reload triggered by an older
+        // change finds the uploaded bytes and does nothing.
+        let v2 = registry.install("echo", &wasm("echo_v2")).unwrap();
+        assert!(!registry.reload("echo").unwrap());
+        assert_eq!(serving(&registry, "echo"), Some(v2.hash.clone()));
+
+        std::fs::remove_file(dir.join("echo.wasm")).unwrap();
+        assert!(registry.reload("echo").unwrap());
+        assert_eq!(serving(&registry, "echo"), None);
+    }
+
+    #[test]
+    fn a_refused_file_is_reported_and_can_be_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry(root.path());
+        let dir = root.path().join("plugins");
+        std::fs::write(dir.join("spy.wasm"), wasm("forbidden_imports")).unwrap();
+        std::fs::write(dir.join("echo.wasm"), wasm("echo")).unwrap();
+        let errors = registry.load_dir();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let message = errors[0].to_string();
+        assert!(
+            message.starts_with("plugin spy: imports what digibot does not provide:")
+                && message.contains("digibot-test:forbidden/exfiltrate@0.1.0"),
+            "{message}"
+        );
+        assert!(serving(&registry, "echo").is_some());
+        registry.remove("spy").unwrap();
+        assert!(!dir.join("spy.wasm").exists());
+    }
+
+    #[test]
+    fn names_never_reach_the_file_system() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry(root.path());
+        for name in ["../escape", "a/b", ".hidden", ""] {
+            assert!(registry.install(name, &wasm("echo")).is_err(), "{name:?}");
+            assert!(registry.remove(name).is_err(), "{name:?}");
+            assert!(registry.rollback(name).is_err(), "{name:?}");
+        }
+        assert!(!root.path().join("escape.wasm").exists());
+        assert!(registry.snapshot().plugins.is_empty());
+    }
+}

@@ -1,0 +1,379 @@
+//! The admin API under `/admin`, behind `DIGIBOT_ADMIN_TOKEN` (no token: the
+//! routes do not exist). Dead letters, recent events and conversations
+//! (with who is in charge, and handing one back to the bot), plugin
+//! management (list, upload, delete, rollback), and the simulator's
+//! routes (see `simulator`). The dashboard page itself (`dashboard`) is
+//! served without the token: it holds no data and calls these routes.
+
+use crate::{AppState, error_body, simulator};
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use digibot_pipeline::sender::Outbox;
+use digibot_runtime::registry::{Registry, RegistryError};
+use digibot_runtime::{LoadError, Plugin};
+use digibot_store::{EventSummary, Release, Store, StoreError};
+use metrics::counter;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The admin token (`None`: the admin routes do not exist).
+#[derive(Clone)]
+pub struct AdminAuth(pub Option<Arc<str>>);
+
+/// What the admin API works on.
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Store,
+    pub registry: Arc<Registry>,
+    /// Woken when dead letters go back to the outbox.
+    pub outbox: Outbox,
+}
+
+/// Why an admin request failed, as its HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin token required")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A blocking task (a compile) died.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Store(_) | AdminError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AdminError::Registry(e) => match e {
+                RegistryError::NotFound(_) | RegistryError::NoPrevious(_) => StatusCode::NOT_FOUND,
+                RegistryError::Load { .. } | RegistryError::Manifest { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                RegistryError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                // The database is away: nothing changed; try again.
+                RegistryError::Shared { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        };
+        let mut body = error_body(&self);
+        // The refused imports also as a list, for tools.
+        if let AdminError::Registry(RegistryError::Load {
+            source: LoadError::RefusedImports(imports),
+            ..
+        }) = &self
+        {
+            body["refused_imports"] = json!(imports);
+        }
+        (status, body).into_response()
+    }
+}
+
+type Answer = Result<Response, AdminError>;
+
+fn ok(value: impl serde::Serialize) -> Answer {
+    Ok(Json(value).into_response())
+}
+
+/// The `/admin` routes, the simulator's among them; the caller adds the
+/// token check ([`require_admin`]).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/dead-letters", get(dead_letters))
+        .route("/admin/dead-letters/retry", post(retry_all))
+        .route("/admin/dead-letters/{id}/retry", post(retry_one))
+        .route("/admin/dead-letters/{id}", axum::routing::delete(drop_one))
+        .route("/admin/events", get(events))
+        .route("/admin/outbox", get(outbox))
+        .route("/admin/plugins", get(plugins))
+        .route(
+            "/admin/plugins/{name}",
+            axum::routing::put(upload).delete(remove),
+        )
+        .route("/admin/plugins/{name}/rollback", post(rollback))
+        .route("/admin/conversations", get(conversations))
+        .route("/admin/conversations/{id}", get(conversation))
+        .merge(simulator::routes())
+        .route("/admin/conversations/{id}/release", post(release))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+}
+
+/// Lets a request through only with `Authorization: Bearer ADMIN_TOKEN`
+/// (the admin API and `/metrics`).
+pub async fn require_admin(
+    State(AdminAuth(token)): State<AdminAuth>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (token, given) {
+        (Some(token), Some(given)) if crate::webhook::same(given.as_bytes(), token.as_bytes()) => {
+            next.run(req).await
+        }
+        _ => AdminError::Unauthorized.into_response(),
+    }
+}
+
+async fn dead_letters(State(admin): State<AdminState>) -> Answer {
+    ok(admin.store.dead_letters().await?)
+}
+
+async fn retry(admin: AdminState, id: Option<i64>) -> Answer {
+    match admin.store.retry_dead(id).await? {
+        0 if id.is_some() => Err(AdminError::NotFound("no such dead letter".into())),
+        n => {
+            admin.outbox.wake();
+            ok(json!({ "retried": n }))
+        }
+    }
+}
+
+async fn retry_all(State(admin): State<AdminState>) -> Answer {
+    retry(admin, None).await
+}
+
+async fn retry_one(State(admin): State<AdminState>, Path(id): Path<i64>) -> Answer {
+    retry(admin, Some(id)).await
+}
+
+async fn drop_one(State(admin): State<AdminState>, Path(id): Path<i64>) -> Answer {
+    if admin.store.drop_dead(id).await? {
+        ok(json!({ "dropped": id }))
+    } else {
+        Err(AdminError::NotFound("no such dead letter".into()))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn events(State(admin): State<AdminState>, Query(q): Query<Limit>) -> Answer {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    ok(admin.store.recent_events(limit).await?)
+}
+
+async fn outbox(State(admin): State<AdminState>) -> Answer {
+    let counts = admin.store.outbox_counts().await?;
+    ok(counts.into_iter().collect::<BTreeMap<_, _>>())
+}
+
+async fn conversations(State(admin): State<AdminState>, Query(q): Query<Limit>) -> Answer {
+    let limit = q.limit.unwrap_or(50).min(1000);
+    ok(admin.store.recent_conversations(limit).await?)
+}
+
+async fn conversation(State(admin): State<AdminState>, Path(id): Path<String>) -> Answer {
+    let detail = admin.store.conversation(&id).await?;
+    if detail.events.is_empty() && detail.actions.is_empty() {
+        return Err(AdminError::NotFound(
+            "no recent events in this conversation".into(),
+        ));
+    }
+    ok(detail)
+}
+
+/// Events whose recorded plugin outcomes feed the latency summary.
+const LATENCY_EVENTS: usize = 1000;
+
+/// Invocation latency of one plugin version over recent events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// p50/p99 of `elapsed_us` per plugin and version (the first 12 hex
+/// digits, as outcomes record it), from the outcomes stored with recent
+/// events: the runtime's own record of each invocation, so nothing is
+/// counted twice. Filtered and skipped outcomes did not run and are left
+/// out.
+pub fn latencies(events: &[EventSummary]) -> BTreeMap<(String, String), Latency> {
+    let mut samples: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+    for event in events {
+        for outcome in event.plugins.as_array().into_iter().flatten() {
+            if !matches!(outcome["outcome"].as_str(), Some("ok" | "failed")) {
+                continue;
+            }
+            let (Some(plugin), Some(version), Some(us)) = (
+                outcome["plugin"].as_str(),
+                outcome["version"].as_str(),
+                outcome["elapsed_us"].as_u64(),
+            ) else {
+                continue;
+            };
+            samples
+                .entry((plugin.to_string(), version.to_string()))
+                .or_default()
+                .push(us);
+        }
+    }
+    samples
+        .into_iter()
+        .map(|(key, mut us)| {
+            us.sort_unstable();
+            // Nearest rank.
+            let rank = |q: f64| us[((q * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1];
+            let latency = Latency {
+                samples: us.len(),
+                p50_us: rank(0.50),
+                p99_us: rank(0.99),
+            };
+            (key, latency)
+        })
+        .collect()
+}
+
+async fn plugins(State(admin): State<AdminState>) -> Answer {
+    let latency = latencies(&admin.store.recent_events(LATENCY_EVENTS).await?);
+    let plugins: Vec<serde_json::Value> = admin
+        .registry
+        .report()
+        .into_iter()
+        .map(|report| {
+            let key = (
+                report.name.clone(),
+                report.version.chars().take(12).collect::<String>(),
+            );
+            let mut value = json!(report);
+            value["latency"] = json!(latency.get(&key));
+            value
+        })
+        .collect();
+    ok(json!({
+        "pooling": admin.registry.runtime().pooling(),
+        "plugins": plugins,
+    }))
+}
+
+fn installed(plugin: &Plugin) -> Answer {
+    ok(json!({
+        "name": plugin.name,
+        "version": plugin.hash,
+        "wit_version": plugin.wit_version,
+        "cached": plugin.cached,
+        "compile_ms": plugin.compile_time.as_millis() as u64,
+    }))
+}
+
+/// Runs a registry change on a blocking thread: it compiles, and waits for
+/// a change in progress to finish.
+async fn change<T: Send + 'static>(
+    registry: &Arc<Registry>,
+    f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, AdminError> {
+    let registry = registry.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&registry)).await??)
+}
+
+async fn upload(State(admin): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Answer {
+    let plugin = change(&admin.registry, move |r| r.install(&name, &body)).await?;
+    installed(&plugin)
+}
+
+async fn remove(State(admin): State<AdminState>, Path(name): Path<String>) -> Answer {
+    let removed = name.clone();
+    change(&admin.registry, move |r| r.remove(&name)).await?;
+    ok(json!({ "removed": removed }))
+}
+
+async fn rollback(State(admin): State<AdminState>, Path(name): Path<String>) -> Answer {
+    let plugin = change(&admin.registry, move |r| r.rollback(&name)).await?;
+    installed(&plugin)
+}
+
+/// `POST /admin/conversations/{id}/release`: a conversation in a human's
+/// hands goes back to the bot. 404 for a conversation digibot never saw,
+/// 409 when it is not in a human's hands.
+async fn release(State(admin): State<AdminState>, Path(id): Path<String>) -> Answer {
+    match admin
+        .store
+        .release(&id, "released through the admin API".into())
+        .await?
+    {
+        Release::Released => {
+            counter!(digibot_pipeline::metrics::RELEASES, "reason" => "admin").increment(1);
+            tracing::info!(conversation = %id, reason = "admin API", "conversation released to the bot");
+            ok(json!({ "conversation_id": id, "state": "bot" }))
+        }
+        Release::NotHuman(state) => Err(AdminError::Conflict(format!(
+            "conversation {id} is {state}, not in a human's hands"
+        ))),
+        Release::Unknown => Err(AdminError::NotFound(format!("no conversation {id}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(outcomes: serde_json::Value) -> EventSummary {
+        EventSummary {
+            seq: 1,
+            key: "k".into(),
+            event: "live_chat.new_message".into(),
+            conversation_id: Some("c".into()),
+            status: "handled".into(),
+            received_at: 0,
+            handled_at: Some(0),
+            plugins: outcomes,
+        }
+    }
+
+    #[test]
+    fn latency_is_summarised_per_plugin_version_from_recorded_invocations() {
+        let mut events: Vec<EventSummary> = (1..=100)
+            .map(|us| {
+                event(json!([
+                    {"plugin": "echo", "version": "aaaaaaaaaaaa", "outcome": "ok", "elapsed_us": us},
+                    {"plugin": "greeter", "version": "bbbbbbbbbbbb", "outcome": "filtered", "elapsed_us": 0},
+                ]))
+            })
+            .collect();
+        events.push(event(json!([
+            {"plugin": "echo", "version": "cccccccccccc", "outcome": "failed", "elapsed_us": 7},
+            {"plugin": "echo", "version": "aaaaaaaaaaaa", "outcome": "skipped", "elapsed_us": 0},
+        ])));
+        let latency = latencies(&events);
+        assert_eq!(
+            latency.get(&("echo".into(), "aaaaaaaaaaaa".into())),
+            Some(&Latency {
+                samples: 100,
+                p50_us: 50,
+                p99_us: 99
+            })
+        );
+        assert_eq!(
+            latency.get(&("echo".into(), "cccccccccccc".into())),
+            Some(&Latency {
+                samples: 1,
+                p50_us: 7,
+                p99_us: 7
+            })
+        );
+        // Filtered and skipped outcomes did not run.
+        assert_eq!(latency.len(), 2);
+    }
+}

@@ -1,0 +1,2186 @@
+//! The PostgreSQL back end, for several replicas sharing one database
+//! (`DIGIBOT_DATABASE_URL=postgres://...`). All of its SQL lives here.
+//!
+//! Connections: a small pool of `tokio-postgres` clients whose connection
+//! tasks run on a runtime of the store's own (one thread), so the store
+//! works the same from the server, from plugin threads and from the CLI
+//! (which has no runtime). Async operations run in the caller's task; the
+//! blocking ones hand their work to that runtime and wait.
+//!
+//! Round trips: every operation on the event path is one statement, so one
+//! round trip, and commits on its own (data-modifying CTEs keep an event's
+//! completion, with its actions and KV writes, one atomic statement).
+//! Statements are prepared once per connection. Concurrent commits already
+//! share WAL flushes in PostgreSQL, so there is no group commit here.
+//!
+//! Work sharing between replicas, without a coordinator:
+//! - a conversation is handled by one replica at a time: its lease (a row of
+//!   `conversation_leases`: owner replica, expiry) is taken when a dispatcher
+//!   lane starts, renewed by every completion, given back when the lane
+//!   runs dry; a dead replica's lease expires and another replica takes the
+//!   conversation over. A completion whose conversation is leased to
+//!   another replica is refused, so a replica that lost its lease cannot
+//!   reorder the conversation.
+//! - the outbox head of a conversation is claimed (`FOR UPDATE SKIP LOCKED`,
+//!   then `claimed_by`/`claim_expires`) by one replica's sender, which alone
+//!   sends it, when due: only the oldest pending action of a conversation
+//!   is in flight, cluster-wide.
+//! - events that arrive at a replica whose conversation another replica
+//!   holds stay in the inbox, and a `NOTIFY digibot_inbox` tells the owner;
+//!   every replica also polls for orphaned events (lease expired, or never
+//!   taken), so nothing waits on a notification that was missed.
+//!
+//! Schema changes are versioned migrations, applied at start inside a
+//! transaction holding an advisory lock: replicas starting together apply
+//! each migration once.
+
+mod plugins;
+
+use digibot_domain::event::{ConversationState, Event};
+use digibot_store::{
+    ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
+    ConversationSummary, ConversationUpdate, EventSummary, Inserted, KvChanges, KvWrite, NewAction,
+    OutboxAction, OutboxDepth, PluginRecords, Pruned, Release, Store, StoreError, StoredEvent,
+    now_ms, parse_state,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+
+/// What goes wrong inside this back end; a [`StoreError`] at its boundary.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("{0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<Error> for StoreError {
+    fn from(e: Error) -> StoreError {
+        match e {
+            Error::Postgres(e) => StoreError::Database(e.to_string()),
+            Error::Store(e) => e,
+        }
+    }
+}
+
+/// Connects to the PostgreSQL database at `config`, migrates it, and
+/// starts listening to the other replicas.
+pub fn open(config: Config, options: Options) -> Result<Store, StoreError> {
+    Ok(Store::new(PgStore(Arc::new(Postgres::open(
+        config, options,
+    )?))))
+}
+
+/// The PostgreSQL back end behind a [`Store`].
+struct PgStore(Arc<Postgres>);
+
+/// The channel a replica notifies when it leaves an event to the
+/// conversation's owner.
+pub const INBOX_CHANNEL: &str = "digibot_inbox";
+
+/// Channels every replica listens on; their notifications are broadcast
+/// to [`Postgres::notifications`] subscribers.
+pub const CHANNELS: &[&str] = &[INBOX_CHANNEL, PLUGINS_CHANNEL];
+
+/// The channel a replica notifies when it changed the cluster's plugins
+/// (see `cluster`).
+pub const PLUGINS_CHANNEL: &str = "digibot_plugins";
+
+/// Versioned schema changes, applied in order, each once.
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
+CREATE TABLE events (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    conversation_id TEXT,
+    created_at TEXT,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    handled_at BIGINT,
+    outcomes TEXT
+);
+CREATE INDEX events_pending ON events (conversation_id, seq) WHERE status = 'pending';
+CREATE TABLE outbox (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_seq BIGINT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    last_status BIGINT,
+    last_error TEXT,
+    created_at BIGINT NOT NULL,
+    done_at BIGINT,
+    -- The replica sending it, until claim_expires (a dead replica's claim
+    -- runs out and another replica sends it, with the same idempotency key).
+    claimed_by TEXT,
+    claim_expires TIMESTAMPTZ
+);
+CREATE INDEX outbox_pending ON outbox (conversation_id, id) WHERE status = 'pending';
+CREATE INDEX outbox_dead ON outbox (id) WHERE status = 'dead';
+CREATE TABLE kv (
+    plugin TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (plugin, conversation_id, key)
+);
+CREATE TABLE conversation_leases (
+    conversation_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+"#,
+    ),
+    (
+        2,
+        // Plugins across replicas (see `cluster`): every version's bytes,
+        // what serves now with its rollback targets, each replica's breakers.
+        r#"
+CREATE TABLE plugin_versions (
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    bytes BYTEA NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (name, hash)
+);
+CREATE TABLE plugins (
+    name TEXT PRIMARY KEY,
+    -- NULL once removed: the name stays known.
+    hash TEXT,
+    -- Rollback targets, oldest first.
+    previous TEXT[] NOT NULL DEFAULT '{}',
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE plugin_health (
+    replica TEXT NOT NULL,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    report TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (replica, name)
+);
+"#,
+    ),
+    (
+        3,
+        r#"
+-- Who is in charge of each conversation, and the ids the Messages API
+-- returned (to recognise digibot's own messages coming back as webhooks).
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    changed_at BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    channel TEXT,
+    last_customer_at BIGINT,
+    last_agent_at BIGINT
+);
+CREATE TABLE sent_messages (
+    conversation_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    action_id BIGINT NOT NULL,
+    sent_at BIGINT NOT NULL,
+    PRIMARY KEY (conversation_id, message_id)
+);
+"#,
+    ),
+];
+
+/// Any `pg_advisory_xact_lock` key of digibot's own; this one guards
+/// migrations.
+const MIGRATION_LOCK: i64 = 0x6469_6769_626f_7401;
+
+/// How the PostgreSQL back end is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Connections in the pool (each replica has its own pool).
+    pub pool_size: usize,
+    /// How long a conversation lease lasts without renewal: how long a dead
+    /// replica's conversations wait before another replica takes them.
+    pub lease: Duration,
+    /// How long a claimed outbox action stays with its sender (longer than
+    /// one request to Digishare).
+    pub claim: Duration,
+    /// How often a replica looks for orphaned work; also how old an
+    /// unleased event must be before a replica other than the one that
+    /// received it takes it.
+    pub poll: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pool_size: 8,
+            lease: Duration::from_secs(30),
+            claim: Duration::from_secs(60),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A `postgres://` URL as a connection config (the password is never
+/// shown in the error).
+pub fn parse_url(url: &str) -> Result<Config, StoreError> {
+    url.parse::<Config>()
+        .map_err(|e| StoreError::Config(format!("DIGIBOT_DATABASE_URL: {e}")))
+}
+
+/// Opens one connection, its connection task running on `runtime`.
+async fn connect(config: &Config, runtime: &tokio::runtime::Handle) -> Result<Client, Error> {
+    let config = config.clone();
+    runtime
+        .spawn(async move {
+            let (client, connection) = config.connect(NoTls).await.map_err(Error::from)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "postgres connection closed");
+                }
+            });
+            Ok::<_, Error>(client)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+}
+
+/// A pooled connection with its prepared statements.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    async fn prepare(&mut self, sql: &'static str) -> Result<Statement, Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
+        let s = self.client.prepare(sql).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let statement = self.prepare(sql).await?;
+        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
+        Ok(self.client.query(&statement, params).await?)
+    }
+
+    async fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        let statement = self.prepare(sql).await?;
+        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
+        Ok(self.client.query_one(&statement, params).await?)
+    }
+
+    async fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        let statement = self.prepare(sql).await?;
+        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
+        Ok(self.client.execute(&statement, params).await?)
+    }
+}
+
+/// A connection borrowed from the pool; it goes back when dropped, unless
+/// it broke.
+struct Pooled {
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pooled {
+    /// The client, for statements of another module's own.
+    fn client(&self) -> &Client {
+        &self.conn.as_ref().expect("present until dropped").client
+    }
+
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && !conn.client.is_closed()
+            && let Ok(mut idle) = self.pool.idle.lock()
+        {
+            idle.push(conn);
+        }
+    }
+}
+
+/// At most `size` connections, opened on demand, reused while healthy.
+struct Pool {
+    config: Config,
+    runtime: tokio::runtime::Handle,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+    closed: AtomicBool,
+}
+
+impl Pool {
+    async fn get(self: &Arc<Self>) -> Result<Pooled, Error> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed.into());
+        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let reused = {
+            let mut idle = self.idle.lock().map_err(|_| StoreError::Closed)?;
+            let mut found = None;
+            while let Some(conn) = idle.pop() {
+                if !conn.client.is_closed() {
+                    found = Some(conn);
+                    break;
+                }
+            }
+            found
+        };
+        let conn = match reused {
+            Some(conn) => conn,
+            None => Conn {
+                client: connect(&self.config, &self.runtime).await?,
+                statements: HashMap::new(),
+            },
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// A notification from another replica (or our own), on one of
+/// [`CHANNELS`]. After a lost listener connection comes back, every
+/// channel gets one with an empty payload: something may have been missed.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub channel: String,
+    pub payload: String,
+}
+
+/// The open PostgreSQL back end.
+struct Postgres {
+    /// Runs connection tasks, the listener and the blocking operations.
+    /// `None` once dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    pool: Arc<Pool>,
+    /// This replica, as it appears in leases and claims.
+    replica: String,
+    options: Options,
+    notifications: broadcast::Sender<Notification>,
+    /// Woken by inbox notifications and the poll timer.
+    inbox: Arc<Notify>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one's async context panics.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Postgres {
+    /// Connects, applies pending migrations, and starts listening.
+    fn open(config: Config, options: Options) -> Result<Postgres, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("digibot-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Config(format!("cannot start the database runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let mut config = config;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("digibot");
+        let pool = Arc::new(Pool {
+            config,
+            runtime: handle.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(options.pool_size.max(1))),
+            closed: AtomicBool::new(false),
+        });
+        let replica = format!(
+            "{}-{}-{:08x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "digibot".into()),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let (notifications, _) = broadcast::channel(1024);
+        let pg = Postgres {
+            runtime: Some(runtime),
+            handle,
+            pool,
+            replica,
+            options,
+            notifications,
+            inbox: Arc::new(Notify::new()),
+        };
+        let pool = pg.pool.clone();
+        pg.block(async move { migrate(&pool).await })?;
+        pg.start_listener();
+        Ok(pg)
+    }
+
+    /// This replica's name in leases and claims.
+    fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// A connection from the pool, for statements of another module's own.
+    async fn client(&self) -> Result<Pooled, Error> {
+        self.pool.get().await
+    }
+
+    /// Notifications on [`CHANNELS`], from every replica.
+    fn notifications(&self) -> broadcast::Receiver<Notification> {
+        self.notifications.subscribe()
+    }
+
+    /// Runs `f` on the store's runtime and waits for it (for the blocking
+    /// operations: callable from any thread, with or without a runtime).
+    fn block<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, Error>> + Send + 'static,
+    ) -> Result<T, Error> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Keeps one connection LISTENing on [`CHANNELS`] (reconnecting when it
+    /// drops), and wakes the inbox watchers on every inbox notification and
+    /// every poll interval.
+    fn start_listener(&self) {
+        let config = self.pool.config.clone();
+        let tx = self.notifications.clone();
+        let inbox = self.inbox.clone();
+        let poll = self.options.poll;
+        self.handle.spawn({
+            let inbox = inbox.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(poll).await;
+                    inbox.notify_one();
+                }
+            }
+        });
+        self.handle.spawn(async move {
+            let mut first = true;
+            loop {
+                match config.connect(NoTls).await {
+                    Ok((client, mut connection)) => {
+                        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+                        let forward = tx.clone();
+                        let wake = inbox.clone();
+                        let driver = tokio::spawn(async move {
+                            loop {
+                                let message =
+                                    std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+                                match message {
+                                    Some(Ok(AsyncMessage::Notification(n))) => {
+                                        if n.channel() == INBOX_CHANNEL {
+                                            wake.notify_one();
+                                        }
+                                        let _ = forward.send(Notification {
+                                            channel: n.channel().to_string(),
+                                            payload: n.payload().to_string(),
+                                        });
+                                    }
+                                    Some(Ok(_)) => {}
+                                    Some(Err(e)) => {
+                                        tracing::warn!(error = %e, "postgres listener lost its connection");
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            let _ = done_tx.send(());
+                        });
+                        let listen: String =
+                            CHANNELS.iter().map(|c| format!("LISTEN {c};")).collect();
+                        if let Err(e) = client.batch_execute(&listen).await {
+                            tracing::warn!(error = %e, "postgres LISTEN failed");
+                        } else if !first {
+                            // Anything sent while we were away is lost:
+                            // tell every subscriber to look again.
+                            for c in CHANNELS {
+                                let _ = tx.send(Notification {
+                                    channel: c.to_string(),
+                                    payload: String::new(),
+                                });
+                            }
+                            inbox.notify_one();
+                        }
+                        first = false;
+                        let _ = (&mut done_rx).await;
+                        driver.abort();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "postgres listener cannot connect");
+                        first = false;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    /// Later operations fail with [`StoreError::Closed`].
+    fn close(&self) {
+        self.pool.closed.store(true, Ordering::Relaxed);
+        if let Ok(mut idle) = self.pool.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    async fn conn(&self) -> Result<Pooled, Error> {
+        self.pool.get().await
+    }
+
+    /// A round trip on a pooled connection: fails when the database cannot
+    /// be reached (or the store is closed).
+    async fn ping(&self) -> Result<(), Error> {
+        let mut c = self.conn().await?;
+        c.conn().query("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    // ---- inbox ---------------------------------------------------------
+
+    async fn insert_event(&self, event: Event) -> Result<Inserted, Error> {
+        let payload =
+            serde_json::to_string(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let status = if event.dispatched() {
+            "pending"
+        } else {
+            "recorded"
+        };
+        let now = now_ms();
+        let handled_at = (status != "pending").then_some(now);
+        let mut c = self.conn().await?;
+        let rows = c
+            .conn()
+            .query(
+                "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (key) DO NOTHING RETURNING seq",
+                &[
+                    &event.key,
+                    &event.name,
+                    &event.conversation_id(),
+                    &event.created_at(),
+                    &payload,
+                    &status,
+                    &now,
+                    &handled_at,
+                ],
+            )
+            .await?;
+        Ok(match rows.first() {
+            Some(row) => Inserted::New(row.try_get(0)?),
+            None => Inserted::Duplicate,
+        })
+    }
+
+    async fn pending_events(&self) -> Result<Vec<StoredEvent>, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq",
+                    &[],
+                )
+                .await?;
+            stored_events(&rows)
+        }
+        .await
+    }
+
+    async fn complete_event(
+        &self,
+        seq: i64,
+        conversation_id: String,
+        outcomes: serde_json::Value,
+        actions: Vec<NewAction>,
+        kv: Vec<KvChanges>,
+        update: ConversationUpdate,
+    ) -> Result<Completed, Error> {
+        let now = now_ms();
+        let outcomes = outcomes.to_string();
+        let change_to = update.change.as_ref().map(|c| c.to.as_str());
+        let change_from = update
+            .change
+            .as_ref()
+            .and_then(|c| c.from)
+            .map(|s| s.as_str());
+        let reason = update.change.as_ref().map(|c| c.reason.as_str());
+        let mut a: [Vec<String>; 5] = Default::default();
+        for action in &actions {
+            a[0].push(action.plugin.clone());
+            a[1].push(action.idempotency_key.clone());
+            a[2].push(action.method.clone());
+            a[3].push(action.path.clone());
+            a[4].push(action.body.to_string());
+        }
+        let (sets, deletes) = kv_final(&kv);
+        let mut c = self.conn().await?;
+        // One statement, so one round trip and one atomic commit: the lease
+        // check, the status guard (a second completion queues nothing), the
+        // lease renewal, the actions in order, the KV writes.
+        let row = c
+            .conn()
+            .query_one(
+                "WITH blocked AS (
+                    SELECT 1 FROM conversation_leases
+                    WHERE conversation_id = $2 AND owner <> $5 AND expires_at > now()
+                 ), done AS (
+                    UPDATE events SET status = 'handled', handled_at = $3, outcomes = $4
+                    WHERE seq = $1 AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM blocked)
+                    RETURNING seq
+                 ), renewed AS (
+                    UPDATE conversation_leases SET expires_at = now() + make_interval(secs => $6)
+                    WHERE conversation_id = $2 AND owner = $5 RETURNING 1
+                 ), queued AS (
+                    INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
+                    SELECT done.seq, $2, a.plugin, a.key, a.method, a.path, a.body, 'pending', $3, $3
+                    FROM done, unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+                         WITH ORDINALITY AS a(plugin, key, method, path, body, n)
+                    ORDER BY a.n
+                    RETURNING id
+                 ), kv_set AS (
+                    INSERT INTO kv (plugin, conversation_id, key, value, updated_at)
+                    SELECT s.plugin, s.conv, s.key, s.value, $3
+                    FROM done, unnest($12::text[], $13::text[], $14::text[], $15::text[]) AS s(plugin, conv, key, value)
+                    ON CONFLICT (plugin, conversation_id, key)
+                    DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+                    RETURNING 1
+                 ), kv_delete AS (
+                    DELETE FROM kv USING done, unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
+                    WHERE kv.plugin = d.plugin AND kv.conversation_id = d.conv AND kv.key = d.key
+                    RETURNING 1
+                 ), old AS (
+                    SELECT state FROM conversations WHERE id = $2
+                 ), applies AS (
+                    -- The state change applies from its `from` state (any
+                    -- other state when none); a new conversation is `bot`.
+                    SELECT $19::text IS NOT NULL
+                           AND COALESCE((SELECT state FROM old), 'bot') <> $19::text
+                           AND ($20::text IS NULL OR COALESCE((SELECT state FROM old), 'bot') = $20::text) AS yes
+                 ), conv AS (
+                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at)
+                    SELECT $2, CASE WHEN applies.yes THEN $19::text ELSE 'bot' END, $3,
+                           CASE WHEN applies.yes THEN $21::text ELSE 'first event' END,
+                           $22::text, $23::bigint, $24::bigint
+                    FROM done, applies WHERE $2 <> ''
+                    ON CONFLICT (id) DO UPDATE SET
+                       state = CASE WHEN (SELECT yes FROM applies) THEN $19::text ELSE conversations.state END,
+                       changed_at = CASE WHEN (SELECT yes FROM applies) THEN $3 ELSE conversations.changed_at END,
+                       reason = CASE WHEN (SELECT yes FROM applies) THEN $21::text ELSE conversations.reason END,
+                       channel = COALESCE($22::text, conversations.channel),
+                       -- Times only move forward (GREATEST skips NULLs).
+                       last_customer_at = GREATEST(conversations.last_customer_at, $23::bigint),
+                       last_agent_at = GREATEST(conversations.last_agent_at, $24::bigint)
+                    RETURNING 1
+                 ), archived AS (
+                    UPDATE outbox SET status = 'dead', last_status = NULL, last_error = $25::text, done_at = $3,
+                           claimed_by = NULL, claim_expires = NULL
+                    FROM done
+                    WHERE $25::text IS NOT NULL AND outbox.conversation_id = $2 AND outbox.status = 'pending'
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM queued),
+                        EXISTS (SELECT 1 FROM blocked),
+                        (SELECT count(*) FROM kv_set) + (SELECT count(*) FROM kv_delete) + (SELECT count(*) FROM renewed),
+                        EXISTS (SELECT 1 FROM done),
+                        EXISTS (SELECT 1 FROM conv) AND (SELECT yes FROM applies),
+                        (SELECT count(*) FROM archived)",
+                &[
+                    &seq,
+                    &conversation_id,
+                    &now,
+                    &outcomes,
+                    &self.replica,
+                    &secs(self.options.lease),
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    &sets[0],
+                    &sets[1],
+                    &sets[2],
+                    &sets[3],
+                    &deletes[0],
+                    &deletes[1],
+                    &deletes[2],
+                    &change_to,
+                    &change_from,
+                    &reason,
+                    &update.channel,
+                    &update.customer_at,
+                    &update.agent_at,
+                    &update.archive,
+                ],
+            )
+            .await?;
+        if row.try_get::<_, bool>(1)? {
+            return Err(StoreError::LeaseLost(conversation_id).into());
+        }
+        Ok(Completed {
+            queued: row.try_get::<_, i64>(0)? as usize,
+            completed: row.try_get(3)?,
+            changed: row.try_get(4)?,
+            archived: row.try_get::<_, i64>(5)? as usize,
+        })
+    }
+
+    // ---- conversation state ------------------------------------------------
+
+    async fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, Error> {
+        let pool = self.pool.clone();
+        let id = id.to_string();
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                     FROM conversations WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            rows.first().map(|r| conversation_record(r, 0)).transpose()
+        }
+        .await
+    }
+
+    async fn conversation_states(
+        &self,
+        state: Option<ConversationState>,
+        limit: usize,
+    ) -> Result<Vec<ConversationRecord>, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                     FROM conversations WHERE $1::text IS NULL OR state = $1
+                     ORDER BY changed_at DESC, id LIMIT $2",
+                    &[&state.map(|s| s.as_str()), &(limit as i64)],
+                )
+                .await?;
+            rows.iter().map(|r| conversation_record(r, 0)).collect()
+        }
+        .await
+    }
+
+    async fn is_own_message(&self, conversation_id: &str, message_id: &str) -> Result<bool, Error> {
+        let pool = self.pool.clone();
+        let (conversation_id, message_id) = (conversation_id.to_string(), message_id.to_string());
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT 1 FROM sent_messages WHERE conversation_id = $1 AND message_id = $2",
+                    &[&conversation_id, &message_id],
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        }
+        .await
+    }
+
+    async fn release(&self, id: &str, reason: String) -> Result<Release, Error> {
+        let pool = self.pool.clone();
+        let id = id.to_string();
+        async move {
+            let mut c = pool.get().await?;
+            let row = c
+                .conn()
+                .query_one(
+                    "WITH old AS (SELECT state FROM conversations WHERE id = $1),
+                     released AS (
+                        UPDATE conversations SET state = 'bot', changed_at = $2, reason = $3
+                        WHERE id = $1 AND state = 'human' RETURNING 1)
+                     SELECT (SELECT state FROM old), EXISTS (SELECT 1 FROM released)",
+                    &[&id, &now_ms(), &reason],
+                )
+                .await?;
+            let old: Option<String> = row.try_get(0)?;
+            Ok(match old {
+                None => Release::Unknown,
+                Some(_) if row.try_get::<_, bool>(1)? => Release::Released,
+                Some(state) => Release::NotHuman(parse_state(&state)?),
+            })
+        }
+        .await
+    }
+
+    async fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                     FROM events ORDER BY seq DESC LIMIT $1",
+                    &[&(limit as i64)],
+                )
+                .await?;
+            rows.iter().map(event_summary).collect()
+        }
+        .await
+    }
+
+    async fn recent_conversations(&self, limit: usize) -> Result<Vec<ConversationSummary>, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            // The window is a range of sequence numbers, as on SQLite (here
+            // duplicates use up numbers too, so it may hold a few fewer).
+            let rows = c
+                .conn()
+                .query(
+                    "WITH recent AS (
+                        SELECT conversation_id, COUNT(*) AS events, MIN(received_at) AS first_at,
+                               MAX(received_at) AS last_at,
+                               SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END)::BIGINT AS pending,
+                               MAX(seq) AS last_seq
+                        FROM events
+                        WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1
+                          AND conversation_id IS NOT NULL
+                        GROUP BY conversation_id ORDER BY MAX(seq) DESC LIMIT $2
+                     ), actions AS (
+                        SELECT conversation_id,
+                               COUNT(*) FILTER (WHERE status = 'sent') AS sent,
+                               COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+                               COUNT(*) FILTER (WHERE status = 'dead') AS dead
+                        FROM outbox
+                        WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1
+                          AND conversation_id IN (SELECT conversation_id FROM recent)
+                        GROUP BY conversation_id
+                     )
+                     SELECT r.conversation_id, r.events, r.first_at, r.last_at, r.pending, e.name,
+                            COALESCE(a.sent, 0), COALESCE(a.pending, 0), COALESCE(a.dead, 0),
+                            s.id, s.state, s.changed_at, s.reason, s.channel, s.last_customer_at, s.last_agent_at
+                     FROM recent r JOIN events e ON e.seq = r.last_seq
+                     LEFT JOIN actions a ON a.conversation_id = r.conversation_id
+                     LEFT JOIN conversations s ON s.id = r.conversation_id
+                     ORDER BY r.last_seq DESC",
+                    &[&CONVERSATION_WINDOW, &(limit as i64)],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ConversationSummary {
+                        conversation_id: r.try_get(0)?,
+                        events: r.try_get(1)?,
+                        first_event_at: r.try_get(2)?,
+                        last_event_at: r.try_get(3)?,
+                        pending_events: r.try_get(4)?,
+                        last_event: r.try_get(5)?,
+                        actions: ActionCounts {
+                            sent: r.try_get(6)?,
+                            pending: r.try_get(7)?,
+                            dead: r.try_get(8)?,
+                        },
+                        state: match r.try_get::<_, Option<String>>(9)? {
+                            Some(_) => Some(conversation_record(r, 9)?),
+                            None => None,
+                        },
+                    })
+                })
+                .collect()
+        }
+        .await
+    }
+
+    async fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, Error> {
+        let pool = self.pool.clone();
+        let conversation_id = conversation_id.to_string();
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                     FROM events
+                     WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 AND conversation_id = $2
+                     ORDER BY seq",
+                    &[&CONVERSATION_WINDOW, &conversation_id],
+                )
+                .await?;
+            let events = rows.iter().map(event_summary).collect::<Result<_, _>>()?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                            status, attempts, next_attempt_at, last_status, last_error, created_at
+                     FROM outbox
+                     WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1 AND conversation_id = $2
+                     ORDER BY id",
+                    &[&CONVERSATION_WINDOW, &conversation_id],
+                )
+                .await?;
+            let actions = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                     FROM conversations WHERE id = $1",
+                    &[&conversation_id],
+                )
+                .await?;
+            let state = rows
+                .first()
+                .map(|r| conversation_record(r, 0))
+                .transpose()?;
+            Ok(ConversationDetail {
+                conversation_id,
+                events,
+                actions,
+                state,
+            })
+        }
+        .await
+    }
+
+    // ---- conversations -------------------------------------------------
+
+    async fn claim_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Option<Vec<StoredEvent>>, Error> {
+        let mut c = self.conn().await?;
+        // Taken when free, expired, or already ours; when another replica
+        // holds it, that replica is told (NOTIFY) an event waits for it.
+        let rows = c
+            .conn()
+            .query(
+                "WITH lease AS (
+                    INSERT INTO conversation_leases (conversation_id, owner, expires_at)
+                    VALUES ($1, $2, now() + make_interval(secs => $3))
+                    ON CONFLICT (conversation_id) DO UPDATE
+                    SET owner = excluded.owner, expires_at = excluded.expires_at
+                    WHERE conversation_leases.owner = excluded.owner
+                       OR conversation_leases.expires_at < now()
+                    RETURNING 1
+                 ), held AS (
+                    SELECT count(*) AS n FROM lease
+                 ), nudge AS (
+                    SELECT pg_notify('digibot_inbox', $1) FROM held WHERE n = 0
+                 )
+                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload
+                 FROM held LEFT JOIN events e
+                   ON held.n > 0 AND e.conversation_id = $1 AND e.status = 'pending'
+                 ORDER BY e.seq",
+                &[&conversation_id, &self.replica, &secs(self.options.lease)],
+            )
+            .await?;
+        let held = rows
+            .first()
+            .map(|r| r.try_get::<_, i64>(0))
+            .transpose()?
+            .unwrap_or(0);
+        if held == 0 {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        for r in &rows {
+            if let Some(seq) = r.try_get::<_, Option<i64>>(2)? {
+                let payload: String = r.try_get(3)?;
+                events.push(stored_event(seq, &payload)?);
+            }
+        }
+        Ok(Some(events))
+    }
+
+    async fn release_conversation(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, Error> {
+        let mut c = self.conn().await?;
+        // Kept (and the events returned) while events of the conversation
+        // wait: those arrived at other replicas meanwhile.
+        let rows = c
+            .conn()
+            .query(
+                "WITH waiting AS (
+                    SELECT seq, payload FROM events
+                    WHERE conversation_id = $1 AND status = 'pending'
+                 ), released AS (
+                    DELETE FROM conversation_leases
+                    WHERE conversation_id = $1 AND owner = $2
+                      AND NOT EXISTS (SELECT 1 FROM waiting)
+                    RETURNING 1
+                 )
+                 SELECT seq, payload, (SELECT count(*) FROM released) FROM waiting ORDER BY seq",
+                &[&conversation_id, &self.replica],
+            )
+            .await?;
+        stored_events(&rows)
+    }
+
+    async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        let mut c = self.conn().await?;
+        // Ours, or orphaned: no live lease, and old enough that the replica
+        // which received it had its chance.
+        let settled = now_ms() - self.options.poll.as_millis() as i64 * 2;
+        let rows = c
+            .conn()
+            .query(
+                "SELECT e.seq, e.payload FROM events e
+                 LEFT JOIN conversation_leases l ON l.conversation_id = e.conversation_id
+                 WHERE e.status = 'pending' AND e.conversation_id IS NOT NULL
+                   AND (l.owner = $1 OR ((l.owner IS NULL OR l.expires_at < now()) AND e.received_at < $2))
+                 ORDER BY e.seq LIMIT $3",
+                &[&self.replica, &settled, &(limit as i64)],
+            )
+            .await?;
+        stored_events(&rows)
+    }
+
+    /// Woken when work may wait in the inbox for this replica.
+    fn inbox_wakeups(&self) -> Option<Arc<Notify>> {
+        Some(self.inbox.clone())
+    }
+
+    // ---- KV --------------------------------------------------------------
+
+    async fn kv_get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        key: &str,
+    ) -> Result<Option<String>, Error> {
+        let pool = self.pool.clone();
+        let (plugin, conversation_id, key) = (
+            plugin.to_string(),
+            conversation_id.to_string(),
+            key.to_string(),
+        );
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT value FROM kv WHERE plugin = $1 AND conversation_id = $2 AND key = $3",
+                    &[&plugin, &conversation_id, &key],
+                )
+                .await?;
+            Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
+        }
+        .await
+    }
+
+    // ---- outbox ------------------------------------------------------------
+
+    async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, Error> {
+        let pool = self.pool.clone();
+        let replica = self.replica.clone();
+        let claim = secs(self.options.claim);
+        async move {
+            let mut c = pool.get().await?;
+            // Every head returned is claimed for this replica, due or not:
+            // the sender starts those due by its own clock and sleeps until
+            // the next, so it must never see one it does not hold. Its own
+            // claims come back too (renewed); it skips what it has in
+            // flight. Conditions on `o` are rechecked on the latest row
+            // version after the lock, so a head sent or claimed meanwhile
+            // is passed over.
+            let rows = c
+                .conn()
+                .query(
+                    "WITH heads AS (
+                        SELECT DISTINCT ON (conversation_id) id
+                        FROM outbox WHERE status = 'pending'
+                        ORDER BY conversation_id, id
+                     ), mine AS (
+                        SELECT o.id FROM outbox o JOIN heads h ON o.id = h.id
+                        WHERE o.status = 'pending'
+                          AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.claim_expires < now())
+                        ORDER BY o.next_attempt_at, o.id
+                        LIMIT $2
+                        FOR UPDATE OF o SKIP LOCKED
+                     ), claimed AS (
+                        UPDATE outbox SET claimed_by = $1, claim_expires = now() + make_interval(secs => $3)
+                        FROM mine WHERE outbox.id = mine.id
+                        RETURNING outbox.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                                  status, attempts, next_attempt_at, last_status, last_error, created_at
+                     )
+                     SELECT * FROM claimed ORDER BY next_attempt_at, id",
+                    &[&replica, &(limit as i64), &claim],
+                )
+                .await?;
+            rows.iter().map(outbox_row).collect()
+        }
+        .await
+    }
+
+    async fn outbox_counts(&self) -> Result<Vec<(String, i64)>, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query("SELECT status, COUNT(*) FROM outbox GROUP BY status", &[])
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        }
+        .await
+    }
+
+    async fn outbox_depth(&self) -> Result<OutboxDepth, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let row = c
+                .conn()
+                .query_one(
+                    "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending'),
+                            (SELECT COUNT(*) FROM outbox WHERE status = 'dead')",
+                    &[],
+                )
+                .await?;
+            Ok(OutboxDepth {
+                pending: row.try_get(0)?,
+                dead: row.try_get(1)?,
+            })
+        }
+        .await
+    }
+
+    async fn mark_sent(
+        &self,
+        id: i64,
+        status: u16,
+        message_id: Option<String>,
+        hand_off: bool,
+    ) -> Result<bool, Error> {
+        let mut c = self.conn().await?;
+        let reason = format!("hand-off delivered (action {id})");
+        // One statement: the delivery, its message id, and a delivered
+        // hand-off taking the conversation from the bot.
+        let row = c
+            .conn()
+            .query_one(
+                "WITH sent AS (
+                    UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = $2, last_error = NULL,
+                    done_at = $3, claimed_by = NULL, claim_expires = NULL WHERE id = $1
+                    RETURNING conversation_id
+                 ), ids AS (
+                    INSERT INTO sent_messages (conversation_id, message_id, action_id, sent_at)
+                    SELECT conversation_id, $4::text, $1, $3 FROM sent WHERE $4::text IS NOT NULL
+                    ON CONFLICT (conversation_id, message_id) DO NOTHING
+                    RETURNING 1
+                 ), handed AS (
+                    INSERT INTO conversations (id, state, changed_at, reason)
+                    SELECT conversation_id, 'human', $3, $5 FROM sent WHERE $6
+                    ON CONFLICT (id) DO UPDATE
+                    SET state = 'human', changed_at = excluded.changed_at, reason = excluded.reason
+                    WHERE conversations.state = 'bot'
+                    RETURNING 1
+                 )
+                 SELECT EXISTS (SELECT 1 FROM handed), (SELECT count(*) FROM ids)",
+                &[
+                    &id,
+                    &(status as i64),
+                    &now_ms(),
+                    &message_id,
+                    &reason,
+                    &hand_off,
+                ],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn mark_retry(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), Error> {
+        let mut c = self.conn().await?;
+        c.conn()
+            .execute(
+                // Only while pending: an action archived during its attempt
+                // stays a dead letter.
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_status = $3, last_error = $4,
+                 claimed_by = NULL, claim_expires = NULL WHERE id = $1 AND status = 'pending'",
+                &[
+                    &id,
+                    &next_attempt_at,
+                    &last_status.map(i64::from),
+                    &last_error,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_dead(
+        &self,
+        id: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), Error> {
+        let mut c = self.conn().await?;
+        c.conn()
+            .execute(
+                // An action archived during its attempt keeps its reason.
+                "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = $2, last_error = $3,
+                 done_at = $4, claimed_by = NULL, claim_expires = NULL WHERE id = $1 AND status = 'pending'",
+                &[&id, &last_status.map(i64::from), &last_error, &now_ms()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    // ---- dead letters ------------------------------------------------------
+
+    async fn dead_letters(&self) -> Result<Vec<OutboxAction>, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let rows = c
+                .conn()
+                .query(
+                    "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                            status, attempts, next_attempt_at, last_status, last_error, created_at
+                     FROM outbox WHERE status = 'dead' ORDER BY id",
+                    &[],
+                )
+                .await?;
+            rows.iter().map(outbox_row).collect()
+        }
+        .await
+    }
+
+    async fn retry_dead(&self, id: Option<i64>) -> Result<usize, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let n = c
+                .conn()
+                .execute(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, done_at = NULL,
+                     claimed_by = NULL, claim_expires = NULL
+                     WHERE status = 'dead' AND ($1::BIGINT IS NULL OR id = $1)",
+                    &[&id, &now_ms()],
+                )
+                .await?;
+            Ok(n as usize)
+        }
+        .await
+    }
+
+    async fn drop_dead(&self, id: i64) -> Result<bool, Error> {
+        let pool = self.pool.clone();
+        async move {
+            let mut c = pool.get().await?;
+            let n = c
+                .conn()
+                .execute(
+                    "DELETE FROM outbox WHERE status = 'dead' AND id = $1",
+                    &[&id],
+                )
+                .await?;
+            Ok(n > 0)
+        }
+        .await
+    }
+
+    // ---- retention ---------------------------------------------------------
+
+    async fn prune(&self, before: i64) -> Result<Pruned, Error> {
+        // In batches, each its own statement, so webhooks keep flowing.
+        const BATCH: i64 = 5000;
+        let mut total = Pruned::default();
+        loop {
+            let mut c = self.conn().await?;
+            let events = c
+                .conn()
+                .execute(
+                    "DELETE FROM events WHERE seq IN (
+                       SELECT seq FROM events
+                       WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < $1
+                         AND seq NOT IN (SELECT event_seq FROM outbox WHERE status IN ('pending', 'dead'))
+                       ORDER BY seq LIMIT $2)",
+                    &[&before, &BATCH],
+                )
+                .await? as usize;
+            let actions = c
+                .conn()
+                .execute(
+                    "DELETE FROM outbox WHERE id IN (
+                       SELECT id FROM outbox WHERE status = 'sent' AND done_at < $1
+                       ORDER BY id LIMIT $2)",
+                    &[&before, &BATCH],
+                )
+                .await? as usize;
+            // Echoes come back within seconds: ids as old as the pruned
+            // actions are of no use.
+            c.conn()
+                .execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
+                .await?;
+            total.events += events;
+            total.actions += actions;
+            if events < BATCH as usize && actions < BATCH as usize {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Applies the migrations this database lacks, under an advisory lock held
+/// by the transaction: a replica starting at the same time waits, then
+/// finds them applied.
+#[async_trait::async_trait]
+impl Backend for PgStore {
+    fn close(&self) {
+        self.0.close()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.0.ping().await?)
+    }
+
+    async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
+        Ok(self.0.insert_event(event).await?)
+    }
+
+    async fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self.0.pending_events().await?)
+    }
+
+    async fn complete_event(
+        &self,
+        seq: i64,
+        conversation_id: String,
+        outcomes: serde_json::Value,
+        actions: Vec<NewAction>,
+        kv: Vec<KvChanges>,
+        update: ConversationUpdate,
+    ) -> Result<Completed, StoreError> {
+        Ok(self
+            .0
+            .complete_event(seq, conversation_id, outcomes, actions, kv, update)
+            .await?)
+    }
+
+    async fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
+        Ok(self.0.conversation_state(id).await?)
+    }
+
+    async fn conversation_states(
+        &self,
+        state: Option<ConversationState>,
+        limit: usize,
+    ) -> Result<Vec<ConversationRecord>, StoreError> {
+        Ok(self.0.conversation_states(state, limit).await?)
+    }
+
+    async fn is_own_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self.0.is_own_message(conversation_id, message_id).await?)
+    }
+
+    async fn release(&self, id: &str, reason: String) -> Result<Release, StoreError> {
+        Ok(self.0.release(id, reason).await?)
+    }
+
+    async fn claim_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+        Ok(self.0.claim_conversation(conversation_id).await?)
+    }
+
+    async fn release_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self.0.release_conversation(conversation_id).await?)
+    }
+
+    async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self.0.claimable_events(limit).await?)
+    }
+
+    fn inbox_wakeups(&self) -> Option<Arc<Notify>> {
+        self.0.inbox_wakeups()
+    }
+
+    async fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, StoreError> {
+        Ok(self.0.recent_events(limit).await?)
+    }
+
+    async fn recent_conversations(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        Ok(self.0.recent_conversations(limit).await?)
+    }
+
+    async fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, StoreError> {
+        Ok(self.0.conversation(conversation_id).await?)
+    }
+
+    async fn kv_get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self.0.kv_get(plugin, conversation_id, key).await?)
+    }
+
+    async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
+        Ok(self.0.outbox_heads(limit).await?)
+    }
+
+    async fn outbox_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(self.0.outbox_counts().await?)
+    }
+
+    async fn outbox_depth(&self) -> Result<OutboxDepth, StoreError> {
+        Ok(self.0.outbox_depth().await?)
+    }
+
+    async fn mark_sent(
+        &self,
+        id: i64,
+        status: u16,
+        message_id: Option<String>,
+        hand_off: bool,
+    ) -> Result<bool, StoreError> {
+        Ok(self.0.mark_sent(id, status, message_id, hand_off).await?)
+    }
+
+    async fn mark_retry(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        Ok(self
+            .0
+            .mark_retry(id, next_attempt_at, last_status, last_error)
+            .await?)
+    }
+
+    async fn mark_dead(
+        &self,
+        id: i64,
+        last_status: Option<u16>,
+        last_error: String,
+    ) -> Result<(), StoreError> {
+        Ok(self.0.mark_dead(id, last_status, last_error).await?)
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<OutboxAction>, StoreError> {
+        Ok(self.0.dead_letters().await?)
+    }
+
+    async fn retry_dead(&self, id: Option<i64>) -> Result<usize, StoreError> {
+        Ok(self.0.retry_dead(id).await?)
+    }
+
+    async fn drop_dead(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self.0.drop_dead(id).await?)
+    }
+
+    async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        Ok(self.0.prune(before).await?)
+    }
+
+    fn plugin_records(&self) -> Option<Arc<dyn PluginRecords>> {
+        Some(Arc::new(plugins::PgPlugins::new(self.0.clone())))
+    }
+}
+
+async fn migrate(pool: &Arc<Pool>) -> Result<(), Error> {
+    let mut c = pool.get().await?;
+    let client = &mut c.conn().client;
+    let tx = client.transaction().await?;
+    // No "already exists, skipping" notices in every replica's log.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS digibot_migrations (
+            version INTEGER PRIMARY KEY,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )",
+    )
+    .await?;
+    let applied: i32 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM digibot_migrations",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    for (version, sql) in MIGRATIONS {
+        if *version > applied {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO digibot_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, "database migrated");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Each key's last write, as parallel arrays for `unnest`: upserts
+/// (plugin, conversation, key, value) and deletes (plugin, conversation,
+/// key). One statement cannot touch a row twice, and the last write is
+/// what the plugin meant.
+fn kv_final(changes: &[KvChanges]) -> ([Vec<String>; 4], [Vec<String>; 3]) {
+    /// (plugin, conversation, key) and the value, `None` for a delete.
+    type Last<'a> = ((&'a str, &'a str, &'a str), Option<&'a str>);
+    let mut last: Vec<Last> = Vec::new();
+    for change in changes {
+        for write in &change.writes {
+            let (key, value) = match write {
+                KvWrite::Set { key, value } => (key.as_str(), Some(value.as_str())),
+                KvWrite::Delete { key } => (key.as_str(), None),
+            };
+            let id = (change.plugin.as_str(), change.conversation_id.as_str(), key);
+            match last.iter_mut().find(|(k, _)| *k == id) {
+                Some(slot) => slot.1 = value,
+                None => last.push((id, value)),
+            }
+        }
+    }
+    let mut sets: [Vec<String>; 4] = Default::default();
+    let mut deletes: [Vec<String>; 3] = Default::default();
+    for ((plugin, conv, key), value) in last {
+        match value {
+            Some(v) => {
+                sets[0].push(plugin.into());
+                sets[1].push(conv.into());
+                sets[2].push(key.into());
+                sets[3].push(v.into());
+            }
+            None => {
+                deletes[0].push(plugin.into());
+                deletes[1].push(conv.into());
+                deletes[2].push(key.into());
+            }
+        }
+    }
+    (sets, deletes)
+}
+
+fn stored_event(seq: i64, payload: &str) -> Result<StoredEvent, Error> {
+    let event = serde_json::from_str(payload)
+        .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+    Ok(StoredEvent { seq, event })
+}
+
+/// Rows of (seq, payload, ...).
+fn stored_events(rows: &[Row]) -> Result<Vec<StoredEvent>, Error> {
+    rows.iter()
+        .map(|r| stored_event(r.try_get(0)?, r.try_get::<_, &str>(1)?))
+        .collect()
+}
+
+/// Reads `seq, key, name, conversation_id, status, received_at,
+/// handled_at, outcomes`.
+fn event_summary(r: &Row) -> Result<EventSummary, Error> {
+    let outcomes: Option<String> = r.try_get(7)?;
+    Ok(EventSummary {
+        seq: r.try_get(0)?,
+        key: r.try_get(1)?,
+        event: r.try_get(2)?,
+        conversation_id: r.try_get(3)?,
+        status: r.try_get(4)?,
+        received_at: r.try_get(5)?,
+        handled_at: r.try_get(6)?,
+        plugins: outcomes
+            .and_then(|o| serde_json::from_str(&o).ok())
+            .unwrap_or(serde_json::Value::Array(vec![])),
+    })
+}
+
+/// Reads `id, state, changed_at, reason, channel, last_customer_at,
+/// last_agent_at` from column `at` on.
+fn conversation_record(r: &Row, at: usize) -> Result<ConversationRecord, Error> {
+    Ok(ConversationRecord {
+        id: r.try_get(at)?,
+        state: parse_state(r.try_get::<_, &str>(at + 1)?)?,
+        changed_at: r.try_get(at + 2)?,
+        reason: r.try_get(at + 3)?,
+        channel: r.try_get(at + 4)?,
+        last_customer_at: r.try_get(at + 5)?,
+        last_agent_at: r.try_get(at + 6)?,
+    })
+}
+
+fn outbox_row(r: &Row) -> Result<OutboxAction, Error> {
+    let body: String = r.try_get(7)?;
+    Ok(OutboxAction {
+        id: r.try_get(0)?,
+        event_seq: r.try_get(1)?,
+        conversation_id: r.try_get(2)?,
+        plugin: r.try_get(3)?,
+        idempotency_key: r.try_get(4)?,
+        method: r.try_get(5)?,
+        path: r.try_get(6)?,
+        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+        status: r.try_get(8)?,
+        attempts: r.try_get(9)?,
+        next_attempt_at: r.try_get(10)?,
+        last_status: r.try_get(11)?,
+        last_error: r.try_get(12)?,
+        created_at: r.try_get(13)?,
+    })
+}
+
+/// Test databases: each test gets a database of its own on the server at
+/// `DIGIBOT_TEST_DATABASE_URL`, dropped afterwards.
+#[cfg(test)]
+pub(crate) mod testdb {
+    use super::*;
+
+    /// A fresh database's config, and the guard that drops it. `None` (with
+    /// a loud note) when no server is configured; under `CI` that fails the
+    /// test instead.
+    pub(crate) fn create() -> Option<(Config, DropDb)> {
+        let Ok(url) = std::env::var("DIGIBOT_TEST_DATABASE_URL") else {
+            if std::env::var_os("CI").is_some() {
+                panic!("DIGIBOT_TEST_DATABASE_URL is not set: CI must run the PostgreSQL tests");
+            }
+            eprintln!("SKIPPED: PostgreSQL test (set DIGIBOT_TEST_DATABASE_URL to run it)");
+            return None;
+        };
+        let admin = parse_url(&url).unwrap();
+        let name = format!("digibot_test_{:016x}", rand::random::<u64>());
+        on_own_runtime({
+            let (admin, name) = (admin.clone(), name.clone());
+            async move {
+                let (client, conn) = admin.connect(NoTls).await.unwrap();
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut config = admin.clone();
+        config.dbname(&name);
+        Some((config, DropDb { admin, name }))
+    }
+
+    /// Drops its database (and its connections) when dropped.
+    pub(crate) struct DropDb {
+        admin: Config,
+        name: String,
+    }
+
+    impl Drop for DropDb {
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            on_own_runtime(async move {
+                if let Ok((client, conn)) = admin.connect(NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        }
+    }
+
+    /// Runs `f` to completion on a runtime of its own, on a thread of its
+    /// own (callable from inside a test's runtime).
+    fn on_own_runtime(f: impl Future<Output = ()> + Send + 'static) {
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f)
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use digibot_store::store_suite;
+    use digibot_store::suite::TestDb;
+
+    fn fixture() -> Option<TestDb> {
+        let (config, guard) = testdb::create()?;
+        Some(TestDb::new(
+            move || open(config.clone(), Options::default()).unwrap(),
+            guard,
+        ))
+    }
+
+    store_suite!(fixture);
+
+    use digibot_store::suite::{action, event};
+
+    /// Two stores on one fresh database, as two replicas would have.
+    fn two_replicas(options: Options) -> Option<(Store, Store, testdb::DropDb)> {
+        let (config, guard) = testdb::create()?;
+        let a = open(config.clone(), options.clone()).unwrap();
+        let b = open(config, options).unwrap();
+        Some((a, b, guard))
+    }
+
+    async fn insert(store: &Store, id: &str, conv: &str) -> StoredEvent {
+        let e = event(id, conv);
+        let Inserted::New(seq) = store.insert_event(e.clone()).await.unwrap() else {
+            panic!("{id} is a duplicate")
+        };
+        StoredEvent { seq, event: e }
+    }
+
+    fn seqs(events: &[StoredEvent]) -> Vec<i64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    /// Waits (generously, polling) until `f` returns `Some`.
+    async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_replica_holds_a_conversation_and_gets_the_events_of_both() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        let e1 = insert(&a, "m1", "c").await;
+        let e2 = insert(&b, "m2", "c").await;
+        // A holds it, and its claim brings the event B received, in order.
+        let got = a.claim_conversation("c").await.unwrap().unwrap();
+        assert_eq!(seqs(&got), [e1.seq, e2.seq]);
+        // B is refused, and cannot complete an event of it either.
+        assert!(b.claim_conversation("c").await.unwrap().is_none());
+        let refused = b
+            .complete_event(
+                e1.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![action("x")],
+                vec![],
+                digibot_store::ConversationUpdate::default(),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::LeaseLost(_))),
+            "{refused:?}"
+        );
+        // A completes the first; an event B receives meanwhile keeps A's
+        // lease at release, and comes back to A.
+        let queued = a
+            .complete_event(
+                e1.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![action("k1")],
+                vec![],
+                digibot_store::ConversationUpdate::default(),
+            )
+            .await
+            .unwrap()
+            .queued;
+        assert_eq!(queued, 1);
+        let e3 = insert(&b, "m3", "c").await;
+        let waiting = a.release_conversation("c").await.unwrap();
+        assert_eq!(seqs(&waiting), [e2.seq, e3.seq]);
+        assert!(b.claim_conversation("c").await.unwrap().is_none());
+        // B's inbox poll finds nothing of A's conversation; A's finds both.
+        assert!(b.claimable_events(100).await.unwrap().is_empty());
+        assert_eq!(
+            seqs(&a.claimable_events(100).await.unwrap()),
+            [e2.seq, e3.seq]
+        );
+        for e in [&e2, &e3] {
+            a.complete_event(
+                e.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![],
+                vec![],
+                digibot_store::ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
+        }
+        // Dry: released, and now B may take it.
+        assert!(a.release_conversation("c").await.unwrap().is_empty());
+        assert_eq!(b.claim_conversation("c").await.unwrap().unwrap().len(), 0);
+        assert!(a.claim_conversation("c").await.unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_replicas_lease_expires_and_another_takes_over() {
+        let options = Options {
+            lease: Duration::from_millis(300),
+            poll: Duration::from_millis(50),
+            ..Options::default()
+        };
+        let Some((a, b, _db)) = two_replicas(options) else {
+            return;
+        };
+        let e1 = insert(&a, "m1", "c").await;
+        assert_eq!(
+            seqs(&a.claim_conversation("c").await.unwrap().unwrap()),
+            [e1.seq]
+        );
+        // A "dies" holding the conversation. B's poll finds the event once
+        // the lease ran out, and B's claim then succeeds.
+        a.close();
+        let found = eventually("B finds the orphaned event", async || {
+            let found = b.claimable_events(100).await.unwrap();
+            (!found.is_empty()).then_some(found)
+        })
+        .await;
+        assert_eq!(seqs(&found), [e1.seq]);
+        let got = b.claim_conversation("c").await.unwrap().unwrap();
+        assert_eq!(seqs(&got), [e1.seq]);
+        assert_eq!(
+            b.complete_event(
+                e1.seq,
+                "c".into(),
+                serde_json::json!([]),
+                vec![action("k")],
+                vec![],
+                digibot_store::ConversationUpdate::default()
+            )
+            .await
+            .unwrap()
+            .queued,
+            1
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unleased_events_wait_for_their_replica_before_others_poll_them() {
+        let options = Options {
+            poll: Duration::from_millis(200),
+            ..Options::default()
+        };
+        let Some((config, _db)) = testdb::create() else {
+            return;
+        };
+        let a = open(config.clone(), options.clone()).unwrap();
+        let b = open(config.clone(), options).unwrap();
+        let e = insert(&a, "m1", "c").await;
+        // Fresh: left to A, which received it (and polls nothing of its own).
+        assert!(b.claimable_events(100).await.unwrap().is_empty());
+        // A never claims it (it died right after the insert): B takes it.
+        let found = eventually("B polls the old unleased event", async || {
+            let found = b.claimable_events(100).await.unwrap();
+            (!found.is_empty()).then_some(found)
+        })
+        .await;
+        assert_eq!(seqs(&found), [e.seq]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_outbox_head_is_claimed_by_one_replica_and_order_holds() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        // 40 conversations, two actions each.
+        for i in 0..40 {
+            let conv = format!("c{i}");
+            let e = insert(&a, &format!("m{i}"), &conv).await;
+            a.complete_event(
+                e.seq,
+                conv.clone(),
+                serde_json::json!([]),
+                vec![
+                    action(&format!("{conv}/first")),
+                    action(&format!("{conv}/second")),
+                ],
+                vec![],
+                digibot_store::ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
+        }
+        // Both replicas read the outbox at once.
+        let (ra, rb) = (a.clone(), b.clone());
+        let ta = tokio::spawn(async move { ra.outbox_heads(1000).await.unwrap() });
+        let tb = tokio::spawn(async move { rb.outbox_heads(1000).await.unwrap() });
+        let (ha, hb) = (ta.await.unwrap(), tb.await.unwrap());
+        let mut all: Vec<String> = ha
+            .iter()
+            .chain(&hb)
+            .map(|h| h.idempotency_key.clone())
+            .collect();
+        all.sort();
+        let mut expected: Vec<String> = (0..40).map(|i| format!("c{i}/first")).collect();
+        expected.sort();
+        // Every head exactly once, none of the second actions.
+        assert_eq!(all, expected);
+        // A replica's own claims come back to it, never to the other.
+        let again_b = b.outbox_heads(1000).await.unwrap();
+        let mut keys_b: Vec<_> = again_b.iter().map(|h| h.idempotency_key.clone()).collect();
+        let mut had_b: Vec<_> = hb.iter().map(|h| h.idempotency_key.clone()).collect();
+        keys_b.sort();
+        had_b.sort();
+        assert_eq!(keys_b, had_b);
+        // A sends its heads: the second actions of those conversations are
+        // next, and go to whoever reads first (B here).
+        for h in &ha {
+            a.mark_sent(h.id, 201, None, false).await.unwrap();
+        }
+        let next = b.outbox_heads(1000).await.unwrap();
+        let mut keys: Vec<String> = next.iter().map(|h| h.idempotency_key.clone()).collect();
+        keys.sort();
+        let mut expected: Vec<String> = ha
+            .iter()
+            .map(|h| format!("{}/second", h.conversation_id))
+            .chain(hb.iter().map(|h| h.idempotency_key.clone()))
+            .collect();
+        expected.sort();
+        assert_eq!(keys, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_senders_racing_send_each_action_once_in_order() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        const CONVERSATIONS: usize = 20;
+        const PER: usize = 10;
+        for i in 0..PER {
+            for c in 0..CONVERSATIONS {
+                let conv = format!("c{c}");
+                let e = insert(&a, &format!("m{c}_{i}"), &conv).await;
+                a.complete_event(
+                    e.seq,
+                    conv.clone(),
+                    serde_json::json!([]),
+                    vec![action(&format!("{conv}/{i}"))],
+                    vec![],
+                    digibot_store::ConversationUpdate::default(),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let sent = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sender = |store: Store, sent: Arc<Mutex<Vec<String>>>| {
+            tokio::spawn(async move {
+                loop {
+                    let s = store.clone();
+                    let heads = tokio::spawn(async move { s.outbox_heads(1000).await.unwrap() })
+                        .await
+                        .unwrap();
+                    if heads.is_empty() {
+                        return;
+                    }
+                    for h in heads {
+                        sent.lock().unwrap().push(h.idempotency_key.clone());
+                        store.mark_sent(h.id, 201, None, false).await.unwrap();
+                    }
+                }
+            })
+        };
+        let ta = sender(a.clone(), sent.clone());
+        let tb = sender(b.clone(), sent.clone());
+        ta.await.unwrap();
+        tb.await.unwrap();
+        let sent = sent.lock().unwrap().clone();
+        let mut unique = sent.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            sent.len(),
+            "an action was sent twice: {sent:?}"
+        );
+        assert_eq!(sent.len(), CONVERSATIONS * PER);
+        for c in 0..CONVERSATIONS {
+            let order: Vec<&String> = sent
+                .iter()
+                .filter(|k| k.starts_with(&format!("c{c}/")))
+                .collect();
+            let expected: Vec<String> = (0..PER).map(|i| format!("c{c}/{i}")).collect();
+            assert_eq!(order, expected.iter().collect::<Vec<_>>());
+        }
+    }
+
+    /// The sender decides what is due by its own clock, after the read: a
+    /// head it got but another replica could also get would be sent twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_not_yet_due_is_held_by_the_replica_that_read_it() {
+        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+            return;
+        };
+        let e = insert(&a, "m1", "c").await;
+        a.complete_event(
+            e.seq,
+            "c".into(),
+            serde_json::json!([]),
+            vec![action("k")],
+            vec![],
+            digibot_store::ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+        let id = a.outbox_heads(10).await.unwrap()[0].id;
+        a.mark_retry(id, now_ms() + 100, Some(503), "busy".into())
+            .await
+            .unwrap();
+        let ha = a.outbox_heads(10).await.unwrap();
+        assert_eq!(ha.len(), 1);
+        assert!(ha[0].next_attempt_at > now_ms() - 1_000);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Due now, and still A's alone.
+        assert!(b.outbox_heads(10).await.unwrap().is_empty());
+        assert_eq!(a.outbox_heads(10).await.unwrap()[0].id, id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_senders_claim_expires_and_a_retry_is_due_for_anyone() {
+        let options = Options {
+            claim: Duration::from_millis(300),
+            ..Options::default()
+        };
+        let Some((config, _db)) = testdb::create() else {
+            return;
+        };
+        let a = open(config.clone(), options.clone()).unwrap();
+        let b = open(config.clone(), options).unwrap();
+        let e = insert(&a, "m1", "c").await;
+        a.complete_event(
+            e.seq,
+            "c".into(),
+            serde_json::json!([]),
+            vec![action("k")],
+            vec![],
+            digibot_store::ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+        let ha = a.outbox_heads(10).await.unwrap();
+        assert_eq!(ha.len(), 1);
+        assert!(b.outbox_heads(10).await.unwrap().is_empty());
+        // A dies mid-send: B gets the action once the claim runs out.
+        a.close();
+        let hb = eventually("B claims the abandoned head", async || {
+            let h = b.outbox_heads(10).await.unwrap();
+            (!h.is_empty()).then_some(h)
+        })
+        .await;
+        assert_eq!(hb[0].id, ha[0].id);
+        // A retry releases the claim: due again, anyone may send it.
+        b.mark_retry(hb[0].id, now_ms(), Some(503), "busy".into())
+            .await
+            .unwrap();
+        let c = open(config, Options::default()).unwrap();
+        let hc = c.outbox_heads(10).await.unwrap();
+        assert_eq!(hc.len(), 1);
+        assert_eq!(hc[0].attempts, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_starting_together_migrate_once() {
+        let Some((config, _db)) = testdb::create() else {
+            return;
+        };
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let config = config.clone();
+                std::thread::spawn(move || Postgres::open(config, Options::default()))
+            })
+            .collect();
+        let stores: Vec<Postgres> = opens
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        let pg = &stores[0];
+        let pooled = pg.client().await.unwrap();
+        let rows = pooled
+            .client()
+            .query(
+                "SELECT version FROM digibot_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap();
+        let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        let expected: Vec<i32> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, expected);
+    }
+}

@@ -1,0 +1,709 @@
+//! The store test suite, written once and run against every back end: each
+//! back end's tests module calls `store_suite!(fixture)` with a function
+//! that makes a fresh, empty database. A new store operation gets its test
+//! here (and a line in the macro), so every back end runs it.
+
+use crate::*;
+use digibot_domain::event::Event;
+
+/// A fresh database for one test; [`open`](TestDb::open) may be called
+/// again to reopen the same database (as after a restart).
+pub struct TestDb {
+    open: Box<dyn Fn() -> Store + Send + Sync>,
+    /// Whatever keeps the database alive (a temp dir, a database to drop).
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl TestDb {
+    pub fn new(
+        open: impl Fn() -> Store + Send + Sync + 'static,
+        keep: impl std::any::Any + Send + Sync,
+    ) -> TestDb {
+        TestDb {
+            open: Box::new(open),
+            _keep: Box::new(keep),
+        }
+    }
+
+    pub fn open(&self) -> Store {
+        (self.open)()
+    }
+}
+
+/// One `#[tokio::test]` per suite test, each on a fresh database from
+/// `$fixture: fn() -> Option<TestDb>` (`None`: the back end is not
+/// available here, and the fixture said so).
+#[macro_export]
+macro_rules! store_suite {
+    ($fixture:path) => {
+        $crate::store_suite!(@tests $fixture;
+            duplicates_are_detected_and_pending_survives_reopen,
+            concurrent_inserts_all_land,
+            completing_queues_actions_and_kv_once,
+            outbox_heads_are_each_conversations_oldest_pending,
+            retries_wait_and_dead_letters_can_be_retried_or_dropped,
+            prune_removes_only_old_finished_work,
+            outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed,
+            conversations_list_recent_first_with_events_and_actions,
+            conversation_state_changes_once_per_event_and_survives_reopen,
+        );
+    };
+    (@tests $fixture:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(db) = $fixture() else { return };
+                $crate::suite::$name(db).await
+            }
+        )*
+    };
+}
+
+pub fn event(id: &str, conv: &str) -> Event {
+    Event::parse(
+        format!(
+            r#"{{"event":"live_chat.new_message","data":{{"id":"{id}","data":{{"conversation_id":"{conv}","body":"hi","sender":{{"model_type":"third"}}}}}}}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap()
+}
+
+pub fn action(key: &str) -> NewAction {
+    NewAction {
+        plugin: "echo".into(),
+        idempotency_key: key.into(),
+        method: "POST".into(),
+        path: "/v1/messages".into(),
+        body: serde_json::json!({"body": key}),
+    }
+}
+
+/// Inserts a customer message in conversation `conv`, completes it with
+/// `actions` actions (keys `{id}/a{n}`), and returns its sequence number.
+async fn handled_in(store: &Store, id: &str, conv: &str, actions: usize) -> i64 {
+    let Inserted::New(seq) = store.insert_event(event(id, conv)).await.unwrap() else {
+        panic!("{id} is a duplicate")
+    };
+    let actions = (0..actions)
+        .map(|n| action(&format!("{id}/a{n}")))
+        .collect();
+    store
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            actions,
+            vec![],
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+    seq
+}
+
+/// [`handled_in`] a conversation of its own, named after the event.
+async fn handled(store: &Store, id: &str, actions: usize) -> i64 {
+    handled_in(store, id, id, actions).await
+}
+
+/// The id of the pending action with this idempotency key, which must be
+/// the head of its conversation.
+async fn head_id(store: &Store, key: &str) -> i64 {
+    store
+        .outbox_heads(10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.idempotency_key == key)
+        .unwrap_or_else(|| panic!("{key} is not an outbox head"))
+        .id
+}
+
+pub async fn duplicates_are_detected_and_pending_survives_reopen(db: TestDb) {
+    let store = db.open();
+    let first = store.insert_event(event("m1", "c1")).await.unwrap();
+    assert!(matches!(first, Inserted::New(_)));
+    assert_eq!(
+        store.insert_event(event("m1", "c1")).await.unwrap(),
+        Inserted::Duplicate
+    );
+    store.close();
+    let store = db.open();
+    let pending = store.pending_events().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].event.key, "live_chat.new_message:m1");
+    assert_eq!(
+        store.insert_event(event("m1", "c1")).await.unwrap(),
+        Inserted::Duplicate
+    );
+}
+
+pub async fn concurrent_inserts_all_land(db: TestDb) {
+    let store = db.open();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Every event twice, at once: exactly one of each is new.
+            let a = store.insert_event(event(&format!("m{i}"), "c")).await;
+            (a, store.insert_event(event(&format!("m{i}"), "c")).await)
+        }));
+    }
+    let mut new = 0;
+    for t in tasks {
+        let (a, b) = t.await.unwrap();
+        new += [a.unwrap(), b.unwrap()]
+            .iter()
+            .filter(|i| matches!(i, Inserted::New(_)))
+            .count();
+    }
+    assert_eq!(new, 200);
+    let pending = store.pending_events().await.unwrap();
+    assert_eq!(pending.len(), 200);
+    assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq));
+    store.close();
+    let store = db.open();
+    assert_eq!(store.pending_events().await.unwrap().len(), 200);
+}
+
+pub async fn completing_queues_actions_and_kv_once(db: TestDb) {
+    let store = db.open();
+    let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
+        panic!()
+    };
+    let kv = KvChanges {
+        plugin: "echo".into(),
+        conversation_id: "c1".into(),
+        writes: vec![
+            KvWrite::Set {
+                key: "topic".into(),
+                value: "orders".into(),
+            },
+            KvWrite::Set {
+                key: "gone".into(),
+                value: "x".into(),
+            },
+            KvWrite::Delete { key: "gone".into() },
+        ],
+    };
+    let queued = store
+        .complete_event(
+            seq,
+            "c1".into(),
+            serde_json::json!([{"plugin": "echo"}]),
+            vec![action("k1"), action("k2")],
+            vec![kv.clone()],
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap()
+        .queued;
+    assert_eq!(queued, 2);
+    // A second completion (recovery race) queues nothing.
+    let again = store
+        .complete_event(
+            seq,
+            "c1".into(),
+            serde_json::json!([]),
+            vec![action("k3")],
+            vec![kv],
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Completed::default());
+    let heads = store.outbox_heads(10).await.unwrap();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(heads[0].idempotency_key, "k1");
+    assert_eq!(heads[0].body, serde_json::json!({"body": "k1"}));
+    assert_eq!(heads[0].conversation_id, "c1");
+    assert_eq!(heads[0].event_seq, seq);
+    assert_eq!(
+        store
+            .kv_get("echo", "c1", "topic")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("orders")
+    );
+    assert_eq!(store.kv_get("echo", "c1", "gone").await.unwrap(), None);
+    assert_eq!(store.kv_get("echo", "c2", "topic").await.unwrap(), None);
+    assert!(store.pending_events().await.unwrap().is_empty());
+    let recent = store.recent_events(10).await.unwrap();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(recent[0].status, "handled");
+    assert_eq!(recent[0].plugins, serde_json::json!([{"plugin": "echo"}]));
+}
+
+pub async fn outbox_heads_are_each_conversations_oldest_pending(db: TestDb) {
+    let store = db.open();
+    handled_in(&store, "a1", "a", 2).await;
+    handled_in(&store, "b1", "b", 1).await;
+    handled_in(&store, "a2", "a", 1).await;
+    async fn keys(store: &Store) -> Vec<String> {
+        let mut k: Vec<String> = store
+            .outbox_heads(100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.idempotency_key)
+            .collect();
+        k.sort();
+        k
+    }
+    assert_eq!(keys(&store).await, ["a1/a0", "b1/a0"]);
+    store
+        .mark_sent(head_id(&store, "a1/a0").await, 201, None, false)
+        .await
+        .unwrap();
+    assert_eq!(keys(&store).await, ["a1/a1", "b1/a0"]);
+    store
+        .mark_sent(head_id(&store, "a1/a1").await, 201, None, false)
+        .await
+        .unwrap();
+    store
+        .mark_sent(head_id(&store, "b1/a0").await, 201, None, false)
+        .await
+        .unwrap();
+    assert_eq!(keys(&store).await, ["a2/a0"]);
+    let mut counts = store.outbox_counts().await.unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [("pending".to_string(), 1), ("sent".to_string(), 3)]
+    );
+}
+
+pub async fn retries_wait_and_dead_letters_can_be_retried_or_dropped(db: TestDb) {
+    let store = db.open();
+    handled(&store, "r", 1).await;
+    handled(&store, "d1", 1).await;
+    handled(&store, "d2", 1).await;
+    let later = now_ms() + 60_000;
+    let r = head_id(&store, "r/a0").await;
+    store
+        .mark_retry(r, later, Some(503), "busy".into())
+        .await
+        .unwrap();
+    let head = store
+        .outbox_heads(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.id == r)
+        .unwrap();
+    assert_eq!(
+        (head.attempts, head.next_attempt_at, head.last_status),
+        (1, later, Some(503))
+    );
+    assert_eq!(head.last_error.as_deref(), Some("busy"));
+    // Soonest due first: the retry comes last.
+    assert_eq!(store.outbox_heads(10).await.unwrap().last().unwrap().id, r);
+
+    let d1 = head_id(&store, "d1/a0").await;
+    let d2 = head_id(&store, "d2/a0").await;
+    store.mark_dead(d1, Some(400), "bad".into()).await.unwrap();
+    store.mark_dead(d2, None, "refused".into()).await.unwrap();
+    let dead = store.dead_letters().await.unwrap();
+    assert_eq!(dead.iter().map(|a| a.id).collect::<Vec<_>>(), [d1, d2]);
+    assert_eq!(dead[0].last_status, Some(400));
+    assert_eq!(dead[0].status, "dead");
+    assert_eq!(dead[0].body, serde_json::json!({"body": "d1/a0"}));
+
+    assert_eq!(store.retry_dead(Some(d1)).await.unwrap(), 1);
+    assert_eq!(store.retry_dead(Some(d1)).await.unwrap(), 0);
+    let retried = store
+        .outbox_heads(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.id == d1)
+        .unwrap();
+    assert_eq!(retried.attempts, 0);
+    assert!(retried.next_attempt_at <= now_ms());
+    assert!(!store.drop_dead(d1).await.unwrap());
+    assert!(store.drop_dead(d2).await.unwrap());
+    assert!(store.dead_letters().await.unwrap().is_empty());
+    store.mark_dead(d1, Some(400), "bad".into()).await.unwrap();
+    assert_eq!(store.retry_dead(None).await.unwrap(), 1);
+    assert!(store.dead_letters().await.unwrap().is_empty());
+}
+
+pub async fn prune_removes_only_old_finished_work(db: TestDb) {
+    let store = db.open();
+    // Old and finished: its action was sent. Both go.
+    handled(&store, "old_sent", 1).await;
+    store
+        .mark_sent(head_id(&store, "old_sent/a0").await, 201, None, false)
+        .await
+        .unwrap();
+    // Old system message (recorded, never pending). Goes.
+    let agent = Event::parse(br#"{"event":"live_chat.new_message","data":{"id":"old_agent","data":{"conversation_id":"c","system":true,"body":"hi","sender":{"model_type":"user"}}}}"#).unwrap();
+    assert!(matches!(
+        store.insert_event(agent).await.unwrap(),
+        Inserted::New(_)
+    ));
+    // Old dead letter: kept, and so is its event.
+    handled(&store, "old_dead", 1).await;
+    store
+        .mark_dead(head_id(&store, "old_dead/a0").await, Some(400), "no".into())
+        .await
+        .unwrap();
+    // Old event whose action is still pending: both kept.
+    handled(&store, "old_unsent", 1).await;
+    // Old event still pending (never dispatched): kept.
+    store.insert_event(event("old_pending", "p")).await.unwrap();
+    // The cut: strictly after everything above, strictly before the rest
+    // (timestamps are in ms).
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    let cut = now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    // Recent and finished: kept.
+    handled(&store, "recent_sent", 1).await;
+    store
+        .mark_sent(head_id(&store, "recent_sent/a0").await, 201, None, false)
+        .await
+        .unwrap();
+
+    let pruned = store.prune(cut).await.unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            events: 2,
+            actions: 1
+        }
+    );
+    let mut keys: Vec<String> = store
+        .recent_events(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            e.key
+                .trim_start_matches("live_chat.new_message:")
+                .to_string()
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["old_dead", "old_pending", "old_unsent", "recent_sent"]
+    );
+    let mut counts = store.outbox_counts().await.unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("dead".to_string(), 1),
+            ("pending".to_string(), 1),
+            ("sent".to_string(), 1)
+        ]
+    );
+    assert_eq!(store.dead_letters().await.unwrap().len(), 1);
+    assert_eq!(store.pending_events().await.unwrap().len(), 1);
+    // Pruning again finds nothing more.
+    assert_eq!(store.prune(cut).await.unwrap(), Pruned::default());
+}
+
+pub async fn outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed(db: TestDb) {
+    let store = db.open();
+    store.ping().await.unwrap();
+    assert_eq!(store.outbox_depth().await.unwrap(), OutboxDepth::default());
+    handled(&store, "p", 2).await;
+    handled(&store, "s", 1).await;
+    handled(&store, "d", 1).await;
+    store
+        .mark_sent(head_id(&store, "s/a0").await, 200, None, false)
+        .await
+        .unwrap();
+    store
+        .mark_dead(head_id(&store, "d/a0").await, Some(400), "bad".into())
+        .await
+        .unwrap();
+    // A retry waiting for its time still counts as pending.
+    store
+        .mark_retry(
+            head_id(&store, "p/a0").await,
+            now_ms() + 60_000,
+            Some(500),
+            "x".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.outbox_depth().await.unwrap(),
+        OutboxDepth {
+            pending: 2,
+            dead: 1
+        }
+    );
+    store.close();
+    assert!(matches!(store.ping().await, Err(StoreError::Closed)));
+}
+
+pub async fn conversations_list_recent_first_with_events_and_actions(db: TestDb) {
+    let store = db.open();
+    // Conversation "c": two handled messages, one sent and one dead action.
+    handled_in(&store, "c1", "c", 1).await;
+    handled_in(&store, "c2", "c", 1).await;
+    store
+        .mark_sent(head_id(&store, "c1/a0").await, 201, None, false)
+        .await
+        .unwrap();
+    store
+        .mark_dead(head_id(&store, "c2/a0").await, Some(422), "bad".into())
+        .await
+        .unwrap();
+    // Then conversation "d": one pending event.
+    store.insert_event(event("d1", "d")).await.unwrap();
+
+    let list = store.recent_conversations(10).await.unwrap();
+    let ids: Vec<&str> = list.iter().map(|c| c.conversation_id.as_str()).collect();
+    assert_eq!(ids, ["d", "c"]);
+    assert_eq!((list[0].events, list[0].pending_events), (1, 1));
+    assert_eq!(list[0].actions, ActionCounts::default());
+    assert_eq!((list[1].events, list[1].pending_events), (2, 0));
+    assert_eq!(list[1].last_event, "live_chat.new_message");
+    assert!(list[1].first_event_at <= list[1].last_event_at);
+    assert_eq!(
+        list[1].actions,
+        ActionCounts {
+            sent: 1,
+            pending: 0,
+            dead: 1
+        }
+    );
+    assert_eq!(store.recent_conversations(1).await.unwrap().len(), 1);
+
+    let detail = store.conversation("c").await.unwrap();
+    let keys: Vec<&str> = detail.events.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["live_chat.new_message:c1", "live_chat.new_message:c2"]
+    );
+    let actions: Vec<(&str, &str, Option<i64>)> = detail
+        .actions
+        .iter()
+        .map(|a| (a.idempotency_key.as_str(), a.status.as_str(), a.last_status))
+        .collect();
+    assert_eq!(
+        actions,
+        [("c1/a0", "sent", Some(201)), ("c2/a0", "dead", Some(422))]
+    );
+    let unknown = store.conversation("nope").await.unwrap();
+    assert!(unknown.events.is_empty() && unknown.actions.is_empty());
+}
+
+fn takeover(reason: &str) -> ConversationUpdate {
+    ConversationUpdate {
+        agent_at: Some(now_ms()),
+        change: Some(StateChange {
+            from: None,
+            to: ConversationState::Human,
+            reason: reason.into(),
+        }),
+        ..ConversationUpdate::default()
+    }
+}
+
+async fn complete_with(
+    store: &Store,
+    id: &str,
+    conv: &str,
+    update: ConversationUpdate,
+) -> Completed {
+    let Inserted::New(seq) = store.insert_event(event(id, conv)).await.unwrap() else {
+        panic!("{id} is a duplicate")
+    };
+    let done = store
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            vec![],
+            vec![],
+            update.clone(),
+        )
+        .await
+        .unwrap();
+    // Completing it again (a recovery race) changes nothing.
+    let again = store
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            vec![],
+            vec![],
+            update,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Completed::default());
+    done
+}
+
+pub async fn conversation_state_changes_once_per_event_and_survives_reopen(db: TestDb) {
+    let store = db.open();
+    assert_eq!(store.conversation_state("c").await.unwrap(), None);
+    // A customer message: the conversation appears, in the bot's hands,
+    // with the customer's time and channel.
+    handled_in(&store, "m1", "c", 2).await;
+    let done = complete_with(
+        &store,
+        "m1b",
+        "c",
+        ConversationUpdate {
+            customer_at: Some(1_000),
+            channel: Some("whatsapp".into()),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert!(!done.changed);
+    let first = store.conversation_state("c").await.unwrap().unwrap();
+    assert_eq!(first.state, ConversationState::Bot);
+    assert_eq!(
+        (first.channel.as_deref(), first.last_customer_at),
+        (Some("whatsapp"), Some(1_000))
+    );
+    // Times only move forward (events can be handled out of order).
+    complete_with(
+        &store,
+        "m1c",
+        "c",
+        ConversationUpdate {
+            customer_at: Some(500),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        store
+            .conversation_state("c")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_customer_at,
+        Some(1_000)
+    );
+
+    // An agent takes over, once.
+    assert!(
+        complete_with(&store, "a1", "c", takeover("agent wrote"))
+            .await
+            .changed
+    );
+    assert!(
+        !complete_with(&store, "a2", "c", takeover("again"))
+            .await
+            .changed
+    );
+    let human = store.conversation_state("c").await.unwrap().unwrap();
+    assert_eq!(
+        (human.state, human.reason.as_str()),
+        (ConversationState::Human, "agent wrote")
+    );
+    assert!(human.last_agent_at.is_some());
+    assert_eq!(
+        store
+            .conversation_states(Some(ConversationState::Human), 10)
+            .await
+            .unwrap(),
+        vec![human.clone()]
+    );
+    assert!(
+        store
+            .conversation_states(Some(ConversationState::Bot), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A delivery records its message id; a hand-off while human changes
+    // nothing.
+    let a0 = head_id(&store, "m1/a0").await;
+    assert!(
+        !store
+            .mark_sent(a0, 201, Some("msg_bot_1".into()), true)
+            .await
+            .unwrap()
+    );
+    assert!(store.is_own_message("c", "msg_bot_1").await.unwrap());
+    assert!(!store.is_own_message("other", "msg_bot_1").await.unwrap());
+    assert!(!store.is_own_message("c", "msg_bot_2").await.unwrap());
+
+    // Release: human → bot, then nothing to release.
+    let release = async |id: &'static str| store.release(id, "cli".into()).await.unwrap();
+    assert_eq!(release("c").await, Release::Released);
+    assert_eq!(
+        release("c").await,
+        Release::NotHuman(ConversationState::Bot)
+    );
+    assert_eq!(release("nope").await, Release::Unknown);
+    let bot = store.conversation_state("c").await.unwrap().unwrap();
+    assert_eq!(
+        (bot.state, bot.reason.as_str()),
+        (ConversationState::Bot, "cli")
+    );
+
+    // A delivered hand-off takes over from the bot.
+    handled_in(&store, "m2", "h", 1).await;
+    assert!(
+        store
+            .mark_sent(head_id(&store, "m2/a0").await, 200, None, true)
+            .await
+            .unwrap()
+    );
+    let handed = store.conversation_state("h").await.unwrap().unwrap();
+    assert_eq!(handed.state, ConversationState::Human);
+    assert!(
+        handed.reason.starts_with("hand-off delivered"),
+        "{}",
+        handed.reason
+    );
+
+    // Archiving: the pending action (in flight, say) becomes a dead letter;
+    // its attempt ending in a retry does not revive it, and a failure does
+    // not overwrite the reason.
+    let a1 = head_id(&store, "m1/a1").await;
+    let done = complete_with(
+        &store,
+        "x1",
+        "c",
+        ConversationUpdate {
+            change: Some(StateChange {
+                from: None,
+                to: ConversationState::Closed,
+                reason: "archived".into(),
+            }),
+            archive: Some("archived: test".into()),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert_eq!((done.changed, done.archived), (true, 1));
+    store
+        .mark_retry(a1, now_ms(), Some(503), "busy".into())
+        .await
+        .unwrap();
+    store.mark_dead(a1, Some(400), "no".into()).await.unwrap();
+    let dead = store.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, a1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("archived: test"));
+    assert!(store.outbox_heads(10).await.unwrap().is_empty());
+
+    store.close();
+    let store = db.open();
+    let closed = store.conversation_state("c").await.unwrap().unwrap();
+    assert_eq!(
+        (closed.state, closed.reason.as_str()),
+        (ConversationState::Closed, "archived")
+    );
+    assert_eq!(
+        store.conversation_state("h").await.unwrap().unwrap().state,
+        ConversationState::Human
+    );
+    assert!(store.is_own_message("c", "msg_bot_1").await.unwrap());
+}
