@@ -31,8 +31,16 @@
 //! [`FileBuilder`]), which check Digishare's [`limits`] before the reply
 //! leaves the plugin; digibot checks them again on its side.
 //!
-//! [`log`], [`config`] and [`kv`] call into digibot: they only work inside a
-//! plugin running in digibot, and panic in a native build (e.g. `cargo test`).
+//! [`log`], [`config`], [`kv`] and [`http`] call into digibot: they only
+//! work inside a plugin running in digibot, and panic in a native build
+//! (e.g. `cargo test`).
+//!
+//! # Calling other services
+//!
+//! [`http`] sends requests to the URLs the plugin's `NAME.toml` grants
+//! (`[grants] http = ["https://api.shop.example"]`), with secrets it never
+//! sees (`{{secret:NAME}}` in a header value, `[grants] secrets`). See the
+//! module for the rules digibot enforces.
 //!
 //! # Who is in charge
 //!
@@ -76,6 +84,10 @@
 
 mod event;
 mod file;
+pub mod http;
+
+/// JSON values, as [`http::Response::json`] returns them.
+pub use serde_json;
 
 pub use digibot_protocol::{
     Action, Button, Buttons, ButtonsBuilder, FileReply, LimitError, ListBuilder, ListMenu, ListRow,
@@ -253,10 +265,13 @@ pub mod __private {
 pub mod bindings {
     wit_bindgen::generate!({
         world: "bot",
-        path: "../wit/since_v0.2.0",
+        path: "../wit/since_v0.3.0",
         pub_export_macro: true,
         export_macro_name: "__export_bot_world",
         default_bindings_module: "digibot_sdk::bindings",
+        // wasi:http and what it uses (wasi:io, wasi:clocks): generated here
+        // too, for `http`.
+        generate_all,
     });
 }
 

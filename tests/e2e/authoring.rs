@@ -197,7 +197,7 @@ fn new_build_check_replay_a_scaffolded_bot() -> Result<()> {
     ensure!(
         check
             .stdout
-            .contains("world:         digishare:bot/bot@0.2.0")
+            .contains("world:         digishare:bot/bot@0.3.0")
             && check.stdout.contains("OK: this component loads in digibot"),
         "{}",
         check.stdout
@@ -402,11 +402,12 @@ fn replay_fails_with_the_reason() -> Result<()> {
 
 #[test]
 fn check_reports_what_will_load() -> Result<()> {
-    // SDK plugins target the newest interface; echo_v0_1 stays on 0.1.0,
-    // which this host still loads.
+    // SDK plugins target the newest interface; echo_v0_1 and echo_v0_2
+    // stay on 0.1.0 and 0.2.0, which this host still loads.
     for (name, version) in [
-        ("echo", "0.2.0"),
-        ("concierge", "0.2.0"),
+        ("echo", "0.3.0"),
+        ("concierge", "0.3.0"),
+        ("echo_v0_2", "0.2.0"),
         ("echo_v0_1", "0.1.0"),
     ] {
         let wasm = plugin_wasm(name);
@@ -425,7 +426,7 @@ fn check_reports_what_will_load() -> Result<()> {
             &json!({"file": wasm.display().to_string(), "ok": true, "problem": null,
                 "size": bytes.len(), "sha256": hex::encode(sha2::Sha256::digest(&bytes)),
                 "world": format!("digishare:bot/bot@{version}"), "wit_version": version,
-                "supported_wit_versions": ["0.1.0", "0.2.0"], "compile_ms": null, "manifest": null}),
+                "supported_wit_versions": ["0.1.0", "0.2.0", "0.3.0"], "compile_ms": null, "manifest": null}),
             &format!("check {name}"),
         )?;
         let imports = imports.as_array().context("imports")?;
@@ -445,7 +446,12 @@ fn check_reports_what_will_load() -> Result<()> {
     }
     // concierge uses kv and config: they are imported.
     let concierge = run(digibot().arg("check").arg(plugin_wasm("concierge")))?.ok("check")?;
-    for import in ["digishare:bot/kv@0.2.0", "digishare:bot/config@0.2.0"] {
+    for import in [
+        "digishare:bot/kv@0.3.0",
+        "digishare:bot/config@0.3.0",
+        "wasi:http/outgoing-handler@0.2.12",
+        "digishare:bot/outbound@0.3.0",
+    ] {
         ensure!(concierge.stdout.contains(import), "{}", concierge.stdout);
     }
     let old = run(digibot().arg("check").arg(plugin_wasm("echo_v0_1")))?.ok("check")?;
@@ -454,7 +460,7 @@ fn check_reports_what_will_load() -> Result<()> {
             .contains("world:         digishare:bot/bot@0.1.0")
             && old
                 .stdout
-                .contains("digishare:bot: 0.1.0 (this host loads 0.1.0, 0.2.0)")
+                .contains("digishare:bot: 0.1.0 (this host loads 0.1.0, 0.2.0, 0.3.0)")
             && old.stdout.contains("OK: this component loads in digibot"),
         "{}",
         old.stdout
@@ -518,8 +524,9 @@ fn check_fails_on_what_will_not_load() -> Result<()> {
     ensure!(
         report["ok"] == false
             && report["wit_version"] == "0.9.0"
-            && report["problem"] == "targets digishare:bot@0.9.0, this host supports 0.1.0, 0.2.0"
-            && report["supported_wit_versions"] == json!(["0.1.0", "0.2.0"]),
+            && report["problem"]
+                == "targets digishare:bot@0.9.0, this host supports 0.1.0, 0.2.0, 0.3.0"
+            && report["supported_wit_versions"] == json!(["0.1.0", "0.2.0", "0.3.0"]),
         "{report}"
     );
 

@@ -14,6 +14,7 @@ mod fake_selftest;
 mod hot_swap;
 mod lifecycle;
 mod oauth;
+mod outbound;
 mod observability;
 mod replicas;
 mod startup;

@@ -1,6 +1,9 @@
 //! Settings: embedded defaults, then `digibot.toml` (`--config`), then
 //! `DIGIBOT_*` environment variables, each overriding the one before.
 
+use digibot_domain::outbound::ResolveOverrides;
+use digibot_pipeline::outbound::OutboundConfig;
+use digibot_pipeline::outbound::secrets::Secrets;
 use digibot_pipeline::sender::{ApiCredentials, RetryPolicy, SenderConfig};
 use digibot_runtime::{Limits, RuntimeConfig};
 use digibot_store::{Store, StoreError};
@@ -88,6 +91,14 @@ pub struct Settings {
     /// A conversation in a human's hands returns to the bot after this many
     /// seconds without an agent message; 0 (the default) never.
     pub human_idle_release_secs: u64,
+    /// Plugins' outbound HTTP: names pinned to addresses, `curl --resolve`
+    /// style (`name:port:address[,...]`); pinned names are still checked
+    /// against the SSRF rules.
+    pub resolve: Option<String>,
+    /// A file of `NAME=value` lines, the secrets plugins may use by
+    /// placeholder (with `DIGIBOT_SECRET_<NAME>` variables, which win);
+    /// refused unless its mode is 0600 or 0400.
+    pub secrets_file: Option<PathBuf>,
 }
 
 /// Backoff of the outbox sender.
@@ -168,6 +179,8 @@ impl Default for Settings {
             watch_plugins: true,
             release_command: "/bot".into(),
             human_idle_release_secs: 0,
+            resolve: None,
+            secrets_file: None,
         }
     }
 }
@@ -332,6 +345,10 @@ impl Settings {
             "DIGIBOT_HUMAN_IDLE_RELEASE_SECS",
             &mut s.human_idle_release_secs,
         )?;
+        env_string(&env, "DIGIBOT_RESOLVE", &mut s.resolve);
+        if let Some(v) = env("DIGIBOT_SECRETS_FILE") {
+            s.secrets_file = Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty());
+        }
         s.validate()?;
         Ok(s)
     }
@@ -371,7 +388,28 @@ impl Settings {
                 "concurrency must be at least 1".into(),
             ));
         }
+        self.resolve_overrides()?;
         Ok(())
+    }
+
+    /// `DIGIBOT_RESOLVE`, parsed.
+    pub fn resolve_overrides(&self) -> Result<ResolveOverrides, ConfigError> {
+        ResolveOverrides::parse(self.resolve.as_deref().unwrap_or(""))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// Plugins' outbound HTTP as the operator set it up: the name pins and
+    /// the secrets (from `vars`, the process environment, and the secrets
+    /// file).
+    pub fn outbound_config(
+        &self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<OutboundConfig, ConfigError> {
+        Ok(OutboundConfig {
+            resolve: self.resolve_overrides()?,
+            secrets: Secrets::load(vars, self.secrets_file.as_deref())
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+        })
     }
 
     /// The plugin runtime `serve` builds, compile cache under the data dir.
@@ -491,6 +529,25 @@ mod tests {
         assert_eq!(s.concurrency, 4);
         assert_eq!(s.retry.base_ms, 7);
         assert!(!s.dry_run());
+    }
+
+    #[test]
+    fn outbound_http_pins_and_secrets() {
+        let s = Settings::load_with(
+            None,
+            env(&[("DIGIBOT_RESOLVE", "api.shop.example:443:127.0.0.1")]),
+        )
+        .unwrap();
+        assert_eq!(s.resolve_overrides().unwrap().len(), 1);
+        let out = s
+            .outbound_config([(
+                "DIGIBOT_SECRET_ORDERS_TOKEN".to_string(),
+                "a-long-enough-token".to_string(),
+            )])
+            .unwrap();
+        assert_eq!(out.secrets.len(), 1);
+        let err = Settings::load_with(None, env(&[("DIGIBOT_RESOLVE", "nope")])).unwrap_err();
+        assert!(err.to_string().contains("DIGIBOT_RESOLVE entry"), "{err}");
     }
 
     #[test]

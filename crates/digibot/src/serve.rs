@@ -113,6 +113,18 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         settings.lifecycle_rules(),
         stop_rx.clone(),
     );
+    // Plugins' outbound HTTP: one client per plugin, the journal in the store.
+    let outbound = settings
+        .outbound_config(std::env::vars())
+        .map_err(|e| ServeError::Runtime(format!("outbound HTTP: {e}")))?;
+    if !outbound.secrets.is_empty() {
+        let names: Vec<&str> = outbound.secrets.names().map(|n| n.as_str()).collect();
+        tracing::info!(secrets = ?names, "plugin secrets loaded (names only)");
+    }
+    let dispatcher = dispatcher.with_http(Arc::new(digibot_pipeline::outbound::Outbound::new(
+        outbound,
+        Some(store.clone()),
+    )));
     let recovered = dispatcher.recover().await?;
     // With a shared database: events that other replicas leave to this one.
     dispatcher.poll_inbox();
@@ -134,8 +146,8 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         async move {
             loop {
                 match store.prune(now_ms() - retention.as_millis() as i64).await {
-                    Ok(p) if p.events + p.actions > 0 => {
-                        tracing::info!(events = p.events, actions = p.actions, "retention pruned")
+                    Ok(p) if p.events + p.actions + p.calls > 0 => {
+                        tracing::info!(events = p.events, actions = p.actions, calls = p.calls, "retention pruned")
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "retention failed"),

@@ -26,7 +26,7 @@ fn component(relative: &str) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    let built_by = if relative == PYTHON_ECHO {
+    let built_by = if relative.starts_with("target/guests/") {
         "scripts/build-python-plugins"
     } else {
         "cargo build-plugins"
@@ -224,5 +224,128 @@ fn digibot_replay_prints_the_same_requests_for_both_echoes() -> Result<()> {
         echoed += rust.len();
     }
     assert!(echoed >= 2, "only {echoed} echo requests in the replay");
+    Ok(())
+}
+
+const PYTHON_ORDERS: &str = "target/guests/orders_py.wasm";
+const ORDERS_SECRET: &str = "py-orders-token-7731";
+
+/// A local order API: `/orders/{n}` answers `delivered`, recording each
+/// request's `Authorization` and `Idempotency-Key`.
+async fn order_api() -> Result<(String, Arc<std::sync::Mutex<Vec<(String, String, String)>>>)> {
+    use axum::http::HeaderMap;
+    let seen: Arc<std::sync::Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/orders/{n}",
+        axum::routing::get(
+            move |axum::extract::Path(n): axum::extract::Path<String>, h: HeaderMap| async move {
+                let get = |name: &str| {
+                    h.get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                record
+                    .lock()
+                    .unwrap()
+                    .push((n.clone(), get("authorization"), get("idempotency-key")));
+                axum::Json(serde_json::json!({"order": n, "status": "delivered"}))
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, seen))
+}
+
+/// The Python orders (guests/python/orders, on 0.3.0) makes its request
+/// through `wasi:http` and the pipeline's outbound HTTP, against a real
+/// order API on loopback: the secret substituted at send time (the plugin
+/// only wrote its placeholder), the status answered; aimed outside its
+/// grant, it is refused and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_orders_calls_the_order_api_through_its_grant() -> Result<()> {
+    use digibot_pipeline::outbound::secrets::Secrets;
+    use digibot_pipeline::outbound::{Outbound, OutboundConfig};
+    let (url, seen) = order_api().await?;
+    let bytes = std::fs::read(
+        component(PYTHON_ORDERS).context("built by scripts/build-python-plugins")?,
+    )?;
+    let runtime = Arc::new(runtime()?);
+    let manifest = |api: &str| {
+        Manifest::parse(&format!(
+            "[config]\norders_api = \"{api}\"\n[grants]\nhttp = [\"{url}/orders/\"]\nsecrets = [\"ORDERS_TOKEN\"]\n[limits]\ntimeout_ms = 10000\n"
+        ))
+    };
+    let plugin = Arc::new(runtime.load("orders_py", &bytes, manifest(&url)?)?);
+    assert_eq!(plugin.wit_version, "0.3.0");
+    let elsewhere = Arc::new(runtime.load("orders_py", &bytes, manifest("https://evil.example")?)?);
+    let outbound = Arc::new(Outbound::new(
+        OutboundConfig {
+            secrets: Secrets::load(
+                [(
+                    "DIGIBOT_SECRET_ORDERS_TOKEN".to_string(),
+                    ORDERS_SECRET.to_string(),
+                )],
+                None,
+            )?,
+            ..OutboundConfig::default()
+        },
+        None,
+    ));
+    let event = Event::parse(
+        br#"{"event":"live_chat.new_message","data":{"id":"msg_py_1","data":{"conversation_id":"conv_py","body":"ma commande 4410 ?","sender":{"model_type":"third"}}}}"#,
+    )?;
+    let key = event.key.clone();
+    let turn = |plugin: Arc<Plugin>| {
+        let (runtime, outbound, event) = (runtime.clone(), outbound.clone(), event.clone());
+        tokio::task::spawn_blocking(move || {
+            let call = Call::for_event(&event, ConversationState::Bot).unwrap();
+            runtime.invoke_with_http(&plugin, &call, Arc::new(MemoryKv::default()), outbound)
+        })
+    };
+    let invocation = turn(plugin).await?;
+    let actions = invocation
+        .outcome
+        .map_err(|f| anyhow::anyhow!("{f}; output: {}", invocation.output))?;
+    assert_eq!(
+        actions,
+        [Action::text("Votre commande 4410 est livrée.").unwrap()]
+    );
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [(
+            "4410".to_string(),
+            format!("Bearer {ORDERS_SECRET}"),
+            format!("{key}/orders_py/0")
+        )]
+    );
+    assert_eq!(invocation.calls.len(), 1);
+    assert_eq!(invocation.calls[0].status, Some(200));
+
+    let refused = turn(elsewhere).await?;
+    assert_eq!(
+        refused.outcome.map_err(|f| anyhow::anyhow!("{f}"))?,
+        [Action::text(
+            "Le suivi des commandes est indisponible pour le moment, réessayez plus tard."
+        )
+        .unwrap()]
+    );
+    assert_eq!(
+        refused.calls[0].refused.as_ref().map(|r| r.kind),
+        Some("not-granted")
+    );
+    // The plugin logged the refusal it was given, in words.
+    assert!(
+        refused
+            .logs
+            .iter()
+            .any(|l| l.message.contains("not-granted: https://evil.example/orders/4410 is outside")),
+        "{:?}",
+        refused.logs
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing reached the API");
     Ok(())
 }

@@ -6,6 +6,8 @@
 //! - [`lifecycle`]: who is in charge of a conversation, and the rules that
 //!   move it between the bot and a human (WhatsApp's 24-hour window too);
 //! - [`kv`]: a plugin's KV writes, committed with the event they came from;
+//! - [`outbound`]: outbound HTTP by grant: targets, grants, prohibited
+//!   addresses, name pins, secret placeholders, caps and refusals;
 //! - [`time`]: the clock the rest of digibot reads.
 //!
 //! Every other crate depends on this one; it depends on none of them, so
@@ -15,4 +17,5 @@ pub mod actions;
 pub mod event;
 pub mod kv;
 pub mod lifecycle;
+pub mod outbound;
 pub mod time;

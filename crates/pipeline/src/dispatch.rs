@@ -23,7 +23,7 @@ use digibot_domain::event::{ConversationState, EventKind, Message, SenderKind};
 use digibot_domain::lifecycle::{self, Rules};
 use digibot_protocol::Action;
 use digibot_runtime::registry::{Entry, Gate, Registry};
-use digibot_runtime::{Call, Failure, KvRead, Runtime};
+use digibot_runtime::{Call, CallSummary, Failure, KvRead, NoHttp, OutboundHttp, Runtime};
 use digibot_store::{
     ConversationRecord, ConversationUpdate, KvChanges, NewAction, StateChange, Store, StoreError,
     StoredEvent, now_ms,
@@ -52,6 +52,9 @@ pub struct PluginOutcome {
     /// Actions refused for breaking a Digishare limit.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<String>,
+    /// Its outbound HTTP requests (refusals with their reason).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallSummary>,
     pub elapsed_us: u64,
     /// The actions as the plugin returned them, refused ones included
     /// (shown by `replay` and `chat`; not stored).
@@ -89,28 +92,33 @@ pub fn event_span(event: &digibot_domain::event::Event) -> tracing::Span {
     )
 }
 
-/// Runs every plugin of `registry` on `event`, in name order. Blocking (it
-/// runs Wasm): call it from a blocking thread.
+/// Runs every plugin of `registry` on `event`, in name order, their HTTP
+/// requests sent through `http`. Blocking (it runs Wasm): call it from a
+/// blocking thread.
 pub fn run_plugins(
     registry: &Registry,
     event: &digibot_domain::event::Event,
     state: ConversationState,
     kv: Arc<dyn KvRead>,
+    http: Arc<dyn OutboundHttp>,
     breaker: Breaker,
 ) -> Handled {
-    run_entries(
+    run(
         registry.runtime(),
         &registry.snapshot().plugins,
         event,
         state,
         kv,
+        http,
         breaker,
+        true,
     )
 }
 
 /// [`run_plugins`] on given entries (sorted by name), for tools that load
 /// plugins without a registry (`replay`, `chat`): same routing, filters,
-/// limits and request building as the server.
+/// limits and request building as the server; HTTP requests are refused
+/// (a replay must not call the outside world again).
 pub fn run_entries(
     runtime: &Runtime,
     entries: &[Entry],
@@ -119,7 +127,8 @@ pub fn run_entries(
     kv: Arc<dyn KvRead>,
     breaker: Breaker,
 ) -> Handled {
-    run(runtime, entries, event, state, kv, breaker, true)
+    let http = Arc::new(NoHttp("in this command (it runs plugins offline)"));
+    run(runtime, entries, event, state, kv, http, breaker, true)
 }
 
 /// [`run_entries`] without touching the process's metrics: for the
@@ -133,15 +142,18 @@ pub fn run_entries_unmetered(
     kv: Arc<dyn KvRead>,
     breaker: Breaker,
 ) -> Handled {
-    run(runtime, entries, event, state, kv, breaker, false)
+    let http = Arc::new(NoHttp("in the simulator (its turns reach nothing outside)"));
+    run(runtime, entries, event, state, kv, http, breaker, false)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     runtime: &Runtime,
     entries: &[Entry],
     event: &digibot_domain::event::Event,
     state: ConversationState,
     kv: Arc<dyn KvRead>,
+    http: Arc<dyn OutboundHttp>,
     breaker: Breaker,
     metered: bool,
 ) -> Handled {
@@ -159,6 +171,7 @@ fn run(
             reason: None,
             actions: 0,
             rejected: Vec::new(),
+            calls: Vec::new(),
             elapsed_us: 0,
             returned: Vec::new(),
         };
@@ -193,8 +206,9 @@ fn run(
         let _span =
             tracing::info_span!("plugin", plugin = %plugin.name, version = %outcome.version)
                 .entered();
-        let invocation = runtime.invoke(plugin, &call, kv.clone());
+        let invocation = runtime.invoke_with_http(plugin, &call, kv.clone(), http.clone());
         outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
+        outcome.calls = invocation.calls;
         if metered {
             metrics::histogram!(m::PLUGIN_INVOCATION_SECONDS, "plugin" => plugin.name.clone())
                 .record(invocation.elapsed);
@@ -426,6 +440,9 @@ struct Inner {
     registry: Arc<Registry>,
     outbox: Outbox,
     kv: Arc<dyn KvRead>,
+    /// Where plugins' HTTP requests go (refused until
+    /// [`Dispatcher::with_http`] says).
+    http: Arc<dyn OutboundHttp>,
     lanes: Mutex<Lanes>,
     conversations: Arc<Semaphore>,
     /// Plugin work is CPU-bound: at most this many invocations at once.
@@ -458,6 +475,7 @@ impl Dispatcher {
                     store: store.clone(),
                     runtime: tokio::runtime::Handle::current(),
                 }),
+                http: Arc::new(NoHttp("on this server (outbound HTTP is not set up)")),
                 store,
                 registry,
                 sends: outbox.sends().clone(),
@@ -471,6 +489,16 @@ impl Dispatcher {
                 tasks: Mutex::new(JoinSet::new()),
             }),
         }
+    }
+
+    /// Sends plugins' HTTP requests through `http` (before any event is
+    /// submitted: the dispatcher must not be cloned yet).
+    pub fn with_http(mut self, http: Arc<dyn OutboundHttp>) -> Dispatcher {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.http = http,
+            None => tracing::error!("Dispatcher::with_http after it was shared: ignored"),
+        }
+        self
     }
 
     /// Queues a stored event behind the others of its conversation.
@@ -821,11 +849,12 @@ impl Dispatcher {
             .ok()?;
         let registry = self.inner.registry.clone();
         let kv = self.inner.kv.clone();
+        let http = self.inner.http.clone();
         let breaker = self.inner.breaker;
         let event = stored.event.clone();
         let handled = tokio::task::spawn_blocking(move || {
             let _span = span.entered();
-            let handled = run_plugins(&registry, &event, state, kv, breaker);
+            let handled = run_plugins(&registry, &event, state, kv, http, breaker);
             drop(permit);
             handled
         })

@@ -9,6 +9,8 @@
 //!   the completion that commits it;
 //! - [`sender`]: outbox delivery, retries, OAuth, dead letters;
 //! - [`sends`]: which conversations have a request in flight (the echo race);
+//! - [`outbound`]: plugins' outbound HTTP: grant, SSRF rules, caps,
+//!   secrets, redirects, the call journal;
 //! - [`cluster`]: plugins shared by replicas, kept in step with the store's
 //!   record;
 //! - [`metrics`]: the metrics the pipeline updates.
@@ -16,5 +18,6 @@
 pub mod cluster;
 pub mod dispatch;
 pub mod metrics;
+pub mod outbound;
 pub mod sender;
 pub mod sends;

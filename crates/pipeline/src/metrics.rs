@@ -33,6 +33,16 @@ pub const SKIPPED_HUMAN: &str = "digibot_messages_skipped_human_total";
 /// was archived.
 pub const ARCHIVED_DEAD_LETTERS: &str = "digibot_archived_dead_letters_total";
 
+/// Plugins' outbound HTTP calls, by plugin and result: the status class
+/// (`2xx`, ...) or the refusal's kind (`not-granted`, `timeout`, ...).
+pub const HTTP_CALLS: &str = "digibot_plugin_http_calls_total";
+/// Calls answered from the journal (a turn that ran again), by plugin.
+pub const HTTP_REPLAYED: &str = "digibot_plugin_http_replayed_total";
+/// Time of one outbound call (redirects and journaling included), by plugin.
+pub const HTTP_CALL_SECONDS: &str = "digibot_plugin_http_call_seconds";
+/// Time to journal one call's outcome durably.
+pub const HTTP_JOURNAL_SECONDS: &str = "digibot_plugin_http_journal_seconds";
+
 /// Buckets of [`PLUGIN_INVOCATION_SECONDS`]: a warm Rust plugin answers in
 /// tens of µs, the default deadline is 100 ms.
 pub const INVOCATION_BUCKETS: &[f64] = &[
@@ -78,6 +88,22 @@ pub fn describe() {
     describe_counter!(
         ARCHIVED_DEAD_LETTERS,
         "Pending actions turned into dead letters by archiving."
+    );
+    describe_counter!(
+        HTTP_CALLS,
+        "Plugins' outbound HTTP calls, by plugin and status class or refusal kind."
+    );
+    describe_counter!(
+        HTTP_REPLAYED,
+        "Outbound calls answered from the journal of an earlier run of the turn."
+    );
+    describe_histogram!(
+        HTTP_CALL_SECONDS,
+        "Time of one outbound call, redirects and journaling included."
+    );
+    describe_histogram!(
+        HTTP_JOURNAL_SECONDS,
+        "Time to record one outbound call in the journal, durably."
     );
     counter!(API_RETRIES).increment(0);
     counter!(SKIPPED_HUMAN).increment(0);

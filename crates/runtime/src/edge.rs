@@ -29,8 +29,19 @@ macro_rules! version_edge {
 
         pub use self::BotPre as Pre;
 
+        /// Adds this version's `types`, `log`, `config` and `kv` (one interface at a
+        /// time: a version's world may import interfaces linked elsewhere,
+        /// such as `wasi:http`).
         pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-            Bot::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
+            wit::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+            digishare::bot::log::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| {
+                state
+            })?;
+            digishare::bot::config::add_to_linker::<HostState, HasSelf<HostState>>(
+                linker,
+                |state| state,
+            )?;
+            digishare::bot::kv::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
         }
 
         /// A fresh instance, not yet called.

@@ -13,16 +13,22 @@
 #[macro_use]
 mod edge;
 pub mod manifest;
+pub mod outbound;
 pub mod registry;
 mod state;
 mod stdio;
 pub mod v0_1_0;
 pub mod v0_2_0;
+pub mod v0_3_0;
 pub mod watch;
 
 use digibot_domain::event;
+use digibot_domain::outbound::{HttpLimits, HttpPolicy};
 use digibot_protocol::Action;
 pub use manifest::{EventFilter, Grants, Limits, Manifest};
+pub use outbound::{
+    CallSummary, NoHttp, OutboundHttp, OutboundRequest, OutboundResponse, RefusalView, Sent,
+};
 use sha2::{Digest, Sha256};
 use state::HostState;
 pub use state::{KvRead, LogLevel, LogLine, MemoryKv};
@@ -41,15 +47,18 @@ pub use digibot_domain::kv::KvWrite;
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// The `digishare:bot` versions this host loads.
-pub const SUPPORTED_WIT: &[&str] = &[v0_1_0::VERSION, v0_2_0::VERSION];
+pub const SUPPORTED_WIT: &[&str] = &[v0_1_0::VERSION, v0_2_0::VERSION, v0_3_0::VERSION];
 
 /// Interfaces a plugin may import besides `digishare:bot`: WASI p2, linked
-/// with no capability granted (no preopens, env, args or network), because
-/// language runtimes import them even when they never use them.
+/// with no capability granted (no preopens, env, args or sockets), because
+/// language runtimes import them even when they never use them; and
+/// `wasi:http`, whose every request goes through the plugin's grant (see
+/// [`outbound`]).
 const ALLOWED_WASI: &[&str] = &[
     "wasi:cli/",
     "wasi:clocks/",
     "wasi:filesystem/",
+    "wasi:http/",
     "wasi:io/",
     "wasi:random/",
     "wasi:sockets/",
@@ -76,6 +85,8 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Limits for plugins whose manifest does not override them.
     pub defaults: Limits,
+    /// The most any plugin's outbound HTTP caps may be.
+    pub http_ceilings: HttpLimits,
     /// Instances kept ready per plugin (0: instantiate on the event path).
     pub warm_instances: usize,
     /// Bytes at the start of each pooled linear memory that are zeroed
@@ -94,6 +105,7 @@ impl Default for RuntimeConfig {
             optimized_code: false,
             cache_dir: None,
             defaults: Limits::default(),
+            http_ceilings: HttpLimits::ceilings(),
             warm_instances: 4,
             // A Rust guest's stack is its first MiB and its data follows:
             // 18 wasm pages cover what a first call touches (BENCHMARKS.md).
@@ -165,6 +177,8 @@ impl Failure {
 #[derive(Debug)]
 pub struct Invocation {
     pub outcome: Result<Vec<Action>, Failure>,
+    /// Its outbound HTTP requests, refused ones included.
+    pub calls: Vec<CallSummary>,
     /// KV writes to commit with the event; empty when the call failed.
     pub kv_writes: Vec<KvWrite>,
     pub logs: Vec<LogLine>,
@@ -183,6 +197,8 @@ pub struct Plugin {
     pub wit_version: &'static str,
     pub manifest: Manifest,
     pub limits: Limits,
+    /// What it may do over HTTP (its grants, secrets and caps).
+    pub http: Arc<HttpPolicy>,
     pub imports: Vec<String>,
     pub size: usize,
     pub compile_time: Duration,
@@ -200,6 +216,7 @@ struct WarmPool {
     config: Arc<BTreeMap<String, String>>,
     limits: Limits,
     grants: Grants,
+    http: Arc<HttpPolicy>,
     ready: Mutex<Vec<Ready>>,
     target: usize,
     fuel: bool,
@@ -219,12 +236,14 @@ struct Ready {
 enum Pre {
     V0_1_0(v0_1_0::Pre<HostState>),
     V0_2_0(v0_2_0::Pre<HostState>),
+    V0_3_0(v0_3_0::Pre<HostState>),
 }
 
 /// An instance of a plugin, in its version's bindings.
 enum Instance {
     V0_1_0(v0_1_0::Bot),
     V0_2_0(v0_2_0::Bot),
+    V0_3_0(v0_3_0::Bot),
 }
 
 impl Pre {
@@ -237,6 +256,7 @@ impl Pre {
         match version {
             v0_1_0::VERSION => Ok(Pre::V0_1_0(v0_1_0::Pre::new(pre).map_err(exports)?)),
             v0_2_0::VERSION => Ok(Pre::V0_2_0(v0_2_0::Pre::new(pre).map_err(exports)?)),
+            v0_3_0::VERSION => Ok(Pre::V0_3_0(v0_3_0::Pre::new(pre).map_err(exports)?)),
             found => Err(LoadError::UnsupportedVersion {
                 found: found.to_string(),
             }),
@@ -247,6 +267,7 @@ impl Pre {
         Ok(match self {
             Pre::V0_1_0(pre) => Instance::V0_1_0(v0_1_0::instantiate(pre, store)?),
             Pre::V0_2_0(pre) => Instance::V0_2_0(v0_2_0::instantiate(pre, store)?),
+            Pre::V0_3_0(pre) => Instance::V0_3_0(v0_3_0::instantiate(pre, store)?),
         })
     }
 }
@@ -262,6 +283,7 @@ impl Instance {
         match self {
             Instance::V0_1_0(bot) => v0_1_0::call(bot, store, call),
             Instance::V0_2_0(bot) => v0_2_0::call(bot, store, call),
+            Instance::V0_3_0(bot) => v0_3_0::call(bot, store, call),
         }
     }
 }
@@ -318,6 +340,13 @@ impl Call<'_> {
                 state,
             }),
             _ => None,
+        }
+    }
+
+    /// The dedup key of the event the call comes from.
+    pub fn event_id(&self) -> &str {
+        match self {
+            Call::NewConversation { event_id, .. } | Call::Message { event_id, .. } => event_id,
         }
     }
 
@@ -430,6 +459,10 @@ impl Runtime {
         // (`digishare:bot/kv@0.1.0`, `@0.2.0`): they coexist in one linker.
         v0_1_0::add_to_linker(&mut linker)?;
         v0_2_0::add_to_linker(&mut linker)?;
+        v0_3_0::add_to_linker(&mut linker)?;
+        v0_3_0::add_outbound_to_linker(&mut linker)?;
+        // Outbound HTTP: every request reaches `outbound::HttpTurn`.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -571,14 +604,21 @@ impl Runtime {
         let limits = self.config.defaults.with(&manifest.limits);
         let limits = Limits {
             memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
+            http: limits.http.min(&self.config.http_ceilings),
             ..limits
         };
+        let http = Arc::new(HttpPolicy {
+            grants: manifest.grants.http.clone(),
+            secrets: manifest.grants.secrets.iter().cloned().collect(),
+            limits: limits.http.clone(),
+        });
         let warm = Arc::new(WarmPool {
             pre,
             name: Arc::from(name),
             config: Arc::new(manifest.config.clone()),
             limits: limits.clone(),
             grants: manifest.grants.clone(),
+            http: http.clone(),
             ready: Mutex::new(Vec::new()),
             target: if manifest.enabled {
                 self.config.warm_instances
@@ -595,6 +635,7 @@ impl Runtime {
             wit_version,
             manifest,
             limits,
+            http,
             imports,
             size: bytes.len(),
             compile_time,
@@ -672,13 +713,28 @@ impl Runtime {
 
     /// Runs `call` on a fresh instance of `plugin`. Never panics on
     /// anything the plugin does; every failure comes back as a [`Failure`].
+    /// Its HTTP requests are refused ([`NoHttp`]): see
+    /// [`invoke_with_http`](Self::invoke_with_http).
     pub fn invoke(&self, plugin: &Plugin, call: &Call<'_>, kv: Arc<dyn KvRead>) -> Invocation {
+        let offline = Arc::new(NoHttp("on this host (it runs plugins without a network)"));
+        self.invoke_with_http(plugin, call, kv, offline)
+    }
+
+    /// [`invoke`](Self::invoke), its HTTP requests sent through `http`.
+    pub fn invoke_with_http(
+        &self,
+        plugin: &Plugin,
+        call: &Call<'_>,
+        kv: Arc<dyn KvRead>,
+        http: Arc<dyn OutboundHttp>,
+    ) -> Invocation {
         let started = Instant::now();
         let Ready { mut store, bot } = match self.fresh(plugin) {
             Ok(ready) => ready,
             Err(e) => {
                 return Invocation {
                     outcome: Err(Failure::Trap(format!("instantiation failed: {e:#}"))),
+                    calls: Vec::new(),
                     kv_writes: Vec::new(),
                     logs: Vec::new(),
                     output: String::new(),
@@ -687,7 +743,9 @@ impl Runtime {
                 };
             }
         };
-        store.data_mut().bind(call.conversation_id(), kv);
+        store
+            .data_mut()
+            .bind(call.event_id(), call.conversation_id(), kv, http);
         set_deadline(&mut store, &plugin.limits);
         if self.config.fuel {
             let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
@@ -705,8 +763,18 @@ impl Runtime {
         let kv_writes = std::mem::take(&mut state.kv_writes);
         let logs = std::mem::take(&mut state.logs);
         let logs_dropped = state.logs_dropped + cut;
+        let calls = state
+            .http_turn
+            .log
+            .lock()
+            .map(|mut log| std::mem::take(&mut log.calls))
+            .unwrap_or_default();
+        // Requests finish in any order: the record lists them as made.
+        let mut calls = calls;
+        calls.sort_by_key(|c| c.call);
         self.discard(store);
         Invocation {
+            calls,
             kv_writes: if outcome.is_ok() {
                 kv_writes
             } else {
@@ -735,6 +803,7 @@ impl WarmPool {
             self.config.clone(),
             &self.limits,
             &self.grants,
+            self.http.clone(),
         );
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);

@@ -2,6 +2,7 @@
 //! is enabled, which events it wants, its private configuration, its limits,
 //! the capabilities it is granted, and whether it assists human agents.
 
+use digibot_domain::outbound::{HttpGrant, HttpLimits, SecretName};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -52,6 +53,14 @@ pub struct LimitOverrides {
     pub max_action_bytes: Option<usize>,
     pub max_log_bytes: Option<usize>,
     pub fuel: Option<u64>,
+    /// Outbound HTTP requests per turn.
+    pub http_calls: Option<u32>,
+    /// Largest request body a plugin may send.
+    pub http_request_bytes: Option<usize>,
+    /// Largest response body a plugin may receive.
+    pub http_response_bytes: Option<usize>,
+    /// One request, redirects included, to its last body byte.
+    pub http_timeout_ms: Option<u64>,
 }
 
 /// Capabilities beyond the default sandbox. All off by default.
@@ -60,6 +69,13 @@ pub struct LimitOverrides {
 pub struct Grants {
     /// See the real wall clock (otherwise it reads as the Unix epoch).
     pub clock: bool,
+    /// The URLs the plugin may call (`digishare:bot@0.3.0`): scheme, host
+    /// (or `*.` and one label), port and path prefix, e.g.
+    /// `["https://api.shop.example", "https://*.crm.example/v2/"]`.
+    pub http: Vec<HttpGrant>,
+    /// Secrets the plugin may use as `{{secret:NAME}}` in the header values
+    /// of requests to those URLs; the operator supplies their values.
+    pub secrets: Vec<SecretName>,
 }
 
 /// What one invocation may use.
@@ -80,6 +96,8 @@ pub struct Limits {
     pub max_log_bytes: usize,
     /// Fuel per invocation when fuel metering is on for the engine.
     pub fuel: Option<u64>,
+    /// Outbound HTTP caps (used only with an http grant).
+    pub http: HttpLimits,
 }
 
 impl Default for Limits {
@@ -93,6 +111,7 @@ impl Default for Limits {
             max_action_bytes: 256 << 10,
             max_log_bytes: 16 << 10,
             fuel: None,
+            http: HttpLimits::default(),
         }
     }
 }
@@ -113,6 +132,16 @@ impl Limits {
             max_action_bytes: o.max_action_bytes.unwrap_or(self.max_action_bytes),
             max_log_bytes: o.max_log_bytes.unwrap_or(self.max_log_bytes),
             fuel: o.fuel.or(self.fuel),
+            http: HttpLimits {
+                calls: o.http_calls.unwrap_or(self.http.calls),
+                request_bytes: o.http_request_bytes.unwrap_or(self.http.request_bytes),
+                response_bytes: o.http_response_bytes.unwrap_or(self.http.response_bytes),
+                timeout: o
+                    .http_timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(self.http.timeout),
+                redirects: self.http.redirects,
+            },
             ..self.clone()
         }
     }
@@ -153,6 +182,35 @@ mod tests {
         assert_eq!(m.config["greeting"], "Salam");
         assert!(!m.assist);
         assert!(Manifest::parse("assist = true").unwrap().assist);
+    }
+
+    #[test]
+    fn http_grants_secrets_and_caps() {
+        let m = Manifest::parse(
+            r#"
+[grants]
+http = ["https://api.shop.example", "https://*.crm.example/v2/"]
+secrets = ["ORDERS_TOKEN"]
+[limits]
+http_calls = 3
+http_response_bytes = 1000
+http_timeout_ms = 250
+"#,
+        )
+        .unwrap();
+        assert_eq!(m.grants.http.len(), 2);
+        assert_eq!(m.grants.http[1].to_string(), "https://*.crm.example/v2/");
+        assert_eq!(m.grants.secrets[0].as_str(), "ORDERS_TOKEN");
+        let limits = Limits::default().with(&m.limits);
+        assert_eq!(limits.http.calls, 3);
+        assert_eq!(limits.http.response_bytes, 1000);
+        assert_eq!(limits.http.timeout, Duration::from_millis(250));
+        assert_eq!(limits.http.request_bytes, HttpLimits::default().request_bytes);
+        // A bad grant or secret name fails the manifest, saying which.
+        let e = Manifest::parse("[grants]\nhttp = [\"https://*\"]").unwrap_err();
+        assert!(e.to_string().contains("https://*"), "{e}");
+        let e = Manifest::parse("[grants]\nsecrets = [\"orders-token\"]").unwrap_err();
+        assert!(e.to_string().contains("orders-token"), "{e}");
     }
 
     #[test]

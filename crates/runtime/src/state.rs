@@ -3,7 +3,9 @@
 //! no way to reach another plugin's config or another conversation's state.
 
 use super::manifest::{Grants, Limits};
+use super::outbound::{HttpTurn, OutboundHttp, RefusalView};
 use super::stdio::CappedPipe;
+use digibot_domain::outbound::HttpPolicy;
 use digibot_domain::kv::KvWrite;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{
     HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Longest KV key a plugin may use, in bytes.
 pub const KV_KEY_MAX: usize = 256;
@@ -177,6 +180,8 @@ pub struct HostState {
     log_bytes: usize,
     log_cap: usize,
     pub(super) logs_dropped: usize,
+    http: WasiHttpCtx,
+    pub(super) http_turn: HttpTurn,
 }
 
 impl HostState {
@@ -187,6 +192,7 @@ impl HostState {
         config: Arc<BTreeMap<String, String>>,
         limits: &Limits,
         grants: &Grants,
+        http: Arc<HttpPolicy>,
     ) -> HostState {
         let stdio = CappedPipe::new(limits.max_log_bytes);
         // No preopens, no environment, no arguments, no network: the
@@ -201,6 +207,7 @@ impl HostState {
         if !grants.clock {
             wasi.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
         }
+        let plugin_name = plugin.clone();
         HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -222,14 +229,33 @@ impl HostState {
             log_bytes: 0,
             log_cap: limits.max_log_bytes,
             logs_dropped: 0,
+            http: WasiHttpCtx::new(),
+            http_turn: HttpTurn::new(plugin_name, http),
         }
     }
 
     /// Binds the instance to the event it will serve: its conversation
-    /// (the only one its KV reads and writes can reach) and the KV source.
-    pub(super) fn bind(&mut self, conversation_id: &str, kv: Arc<dyn KvRead>) {
+    /// (the only one its KV reads and writes can reach), the KV source, and
+    /// where its HTTP requests go (numbered for that event).
+    pub(super) fn bind(
+        &mut self,
+        event_id: &str,
+        conversation_id: &str,
+        kv: Arc<dyn KvRead>,
+        http: Arc<dyn OutboundHttp>,
+    ) {
         self.conversation_id = conversation_id.to_string();
         self.kv = kv;
+        self.http_turn.bind(event_id, http);
+    }
+
+    /// Why this turn's latest HTTP request was refused, if one was.
+    pub(super) fn http_refusal(&self) -> Option<RefusalView> {
+        self.http_turn
+            .log
+            .lock()
+            .ok()
+            .and_then(|log| log.last_refusal.clone())
     }
 
     pub(super) fn log(&mut self, level: LogLevel, message: &str) {
@@ -282,6 +308,16 @@ impl HostState {
         }
         self.kv_view.insert(key.clone(), None);
         self.kv_writes.push(KvWrite::Delete { key });
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_turn,
+        }
     }
 }
 

@@ -5,9 +5,10 @@
 
 use digibot_domain::event::{ConversationState, Event};
 use digibot_protocol::Action;
+use digibot_domain::outbound::Refusal;
 use digibot_runtime::{
-    Call, Failure, Invocation, KvRead, LoadError, Manifest, MemoryKv, Plugin, Runtime,
-    RuntimeConfig,
+    Call, Failure, Invocation, KvRead, LoadError, Manifest, MemoryKv, OutboundHttp,
+    OutboundRequest, OutboundResponse, Plugin, Runtime, RuntimeConfig, Sent,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,7 +91,7 @@ fn single_text(invocation: Invocation) -> String {
 fn echo_answers_a_customer_text() {
     let runtime = runtime();
     let echo = load(&runtime, "echo", "echo", "");
-    assert_eq!(echo.wit_version, "0.2.0");
+    assert_eq!(echo.wit_version, "0.3.0");
     let out = invoke(
         &runtime,
         &echo,
@@ -103,20 +104,27 @@ fn echo_answers_a_customer_text() {
     );
 }
 
-/// Rule 4 of docs/wit-versioning.md: a plugin built against 0.1.0 (frozen
-/// in plugins/echo-v0_1) loads and answers beside 0.2.0 plugins in one
-/// runtime, whatever the conversation's state (it is not told).
+/// Rule 4 of docs/wit-versioning.md: plugins built against 0.1.0 and
+/// 0.2.0 (frozen in plugins/echo-v0_1 and echo-v0_2) load and answer
+/// beside 0.3.0 plugins in one runtime, whatever the conversation's state
+/// (0.1.0 is not told it, 0.2.0 is).
 #[test]
 fn plugins_of_every_wit_version_load_and_answer_side_by_side() {
     let runtime = runtime();
     let old = load(&runtime, "old", "echo_v0_1", "");
+    let mid = load(&runtime, "mid", "echo_v0_2", "");
     let new = load(&runtime, "new", "echo", "");
-    assert_eq!((old.wit_version, new.wit_version), ("0.1.0", "0.2.0"));
+    assert_eq!(
+        (old.wit_version, mid.wit_version, new.wit_version),
+        ("0.1.0", "0.2.0", "0.3.0")
+    );
     assert!(
         old.imports.iter().any(|i| i == "digishare:bot/types@0.1.0")
-            && new.imports.iter().any(|i| i == "digishare:bot/types@0.2.0"),
-        "{:?} {:?}",
+            && mid.imports.iter().any(|i| i == "digishare:bot/types@0.2.0")
+            && new.imports.iter().any(|i| i == "digishare:bot/types@0.3.0"),
+        "{:?} {:?} {:?}",
         old.imports,
+        mid.imports,
         new.imports
     );
     let text = "Bonjour, je voudrais suivre ma commande";
@@ -132,21 +140,27 @@ fn plugins_of_every_wit_version_load_and_answer_side_by_side() {
             out.outcome.unwrap(),
             vec![Action::text(format!("v0.1: {text}")).unwrap()]
         );
+        let out = invoke_in(&runtime, &mid, &message, state, kv());
+        assert_eq!(
+            out.outcome.unwrap(),
+            vec![Action::text(format!("v0.2 ({state}): {text}")).unwrap()]
+        );
         let out = invoke_in(&runtime, &new, &message, state, kv());
         assert_eq!(out.outcome.unwrap(), vec![Action::text(text).unwrap()]);
-        for plugin in [&old, &new] {
+        for plugin in [&old, &mid, &new] {
             let out = invoke_in(&runtime, plugin, &fixture("new_conversation"), state, kv());
             assert_eq!(out.outcome.unwrap(), vec![], "{}", plugin.name);
         }
     }
 }
 
-/// A 0.2.0 plugin is told the state the host passes, for both events.
+/// A plugin of 0.2.0 or later is told the state the host passes, for both
+/// events.
 #[test]
 fn a_0_2_0_plugin_is_told_the_conversation_state() {
     let runtime = runtime();
     let plugin = load(&runtime, "state-echo", "state_echo", "");
-    assert_eq!(plugin.wit_version, "0.2.0");
+    assert_eq!(plugin.wit_version, "0.3.0");
     for (state, name) in [
         (ConversationState::Bot, "bot"),
         (ConversationState::Human, "human"),
@@ -591,4 +605,109 @@ mod registry {
         assert!(!root.path().join("escape.wasm").exists());
         assert!(registry.snapshot().plugins.is_empty());
     }
+}
+
+/// An [`OutboundHttp`] that records what it is handed and answers from a
+/// script: what the runtime gives the pipeline, and what a plugin gets back.
+struct Scripted {
+    seen: std::sync::Mutex<Vec<OutboundRequest>>,
+    answer: Box<dyn Fn(&OutboundRequest) -> Result<OutboundResponse, Refusal> + Send + Sync>,
+}
+
+#[async_trait::async_trait]
+impl OutboundHttp for Scripted {
+    async fn send(&self, request: OutboundRequest) -> Sent {
+        let result = (self.answer)(&request);
+        self.seen.lock().unwrap().push(request);
+        Sent {
+            result,
+            replayed: false,
+        }
+    }
+}
+
+fn scripted(
+    answer: impl Fn(&OutboundRequest) -> Result<OutboundResponse, Refusal> + Send + Sync + 'static,
+) -> Arc<Scripted> {
+    Arc::new(Scripted {
+        seen: Default::default(),
+        answer: Box::new(answer),
+    })
+}
+
+/// A plugin's wasi:http requests reach the host's `OutboundHttp` with the
+/// event, the plugin, their numbers and the headers as written (the
+/// placeholder not substituted: that is the pipeline's job, at send time);
+/// a refusal reaches the plugin as an error with its kind and reason
+/// (`outbound.last-refusal`), never a trap, and the invocation lists every
+/// call.
+#[test]
+fn http_requests_go_through_the_hosts_outbound_and_refusals_reach_the_plugin() {
+    let runtime = runtime();
+    let plugin = load(
+        &runtime,
+        "hostile",
+        "hostile_fetch",
+        "[grants]\nhttp = [\"https://api.shop.example\"]\n",
+    );
+    assert_eq!(plugin.wit_version, "0.3.0");
+    assert!(plugin.imports.iter().any(|i| i.starts_with("wasi:http/outgoing-handler@0.2")));
+    let out = scripted(|r| {
+        if r.authority == "api.shop.example" {
+            Ok(OutboundResponse {
+                status: 201,
+                headers: vec![("content-type".into(), b"text/plain".to_vec())],
+                body: bytes::Bytes::from_static(b"made"),
+            })
+        } else {
+            Err(Refusal::NotGranted { url: r.url() })
+        }
+    });
+    let event = customer_text(
+        "conv_http",
+        "msg_http",
+        "https://api.shop.example/orders/1?x=2 https://evil.example/steal",
+    );
+    let call = Call::for_event(&event, ConversationState::Bot).unwrap();
+    let invocation =
+        runtime.invoke_with_http(&plugin, &call, Arc::new(MemoryKv::default()), out.clone());
+    let calls = invocation.calls.clone();
+    assert_eq!(
+        single_text(invocation),
+        "status 201\nrefused: not-granted: https://evil.example/steal is outside this plugin's http grant"
+    );
+    let seen = out.seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        (&*seen[0].plugin, &*seen[0].event_id, seen[0].call),
+        ("hostile", event.key.as_str(), 0)
+    );
+    assert_eq!(seen[1].call, 1);
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].scheme.as_str(), seen[0].path_and_query.as_str()),
+        ("GET", "https", "/orders/1?x=2")
+    );
+    assert!(
+        seen[0]
+            .headers
+            .iter()
+            .any(|(n, v)| n == "authorization" && v == b"Bearer {{secret:ORDERS_TOKEN}}"),
+        "{:?}",
+        seen[0].headers
+    );
+    assert_eq!(seen[0].policy.grants[0].to_string(), "https://api.shop.example");
+    assert_eq!(seen[0].body.as_deref().ok(), Some(&b""[..]));
+    assert_eq!(calls.len(), 2);
+    assert_eq!((calls[0].status, calls[0].bytes), (Some(201), 4));
+    assert_eq!(calls[1].refused.as_ref().map(|r| r.kind), Some("not-granted"));
+}
+
+/// Without an outbound configured (tools, tests), requests are refused as
+/// `offline`, and the plugin still answers.
+#[test]
+fn without_outbound_http_requests_are_refused_offline() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "hostile", "hostile_fetch", "");
+    let answer = single_text(on_text(&runtime, &plugin, "https://api.shop.example/x"));
+    assert!(answer.starts_with("refused: offline: outbound HTTP is off"), "{answer}");
 }

@@ -1,5 +1,6 @@
 //! The admin API under `/admin`, behind `DIGIBOT_ADMIN_TOKEN` (no token: the
-//! routes do not exist). Dead letters, recent events and conversations
+//! routes do not exist). Dead letters, recent events (with the journal of
+//! their plugins' outbound HTTP calls) and conversations
 //! (with who is in charge, and handing one back to the bot), plugin
 //! management (list, upload, delete, rollback), and the simulator's
 //! routes (see `simulator`). The dashboard page itself (`dashboard`) is
@@ -17,7 +18,7 @@ use axum::routing::{get, post};
 use digibot_pipeline::sender::Outbox;
 use digibot_runtime::registry::{Registry, RegistryError};
 use digibot_runtime::{LoadError, Plugin};
-use digibot_store::{EventSummary, Release, Store, StoreError};
+use digibot_store::{EventSummary, JournalEntry, JournalOutcome, Release, Store, StoreError};
 use metrics::counter;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -99,6 +100,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/dead-letters/{id}/retry", post(retry_one))
         .route("/admin/dead-letters/{id}", axum::routing::delete(drop_one))
         .route("/admin/events", get(events))
+        .route("/admin/events/{key}/journal", get(journal))
         .route("/admin/outbox", get(outbox))
         .route("/admin/plugins", get(plugins))
         .route(
@@ -172,6 +174,71 @@ struct Limit {
 async fn events(State(admin): State<AdminState>, Query(q): Query<Limit>) -> Answer {
     let limit = q.limit.unwrap_or(100).min(10_000);
     ok(admin.store.recent_events(limit).await?)
+}
+
+/// Response bodies shown in the journal view are cut here.
+const JOURNAL_BODY_SHOWN: usize = 4096;
+
+/// Response headers hidden in the journal view (the journal keeps them for
+/// replays).
+const HIDDEN_RESPONSE_HEADERS: &[&str] = &["set-cookie", "authorization"];
+
+/// One journaled call as the admin API shows it: secrets were never in the
+/// journal (placeholders, scrubbed responses); session cookies and long
+/// bodies are cut here.
+fn journal_view(entry: JournalEntry) -> serde_json::Value {
+    let outcome = match entry.outcome {
+        JournalOutcome::Response {
+            status,
+            headers,
+            body,
+        } => {
+            let headers: Vec<(String, String)> = headers
+                .into_iter()
+                .map(|(name, value)| {
+                    if HIDDEN_RESPONSE_HEADERS.contains(&name.as_str()) {
+                        (name, "[redacted]".to_string())
+                    } else {
+                        (name, value)
+                    }
+                })
+                .collect();
+            let shown = &body[..body.len().min(JOURNAL_BODY_SHOWN)];
+            json!({
+                "response": {
+                    "status": status,
+                    "headers": headers,
+                    "body": String::from_utf8_lossy(shown),
+                    "body_bytes": body.len(),
+                    "truncated": body.len() > JOURNAL_BODY_SHOWN,
+                }
+            })
+        }
+        JournalOutcome::Failed { refusal } => json!({
+            "refused": {"kind": refusal.kind(), "message": refusal.to_string()}
+        }),
+    };
+    let mut view = json!({
+        "plugin": entry.plugin,
+        "call": entry.call,
+        "request": entry.request,
+        "elapsed_ms": entry.elapsed_ms,
+        "recorded_at": entry.recorded_at,
+    });
+    if let (Some(view), Some(outcome)) = (view.as_object_mut(), outcome.as_object()) {
+        view.extend(outcome.clone());
+    }
+    view
+}
+
+/// The outbound calls the plugins made while handling one event, as
+/// journaled (by plugin, then call number).
+async fn journal(State(admin): State<AdminState>, Path(key): Path<String>) -> Answer {
+    let entries = admin.store.journal(&key, None).await?;
+    ok(json!({
+        "event": key,
+        "calls": entries.into_iter().map(journal_view).collect::<Vec<_>>(),
+    }))
 }
 
 async fn outbox(State(admin): State<AdminState>) -> Answer {

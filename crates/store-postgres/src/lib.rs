@@ -39,9 +39,9 @@ mod plugins;
 use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
-    ConversationSummary, ConversationUpdate, EventSummary, Inserted, KvChanges, KvWrite, NewAction,
-    OutboxAction, OutboxDepth, PluginRecords, Pruned, Release, Store, StoreError, StoredEvent,
-    now_ms, parse_state,
+    ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
+    JournalRequest, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, PluginRecords,
+    Pruned, Release, Store, StoreError, StoredEvent, now_ms, parse_state,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -199,6 +199,28 @@ CREATE TABLE sent_messages (
     sent_at BIGINT NOT NULL,
     PRIMARY KEY (conversation_id, message_id)
 );
+"#,
+    ),
+    (
+        4,
+        r#"
+-- Each outbound HTTP call of a plugin's turn, recorded as it completes,
+-- so that a turn that runs again (on any replica) replays it.
+CREATE TABLE http_journal (
+    event_key TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    call INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    status INTEGER,
+    response_headers TEXT,
+    body BYTEA,
+    error_kind TEXT,
+    refusal TEXT,
+    elapsed_ms BIGINT NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    PRIMARY KEY (event_key, plugin, call)
+);
+CREATE INDEX http_journal_recorded ON http_journal (recorded_at);
 "#,
     ),
 ];
@@ -1342,6 +1364,75 @@ impl Postgres {
         .await
     }
 
+    // ---- outbound call journal ---------------------------------------------
+
+    async fn record_call(&self, entry: JournalEntry) -> Result<(), Error> {
+        let request =
+            serde_json::to_string(&entry.request).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (status, headers, body, kind, message) = match entry.outcome {
+            JournalOutcome::Response {
+                status,
+                headers,
+                body,
+            } => (
+                Some(i32::from(status)),
+                Some(serde_json::to_string(&headers).unwrap_or_default()),
+                Some(body),
+                None,
+                None,
+            ),
+            JournalOutcome::Failed { refusal } => (
+                None,
+                None,
+                None,
+                Some(refusal.kind().to_string()),
+                Some(serde_json::to_string(&refusal).unwrap_or_default()),
+            ),
+        };
+        let mut c = self.conn().await?;
+        c.conn()
+            .execute(
+                "INSERT INTO http_journal
+                   (event_key, plugin, call, request, status, response_headers, body, error_kind, refusal, elapsed_ms, recorded_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (event_key, plugin, call) DO UPDATE SET
+                   request = EXCLUDED.request, status = EXCLUDED.status,
+                   response_headers = EXCLUDED.response_headers, body = EXCLUDED.body,
+                   error_kind = EXCLUDED.error_kind, refusal = EXCLUDED.refusal,
+                   elapsed_ms = EXCLUDED.elapsed_ms, recorded_at = EXCLUDED.recorded_at",
+                &[
+                    &entry.event_key,
+                    &entry.plugin,
+                    &(entry.call as i32),
+                    &request,
+                    &status,
+                    &headers,
+                    &body,
+                    &kind,
+                    &message,
+                    &(entry.elapsed_ms as i64),
+                    &entry.recorded_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn journal(&self, event_key: &str, plugin: Option<&str>) -> Result<Vec<JournalEntry>, Error> {
+        let mut c = self.conn().await?;
+        let plugin = plugin.map(str::to_string);
+        let rows = c
+            .conn()
+            .query(
+                "SELECT event_key, plugin, call, request, status, response_headers, body, error_kind, refusal, elapsed_ms, recorded_at
+                 FROM http_journal WHERE event_key = $1 AND ($2::TEXT IS NULL OR plugin = $2)
+                 ORDER BY plugin, call",
+                &[&event_key, &plugin],
+            )
+            .await?;
+        rows.iter().map(journal_row).collect()
+    }
+
     // ---- retention ---------------------------------------------------------
 
     async fn prune(&self, before: i64) -> Result<Pruned, Error> {
@@ -1375,9 +1466,21 @@ impl Postgres {
             c.conn()
                 .execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
                 .await?;
+            let calls = c
+                .conn()
+                .execute(
+                    "DELETE FROM http_journal WHERE (event_key, plugin, call) IN (
+                       SELECT j.event_key, j.plugin, j.call FROM http_journal j
+                       WHERE j.recorded_at < $1
+                         AND NOT EXISTS (SELECT 1 FROM events e WHERE e.key = j.event_key AND e.status = 'pending')
+                       LIMIT $2)",
+                    &[&before, &BATCH],
+                )
+                .await? as usize;
             total.events += events;
             total.actions += actions;
-            if events < BATCH as usize && actions < BATCH as usize {
+            total.calls += calls;
+            if events < BATCH as usize && actions < BATCH as usize && calls < BATCH as usize {
                 return Ok(total);
             }
         }
@@ -1546,6 +1649,18 @@ impl Backend for PgStore {
         Ok(self.0.drop_dead(id).await?)
     }
 
+    async fn record_call(&self, entry: JournalEntry) -> Result<(), StoreError> {
+        Ok(self.0.record_call(entry).await?)
+    }
+
+    async fn journal(
+        &self,
+        event_key: &str,
+        plugin: Option<&str>,
+    ) -> Result<Vec<JournalEntry>, StoreError> {
+        Ok(self.0.journal(event_key, plugin).await?)
+    }
+
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
         Ok(self.0.prune(before).await?)
     }
@@ -1591,6 +1706,51 @@ async fn migrate(pool: &Arc<Pool>) -> Result<(), Error> {
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// Reads a `http_journal` row (every column, in table order).
+fn journal_row(r: &Row) -> Result<JournalEntry, Error> {
+    let event_key: String = r.try_get(0)?;
+    let plugin: String = r.try_get(1)?;
+    let call: i32 = r.try_get(2)?;
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        Error::from(StoreError::Corrupt(format!(
+            "journal {event_key}/{plugin}/{call}: {what}: {e}"
+        )))
+    };
+    let request: String = r.try_get(3)?;
+    let request: JournalRequest =
+        serde_json::from_str(&request).map_err(|e| corrupt("request", &e))?;
+    let status: Option<i32> = r.try_get(4)?;
+    let outcome = match status {
+        Some(status) => {
+            let headers: Option<String> = r.try_get(5)?;
+            let body: Option<Vec<u8>> = r.try_get(6)?;
+            JournalOutcome::Response {
+                status: u16::try_from(status).map_err(|e| corrupt("status", &e))?,
+                headers: serde_json::from_str(headers.as_deref().unwrap_or("[]"))
+                    .map_err(|e| corrupt("headers", &e))?,
+                body: body.unwrap_or_default(),
+            }
+        }
+        None => {
+            let refusal: Option<String> = r.try_get(8)?;
+            JournalOutcome::Failed {
+                refusal: serde_json::from_str(refusal.as_deref().unwrap_or(""))
+                    .map_err(|e| corrupt("refusal", &e))?,
+            }
+        }
+    };
+    let elapsed: i64 = r.try_get(9)?;
+    Ok(JournalEntry {
+        event_key: event_key.clone(),
+        plugin: plugin.clone(),
+        call: call as u32,
+        request,
+        outcome,
+        elapsed_ms: elapsed.max(0) as u64,
+        recorded_at: r.try_get(10)?,
+    })
 }
 
 /// Each key's last write, as parallel arrays for `unnest`: upserts

@@ -17,9 +17,9 @@
 use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
-    ConversationSummary, ConversationUpdate, EventSummary, Inserted, KvChanges, KvWrite, NewAction,
-    OutboxAction, OutboxDepth, Pruned, Release, StateChange, Store, StoreError, StoredEvent,
-    now_ms, parse_state,
+    ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
+    JournalRequest, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned, Release,
+    StateChange, Store, StoreError, StoredEvent, now_ms, parse_state,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -151,6 +151,22 @@ CREATE TABLE IF NOT EXISTS kv (
     value TEXT NOT NULL,
     updated_at INTEGER NOT NULL,
     PRIMARY KEY (plugin, conversation_id, key)
+) WITHOUT ROWID;
+-- Each outbound HTTP call of a plugin's turn, recorded as it completes,
+-- so that a turn that runs again replays it instead of calling again.
+CREATE TABLE IF NOT EXISTS http_journal (
+    event_key TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    call INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    status INTEGER,
+    response_headers TEXT,
+    body BLOB,
+    error_kind TEXT,
+    refusal TEXT,
+    elapsed_ms INTEGER NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (event_key, plugin, call)
 ) WITHOUT ROWID;
 PRAGMA user_version = 1;
 "#;
@@ -801,10 +817,76 @@ impl Db {
         .await
     }
 
+    // ---- outbound call journal ---------------------------------------------
+
+    async fn record_call(&self, entry: JournalEntry) -> Result<(), Error> {
+        self.write(move |conn| {
+            let request = serde_json::to_string(&entry.request)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let (status, headers, body, kind, message) = match entry.outcome {
+                JournalOutcome::Response {
+                    status,
+                    headers,
+                    body,
+                } => (
+                    Some(status),
+                    Some(serde_json::to_string(&headers).unwrap_or_default()),
+                    Some(body),
+                    None,
+                    None,
+                ),
+                JournalOutcome::Failed { refusal } => (
+                    None,
+                    None,
+                    None,
+                    Some(refusal.kind().to_string()),
+                    Some(serde_json::to_string(&refusal).unwrap_or_default()),
+                ),
+            };
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO http_journal
+                   (event_key, plugin, call, request, status, response_headers, body, error_kind, refusal, elapsed_ms, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                entry.event_key,
+                entry.plugin,
+                entry.call,
+                request,
+                status,
+                headers,
+                body,
+                kind,
+                message,
+                entry.elapsed_ms as i64,
+                entry.recorded_at
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn journal(&self, event_key: &str, plugin: Option<&str>) -> Result<Vec<JournalEntry>, Error> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT event_key, plugin, call, request, status, response_headers, body, error_kind, refusal, elapsed_ms, recorded_at
+                 FROM http_journal WHERE event_key = ?1 AND (?2 IS NULL OR plugin = ?2)
+                 ORDER BY plugin, call",
+            )?;
+            let rows = stmt.query_map(params![event_key, plugin], journal_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row??);
+            }
+            Ok(out)
+        })
+    }
+
     // ---- retention ---------------------------------------------------------
 
     /// Deletes handled events and sent actions finished before `before`
-    /// (ms). Pending work and dead letters are never pruned.
+    /// (ms), and calls journaled before it. Pending work (with its calls)
+    /// and dead letters are never pruned.
     async fn prune(&self, before: i64) -> Result<Pruned, Error> {
         // In batches, each its own transaction, so webhooks keep flowing;
         // in key order, where the oldest rows are: no time index needed.
@@ -832,12 +914,25 @@ impl Db {
                     // pruned actions are of no use.
                     conn.prepare_cached("DELETE FROM sent_messages WHERE sent_at < ?1")?
                         .execute([before])?;
-                    Ok(Pruned { events, actions })
+                    let calls = conn.execute(
+                        "DELETE FROM http_journal WHERE (event_key, plugin, call) IN (
+                           SELECT j.event_key, j.plugin, j.call FROM http_journal j
+                           WHERE j.recorded_at < ?1
+                             AND NOT EXISTS (SELECT 1 FROM events e WHERE e.key = j.event_key AND e.status = 'pending')
+                           LIMIT ?2)",
+                        params![before, BATCH as i64],
+                    )?;
+                    Ok(Pruned {
+                        events,
+                        actions,
+                        calls,
+                    })
                 })
                 .await?;
             total.events += pruned.events;
             total.actions += pruned.actions;
-            if pruned.events < BATCH && pruned.actions < BATCH {
+            total.calls += pruned.calls;
+            if pruned.events < BATCH && pruned.actions < BATCH && pruned.calls < BATCH {
                 return Ok(total);
             }
         }
@@ -1026,9 +1121,64 @@ impl Backend for Sqlite {
         Ok(self.0.drop_dead(id).await?)
     }
 
+    async fn record_call(&self, entry: JournalEntry) -> Result<(), StoreError> {
+        Ok(self.0.record_call(entry).await?)
+    }
+
+    async fn journal(
+        &self,
+        event_key: &str,
+        plugin: Option<&str>,
+    ) -> Result<Vec<JournalEntry>, StoreError> {
+        let (event_key, plugin) = (event_key.to_string(), plugin.map(str::to_string));
+        reading(&self.0, move |db| db.journal(&event_key, plugin.as_deref())).await
+    }
+
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
         Ok(self.0.prune(before).await?)
     }
+}
+
+/// Reads a `http_journal` row (every column, in table order).
+fn journal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JournalEntry, Error>> {
+    let request: String = r.get(3)?;
+    let status: Option<u16> = r.get(4)?;
+    let headers: Option<String> = r.get(5)?;
+    let body: Option<Vec<u8>> = r.get(6)?;
+    let refusal: Option<String> = r.get(8)?;
+    let elapsed: i64 = r.get(9)?;
+    let (event_key, plugin, call, recorded_at): (String, String, u32, i64) =
+        (r.get(0)?, r.get(1)?, r.get(2)?, r.get(10)?);
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!("journal {event_key}/{plugin}/{call}: {what}: {e}")).into()
+    };
+    let request: JournalRequest = match serde_json::from_str(&request) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(corrupt("request", &e))),
+    };
+    let outcome = match status {
+        Some(status) => JournalOutcome::Response {
+            status,
+            headers: match serde_json::from_str(headers.as_deref().unwrap_or("[]")) {
+                Ok(h) => h,
+                Err(e) => return Ok(Err(corrupt("headers", &e))),
+            },
+            body: body.unwrap_or_default(),
+        },
+        None => match serde_json::from_str(refusal.as_deref().unwrap_or("")) {
+            Ok(refusal) => JournalOutcome::Failed { refusal },
+            Err(e) => return Ok(Err(corrupt("refusal", &e))),
+        },
+    };
+    Ok(Ok(JournalEntry {
+        event_key,
+        plugin,
+        call,
+        request,
+        outcome,
+        elapsed_ms: elapsed.max(0) as u64,
+        recorded_at,
+    }))
 }
 
 const OUTBOX_COLUMNS: &str = "id, event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, attempts, next_attempt_at, last_status, last_error, created_at";

@@ -30,6 +30,7 @@
 pub mod suite;
 
 use digibot_domain::event::{ConversationState, Event};
+pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::kv::{KvChanges, KvWrite};
 pub use digibot_domain::time::now_ms;
 use serde::Serialize;
@@ -248,6 +249,58 @@ pub fn parse_state(s: &str) -> Result<ConversationState, StoreError> {
 pub struct Pruned {
     pub events: usize,
     pub actions: usize,
+    /// Journaled outbound calls.
+    pub calls: usize,
+}
+
+/// One outbound HTTP call a plugin made while handling an event, as the
+/// journal keeps it: the request as the plugin wrote it (secrets as their
+/// placeholders, other credentials redacted) and what came back (secret
+/// values scrubbed). Keyed by (event, plugin, call number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JournalEntry {
+    /// The event's dedup key.
+    pub event_key: String,
+    pub plugin: String,
+    /// The call's number in the plugin's turn, from 0.
+    pub call: u32,
+    pub request: JournalRequest,
+    pub outcome: JournalOutcome,
+    /// From sending to the last byte (redirects included).
+    pub elapsed_ms: u64,
+    /// When it was recorded (ms).
+    pub recorded_at: i64,
+}
+
+/// The request side of a [`JournalEntry`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct JournalRequest {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body_bytes: u64,
+    /// SHA-256 of the body, hex: a re-run replays the call only if it
+    /// asks for the same thing.
+    pub body_sha256: String,
+}
+
+/// What a journaled call got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JournalOutcome {
+    Response {
+        status: u16,
+        headers: Vec<(String, String)>,
+        #[serde(serialize_with = "lossy_text")]
+        body: Vec<u8>,
+    },
+    /// The call went out and failed (timeout, response cap, a redirect
+    /// refused, ...).
+    Failed { refusal: Refusal },
+}
+
+fn lossy_text<S: serde::Serializer>(body: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(body))
 }
 
 /// Handle to the store; cheap to clone. Derefs to the [`Backend`] behind
@@ -443,10 +496,25 @@ pub trait Backend: Send + Sync + 'static {
     /// Deletes a dead letter. Returns whether it existed.
     async fn drop_dead(&self, id: i64) -> Result<bool, StoreError>;
 
+    // ---- outbound call journal ---------------------------------------------
+
+    /// Records one outbound call, committed before this returns; a call
+    /// already recorded under the same (event, plugin, call) is replaced.
+    async fn record_call(&self, entry: JournalEntry) -> Result<(), StoreError>;
+
+    /// The calls recorded for an event, by plugin then call number: one
+    /// plugin's (what a re-run of its turn replays) or every plugin's.
+    async fn journal(
+        &self,
+        event_key: &str,
+        plugin: Option<&str>,
+    ) -> Result<Vec<JournalEntry>, StoreError>;
+
     // ---- retention ---------------------------------------------------------
 
     /// Deletes handled events and sent actions finished before `before`
-    /// (ms). Pending work and dead letters are never pruned.
+    /// (ms), and journaled calls recorded before it. Pending work (and the
+    /// calls of pending events) and dead letters are never pruned.
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError>;
 
     // ---- replicas ----------------------------------------------------------

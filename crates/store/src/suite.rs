@@ -46,6 +46,8 @@ macro_rules! store_suite {
             outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed,
             conversations_list_recent_first_with_events_and_actions,
             conversation_state_changes_once_per_event_and_survives_reopen,
+            journal_records_replaces_lists_and_survives_reopen,
+            journal_is_pruned_with_finished_events_only,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -371,7 +373,8 @@ pub async fn prune_removes_only_old_finished_work(db: TestDb) {
         pruned,
         Pruned {
             events: 2,
-            actions: 1
+            actions: 1,
+            calls: 0,
         }
     );
     let mut keys: Vec<String> = store
@@ -706,4 +709,138 @@ pub async fn conversation_state_changes_once_per_event_and_survives_reopen(db: T
         ConversationState::Human
     );
     assert!(store.is_own_message("c", "msg_bot_1").await.unwrap());
+}
+
+/// A journaled call of `plugin` in `event_key`, answered `status` with
+/// `body`.
+pub fn call(event_key: &str, plugin: &str, call: u32, status: u16, body: &[u8]) -> JournalEntry {
+    JournalEntry {
+        event_key: event_key.into(),
+        plugin: plugin.into(),
+        call,
+        request: JournalRequest {
+            method: "GET".into(),
+            url: format!("https://api.shop.example/orders/{call}"),
+            headers: vec![
+                ("authorization".into(), "Bearer {{secret:ORDERS_TOKEN}}".into()),
+                ("idempotency-key".into(), format!("{event_key}/{plugin}/{call}")),
+            ],
+            body_bytes: 0,
+            body_sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into(),
+        },
+        outcome: JournalOutcome::Response {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_vec(),
+        },
+        elapsed_ms: 12,
+        recorded_at: now_ms(),
+    }
+}
+
+pub async fn journal_records_replaces_lists_and_survives_reopen(db: TestDb) {
+    let store = db.open();
+    let e1 = "live_chat.new_message:j1";
+    // Not UTF-8, with a NUL: bodies are bytes.
+    let odd = [0xff, 0x00, b'{', 0xc3];
+    for entry in [
+        call(e1, "orders", 1, 200, br#"{"status":"shipped"}"#),
+        call(e1, "orders", 0, 404, &odd),
+        call(e1, "hostile", 0, 500, b""),
+        call("live_chat.new_message:j2", "orders", 0, 200, b"other event"),
+    ] {
+        store.record_call(entry).await.unwrap();
+    }
+    let mut orders = store.journal(e1, Some("orders")).await.unwrap();
+    orders.iter_mut().for_each(|c| c.recorded_at = 0);
+    let want = [
+        call(e1, "orders", 0, 404, &odd),
+        call(e1, "orders", 1, 200, br#"{"status":"shipped"}"#),
+    ]
+    .map(|mut c| {
+        c.recorded_at = 0;
+        c
+    });
+    assert_eq!(orders, want);
+    let all: Vec<(String, u32)> = store
+        .journal(e1, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.plugin, c.call))
+        .collect();
+    assert_eq!(
+        all,
+        [("hostile".into(), 0), ("orders".into(), 0), ("orders".into(), 1)]
+    );
+    assert!(store.journal("live_chat.new_message:none", None).await.unwrap().is_empty());
+
+    // A call recorded again (a re-run that asked for something else) replaces the first.
+    let mut failed = call(e1, "orders", 1, 0, b"");
+    failed.outcome = JournalOutcome::Failed {
+        refusal: Refusal::Timeout {
+            after: std::time::Duration::from_millis(500),
+        },
+    };
+    store.record_call(failed.clone()).await.unwrap();
+    store.close();
+    drop(store);
+
+    let store = db.open();
+    let orders = store.journal(e1, Some("orders")).await.unwrap();
+    assert_eq!(orders.len(), 2);
+    assert_eq!(orders[1].outcome, failed.outcome);
+    assert_eq!(orders[1].request, failed.request);
+    assert_eq!(orders[1].elapsed_ms, 12);
+    match &orders[0].outcome {
+        JournalOutcome::Response { status, headers, body } => {
+            assert_eq!((*status, body.as_slice()), (404, &odd[..]));
+            assert_eq!(headers, &[("content-type".to_string(), "application/json".to_string())]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+pub async fn journal_is_pruned_with_finished_events_only(db: TestDb) {
+    let store = db.open();
+    // A finished event's old call goes; a pending event's old call stays
+    // (its turn may run again and replay it).
+    let done = event("jdone", "c1");
+    let pending = event("jpending", "c2");
+    let (done_key, pending_key) = (done.key.clone(), pending.key.clone());
+    let Inserted::New(seq) = store.insert_event(done).await.unwrap() else {
+        panic!()
+    };
+    store
+        .complete_event(
+            seq,
+            "c1".into(),
+            serde_json::json!([]),
+            vec![],
+            vec![],
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+    store.insert_event(pending).await.unwrap();
+    store.record_call(call(&done_key, "orders", 0, 200, b"a")).await.unwrap();
+    store.record_call(call(&pending_key, "orders", 0, 200, b"b")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    let cut = now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    // Recorded after the cut: stays.
+    store.record_call(call(&done_key, "orders", 1, 200, b"c")).await.unwrap();
+
+    let pruned = store.prune(cut).await.unwrap();
+    assert_eq!(pruned.calls, 1, "{pruned:?}");
+    let left: Vec<u32> = store
+        .journal(&done_key, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.call)
+        .collect();
+    assert_eq!(left, [1]);
+    assert_eq!(store.journal(&pending_key, None).await.unwrap().len(), 1);
+    assert_eq!(store.prune(cut).await.unwrap().calls, 0);
 }

@@ -4,19 +4,27 @@
 //! internal note and a hand-off to a human agent. The end-to-end tests drive
 //! it through a whole conversation.
 //!
-//! Config (`concierge.toml`, `[config]`), both optional:
+//! Config (`concierge.toml`, `[config]`), all optional:
 //! - `agent_id`: the Digishare user to hand the conversation to
 //!   (default `usr_17`);
 //! - `invoice_url`: the file sent as the invoice
-//!   (default `https://example.com/facture.pdf`).
+//!   (default `https://example.com/facture.pdf`);
+//! - `orders_api`: the shop's order API. With it, « Suivre un colis » asks
+//!   for the order number and looks it up there, as the `orders` plugin
+//!   does (its lookup is this plugin's too: `GET {orders_api}/orders/N`
+//!   with `Authorization: Bearer {{secret:ORDERS_TOKEN}}`; grant the URL
+//!   and the secret in `[grants]`). Without it, a canned answer.
 //!
 //! State (per conversation): `topic` (`orders`/`stores`) and `choice` (the
-//! last list row picked). Once the hand-off is delivered a human is in
+//! last list row picked; `track` while waiting for an order number). Once the hand-off is delivered a human is in
 //! charge and digibot stops calling the plugin for that conversation until
 //! it is released (e.g. the agent's `/bot` note): no flag of its own needed.
 use digibot_sdk::{
     Action, Bot, Conversation, FileBuilder, Message, Result, config, export_bot, kv,
 };
+
+#[path = "../../orders/src/lookup.rs"]
+mod lookup;
 
 const HELP: &str = "Tapez « menu » pour les options ou « agent » pour parler à un conseiller.";
 
@@ -49,6 +57,13 @@ impl Bot for Concierge {
                     "Partagez votre position pour trouver le magasin le plus proche.",
                 )?],
             ),
+            (Some("track"), _) if config::get("orders_api").is_some() => remember(
+                "choice",
+                "track",
+                vec![Action::text(
+                    "Quel est votre numéro de commande ? Tapez-le ici (par exemple 12345).",
+                )?],
+            ),
             (Some("track"), _) => remember(
                 "choice",
                 "track",
@@ -64,6 +79,7 @@ impl Bot for Concierge {
                 )?],
             ),
             (Some("invoice"), _) => remember("choice", "invoice", invoice()?),
+            (None, Some(_)) if awaiting_order_number() => track(message),
             (None, Some(_)) => help(message),
             _ if message.location().is_some() => Ok(vec![
                 Action::place(
@@ -113,6 +129,25 @@ fn invoice() -> Result<Vec<Action>> {
         FileBuilder::new(url).file_name("facture.pdf").build()?,
         Action::text("Voici votre facture.")?,
     ])
+}
+
+/// Whether the customer was asked for an order number (and the lookup is
+/// configured).
+fn awaiting_order_number() -> bool {
+    config::get("orders_api").is_some() && kv::get("choice").as_deref() == Some("track")
+}
+
+/// The order number the customer typed, looked up.
+fn track(message: &Message) -> Result<Vec<Action>> {
+    let api = config::get("orders_api").unwrap_or_default();
+    let Some(number) = message.text().and_then(lookup::order_number) else {
+        kv::delete("choice");
+        return Ok(vec![Action::text(format!(
+            "Je n'ai pas trouvé de numéro de commande dans votre message. {HELP}"
+        ))?]);
+    };
+    kv::delete("choice");
+    Ok(vec![Action::text(lookup::status_reply(&api, &number))?])
 }
 
 /// Any other text: point at the menu, quoting the customer's message.

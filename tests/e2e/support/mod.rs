@@ -10,6 +10,7 @@ pub mod digibot;
 pub mod durable;
 pub mod fake;
 pub mod fixtures;
+pub mod orders_api;
 pub mod pg;
 
 use std::collections::HashSet;

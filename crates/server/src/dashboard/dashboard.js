@@ -245,10 +245,40 @@ async function showConversation(id) {
         el("span", { class: "muted small" }, `${o.actions} action(s) · ${micros(o.elapsed_us)}`),
         o.reason ? el("span", { class: "error small" }, o.reason) : null,
         (o.rejected || []).map((r) => el("div", { class: "error small" }, r)),
+        (o.calls || []).map(callRow),
       )),
+      (e.plugins || []).some((o) => (o.calls || []).length > 0) ? journalDetails(e.key) : null,
       (actionsBySeq.get(e.seq) || []).map(actionRow),
     ))),
   );
+}
+
+// One outbound HTTP call of a plugin's turn, as the event records it.
+function callRow(call) {
+  const result = call.refused
+    ? el("span", { class: "error small" }, `refused: ${call.refused.kind}: ${call.refused.message}`)
+    : badge(String(call.status), call.status < 400 ? "ok" : "warn");
+  return el("div", { class: "call-row small" },
+    el("span", { class: "mono" }, `#${call.call} ${call.method} ${call.url}`), " ", result,
+    el("span", { class: "muted" }, ` ${call.elapsed_ms} ms${call.replayed ? " · replayed from the journal" : ""}`));
+}
+
+// The event's journal (requests as written, responses as received; no
+// secret is ever in it), fetched when opened.
+function journalDetails(key) {
+  const body = el("div", {}, el("p", { class: "muted small" }, "loading…"));
+  const details = el("details", { class: "journal" }, el("summary", { class: "small" }, "HTTP journal"), body);
+  details.addEventListener("toggle", async () => {
+    if (!details.open || details.dataset.loaded) return;
+    details.dataset.loaded = "1";
+    try {
+      const journal = await api("GET", "/admin/events/" + encodeURIComponent(key) + "/journal");
+      body.replaceChildren(json(journal.calls));
+    } catch (err) {
+      body.replaceChildren(el("p", { class: "error small" }, String(err.message || err)));
+    }
+  });
+  return details;
 }
 
 function describeRequest(action) {

@@ -1,0 +1,466 @@
+//! Plugins that call other services: `orders` against a fake order API on
+//! loopback (the secret substituted at send time and found nowhere else),
+//! `hostile-fetch` refused by each rule (grant, SSRF with `DIGIBOT_RESOLVE`
+//! pins, redirects, caps) while echo beside it answers every event, and the
+//! call journal across a kill -9: completed calls are not made again.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+
+use crate::support::orders_api::FakeOrderApi;
+use crate::support::*;
+
+/// The operator's order API token: must reach the order API, and nothing
+/// else (no log line, event, journal entry, action).
+const SECRET: &str = "tok_9f3c2a7e-SECRET-5b1d";
+
+fn text(conversation: &str, body: &str) -> Value {
+    json!({"method": "POST", "path": "/v1/messages", "body": {
+        "conversation_id": conversation, "type": "text", "body": body, "send_to_third": true
+    }})
+}
+
+/// `orders.toml` for the fake API (granted by its literal loopback
+/// address, the only way a plugin may reach 127.0.0.1).
+fn orders_toml(api: &FakeOrderApi) -> String {
+    format!(
+        r#"[config]
+orders_api = "{url}"
+[grants]
+http = ["{url}/orders/"]
+secrets = ["ORDERS_TOKEN"]
+[limits]
+timeout_ms = 10000
+"#,
+        url = api.url()
+    )
+}
+
+/// Fails if `text` holds the secret, saying where.
+fn ensure_no_secret(text: &str, what: &str) -> Result<()> {
+    if let Some(i) = text.find(SECRET) {
+        let start = i.saturating_sub(200);
+        bail!(
+            "the secret leaked into {what}: ...{}...",
+            &text[start..(i + SECRET.len() + 50).min(text.len())]
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    api.set_order("12345", "shipped");
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("orders", &orders_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .env("RUST_LOG", "debug")
+        .start()
+        .await?;
+    let c = "conv_orders_1";
+    let first = bot
+        .accept(&customer_text(c, "msg_o_1", "Bonjour, ma commande 12345 ?"))
+        .await?;
+    let second = bot.accept(&customer_text(c, "msg_o_2", "et la #99999")).await?;
+    // No order number: orders stays silent.
+    let third = bot.accept(&customer_text(c, "msg_o_3", "merci")).await?;
+    bot.wait_idle(&[first.clone(), second.clone(), third], TIMEOUT)
+        .await?;
+    fake.settle(2, TIMEOUT).await?;
+    ensure_all_eq(
+        &fake.wire_for(c),
+        &[
+            text(c, "Votre commande 12345 est en route."),
+            text(c, "Je ne trouve pas la commande 99999. Vérifiez le numéro ?"),
+        ],
+        "replies",
+    )?;
+
+    // The order API got exactly the two requests, the secret substituted.
+    let requests = api.requests();
+    let seen: Vec<(String, String, Option<String>, Option<String>)> = requests
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                r.path.clone(),
+                r.authorization.clone(),
+                r.idempotency_key.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "GET".to_string(),
+                "/orders/12345".to_string(),
+                Some(format!("Bearer {SECRET}")),
+                Some(format!("{first}/orders/0"))
+            ),
+            (
+                "GET".to_string(),
+                "/orders/99999".to_string(),
+                Some(format!("Bearer {SECRET}")),
+                Some(format!("{second}/orders/0"))
+            ),
+        ]
+    );
+    let accept = requests[0]
+        .headers
+        .iter()
+        .find(|(n, _)| n == "accept")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(accept, Some("application/json"));
+
+    // The event records the call (no header), the journal keeps it with
+    // the placeholder; the secret is in neither, nor in the log, the
+    // conversation view, the dashboard or the outbox.
+    let events = bot.events(50).await?;
+    let event = events
+        .iter()
+        .find(|e| e["key"] == first.as_str())
+        .context("first event")?;
+    let calls = &event["plugins"][0]["calls"];
+    assert_eq!(calls[0]["url"], format!("{}/orders/12345", api.url()));
+    assert_eq!(calls[0]["status"], 200);
+    let journal = bot
+        .admin_get(&format!("/admin/events/{first}/journal"))
+        .await?;
+    journal.expect_status(200)?;
+    let journal = journal.json()?;
+    assert_eq!(journal["calls"][0]["plugin"], "orders");
+    assert_eq!(journal["calls"][0]["response"]["status"], 200);
+    assert_eq!(
+        journal["calls"][0]["response"]["body"],
+        r#"{"order":"12345","status":"shipped"}"#
+    );
+    let auth = journal["calls"][0]["request"]["headers"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h[0] == "authorization"))
+        .context("authorization in the journal")?;
+    assert_eq!(auth[1], "Bearer {{secret:ORDERS_TOKEN}}");
+
+    ensure_no_secret(&serde_json::to_string(&events)?, "/admin/events")?;
+    ensure_no_secret(&journal.to_string(), "the journal")?;
+    let conversation = bot.admin_get(&format!("/admin/conversations/{c}")).await?;
+    ensure_no_secret(&conversation.body, "/admin/conversations")?;
+    let plugins = bot.admin_get("/admin/plugins").await?;
+    ensure_no_secret(&plugins.body, "/admin/plugins")?;
+    let dashboard = bot.get("/admin").await?;
+    ensure_no_secret(&dashboard.body, "the dashboard")?;
+    for r in fake.requests() {
+        ensure_no_secret(&r.summary(), "a Messages API request")?;
+    }
+    let logs = bot.logs();
+    ensure!(
+        logs.contains("plugin http call"),
+        "the call is logged:\n{logs}"
+    );
+    ensure_no_secret(&logs, "the log")?;
+    Ok(())
+}
+
+/// hostile-fetch's grant: the fake API by its literal address, and two
+/// names the operator pinned to loopback and to the metadata address.
+fn hostile_toml(api: &FakeOrderApi) -> String {
+    let port = api.port();
+    format!(
+        r#"[grants]
+http = ["{url}/", "http://api.shop.example:{port}/", "http://metadata.shop.example:{port}/"]
+secrets = ["ORDERS_TOKEN"]
+[limits]
+timeout_ms = 10000
+http_calls = 3
+http_response_bytes = 65536
+http_timeout_ms = 1500
+"#,
+        url = api.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_fetch_is_refused_by_every_rule_and_echo_answers_beside_it() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    let port = api.port();
+    let base = api.url();
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .plugin_toml("hostile-fetch", &hostile_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .env(
+            "DIGIBOT_RESOLVE",
+            &format!("api.shop.example:{port}:127.0.0.1,metadata.shop.example:{port}:169.254.169.254"),
+        )
+        .start()
+        .await?;
+    let ok = format!("{base}/ok");
+    let cases: Vec<(String, String)> = vec![
+        (ok.clone(), "status 200".into()),
+        (
+            "https://evil.example/steal".into(),
+            "refused: not-granted: https://evil.example/steal is outside this plugin's http grant"
+                .into(),
+        ),
+        (
+            format!("http://api.shop.example:{port}/ok"),
+            "refused: address-prohibited: api.shop.example resolves to 127.0.0.1, a loopback address"
+                .into(),
+        ),
+        (
+            format!("http://metadata.shop.example:{port}/latest/meta-data/"),
+            "refused: address-prohibited: metadata.shop.example resolves to 169.254.169.254, a cloud metadata address"
+                .into(),
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".into(),
+            "refused: not-granted: http://169.254.169.254/latest/meta-data/ is outside this plugin's http grant"
+                .into(),
+        ),
+        (
+            format!("{base}/redirect?to=https://evil.example/steal"),
+            "refused: redirect-not-granted: redirect to https://evil.example/steal leaves this plugin's http grant"
+                .into(),
+        ),
+        (
+            format!("{base}/redirect?to=http://api.shop.example:{port}/ok"),
+            "refused: address-prohibited: api.shop.example resolves to 127.0.0.1, a loopback address"
+                .into(),
+        ),
+        (
+            format!("{base}/huge"),
+            "refused: response-too-large: response body over 65536 bytes".into(),
+        ),
+        (
+            format!("{base}/forever"),
+            "refused: timeout: no complete response within 1500 ms".into(),
+        ),
+        (
+            format!("{ok} {ok} {ok} {ok}"),
+            "status 200\nstatus 200\nstatus 200\nrefused: too-many-calls: more than 3 requests in one turn"
+                .into(),
+        ),
+    ];
+    let mut keys = Vec::new();
+    for (i, (message, _)) in cases.iter().enumerate() {
+        let c = format!("conv_hostile_{i}");
+        keys.push(bot.accept(&customer_text(&c, &format!("msg_h_{i}"), message)).await?);
+    }
+    bot.wait_idle(&keys, Duration::from_secs(60)).await?;
+    // Every event: echo's reply, then hostile-fetch's (plugins run in name order).
+    fake.settle(cases.len() * 2, TIMEOUT).await?;
+    for (i, (message, answer)) in cases.iter().enumerate() {
+        let c = format!("conv_hostile_{i}");
+        ensure_all_eq(
+            &fake.wire_for(&c),
+            &[text(&c, message), text(&c, answer)],
+            &format!("replies to {message:?}"),
+        )?;
+    }
+
+    // The order API saw only what was allowed: 1 + 3 /ok, the two redirect
+    // hops, /huge and /forever once each. Nothing else reached it.
+    let mut paths: HashMap<String, usize> = HashMap::new();
+    for r in api.requests() {
+        *paths.entry(r.path.clone()).or_default() += 1;
+        // A granted host got the secret; nothing else could have.
+        assert_eq!(r.authorization.as_deref(), Some(&format!("Bearer {SECRET}")[..]));
+    }
+    let want: HashMap<String, usize> = [
+        ("/ok".to_string(), 4),
+        ("/redirect?to=https://evil.example/steal".to_string(), 1),
+        (format!("/redirect?to=http://api.shop.example:{port}/ok"), 1),
+        ("/huge".to_string(), 1),
+        ("/forever".to_string(), 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(paths, want);
+
+    // Each refusal is recorded on its event, with its kind.
+    let events = bot.events(100).await?;
+    let kinds: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            let e = events.iter().find(|e| e["key"] == k.as_str()).unwrap();
+            let hostile = e["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["plugin"] == "hostile-fetch")
+                .unwrap();
+            hostile["calls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    c["refused"]["kind"]
+                        .as_str()
+                        .map_or_else(|| format!("{}", c["status"]), str::to_string)
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            vec!["200"],
+            vec!["not-granted"],
+            vec!["address-prohibited"],
+            vec!["address-prohibited"],
+            vec!["not-granted"],
+            vec!["redirect-not-granted"],
+            vec!["address-prohibited"],
+            vec!["response-too-large"],
+            vec!["timeout"],
+            vec!["200", "200", "200", "too-many-calls"],
+        ]
+    );
+    ensure_no_secret(&bot.logs(), "the log")?;
+    ensure_no_secret(&serde_json::to_string(&events)?, "/admin/events")?;
+    Ok(())
+}
+
+/// `hostile-fetch` granted the fake order API, with room for slow calls.
+fn waiting_toml(api: &FakeOrderApi) -> String {
+    format!(
+        "[grants]\nhttp = [\"{}/\"]\nsecrets = [\"ORDERS_TOKEN\"]\n[limits]\ntimeout_ms = 20000\nhttp_timeout_ms = 15000\n",
+        api.url()
+    )
+}
+
+/// Posts one message to each of `n` conversations: a quick call, then a
+/// slow one. Returns the event keys.
+async fn post_waiting_turns(bot: &Digibot, api: &FakeOrderApi, n: usize, tag: &str) -> Result<Vec<String>> {
+    let base = api.url();
+    let message = format!("{base}/ok {base}/slow?ms=4000");
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let c = format!("conv_{tag}_{i}");
+        keys.push(bot.accept(&customer_text(&c, &format!("msg_{tag}_{i}"), &message)).await?);
+    }
+    Ok(keys)
+}
+
+/// Waits until the turns that run wait on their slow call and no quick
+/// call is under way (the number waiting held still for 500 ms).
+async fn wait_turns_on_slow_call(api: &FakeOrderApi) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut waiting = (0, Instant::now());
+    loop {
+        ensure!(Instant::now() < deadline, "the turns never settled on their slow call");
+        let now = api.in_flight();
+        if now != waiting.0 {
+            waiting = (now, Instant::now());
+        } else if now >= 2 && waiting.1.elapsed() >= Duration::from_millis(500) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After the kill and the re-run: each conversation got exactly one reply;
+/// each quick call reached the API once (those completed before the kill
+/// were answered from the journal, which `bot`'s events show), each slow
+/// call at most once more than before the kill.
+async fn check_no_completed_call_repeated(
+    bot: &Digibot,
+    fake: &FakeDigishare,
+    api: &FakeOrderApi,
+    keys: &[String],
+    tag: &str,
+    before: &HashMap<String, usize>,
+) -> Result<()> {
+    fake.settle(keys.len(), Duration::from_secs(30)).await?;
+    let counts = api.count_by_key();
+    for (i, key) in keys.iter().enumerate() {
+        let c = format!("conv_{tag}_{i}");
+        ensure_all_eq(
+            &fake.wire_for(&c),
+            &[text(&c, "status 200\nstatus 200")],
+            "exactly one reply",
+        )?;
+        let quick = counts.get(&format!("{key}/hostile-fetch/0")).copied().unwrap_or(0);
+        let slow = counts.get(&format!("{key}/hostile-fetch/1")).copied().unwrap_or(0);
+        ensure!(quick == 1, "{key}: the quick call was made {quick} times");
+        let slow_before = before.get(&format!("{key}/hostile-fetch/1")).copied().unwrap_or(0);
+        ensure!(
+            slow >= 1 && slow <= slow_before + 1,
+            "{key}: the slow call: {slow_before} before the kill, {slow} in all"
+        );
+    }
+    let completed_before = before.keys().filter(|k| k.ends_with("/0")).count();
+    ensure!(completed_before > 0, "no call had completed before the kill");
+    let events = bot.events(keys.len() + 50).await?;
+    let replayed = events
+        .iter()
+        .filter(|e| keys.iter().any(|k| e["key"] == k.as_str()))
+        .filter(|e| e["plugins"][0]["calls"][0]["replayed"] == true)
+        .count();
+    ensure!(
+        replayed == completed_before,
+        "{replayed} re-runs were answered from the journal, {completed_before} calls had completed"
+    );
+    Ok(())
+}
+
+/// kill -9 while turns wait on the order API: each turn makes a quick call
+/// (completed, journaled) and then a slow one (in flight at the kill).
+/// After the restart every turn runs again: the completed call is answered
+/// from the journal (its Idempotency-Key reached the API once), the one in
+/// flight is made at most once more, and each customer gets exactly one
+/// reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_while_turns_wait_repeats_no_completed_call() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    let mut bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("hostile-fetch", &waiting_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .start()
+        .await?;
+    let keys = post_waiting_turns(&bot, &api, 12, "k9").await?;
+    wait_turns_on_slow_call(&api).await?;
+    bot.kill9()?;
+    let before = api.count_by_key();
+    bot.restart().await?;
+    bot.wait_idle(&keys, Duration::from_secs(90)).await?;
+    check_no_completed_call_repeated(&bot, &fake, &api, &keys, "k9", &before).await
+}
+
+/// The same on PostgreSQL with two replicas: the one the turns run on is
+/// killed while they wait; the other takes their conversations over once
+/// the leases run out and re-runs the turns from the shared journal. The
+/// lease (8 s) outlasts a turn (4 s of waiting), so only the kill moves a
+/// conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_while_turns_wait_repeats_no_completed_call() -> Result<()> {
+    let Some(database) = crate::support::pg::fresh_database("outbound_kill").await? else {
+        return Ok(());
+    };
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    let mut bots = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("hostile-fetch", &waiting_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .database(&database)
+        .env("DIGIBOT_LEASE_MS", "8000")
+        .start_replicas(2)
+        .await?;
+    let keys = post_waiting_turns(&bots[0], &api, 12, "pg").await?;
+    wait_turns_on_slow_call(&api).await?;
+    bots[0].kill9()?;
+    let before = api.count_by_key();
+    bots[1].wait_idle(&keys, Duration::from_secs(90)).await?;
+    check_no_completed_call_repeated(&bots[1], &fake, &api, &keys, "pg", &before).await
+}
