@@ -128,7 +128,9 @@ pub fn new_conversation(conversation_id: &str, customer_name: &str) -> Value {
 }
 
 /// target/wasm32-wasip2/release/NAME.wasm of the target dir this test was
-/// built in (or $DIGIBOT_E2E_PLUGINS, if set). Panics when missing.
+/// built in (or $DIGIBOT_E2E_PLUGINS, if set); cargo writes a crate
+/// `hostile-fetch` as `hostile_fetch.wasm`, so either spelling is found.
+/// Panics when missing.
 pub fn plugin_wasm(name: &str) -> PathBuf {
     let dir = match std::env::var_os("DIGIBOT_E2E_PLUGINS") {
         Some(dir) => PathBuf::from(dir),
@@ -143,7 +145,10 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
             target.join("wasm32-wasip2/release")
         }
     };
-    let path = dir.join(format!("{name}.wasm"));
+    let mut path = dir.join(format!("{name}.wasm"));
+    if !path.is_file() {
+        path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    }
     assert!(
         path.is_file(),
         "plugin {} not found: run `cargo build-plugins` first",

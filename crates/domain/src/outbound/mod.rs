@@ -96,7 +96,7 @@ impl HttpPolicy {
     }
 
     /// Whether the grants name `ip` literally: only then may a request
-    /// reach a [`Prohibited`] address.
+    /// written with that address reach a [`Prohibited`] one.
     pub fn names_literally(&self, ip: IpAddr) -> bool {
         self.grants.iter().any(|g| g.literal_ip() == Some(ip))
     }

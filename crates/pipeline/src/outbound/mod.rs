@@ -9,7 +9,8 @@
 //!    the journal, without calling again;)
 //! 3. **the SSRF rules**: the addresses the target resolves to (or is
 //!    pinned to by `DIGIBOT_RESOLVE`) must all be ordinary public ones
-//!    unless the grant names the address literally; the connection goes to
+//!    unless the URL is an address the grant names literally (a name never
+//!    borrows that exception); the connection goes to
 //!    exactly the addresses checked;
 //! 4. **the caps**: calls per turn, request bytes, then while sending the
 //!    response bytes and the per-call timeout (redirects included).

@@ -31,8 +31,9 @@ impl Resolver {
 
     /// The addresses `target` may be reached at by a plugin with `policy`,
     /// or why none: a prohibited address (loopback, private, link-local,
-    /// multicast, metadata, ...) is refused unless the grants name it
-    /// literally; a name any of whose addresses is prohibited is refused.
+    /// multicast, metadata, ...) is refused unless the target is that
+    /// address, written literally in the grants; a name any of whose
+    /// addresses is prohibited is refused.
     pub async fn addresses(
         &self,
         target: &Target,
@@ -46,9 +47,15 @@ impl Resolver {
                 None => system_lookup(name, target.port, timeout).await?,
             },
         };
+        // Only a target written as an address the grants name literally
+        // may be a prohibited one: a *name* never resolves into loopback,
+        // a private network or the metadata service, whatever else is
+        // granted (a pin or a rebinding DNS answer cannot borrow a literal
+        // grant).
+        let literal = matches!(target.host, Host::Ip(ip) if policy.names_literally(ip));
         for ip in &ips {
             if let Some(class) = classify(*ip)
-                && !policy.names_literally(*ip)
+                && !literal
             {
                 return Err(Refusal::AddressProhibited {
                     host: target.host.to_string(),
@@ -185,10 +192,13 @@ mod tests {
             Ok(vec!["127.0.0.1:8080".parse().unwrap()])
         );
         assert!(r.addresses(&target("http://127.0.0.2:8080/"), &p, T).await.is_err());
-        // A name pinned to an address a grant names literally is reachable
-        // too: the literal is the operator's decision.
+        // A name pinned to an address a grant names literally is still
+        // refused: only the literal itself may be reached.
         let r2 = Resolver::new(ResolveOverrides::parse("api.shop.example:8080:127.0.0.1").unwrap());
-        assert!(r2.addresses(&target("http://api.shop.example:8080/"), &p, T).await.is_ok());
+        assert!(matches!(
+            r2.addresses(&target("http://api.shop.example:8080/"), &p, T).await,
+            Err(Refusal::AddressProhibited { class: Prohibited::Loopback, .. })
+        ));
         assert_eq!(
             r.addresses(&target("https://ok.shop.example/"), &p, T).await,
             Ok(vec!["93.184.216.34:443".parse().unwrap()])
