@@ -167,6 +167,64 @@ async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -
     Ok(())
 }
 
+/// The concierge's « Suivre un colis » with `orders_api` configured: it
+/// asks for the order number, looks it up at the order API (the secret
+/// substituted there, and only there) and answers its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concierge_tracks_a_parcel_through_the_order_api() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    api.set_order("4410", "out_for_delivery");
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("concierge", &orders_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .start()
+        .await?;
+    let c = "conv_concierge_track";
+    let track = bot
+        .accept(&list_reply(c, "msg_ct_1", "track", "Suivre un colis"))
+        .await?;
+    bot.wait_idle(std::slice::from_ref(&track), TIMEOUT).await?;
+    fake.settle(1, TIMEOUT).await?;
+    ensure!(api.requests().is_empty(), "nothing to look up yet");
+    let number = bot
+        .accept(&customer_text(c, "msg_ct_2", "commande n°4410, merci !"))
+        .await?;
+    bot.wait_idle(std::slice::from_ref(&number), TIMEOUT).await?;
+    fake.settle(2, TIMEOUT).await?;
+    ensure_all_eq(
+        &fake.wire_for(c),
+        &[
+            text(
+                c,
+                "Quel est votre numéro de commande ? Tapez-le ici (par exemple 12345).",
+            ),
+            text(c, "Votre commande 4410 est en cours de livraison."),
+        ],
+        "replies",
+    )?;
+    let seen: Vec<_> = api
+        .requests()
+        .into_iter()
+        .map(|r| (r.path, r.authorization, r.idempotency_key))
+        .collect();
+    assert_eq!(
+        seen,
+        [(
+            "/orders/4410".to_string(),
+            Some(format!("Bearer {SECRET}")),
+            Some(format!("{number}/concierge/0"))
+        )]
+    );
+    ensure_no_secret(&bot.logs(), "the log")?;
+    ensure_no_secret(&serde_json::to_string(&bot.events(10).await?)?, "/admin/events")?;
+    for r in fake.requests() {
+        ensure_no_secret(&r.summary(), "a Messages API request")?;
+    }
+    Ok(())
+}
+
 /// hostile-fetch's grant: the fake API by its literal address, and two
 /// names the operator pinned to loopback and to the metadata address.
 fn hostile_toml(api: &FakeOrderApi) -> String {
