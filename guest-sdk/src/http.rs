@@ -126,8 +126,12 @@ impl Request {
             other => Method::Other(other.to_string()),
         };
         let invalid = |what: &str| Error::new("invalid-url", format!("{what} of {:?}", self.url));
-        request.set_method(&method).map_err(|_| invalid("the method"))?;
-        request.set_scheme(Some(&scheme)).map_err(|_| invalid("the scheme"))?;
+        request
+            .set_method(&method)
+            .map_err(|_| invalid("the method"))?;
+        request
+            .set_scheme(Some(&scheme))
+            .map_err(|_| invalid("the scheme"))?;
         request
             .set_authority(Some(authority))
             .map_err(|_| invalid("the host"))?;
@@ -381,7 +385,10 @@ mod tests {
         assert_eq!(
             r.headers,
             [
-                ("authorization".to_string(), "Bearer {{secret:ORDERS_TOKEN}}".to_string()),
+                (
+                    "authorization".to_string(),
+                    "Bearer {{secret:ORDERS_TOKEN}}".to_string()
+                ),
                 ("x-trace".to_string(), "1".to_string()),
                 ("content-type".to_string(), "application/json".to_string()),
             ]

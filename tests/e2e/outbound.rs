@@ -67,7 +67,9 @@ async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -
     let first = bot
         .accept(&customer_text(c, "msg_o_1", "Bonjour, ma commande 12345 ?"))
         .await?;
-    let second = bot.accept(&customer_text(c, "msg_o_2", "et la #99999")).await?;
+    let second = bot
+        .accept(&customer_text(c, "msg_o_2", "et la #99999"))
+        .await?;
     // No order number: orders stays silent.
     let third = bot.accept(&customer_text(c, "msg_o_3", "merci")).await?;
     bot.wait_idle(&[first.clone(), second.clone(), third], TIMEOUT)
@@ -77,7 +79,10 @@ async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -
         &fake.wire_for(c),
         &[
             text(c, "Votre commande 12345 est en route."),
-            text(c, "Je ne trouve pas la commande 99999. Vérifiez le numéro ?"),
+            text(
+                c,
+                "Je ne trouve pas la commande 99999. Vérifiez le numéro ?",
+            ),
         ],
         "replies",
     )?;
@@ -191,7 +196,8 @@ async fn concierge_tracks_a_parcel_through_the_order_api() -> Result<()> {
     let number = bot
         .accept(&customer_text(c, "msg_ct_2", "commande n°4410, merci !"))
         .await?;
-    bot.wait_idle(std::slice::from_ref(&number), TIMEOUT).await?;
+    bot.wait_idle(std::slice::from_ref(&number), TIMEOUT)
+        .await?;
     fake.settle(2, TIMEOUT).await?;
     ensure_all_eq(
         &fake.wire_for(c),
@@ -218,7 +224,10 @@ async fn concierge_tracks_a_parcel_through_the_order_api() -> Result<()> {
         )]
     );
     ensure_no_secret(&bot.logs(), "the log")?;
-    ensure_no_secret(&serde_json::to_string(&bot.events(10).await?)?, "/admin/events")?;
+    ensure_no_secret(
+        &serde_json::to_string(&bot.events(10).await?)?,
+        "/admin/events",
+    )?;
     for r in fake.requests() {
         ensure_no_secret(&r.summary(), "a Messages API request")?;
     }
@@ -256,7 +265,9 @@ async fn hostile_fetch_is_refused_by_every_rule_and_echo_answers_beside_it() -> 
         .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
         .env(
             "DIGIBOT_RESOLVE",
-            &format!("api.shop.example:{port}:127.0.0.1,metadata.shop.example:{port}:169.254.169.254"),
+            &format!(
+                "api.shop.example:{port}:127.0.0.1,metadata.shop.example:{port}:169.254.169.254"
+            ),
         )
         .start()
         .await?;
@@ -310,7 +321,10 @@ async fn hostile_fetch_is_refused_by_every_rule_and_echo_answers_beside_it() -> 
     let mut keys = Vec::new();
     for (i, (message, _)) in cases.iter().enumerate() {
         let c = format!("conv_hostile_{i}");
-        keys.push(bot.accept(&customer_text(&c, &format!("msg_h_{i}"), message)).await?);
+        keys.push(
+            bot.accept(&customer_text(&c, &format!("msg_h_{i}"), message))
+                .await?,
+        );
     }
     bot.wait_idle(&keys, Duration::from_secs(60)).await?;
     // Every event: echo's reply, then hostile-fetch's (plugins run in name order).
@@ -330,7 +344,10 @@ async fn hostile_fetch_is_refused_by_every_rule_and_echo_answers_beside_it() -> 
     for r in api.requests() {
         *paths.entry(r.path.clone()).or_default() += 1;
         // A granted host got the secret; nothing else could have.
-        assert_eq!(r.authorization.as_deref(), Some(&format!("Bearer {SECRET}")[..]));
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(&format!("Bearer {SECRET}")[..])
+        );
     }
     let want: HashMap<String, usize> = [
         ("/ok".to_string(), 4),
@@ -397,13 +414,21 @@ fn waiting_toml(api: &FakeOrderApi) -> String {
 
 /// Posts one message to each of `n` conversations: a quick call, then a
 /// slow one. Returns the event keys.
-async fn post_waiting_turns(bot: &Digibot, api: &FakeOrderApi, n: usize, tag: &str) -> Result<Vec<String>> {
+async fn post_waiting_turns(
+    bot: &Digibot,
+    api: &FakeOrderApi,
+    n: usize,
+    tag: &str,
+) -> Result<Vec<String>> {
     let base = api.url();
     let message = format!("{base}/ok {base}/slow?ms=4000");
     let mut keys = Vec::new();
     for i in 0..n {
         let c = format!("conv_{tag}_{i}");
-        keys.push(bot.accept(&customer_text(&c, &format!("msg_{tag}_{i}"), &message)).await?);
+        keys.push(
+            bot.accept(&customer_text(&c, &format!("msg_{tag}_{i}"), &message))
+                .await?,
+        );
     }
     Ok(keys)
 }
@@ -414,7 +439,10 @@ async fn wait_turns_on_slow_call(api: &FakeOrderApi) -> Result<()> {
     let deadline = Instant::now() + TIMEOUT;
     let mut waiting = (0, Instant::now());
     loop {
-        ensure!(Instant::now() < deadline, "the turns never settled on their slow call");
+        ensure!(
+            Instant::now() < deadline,
+            "the turns never settled on their slow call"
+        );
         let now = api.in_flight();
         if now != waiting.0 {
             waiting = (now, Instant::now());
@@ -446,17 +474,29 @@ async fn check_no_completed_call_repeated(
             &[text(&c, "status 200\nstatus 200")],
             "exactly one reply",
         )?;
-        let quick = counts.get(&format!("{key}/hostile-fetch/0")).copied().unwrap_or(0);
-        let slow = counts.get(&format!("{key}/hostile-fetch/1")).copied().unwrap_or(0);
+        let quick = counts
+            .get(&format!("{key}/hostile-fetch/0"))
+            .copied()
+            .unwrap_or(0);
+        let slow = counts
+            .get(&format!("{key}/hostile-fetch/1"))
+            .copied()
+            .unwrap_or(0);
         ensure!(quick == 1, "{key}: the quick call was made {quick} times");
-        let slow_before = before.get(&format!("{key}/hostile-fetch/1")).copied().unwrap_or(0);
+        let slow_before = before
+            .get(&format!("{key}/hostile-fetch/1"))
+            .copied()
+            .unwrap_or(0);
         ensure!(
             slow >= 1 && slow <= slow_before + 1,
             "{key}: the slow call: {slow_before} before the kill, {slow} in all"
         );
     }
     let completed_before = before.keys().filter(|k| k.ends_with("/0")).count();
-    ensure!(completed_before > 0, "no call had completed before the kill");
+    ensure!(
+        completed_before > 0,
+        "no call had completed before the kill"
+    );
     let events = bot.events(keys.len() + 50).await?;
     let replayed = events
         .iter()

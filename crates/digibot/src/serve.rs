@@ -147,7 +147,12 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
             loop {
                 match store.prune(now_ms() - retention.as_millis() as i64).await {
                     Ok(p) if p.events + p.actions + p.calls > 0 => {
-                        tracing::info!(events = p.events, actions = p.actions, calls = p.calls, "retention pruned")
+                        tracing::info!(
+                            events = p.events,
+                            actions = p.actions,
+                            calls = p.calls,
+                            "retention pruned"
+                        )
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "retention failed"),

@@ -246,10 +246,11 @@ async fn order_api() -> Result<(String, Arc<std::sync::Mutex<Vec<(String, String
                         .unwrap_or("")
                         .to_string()
                 };
-                record
-                    .lock()
-                    .unwrap()
-                    .push((n.clone(), get("authorization"), get("idempotency-key")));
+                record.lock().unwrap().push((
+                    n.clone(),
+                    get("authorization"),
+                    get("idempotency-key"),
+                ));
                 axum::Json(serde_json::json!({"order": n, "status": "delivered"}))
             },
         ),
@@ -270,9 +271,8 @@ async fn python_orders_calls_the_order_api_through_its_grant() -> Result<()> {
     use digibot_pipeline::outbound::secrets::Secrets;
     use digibot_pipeline::outbound::{Outbound, OutboundConfig};
     let (url, seen) = order_api().await?;
-    let bytes = std::fs::read(
-        component(PYTHON_ORDERS).context("built by scripts/build-python-plugins")?,
-    )?;
+    let bytes =
+        std::fs::read(component(PYTHON_ORDERS).context("built by scripts/build-python-plugins")?)?;
     let runtime = Arc::new(runtime()?);
     let manifest = |api: &str| {
         Manifest::parse(&format!(
@@ -281,7 +281,8 @@ async fn python_orders_calls_the_order_api_through_its_grant() -> Result<()> {
     };
     let plugin = Arc::new(runtime.load("orders_py", &bytes, manifest(&url)?)?);
     assert_eq!(plugin.wit_version, "0.3.0");
-    let elsewhere = Arc::new(runtime.load("orders_py", &bytes, manifest("https://evil.example")?)?);
+    let elsewhere =
+        Arc::new(runtime.load("orders_py", &bytes, manifest("https://evil.example")?)?);
     let outbound = Arc::new(Outbound::new(
         OutboundConfig {
             secrets: Secrets::load(
@@ -339,10 +340,9 @@ async fn python_orders_calls_the_order_api_through_its_grant() -> Result<()> {
     );
     // The plugin logged the refusal it was given, in words.
     assert!(
-        refused
-            .logs
-            .iter()
-            .any(|l| l.message.contains("not-granted: https://evil.example/orders/4410 is outside")),
+        refused.logs.iter().any(|l| l
+            .message
+            .contains("not-granted: https://evil.example/orders/4410 is outside")),
         "{:?}",
         refused.logs
     );

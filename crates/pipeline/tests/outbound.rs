@@ -31,9 +31,11 @@ async fn upstream(other: Option<u16>) -> (u16, Seen) {
         let seen = seen.clone();
         move |path: &str, h: &HeaderMap| {
             let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap_or("?").to_string());
-            seen.lock()
-                .unwrap()
-                .push((path.to_string(), get("authorization"), get("idempotency-key")));
+            seen.lock().unwrap().push((
+                path.to_string(),
+                get("authorization"),
+                get("idempotency-key"),
+            ));
         }
     };
     let r = record.clone();
@@ -109,7 +111,10 @@ fn forever() -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> 
 
 fn policy(grants: &[String], secrets: &[&str], limits: HttpLimits) -> Arc<HttpPolicy> {
     Arc::new(HttpPolicy {
-        grants: grants.iter().map(|g| HttpGrant::parse(g).unwrap()).collect(),
+        grants: grants
+            .iter()
+            .map(|g| HttpGrant::parse(g).unwrap())
+            .collect(),
         secrets: secrets
             .iter()
             .map(|s| SecretName::parse(s).unwrap())
@@ -128,7 +133,12 @@ fn limits() -> HttpLimits {
     }
 }
 
-fn request(policy: &Arc<HttpPolicy>, url: &str, call: u32, headers: &[(&str, &str)]) -> OutboundRequest {
+fn request(
+    policy: &Arc<HttpPolicy>,
+    url: &str,
+    call: u32,
+    headers: &[(&str, &str)],
+) -> OutboundRequest {
     let (scheme, rest) = url.split_once("://").unwrap();
     let cut = rest.find('/').unwrap_or(rest.len());
     OutboundRequest {
@@ -139,7 +149,11 @@ fn request(policy: &Arc<HttpPolicy>, url: &str, call: u32, headers: &[(&str, &st
         method: "GET".into(),
         scheme: scheme.into(),
         authority: rest[..cut].into(),
-        path_and_query: if cut == rest.len() { "/".into() } else { rest[cut..].into() },
+        path_and_query: if cut == rest.len() {
+            "/".into()
+        } else {
+            rest[cut..].into()
+        },
         headers: headers
             .iter()
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
@@ -153,7 +167,10 @@ fn outbound(resolve: &str, store: Option<digibot_store::Store>) -> Outbound {
     let secrets = Secrets::load(
         [
             ("DIGIBOT_SECRET_ORDERS_TOKEN".to_string(), TOKEN.to_string()),
-            ("DIGIBOT_SECRET_OTHER_TOKEN".to_string(), "other-token-value".to_string()),
+            (
+                "DIGIBOT_SECRET_OTHER_TOKEN".to_string(),
+                "other-token-value".to_string(),
+            ),
         ],
         None,
     )
@@ -192,7 +209,10 @@ async fn a_granted_call_gets_its_secret_and_key_and_never_sees_the_value() {
             &p,
             &format!("{base}/api/orders/42"),
             0,
-            &[("authorization", "Bearer {{secret:ORDERS_TOKEN}}"), ("idempotency-key", "forged")],
+            &[
+                ("authorization", "Bearer {{secret:ORDERS_TOKEN}}"),
+                ("idempotency-key", "forged"),
+            ],
         ))
         .await;
     assert!(!sent.replayed);
@@ -202,7 +222,11 @@ async fn a_granted_call_gets_its_secret_and_key_and_never_sees_the_value() {
         r#"{"order":"42","status":"shipped","auth":"Bearer {{secret:ORDERS_TOKEN}}"}"#
     );
     let response = sent.result.unwrap();
-    let echo = response.headers.iter().find(|(n, _)| n == "x-echo").unwrap();
+    let echo = response
+        .headers
+        .iter()
+        .find(|(n, _)| n == "x-echo")
+        .unwrap();
     assert_eq!(echo.1, b"Bearer {{secret:ORDERS_TOKEN}}");
     assert_eq!(
         seen.lock().unwrap().as_slice(),
@@ -222,10 +246,22 @@ async fn the_grant_and_the_secrets_grant_are_enforced_before_sending() {
     let out = outbound("", None);
     let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
         (format!("{base}/private/x"), vec![], "not-granted"),
-        (format!("http://127.0.0.1:{}/api/x", port + 1), vec![], "not-granted"),
-        (format!("https://127.0.0.1:{port}/api/x"), vec![], "not-granted"),
+        (
+            format!("http://127.0.0.1:{}/api/x", port + 1),
+            vec![],
+            "not-granted",
+        ),
+        (
+            format!("https://127.0.0.1:{port}/api/x"),
+            vec![],
+            "not-granted",
+        ),
         (format!("{base}/api/../private"), vec![], "invalid-url"),
-        (format!("http://user@127.0.0.1:{port}/api/x"), vec![], "invalid-url"),
+        (
+            format!("http://user@127.0.0.1:{port}/api/x"),
+            vec![],
+            "invalid-url",
+        ),
         (
             format!("{base}/api/orders/1"),
             vec![("authorization", "Bearer {{secret:OTHER_TOKEN}}")],
@@ -256,7 +292,10 @@ async fn the_grant_and_the_secrets_grant_are_enforced_before_sending() {
             name: "MISSING_TOKEN".into()
         }
     );
-    assert!(seen.lock().unwrap().is_empty(), "nothing may reach the upstream");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "nothing may reach the upstream"
+    );
 }
 
 #[tokio::test]
@@ -278,10 +317,19 @@ async fn ssrf_names_pinned_or_resolved_to_special_addresses_are_refused() {
         limits(),
     );
     for (url, class) in [
-        (format!("http://api.shop.example:{port}/api/orders/1"), Prohibited::Loopback),
-        ("http://meta.shop.example/latest/meta-data".to_string(), Prohibited::CloudMetadata),
+        (
+            format!("http://api.shop.example:{port}/api/orders/1"),
+            Prohibited::Loopback,
+        ),
+        (
+            "http://meta.shop.example/latest/meta-data".to_string(),
+            Prohibited::CloudMetadata,
+        ),
         ("http://v6.shop.example/".to_string(), Prohibited::Private),
-        (format!("http://localhost:{port}/api/orders/1"), Prohibited::Loopback),
+        (
+            format!("http://localhost:{port}/api/orders/1"),
+            Prohibited::Loopback,
+        ),
     ] {
         let sent = out.send(request(&p, &url, 0, &[])).await;
         match refusal(&sent) {
@@ -291,7 +339,12 @@ async fn ssrf_names_pinned_or_resolved_to_special_addresses_are_refused() {
     }
     // An IP literal the grant does not name is refused too.
     let sent = out
-        .send(request(&p, &format!("http://127.0.0.1:{port}/api/orders/1"), 0, &[]))
+        .send(request(
+            &p,
+            &format!("http://127.0.0.1:{port}/api/orders/1"),
+            0,
+            &[],
+        ))
         .await;
     assert_eq!(refusal(&sent).kind(), "not-granted");
     assert!(seen.lock().unwrap().is_empty());
@@ -313,31 +366,67 @@ async fn redirects_are_followed_inside_the_grant_and_checked_hop_by_hop() {
         limits(),
     );
     let auth = [("authorization", "Bearer {{secret:ORDERS_TOKEN}}")];
-    let inside = out.send(request(&p, &format!("{base}/api/redirect/inside"), 0, &auth)).await;
-    assert!(body(&inside).contains(r#""order":"7""#), "{}", body(&inside));
+    let inside = out
+        .send(request(
+            &p,
+            &format!("{base}/api/redirect/inside"),
+            0,
+            &auth,
+        ))
+        .await;
+    assert!(
+        body(&inside).contains(r#""order":"7""#),
+        "{}",
+        body(&inside)
+    );
 
-    let outside = out.send(request(&p, &format!("{base}/api/redirect/outside"), 1, &auth)).await;
+    let outside = out
+        .send(request(
+            &p,
+            &format!("{base}/api/redirect/outside"),
+            1,
+            &auth,
+        ))
+        .await;
     assert_eq!(
         refusal(&outside),
         &Refusal::RedirectNotGranted {
             location: format!("{base}/private/x")
         }
     );
-    let looping = out.send(request(&p, &format!("{base}/api/redirect/loop"), 2, &[])).await;
+    let looping = out
+        .send(request(&p, &format!("{base}/api/redirect/loop"), 2, &[]))
+        .await;
     assert_eq!(refusal(&looping), &Refusal::TooManyRedirects { max: 3 });
 
     let pinned = out
-        .send(request(&p, &format!("{base}/api/redirect/pinned-loopback"), 0, &[]))
+        .send(request(
+            &p,
+            &format!("{base}/api/redirect/pinned-loopback"),
+            0,
+            &[],
+        ))
         .await;
     assert!(
-        matches!(refusal(&pinned), Refusal::AddressProhibited { class: Prohibited::Loopback, .. }),
+        matches!(
+            refusal(&pinned),
+            Refusal::AddressProhibited {
+                class: Prohibited::Loopback,
+                ..
+            }
+        ),
         "{}",
         refusal(&pinned)
     );
 
     // To another granted origin: followed, without the secret.
     let cross = out
-        .send(request(&p, &format!("{base}/api/redirect/other-origin"), 1, &auth))
+        .send(request(
+            &p,
+            &format!("{base}/api/redirect/other-origin"),
+            1,
+            &auth,
+        ))
         .await;
     assert!(body(&cross).contains(r#""order":"8""#), "{}", body(&cross));
     assert_eq!(
@@ -357,7 +446,12 @@ async fn redirects_are_followed_inside_the_grant_and_checked_hop_by_hop() {
             .all(|(_, a, _)| a.as_deref() == Some(&format!("Bearer {TOKEN}")[..]))
     );
     // The loop stopped after 1 + 3 requests.
-    assert_eq!(seen.iter().filter(|(p, _, _)| p == "/api/redirect/loop").count(), 4);
+    assert_eq!(
+        seen.iter()
+            .filter(|(p, _, _)| p == "/api/redirect/loop")
+            .count(),
+        4
+    );
 }
 
 #[tokio::test]
@@ -366,20 +460,33 @@ async fn caps_calls_sizes_and_time() {
     let base = format!("http://127.0.0.1:{port}");
     let p = policy(&[format!("{base}/api/")], &[], limits());
     let out = outbound("", None);
-    let big = out.send(request(&p, &format!("{base}/api/big"), 0, &[])).await;
+    let big = out
+        .send(request(&p, &format!("{base}/api/big"), 0, &[]))
+        .await;
     assert_eq!(refusal(&big), &Refusal::ResponseTooLarge { max: 32 << 10 });
-    let chunked = out.send(request(&p, &format!("{base}/api/chunked-big"), 0, &[])).await;
-    assert_eq!(refusal(&chunked), &Refusal::ResponseTooLarge { max: 32 << 10 });
+    let chunked = out
+        .send(request(&p, &format!("{base}/api/chunked-big"), 0, &[]))
+        .await;
+    assert_eq!(
+        refusal(&chunked),
+        &Refusal::ResponseTooLarge { max: 32 << 10 }
+    );
 
     let started = Instant::now();
-    let forever = out.send(request(&p, &format!("{base}/api/forever"), 0, &[])).await;
+    let forever = out
+        .send(request(&p, &format!("{base}/api/forever"), 0, &[]))
+        .await;
     assert_eq!(
         refusal(&forever),
         &Refusal::Timeout {
             after: Duration::from_millis(800)
         }
     );
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     let mut slow = request(&p, &format!("{base}/api/slow"), 0, &[]);
     // The plugin's own timeout only shortens the host's.
     slow.timeout = Some(Duration::from_millis(100));
@@ -394,7 +501,9 @@ async fn caps_calls_sizes_and_time() {
     assert!(started.elapsed() < Duration::from_millis(700));
 
     // Call 3 of a turn capped at 3 (0, 1, 2) is refused.
-    let fourth = out.send(request(&p, &format!("{base}/api/orders/1"), 3, &[])).await;
+    let fourth = out
+        .send(request(&p, &format!("{base}/api/orders/1"), 3, &[]))
+        .await;
     assert_eq!(refusal(&fourth), &Refusal::TooManyCalls { max: 3 });
     let mut large = request(&p, &format!("{base}/api/post"), 0, &[]);
     large.method = "POST".into();
@@ -405,7 +514,11 @@ async fn caps_calls_sizes_and_time() {
     post.body = Ok(Bytes::from_static(b"{\"n\":1}"));
     assert_eq!(body(&out.send(post).await), "got 7 bytes");
     assert!(
-        !seen.lock().unwrap().iter().any(|(p, _, _)| p == "/api/orders/1"),
+        !seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, _, _)| p == "/api/orders/1"),
         "the capped call was not sent"
     );
 }
@@ -415,32 +528,49 @@ async fn the_journal_answers_a_rerun_and_keeps_no_secret() {
     let (port, seen) = upstream(None).await;
     let base = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let store = digibot_store_sqlite::open(dir.path(), digibot_store_sqlite::Durability::Full).unwrap();
+    let store =
+        digibot_store_sqlite::open(dir.path(), digibot_store_sqlite::Durability::Full).unwrap();
     let p = policy(&[format!("{base}/api/")], &["ORDERS_TOKEN"], limits());
     let auth = [("authorization", "Bearer {{secret:ORDERS_TOKEN}}")];
     let first = outbound("", Some(store.clone()));
-    let a = first.send(request(&p, &format!("{base}/api/orders/5"), 0, &auth)).await;
-    let slow = first.send(request(&p, &format!("{base}/api/forever"), 1, &[])).await;
+    let a = first
+        .send(request(&p, &format!("{base}/api/orders/5"), 0, &auth))
+        .await;
+    let slow = first
+        .send(request(&p, &format!("{base}/api/forever"), 1, &[]))
+        .await;
     assert!(!a.replayed && !slow.replayed);
     assert_eq!(seen.lock().unwrap().len(), 1);
 
     // A new process (the same store): the same calls are replayed.
     let rerun = outbound("", Some(store.clone()));
-    let a2 = rerun.send(request(&p, &format!("{base}/api/orders/5"), 0, &auth)).await;
+    let a2 = rerun
+        .send(request(&p, &format!("{base}/api/orders/5"), 0, &auth))
+        .await;
     assert!(a2.replayed);
     assert_eq!(body(&a2), body(&a));
-    let slow2 = rerun.send(request(&p, &format!("{base}/api/forever"), 1, &[])).await;
+    let slow2 = rerun
+        .send(request(&p, &format!("{base}/api/forever"), 1, &[]))
+        .await;
     assert!(slow2.replayed);
     assert_eq!(refusal(&slow2).kind(), "timeout");
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing called again");
     // A call that asks for something else is made again.
-    let other = rerun.send(request(&p, &format!("{base}/api/orders/6"), 0, &auth)).await;
+    let other = rerun
+        .send(request(&p, &format!("{base}/api/orders/6"), 0, &auth))
+        .await;
     assert!(!other.replayed);
     assert_eq!(seen.lock().unwrap().len(), 2);
 
-    let journal = store.journal("live_chat.new_message:m1", None).await.unwrap();
+    let journal = store
+        .journal("live_chat.new_message:m1", None)
+        .await
+        .unwrap();
     assert_eq!(journal.len(), 2);
     let text = serde_json::to_string(&journal).unwrap();
-    assert!(!text.contains(TOKEN), "the journal holds the secret: {text}");
+    assert!(
+        !text.contains(TOKEN),
+        "the journal holds the secret: {text}"
+    );
     assert!(text.contains("{{secret:ORDERS_TOKEN}}"), "{text}");
 }

@@ -41,7 +41,9 @@ macro_rules! version_edge {
                 linker,
                 |state| state,
             )?;
-            digishare::bot::kv::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
+            digishare::bot::kv::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| {
+                state
+            })
         }
 
         /// A fresh instance, not yet called.

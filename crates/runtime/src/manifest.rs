@@ -205,7 +205,10 @@ http_timeout_ms = 250
         assert_eq!(limits.http.calls, 3);
         assert_eq!(limits.http.response_bytes, 1000);
         assert_eq!(limits.http.timeout, Duration::from_millis(250));
-        assert_eq!(limits.http.request_bytes, HttpLimits::default().request_bytes);
+        assert_eq!(
+            limits.http.request_bytes,
+            HttpLimits::default().request_bytes
+        );
         // A bad grant or secret name fails the manifest, saying which.
         let e = Manifest::parse("[grants]\nhttp = [\"https://*\"]").unwrap_err();
         assert!(e.to_string().contains("https://*"), "{e}");

@@ -44,7 +44,10 @@ pub struct OutboundRequest {
 impl OutboundRequest {
     /// The URL as the plugin wrote it.
     pub fn url(&self) -> String {
-        format!("{}://{}{}", self.scheme, self.authority, self.path_and_query)
+        format!(
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_and_query
+        )
     }
 }
 
@@ -188,10 +191,14 @@ impl WasiHttpHooks for HttpTurn {
             .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
             .collect();
         let timeout = options.and_then(|o| {
-            [o.connect_timeout, o.first_byte_timeout, o.between_bytes_timeout]
-                .into_iter()
-                .flatten()
-                .min()
+            [
+                o.connect_timeout,
+                o.first_byte_timeout,
+                o.between_bytes_timeout,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
         });
         let limits = self.policy.limits.clone();
         let outbound = self.outbound.clone();
@@ -203,7 +210,11 @@ impl WasiHttpHooks for HttpTurn {
             policy: self.policy.clone(),
             method: parts.method.as_str().to_string(),
             scheme: uri.scheme_str().unwrap_or("").to_string(),
-            authority: uri.authority().map(|a| a.as_str()).unwrap_or("").to_string(),
+            authority: uri
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or("")
+                .to_string(),
             path_and_query: uri
                 .path_and_query()
                 .map(|p| p.as_str())

@@ -5,8 +5,8 @@
 use super::manifest::{Grants, Limits};
 use super::outbound::{HttpTurn, OutboundHttp, RefusalView};
 use super::stdio::CappedPipe;
-use digibot_domain::outbound::HttpPolicy;
 use digibot_domain::kv::KvWrite;
+use digibot_domain::outbound::HttpPolicy;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;

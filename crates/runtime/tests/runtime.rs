@@ -4,8 +4,8 @@
 //! refusal at load, and the compile cache.
 
 use digibot_domain::event::{ConversationState, Event};
-use digibot_protocol::Action;
 use digibot_domain::outbound::Refusal;
+use digibot_protocol::Action;
 use digibot_runtime::{
     Call, Failure, Invocation, KvRead, LoadError, Manifest, MemoryKv, OutboundHttp,
     OutboundRequest, OutboundResponse, Plugin, Runtime, RuntimeConfig, Sent,
@@ -651,7 +651,12 @@ fn http_requests_go_through_the_hosts_outbound_and_refusals_reach_the_plugin() {
         "[grants]\nhttp = [\"https://api.shop.example\"]\n",
     );
     assert_eq!(plugin.wit_version, "0.3.0");
-    assert!(plugin.imports.iter().any(|i| i.starts_with("wasi:http/outgoing-handler@0.2")));
+    assert!(
+        plugin
+            .imports
+            .iter()
+            .any(|i| i.starts_with("wasi:http/outgoing-handler@0.2"))
+    );
     let out = scripted(|r| {
         if r.authority == "api.shop.example" {
             Ok(OutboundResponse {
@@ -684,7 +689,11 @@ fn http_requests_go_through_the_hosts_outbound_and_refusals_reach_the_plugin() {
     );
     assert_eq!(seen[1].call, 1);
     assert_eq!(
-        (seen[0].method.as_str(), seen[0].scheme.as_str(), seen[0].path_and_query.as_str()),
+        (
+            seen[0].method.as_str(),
+            seen[0].scheme.as_str(),
+            seen[0].path_and_query.as_str()
+        ),
         ("GET", "https", "/orders/1?x=2")
     );
     assert!(
@@ -695,11 +704,17 @@ fn http_requests_go_through_the_hosts_outbound_and_refusals_reach_the_plugin() {
         "{:?}",
         seen[0].headers
     );
-    assert_eq!(seen[0].policy.grants[0].to_string(), "https://api.shop.example");
+    assert_eq!(
+        seen[0].policy.grants[0].to_string(),
+        "https://api.shop.example"
+    );
     assert_eq!(seen[0].body.as_deref().ok(), Some(&b""[..]));
     assert_eq!(calls.len(), 2);
     assert_eq!((calls[0].status, calls[0].bytes), (Some(201), 4));
-    assert_eq!(calls[1].refused.as_ref().map(|r| r.kind), Some("not-granted"));
+    assert_eq!(
+        calls[1].refused.as_ref().map(|r| r.kind),
+        Some("not-granted")
+    );
 }
 
 /// Without an outbound configured (tools, tests), requests are refused as
@@ -709,5 +724,8 @@ fn without_outbound_http_requests_are_refused_offline() {
     let runtime = runtime();
     let plugin = load(&runtime, "hostile", "hostile_fetch", "");
     let answer = single_text(on_text(&runtime, &plugin, "https://api.shop.example/x"));
-    assert!(answer.starts_with("refused: offline: outbound HTTP is off"), "{answer}");
+    assert!(
+        answer.starts_with("refused: offline: outbound HTTP is off"),
+        "{answer}"
+    );
 }

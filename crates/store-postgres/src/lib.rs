@@ -1367,8 +1367,8 @@ impl Postgres {
     // ---- outbound call journal ---------------------------------------------
 
     async fn record_call(&self, entry: JournalEntry) -> Result<(), Error> {
-        let request =
-            serde_json::to_string(&entry.request).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let request = serde_json::to_string(&entry.request)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (status, headers, body, kind, message) = match entry.outcome {
             JournalOutcome::Response {
                 status,
@@ -1418,7 +1418,11 @@ impl Postgres {
         Ok(())
     }
 
-    async fn journal(&self, event_key: &str, plugin: Option<&str>) -> Result<Vec<JournalEntry>, Error> {
+    async fn journal(
+        &self,
+        event_key: &str,
+        plugin: Option<&str>,
+    ) -> Result<Vec<JournalEntry>, Error> {
         let mut c = self.conn().await?;
         let plugin = plugin.map(str::to_string);
         let rows = c

@@ -30,8 +30,8 @@
 pub mod suite;
 
 use digibot_domain::event::{ConversationState, Event};
-pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::kv::{KvChanges, KvWrite};
+pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::time::now_ms;
 use serde::Serialize;
 use std::collections::BTreeMap;

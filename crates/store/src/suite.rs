@@ -722,8 +722,14 @@ pub fn call(event_key: &str, plugin: &str, call: u32, status: u16, body: &[u8]) 
             method: "GET".into(),
             url: format!("https://api.shop.example/orders/{call}"),
             headers: vec![
-                ("authorization".into(), "Bearer {{secret:ORDERS_TOKEN}}".into()),
-                ("idempotency-key".into(), format!("{event_key}/{plugin}/{call}")),
+                (
+                    "authorization".into(),
+                    "Bearer {{secret:ORDERS_TOKEN}}".into(),
+                ),
+                (
+                    "idempotency-key".into(),
+                    format!("{event_key}/{plugin}/{call}"),
+                ),
             ],
             body_bytes: 0,
             body_sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into(),
@@ -771,9 +777,19 @@ pub async fn journal_records_replaces_lists_and_survives_reopen(db: TestDb) {
         .collect();
     assert_eq!(
         all,
-        [("hostile".into(), 0), ("orders".into(), 0), ("orders".into(), 1)]
+        [
+            ("hostile".into(), 0),
+            ("orders".into(), 0),
+            ("orders".into(), 1)
+        ]
     );
-    assert!(store.journal("live_chat.new_message:none", None).await.unwrap().is_empty());
+    assert!(
+        store
+            .journal("live_chat.new_message:none", None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A call recorded again (a re-run that asked for something else) replaces the first.
     let mut failed = call(e1, "orders", 1, 0, b"");
@@ -793,9 +809,16 @@ pub async fn journal_records_replaces_lists_and_survives_reopen(db: TestDb) {
     assert_eq!(orders[1].request, failed.request);
     assert_eq!(orders[1].elapsed_ms, 12);
     match &orders[0].outcome {
-        JournalOutcome::Response { status, headers, body } => {
+        JournalOutcome::Response {
+            status,
+            headers,
+            body,
+        } => {
             assert_eq!((*status, body.as_slice()), (404, &odd[..]));
-            assert_eq!(headers, &[("content-type".to_string(), "application/json".to_string())]);
+            assert_eq!(
+                headers,
+                &[("content-type".to_string(), "application/json".to_string())]
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -823,13 +846,22 @@ pub async fn journal_is_pruned_with_finished_events_only(db: TestDb) {
         .await
         .unwrap();
     store.insert_event(pending).await.unwrap();
-    store.record_call(call(&done_key, "orders", 0, 200, b"a")).await.unwrap();
-    store.record_call(call(&pending_key, "orders", 0, 200, b"b")).await.unwrap();
+    store
+        .record_call(call(&done_key, "orders", 0, 200, b"a"))
+        .await
+        .unwrap();
+    store
+        .record_call(call(&pending_key, "orders", 0, 200, b"b"))
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     let cut = now_ms();
     tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     // Recorded after the cut: stays.
-    store.record_call(call(&done_key, "orders", 1, 200, b"c")).await.unwrap();
+    store
+        .record_call(call(&done_key, "orders", 1, 200, b"c"))
+        .await
+        .unwrap();
 
     let pruned = store.prune(cut).await.unwrap();
     assert_eq!(pruned.calls, 1, "{pruned:?}");

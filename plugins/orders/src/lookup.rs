@@ -8,7 +8,11 @@ use digibot_sdk::{http, log};
 /// is ignored).
 pub fn order_number(text: &str) -> Option<String> {
     text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '.' | ':' | ';' | '!' | '?'))
-        .map(|w| w.trim_start_matches('#').trim_start_matches("n°").trim_start_matches("N°"))
+        .map(|w| {
+            w.trim_start_matches('#')
+                .trim_start_matches("n°")
+                .trim_start_matches("N°")
+        })
         .find(|w| {
             (3..=20).contains(&w.len())
                 && w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -76,8 +80,14 @@ mod tests {
     #[test]
     fn order_numbers_are_found_in_what_customers_type() {
         assert_eq!(order_number("12345").as_deref(), Some("12345"));
-        assert_eq!(order_number("ma commande #A-7781 svp").as_deref(), Some("A-7781"));
-        assert_eq!(order_number("commande n°4410, merci !").as_deref(), Some("4410"));
+        assert_eq!(
+            order_number("ma commande #A-7781 svp").as_deref(),
+            Some("A-7781")
+        );
+        assert_eq!(
+            order_number("commande n°4410, merci !").as_deref(),
+            Some("4410")
+        );
         assert_eq!(order_number("bonjour"), None);
         assert_eq!(order_number("12"), None);
         assert_eq!(order_number("../../admin 1"), None);

@@ -114,7 +114,11 @@ async fn order(
     };
     match status {
         Some(status) => axum::Json(json!({"order": n, "status": status})).into_response(),
-        None => (StatusCode::NOT_FOUND, axum::Json(json!({"error": "no such order"}))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "no such order"})),
+        )
+            .into_response(),
     }
 }
 
@@ -140,7 +144,10 @@ async fn misc(
             (StatusCode::FOUND, [(header::LOCATION, to)]).into_response()
         }
         "/huge" => {
-            let bytes = q.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(2 << 20);
+            let bytes = q
+                .get("bytes")
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(2 << 20);
             vec![b'x'; bytes].into_response()
         }
         "/forever" => {

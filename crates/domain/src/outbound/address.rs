@@ -63,7 +63,11 @@ pub fn classify(ip: IpAddr) -> Option<Prohibited> {
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], bits: u32) -> bool {
-    let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+    let mask = if bits == 0 {
+        0
+    } else {
+        u32::MAX << (32 - bits)
+    };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
@@ -95,7 +99,11 @@ fn classify_v4(ip: Ipv4Addr) -> Option<Prohibited> {
 }
 
 fn in_v6(ip: Ipv6Addr, net: Ipv6Addr, bits: u32) -> bool {
-    let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
     (u128::from(ip) & mask) == (u128::from(net) & mask)
 }
 
@@ -122,7 +130,9 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Prohibited> {
         Some(low32)
     } else if in_v6(ip, v6([0x2002, 0, 0, 0, 0, 0, 0, 0]), 16) {
         // 6to4: the IPv4 address follows the prefix.
-        Some(Ipv4Addr::from((u32::from(seg[1]) << 16) | u32::from(seg[2])))
+        Some(Ipv4Addr::from(
+            (u32::from(seg[1]) << 16) | u32::from(seg[2]),
+        ))
     } else {
         None
     };

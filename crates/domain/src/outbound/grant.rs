@@ -175,13 +175,31 @@ mod tests {
         let g = grant("https://api.shop.example");
         assert_eq!(g.host, GrantHost::Name("api.shop.example".into()));
         assert_eq!((g.port, g.path_prefix.as_str()), (443, "/"));
-        assert!(allows("https://api.shop.example", "https://api.shop.example/orders/1"));
-        assert!(allows("https://api.shop.example", "https://API.shop.example:443/"));
-        assert!(!allows("https://api.shop.example", "http://api.shop.example/"));
-        assert!(!allows("https://api.shop.example", "https://api.shop.example:8443/"));
+        assert!(allows(
+            "https://api.shop.example",
+            "https://api.shop.example/orders/1"
+        ));
+        assert!(allows(
+            "https://api.shop.example",
+            "https://API.shop.example:443/"
+        ));
+        assert!(!allows(
+            "https://api.shop.example",
+            "http://api.shop.example/"
+        ));
+        assert!(!allows(
+            "https://api.shop.example",
+            "https://api.shop.example:8443/"
+        ));
         assert!(!allows("https://api.shop.example", "https://evil.example/"));
-        assert!(!allows("https://api.shop.example", "https://api.shop.example.evil.example/"));
-        assert!(!allows("https://api.shop.example", "https://x.api.shop.example/"));
+        assert!(!allows(
+            "https://api.shop.example",
+            "https://api.shop.example.evil.example/"
+        ));
+        assert!(!allows(
+            "https://api.shop.example",
+            "https://x.api.shop.example/"
+        ));
 
         let w = "https://*.crm.example/v2/";
         assert_eq!(grant(w).host, GrantHost::Wildcard("crm.example".into()));
@@ -204,7 +222,10 @@ mod tests {
         assert!(!allows("https://a.example/v2", "https://a.example/v2x"));
         assert!(!allows("https://a.example/v2", "https://a.example/"));
         // The query never widens a grant.
-        assert!(!allows("https://a.example/v2", "https://a.example/admin?/v2"));
+        assert!(!allows(
+            "https://a.example/v2",
+            "https://a.example/admin?/v2"
+        ));
     }
 
     #[test]
@@ -216,8 +237,14 @@ mod tests {
         assert!(!allows(g, "http://localhost:8080/orders"));
         assert!(!allows(g, "http://[::ffff:127.0.0.1]:8080/orders"));
         assert!(allows("http://[::1]:9/", "http://[::1]:9/x"));
-        assert_eq!(grant("HTTP://A.Example:80/").to_string(), "http://a.example");
-        assert_eq!(grant("https://a.example:8443/x/").to_string(), "https://a.example:8443/x/");
+        assert_eq!(
+            grant("HTTP://A.Example:80/").to_string(),
+            "http://a.example"
+        );
+        assert_eq!(
+            grant("https://a.example:8443/x/").to_string(),
+            "https://a.example:8443/x/"
+        );
     }
 
     #[test]

@@ -76,7 +76,10 @@ impl HttpLimits {
 }
 
 mod millis {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
     }
 }
@@ -121,7 +124,9 @@ pub enum Refusal {
     NotGranted { url: String },
     #[error("secret {name} is not in this plugin's [grants] secrets")]
     SecretNotGranted { name: String },
-    #[error("secret {name} is not configured on this host (DIGIBOT_SECRET_{name} or the secrets file)")]
+    #[error(
+        "secret {name} is not configured on this host (DIGIBOT_SECRET_{name} or the secrets file)"
+    )]
     SecretMissing { name: String },
     #[error("a header value has a malformed {{{{secret:NAME}}}} placeholder")]
     BadPlaceholder,
@@ -268,7 +273,11 @@ mod tests {
         };
         let t = Target::parse("http://127.0.0.1:9000/api/x").unwrap();
         assert_eq!(policy.grant_for(&t), Some(&policy.grants[1]));
-        assert!(policy.grant_for(&Target::parse("http://127.0.0.1:9000/x").unwrap()).is_none());
+        assert!(
+            policy
+                .grant_for(&Target::parse("http://127.0.0.1:9000/x").unwrap())
+                .is_none()
+        );
         assert!(policy.names_literally("127.0.0.1".parse().unwrap()));
         assert!(!policy.names_literally("127.0.0.2".parse().unwrap()));
         assert!(policy.any());
@@ -288,12 +297,19 @@ mod tests {
                 address: "10.0.0.1".parse().unwrap(),
                 class: Prohibited::Private,
             },
-            Refusal::Dns { host: "h".into(), why: "w".into() },
+            Refusal::Dns {
+                host: "h".into(),
+                why: "w".into(),
+            },
             Refusal::TooManyCalls { max: 1 },
             Refusal::RequestTooLarge { max: 1 },
             Refusal::ResponseTooLarge { max: 1 },
-            Refusal::Timeout { after: Duration::from_millis(1500) },
-            Refusal::RedirectNotGranted { location: "l".into() },
+            Refusal::Timeout {
+                after: Duration::from_millis(1500),
+            },
+            Refusal::RedirectNotGranted {
+                location: "l".into(),
+            },
             Refusal::TooManyRedirects { max: 1 },
             Refusal::BadRedirect("b".into()),
             Refusal::Connect("c".into()),
@@ -316,7 +332,10 @@ mod tests {
             class: Prohibited::Loopback,
         };
         assert_eq!(r.kind(), "address-prohibited");
-        assert_eq!(r.to_string(), "api.shop.example resolves to 127.0.0.1, a loopback address");
+        assert_eq!(
+            r.to_string(),
+            "api.shop.example resolves to 127.0.0.1, a loopback address"
+        );
         assert!(r.before_sending());
         let t = Refusal::Timeout {
             after: Duration::from_millis(500),

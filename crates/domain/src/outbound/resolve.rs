@@ -32,12 +32,15 @@ impl ResolveOverrides {
                 why: why.to_string(),
             };
             if let Some(ip) = parse_address(piece) {
-                let key = last.clone().ok_or_else(|| error("an address with no name before it"))?;
+                let key = last
+                    .clone()
+                    .ok_or_else(|| error("an address with no name before it"))?;
                 map.entry(key).or_default().push(ip);
                 continue;
             }
             let mut parts = piece.splitn(3, ':');
-            let (Some(name), Some(port), Some(address)) = (parts.next(), parts.next(), parts.next())
+            let (Some(name), Some(port), Some(address)) =
+                (parts.next(), parts.next(), parts.next())
             else {
                 return Err(error("not name:port:address"));
             };
@@ -104,7 +107,10 @@ mod tests {
             o.lookup("META.example", 80),
             Some(&["169.254.169.254".parse().unwrap()][..])
         );
-        assert_eq!(o.lookup("v6.example", 8080), Some(&["::1".parse().unwrap()][..]));
+        assert_eq!(
+            o.lookup("v6.example", 8080),
+            Some(&["::1".parse().unwrap()][..])
+        );
         assert_eq!(o.lookup("multi.example", 443).map(<[IpAddr]>::len), Some(2));
         assert!(ResolveOverrides::parse("").unwrap().is_empty());
     }

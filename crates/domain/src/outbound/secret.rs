@@ -43,8 +43,7 @@ impl SecretName {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.as_bytes()[0].is_ascii_uppercase()
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
         if ok {
             Ok(SecretName(s.to_string()))
@@ -183,7 +182,15 @@ mod tests {
     fn names() {
         assert!(SecretName::parse("ORDERS_TOKEN").is_ok());
         assert!(SecretName::parse("A1").is_ok());
-        for bad in ["", "orders_token", "1TOKEN", "_T", "ORDERS-TOKEN", "ÄB", &"A".repeat(65)] {
+        for bad in [
+            "",
+            "orders_token",
+            "1TOKEN",
+            "_T",
+            "ORDERS-TOKEN",
+            "ÄB",
+            &"A".repeat(65),
+        ] {
             assert!(SecretName::parse(bad).is_err(), "{bad:?}");
         }
         assert_eq!(name("X_Y").placeholder(), "{{secret:X_Y}}");
@@ -193,7 +200,10 @@ mod tests {
     fn values() {
         let n = name("T");
         assert!(check_value(&n, "s3cret-token").is_ok());
-        assert_eq!(check_value(&n, "short"), Err(SecretError::TooShort(n.clone())));
+        assert_eq!(
+            check_value(&n, "short"),
+            Err(SecretError::TooShort(n.clone()))
+        );
         assert_eq!(
             check_value(&n, "line\nbreak-here"),
             Err(SecretError::NotHeaderSafe(n.clone()))
@@ -206,7 +216,10 @@ mod tests {
         assert_eq!(placeholders(v).unwrap(), [name("ORDERS_TOKEN"), name("B")]);
         assert_eq!(placeholders(b"plain").unwrap(), []);
         assert_eq!(placeholders(b"{{secret:X"), Err(SecretError::Malformed));
-        assert_eq!(placeholders(b"{{secret:lower}}"), Err(SecretError::Malformed));
+        assert_eq!(
+            placeholders(b"{{secret:lower}}"),
+            Err(SecretError::Malformed)
+        );
         // Braces that are not the placeholder are left alone.
         assert_eq!(placeholders(b"{{other}} {secret:X}").unwrap(), []);
 

@@ -397,7 +397,10 @@ mod tests {
             ok("http://127.0.0.1:8080/x").to_string(),
             "http://127.0.0.1:8080/x"
         );
-        assert_eq!(ok("http://[::1]:81/").host, Host::Ip("::1".parse().unwrap()));
+        assert_eq!(
+            ok("http://[::1]:81/").host,
+            Host::Ip("::1".parse().unwrap())
+        );
         assert_eq!(ok("http://[::1]:81/").to_string(), "http://[::1]:81/");
         assert_eq!(ok("http://[::1]/").port, 80);
         assert_eq!(ok("http://a.example?q").path_and_query(), "/?q");
@@ -408,10 +411,22 @@ mod tests {
     #[test]
     fn userinfo_and_other_schemes_are_refused() {
         assert_eq!(refused("http://user:pw@a.example/"), TargetError::Userinfo);
-        assert_eq!(refused("http://a.example@127.0.0.1/"), TargetError::Userinfo);
-        assert!(matches!(refused("ftp://a.example/"), TargetError::Scheme(_)));
-        assert!(matches!(refused("file:///etc/passwd"), TargetError::Scheme(_)));
-        assert!(matches!(refused("a.example/x"), TargetError::NotAbsolute(_)));
+        assert_eq!(
+            refused("http://a.example@127.0.0.1/"),
+            TargetError::Userinfo
+        );
+        assert!(matches!(
+            refused("ftp://a.example/"),
+            TargetError::Scheme(_)
+        ));
+        assert!(matches!(
+            refused("file:///etc/passwd"),
+            TargetError::Scheme(_)
+        ));
+        assert!(matches!(
+            refused("a.example/x"),
+            TargetError::NotAbsolute(_)
+        ));
         assert_eq!(refused("http://a.example/#frag"), TargetError::Fragment);
     }
 
@@ -434,16 +449,31 @@ mod tests {
                 "{url} must be refused"
             );
         }
-        assert!(matches!(refused("http://[fe80::1%25eth0]/"), TargetError::Host { .. }));
+        assert!(matches!(
+            refused("http://[fe80::1%25eth0]/"),
+            TargetError::Host { .. }
+        ));
         assert!(matches!(refused("http://[::1/"), TargetError::Host { .. }));
-        assert!(matches!(refused("http://[::1]x/"), TargetError::Host { .. }));
-        assert!(matches!(refused("http://[1.2.3.4]/"), TargetError::Host { .. }));
+        assert!(matches!(
+            refused("http://[::1]x/"),
+            TargetError::Host { .. }
+        ));
+        assert!(matches!(
+            refused("http://[1.2.3.4]/"),
+            TargetError::Host { .. }
+        ));
         assert_eq!(
             ok("http://[::ffff:127.0.0.1]/").host,
             Host::Ip("::ffff:127.0.0.1".parse().unwrap())
         );
-        assert_eq!(ok("http://10.0.0.5/").host, Host::Ip("10.0.0.5".parse().unwrap()));
-        assert_eq!(ok("http://0.0.0.0/").host, Host::Ip("0.0.0.0".parse().unwrap()));
+        assert_eq!(
+            ok("http://10.0.0.5/").host,
+            Host::Ip("10.0.0.5".parse().unwrap())
+        );
+        assert_eq!(
+            ok("http://0.0.0.0/").host,
+            Host::Ip("0.0.0.0".parse().unwrap())
+        );
     }
 
     #[test]
@@ -462,8 +492,14 @@ mod tests {
         ] {
             assert!(Target::parse(url).is_err(), "{url} must be refused");
         }
-        assert_eq!(ok("http://xn--exmple-cua.com/").host.name(), Some("xn--exmple-cua.com"));
-        assert_eq!(ok("http://_dmarc.a.example/").host.name(), Some("_dmarc.a.example"));
+        assert_eq!(
+            ok("http://xn--exmple-cua.com/").host.name(),
+            Some("xn--exmple-cua.com")
+        );
+        assert_eq!(
+            ok("http://_dmarc.a.example/").host.name(),
+            Some("_dmarc.a.example")
+        );
     }
 
     #[test]
@@ -490,9 +526,15 @@ mod tests {
             );
         }
         // Dots inside a segment are not dot segments.
-        assert_eq!(ok("http://a.example/v2/...x/.well-known").path, "/v2/...x/.well-known");
+        assert_eq!(
+            ok("http://a.example/v2/...x/.well-known").path,
+            "/v2/...x/.well-known"
+        );
         // A query may hold encoded slashes: it is not matched by grants.
-        assert_eq!(ok("http://a.example/x?u=%2F..%2F").query.as_deref(), Some("u=%2F..%2F"));
+        assert_eq!(
+            ok("http://a.example/x?u=%2F..%2F").query.as_deref(),
+            Some("u=%2F..%2F")
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@ pub async fn recorded(
     request: &OutboundRequest,
     asked: &JournalRequest,
 ) -> Option<Result<OutboundResponse, Refusal>> {
-    let entries = match store.journal(&request.event_id, Some(&request.plugin)).await {
+    let entries = match store
+        .journal(&request.event_id, Some(&request.plugin))
+        .await
+    {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the call journal; calling again");
@@ -121,8 +124,7 @@ pub async fn record(
     for attempt in 1..=3 {
         match store.record_call(entry.clone()).await {
             Ok(()) => {
-                metrics::histogram!(crate::metrics::HTTP_JOURNAL_SECONDS)
-                    .record(started.elapsed());
+                metrics::histogram!(crate::metrics::HTTP_JOURNAL_SECONDS).record(started.elapsed());
                 return;
             }
             Err(e) if attempt < 3 => {

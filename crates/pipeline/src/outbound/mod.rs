@@ -396,7 +396,8 @@ impl Exchange<'_> {
 /// The URL reqwest sends to, which must say exactly what was judged.
 fn wire_url(target: &Target) -> Result<reqwest::Url, Refusal> {
     let text = target.to_string();
-    let url = reqwest::Url::parse(&text).map_err(|e| Refusal::InvalidUrl(format!("{text}: {e}")))?;
+    let url =
+        reqwest::Url::parse(&text).map_err(|e| Refusal::InvalidUrl(format!("{text}: {e}")))?;
     let same = url.host_str() == Some(target.host.to_string().as_str())
         && url.port_or_known_default() == Some(target.port)
         && url.path() == target.path

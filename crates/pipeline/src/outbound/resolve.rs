@@ -152,7 +152,10 @@ mod tests {
 
     fn policy(grants: &[&str]) -> HttpPolicy {
         HttpPolicy {
-            grants: grants.iter().map(|g| HttpGrant::parse(g).unwrap()).collect(),
+            grants: grants
+                .iter()
+                .map(|g| HttpGrant::parse(g).unwrap())
+                .collect(),
             ..HttpPolicy::default()
         }
     }
@@ -172,7 +175,9 @@ mod tests {
             .unwrap(),
         );
         let p = policy(&["https://*.shop.example", "http://127.0.0.1:8080"]);
-        let e = r.addresses(&target("https://api.shop.example/x"), &p, T).await;
+        let e = r
+            .addresses(&target("https://api.shop.example/x"), &p, T)
+            .await;
         assert_eq!(
             e,
             Err(Refusal::AddressProhibited {
@@ -181,9 +186,17 @@ mod tests {
                 class: Prohibited::Loopback
             })
         );
-        let e = r.addresses(&target("https://meta.shop.example/"), &p, T).await;
+        let e = r
+            .addresses(&target("https://meta.shop.example/"), &p, T)
+            .await;
         assert!(
-            matches!(e, Err(Refusal::AddressProhibited { class: Prohibited::CloudMetadata, .. })),
+            matches!(
+                e,
+                Err(Refusal::AddressProhibited {
+                    class: Prohibited::CloudMetadata,
+                    ..
+                })
+            ),
             "{e:?}"
         );
         // A literal the grant names is reachable, and only that one.
@@ -191,16 +204,25 @@ mod tests {
             r.addresses(&target("http://127.0.0.1:8080/"), &p, T).await,
             Ok(vec!["127.0.0.1:8080".parse().unwrap()])
         );
-        assert!(r.addresses(&target("http://127.0.0.2:8080/"), &p, T).await.is_err());
+        assert!(
+            r.addresses(&target("http://127.0.0.2:8080/"), &p, T)
+                .await
+                .is_err()
+        );
         // A name pinned to an address a grant names literally is still
         // refused: only the literal itself may be reached.
         let r2 = Resolver::new(ResolveOverrides::parse("api.shop.example:8080:127.0.0.1").unwrap());
         assert!(matches!(
-            r2.addresses(&target("http://api.shop.example:8080/"), &p, T).await,
-            Err(Refusal::AddressProhibited { class: Prohibited::Loopback, .. })
+            r2.addresses(&target("http://api.shop.example:8080/"), &p, T)
+                .await,
+            Err(Refusal::AddressProhibited {
+                class: Prohibited::Loopback,
+                ..
+            })
         ));
         assert_eq!(
-            r.addresses(&target("https://ok.shop.example/"), &p, T).await,
+            r.addresses(&target("https://ok.shop.example/"), &p, T)
+                .await,
             Ok(vec!["93.184.216.34:443".parse().unwrap()])
         );
     }
@@ -208,10 +230,20 @@ mod tests {
     #[tokio::test]
     async fn localhost_resolves_and_is_refused() {
         let e = Resolver::default()
-            .addresses(&target("http://localhost:9/"), &policy(&["http://localhost:9"]), T)
+            .addresses(
+                &target("http://localhost:9/"),
+                &policy(&["http://localhost:9"]),
+                T,
+            )
             .await;
         assert!(
-            matches!(e, Err(Refusal::AddressProhibited { class: Prohibited::Loopback, .. })),
+            matches!(
+                e,
+                Err(Refusal::AddressProhibited {
+                    class: Prohibited::Loopback,
+                    ..
+                })
+            ),
             "{e:?}"
         );
     }

@@ -40,10 +40,7 @@ pub enum SecretsError {
         why: String,
     },
     #[error("{var}: {source}")]
-    Env {
-        var: String,
-        source: SecretError,
-    },
+    Env { var: String, source: SecretError },
     #[error("the secrets file {path}, line {line}: {source}")]
     Value {
         path: PathBuf,
@@ -160,10 +157,19 @@ mod tests {
 
     #[test]
     fn environment_and_file_merge_the_variable_winning() {
-        let f = file("# orders\nORDERS_TOKEN = from-the-file-1\nCRM_KEY=crm-key-value\n\n", 0o600);
+        let f = file(
+            "# orders\nORDERS_TOKEN = from-the-file-1\nCRM_KEY=crm-key-value\n\n",
+            0o600,
+        );
         let vars = [
-            ("DIGIBOT_SECRET_ORDERS_TOKEN".to_string(), "from-the-env-1".to_string()),
-            ("DIGIBOT_API_TOKEN".to_string(), "not a plugin secret".to_string()),
+            (
+                "DIGIBOT_SECRET_ORDERS_TOKEN".to_string(),
+                "from-the-env-1".to_string(),
+            ),
+            (
+                "DIGIBOT_API_TOKEN".to_string(),
+                "not a plugin secret".to_string(),
+            ),
             ("PATH".to_string(), "/bin".to_string()),
         ];
         let s = Secrets::load(vars, Some(f.path())).unwrap();
@@ -172,7 +178,10 @@ mod tests {
         assert_eq!(s.len(), 2);
         // Debug shows names, never values.
         let debug = format!("{s:?}");
-        assert!(debug.contains("ORDERS_TOKEN") && !debug.contains("from-the"), "{debug}");
+        assert!(
+            debug.contains("ORDERS_TOKEN") && !debug.contains("from-the"),
+            "{debug}"
+        );
     }
 
     #[test]
@@ -180,7 +189,10 @@ mod tests {
         for mode in [0o644, 0o640, 0o604, 0o660] {
             let f = file("A_TOKEN=abcdefgh\n", mode);
             let e = Secrets::load([], Some(f.path())).unwrap_err();
-            assert!(matches!(e, SecretsError::Permissions { .. }), "{mode:o}: {e}");
+            assert!(
+                matches!(e, SecretsError::Permissions { .. }),
+                "{mode:o}: {e}"
+            );
             assert!(e.to_string().contains("chmod 600"), "{e}");
         }
         let f = file("A_TOKEN=abcdefgh\n", 0o400);
@@ -193,7 +205,12 @@ mod tests {
         let e = Secrets::load([], Some(f.path())).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("NAME=value"), "{e}");
         let f = file("lower=abcdefgh\n", 0o600);
-        assert!(Secrets::load([], Some(f.path())).unwrap_err().to_string().contains("line 1"));
+        assert!(
+            Secrets::load([], Some(f.path()))
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
         let f = file("SHORT=abc\n", 0o600);
         let e = Secrets::load([], Some(f.path())).unwrap_err().to_string();
         assert!(e.contains("shorter than 8"), "{e}");
