@@ -244,7 +244,9 @@ async fn the_grant_and_the_secrets_grant_are_enforced_before_sending() {
     let base = format!("http://127.0.0.1:{port}");
     let p = policy(&[format!("{base}/api/")], &["ORDERS_TOKEN"], limits());
     let out = outbound("", None);
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    // (URL, headers, the refusal's kind)
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (format!("{base}/private/x"), vec![], "not-granted"),
         (
             format!("http://127.0.0.1:{}/api/x", port + 1),
@@ -355,7 +357,7 @@ async fn redirects_are_followed_inside_the_grant_and_checked_hop_by_hop() {
     let (other_port, other_seen) = upstream(None).await;
     let (port, seen) = upstream(Some(other_port)).await;
     let base = format!("http://127.0.0.1:{port}");
-    let out = outbound(&format!("pinned.shop.example:80:127.0.0.1"), None);
+    let out = outbound("pinned.shop.example:80:127.0.0.1", None);
     let p = policy(
         &[
             format!("{base}/api/"),

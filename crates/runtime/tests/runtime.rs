@@ -607,11 +607,14 @@ mod registry {
     }
 }
 
+/// How [`Scripted`] answers a request.
+type Script = Box<dyn Fn(&OutboundRequest) -> Result<OutboundResponse, Refusal> + Send + Sync>;
+
 /// An [`OutboundHttp`] that records what it is handed and answers from a
 /// script: what the runtime gives the pipeline, and what a plugin gets back.
 struct Scripted {
     seen: std::sync::Mutex<Vec<OutboundRequest>>,
-    answer: Box<dyn Fn(&OutboundRequest) -> Result<OutboundResponse, Refusal> + Send + Sync>,
+    answer: Script,
 }
 
 #[async_trait::async_trait]

@@ -1,6 +1,6 @@
 //! Test plugin: a hostile one. The customer's message is one or more URLs
-//! (separated by spaces); the plugin GETs each in turn through
-//! `wasi:http` and answers one line per URL: `status NNN`, or
+//! (separated by spaces; other words are ignored); the plugin GETs each in
+//! turn through `wasi:http` and answers one line per URL: `status NNN`, or
 //! `refused: KIND: REASON` when digibot refused or failed the request
 //! (outside the grant, a prohibited address, a redirect leaving the grant,
 //! a response over the cap or one that never ends, one call too many...).
@@ -17,6 +17,9 @@ impl Bot for HostileFetch {
         };
         let lines: Vec<String> = text
             .split_whitespace()
+            // Other words are not its business: a message without a URL
+            // gets no answer from it (echo beside it answers alone).
+            .filter(|word| word.starts_with("http://") || word.starts_with("https://"))
             .map(|url| {
                 match http::get(url)
                     .header("authorization", "Bearer {{secret:ORDERS_TOKEN}}")
