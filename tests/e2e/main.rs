@@ -17,4 +17,5 @@ mod oauth;
 mod observability;
 mod replicas;
 mod startup;
+mod waiting_turns;
 mod webhook;

@@ -107,7 +107,10 @@ fn run(
     let Some(call) = Call::for_event(event, ConversationState::Bot) else {
         return Ok((vec![], vec![]));
     };
-    let invocation = runtime.invoke(plugin, &call, Arc::new(MemoryKv::default()));
+    let invocation = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(runtime.invoke(plugin, &call, Arc::new(MemoryKv::default())));
     let actions = match invocation.outcome {
         Ok(actions) => actions,
         Err(failure) => bail!(
