@@ -745,8 +745,12 @@ async fn a_sleeping_plugin_is_cut_and_the_neighbour_answers_everyone() -> Result
     let mut first = Vec::new();
     for c in &sleepy {
         first.push(
-            bot.accept(&customer_text(c, &format!("{c}_m"), &format!("hello from {c}")))
-                .await?,
+            bot.accept(&customer_text(
+                c,
+                &format!("{c}_m"),
+                &format!("hello from {c}"),
+            ))
+            .await?,
         );
     }
     let first = bot.wait_handled(&first, TIMEOUT).await?;
@@ -755,8 +759,12 @@ async fn a_sleeping_plugin_is_cut_and_the_neighbour_answers_everyone() -> Result
     let mut later = Vec::new();
     for c in &normal {
         later.push(
-            bot.accept(&customer_text(c, &format!("{c}_m"), &format!("hi from {c}")))
-                .await?,
+            bot.accept(&customer_text(
+                c,
+                &format!("{c}_m"),
+                &format!("hi from {c}"),
+            ))
+            .await?,
         );
     }
     let later = bot.wait_handled(&later, TIMEOUT).await?;
@@ -809,11 +817,7 @@ async fn a_sleeping_plugin_is_cut_and_the_neighbour_answers_everyone() -> Result
     }
     fake.settle(17, TIMEOUT).await?;
     for c in &sleepy {
-        ensure_all_eq(
-            &fake.wire_for(c),
-            &[text(c, &format!("hello from {c}"))],
-            c,
-        )?;
+        ensure_all_eq(&fake.wire_for(c), &[text(c, &format!("hello from {c}"))], c)?;
     }
     for c in &normal {
         ensure_all_eq(&fake.wire_for(c), &[text(c, &format!("hi from {c}"))], c)?;

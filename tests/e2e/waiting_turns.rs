@@ -64,7 +64,9 @@ async fn a_thousand_sleeping_turns_are_answered_in_order_on_a_few_threads() -> R
     )?;
     std::fs::write(
         bot.plugins_dir.join("echo.toml"),
-        format!("[config]\nnap_ms = \"{NAP_MS}\"\n[grants]\nclock = true\n[limits]\nwall_ms = 20000\n"),
+        format!(
+            "[config]\nnap_ms = \"{NAP_MS}\"\n[grants]\nclock = true\n[limits]\nwall_ms = 20000\n"
+        ),
     )?;
     bot.restart().await?;
     let pid = bot.pid().context("digibot's pid")?;
@@ -121,10 +123,7 @@ async fn a_thousand_sleeping_turns_are_answered_in_order_on_a_few_threads() -> R
     );
     // Two naps per conversation back to back: about 4 s of naps, not
     // 2,000 × 2 s. Generous for a loaded 2-core machine.
-    ensure!(
-        took < Duration::from_secs(120),
-        "the naps took {took:?}"
-    );
+    ensure!(took < Duration::from_secs(120), "the naps took {took:?}");
     let _ = &mut bot;
     Ok(())
 }

@@ -9,8 +9,11 @@
 //!   turn (`Runtime::invoke` driven by a current-thread tokio runtime) with
 //!   the pooling allocator and with on-demand allocation, with its warm
 //!   pool and without; plain wasmtime with sync calls (`call`) and with
-//!   async calls (`call_async`), fresh instance, pooling and on-demand; a
-//!   reused instance (no isolation: the floor).
+//!   async calls (`call_async`), fresh instance, pooling and on-demand;
+//!   plain wasmtime's call alone on a fresh pre-made instance, sync and
+//!   async (what digibot's warm-pool turn did before turns were async, and
+//!   does now, minus digibot's own work); a reused instance (no
+//!   isolation: the floor).
 //! - `action_to_request`: an action a plugin returned to the Messages API
 //!   request digibot queues (validation and building; plus the JSON text
 //!   the outbox stores, for a text).
@@ -173,6 +176,48 @@ fn plugin_call(c: &mut Criterion) {
                 })
             },
         );
+        if pooling {
+            // The call alone on a fresh, never-called instance (made
+            // untimed beforehand, as digibot's warm pool does; dropped
+            // untimed, as its janitor does): what a no-host-call turn
+            // costs sync and async, beside digibot's warm-pool row.
+            group.bench_function("plain_wasmtime_pooling_fresh_call_only_sync", |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut store = Store::new(&engine, Plain::new());
+                        let bot = pre.instantiate(&mut store).unwrap();
+                        let started = Instant::now();
+                        let out = bot
+                            .call_on_message(&mut store, &wit_event)
+                            .unwrap()
+                            .unwrap();
+                        total += started.elapsed();
+                        assert_eq!(out.len(), 1);
+                    }
+                    total
+                })
+            });
+            group.bench_function("plain_wasmtime_pooling_fresh_call_only_async", |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut store = Store::new(&async_engine, Plain::new());
+                        let bot = executor
+                            .block_on(async_pre.instantiate_async(&mut store))
+                            .unwrap();
+                        let started = Instant::now();
+                        let out = executor
+                            .block_on(bot.call_on_message(&mut store, &async_event))
+                            .unwrap()
+                            .unwrap();
+                        total += started.elapsed();
+                        assert_eq!(out.len(), 1);
+                    }
+                    total
+                })
+            });
+        }
         drop(async_pre);
         drop(async_engine);
 

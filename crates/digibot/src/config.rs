@@ -353,7 +353,11 @@ impl Settings {
             &mut s.runtime.keep_resident_kb,
         )?;
         env_parse(&env, "DIGIBOT_COMPILE", &mut s.runtime.compile)?;
-        env_parse(&env, "DIGIBOT_POOL_INSTANCES", &mut s.runtime.pool_instances)?;
+        env_parse(
+            &env,
+            "DIGIBOT_POOL_INSTANCES",
+            &mut s.runtime.pool_instances,
+        )?;
         env_opt(&env, "DIGIBOT_PLUGIN_TIMEOUT_MS", &mut s.runtime.timeout_ms)?;
         env_opt(&env, "DIGIBOT_PLUGIN_COMPUTE_MS", &mut s.runtime.compute_ms)?;
         env_opt(&env, "DIGIBOT_PLUGIN_WALL_MS", &mut s.runtime.wall_ms)?;
@@ -367,7 +371,11 @@ impl Settings {
             "DIGIBOT_PLUGIN_MAX_COMPUTE_MS",
             &mut s.runtime.max_compute_ms,
         )?;
-        env_parse(&env, "DIGIBOT_PLUGIN_MAX_WALL_MS", &mut s.runtime.max_wall_ms)?;
+        env_parse(
+            &env,
+            "DIGIBOT_PLUGIN_MAX_WALL_MS",
+            &mut s.runtime.max_wall_ms,
+        )?;
         env_parse(&env, "DIGIBOT_PLUGIN_MEMORY_MB", &mut s.runtime.memory_mb)?;
         env_parse(
             &env,

@@ -816,13 +816,7 @@ impl Dispatcher {
             _ => {}
         }
 
-        let permit = self
-            .inner
-            .turn_slots
-            .clone()
-            .acquire_owned()
-            .await
-            .ok()?;
+        let permit = self.inner.turn_slots.clone().acquire_owned().await.ok()?;
         let registry = self.inner.registry.clone();
         let kv = self.inner.kv.clone();
         let breaker = self.inner.breaker;

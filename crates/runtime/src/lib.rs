@@ -29,9 +29,9 @@ pub mod v0_1_0;
 pub mod v0_2_0;
 pub mod watch;
 
+pub use budget::Budget;
 use digibot_domain::event;
 use digibot_protocol::Action;
-pub use budget::Budget;
 pub use manifest::{EventFilter, Grants, Limits, Manifest};
 use sha2::{Digest, Sha256};
 use state::HostState;
@@ -736,7 +736,12 @@ impl Runtime {
     ///
     /// Call it inside a tokio runtime with timers enabled. A turn that
     /// waits on a host call holds no thread while it waits.
-    pub async fn invoke(&self, plugin: &Plugin, call: &Call<'_>, kv: Arc<dyn KvRead>) -> Invocation {
+    pub async fn invoke(
+        &self,
+        plugin: &Plugin,
+        call: &Call<'_>,
+        kv: Arc<dyn KvRead>,
+    ) -> Invocation {
         let started = Instant::now();
         let (mut store, warm) = match self.take_warm(plugin) {
             Some(Ready { store, bot }) => (store, Some(bot)),
@@ -750,10 +755,7 @@ impl Runtime {
             armed?;
             let bot = match warm {
                 Some(bot) => bot,
-                None => pre
-                    .instantiate(&mut store)
-                    .await
-                    .map_err(Instantiation)?,
+                None => pre.instantiate(&mut store).await.map_err(Instantiation)?,
             };
             bot.call(&mut store, call).await
         })

@@ -202,10 +202,7 @@ fn an_endless_loop_is_stopped_at_its_deadline() {
     // The instance is gone, not stuck: the next call is stopped again.
     let again = on_text(&runtime, &looping, "hi");
     assert_eq!(again.outcome.unwrap_err(), spent);
-    assert_eq!(
-        spent.to_string(),
-        "timeout: compute budget of 30 ms spent"
-    );
+    assert_eq!(spent.to_string(), "timeout: compute budget of 30 ms spent");
     assert_eq!(spent.kind(), "timeout");
 }
 
@@ -383,7 +380,11 @@ fn without_the_clock_grant_time_cannot_be_measured() {
         "[config]\nnap_ms = \"10000\"\n",
     );
     let out = on_text(&runtime, &napper, "after a nap");
-    assert!(out.elapsed < Duration::from_millis(100), "{:?}", out.elapsed);
+    assert!(
+        out.elapsed < Duration::from_millis(100),
+        "{:?}",
+        out.elapsed
+    );
     assert_eq!(single_text(out), "after a nap");
 
     // With the grant the same spy sees real time pass.
@@ -425,7 +426,11 @@ fn a_slow_kv_read_is_wall_time_not_compute() {
     );
     let peek = customer_text("conv_slow", "m1", "peek");
     let out = invoke(&runtime, &reader, &peek, slow.clone());
-    assert!(out.elapsed >= Duration::from_millis(300), "{:?}", out.elapsed);
+    assert!(
+        out.elapsed >= Duration::from_millis(300),
+        "{:?}",
+        out.elapsed
+    );
     assert_eq!(single_text(out), "secret=late");
 
     let hurried = load(
@@ -503,7 +508,9 @@ async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> V
         }
     })
     .await;
-    done.into_iter().map(|o| o.expect("every turn finished")).collect()
+    done.into_iter()
+        .map(|o| o.expect("every turn finished"))
+        .collect()
 }
 
 #[test]

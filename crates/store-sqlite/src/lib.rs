@@ -858,7 +858,11 @@ async fn reading<T: Send + 'static>(
     db: &Arc<Db>,
     f: impl FnOnce(&Db) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, StoreError> {
-    let _slot = db.read_slots.acquire().await.map_err(|_| StoreError::Closed)?;
+    let _slot = db
+        .read_slots
+        .acquire()
+        .await
+        .map_err(|_| StoreError::Closed)?;
     let db = db.clone();
     tokio::task::spawn_blocking(move || f(&db))
         .await

@@ -41,7 +41,9 @@ use digibot_domain::actions::{self, ApiRequest, Rejected};
 use digibot_domain::event::{
     Choice, Content, Event, Location, customer_message_event, new_conversation_event,
 };
-use digibot_runtime::{Call, Limits, LoadError, Manifest, MemoryKv, Plugin, Runtime, RuntimeConfig};
+use digibot_runtime::{
+    Call, Limits, LoadError, Manifest, MemoryKv, Plugin, Runtime, RuntimeConfig,
+};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -371,12 +373,12 @@ where
     if tokio::runtime::Handle::try_current().is_err() {
         return executor.block_on(turn);
     }
-    std::thread::scope(|scope| {
-        match scope.spawn(|| executor.block_on(turn)).join() {
+    std::thread::scope(
+        |scope| match scope.spawn(|| executor.block_on(turn)).join() {
             Ok(out) => out,
             Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
+        },
+    )
 }
 
 fn choice(id: &str, title: &str) -> Choice {
