@@ -228,8 +228,11 @@ async fn contained(
 
 #[tokio::test]
 async fn an_endless_loop_times_out_and_the_neighbour_answers() -> Result<()> {
-    // Default limits: the 100 ms deadline stops it.
-    contained("bad-loop", "hostile_loop", None, |r| r == "timeout").await
+    // Default limits: the 100 ms compute budget stops it.
+    contained("bad-loop", "hostile_loop", None, |r| {
+        r == "timeout: compute budget of 100 ms spent"
+    })
+    .await
 }
 
 #[tokio::test]
@@ -393,7 +396,7 @@ async fn per_plugin_limits_override_the_defaults() -> Result<()> {
     for event in &events {
         for (plugin, reason) in [
             ("bad-flood", "too many actions (10000, limit 10)"),
-            ("bad-loop", "timeout"),
+            ("bad-loop", "timeout: compute budget of 20 ms spent"),
             ("bad-memory", "memory"),
         ] {
             let o = outcome(event, plugin)?;
@@ -422,8 +425,10 @@ async fn per_plugin_limits_override_the_defaults() -> Result<()> {
         "{flood} / {greeter}"
     );
     ensure!(
-        looping["timeout"] == json!({"secs": 0, "nanos": 20_000_000})
-            && greeter["timeout"] == json!({"secs": 0, "nanos": 100_000_000}),
+        looping["compute"] == json!({"secs": 0, "nanos": 20_000_000})
+            && looping["wall"] == json!({"secs": 0, "nanos": 20_000_000})
+            && greeter["compute"] == json!({"secs": 0, "nanos": 100_000_000})
+            && greeter["wall"] == json!({"secs": 0, "nanos": 100_000_000}),
         "{looping} / {greeter}"
     );
     ensure!(
@@ -549,7 +554,7 @@ async fn half_open_runs_a_single_trial() -> Result<()> {
     let admin = Admin::new(&bot)?;
     let first = post_texts(&bot, "conv_trial_0", "trial_first", &["first"]).await?;
     ensure!(
-        outcome(&first[0], "bad-loop")?["reason"] == "timeout",
+        outcome(&first[0], "bad-loop")?["reason"] == "timeout: compute budget of 100 ms spent",
         "{}",
         first[0]
     );
@@ -701,4 +706,121 @@ async fn startup_refuses_foreign_imports_and_serves_the_rest() -> Result<()> {
         "the greeter serves",
     )?;
     Ok(())
+}
+
+/// Issue 15's sleeping plugin: `std::thread::sleep` in every
+/// `on_message` (a WASI sleep, a host call the epoch deadline never
+/// interrupted), installed twice: `bad-sleep` without the clock grant
+/// (its sleeps return at once in virtual time, so it spins: its compute
+/// budget stops it, or its wall-clock deadline when twelve spinners share
+/// the two workers and none gets 100 ms of CPU in time) and
+/// `bad-sleep-real` with it (its sleeps are real, it computes nothing, and
+/// the wall-clock deadline cuts them). Twelve of their events at once in
+/// twelve conversations, then five normal messages in five others: echo
+/// answers every one, each sleeper fails with its `timeout` reason until
+/// the breaker (five failures) quarantines it, and the later events skip
+/// it.
+#[tokio::test]
+async fn a_sleeping_plugin_is_cut_and_the_neighbour_answers_everyone() -> Result<()> {
+    const COMPUTE: &str = "timeout: compute budget of 100 ms spent";
+    const WALL: &str = "timeout: wall-clock deadline of 100 ms passed";
+    let spinning = |r: &Value| r == COMPUTE || r == WALL;
+    let waiting = |r: &Value| r == WALL;
+    let fake = FakeDigishare::start().await?;
+    let mut bot = start_with(
+        Digibot::builder().fake(&fake),
+        &[
+            plug("bad-sleep", "hostile_sleep", None),
+            plug(
+                "bad-sleep-real",
+                "hostile_sleep",
+                Some("[grants]\nclock = true\n"),
+            ),
+            plug("echo", "echo", None),
+        ],
+    )
+    .await?;
+    let sleepy: Vec<String> = (0..12).map(|i| format!("conv_sleep_{i:02}")).collect();
+    // Posted back to back: their turns overlap.
+    let mut first = Vec::new();
+    for c in &sleepy {
+        first.push(
+            bot.accept(&customer_text(
+                c,
+                &format!("{c}_m"),
+                &format!("hello from {c}"),
+            ))
+            .await?,
+        );
+    }
+    let first = bot.wait_handled(&first, TIMEOUT).await?;
+
+    let normal: Vec<String> = (0..5).map(|i| format!("conv_normal_{i}")).collect();
+    let mut later = Vec::new();
+    for c in &normal {
+        later.push(
+            bot.accept(&customer_text(
+                c,
+                &format!("{c}_m"),
+                &format!("hi from {c}"),
+            ))
+            .await?,
+        );
+    }
+    let later = bot.wait_handled(&later, TIMEOUT).await?;
+
+    let sleepers: [(&str, &dyn Fn(&Value) -> bool); 2] =
+        [("bad-sleep", &spinning), ("bad-sleep-real", &waiting)];
+    for (name, reason) in sleepers {
+        let mut failed = 0;
+        for event in &first {
+            let o = outcome(event, name)?;
+            match o["outcome"].as_str() {
+                Some("failed") => {
+                    ensure!(reason(&o["reason"]), "{name}: {event}");
+                    failed += 1;
+                }
+                Some("skipped") => ensure!(
+                    o["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("quarantined")),
+                    "{name}: {event}"
+                ),
+                _ => bail!("{name} neither failed nor was skipped: {event}"),
+            }
+        }
+        ensure!(failed >= 5, "{name}: {failed} failures before the breaker");
+        for event in &later {
+            let o = outcome(event, name)?;
+            ensure!(
+                o["outcome"] == "skipped"
+                    && o["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("quarantined for ")),
+                "{name} quarantined for the later events: {event}"
+            );
+        }
+        let report = Admin::new(&bot)?.plugin(name).await?;
+        ensure!(
+            report["state"] == "quarantined"
+                && report["failures"] == failed
+                && reason(&report["last_failure"]),
+            "/admin/plugins: {report}"
+        );
+    }
+    for event in first.iter().chain(&later) {
+        let echo = outcome(event, "echo")?;
+        ensure!(
+            echo["outcome"] == "ok" && echo["actions"] == 1,
+            "echo answers despite the sleepers: {event}"
+        );
+    }
+    fake.settle(17, TIMEOUT).await?;
+    for c in &sleepy {
+        ensure_all_eq(&fake.wire_for(c), &[text(c, &format!("hello from {c}"))], c)?;
+    }
+    for c in &normal {
+        ensure_all_eq(&fake.wire_for(c), &[text(c, &format!("hi from {c}"))], c)?;
+    }
+    ensure_up(&mut bot).await
 }

@@ -18,4 +18,5 @@ mod observability;
 mod outbound;
 mod replicas;
 mod startup;
+mod waiting_turns;
 mod webhook;

@@ -4,11 +4,16 @@
 //! - `webhook_parse`: body bytes to a typed `Event`, for several fixture
 //!   kinds, beside parsing the same bytes into a `serde_json::Value` (all
 //!   the bare axum ceiling of the load benchmark does).
-//! - `plugin_call`: one call of the echo component, event in, actions out,
-//!   on a fresh instance: digibot's `Runtime::invoke` with the pooling
-//!   allocator and with on-demand allocation, with its warm pool and
-//!   without; plain wasmtime (pooling and on-demand, fresh instance); a
-//!   reused instance (no isolation: the floor).
+//! - `plugin_call`: one call of the echo component (it makes no host
+//!   call), event in, actions out, on a fresh instance: digibot's async
+//!   turn (`Runtime::invoke` driven by a current-thread tokio runtime) with
+//!   the pooling allocator and with on-demand allocation, with its warm
+//!   pool and without; plain wasmtime with sync calls (`call`) and with
+//!   async calls (`call_async`), fresh instance, pooling and on-demand;
+//!   plain wasmtime's call alone on a fresh pre-made instance, sync and
+//!   async (what digibot's warm-pool turn did before turns were async, and
+//!   does now, minus digibot's own work); a reused instance (no
+//!   isolation: the floor).
 //! - `action_to_request`: an action a plugin returned to the Messages API
 //!   request digibot queues (validation and building; plus the JSON text
 //!   the outbox stores, for a text).
@@ -21,7 +26,7 @@
 
 mod common;
 
-use common::{Plain, echo_bytes, event, plain_pre, wit_event};
+use common::{Plain, async_wit_event, echo_bytes, event, plain_async_pre, plain_pre, wit_event};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use digibot_domain::actions::to_request;
 use digibot_domain::event::{ConversationState, Event};
@@ -77,6 +82,13 @@ fn plugin_call(c: &mut Criterion) {
     let call = Call::for_event(&ev, ConversationState::Bot).unwrap();
     let kv: Arc<dyn KvRead> = Arc::new(MemoryKv::default());
     let mut group = c.benchmark_group("plugin_call");
+    // Turns are async: a current-thread runtime drives each to completion,
+    // as `replay`, `chat` and the authors' harness do (the server's lanes
+    // await them on its multi-thread runtime).
+    let executor = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
     for (allocator, pooling) in [("pooling", true), ("on_demand", false)] {
         let runtime = Runtime::new(RuntimeConfig {
@@ -95,7 +107,7 @@ fn plugin_call(c: &mut Criterion) {
                         std::thread::yield_now();
                     }
                     let started = Instant::now();
-                    let out = runtime.invoke(&plugin, &call, kv.clone());
+                    let out = executor.block_on(runtime.invoke(&plugin, &call, kv.clone()));
                     total += started.elapsed();
                     assert_eq!(out.outcome.unwrap().len(), 1);
                 }
@@ -107,7 +119,7 @@ fn plugin_call(c: &mut Criterion) {
             // calls also instantiate inline.
             group.bench_function("digibot_pooling_warm_pool_back_to_back", |b| {
                 b.iter(|| {
-                    let out = runtime.invoke(&plugin, &call, kv.clone());
+                    let out = executor.block_on(runtime.invoke(&plugin, &call, kv.clone()));
                     assert_eq!(out.outcome.unwrap().len(), 1);
                 })
             });
@@ -125,12 +137,13 @@ fn plugin_call(c: &mut Criterion) {
         let cold_plugin = cold.load("echo", &bytes, Manifest::default()).unwrap();
         group.bench_function(format!("digibot_{allocator}_no_warm_pool"), |b| {
             b.iter(|| {
-                let out = cold.invoke(&cold_plugin, &call, kv.clone());
+                let out = executor.block_on(cold.invoke(&cold_plugin, &call, kv.clone()));
                 assert_eq!(out.outcome.unwrap().len(), 1);
             })
         });
 
-        // Plain wasmtime 48 with the same allocator, fresh instance per call.
+        // Plain wasmtime 48 with the same allocator, fresh instance per
+        // call: sync, then async (what async alone costs).
         let (engine, pre) = plain_pre(&bytes, pooling);
         let wit_event = wit_event(&ev);
         group.bench_function(format!("plain_wasmtime_{allocator}_fresh_instance"), |b| {
@@ -144,6 +157,69 @@ fn plugin_call(c: &mut Criterion) {
                 assert_eq!(out.len(), 1);
             })
         });
+        let (async_engine, async_pre) = plain_async_pre(&bytes, pooling);
+        let async_event = async_wit_event(&ev);
+        group.bench_function(
+            format!("plain_wasmtime_{allocator}_fresh_instance_async"),
+            |b| {
+                b.iter(|| {
+                    executor.block_on(async {
+                        let mut store = Store::new(&async_engine, Plain::new());
+                        let bot = async_pre.instantiate_async(&mut store).await.unwrap();
+                        let out = bot
+                            .call_on_message(&mut store, &async_event)
+                            .await
+                            .unwrap()
+                            .unwrap();
+                        assert_eq!(out.len(), 1);
+                    })
+                })
+            },
+        );
+        if pooling {
+            // The call alone on a fresh, never-called instance (made
+            // untimed beforehand, as digibot's warm pool does; dropped
+            // untimed, as its janitor does): what a no-host-call turn
+            // costs sync and async, beside digibot's warm-pool row.
+            group.bench_function("plain_wasmtime_pooling_fresh_call_only_sync", |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut store = Store::new(&engine, Plain::new());
+                        let bot = pre.instantiate(&mut store).unwrap();
+                        let started = Instant::now();
+                        let out = bot
+                            .call_on_message(&mut store, &wit_event)
+                            .unwrap()
+                            .unwrap();
+                        total += started.elapsed();
+                        assert_eq!(out.len(), 1);
+                    }
+                    total
+                })
+            });
+            group.bench_function("plain_wasmtime_pooling_fresh_call_only_async", |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut store = Store::new(&async_engine, Plain::new());
+                        let bot = executor
+                            .block_on(async_pre.instantiate_async(&mut store))
+                            .unwrap();
+                        let started = Instant::now();
+                        let out = executor
+                            .block_on(bot.call_on_message(&mut store, &async_event))
+                            .unwrap()
+                            .unwrap();
+                        total += started.elapsed();
+                        assert_eq!(out.len(), 1);
+                    }
+                    total
+                })
+            });
+        }
+        drop(async_pre);
+        drop(async_engine);
 
         if pooling {
             let mut store = Store::new(&engine, Plain::new());

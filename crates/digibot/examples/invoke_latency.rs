@@ -1,6 +1,6 @@
 //! Per-call latency of one plugin call (event in, actions out), as p50/p99
-//! over many calls, for digibot's `Runtime::invoke` and for plain wasmtime
-//! in the same run. Criterion (benches/hot_paths.rs) gives means; this gives
+//! over many calls, for digibot's `Runtime::invoke` (an async turn) and for
+//! plain wasmtime in the same run, with sync and async calls. Criterion (benches/hot_paths.rs) gives means; this gives
 //! the percentiles BENCHMARKS.md quotes.
 //!
 //! `cargo build-plugins && cargo run --release -p digibot --example invoke_latency [CALLS]`
@@ -8,7 +8,7 @@
 #[path = "../benches/common/mod.rs"]
 mod common;
 
-use common::{Plain, echo_bytes, event, plain_pre, wit_event};
+use common::{Plain, async_wit_event, echo_bytes, event, plain_async_pre, plain_pre, wit_event};
 use digibot_domain::event::ConversationState;
 use digibot_runtime::{Call, KvRead, Manifest, MemoryKv, Runtime, RuntimeConfig};
 use std::sync::Arc;
@@ -39,6 +39,11 @@ fn main() {
     // Events arrive spaced out, as webhooks do (200 µs: 5,000 events/s for
     // this one plugin); only the call is timed.
     let pace = Duration::from_micros(200);
+    // Turns are async: one current-thread runtime drives them, one at a time.
+    let executor = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
     // KEEP_RESIDENT=bytes tries another pooled-memory reset policy.
     let keep_resident = std::env::var("KEEP_RESIDENT")
@@ -70,7 +75,7 @@ fn main() {
                 std::hint::spin_loop();
             }
             let started = Instant::now();
-            let out = runtime.invoke(&plugin, &call, kv.clone());
+            let out = executor.block_on(runtime.invoke(&plugin, &call, kv.clone()));
             let took = started.elapsed();
             assert_eq!(out.outcome.unwrap().len(), 1);
             if i >= 1000 {
@@ -100,6 +105,65 @@ fn main() {
         }
     }
     percentiles("plain wasmtime, pooling, fresh instance", samples);
+
+    let (async_engine, async_pre) = plain_async_pre(&bytes, true);
+    let async_event = async_wit_event(&event);
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls + 1000 {
+        let started = Instant::now();
+        executor.block_on(async {
+            let mut store = Store::new(&async_engine, Plain::new());
+            let bot = async_pre.instantiate_async(&mut store).await.unwrap();
+            let out = bot
+                .call_on_message(&mut store, &async_event)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(out.len(), 1);
+        });
+        let took = started.elapsed();
+        if i >= 1000 {
+            samples.push(took);
+        }
+    }
+    percentiles("plain wasmtime, pooling, fresh, async", samples);
+
+    // The call alone on a fresh instance made (and dropped) untimed, as a
+    // warm pool does: a no-host-call turn, sync then async.
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls + 1000 {
+        let mut store = new_store();
+        let bot = pre.instantiate(&mut store).unwrap();
+        let started = Instant::now();
+        let out = bot
+            .call_on_message(&mut store, &wit_event)
+            .unwrap()
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(out.len(), 1);
+        if i >= 1000 {
+            samples.push(took);
+        }
+    }
+    percentiles("plain wasmtime, fresh, call only, sync", samples);
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls + 1000 {
+        let mut store = Store::new(&async_engine, Plain::new());
+        let bot = executor
+            .block_on(async_pre.instantiate_async(&mut store))
+            .unwrap();
+        let started = Instant::now();
+        let out = executor
+            .block_on(bot.call_on_message(&mut store, &async_event))
+            .unwrap()
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(out.len(), 1);
+        if i >= 1000 {
+            samples.push(took);
+        }
+    }
+    percentiles("plain wasmtime, fresh, call only, async", samples);
 
     let mut store = new_store();
     let bot = pre.instantiate(&mut store).unwrap();

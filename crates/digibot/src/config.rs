@@ -141,7 +141,19 @@ pub struct RuntimeSettings {
     /// default) or `optimized` (quicker code).
     pub compile: CompileMode,
     pub fuel: bool,
-    pub timeout_ms: u64,
+    /// Default compute budget of a turn (100 ms).
+    pub compute_ms: Option<u64>,
+    /// Default wall-clock deadline of a turn, for plugins without a
+    /// network grant (100 ms).
+    pub wall_ms: Option<u64>,
+    /// The older spelling of both `compute_ms` and `wall_ms`.
+    pub timeout_ms: Option<u64>,
+    /// Default wall-clock deadline for plugins granted the network.
+    pub network_wall_ms: u64,
+    /// Ceiling of any plugin's compute budget.
+    pub max_compute_ms: u64,
+    /// Ceiling of any plugin's wall-clock deadline.
+    pub max_wall_ms: u64,
     pub memory_mb: u64,
     pub max_actions: usize,
     pub max_log_bytes: usize,
@@ -198,13 +210,19 @@ impl Default for RetrySettings {
 impl Default for RuntimeSettings {
     fn default() -> Self {
         let limits = Limits::default();
+        let runtime = RuntimeConfig::default();
         RuntimeSettings {
             pooling: true,
             pool_instances: 64,
             keep_resident_kb: RuntimeConfig::default().keep_resident >> 10,
             compile: CompileMode::Fast,
             fuel: false,
-            timeout_ms: limits.timeout.as_millis() as u64,
+            compute_ms: None,
+            wall_ms: None,
+            timeout_ms: None,
+            network_wall_ms: runtime.network_wall.as_millis() as u64,
+            max_compute_ms: runtime.max_compute.as_millis() as u64,
+            max_wall_ms: runtime.max_wall.as_millis() as u64,
             memory_mb: (limits.memory_bytes >> 20) as u64,
             max_actions: limits.max_actions,
             max_log_bytes: limits.max_log_bytes,
@@ -217,8 +235,13 @@ impl Default for RuntimeSettings {
 impl RuntimeSettings {
     /// Default per-plugin limits from these settings.
     pub fn limits(&self) -> Limits {
+        let defaults = Limits::default();
+        let ms = |v: Option<u64>, default: Duration| {
+            v.or(self.timeout_ms).map_or(default, Duration::from_millis)
+        };
         Limits {
-            timeout: Duration::from_millis(self.timeout_ms),
+            compute: ms(self.compute_ms, defaults.compute),
+            wall: ms(self.wall_ms, defaults.wall),
             memory_bytes: (self.memory_mb as usize) << 20,
             max_actions: self.max_actions,
             max_log_bytes: self.max_log_bytes,
@@ -241,6 +264,25 @@ where
             value: value.clone(),
             why: e.to_string(),
         })?;
+    }
+    Ok(())
+}
+
+/// [`env_parse`] into an optional setting.
+fn env_opt<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    slot: &mut Option<T>,
+) -> Result<(), ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    if let Some(value) = get(var) {
+        *slot = Some(value.parse().map_err(|e: T::Err| ConfigError::Env {
+            var,
+            value: value.clone(),
+            why: e.to_string(),
+        })?);
     }
     Ok(())
 }
@@ -324,7 +366,29 @@ impl Settings {
             &mut s.runtime.keep_resident_kb,
         )?;
         env_parse(&env, "DIGIBOT_COMPILE", &mut s.runtime.compile)?;
-        env_parse(&env, "DIGIBOT_PLUGIN_TIMEOUT_MS", &mut s.runtime.timeout_ms)?;
+        env_parse(
+            &env,
+            "DIGIBOT_POOL_INSTANCES",
+            &mut s.runtime.pool_instances,
+        )?;
+        env_opt(&env, "DIGIBOT_PLUGIN_TIMEOUT_MS", &mut s.runtime.timeout_ms)?;
+        env_opt(&env, "DIGIBOT_PLUGIN_COMPUTE_MS", &mut s.runtime.compute_ms)?;
+        env_opt(&env, "DIGIBOT_PLUGIN_WALL_MS", &mut s.runtime.wall_ms)?;
+        env_parse(
+            &env,
+            "DIGIBOT_PLUGIN_NETWORK_WALL_MS",
+            &mut s.runtime.network_wall_ms,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_PLUGIN_MAX_COMPUTE_MS",
+            &mut s.runtime.max_compute_ms,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_PLUGIN_MAX_WALL_MS",
+            &mut s.runtime.max_wall_ms,
+        )?;
         env_parse(&env, "DIGIBOT_PLUGIN_MEMORY_MB", &mut s.runtime.memory_mb)?;
         env_parse(
             &env,
@@ -423,6 +487,9 @@ impl Settings {
             keep_resident: r.keep_resident_kb << 10,
             cache_dir: Some(self.data_dir.join("cache")),
             defaults: r.limits(),
+            network_wall: Duration::from_millis(r.network_wall_ms),
+            max_compute: Duration::from_millis(r.max_compute_ms),
+            max_wall: Duration::from_millis(r.max_wall_ms),
             ..RuntimeConfig::default()
         }
     }
@@ -548,6 +615,29 @@ mod tests {
         assert_eq!(out.secrets.len(), 1);
         let err = Settings::load_with(None, env(&[("DIGIBOT_RESOLVE", "nope")])).unwrap_err();
         assert!(err.to_string().contains("DIGIBOT_RESOLVE entry"), "{err}");
+    }
+
+    #[test]
+    fn the_older_timeout_sets_both_budgets_unless_one_is_given() {
+        let s = Settings::load_with(None, env(&[])).unwrap();
+        let limits = s.runtime_config().defaults;
+        assert_eq!(
+            (limits.compute, limits.wall),
+            (Duration::from_millis(100), Duration::from_millis(100))
+        );
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_PLUGIN_TIMEOUT_MS", "300"),
+                ("DIGIBOT_PLUGIN_WALL_MS", "2000"),
+            ]),
+        )
+        .unwrap();
+        let config = s.runtime_config();
+        assert_eq!(config.defaults.compute, Duration::from_millis(300));
+        assert_eq!(config.defaults.wall, Duration::from_secs(2));
+        assert_eq!(config.network_wall, Duration::from_secs(10));
+        assert_eq!(config.max_wall, Duration::from_secs(60));
     }
 
     #[test]

@@ -92,23 +92,16 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         failures: settings.runtime.breaker_failures,
         cooldown: Duration::from_secs(settings.runtime.breaker_cooldown_secs),
     };
-    // Deadlines are wall-clock, so more invocations than cores do not
-    // stretch them, and a plugin stuck until its deadline then holds one
-    // slot of several instead of a whole core's worth of conversations.
-    let plugin_threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .saturating_mul(4)
-        .max(4);
-    // Warm pools may hold half the instance pool; invocations use the rest.
-    let plugin_threads = plugin_threads
-        .min(settings.runtime.pool_instances as usize / 2)
-        .max(1);
+    // Turns hold no thread, so their bound is the instance pool's: a
+    // quarter of it may be warm and a quarter waiting to be reset, turns
+    // use the other half (each holds one instance until it is done).
+    let max_turns = (settings.runtime.pool_instances as usize / 2).max(1);
     let dispatcher = Dispatcher::new(
         store.clone(),
         registry.clone(),
         outbox.clone(),
         settings.concurrency,
-        plugin_threads,
+        max_turns,
         breaker,
         settings.lifecycle_rules(),
         stop_rx.clone(),

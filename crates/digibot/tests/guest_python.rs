@@ -107,7 +107,10 @@ fn run(
     let Some(call) = Call::for_event(event, ConversationState::Bot) else {
         return Ok((vec![], vec![]));
     };
-    let invocation = runtime.invoke(plugin, &call, Arc::new(MemoryKv::default()));
+    let invocation = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(runtime.invoke(plugin, &call, Arc::new(MemoryKv::default())));
     let actions = match invocation.outcome {
         Ok(actions) => actions,
         Err(failure) => bail!(
@@ -302,9 +305,11 @@ async fn python_orders_calls_the_order_api_through_its_grant() -> Result<()> {
     let key = event.key.clone();
     let turn = |plugin: Arc<Plugin>| {
         let (runtime, outbound, event) = (runtime.clone(), outbound.clone(), event.clone());
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let call = Call::for_event(&event, ConversationState::Bot).unwrap();
-            runtime.invoke_with_http(&plugin, &call, Arc::new(MemoryKv::default()), outbound)
+            runtime
+                .invoke_with_http(&plugin, &call, Arc::new(MemoryKv::default()), outbound)
+                .await
         })
     };
     let invocation = turn(plugin).await?;

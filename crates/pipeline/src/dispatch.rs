@@ -93,9 +93,9 @@ pub fn event_span(event: &digibot_domain::event::Event) -> tracing::Span {
 }
 
 /// Runs every plugin of `registry` on `event`, in name order, their HTTP
-/// requests sent through `http`. Blocking (it runs Wasm): call it from a
-/// blocking thread.
-pub fn run_plugins(
+/// requests sent through `http`: one turn after another, each awaited (a
+/// turn waiting on a host call, such as an HTTP request, holds no thread).
+pub async fn run_plugins(
     registry: &Registry,
     event: &digibot_domain::event::Event,
     state: ConversationState,
@@ -113,13 +113,14 @@ pub fn run_plugins(
         breaker,
         true,
     )
+    .await
 }
 
 /// [`run_plugins`] on given entries (sorted by name), for tools that load
 /// plugins without a registry (`replay`, `chat`): same routing, filters,
 /// limits and request building as the server; HTTP requests are refused
 /// (a replay must not call the outside world again).
-pub fn run_entries(
+pub async fn run_entries(
     runtime: &Runtime,
     entries: &[Entry],
     event: &digibot_domain::event::Event,
@@ -128,13 +129,13 @@ pub fn run_entries(
     breaker: Breaker,
 ) -> Handled {
     let http = Arc::new(NoHttp("in this command (it runs plugins offline)"));
-    run(runtime, entries, event, state, kv, http, breaker, true)
+    run(runtime, entries, event, state, kv, http, breaker, true).await
 }
 
 /// [`run_entries`] without touching the process's metrics: for the
 /// dashboard's simulator, whose operator test messages inside the server
 /// must not count as customer traffic (nor trip failure alerts).
-pub fn run_entries_unmetered(
+pub async fn run_entries_unmetered(
     runtime: &Runtime,
     entries: &[Entry],
     event: &digibot_domain::event::Event,
@@ -143,11 +144,11 @@ pub fn run_entries_unmetered(
     breaker: Breaker,
 ) -> Handled {
     let http = Arc::new(NoHttp("in the simulator (its turns reach nothing outside)"));
-    run(runtime, entries, event, state, kv, http, breaker, false)
+    run(runtime, entries, event, state, kv, http, breaker, false).await
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(
+async fn run(
     runtime: &Runtime,
     entries: &[Entry],
     event: &digibot_domain::event::Event,
@@ -203,10 +204,12 @@ fn run(
             handled.outcomes.push(outcome);
             continue;
         }
-        let _span =
-            tracing::info_span!("plugin", plugin = %plugin.name, version = %outcome.version)
-                .entered();
-        let invocation = runtime.invoke_with_http(plugin, &call, kv.clone(), http.clone());
+        let span = tracing::info_span!("plugin", plugin = %plugin.name, version = %outcome.version);
+        let invocation = runtime
+            .invoke_with_http(plugin, &call, kv.clone(), http.clone())
+            .instrument(span.clone())
+            .await;
+        let _span = span.entered();
         outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
         outcome.calls = invocation.calls;
         if metered {
@@ -283,7 +286,7 @@ fn run(
                 }
                 outcome.outcome = "failed";
                 outcome.reason = Some(reason);
-                if matches!(failure, Failure::Timeout) {
+                if matches!(failure, Failure::Timeout(_)) {
                     outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
                 }
             }
@@ -328,20 +331,16 @@ fn count_change(from: ConversationState, change: &StateChange) {
     }
 }
 
-/// The store's KV, read by plugins from their (blocking) plugin threads.
-/// The runtime's host calls are synchronous until turns become async, so a
-/// read drives the async store on the server's runtime from that thread.
+/// The store's KV, as plugins read it: the turn awaits the store (and
+/// holds no thread meanwhile).
 struct StoreKv {
     store: Store,
-    runtime: tokio::runtime::Handle,
 }
 
+#[async_trait::async_trait]
 impl KvRead for StoreKv {
-    fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
-        match self
-            .runtime
-            .block_on(self.store.kv_get(plugin, conversation_id, key))
-        {
+    async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
+        match self.store.kv_get(plugin, conversation_id, key).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "kv read failed");
@@ -445,8 +444,12 @@ struct Inner {
     http: Arc<dyn OutboundHttp>,
     lanes: Mutex<Lanes>,
     conversations: Arc<Semaphore>,
-    /// Plugin work is CPU-bound: at most this many invocations at once.
-    plugin_threads: Arc<Semaphore>,
+    /// Events whose plugin turns run at once: each holds an instance of
+    /// the pool (and a fiber stack) until it is done. Lanes past the bound
+    /// wait here, their events durable in the store meanwhile.
+    turn_slots: Arc<Semaphore>,
+    /// `turn_slots`' size.
+    max_turns: usize,
     breaker: Breaker,
     rules: Rules,
     /// Sends in flight, which an agent message may have to wait for.
@@ -464,7 +467,7 @@ impl Dispatcher {
         registry: Arc<Registry>,
         outbox: Outbox,
         concurrency: usize,
-        plugin_threads: usize,
+        max_turns: usize,
         breaker: Breaker,
         rules: Rules,
         shutdown: watch::Receiver<bool>,
@@ -473,7 +476,6 @@ impl Dispatcher {
             inner: Arc::new(Inner {
                 kv: Arc::new(StoreKv {
                     store: store.clone(),
-                    runtime: tokio::runtime::Handle::current(),
                 }),
                 http: Arc::new(NoHttp("on this server (outbound HTTP is not set up)")),
                 store,
@@ -482,7 +484,8 @@ impl Dispatcher {
                 outbox,
                 lanes: Mutex::new(Lanes::default()),
                 conversations: Arc::new(Semaphore::new(concurrency)),
-                plugin_threads: Arc::new(Semaphore::new(plugin_threads)),
+                turn_slots: Arc::new(Semaphore::new(max_turns)),
+                max_turns,
                 breaker,
                 rules,
                 shutdown,
@@ -680,8 +683,8 @@ impl Dispatcher {
         done
     }
 
-    /// [`Dispatcher::handle`] inside the event's `span` (entered again on
-    /// the plugin thread).
+    /// [`Dispatcher::handle`] inside the event's `span` (which its plugin
+    /// turns run in too).
     async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) -> bool {
         let conversation = stored
             .event
@@ -840,30 +843,29 @@ impl Dispatcher {
             _ => {}
         }
 
-        let permit = self
-            .inner
-            .plugin_threads
-            .clone()
-            .acquire_owned()
-            .await
-            .ok()?;
+        let permit = self.inner.turn_slots.clone().acquire_owned().await.ok()?;
         let registry = self.inner.registry.clone();
         let kv = self.inner.kv.clone();
         let http = self.inner.http.clone();
         let breaker = self.inner.breaker;
         let event = stored.event.clone();
-        let handled = tokio::task::spawn_blocking(move || {
-            let _span = span.entered();
-            let handled = run_plugins(&registry, &event, state, kv, http, breaker);
-            drop(permit);
-            handled
-        })
+        // A task of its own, awaited by the lane (so the conversation's
+        // order holds): a bug that panics in a turn fails this event
+        // alone, which stays pending, instead of the lane.
+        let handled = tokio::spawn(
+            async move {
+                let handled = run_plugins(&registry, &event, state, kv, http, breaker).await;
+                drop(permit);
+                handled
+            }
+            .instrument(span),
+        )
         .await;
         let handled = match handled {
             Ok(h) => h,
             Err(e) => {
                 // Left pending: the next start retries it.
-                tracing::error!(event = %stored.event.key, error = %e, "plugin thread failed; event left pending");
+                tracing::error!(event = %stored.event.key, error = %e, "plugin turn failed; event left pending");
                 return None;
             }
         };
@@ -985,11 +987,19 @@ impl Dispatcher {
         .is_ok()
     }
 
-    /// The plugin-thread bound, for other callers that run plugins in this
-    /// process (the dashboard's simulator), so they share the instance
-    /// pool's budget with the dispatcher.
-    pub fn plugin_slots(&self) -> Arc<Semaphore> {
-        self.inner.plugin_threads.clone()
+    /// The bound on concurrent turns, for other callers that run plugins
+    /// in this process (the dashboard's simulator), so they share the
+    /// instance pool's budget with the dispatcher.
+    pub fn turn_slots(&self) -> Arc<Semaphore> {
+        self.inner.turn_slots.clone()
+    }
+
+    /// Events whose plugin turns are running (or waiting on a host call)
+    /// right now, the simulator's included.
+    pub fn turns_in_flight(&self) -> usize {
+        self.inner
+            .max_turns
+            .saturating_sub(self.inner.turn_slots.available_permits())
     }
 
     /// Events queued in memory (for tests and metrics).

@@ -47,16 +47,16 @@ macro_rules! version_edge {
         }
 
         /// A fresh instance, not yet called.
-        pub fn instantiate(
+        pub async fn instantiate(
             pre: &Pre<HostState>,
             store: &mut Store<HostState>,
         ) -> wasmtime::Result<Bot> {
-            pre.instantiate(store)
+            pre.instantiate_async(store).await
         }
 
         /// Calls the export for `call` on `bot`, an instance that was never called
         /// before. The outer error is a trap; the inner one the plugin's own `err`.
-        pub fn call(
+        pub async fn call(
             bot: &Bot,
             store: &mut Store<HostState>,
             call: &Call<'_>,
@@ -66,18 +66,19 @@ macro_rules! version_edge {
                     event_id,
                     conversation,
                     state,
-                } => bot.call_on_new_conversation(
-                    &mut *store,
-                    &new_conversation_event(event_id, to_wit_conversation(conversation), state),
-                )?,
+                } => {
+                    let event =
+                        new_conversation_event(event_id, to_wit_conversation(conversation), state);
+                    bot.call_on_new_conversation(&mut *store, &event).await?
+                }
                 Call::Message {
                     event_id,
                     message,
                     state,
-                } => bot.call_on_message(
-                    &mut *store,
-                    &message_event(event_id, to_wit_message(message), state),
-                )?,
+                } => {
+                    let event = message_event(event_id, to_wit_message(message), state);
+                    bot.call_on_message(&mut *store, &event).await?
+                }
             };
             Ok(answer.map(|actions| actions.into_iter().map(from_wit_action).collect()))
         }
@@ -85,7 +86,7 @@ macro_rules! version_edge {
         impl wit::Host for HostState {}
 
         impl digishare::bot::log::Host for HostState {
-            fn log(&mut self, level: digishare::bot::log::Level, message: String) {
+            async fn log(&mut self, level: digishare::bot::log::Level, message: String) {
                 use digishare::bot::log::Level;
                 let level = match level {
                     Level::Trace => LogLevel::Trace,
@@ -99,19 +100,19 @@ macro_rules! version_edge {
         }
 
         impl digishare::bot::config::Host for HostState {
-            fn get(&mut self, key: String) -> Option<String> {
+            async fn get(&mut self, key: String) -> Option<String> {
                 self.config_get(&key)
             }
         }
 
         impl digishare::bot::kv::Host for HostState {
-            fn get(&mut self, key: String) -> Option<String> {
-                self.kv_get(&key)
+            async fn get(&mut self, key: String) -> Option<String> {
+                self.kv_get(&key).await
             }
-            fn set(&mut self, key: String, value: String) -> Result<(), String> {
+            async fn set(&mut self, key: String, value: String) -> Result<(), String> {
                 self.kv_set(key, value)
             }
-            fn delete(&mut self, key: String) {
+            async fn delete(&mut self, key: String) {
                 self.kv_delete(key)
             }
         }

@@ -5,13 +5,22 @@
 //!
 //! One [`wasmtime::Engine`] per process (epoch interruption, pooling
 //! allocator where the machine allows it); a [`Plugin`] is a validated,
-//! compiled component with its `InstancePre`; every invocation gets a fresh
-//! `Store` and instance, with the plugin's limits, and returns typed
-//! [`Action`]s or a [`Failure`] that says why.
+//! compiled component with its `InstancePre`; every invocation (a turn)
+//! gets a fresh `Store` and instance, with the plugin's limits, and returns
+//! typed [`Action`]s or a [`Failure`] that says why.
+//!
+//! Turns are async ([`Runtime::invoke`]): guest code runs on wasmtime's
+//! fibers inside the turn's future, yields to the executor at every epoch
+//! tick, and a host call that waits (a KV read, a granted sleep) suspends
+//! the future without holding a thread. Each turn has a compute budget and
+//! a wall-clock deadline (see `budget`); time is virtual for plugins
+//! without the clock grant (see `clock`).
 
 // First: the version modules expand its macro.
 #[macro_use]
 mod edge;
+mod budget;
+mod clock;
 pub mod manifest;
 pub mod outbound;
 pub mod registry;
@@ -22,6 +31,7 @@ pub mod v0_2_0;
 pub mod v0_3_0;
 pub mod watch;
 
+pub use budget::Budget;
 use digibot_domain::event;
 use digibot_domain::outbound::{HttpLimits, HttpPolicy};
 use digibot_protocol::Action;
@@ -39,11 +49,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
 
 pub use digibot_domain::kv::KvWrite;
 
-/// How often the epoch ticks; deadlines are rounded up to it.
+/// How often the epoch ticks: a computing turn yields to the executor (and
+/// has its budgets checked) this often.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// The `digishare:bot` versions this host loads.
@@ -83,8 +97,16 @@ pub struct RuntimeConfig {
     pub optimized_code: bool,
     /// Where compiled components are cached (none: always compile).
     pub cache_dir: Option<PathBuf>,
-    /// Limits for plugins whose manifest does not override them.
+    /// Limits for plugins whose manifest does not override them (`wall`:
+    /// for plugins without a network grant).
     pub defaults: Limits,
+    /// Default wall-clock deadline of a turn for plugins granted the
+    /// network: their turns wait on remote hosts.
+    pub network_wall: Duration,
+    /// Ceiling for any plugin's compute budget.
+    pub max_compute: Duration,
+    /// Ceiling for any plugin's wall-clock deadline.
+    pub max_wall: Duration,
     /// The most any plugin's outbound HTTP caps may be.
     pub http_ceilings: HttpLimits,
     /// Instances kept ready per plugin (0: instantiate on the event path).
@@ -105,11 +127,34 @@ impl Default for RuntimeConfig {
             optimized_code: false,
             cache_dir: None,
             defaults: Limits::default(),
+            network_wall: Duration::from_secs(10),
+            max_compute: Duration::from_secs(10),
+            max_wall: Duration::from_secs(60),
             http_ceilings: HttpLimits::ceilings(),
             warm_instances: 4,
             // A Rust guest's stack is its first MiB and its data follows:
             // 18 wasm pages cover what a first call touches (BENCHMARKS.md).
             keep_resident: 18 << 16,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// The limits of a plugin with `manifest`: the defaults (the wall-clock
+    /// default depends on its grants), its `[limits]`, then the host's
+    /// ceilings.
+    pub fn limits(&self, manifest: &Manifest) -> Limits {
+        let mut defaults = self.defaults.clone();
+        if manifest.grants.network() {
+            defaults.wall = self.network_wall;
+        }
+        let limits = defaults.with(&manifest.limits);
+        Limits {
+            compute: limits.compute.min(self.max_compute),
+            wall: limits.wall.min(self.max_wall),
+            memory_bytes: limits.memory_bytes.min(self.max_memory_bytes),
+            http: limits.http.min(&self.http_ceilings),
+            ..limits
         }
     }
 }
@@ -142,8 +187,9 @@ pub enum LoadError {
 /// Why an invocation produced no actions.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
-    #[error("timeout")]
-    Timeout,
+    /// Out of one of its turn's budgets.
+    #[error("timeout: {0}")]
+    Timeout(Budget),
     #[error("memory")]
     Memory,
     #[error("fuel")]
@@ -162,7 +208,7 @@ impl Failure {
     /// The failure's kind without its details: a metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            Failure::Timeout => "timeout",
+            Failure::Timeout(_) => "timeout",
             Failure::Memory => "memory",
             Failure::Fuel => "fuel",
             Failure::Trap(_) => "trap",
@@ -209,7 +255,8 @@ pub struct Plugin {
 
 /// Instances of one plugin version made ahead of time, each used for
 /// exactly one event: the event still gets a fresh, isolated instance, but
-/// instantiation happens off its path, on the runtime's janitor thread.
+/// instantiation happens off its path, on the runtime's janitor thread
+/// (which drives `instantiate_async` on a small tokio runtime of its own).
 struct WarmPool {
     pre: Pre,
     name: Arc<str>,
@@ -263,11 +310,11 @@ impl Pre {
         }
     }
 
-    fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
+    async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
         Ok(match self {
-            Pre::V0_1_0(pre) => Instance::V0_1_0(v0_1_0::instantiate(pre, store)?),
-            Pre::V0_2_0(pre) => Instance::V0_2_0(v0_2_0::instantiate(pre, store)?),
-            Pre::V0_3_0(pre) => Instance::V0_3_0(v0_3_0::instantiate(pre, store)?),
+            Pre::V0_1_0(pre) => Instance::V0_1_0(v0_1_0::instantiate(pre, store).await?),
+            Pre::V0_2_0(pre) => Instance::V0_2_0(v0_2_0::instantiate(pre, store).await?),
+            Pre::V0_3_0(pre) => Instance::V0_3_0(v0_3_0::instantiate(pre, store).await?),
         })
     }
 }
@@ -275,15 +322,15 @@ impl Pre {
 impl Instance {
     /// Calls the export for `call`. The outer error is a trap; the inner
     /// one the plugin's own `err`.
-    fn call(
+    async fn call(
         &self,
         store: &mut Store<HostState>,
         call: &Call<'_>,
     ) -> wasmtime::Result<Result<Vec<Action>, String>> {
         match self {
-            Instance::V0_1_0(bot) => v0_1_0::call(bot, store, call),
-            Instance::V0_2_0(bot) => v0_2_0::call(bot, store, call),
-            Instance::V0_3_0(bot) => v0_3_0::call(bot, store, call),
+            Instance::V0_1_0(bot) => v0_1_0::call(bot, store, call).await,
+            Instance::V0_2_0(bot) => v0_2_0::call(bot, store, call).await,
+            Instance::V0_3_0(bot) => v0_3_0::call(bot, store, call).await,
         }
     }
 }
@@ -431,6 +478,9 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
             .total_core_instances(n * 8)
             .total_memories(n * 2)
             .total_tables(n * 8)
+            // An async call runs on a fiber stack from the pool: one per
+            // turn (or instantiation) in flight.
+            .total_stacks(n)
             .max_memory_size(config.max_memory_bytes)
             // Keeping the first pages resident avoids a page fault storm
             // in every fresh instance; measured in BENCHMARKS.md.
@@ -454,7 +504,8 @@ impl Runtime {
             false => (Engine::new(&engine_config(&config, false))?, false),
         };
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        clock::shadow_monotonic_clock(&mut linker)?;
         // Each version's imports carry its version in their names
         // (`digishare:bot/kv@0.1.0`, `@0.2.0`): they coexist in one linker.
         v0_1_0::add_to_linker(&mut linker)?;
@@ -462,7 +513,7 @@ impl Runtime {
         v0_3_0::add_to_linker(&mut linker)?;
         v0_3_0::add_outbound_to_linker(&mut linker)?;
         // Outbound HTTP: every request reaches `outbound::HttpTurn`.
-        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -488,6 +539,12 @@ impl Runtime {
         let warm_total = Arc::new(AtomicUsize::new(0));
         let pending_drops = Arc::new(AtomicUsize::new(0));
         let quarter = (config.pool_instances as usize / 4).max(1);
+        // Instantiation is async (the linker's host functions are): the
+        // janitor drives it on a current-thread runtime of its own, so warm
+        // instances never take a worker of the caller's runtime.
+        let janitor_runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         let janitor_handle = {
             let engine = engine.clone();
             let janitor = janitor.clone();
@@ -496,7 +553,14 @@ impl Runtime {
             std::thread::Builder::new()
                 .name("digibot-janitor".into())
                 .spawn(move || {
-                    janitor_loop(&engine, &janitor, &warm_total, &pending_drops, quarter)
+                    janitor_loop(
+                        &janitor_runtime,
+                        &engine,
+                        &janitor,
+                        &warm_total,
+                        &pending_drops,
+                        quarter,
+                    )
                 })?
         };
         let janitor_thread = janitor_handle.thread().clone();
@@ -601,12 +665,7 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let pre = Pre::new(wit_version, pre)?;
-        let limits = self.config.defaults.with(&manifest.limits);
-        let limits = Limits {
-            memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
-            http: limits.http.min(&self.config.http_ceilings),
-            ..limits
-        };
+        let limits = self.config.limits(&manifest);
         let http = Arc::new(HttpPolicy {
             grants: manifest.grants.http.clone(),
             secrets: manifest.grants.secrets.iter().cloned().collect(),
@@ -688,9 +747,9 @@ impl Runtime {
         self.warm_total.load(Ordering::Relaxed)
     }
 
-    /// A never-called instance of `plugin`: a warm one if ready, else made
-    /// now. The caller binds it to its event.
-    fn fresh(&self, plugin: &Plugin) -> wasmtime::Result<Ready> {
+    /// A never-called warm instance of `plugin`, if one is ready; asks the
+    /// janitor for more when the pool runs low (or dry).
+    fn take_warm(&self, plugin: &Plugin) -> Option<Ready> {
         let warm = plugin
             .warm
             .ready
@@ -702,26 +761,36 @@ impl Runtime {
                 self.warm_total.fetch_sub(1, Ordering::Relaxed);
                 let left = plugin.warm.ready.lock().map_or(0, |r| r.len());
                 self.refill(&plugin.warm, left <= plugin.warm.target / 2);
-                Ok(ready)
+                Some(ready)
             }
             None => {
                 self.refill(&plugin.warm, true);
-                plugin.warm.instantiate(&self.engine)
+                None
             }
         }
     }
 
-    /// Runs `call` on a fresh instance of `plugin`. Never panics on
-    /// anything the plugin does; every failure comes back as a [`Failure`].
-    /// Its HTTP requests are refused ([`NoHttp`]): see
-    /// [`invoke_with_http`](Self::invoke_with_http).
-    pub fn invoke(&self, plugin: &Plugin, call: &Call<'_>, kv: Arc<dyn KvRead>) -> Invocation {
+    /// Runs `call` on a fresh instance of `plugin`: a turn, within the
+    /// plugin's compute and wall budgets (instantiation included when no
+    /// warm instance is ready). Never panics on anything the plugin does;
+    /// every failure comes back as a [`Failure`]. Its HTTP requests are
+    /// refused ([`NoHttp`]): see [`invoke_with_http`](Self::invoke_with_http).
+    ///
+    /// Call it inside a tokio runtime with timers enabled. A turn that
+    /// waits on a host call holds no thread while it waits.
+    pub async fn invoke(
+        &self,
+        plugin: &Plugin,
+        call: &Call<'_>,
+        kv: Arc<dyn KvRead>,
+    ) -> Invocation {
         let offline = Arc::new(NoHttp("on this host (it runs plugins without a network)"));
-        self.invoke_with_http(plugin, call, kv, offline)
+        self.invoke_with_http(plugin, call, kv, offline).await
     }
 
-    /// [`invoke`](Self::invoke), its HTTP requests sent through `http`.
-    pub fn invoke_with_http(
+    /// [`invoke`](Self::invoke), its HTTP requests sent through `http`: a
+    /// turn waiting on one holds no thread.
+    pub async fn invoke_with_http(
         &self,
         plugin: &Plugin,
         call: &Call<'_>,
@@ -729,35 +798,32 @@ impl Runtime {
         http: Arc<dyn OutboundHttp>,
     ) -> Invocation {
         let started = Instant::now();
-        let Ready { mut store, bot } = match self.fresh(plugin) {
-            Ok(ready) => ready,
-            Err(e) => {
-                return Invocation {
-                    outcome: Err(Failure::Trap(format!("instantiation failed: {e:#}"))),
-                    calls: Vec::new(),
-                    kv_writes: Vec::new(),
-                    logs: Vec::new(),
-                    output: String::new(),
-                    logs_dropped: 0,
-                    elapsed: started.elapsed(),
-                };
-            }
+        let (mut store, warm) = match self.take_warm(plugin) {
+            Some(Ready { store, bot }) => (store, Some(bot)),
+            None => (plugin.warm.new_store(&self.engine), None),
         };
         store
             .data_mut()
             .bind(call.event_id(), call.conversation_id(), kv, http);
-        set_deadline(&mut store, &plugin.limits);
-        if self.config.fuel {
-            let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
-        }
-
-        let result = bot.call(&mut store, call);
+        let armed = plugin.warm.arm(&mut store);
+        let meter = store.data().meter.clone();
+        let pre = &plugin.warm.pre;
+        let result = budget::within(&meter, &plugin.limits, async {
+            armed?;
+            let bot = match warm {
+                Some(bot) => bot,
+                None => pre.instantiate(&mut store).await.map_err(Instantiation)?,
+            };
+            bot.call(&mut store, call).await
+        })
+        .await;
         let elapsed = started.elapsed();
         let (output, cut) = store.data().stdio.contents();
         let outcome = match result {
-            Ok(Ok(actions)) => check_actions(actions, &plugin.limits),
-            Ok(Err(message)) => Err(Failure::Error(message)),
-            Err(trap) => Err(classify(&trap, store.data(), &output)),
+            Ok(Ok(Ok(actions))) => check_actions(actions, &plugin.limits),
+            Ok(Ok(Err(message))) => Err(Failure::Error(message)),
+            Ok(Err(trap)) => Err(classify(&trap, store.data(), &output, &plugin.limits)),
+            Err(budget) => Err(Failure::Timeout(budget)),
         };
         let state = store.data_mut();
         let kv_writes = std::mem::take(&mut state.kv_writes);
@@ -772,6 +838,7 @@ impl Runtime {
         // Requests finish in any order: the record lists them as made.
         let mut calls = calls;
         calls.sort_by_key(|c| c.call);
+        // Finished or cut short, the instance is never entered again.
         self.discard(store);
         Invocation {
             calls,
@@ -789,15 +856,22 @@ impl Runtime {
     }
 }
 
-fn set_deadline(store: &mut Store<HostState>, limits: &Limits) {
-    let tick = EPOCH_TICK.as_micros().max(1);
-    let ticks = limits.timeout.as_micros().div_ceil(tick) as u64;
-    store.set_epoch_deadline(ticks.max(1));
-    store.epoch_deadline_trap();
+/// An instantiation that failed on the event path (no warm instance was
+/// ready): reported as such, not as the plugin's own trap.
+#[derive(Debug)]
+struct Instantiation(wasmtime::Error);
+
+impl std::fmt::Display for Instantiation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "instantiation failed: {:#}", self.0)
+    }
 }
 
+impl std::error::Error for Instantiation {}
+
 impl WarmPool {
-    fn instantiate(&self, engine: &Engine) -> wasmtime::Result<Ready> {
+    /// A store for one instance of this plugin, not yet bound to an event.
+    fn new_store(&self, engine: &Engine) -> Store<HostState> {
         let state = HostState::new(
             self.name.clone(),
             self.config.clone(),
@@ -807,17 +881,48 @@ impl WarmPool {
         );
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);
-        // Instantiation runs the guest's start-up code: it gets a deadline too.
-        set_deadline(&mut store, &self.limits);
+        // Every tick of guest code: yield to the executor (other turns and
+        // the budget check run), then carry on for one more tick.
+        store.epoch_deadline_callback(|store| {
+            store.data().meter.mark_yield();
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        store
+    }
+
+    /// Sets the store up for the next stretch of guest code (an
+    /// instantiation, or the call): the first yield one tick away, fuel.
+    fn arm(&self, store: &mut Store<HostState>) -> wasmtime::Result<()> {
+        store.set_epoch_deadline(1);
         if self.fuel {
             store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX))?;
         }
-        let bot = self.pre.instantiate(&mut store)?;
-        Ok(Ready { store, bot })
+        Ok(())
+    }
+
+    /// A warm instance, made on the janitor's thread: instantiation runs
+    /// the guest's start-up code, within the plugin's budgets too.
+    fn instantiate_on(&self, runtime: &tokio::runtime::Runtime, engine: &Engine) -> Option<Ready> {
+        let mut store = self.new_store(engine);
+        self.arm(&mut store).ok()?;
+        let meter = store.data().meter.clone();
+        let bot = runtime
+            .block_on(budget::within(
+                &meter,
+                &self.limits,
+                self.pre.instantiate(&mut store),
+            ))
+            .ok()?
+            .ok()?;
+        Some(Ready { store, bot })
     }
 }
 
 fn janitor_loop(
+    runtime: &tokio::runtime::Runtime,
     engine: &Engine,
     janitor: &Janitor,
     warm_total: &AtomicUsize,
@@ -858,15 +963,15 @@ fn janitor_loop(
                         if have >= pool.target || warm_total.load(Ordering::Relaxed) >= warm_cap {
                             break;
                         }
-                        match pool.instantiate(engine) {
-                            Ok(ready) => {
+                        match pool.instantiate_on(runtime, engine) {
+                            Some(ready) => {
                                 warm_total.fetch_add(1, Ordering::Relaxed);
                                 if let Ok(mut r) = pool.ready.lock() {
                                     r.push(ready);
                                 }
                             }
                             // The event path will instantiate (and report) itself.
-                            Err(_) => break,
+                            None => break,
                         }
                     }
                 }
@@ -952,9 +1057,14 @@ fn check_actions(actions: Vec<Action>, limits: &Limits) -> Result<Vec<Action>, F
     Ok(actions)
 }
 
-fn classify(error: &wasmtime::Error, state: &HostState, output: &str) -> Failure {
+fn classify(error: &wasmtime::Error, state: &HostState, output: &str, limits: &Limits) -> Failure {
+    if let Some(failed) = error.downcast_ref::<Instantiation>() {
+        return Failure::Trap(failed.to_string());
+    }
     match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => return Failure::Timeout,
+        // Budgets stop turns from outside; an interrupt can only be the
+        // engine's own epoch check.
+        Some(Trap::Interrupt) => return Failure::Timeout(Budget::Compute(limits.compute)),
         Some(Trap::OutOfFuel) => return Failure::Fuel,
         _ => {}
     }

@@ -47,6 +47,12 @@ pub enum EventFilter {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitOverrides {
+    /// Compute budget of one turn ([`Limits::compute`]).
+    pub compute_ms: Option<u64>,
+    /// Wall-clock deadline of one turn ([`Limits::wall`]).
+    pub wall_ms: Option<u64>,
+    /// The older spelling of both: sets `compute_ms` and `wall_ms` where
+    /// they are not given.
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
     pub max_actions: Option<usize>,
@@ -67,7 +73,9 @@ pub struct LimitOverrides {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Grants {
-    /// See the real wall clock (otherwise it reads as the Unix epoch).
+    /// Real time: the wall clock (otherwise it reads as the Unix epoch) and
+    /// the monotonic clock with real sleeps (otherwise time is virtual: it
+    /// moves only by the plugin's own sleeps, which return at once).
     pub clock: bool,
     /// The URLs the plugin may call (`digishare:bot@0.3.0`): scheme, host
     /// (or `*.` and one label), port and path prefix, e.g.
@@ -78,11 +86,24 @@ pub struct Grants {
     pub secrets: Vec<SecretName>,
 }
 
-/// What one invocation may use.
+impl Grants {
+    /// Whether the plugin may reach the network, so its turns may wait on
+    /// remote hosts: its default wall-clock deadline is then
+    /// [`RuntimeConfig::network_wall`](crate::RuntimeConfig::network_wall).
+    pub fn network(&self) -> bool {
+        !self.http.is_empty()
+    }
+}
+
+/// What one invocation (a turn) may use.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Limits {
-    /// Wall-clock deadline, enforced by epoch interruption.
-    pub timeout: Duration,
+    /// Compute budget: the turn's time not spent waiting on a host call
+    /// (running its code, instantiation included), checked at each epoch
+    /// tick.
+    pub compute: Duration,
+    /// Wall-clock deadline of the whole turn, host calls included.
+    pub wall: Duration,
     /// Linear memory cap, per memory.
     pub memory_bytes: usize,
     /// Table elements cap, per table.
@@ -103,7 +124,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            timeout: Duration::from_millis(100),
+            compute: Duration::from_millis(100),
+            wall: Duration::from_millis(100),
             memory_bytes: 64 << 20,
             table_elements: 20_000,
             instances: 32,
@@ -119,11 +141,12 @@ impl Default for Limits {
 impl Limits {
     /// These defaults with a manifest's overrides applied.
     pub fn with(&self, o: &LimitOverrides) -> Limits {
+        let ms = |v: Option<u64>, default: Duration| {
+            v.or(o.timeout_ms).map_or(default, Duration::from_millis)
+        };
         Limits {
-            timeout: o
-                .timeout_ms
-                .map(Duration::from_millis)
-                .unwrap_or(self.timeout),
+            compute: ms(o.compute_ms, self.compute),
+            wall: ms(o.wall_ms, self.wall),
             memory_bytes: o
                 .memory_mb
                 .map(|mb| (mb as usize) << 20)
@@ -176,7 +199,8 @@ mod tests {
         assert!(m.wants(EventFilter::Message));
         assert!(!m.wants(EventFilter::NewConversation));
         let limits = Limits::default().with(&m.limits);
-        assert_eq!(limits.timeout, Duration::from_millis(20));
+        assert_eq!(limits.compute, Duration::from_millis(20));
+        assert_eq!(limits.wall, Duration::from_millis(20));
         assert_eq!(limits.memory_bytes, 8 << 20);
         assert_eq!(limits.max_actions, 50);
         assert_eq!(m.config["greeting"], "Salam");
@@ -214,6 +238,18 @@ http_timeout_ms = 250
         assert!(e.to_string().contains("https://*"), "{e}");
         let e = Manifest::parse("[grants]\nsecrets = [\"orders-token\"]").unwrap_err();
         assert!(e.to_string().contains("orders-token"), "{e}");
+    }
+
+    #[test]
+    fn compute_and_wall_override_the_older_timeout() {
+        let m = Manifest::parse("[limits]\ntimeout_ms = 30\nwall_ms = 5000\n").unwrap();
+        let limits = Limits::default().with(&m.limits);
+        assert_eq!(limits.compute, Duration::from_millis(30));
+        assert_eq!(limits.wall, Duration::from_millis(5000));
+        let m = Manifest::parse("[limits]\ncompute_ms = 7\n").unwrap();
+        let limits = Limits::default().with(&m.limits);
+        assert_eq!(limits.compute, Duration::from_millis(7));
+        assert_eq!(limits.wall, Limits::default().wall);
     }
 
     #[test]

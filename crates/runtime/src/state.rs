@@ -2,6 +2,8 @@
 //! built for exactly one plugin and one conversation, so host functions have
 //! no way to reach another plugin's config or another conversation's state.
 
+use super::budget::Meter;
+use super::clock::{FrozenWallClock, VirtualClock};
 use super::manifest::{Grants, Limits};
 use super::outbound::{HttpTurn, OutboundHttp, RefusalView};
 use super::stdio::CappedPipe;
@@ -9,12 +11,9 @@ use digibot_domain::kv::KvWrite;
 use digibot_domain::outbound::HttpPolicy;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{
-    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
-};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Longest KV key a plugin may use, in bytes.
@@ -24,17 +23,21 @@ pub const KV_VALUE_MAX: usize = 64 << 10;
 /// KV writes one invocation may make.
 pub const KV_WRITES_MAX: usize = 256;
 
-/// Where a plugin's KV reads come from: the SQLite store in the server, an
-/// in-memory map in `replay` and `chat`.
+/// Where a plugin's KV reads come from: the store in the server, an
+/// in-memory map in `replay` and `chat`. Async: a turn waiting on the
+/// store holds no thread (and the wait counts against its wall clock, not
+/// its compute budget).
+#[async_trait::async_trait]
 pub trait KvRead: Send + Sync {
-    fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String>;
+    async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String>;
 }
 
 /// Before an instance is bound to an event it can read no state.
 struct NoKv;
 
+#[async_trait::async_trait]
 impl KvRead for NoKv {
-    fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
+    async fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
         None
     }
 }
@@ -67,13 +70,19 @@ impl MemoryKv {
             }
         }
     }
-}
 
-impl KvRead for MemoryKv {
-    fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
+    /// The value `plugin` keeps under `key` in `conversation_id`.
+    pub fn value(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
         let map = self.0.lock().ok()?;
         map.get(&(plugin.into(), conversation_id.into(), key.into()))
             .cloned()
+    }
+}
+
+#[async_trait::async_trait]
+impl KvRead for MemoryKv {
+    async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
+        self.value(plugin, conversation_id, key)
     }
 }
 
@@ -142,32 +151,14 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// A wall clock stopped at the Unix epoch, for plugins not granted a clock:
-/// the time is not theirs to read (and replays stay deterministic).
-struct FrozenClock;
-
-impl HostWallClock for FrozenClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn now(&self) -> Duration {
-        Duration::ZERO
-    }
-}
-
-impl HostMonotonicClock for FrozenClock {
-    fn resolution(&self) -> u64 {
-        1_000_000_000
-    }
-    fn now(&self) -> u64 {
-        0
-    }
-}
-
 /// The `Store` data of one invocation.
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// `None` when the plugin is granted the real clocks.
+    virtual_clock: Option<VirtualClock>,
+    /// What the turn's budgets read: see `budget`.
+    pub(super) meter: Arc<Meter>,
     pub(super) limiter: Limiter,
     pub(super) stdio: CappedPipe,
     plugin: Arc<str>,
@@ -204,13 +195,17 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
-        if !grants.clock {
-            wasi.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
+        let virtual_clock = (!grants.clock).then(VirtualClock::default);
+        if let Some(clock) = &virtual_clock {
+            wasi.wall_clock(FrozenWallClock)
+                .monotonic_clock(clock.clone());
         }
         let plugin_name = plugin.clone();
         HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
+            virtual_clock,
+            meter: Arc::new(Meter::default()),
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
@@ -275,11 +270,11 @@ impl HostState {
     }
 
     /// Reads see this invocation's own writes first.
-    pub(super) fn kv_get(&mut self, key: &str) -> Option<String> {
+    pub(super) async fn kv_get(&mut self, key: &str) -> Option<String> {
         if let Some(v) = self.kv_view.get(key) {
             return v.clone();
         }
-        let value = self.kv.get(&self.plugin, &self.conversation_id, key);
+        let value = self.kv.get(&self.plugin, &self.conversation_id, key).await;
         self.kv_view.insert(key.to_string(), value.clone());
         value
     }
@@ -318,6 +313,21 @@ impl WasiHttpView for HostState {
             table: &mut self.table,
             hooks: &mut self.http_turn,
         }
+    }
+}
+
+impl HostState {
+    /// The turn's virtual monotonic clock; `None` with the clock grant.
+    pub(super) fn virtual_clock(&self) -> Option<&VirtualClock> {
+        self.virtual_clock.as_ref()
+    }
+
+    /// The virtual clock with the resource table, for the clock shadow
+    /// (which pushes its ready pollables there). Only called when
+    /// [`virtual_clock`](Self::virtual_clock) is some.
+    pub(super) fn virtual_clock_and_table(&mut self) -> (&VirtualClock, &mut ResourceTable) {
+        let clock = self.virtual_clock.get_or_insert_with(VirtualClock::default);
+        (clock, &mut self.table)
     }
 }
 

@@ -6,6 +6,9 @@
 wasmtime::component::bindgen!({
     world: "bot",
     path: "../../wit/since_v0.2.0",
+    // Every call is async: a host call that waits holds no thread.
+    imports: { default: async },
+    exports: { default: async },
 });
 
 use digishare::bot::types as wit;

@@ -10,6 +10,10 @@ wasmtime::component::bindgen!({
     path: "../../wit/since_v0.3.0",
     // wasmtime-wasi-http's bindings are for `Send` store data.
     require_store_data_send: true,
+    // Every call is async: a host call that waits (an HTTP request) holds
+    // no thread.
+    imports: { default: async },
+    exports: { default: async },
     // wasi:http and what it uses are wasmtime-wasi(-http)'s, linked once
     // for every version.
     with: {
@@ -32,7 +36,7 @@ pub fn add_outbound_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Resul
 }
 
 impl digishare::bot::outbound::Host for HostState {
-    fn last_refusal(&mut self) -> Option<digishare::bot::outbound::Refusal> {
+    async fn last_refusal(&mut self) -> Option<digishare::bot::outbound::Refusal> {
         self.http_refusal()
             .map(|r| digishare::bot::outbound::Refusal {
                 kind: r.kind.to_string(),

@@ -7,11 +7,12 @@ use digibot_domain::event::{ConversationState, Event};
 use digibot_domain::outbound::Refusal;
 use digibot_protocol::Action;
 use digibot_runtime::{
-    Call, Failure, Invocation, KvRead, LoadError, Manifest, MemoryKv, OutboundHttp,
+    Budget, Call, Failure, Invocation, KvRead, LoadError, Manifest, MemoryKv, OutboundHttp,
     OutboundRequest, OutboundResponse, Plugin, Runtime, RuntimeConfig, Sent,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn wasm(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -64,7 +65,17 @@ fn invoke_in(
     kv: Arc<dyn KvRead>,
 ) -> Invocation {
     let call = Call::for_event(event, state).expect("an event plugins handle");
-    runtime.invoke(plugin, &call, kv)
+    block_on(runtime.invoke(plugin, &call, kv))
+}
+
+/// Drives one async turn from a plain test (the tests of turns that wait
+/// at once are `#[tokio::test]`s of their own).
+fn block_on<F: std::future::Future>(turn: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(turn)
 }
 
 fn on_text(runtime: &Runtime, plugin: &Plugin, text: &str) -> Invocation {
@@ -199,11 +210,14 @@ fn an_endless_loop_is_stopped_at_its_deadline() {
         "hostile_loop",
         "[limits]\ntimeout_ms = 30\n",
     );
+    let spent = Failure::Timeout(Budget::Compute(Duration::from_millis(30)));
     let out = on_text(&runtime, &looping, "hi");
-    assert_eq!(out.outcome.unwrap_err(), Failure::Timeout);
+    assert_eq!(out.outcome.unwrap_err(), spent);
     // The instance is gone, not stuck: the next call is stopped again.
     let again = on_text(&runtime, &looping, "hi");
-    assert_eq!(again.outcome.unwrap_err(), Failure::Timeout);
+    assert_eq!(again.outcome.unwrap_err(), spent);
+    assert_eq!(spent.to_string(), "timeout: compute budget of 30 ms spent");
+    assert_eq!(spent.kind(), "timeout");
 }
 
 #[test]
@@ -309,6 +323,208 @@ fn the_sandbox_grants_no_files_env_network_or_clock() {
             && !report.ends_with("clock:0"),
         "a granted clock reads the real time: {report}"
     );
+}
+
+// ---- Async turns: waits hold no thread, budgets, virtual time -------------
+
+/// The sleeper without the clock grant: its sleeps return at once (time is
+/// virtual), so sleeping forever is a busy loop its compute budget stops.
+/// With the grant its sleeps are real, and the wall-clock deadline cuts the
+/// wait. The reason says which.
+#[test]
+fn a_sleeper_is_cut_by_its_compute_budget_or_its_wall_deadline() {
+    let runtime = runtime();
+    let virtual_time = load(&runtime, "sleeper", "hostile_sleep", "");
+    let started = std::time::Instant::now();
+    let out = on_text(&runtime, &virtual_time, "zzz");
+    assert_eq!(
+        out.outcome.unwrap_err(),
+        Failure::Timeout(Budget::Compute(Duration::from_millis(100)))
+    );
+    let real = load(
+        &runtime,
+        "sleeper",
+        "hostile_sleep",
+        "[grants]\nclock = true\n[limits]\nwall_ms = 300\n",
+    );
+    let out = on_text(&runtime, &real, "zzz");
+    let failure = out.outcome.unwrap_err();
+    assert_eq!(
+        failure,
+        Failure::Timeout(Budget::Wall(Duration::from_millis(300)))
+    );
+    assert_eq!(
+        failure.to_string(),
+        "timeout: wall-clock deadline of 300 ms passed"
+    );
+    assert!(
+        out.elapsed >= Duration::from_millis(300) && out.elapsed < Duration::from_secs(5),
+        "cut at its deadline: {:?}",
+        out.elapsed
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Without the clock grant a plugin cannot tell how long anything took:
+/// an `Instant` around a sleep, spinning on a timer, counting timers that
+/// expire during a fixed loop all see virtual time, which only its own
+/// sleeps move. The report is the same on every run, whatever the load,
+/// and a ten-second nap answers at once.
+#[test]
+fn without_the_clock_grant_time_cannot_be_measured() {
+    let runtime = runtime();
+    let spy = load(
+        &runtime,
+        "spy",
+        "hostile_sleep",
+        "[limits]\ncompute_ms = 5000\nwall_ms = 5000\n",
+    );
+    // 50 ms slept; no spin before the 20 ms timer is ready; every one of
+    // the 3,000 checks finds its 1 ms timer expired; `now` is the sum of
+    // what was slept and subscribed: 50 + 20 + 1 + 3,000 ms.
+    let expected = "slept_ns=50000000 spins_until_20ms=0 ms_ticks_in_loop=3000 now_ns=3071000000";
+    for _ in 0..3 {
+        assert_eq!(single_text(on_text(&runtime, &spy, "spy")), expected);
+    }
+
+    let napper = load(
+        &runtime,
+        "napper",
+        "hostile_sleep",
+        "[config]\nnap_ms = \"10000\"\n",
+    );
+    let out = on_text(&runtime, &napper, "after a nap");
+    assert!(
+        out.elapsed < Duration::from_millis(100),
+        "{:?}",
+        out.elapsed
+    );
+    assert_eq!(single_text(out), "after a nap");
+
+    // With the grant the same spy sees real time pass.
+    let granted = load(
+        &runtime,
+        "spy",
+        "hostile_sleep",
+        "[grants]\nclock = true\n[limits]\ncompute_ms = 5000\nwall_ms = 5000\n",
+    );
+    let report = single_text(on_text(&runtime, &granted, "spy"));
+    let slept: u128 = report
+        .strip_prefix("slept_ns=")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(slept >= 50_000_000, "{report}");
+    assert_ne!(report, expected);
+}
+
+/// A KV read that waits on its store counts against the turn's wall clock,
+/// not its compute budget.
+#[test]
+fn a_slow_kv_read_is_wall_time_not_compute() {
+    struct SlowKv(Duration);
+    #[async_trait::async_trait]
+    impl KvRead for SlowKv {
+        async fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
+            tokio::time::sleep(self.0).await;
+            Some("late".into())
+        }
+    }
+    let runtime = runtime();
+    let slow: Arc<dyn KvRead> = Arc::new(SlowKv(Duration::from_millis(300)));
+    let reader = load(
+        &runtime,
+        "reader",
+        "hostile_intruder",
+        "[limits]\ncompute_ms = 100\nwall_ms = 2000\n",
+    );
+    let peek = customer_text("conv_slow", "m1", "peek");
+    let out = invoke(&runtime, &reader, &peek, slow.clone());
+    assert!(
+        out.elapsed >= Duration::from_millis(300),
+        "{:?}",
+        out.elapsed
+    );
+    assert_eq!(single_text(out), "secret=late");
+
+    let hurried = load(
+        &runtime,
+        "reader",
+        "hostile_intruder",
+        "[limits]\ncompute_ms = 100\nwall_ms = 150\n",
+    );
+    let out = invoke(&runtime, &hurried, &peek, slow);
+    assert_eq!(
+        out.outcome.unwrap_err(),
+        Failure::Timeout(Budget::Wall(Duration::from_millis(150)))
+    );
+}
+
+/// Two hundred turns sleeping 500 ms each at once, on one thread: they all
+/// answer, together in about one nap, not two hundred.
+#[tokio::test(flavor = "current_thread")]
+async fn turns_that_wait_share_one_thread() {
+    let runtime = Runtime::new(RuntimeConfig {
+        pool_instances: 512,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let napper = load(
+        &runtime,
+        "napper",
+        "hostile_sleep",
+        "[config]\nnap_ms = \"500\"\n[grants]\nclock = true\n[limits]\nwall_ms = 20000\n",
+    );
+    let events: Vec<Event> = (0..200)
+        .map(|i| customer_text(&format!("conv_{i}"), &format!("m{i}"), &format!("nap {i}")))
+        .collect();
+    let calls: Vec<Call<'_>> = events
+        .iter()
+        .map(|e| Call::for_event(e, ConversationState::Bot).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let turns = calls.iter().map(|call| {
+        let kv: Arc<dyn KvRead> = Arc::new(MemoryKv::default());
+        runtime.invoke(&napper, call, kv)
+    });
+    let outs = join_all(turns).await;
+    let took = started.elapsed();
+    for (i, out) in outs.into_iter().enumerate() {
+        let elapsed = out.elapsed;
+        assert_eq!(single_text(out), format!("nap {i}"));
+        assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+    }
+    assert!(
+        took < Duration::from_secs(20),
+        "200 naps of 500 ms on one thread took {took:?}"
+    );
+}
+
+/// Polls every future to completion on the current task (no spawn: the
+/// test's runtime has one thread, and that is the point).
+async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (slot, fut) in done.iter_mut().zip(pending.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(out) => *slot = Some(out),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter()
+        .map(|o| o.expect("every turn finished"))
+        .collect()
 }
 
 #[test]
@@ -560,7 +776,8 @@ mod registry {
         std::fs::write(dir.join("echo.toml"), "[limits]\ntimeout_ms = 20\n").unwrap();
         assert!(registry.reload("echo").unwrap());
         let entry = registry.snapshot().get("echo").cloned().unwrap();
-        assert_eq!(entry.plugin.limits.timeout.as_millis(), 20);
+        assert_eq!(entry.plugin.limits.compute.as_millis(), 20);
+        assert_eq!(entry.plugin.limits.wall.as_millis(), 20);
 
         // An upload writes the folder, so a reload triggered by an older
         // change finds the uploaded bytes and does nothing.
@@ -677,8 +894,12 @@ fn http_requests_go_through_the_hosts_outbound_and_refusals_reach_the_plugin() {
         "https://api.shop.example/orders/1?x=2 https://evil.example/steal",
     );
     let call = Call::for_event(&event, ConversationState::Bot).unwrap();
-    let invocation =
-        runtime.invoke_with_http(&plugin, &call, Arc::new(MemoryKv::default()), out.clone());
+    let invocation = block_on(runtime.invoke_with_http(
+        &plugin,
+        &call,
+        Arc::new(MemoryKv::default()),
+        out.clone(),
+    ));
     let calls = invocation.calls.clone();
     assert_eq!(
         single_text(invocation),

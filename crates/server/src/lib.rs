@@ -70,12 +70,13 @@ impl AppState {
             simulator: SimulatorState {
                 simulator: Arc::default(),
                 registry: registry.clone(),
-                plugin_slots: dispatcher.plugin_slots(),
+                turn_slots: dispatcher.turn_slots(),
             },
             health: HealthState::new(store.clone(), registry.clone()),
             metrics: MetricsState {
                 store: store.clone(),
                 registry: registry.clone(),
+                dispatcher: dispatcher.clone(),
                 handle: metrics::install(),
             },
             admin_auth: AdminAuth(admin_token.map(Arc::from)),

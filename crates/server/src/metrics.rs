@@ -8,8 +8,9 @@
 //!   updates them (`digibot_pipeline::metrics`, `digibot_store::metrics`,
 //!   and [`WEBHOOKS`] here), with `metrics::counter!(NAME, "label" =>
 //!   value).increment(1)` where things happen.
-//! - **State read at scrape time**: outbox depth, dead letters and plugin
-//!   states are read from the store and the registry when Prometheus asks,
+//! - **State read at scrape time**: outbox depth, dead letters, plugin
+//!   states and turns in flight are read from the store, the registry and
+//!   the dispatcher when Prometheus asks,
 //!   so they are right after a restart and need no bookkeeping on the hot
 //!   paths. A gauge not set by the latest scrapes (a removed plugin's)
 //!   drops out after [`SCRAPE_GAUGE_IDLE`].
@@ -31,6 +32,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use digibot_pipeline::dispatch::Dispatcher;
 use digibot_runtime::registry::Registry;
 use digibot_store::{Store, StoreError};
 use metrics::{describe_counter, describe_gauge, gauge};
@@ -59,6 +61,7 @@ const OUTBOX_DEPTH: &str = "digibot_outbox_depth";
 const DEAD_LETTERS: &str = "digibot_dead_letters";
 const PLUGIN_STATE: &str = "digibot_plugin_state";
 const PLUGIN_INFO: &str = "digibot_plugin_info";
+const TURNS_IN_FLIGHT: &str = "digibot_plugin_turns_in_flight";
 
 /// How often recorded histogram samples are folded into their buckets.
 const UPKEEP: Duration = Duration::from_secs(5);
@@ -71,6 +74,7 @@ pub const SCRAPE_GAUGE_IDLE: Duration = Duration::from_secs(1);
 pub struct MetricsState {
     pub store: Store,
     pub registry: Arc<Registry>,
+    pub dispatcher: Dispatcher,
     pub handle: PrometheusHandle,
 }
 
@@ -131,6 +135,10 @@ fn describe() {
         PLUGIN_INFO,
         "1 per loaded plugin: its version (SHA-256 prefix) and WIT version."
     );
+    describe_gauge!(
+        TURNS_IN_FLIGHT,
+        "Events whose plugin turns are running or waiting on a host call now (bounded by half the instance pool)."
+    );
     digibot_pipeline::metrics::describe();
     digibot_store::metrics::describe();
 }
@@ -140,6 +148,7 @@ async fn read_state(state: &MetricsState) -> Result<(), StoreError> {
     let depth = state.store.outbox_depth().await?;
     gauge!(OUTBOX_DEPTH).set(depth.pending as f64);
     gauge!(DEAD_LETTERS).set(depth.dead as f64);
+    gauge!(TURNS_IN_FLIGHT).set(state.dispatcher.turns_in_flight() as f64);
     for p in state.registry.report() {
         for s in ["active", "quarantined", "half_open"] {
             let current = p.health.state.replace('-', "_") == s;

@@ -44,9 +44,9 @@ use tokio::sync::Semaphore;
 pub struct SimulatorState {
     pub simulator: Arc<Simulator>,
     pub registry: Arc<Registry>,
-    /// The dispatcher's bound on concurrent invocations, shared so that
+    /// The dispatcher's bound on concurrent turns, shared so that
     /// simulated turns take slots of the same instance pool budget.
-    pub plugin_slots: Arc<Semaphore>,
+    pub turn_slots: Arc<Semaphore>,
 }
 
 /// Simulated conversations kept at once.
@@ -68,8 +68,8 @@ pub enum SimulatorError {
     BadLocation,
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("plugin thread failed: {0}")]
-    Thread(String),
+    #[error("plugin turn failed: {0}")]
+    Turn(String),
 }
 
 impl SimulatorError {
@@ -80,7 +80,7 @@ impl SimulatorError {
             | SimulatorError::EmptyText
             | SimulatorError::BadLocation => StatusCode::BAD_REQUEST,
             SimulatorError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            SimulatorError::Thread(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SimulatorError::Turn(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -272,9 +272,8 @@ impl Simulator {
         (conversation.customer_name.clone(), conversation.messages)
     }
 
-    /// Runs the live plugins on `event` and keeps their KV writes. Blocking
-    /// (it runs Wasm).
-    pub fn run(&self, registry: &Registry, event: &Event) -> Turn {
+    /// Runs the live plugins on `event` and keeps their KV writes.
+    pub async fn run(&self, registry: &Registry, event: &Event) -> Turn {
         // Fresh health per turn and no breaker: the live breakers only see
         // customers' events, and the simulator shows every failure.
         let entries: Vec<Entry> = registry
@@ -298,7 +297,8 @@ impl Simulator {
             ConversationState::Bot,
             self.kv.clone(),
             breaker,
-        );
+        )
+        .await;
         for changes in &handled.kv {
             self.kv
                 .apply(&changes.plugin, &changes.conversation_id, &changes.writes);
@@ -352,27 +352,29 @@ impl Simulator {
         }
     }
 
-    /// [`Simulator::event`] then [`Simulator::run`] on a plugin thread,
-    /// within the dispatcher's bound on concurrent invocations.
+    /// [`Simulator::event`] then [`Simulator::run`] in a task of its own,
+    /// within the dispatcher's bound on concurrent turns.
     pub async fn handle(
         self: Arc<Self>,
         registry: Arc<Registry>,
-        plugin_slots: Arc<Semaphore>,
+        turn_slots: Arc<Semaphore>,
         name: &str,
         input: Input,
     ) -> Result<Turn, SimulatorError> {
         let event = self.event(name, input)?;
-        let slot = plugin_slots
+        let slot = turn_slots
             .acquire_owned()
             .await
             .map_err(|_| SimulatorError::ShuttingDown)?;
-        tokio::task::spawn_blocking(move || {
-            let turn = self.run(&registry, &event);
+        // Its own task, so a bug that panics in a turn answers 500 here
+        // rather than taking the connection down.
+        tokio::spawn(async move {
+            let turn = self.run(&registry, &event).await;
             drop(slot);
             turn
         })
         .await
-        .map_err(|e| SimulatorError::Thread(e.to_string()))
+        .map_err(|e| SimulatorError::Turn(e.to_string()))
     }
 }
 
@@ -402,7 +404,7 @@ async fn send(
     let turn = sim
         .simulator
         .clone()
-        .handle(sim.registry.clone(), sim.plugin_slots.clone(), &name, input)
+        .handle(sim.registry.clone(), sim.turn_slots.clone(), &name, input)
         .await?;
     Ok(Json(turn))
 }

@@ -48,7 +48,8 @@ fn fixture(plugins: &[(&str, &str)]) -> Fixture {
         pooling: false,
         warm_instances: 0,
         defaults: Limits {
-            timeout: Duration::from_secs(5),
+            compute: Duration::from_secs(5),
+            wall: Duration::from_secs(5),
             ..Limits::default()
         },
         ..RuntimeConfig::default()

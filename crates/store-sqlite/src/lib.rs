@@ -85,6 +85,10 @@ struct Sqlite(Arc<Db>);
 struct Db {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Mutex<Vec<Connection>>,
+    /// One per reader connection: reads beyond wait here (as tasks), so a
+    /// burst of them takes neither more blocking threads nor more
+    /// connections than there are readers.
+    read_slots: tokio::sync::Semaphore,
     path: PathBuf,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Dropping the sender stops the checkpoint thread.
@@ -276,7 +280,7 @@ impl Db {
         let conn = connect(&path, durability)?;
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(64);
-        let readers = (0..4)
+        let readers = (0..READERS)
             .map(|_| connect(&path, durability))
             .collect::<Result<Vec<_>, _>>()?;
         let checkpoint = if durability == Durability::Normal {
@@ -301,6 +305,7 @@ impl Db {
         Ok(Db {
             jobs: Mutex::new(Some(tx)),
             readers: Mutex::new(readers),
+            read_slots: tokio::sync::Semaphore::new(READERS),
             path,
             writer: Mutex::new(Some(writer)),
             checkpoint: Mutex::new(checkpoint),
@@ -939,11 +944,20 @@ impl Db {
     }
 }
 
-/// Runs a read of `db` on a blocking thread: SQLite reads block.
+/// Reader connections, and so reads running at once.
+const READERS: usize = 4;
+
+/// Runs a read of `db` on a blocking thread (SQLite reads block), once one
+/// of the [`READERS`] is free.
 async fn reading<T: Send + 'static>(
     db: &Arc<Db>,
     f: impl FnOnce(&Db) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, StoreError> {
+    let _slot = db
+        .read_slots
+        .acquire()
+        .await
+        .map_err(|_| StoreError::Closed)?;
     let db = db.clone();
     tokio::task::spawn_blocking(move || f(&db))
         .await

@@ -42,7 +42,7 @@ use digibot_domain::event::{
     Choice, Content, Event, Location, customer_message_event, new_conversation_event,
 };
 use digibot_runtime::{
-    Call, KvRead, Limits, LoadError, Manifest, MemoryKv, Plugin, Runtime, RuntimeConfig,
+    Call, Limits, LoadError, Manifest, MemoryKv, Plugin, Runtime, RuntimeConfig,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -54,9 +54,9 @@ pub use digibot_protocol::{self as protocol, Action};
 pub use digibot_runtime::{Failure, LogLine};
 pub use serde_json::{Value, json};
 
-/// The deadline of one invocation in tests. The server's default is much
-/// shorter; tests check behaviour, and a loaded CI machine must not turn a
-/// correct bot into a flaky test.
+/// The compute budget and wall-clock deadline of one invocation in tests.
+/// The server's defaults are much shorter; tests check behaviour, and a
+/// loaded CI machine must not turn a correct bot into a flaky test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a bot could not be built or loaded.
@@ -84,6 +84,9 @@ static BUILT: Mutex<BTreeMap<PathBuf, PathBuf>> = Mutex::new(BTreeMap::new());
 /// fresh KV state); the other calls continue the current one.
 pub struct Bot {
     runtime: Runtime,
+    /// Drives the runtime's async turns, so that this API stays plain
+    /// function calls for plugin authors.
+    executor: tokio::runtime::Runtime,
     name: String,
     path: PathBuf,
     bytes: Vec<u8>,
@@ -166,12 +169,17 @@ impl Bot {
         let runtime = Runtime::new(RuntimeConfig {
             pooling: false,
             defaults: Limits {
-                timeout: TEST_TIMEOUT,
+                compute: TEST_TIMEOUT,
+                wall: TEST_TIMEOUT,
                 ..Limits::default()
             },
             ..RuntimeConfig::default()
         })
         .map_err(|e| HarnessError::Runtime(format!("{e:#}")))?;
+        let executor = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| HarnessError::Runtime(e.to_string()))?;
         let manifest = Manifest::default();
         let plugin = runtime
             .load(&name, &bytes, manifest.clone())
@@ -181,6 +189,7 @@ impl Bot {
             })?;
         Ok(Bot {
             runtime,
+            executor,
             name,
             path,
             bytes,
@@ -231,7 +240,7 @@ impl Bot {
 
     /// What the plugin stored under `key` in the current conversation.
     pub fn kv(&self, key: &str) -> Option<String> {
-        self.kv.get(&self.name, &self.conversation_id(), key)
+        self.kv.value(&self.name, &self.conversation_id(), key)
     }
 
     /// The lines the plugin logged during the last call.
@@ -340,7 +349,10 @@ impl Bot {
             return Ok(Vec::new());
         };
         let conversation = call.conversation_id().to_string();
-        let invocation = self.runtime.invoke(plugin, &call, self.kv.clone());
+        let invocation = drive(
+            &self.executor,
+            self.runtime.invoke(plugin, &call, self.kv.clone()),
+        );
         self.kv
             .apply(&self.name, &conversation, &invocation.kv_writes);
         self.last_conversation = conversation;
@@ -348,6 +360,25 @@ impl Bot {
         self.output = invocation.output;
         invocation.outcome
     }
+}
+
+/// Runs `turn` to completion on `executor`; from inside another tokio
+/// runtime (an author's `#[tokio::test]`), on a thread of its own, since a
+/// runtime cannot block inside another.
+fn drive<F>(executor: &tokio::runtime::Runtime, turn: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return executor.block_on(turn);
+    }
+    std::thread::scope(
+        |scope| match scope.spawn(|| executor.block_on(turn)).join() {
+            Ok(out) => out,
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+    )
 }
 
 fn choice(id: &str, title: &str) -> Choice {

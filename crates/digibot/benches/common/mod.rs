@@ -1,16 +1,36 @@
 //! Shared by `benches/hot_paths.rs` and `examples/invoke_latency.rs`: the echo
 //! component, the fixture event, and what plain wasmtime needs to call it
-//! (the baseline both measure against).
+//! (the baseline both measure against), with sync bindings (wasmtime's
+//! plain `call`) and async ones (`call_async`, as digibot calls plugins).
 
 #![allow(dead_code)]
 
 use digibot_domain::event::Event;
-use digibot_runtime::v0_2_0::BotPre;
-use digibot_runtime::v0_2_0::digishare::bot::types as wit;
 use std::path::PathBuf;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// `digishare:bot@0.2.0` with sync calls: wasmtime's plain `call`.
+pub mod sync_bot {
+    wasmtime::component::bindgen!({
+        world: "bot",
+        path: "../../wit/since_v0.2.0",
+    });
+}
+
+/// The same world with async calls, as digibot binds it.
+pub mod async_bot {
+    wasmtime::component::bindgen!({
+        world: "bot",
+        path: "../../wit/since_v0.2.0",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+use sync_bot::BotPre;
+use sync_bot::digishare::bot::types as wit;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -53,17 +73,21 @@ impl WasiView for Plain {
     }
 }
 
-/// The baseline: plain wasmtime 48 with WASI and the pooling allocator
-/// (or on-demand allocation: wasmtime's default), ready to instantiate
-/// `bytes` as a bot.
-pub fn plain_pre(bytes: &[u8], pooling: bool) -> (Engine, BotPre<Plain>) {
+fn plain_engine(pooling: bool) -> Engine {
     let mut config = Config::new();
     if pooling {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(
             PoolingAllocationConfig::default(),
         ));
     }
-    let engine = Engine::new(&config).unwrap();
+    Engine::new(&config).unwrap()
+}
+
+/// The baseline: plain wasmtime 48 with WASI and the pooling allocator
+/// (or on-demand allocation: wasmtime's default), ready to instantiate
+/// `bytes` as a bot and call it synchronously.
+pub fn plain_pre(bytes: &[u8], pooling: bool) -> (Engine, BotPre<Plain>) {
+    let engine = plain_engine(pooling);
     let component = Component::new(&engine, bytes).unwrap();
     let mut linker: Linker<Plain> = Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
@@ -71,7 +95,42 @@ pub fn plain_pre(bytes: &[u8], pooling: bool) -> (Engine, BotPre<Plain>) {
     (engine, pre)
 }
 
-/// The fixture as the bindings' event record, built once.
+/// [`plain_pre`] with async bindings and WASI: `instantiate_async` and
+/// `call_async`, nothing else of digibot's.
+pub fn plain_async_pre(bytes: &[u8], pooling: bool) -> (Engine, async_bot::BotPre<Plain>) {
+    let engine = plain_engine(pooling);
+    let component = Component::new(&engine, bytes).unwrap();
+    let mut linker: Linker<Plain> = Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    let pre = async_bot::BotPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    (engine, pre)
+}
+
+/// The fixture as the async bindings' event record.
+pub fn async_wit_event(ev: &Event) -> async_bot::digishare::bot::types::MessageEvent {
+    use async_bot::digishare::bot::types as a;
+    let w = wit_event(ev);
+    let wit::Content::Text(text) = w.message.content else {
+        unreachable!("the fixture is a text")
+    };
+    a::MessageEvent {
+        event_id: w.event_id,
+        message: a::Message {
+            id: w.message.id,
+            conversation_id: w.message.conversation_id,
+            sender: a::Sender {
+                kind: a::SenderKind::Customer,
+                name: w.message.sender.name,
+                id: w.message.sender.id,
+            },
+            created_at: w.message.created_at,
+            content: a::Content::Text(text),
+        },
+        state: a::ConversationState::Bot,
+    }
+}
+
+/// The fixture as the sync bindings' event record, built once.
 pub fn wit_event(ev: &Event) -> wit::MessageEvent {
     let digibot_domain::event::EventKind::Message(m) = &ev.kind else {
         unreachable!("the fixture is a message")

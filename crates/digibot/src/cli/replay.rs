@@ -71,6 +71,9 @@ pub struct Turn {
 /// Plugins and in-memory KV state, run event by event like the server.
 pub struct Session {
     runtime: Runtime,
+    /// Drives the turns (which are async) one at a time: these tools have
+    /// one event in flight.
+    executor: tokio::runtime::Runtime,
     entries: Vec<Entry>,
     kv: Arc<MemoryKv>,
     seen: HashSet<String>,
@@ -97,8 +100,13 @@ impl Session {
             });
         }
         entries.sort_by(|a, b| a.plugin.name.cmp(&b.plugin.name));
+        let executor = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the plugin turns' runtime")?;
         Ok(Session {
             runtime,
+            executor,
             entries,
             kv: Arc::new(MemoryKv::default()),
             seen: HashSet::new(),
@@ -175,14 +183,14 @@ impl Session {
             cooldown: Duration::ZERO,
         };
         let _span = dispatch::event_span(event).entered();
-        let handled = dispatch::run_entries(
+        let handled = self.executor.block_on(dispatch::run_entries(
             &self.runtime,
             &self.entries,
             event,
             state,
             self.kv.clone(),
             breaker,
-        );
+        ));
         if state == ConversationState::Bot
             && handled
                 .actions
