@@ -24,7 +24,8 @@ fn text(conversation: &str, body: &str) -> Value {
 }
 
 /// `orders.toml` for the fake API (granted by its literal loopback
-/// address, the only way a plugin may reach 127.0.0.1).
+/// address, the only way a plugin may reach 127.0.0.1). No `[limits]`: a
+/// plugin with an http grant gets the 10 s wall-clock default.
 fn orders_toml(api: &FakeOrderApi) -> String {
     format!(
         r#"[config]
@@ -32,8 +33,6 @@ orders_api = "{url}"
 [grants]
 http = ["{url}/orders/"]
 secrets = ["ORDERS_TOKEN"]
-[limits]
-timeout_ms = 10000
 "#,
         url = api.url()
     )
@@ -243,7 +242,6 @@ fn hostile_toml(api: &FakeOrderApi) -> String {
 http = ["{url}/", "http://api.shop.example:{port}/", "http://metadata.shop.example:{port}/"]
 secrets = ["ORDERS_TOKEN"]
 [limits]
-timeout_ms = 10000
 http_calls = 3
 http_response_bytes = 65536
 http_timeout_ms = 1500
@@ -407,7 +405,7 @@ async fn hostile_fetch_is_refused_by_every_rule_and_echo_answers_beside_it() -> 
 /// `hostile-fetch` granted the fake order API, with room for slow calls.
 fn waiting_toml(api: &FakeOrderApi) -> String {
     format!(
-        "[grants]\nhttp = [\"{}/\"]\nsecrets = [\"ORDERS_TOKEN\"]\n[limits]\ntimeout_ms = 20000\nhttp_timeout_ms = 15000\n",
+        "[grants]\nhttp = [\"{}/\"]\nsecrets = [\"ORDERS_TOKEN\"]\n[limits]\nwall_ms = 20000\nhttp_timeout_ms = 15000\n",
         api.url()
     )
 }

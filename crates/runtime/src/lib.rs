@@ -1097,3 +1097,28 @@ fn classify(error: &wasmtime::Error, state: &HostState, output: &str, limits: &L
     }
     Failure::Trap(reason)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http_grant_gives_the_network_wall_clock_default() {
+        let config = RuntimeConfig::default();
+        let plain = config.limits(&Manifest::parse("").unwrap());
+        assert_eq!(plain.wall, Duration::from_millis(100));
+        let granted = Manifest::parse("[grants]\nhttp = [\"https://api.shop.example\"]").unwrap();
+        let limits = config.limits(&granted);
+        assert_eq!(limits.wall, config.network_wall);
+        // The compute budget does not grow with it.
+        assert_eq!(limits.compute, plain.compute);
+        // `[limits]` still decides, within the ceilings.
+        let m = Manifest::parse(
+            "[grants]\nhttp = [\"https://a.example\"]\n[limits]\nwall_ms = 999999\nhttp_calls = 100000\n",
+        )
+        .unwrap();
+        let limits = config.limits(&m);
+        assert_eq!(limits.wall, config.max_wall);
+        assert_eq!(limits.http.calls, config.http_ceilings.calls);
+    }
+}
