@@ -560,3 +560,172 @@ async fn replica_killed_while_turns_wait_repeats_no_completed_call() -> Result<(
     bots[1].wait_idle(&keys, Duration::from_secs(90)).await?;
     check_no_completed_call_repeated(&bots[1], &fake, &api, &keys, "pg", &before).await
 }
+
+/// The process's thread count, from /proc/PID/status.
+fn threads(pid: u32) -> Result<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .context("no Threads line in /proc/PID/status")
+}
+
+/// A thousand conversations whose turns each wait 2 s on the order API
+/// (two messages each, so two waits in a row): every one answered, in
+/// order per conversation (the second request of a conversation leaves
+/// only once the first was answered), on a bounded number of threads,
+/// while echo's replies to other conversations are not held behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_conversations_waiting_on_the_api_hold_no_thread_and_delay_no_echo() -> Result<()>
+{
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    const CONVERSATIONS: usize = 1000;
+    const WAIT_MS: u64 = 2000;
+    const ECHOES: usize = 20;
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .plugin_toml(
+            "hostile-fetch",
+            &format!(
+                "[grants]\nhttp = [\"{}/\"]\nsecrets = [\"ORDERS_TOKEN\"]\n[limits]\nhttp_timeout_ms = 15000\n",
+                api.url()
+            ),
+        )
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        // Every conversation at once: lanes and turns bounded above the
+        // thousand; a small resident set per pooled memory.
+        .env("DIGIBOT_CONCURRENCY", "1200")
+        .env("DIGIBOT_POOL_INSTANCES", "2200")
+        .env("DIGIBOT_KEEP_RESIDENT_KB", "64")
+        .start()
+        .await?;
+    let pid = bot.pid().context("digibot's pid")?;
+    let idle_threads = threads(pid)?;
+    let base = api.url();
+    let url = |c: usize, m: usize| format!("{base}/slow?ms={WAIT_MS}&c={c}&m={m}");
+    let started = Instant::now();
+    let post_round = |m: usize| {
+        let bot = &bot;
+        stream::iter(0..CONVERSATIONS)
+            .map(move |c| async move {
+                let conversation = format!("conv_wait_{c}");
+                bot.accept(&customer_text(
+                    &conversation,
+                    &format!("msg_wait_{c}_{m}"),
+                    &url(c, m),
+                ))
+                .await
+            })
+            .buffer_unordered(64)
+            .try_collect::<Vec<String>>()
+    };
+    post_round(0).await?;
+    post_round(1).await?;
+
+    // While the turns wait: echo answers other conversations at once.
+    let deadline = Instant::now() + TIMEOUT;
+    while api.in_flight() < CONVERSATIONS / 2 {
+        ensure!(
+            Instant::now() < deadline,
+            "the turns never waited together: {} in flight",
+            api.in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut max_threads = threads(pid)?;
+    let mut slowest_echo = Duration::ZERO;
+    for k in 0..ECHOES {
+        let c = format!("conv_quick_{k}");
+        let sent = Instant::now();
+        bot.accept(&customer_text(
+            &c,
+            &format!("msg_quick_{k}"),
+            &format!("bonjour {k}"),
+        ))
+        .await?;
+        loop {
+            if !fake.wire_for(&c).is_empty() {
+                break;
+            }
+            ensure!(sent.elapsed() < TIMEOUT, "echo never answered {c}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        slowest_echo = slowest_echo.max(sent.elapsed());
+        max_threads = max_threads.max(threads(pid)?);
+    }
+    let waiting = api.in_flight();
+
+    // Every waiting conversation: echo's reply and the status, twice, in order.
+    let total = CONVERSATIONS * 4 + ECHOES;
+    let deadline = Instant::now() + crate::support::burst::LONG;
+    while fake.successful().len() < total {
+        ensure!(
+            Instant::now() < deadline,
+            "{} of {total} replies",
+            fake.successful().len()
+        );
+        max_threads = max_threads.max(threads(pid)?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    fake.settle(total, TIMEOUT).await?;
+    for c in 0..CONVERSATIONS {
+        let conversation = format!("conv_wait_{c}");
+        ensure_all_eq(
+            &fake.wire_for(&conversation),
+            &[
+                text(&conversation, &url(c, 0)),
+                text(&conversation, "status 200"),
+                text(&conversation, &url(c, 1)),
+                text(&conversation, "status 200"),
+            ],
+            &conversation,
+        )?;
+    }
+    for k in 0..ECHOES {
+        let c = format!("conv_quick_{k}");
+        ensure_all_eq(&fake.wire_for(&c), &[text(&c, &format!("bonjour {k}"))], &c)?;
+    }
+    // Each conversation's second call left after its first was answered.
+    let requests = api.requests();
+    ensure!(
+        requests.len() == CONVERSATIONS * 2,
+        "{} calls reached the API",
+        requests.len()
+    );
+    let at = |c: usize, m: usize| {
+        let path = format!("/slow?ms={WAIT_MS}&c={c}&m={m}");
+        requests.iter().find(|r| r.path == path).map(|r| r.at)
+    };
+    for c in 0..CONVERSATIONS {
+        let (first, second) = (
+            at(c, 0).context("first call")?,
+            at(c, 1).context("second call")?,
+        );
+        ensure!(
+            second.duration_since(first) >= Duration::from_millis(WAIT_MS),
+            "conversation {c}: its second call left {:?} after the first",
+            second.saturating_duration_since(first)
+        );
+    }
+    eprintln!(
+        "{CONVERSATIONS} conversations × 2 waits of {WAIT_MS} ms: {took:?}; {waiting} calls waiting \
+         while echo answered; slowest echo {slowest_echo:?}; threads {idle_threads} idle, {max_threads} at most"
+    );
+    ensure!(
+        slowest_echo < Duration::from_millis(WAIT_MS / 2),
+        "an echo reply waited {slowest_echo:?} behind the waiting turns"
+    );
+    // A thread per waiting turn would be a thousand more.
+    ensure!(
+        max_threads <= idle_threads + 16,
+        "threads grew from {idle_threads} to {max_threads} with {waiting} turns waiting"
+    );
+    // Two waits per conversation back to back: about 4 s, not 2,000 × 2 s.
+    ensure!(took < Duration::from_secs(120), "the waits took {took:?}");
+    Ok(())
+}
