@@ -769,8 +769,8 @@ async fn a_sleeping_plugin_is_cut_and_the_neighbour_answers_everyone() -> Result
     }
     let later = bot.wait_handled(&later, TIMEOUT).await?;
 
-    let sleepers: [(&str, &dyn Fn(&Value) -> bool); 2] =
-        [("bad-sleep", &spinning), ("bad-sleep-real", &waiting)];
+    type Reason<'a> = &'a dyn Fn(&Value) -> bool;
+    let sleepers: [(&str, Reason); 2] = [("bad-sleep", &spinning), ("bad-sleep-real", &waiting)];
     for (name, reason) in sleepers {
         let mut failed = 0;
         for event in &first {
