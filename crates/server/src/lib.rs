@@ -246,6 +246,14 @@ mod tests {
             "{body}"
         );
 
+        // Every webhook outcome reads 0 before its first webhook, so
+        // dashboards and alerts see each series from the start.
+        for outcome in crate::metrics::WEBHOOK_OUTCOMES {
+            let line = format!("\ndigibot_webhooks_total{{outcome=\"{outcome}\"}} ");
+            assert!(body.contains(&line), "{outcome}: {body}");
+        }
+        assert!(body.contains("\ndigibot_api_retries_total 0\n"), "{body}");
+
         let dir = tempfile::tempdir().unwrap();
         let open = state(dir.path(), None);
         assert_eq!(get(&open, "/metrics", None).await.0, StatusCode::NOT_FOUND);
