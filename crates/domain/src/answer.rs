@@ -13,7 +13,8 @@ pub enum Verdict {
     /// answered one.
     Sent { message_id: Option<String> },
     /// Not delivered yet: try again, after `retry_after` when Digishare
-    /// said so.
+    /// said so (saturating: an absurd value is a very long wait, which the
+    /// sender caps).
     Retry { retry_after: Option<Duration> },
     /// A 2xx that says the file could not be fetched or used.
     FileRefused,
@@ -70,10 +71,14 @@ pub fn message_id(body: &str) -> Option<String> {
 }
 
 /// `Retry-After` as seconds (fractions allowed) or an HTTP date, as a
-/// wait from `now`; `None` when it is neither.
+/// wait from `now`; `None` when it is neither. Seconds too many for a
+/// [`Duration`] saturate to [`Duration::MAX`] (the sender caps every wait).
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     if let Ok(secs) = value.trim().parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        if !(secs.is_finite() && secs >= 0.0) {
+            return None;
+        }
+        return Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -119,6 +124,22 @@ mod tests {
             Some(Duration::from_secs(90))
         );
         assert_eq!(parse_retry_after("soon", now()), None);
+    }
+
+    /// Found by the `sender_answer` fuzz target: `Duration::from_secs_f64`
+    /// panics on more seconds than a `Duration` holds, and the panic
+    /// skipped the sender's cleanup (the conversation stayed in flight).
+    #[test]
+    fn a_huge_retry_after_saturates_instead_of_panicking() {
+        for huge in ["11111111111111111111111", "1e20", "18446744073709551616", "1.7e308"] {
+            assert_eq!(parse_retry_after(huge, now()), Some(Duration::MAX), "{huge}");
+        }
+        assert_eq!(
+            classify(429, Some(b"11111111111111111111111"), "111", true, now()),
+            Verdict::Retry {
+                retry_after: Some(Duration::MAX)
+            }
+        );
     }
 
     #[test]
