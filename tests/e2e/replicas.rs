@@ -537,7 +537,10 @@ async fn replicas_reach_postgres_over_tls_verified_against_its_ca() -> Result<()
     let (sessions, plaintext) = digibot_sessions(&database).await?;
     // Each replica: its listener and at least one pooled connection.
     ensure!(sessions >= 4, "{sessions} digibot sessions");
-    ensure!(plaintext == 0, "{plaintext} of {sessions} sessions in plaintext");
+    ensure!(
+        plaintext == 0,
+        "{plaintext} of {sessions} sessions in plaintext"
+    );
     fake.assert_quiet(2, SETTLE).await?;
     Ok(())
 }
@@ -556,7 +559,10 @@ async fn sslmode_require_refuses_a_plaintext_only_server() -> Result<()> {
 
     let mut refused = echo_replicas(&fake, &with_param(&database, "sslmode", "require")).spawn()?;
     let status = refused.wait_exit(Duration::from_secs(30)).await?;
-    ensure!(!status.success(), "digibot started on a plaintext server with sslmode=require");
+    ensure!(
+        !status.success(),
+        "digibot started on a plaintext server with sslmode=require"
+    );
     let logs = refused.logs();
     ensure!(
         logs.contains("server does not support TLS"),
@@ -578,7 +584,10 @@ async fn sslmode_require_refuses_a_plaintext_only_server() -> Result<()> {
         .await?;
     fake.wait_for_conversation("conv_plain", 1, TIMEOUT).await?;
     let (sessions, plaintext) = digibot_sessions(&database).await?;
-    ensure!(sessions > 0 && plaintext == sessions, "{plaintext} of {sessions}");
+    ensure!(
+        sessions > 0 && plaintext == sessions,
+        "{plaintext} of {sessions}"
+    );
     Ok(())
 }
 
@@ -599,7 +608,8 @@ async fn a_statement_past_the_timeout_answers_503_not_a_stall() -> Result<()> {
         .await?;
     bot.accept(&customer_text("conv_locked", "msg_locked_1", "before"))
         .await?;
-    fake.wait_for_conversation("conv_locked", 1, TIMEOUT).await?;
+    fake.wait_for_conversation("conv_locked", 1, TIMEOUT)
+        .await?;
     wait_outbox(&bot, json!({"sent": 1})).await?;
 
     let locker = {
@@ -616,8 +626,10 @@ async fn a_statement_past_the_timeout_answers_503_not_a_stall() -> Result<()> {
     loop {
         let held = psql_exec(
             &database,
-            &["SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-               WHERE c.relname = 'events' AND l.mode = 'AccessExclusiveLock' AND l.granted"],
+            &[
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+               WHERE c.relname = 'events' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+            ],
         )
         .await?;
         if held == "1" {
@@ -649,7 +661,9 @@ async fn a_statement_past_the_timeout_answers_503_not_a_stall() -> Result<()> {
     locker.await??;
     let reply = bot.post_json(&blocked).await?;
     reply.expect_status(200)?;
-    let replies = fake.wait_for_conversation("conv_locked", 2, TIMEOUT).await?;
+    let replies = fake
+        .wait_for_conversation("conv_locked", 2, TIMEOUT)
+        .await?;
     let bodies: Vec<&Value> = replies.iter().map(|r| &r.body["body"]).collect();
     ensure!(bodies == [&json!("before"), &json!("during")], "{bodies:?}");
     fake.assert_quiet(2, SETTLE).await?;
@@ -683,7 +697,8 @@ async fn a_database_that_stops_answering_answers_503_within_the_deadline() -> Re
         .await?;
     bot.accept(&customer_text("conv_frozen", "msg_frozen_1", "before"))
         .await?;
-    fake.wait_for_conversation("conv_frozen", 1, TIMEOUT).await?;
+    fake.wait_for_conversation("conv_frozen", 1, TIMEOUT)
+        .await?;
     // Its delivery recorded too: a reply whose success cannot be recorded
     // is sent again (same Idempotency-Key), which is not this test's point.
     wait_outbox(&bot, json!({"sent": 1})).await?;
@@ -705,7 +720,11 @@ async fn a_database_that_stops_answering_answers_503_within_the_deadline() -> Re
     );
     let started = Instant::now();
     let ready = bot.get("/readyz").await?;
-    ensure!(ready.status == 503, "ready with a silent database: {}", ready.body);
+    ensure!(
+        ready.status == 503,
+        "ready with a silent database: {}",
+        ready.body
+    );
     ensure!(
         started.elapsed() < Duration::from_secs(4),
         "/readyz took {:?}",
@@ -730,7 +749,9 @@ async fn a_database_that_stops_answering_answers_503_within_the_deadline() -> Re
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let replies = fake.wait_for_conversation("conv_frozen", 2, TIMEOUT).await?;
+    let replies = fake
+        .wait_for_conversation("conv_frozen", 2, TIMEOUT)
+        .await?;
     let bodies: Vec<&Value> = replies.iter().map(|r| &r.body["body"]).collect();
     ensure!(bodies == [&json!("before"), &json!("during")], "{bodies:?}");
     fake.assert_quiet(2, SETTLE).await?;

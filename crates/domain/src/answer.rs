@@ -131,8 +131,17 @@ mod tests {
     /// skipped the sender's cleanup (the conversation stayed in flight).
     #[test]
     fn a_huge_retry_after_saturates_instead_of_panicking() {
-        for huge in ["11111111111111111111111", "1e20", "18446744073709551616", "1.7e308"] {
-            assert_eq!(parse_retry_after(huge, now()), Some(Duration::MAX), "{huge}");
+        for huge in [
+            "11111111111111111111111",
+            "1e20",
+            "18446744073709551616",
+            "1.7e308",
+        ] {
+            assert_eq!(
+                parse_retry_after(huge, now()),
+                Some(Duration::MAX),
+                "{huge}"
+            );
         }
         assert_eq!(
             classify(429, Some(b"11111111111111111111111"), "111", true, now()),

@@ -25,7 +25,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -422,11 +424,15 @@ mod tests {
 
     #[test]
     fn a_missing_or_empty_root_file_is_a_clear_error() {
-        let url =
-            DatabaseUrl::parse("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
-                .unwrap();
+        let url = DatabaseUrl::parse(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        )
+        .unwrap();
         let e = url.tls().err().unwrap();
-        assert!(e.to_string().contains("sslrootcert=/nonexistent/ca.pem"), "{e}");
+        assert!(
+            e.to_string().contains("sslrootcert=/nonexistent/ca.pem"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();

@@ -1140,8 +1140,7 @@ impl Postgres {
                 .await? as usize;
             // Echoes come back within seconds: ids as old as the pruned
             // actions are of no use.
-            c
-                .execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
+            c.execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
                 .await?;
             total.events += events;
             total.actions += actions;
@@ -1557,8 +1556,8 @@ pub(crate) mod testdb {
 mod tests {
     use super::*;
     use digibot_store::store_suite;
-    use std::sync::Mutex;
     use digibot_store::suite::TestDb;
+    use std::sync::Mutex;
 
     fn fixture() -> Option<TestDb> {
         let (url, guard) = testdb::create()?;
@@ -1995,7 +1994,9 @@ mod transport_tests {
             .map(str::to_string);
         if ca.is_none() {
             if std::env::var_os("CI").is_some() {
-                panic!("the test server's URL has no sslrootcert: start it with scripts/pg-cluster");
+                panic!(
+                    "the test server's URL has no sslrootcert: start it with scripts/pg-cluster"
+                );
             }
             eprintln!("SKIPPED: TLS test (the test server's URL has no sslrootcert=)");
         }
@@ -2016,10 +2017,13 @@ mod transport_tests {
 
     async fn encrypted(pg: &Postgres) -> bool {
         let mut c = pg.conn().await.unwrap();
-        c.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0)
+        c.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2053,16 +2057,26 @@ mod transport_tests {
         let Some(ca) = cluster_ca(&url) else { return };
         let (_, db) = testdb::create().unwrap();
         // The right server (hostaddr), under a name its certificate lacks.
-        let port = DatabaseUrl::parse(&url).unwrap().session(Duration::from_secs(1)).get_ports()[0];
-        let renamed = format!("postgres://postgres@db.invalid:{port}/digibot_test?hostaddr=127.0.0.1");
-        let e = open_on(&format!("{renamed}&sslmode=verify-full&sslrootcert={ca}"), &db)
-            .await
-            .err()
-            .expect("connected to a server whose certificate names another host");
+        let port = DatabaseUrl::parse(&url)
+            .unwrap()
+            .session(Duration::from_secs(1))
+            .get_ports()[0];
+        let renamed =
+            format!("postgres://postgres@db.invalid:{port}/digibot_test?hostaddr=127.0.0.1");
+        let e = open_on(
+            &format!("{renamed}&sslmode=verify-full&sslrootcert={ca}"),
+            &db,
+        )
+        .await
+        .err()
+        .expect("connected to a server whose certificate names another host");
         assert!(e.to_string().contains("certificate"), "{e}");
-        let pg = open_on(&format!("{renamed}&sslmode=verify-ca&sslrootcert={ca}"), &db)
-            .await
-            .unwrap();
+        let pg = open_on(
+            &format!("{renamed}&sslmode=verify-ca&sslrootcert={ca}"),
+            &db,
+        )
+        .await
+        .unwrap();
         assert!(encrypted(&pg).await);
     }
 
@@ -2071,16 +2085,21 @@ mod transport_tests {
         let Some(url) = server_url() else { return };
         let Some(_) = cluster_ca(&url) else { return };
         let (_, db) = testdb::create().unwrap();
-        let e = open_on(&with_query(&url, "sslmode=verify-full&sslrootcert=system"), &db)
-            .await
-            .err()
-            .expect("a certificate from the cluster's own CA passed as a public one");
+        let e = open_on(
+            &with_query(&url, "sslmode=verify-full&sslrootcert=system"),
+            &db,
+        )
+        .await
+        .err()
+        .expect("a certificate from the cluster's own CA passed as a public one");
         assert!(e.to_string().contains("certificate"), "{e}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_statement_past_the_statement_timeout_is_a_timeout() {
-        let Some((url, _db)) = testdb::create() else { return };
+        let Some((url, _db)) = testdb::create() else {
+            return;
+        };
         let pg = Postgres::open(
             &url,
             Options {
@@ -2096,14 +2115,20 @@ mod transport_tests {
         let e = StoreError::from(c.query("SELECT pg_sleep(5)", &[]).await.unwrap_err());
         assert!(matches!(e, StoreError::Timeout(_)), "{e:?}");
         // The server cancelled it: well before the client's own deadline.
-        assert!(started.elapsed() < Duration::from_millis(1200), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(1200),
+            "{:?}",
+            started.elapsed()
+        );
         // ... and the connection is still good.
         c.query("SELECT 1", &[]).await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acquiring_waits_at_most_the_acquire_timeout() {
-        let Some((url, _db)) = testdb::create() else { return };
+        let Some((url, _db)) = testdb::create() else {
+            return;
+        };
         let pg = Postgres::open(
             &url,
             Options {
@@ -2147,7 +2172,11 @@ mod transport_tests {
             let started = Instant::now();
             let e = open(&url, Options::default()).await.err().unwrap();
             assert!(matches!(e, StoreError::Timeout(_)), "{mode}: {e:?}");
-            assert!(started.elapsed() < Duration::from_secs(3), "{mode}: {:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{mode}: {:?}",
+                started.elapsed()
+            );
         }
     }
 }

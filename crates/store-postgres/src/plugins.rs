@@ -31,8 +31,7 @@ impl PgPlugins {
 
     async fn notify(&self, name: &str) -> Result<(), Error> {
         let mut c = self.pg.conn().await?;
-        c
-            .execute("SELECT pg_notify($1, $2)", &[&PLUGINS_CHANNEL, &name])
+        c.execute("SELECT pg_notify($1, $2)", &[&PLUGINS_CHANNEL, &name])
             .await?;
         Ok(())
     }
@@ -51,9 +50,8 @@ impl PluginRecords for PgPlugins {
         // serving version together. The row lock of ON CONFLICT DO
         // UPDATE orders concurrent uploads of one plugin; the version
         // replaced becomes the latest rollback target.
-        c
-            .execute(
-                "WITH v AS (
+        c.execute(
+            "WITH v AS (
                      INSERT INTO plugin_versions (name, hash, bytes, created_at)
                      VALUES ($1, $2, $3, $4) ON CONFLICT (name, hash) DO NOTHING
                  )
@@ -69,14 +67,14 @@ impl PluginRecords for PgPlugins {
                      END,
                      hash = EXCLUDED.hash,
                      updated_at = EXCLUDED.updated_at",
-                &[
-                    &name as Param,
-                    &hash as Param,
-                    &bytes as Param,
-                    &now as Param,
-                ],
-            )
-            .await?;
+            &[
+                &name as Param,
+                &hash as Param,
+                &bytes as Param,
+                &now as Param,
+            ],
+        )
+        .await?;
         drop(c);
         Ok(self.notify(name).await?)
     }

@@ -188,8 +188,7 @@ impl Conn {
         let statement = self.prepare(sql).await?;
         count_round_trip();
         let answer =
-            tokio::time::timeout(self.deadline, self.object().query_one(&statement, params))
-                .await;
+            tokio::time::timeout(self.deadline, self.object().query_one(&statement, params)).await;
         self.settle(answer)
     }
 
@@ -201,8 +200,7 @@ impl Conn {
         let statement = self.prepare(sql).await?;
         count_round_trip();
         let answer =
-            tokio::time::timeout(self.deadline, self.object().query_opt(&statement, params))
-                .await;
+            tokio::time::timeout(self.deadline, self.object().query_opt(&statement, params)).await;
         self.settle(answer)
     }
 

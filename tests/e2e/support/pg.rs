@@ -127,8 +127,7 @@ fn pg_cluster_with(args: &[&str], plaintext: bool) -> Result<String> {
     if plaintext {
         cmd.env("DIGIBOT_PG_SSL", "0");
     }
-    let out = cmd.output()
-        .context("running scripts/pg-cluster")?;
+    let out = cmd.output().context("running scripts/pg-cluster")?;
     if !out.status.success() {
         bail!(
             "scripts/pg-cluster {args:?} failed ({}): {}",
@@ -242,7 +241,11 @@ pub fn host_port(url: &str) -> Result<String> {
         .map(|(_, r)| r)
         .with_context(|| format!("not a URL: {url}"))?;
     let authority = rest.split(['/', '?']).next().unwrap_or(rest);
-    Ok(authority.rsplit('@').next().unwrap_or(authority).to_string())
+    Ok(authority
+        .rsplit('@')
+        .next()
+        .unwrap_or(authority)
+        .to_string())
 }
 
 /// `url` pointing at `host_port` instead.
