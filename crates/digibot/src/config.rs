@@ -61,6 +61,13 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// Connections each replica keeps to PostgreSQL at most.
     pub database_pool: usize,
+    /// PostgreSQL: the longest wait for a free pooled connection; past it
+    /// a webhook is answered 503.
+    pub database_acquire_timeout_ms: u64,
+    /// PostgreSQL: the server's `statement_timeout` for every statement;
+    /// a statement that runs longer (or a database that stops answering)
+    /// fails, and a webhook is answered 503.
+    pub database_statement_timeout_ms: u64,
     /// PostgreSQL: how long a replica's hold on a conversation lasts
     /// without renewal, so how long a dead replica's conversations wait.
     pub lease_ms: u64,
@@ -155,6 +162,8 @@ impl Default for Settings {
             data_dir: PathBuf::from("./data"),
             database_url: None,
             database_pool: 16,
+            database_acquire_timeout_ms: 2_000,
+            database_statement_timeout_ms: 5_000,
             lease_ms: 30_000,
             webhook_max_bytes: 1 << 20,
             durability: Durability::Full,
@@ -280,6 +289,16 @@ impl Settings {
         }
         env_string(&env, "DIGIBOT_DATABASE_URL", &mut s.database_url);
         env_parse(&env, "DIGIBOT_DATABASE_POOL", &mut s.database_pool)?;
+        env_parse(
+            &env,
+            "DIGIBOT_DATABASE_ACQUIRE_TIMEOUT_MS",
+            &mut s.database_acquire_timeout_ms,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_DATABASE_STATEMENT_TIMEOUT_MS",
+            &mut s.database_statement_timeout_ms,
+        )?;
         env_parse(&env, "DIGIBOT_LEASE_MS", &mut s.lease_ms)?;
         env_parse(&env, "DIGIBOT_WEBHOOK_MAX_BYTES", &mut s.webhook_max_bytes)?;
         env_parse(&env, "DIGIBOT_DURABILITY", &mut s.durability)?;
@@ -356,9 +375,13 @@ impl Settings {
                 "DIGIBOT_DATABASE_URL must be a postgres:// URL".into(),
             ));
         }
-        if self.database_pool == 0 || self.lease_ms == 0 {
+        if self.database_pool == 0
+            || self.lease_ms == 0
+            || self.database_acquire_timeout_ms == 0
+            || self.database_statement_timeout_ms == 0
+        {
             return Err(ConfigError::Invalid(
-                "database_pool and lease_ms must be at least 1".into(),
+                "database_pool, lease_ms and the database timeouts must be at least 1".into(),
             ));
         }
         if self.release_command.trim().is_empty() {
@@ -428,20 +451,25 @@ impl Settings {
 
 /// The store the settings ask for: PostgreSQL when `database_url` is set,
 /// else SQLite under the data dir.
-pub fn open_store(settings: &Settings) -> Result<Store, StoreError> {
+pub async fn open_store(settings: &Settings) -> Result<Store, StoreError> {
     match &settings.database_url {
         Some(url) => {
             let lease = Duration::from_millis(settings.lease_ms);
             digibot_store_postgres::open(
-                digibot_store_postgres::parse_url(url)?,
+                &digibot_store_postgres::DatabaseUrl::parse(url)?,
                 digibot_store_postgres::Options {
                     pool_size: settings.database_pool,
                     lease,
                     // Longer than one request, so a live sender keeps it.
                     claim: lease + Duration::from_millis(settings.request_timeout_ms),
+                    acquire_timeout: Duration::from_millis(settings.database_acquire_timeout_ms),
+                    statement_timeout: Duration::from_millis(
+                        settings.database_statement_timeout_ms,
+                    ),
                     ..digibot_store_postgres::Options::default()
                 },
             )
+            .await
         }
         None => digibot_store_sqlite::open(&settings.data_dir, settings.durability),
     }

@@ -61,7 +61,7 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         tracing::warn!("webhooks are not authenticated (set DIGIBOT_WEBHOOK_TOKEN)");
     }
 
-    let store = crate::config::open_store(&settings)?;
+    let store = crate::config::open_store(&settings).await?;
     let runtime = runtime(&settings)?;
     let mut registry = Registry::new(runtime, settings.plugins_dir.clone(), &settings.data_dir);
     // With replicas, plugins are the cluster's (see `cluster`).

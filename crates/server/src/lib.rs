@@ -215,6 +215,8 @@ mod tests {
         );
 
         app.admin.store.close();
+        // The store's answer is kept for a second (health::READY_CACHE).
+        tokio::time::sleep(health::READY_CACHE + std::time::Duration::from_millis(100)).await;
         let (status, body) = get(&app, "/readyz", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -1213,7 +1213,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         Some(TestDb::new(
-            move || open(&path, Durability::Full).unwrap(),
+            move || std::future::ready(open(&path, Durability::Full).unwrap()),
             dir,
         ))
     }
