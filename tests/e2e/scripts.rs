@@ -171,3 +171,34 @@ fn bench_load_arguments_win_over_the_environment() -> Result<()> {
     ensure!(!out_env.exists() && !out_arg.exists());
     Ok(())
 }
+
+/// The README's first screen is what `scripts/demo` prints before
+/// digibot's log (its banner, with the defaults and a token).
+#[test]
+fn the_readme_shows_what_the_demo_prints() -> Result<()> {
+    let demo = std::fs::read_to_string(repo().join("scripts/demo"))?;
+    let banner = demo
+        .split_once("cat >&2 <<EOF\n")
+        .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
+        .map(|(banner, _)| banner)
+        .context("scripts/demo prints no banner")?;
+    // As bash expands the here-document with the demo's defaults.
+    let printed = banner
+        .replace("$listen", "127.0.0.1:8080")
+        .replace("$DIGIBOT_PLUGINS_DIR", "data/demo-plugins")
+        .replace("$DIGIBOT_ADMIN_TOKEN", "9f3c…")
+        .replace("\\\\", "\\");
+    let readme = std::fs::read_to_string(repo().join("README.md"))?;
+    let shown = readme
+        .split_once("prints what to do next:\n\n```\n")
+        .and_then(|(_, rest)| rest.split_once("```\n"))
+        .map(|(shown, _)| shown)
+        .context("the README does not show the demo's banner")?;
+    ensure!(
+        printed.trim() == shown.trim(),
+        "the demo prints:\n{}\nthe README shows:\n{}",
+        printed.trim(),
+        shown.trim()
+    );
+    Ok(())
+}

@@ -4,12 +4,16 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Conversations seen last with their window closed; bounded, since a
 /// forgotten one only costs a repeated warning.
 #[derive(Default)]
 pub struct WindowWarnings {
     closed: Mutex<HashSet<String>>,
+    /// `closed.len()`, so that the usual case (no closed window anywhere)
+    /// takes no lock on every event.
+    len: AtomicUsize,
 }
 
 /// Conversations remembered at most (then forgotten all at once).
@@ -26,15 +30,22 @@ impl WindowWarnings {
         if closed.len() >= REMEMBERED {
             closed.clear();
         }
-        closed.insert(conversation.to_string())
+        closed.insert(conversation.to_string());
+        self.len.store(closed.len(), Ordering::Release);
+        true
     }
 
     /// `conversation`'s window is open (the customer wrote): a later
     /// closure is worth a warning again.
     pub fn open(&self, conversation: &str) {
+        // A conversation's events are handled one after the other, so its
+        // own `closed` is seen here.
+        if self.len.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
-        if !closed.is_empty() {
-            closed.remove(conversation);
+        if closed.remove(conversation) {
+            self.len.store(closed.len(), Ordering::Release);
         }
     }
 }
