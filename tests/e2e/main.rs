@@ -16,5 +16,7 @@ mod lifecycle;
 mod oauth;
 mod observability;
 mod replicas;
+mod scripts;
+mod settings;
 mod startup;
 mod webhook;

@@ -10,7 +10,8 @@
 //! on: one bad reply must not silence the bot for that customer.
 //!
 //! Without a token or OAuth client, the sender is in dry-run: it logs each
-//! request (method, path, JSON body) and marks it sent.
+//! request (method, path, JSON body) once and marks it sent, a message with
+//! the id `dry-run-ACTION`.
 //!
 //! A delivery is recorded with the message id Digishare answered (to
 //! recognise the message when it comes back as a webhook); a delivered
@@ -362,10 +363,18 @@ impl Sender {
     async fn attempt(&self, action: &OutboxAction) -> Attempt {
         let token = match &self.auth {
             Credentials::DryRun => {
-                tracing::info!("dry-run: {} {} {}", action.method, action.path, action.body);
+                tracing::info!(
+                    "dry-run, not sent: {} {} {}",
+                    action.method,
+                    action.path,
+                    action.body
+                );
+                // An id of its own for the message that would exist: it
+                // says dry-run wherever it shows and matches no webhook.
                 return Attempt::Sent {
                     status: 200,
-                    message_id: None,
+                    message_id: (action.path == "/v1/messages")
+                        .then(|| format!("dry-run-{}", action.id)),
                 };
             }
             Credentials::Static(token) => token.clone(),

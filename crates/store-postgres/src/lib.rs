@@ -492,7 +492,7 @@ impl Postgres {
         let mut c = self.conn().await?;
         let rows = c
             .query(
-                "SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq",
+                "SELECT seq, payload, received_at FROM events WHERE status = 'pending' ORDER BY seq",
                 &[],
             )
             .await?;
@@ -834,7 +834,7 @@ impl Postgres {
                  ), nudge AS (
                     SELECT pg_notify('digibot_inbox', $1) FROM held WHERE n = 0
                  )
-                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload
+                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload, e.received_at
                  FROM held LEFT JOIN events e
                    ON held.n > 0 AND e.conversation_id = $1 AND e.status = 'pending'
                  ORDER BY e.seq",
@@ -853,7 +853,7 @@ impl Postgres {
         for r in &rows {
             if let Some(seq) = r.try_get::<_, Option<i64>>(2)? {
                 let payload: String = r.try_get(3)?;
-                events.push(stored_event(seq, &payload)?);
+                events.push(stored_event(seq, &payload, r.try_get(4)?)?);
             }
         }
         Ok(Some(events))
@@ -866,7 +866,7 @@ impl Postgres {
         let rows = c
             .query(
                 "WITH waiting AS (
-                    SELECT seq, payload FROM events
+                    SELECT seq, payload, received_at FROM events
                     WHERE conversation_id = $1 AND status = 'pending'
                  ), released AS (
                     DELETE FROM conversation_leases
@@ -874,7 +874,7 @@ impl Postgres {
                       AND NOT EXISTS (SELECT 1 FROM waiting)
                     RETURNING 1
                  )
-                 SELECT seq, payload, (SELECT count(*) FROM released) FROM waiting ORDER BY seq",
+                 SELECT seq, payload, received_at, (SELECT count(*) FROM released) FROM waiting ORDER BY seq",
                 &[&conversation_id, &self.replica],
             )
             .await?;
@@ -888,7 +888,7 @@ impl Postgres {
         let settled = now_ms() - self.options.poll.as_millis() as i64 * 2;
         let rows = c
             .query(
-                "SELECT e.seq, e.payload FROM events e
+                "SELECT e.seq, e.payload, e.received_at FROM events e
                  LEFT JOIN conversation_leases l ON l.conversation_id = e.conversation_id
                  WHERE e.status = 'pending' AND e.conversation_id IS NOT NULL
                    AND (l.owner = $1 OR ((l.owner IS NULL OR l.expires_at < now()) AND e.received_at < $2))
@@ -1402,16 +1402,20 @@ fn kv_final(changes: &[KvChanges]) -> ([Vec<String>; 4], [Vec<String>; 3]) {
     (sets, deletes)
 }
 
-fn stored_event(seq: i64, payload: &str) -> Result<StoredEvent, Error> {
+fn stored_event(seq: i64, payload: &str, received_at: i64) -> Result<StoredEvent, Error> {
     let event = serde_json::from_str(payload)
         .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-    Ok(StoredEvent { seq, event })
+    Ok(StoredEvent {
+        seq,
+        event,
+        received_at,
+    })
 }
 
-/// Rows of (seq, payload, ...).
+/// Rows of (seq, payload, received_at, ...).
 fn stored_events(rows: &[Row]) -> Result<Vec<StoredEvent>, Error> {
     rows.iter()
-        .map(|r| stored_event(r.try_get(0)?, r.try_get::<_, &str>(1)?))
+        .map(|r| stored_event(r.try_get(0)?, r.try_get::<_, &str>(1)?, r.try_get(2)?))
         .collect()
 }
 
@@ -1587,7 +1591,11 @@ mod tests {
         let Inserted::New(seq) = store.insert_event(e.clone()).await.unwrap() else {
             panic!("{id} is a duplicate")
         };
-        StoredEvent { seq, event: e }
+        StoredEvent {
+            seq,
+            event: e,
+            received_at: digibot_store::now_ms(),
+        }
     }
 
     fn seqs(events: &[StoredEvent]) -> Vec<i64> {
