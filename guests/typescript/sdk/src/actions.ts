@@ -3,7 +3,7 @@
 // the limits and throws a LimitError with the same sentence the Rust SDK and
 // the host use; digibot checks every action again on its side.
 
-import { charCount, isBlank, limits } from "./limits";
+import { charCount, isBlank, limits, longerThan } from "./limits";
 import type {
   Action as WitAction,
   Button,
@@ -68,26 +68,34 @@ function text(field: string, value: string, max: number): void {
   if (typeof value !== "string" || isBlank(value)) {
     throw new LimitError({ kind: "empty", field });
   }
-  const len = charCount(value);
-  if (len > max) throw new LimitError({ kind: "too-long", field, max, len });
+  if (longerThan(value, max)) throw new LimitError({ kind: "too-long", field, max, len: charCount(value) });
 }
 
 function header(value: string | undefined): void {
   if (value != null) text("header", value, limits.HEADER_MAX);
 }
 
-// Ids that end up in a URL path or a `reply_to`: a strict charset, so a
-// plugin cannot steer a request to another conversation's route.
-const REF_ID = /^[A-Za-z0-9._:-]+$/;
+// Ids that end up in a URL path or a `reply_to`: a strict charset
+// (A-Z a-z 0-9 - _ . :), so a plugin cannot steer a request to another
+// conversation's route.
+function plainId(value: string): boolean {
+  if (value.length === 0 || value.length > limits.REF_ID_MAX || value === "." || value === "..") return false;
+  for (let i = 0; i < value.length; i++) {
+    const c = value.charCodeAt(i);
+    const ok =
+      (c >= 0x30 && c <= 0x3a) || // 0-9 and ':'
+      (c >= 0x41 && c <= 0x5a) ||
+      (c >= 0x61 && c <= 0x7a) ||
+      c === 0x2d || // -
+      c === 0x2e || // .
+      c === 0x5f; // _
+    if (!ok) return false;
+  }
+  return true;
+}
 
 function reference(field: string, value: string): void {
-  const ok =
-    typeof value === "string" &&
-    value.length <= limits.REF_ID_MAX &&
-    REF_ID.test(value) &&
-    value !== "." &&
-    value !== "..";
-  if (!ok) throw new LimitError({ kind: "bad-id", field });
+  if (typeof value !== "string" || !plainId(value)) throw new LimitError({ kind: "bad-id", field });
 }
 
 function uniqueIds(ids: string[]): void {

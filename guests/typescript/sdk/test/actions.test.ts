@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Action, FileBuilder, LimitError, actionKind, validate } from "../src/actions";
-import { limits } from "../src/limits";
+import { charCount, isBlank, limits } from "../src/limits";
 
 function error(fn: () => unknown): LimitError {
   try {
@@ -127,4 +127,18 @@ test("validate catches hand-written actions", () => {
   assert.deepEqual(error(() => validate(four)).reason, { kind: "too-many", what: "buttons", max: 3, count: 4 });
   assert.equal(error(() => validate({ tag: "text", val: { body: "hi", replyTo: "../x" } })).message.startsWith("reply_to"), true);
   validate({ tag: "text", val: { body: "hi" } });
+});
+
+test("characters are code points; blanks are Rust's whitespace", () => {
+  assert.equal(charCount(""), 0);
+  assert.equal(charCount("a👋é"), 3);
+  assert.equal(charCount("👋👋"), 2);
+  assert.equal(charCount("\ud800x"), 2); // a lone surrogate is one
+  assert.equal(charCount("x\udc00\ud800"), 3);
+  assert.equal(isBlank(""), true);
+  assert.equal(isBlank(" \t\r\n\u00a0\u2003\u3000"), true);
+  assert.equal(isBlank(" a "), false);
+  assert.equal(isBlank("\ufeff"), false);
+  const e = error(() => Action.text("👋".repeat(limits.TEXT_MAX + 1)));
+  assert.deepEqual(e.reason, { kind: "too-long", field: "text", max: 4096, len: 4097 });
 });
