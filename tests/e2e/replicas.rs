@@ -323,7 +323,16 @@ async fn database_outage_answers_503_and_resumes() -> Result<()> {
             reply.status,
             reply.body
         );
-        let ready = bot.get("/readyz").await?;
+        // /readyz keeps its answer for a second: the last "ok" may still
+        // be served just after the stop, never past the second.
+        let asked = Instant::now();
+        let ready = loop {
+            let ready = bot.get("/readyz").await?;
+            if ready.status == 503 || asked.elapsed() > Duration::from_millis(1500) {
+                break ready;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         ensure!(
             ready.status == 503,
             "replica {i} ready without a database: {}",
@@ -415,6 +424,9 @@ async fn plugin_uploaded_to_one_replica_serves_on_another() -> Result<()> {
     wait_plugin(b, "echo", Some(&v2)).await?;
     b.accept(&customer_text("conv_plug", "msg_plug_2", "two"))
         .await?;
+    // Answered before the rollback, else a loaded machine may run the
+    // turn after it, on v1.
+    fake.wait_for_conversation("conv_plug", 2, TIMEOUT).await?;
 
     let rolled = admin(b, reqwest::Method::POST, "/admin/plugins/echo/rollback").await?;
     rolled.expect_status(200)?;
