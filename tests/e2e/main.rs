@@ -17,6 +17,8 @@ mod oauth;
 mod observability;
 mod outbound;
 mod replicas;
+mod scripts;
+mod settings;
 mod startup;
 mod waiting_turns;
 mod webhook;

@@ -11,6 +11,8 @@
 //! - [`sends`]: which conversations have a request in flight (the echo race);
 //! - [`outbound`]: plugins' outbound HTTP: grant, SSRF rules, caps,
 //!   secrets, redirects, the call journal;
+//! - [`window`]: warning once per conversation about WhatsApp's 24-hour
+//!   window;
 //! - [`cluster`]: plugins shared by replicas, kept in step with the store's
 //!   record;
 //! - [`metrics`]: the metrics the pipeline updates.
@@ -21,3 +23,4 @@ pub mod metrics;
 pub mod outbound;
 pub mod sender;
 pub mod sends;
+pub mod window;
