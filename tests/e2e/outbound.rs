@@ -591,7 +591,7 @@ async fn a_thousand_conversations_waiting_on_the_api_hold_no_thread_and_delay_no
         .plugin_toml(
             "hostile-fetch",
             &format!(
-                "[grants]\nhttp = [\"{}/\"]\nsecrets = [\"ORDERS_TOKEN\"]\n[limits]\nhttp_timeout_ms = 15000\n",
+                "[grants]\nhttp = [\"{}/\"]\nsecrets = [\"ORDERS_TOKEN\"]\n[limits]\nwall_ms = 30000\nhttp_timeout_ms = 15000\n",
                 api.url()
             ),
         )

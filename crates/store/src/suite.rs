@@ -752,7 +752,7 @@ pub fn call(event_key: &str, plugin: &str, call: u32, status: u16, body: &[u8]) 
 }
 
 pub async fn journal_records_replaces_lists_and_survives_reopen(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     let e1 = "live_chat.new_message:j1";
     // Not UTF-8, with a NUL: bodies are bytes.
     let odd = [0xff, 0x00, b'{', 0xc3];
@@ -809,7 +809,7 @@ pub async fn journal_records_replaces_lists_and_survives_reopen(db: TestDb) {
     store.close();
     drop(store);
 
-    let store = db.open();
+    let store = db.open().await;
     let orders = store.journal(e1, Some("orders")).await.unwrap();
     assert_eq!(orders.len(), 2);
     assert_eq!(orders[1].outcome, failed.outcome);
@@ -832,7 +832,7 @@ pub async fn journal_records_replaces_lists_and_survives_reopen(db: TestDb) {
 }
 
 pub async fn journal_is_pruned_with_finished_events_only(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     // A finished event's old call goes; a pending event's old call stays
     // (its turn may run again and replay it).
     let done = event("jdone", "c1");
