@@ -16,6 +16,8 @@ mod lifecycle;
 mod oauth;
 mod observability;
 mod replicas;
+mod scripts;
+mod settings;
 mod startup;
 mod waiting_turns;
 mod webhook;
