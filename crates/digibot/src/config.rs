@@ -290,11 +290,10 @@ pub struct RuntimeSettings {
     /// Instances the pool holds at once: a quarter may be warm (each
     /// enabled plugin keeps up to four instantiated, never-called instances
     /// ready, each used for one event only), a quarter may wait to be
-    /// reset, half serve turns, so this bounds the turns running or
-    /// waiting at once (`pool_instances / 2`; with `concurrency`, the
-    /// conversations handled at once). Turns hold no thread: to let
-    /// thousands wait on slow host calls, raise both (each pooled instance
-    /// reserves address space, not memory).
+    /// reset, half serve turns: so this bounds the turns running or
+    /// waiting at once (`pool_instances / 2`). Turns hold no thread: to let
+    /// thousands wait on slow host calls, raise it and `concurrency` (each
+    /// pooled instance reserves address space, not memory).
     #[arg(
         id = "runtime.pool_instances",
         long = "pool-instances",
@@ -324,7 +323,7 @@ pub struct RuntimeSettings {
     #[arg(id = "runtime.fuel", long = "fuel", env = "DIGIBOT_FUEL", value_name = "BOOL", action = ArgAction::Set, default_value_t = false)]
     pub fuel: bool,
     /// Default compute budget of a turn: its time not spent waiting on a
-    /// host call (100 ms when not set).
+    /// host call (none: `timeout_ms`, else 100).
     #[arg(
         id = "runtime.compute_ms",
         long = "plugin-compute-ms",
@@ -333,7 +332,7 @@ pub struct RuntimeSettings {
     )]
     pub compute_ms: Option<u64>,
     /// Default wall-clock deadline of a turn, host calls included, for
-    /// plugins without a network grant (100 ms when not set).
+    /// plugins without a network grant (none: `timeout_ms`, else 100).
     #[arg(
         id = "runtime.wall_ms",
         long = "plugin-wall-ms",
