@@ -46,7 +46,8 @@ async fn serve_help_documents_every_setting() -> Result<()> {
         "--retry-base-ms <MS>",
         "[env: DIGIBOT_RETRY_BASE_MS=]",
         "--plugin-timeout-ms <MS>",
-        "[default: 100]",
+        "--plugin-network-wall-ms <MS>",
+        "[default: 10000]",
         "--config <PATH>",
         // A variable that is set shows its value, unless it is a secret.
         "[env: DIGIBOT_CONCURRENCY=7]",
