@@ -16,5 +16,6 @@ mod lifecycle;
 mod oauth;
 mod observability;
 mod replicas;
+mod sandbox;
 mod startup;
 mod webhook;

@@ -2,8 +2,8 @@
 //! `DIGIBOT_*` environment variables, each overriding the one before.
 
 use digibot_pipeline::sender::{ApiCredentials, RetryPolicy, SenderConfig};
-use digibot_runtime::{Limits, RuntimeConfig};
-use digibot_store::{Store, StoreError};
+use digibot_runtime::{KvQuota, KvQuotas, Limits, RuntimeConfig};
+use digibot_store::{Retention, Store, StoreError};
 use digibot_store_sqlite::Durability;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -75,6 +75,13 @@ pub struct Settings {
     pub retry: RetrySettings,
     /// Handled events and sent actions are deleted after this many hours.
     pub retention_hours: u64,
+    /// Dead letters are deleted this many days after they died (0: kept).
+    pub dead_letter_retention_days: u64,
+    /// A conversation with no event for this many days is forgotten: who
+    /// is in charge, and every plugin's KV in it (0: kept).
+    pub conversation_retention_days: u64,
+    /// How much KV each plugin may hold.
+    pub kv: KvSettings,
     /// How long SIGTERM waits for in-flight work.
     pub shutdown_grace_secs: u64,
     /// Timeout of one Messages API request.
@@ -97,6 +104,43 @@ pub struct RetrySettings {
     pub base_ms: u64,
     pub max_ms: u64,
     pub max_attempts: u32,
+}
+
+/// KV quotas: per plugin and conversation, and per plugin in all.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvSettings {
+    pub conversation_keys: i64,
+    pub conversation_bytes: i64,
+    pub plugin_keys: i64,
+    pub plugin_bytes: i64,
+}
+
+impl Default for KvSettings {
+    fn default() -> Self {
+        let q = KvQuotas::default();
+        KvSettings {
+            conversation_keys: q.conversation.keys,
+            conversation_bytes: q.conversation.bytes,
+            plugin_keys: q.plugin.keys,
+            plugin_bytes: q.plugin.bytes,
+        }
+    }
+}
+
+impl KvSettings {
+    pub fn quotas(&self) -> KvQuotas {
+        KvQuotas {
+            conversation: KvQuota {
+                keys: self.conversation_keys,
+                bytes: self.conversation_bytes,
+            },
+            plugin: KvQuota {
+                keys: self.plugin_keys,
+                bytes: self.plugin_bytes,
+            },
+        }
+    }
 }
 
 /// How plugins are compiled.
@@ -134,6 +178,12 @@ pub struct RuntimeSettings {
     pub memory_mb: u64,
     pub max_actions: usize,
     pub max_log_bytes: usize,
+    pub max_log_lines: usize,
+    /// Core instances, linear memories and tables one plugin component
+    /// may have; the instance pool is sized by them.
+    pub max_core_instances: usize,
+    pub max_memories: usize,
+    pub max_tables: usize,
     /// Consecutive failures before a plugin is quarantined.
     pub breaker_failures: u32,
     /// How long a quarantined plugin is skipped.
@@ -162,6 +212,9 @@ impl Default for Settings {
             send_concurrency: 32,
             retry: RetrySettings::default(),
             retention_hours: 24 * 7,
+            dead_letter_retention_days: 30,
+            conversation_retention_days: 90,
+            kv: KvSettings::default(),
             shutdown_grace_secs: 10,
             request_timeout_ms: 10_000,
             runtime: RuntimeSettings::default(),
@@ -195,6 +248,10 @@ impl Default for RuntimeSettings {
             memory_mb: (limits.memory_bytes >> 20) as u64,
             max_actions: limits.max_actions,
             max_log_bytes: limits.max_log_bytes,
+            max_log_lines: limits.max_log_lines,
+            max_core_instances: limits.core_instances,
+            max_memories: limits.memories,
+            max_tables: limits.tables,
             breaker_failures: 5,
             breaker_cooldown_secs: 30,
         }
@@ -209,6 +266,10 @@ impl RuntimeSettings {
             memory_bytes: (self.memory_mb as usize) << 20,
             max_actions: self.max_actions,
             max_log_bytes: self.max_log_bytes,
+            max_log_lines: self.max_log_lines,
+            core_instances: self.max_core_instances,
+            memories: self.max_memories,
+            tables: self.max_tables,
             ..Limits::default()
         }
     }
@@ -295,6 +356,39 @@ impl Settings {
         env_parse(&env, "DIGIBOT_RETENTION_HOURS", &mut s.retention_hours)?;
         env_parse(
             &env,
+            "DIGIBOT_DEAD_LETTER_RETENTION_DAYS",
+            &mut s.dead_letter_retention_days,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_CONVERSATION_RETENTION_DAYS",
+            &mut s.conversation_retention_days,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_KV_CONVERSATION_KEYS",
+            &mut s.kv.conversation_keys,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_KV_CONVERSATION_BYTES",
+            &mut s.kv.conversation_bytes,
+        )?;
+        env_parse(&env, "DIGIBOT_KV_PLUGIN_KEYS", &mut s.kv.plugin_keys)?;
+        env_parse(&env, "DIGIBOT_KV_PLUGIN_BYTES", &mut s.kv.plugin_bytes)?;
+        env_parse(
+            &env,
+            "DIGIBOT_PLUGIN_MAX_MEMORIES",
+            &mut s.runtime.max_memories,
+        )?;
+        env_parse(&env, "DIGIBOT_PLUGIN_MAX_TABLES", &mut s.runtime.max_tables)?;
+        env_parse(
+            &env,
+            "DIGIBOT_PLUGIN_MAX_CORE_INSTANCES",
+            &mut s.runtime.max_core_instances,
+        )?;
+        env_parse(
+            &env,
             "DIGIBOT_SHUTDOWN_GRACE_SECS",
             &mut s.shutdown_grace_secs,
         )?;
@@ -366,6 +460,25 @@ impl Settings {
                 "release_command must not be empty".into(),
             ));
         }
+        let kv = &self.kv;
+        if [
+            kv.conversation_keys,
+            kv.conversation_bytes,
+            kv.plugin_keys,
+            kv.plugin_bytes,
+        ]
+        .iter()
+        .any(|q| *q < 1)
+        {
+            return Err(ConfigError::Invalid("kv quotas must be at least 1".into()));
+        }
+        let r = &self.runtime;
+        if r.max_memories == 0 || r.max_core_instances == 0 || r.max_tables == 0 {
+            return Err(ConfigError::Invalid(
+                "runtime.max_core_instances, max_memories and max_tables must be at least 1"
+                    .into(),
+            ));
+        }
         if self.concurrency == 0 || self.send_concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "concurrency must be at least 1".into(),
@@ -385,7 +498,19 @@ impl Settings {
             keep_resident: r.keep_resident_kb << 10,
             cache_dir: Some(self.data_dir.join("cache")),
             defaults: r.limits(),
+            kv_quotas: self.kv.quotas(),
             ..RuntimeConfig::default()
+        }
+    }
+
+    /// What retention removes when it runs at `now` (ms).
+    pub fn retention(&self, now: i64) -> Retention {
+        let ago = |hours: u64| now.saturating_sub((hours as i64).saturating_mul(3_600_000));
+        let days = |d: u64| (d > 0).then(|| ago(d.saturating_mul(24)));
+        Retention {
+            finished_before: Some(ago(self.retention_hours)),
+            dead_before: days(self.dead_letter_retention_days),
+            idle_before: days(self.conversation_retention_days),
         }
     }
 
@@ -468,6 +593,31 @@ mod tests {
         assert_eq!(s.durability, Durability::Full);
         assert_eq!(s.release_command, "/bot");
         assert_eq!(s.human_idle_release_secs, 0);
+    }
+
+    #[test]
+    fn retention_and_quotas_have_documented_defaults_and_env_overrides() {
+        let s = Settings::load_with(None, env(&[])).unwrap();
+        let now = 100 * 86_400_000;
+        let r = s.retention(now);
+        assert_eq!(r.finished_before, Some(now - 7 * 86_400_000));
+        assert_eq!(r.dead_before, Some(now - 30 * 86_400_000));
+        assert_eq!(r.idle_before, Some(now - 90 * 86_400_000));
+        assert_eq!(s.runtime_config().kv_quotas, KvQuotas::default());
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_DEAD_LETTER_RETENTION_DAYS", "0"),
+                ("DIGIBOT_KV_CONVERSATION_BYTES", "4096"),
+                ("DIGIBOT_PLUGIN_MAX_MEMORIES", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.retention(now).dead_before, None);
+        let config = s.runtime_config();
+        assert_eq!(config.kv_quotas.conversation.bytes, 4096);
+        assert_eq!(config.defaults.memories, 2);
+        assert!(Settings::load_with(None, env(&[("DIGIBOT_KV_PLUGIN_KEYS", "0")])).is_err());
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub struct LimitOverrides {
     pub max_actions: Option<usize>,
     pub max_action_bytes: Option<usize>,
     pub max_log_bytes: Option<usize>,
+    pub max_log_lines: Option<usize>,
     pub fuel: Option<u64>,
 }
 
@@ -71,13 +72,20 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Table elements cap, per table.
     pub table_elements: usize,
-    /// Core instances, memories and tables a component may create.
-    pub instances: usize,
+    /// Core instances one component may have (host-wide: the instance
+    /// pool is sized by it; not in `NAME.toml`).
+    pub core_instances: usize,
+    /// Linear memories one component may have (host-wide, as above).
+    pub memories: usize,
+    /// Tables one component may have (host-wide, as above).
+    pub tables: usize,
     pub max_actions: usize,
     /// Total size of the strings in the returned actions.
     pub max_action_bytes: usize,
     /// stdout + stderr + `log` output kept per event.
     pub max_log_bytes: usize,
+    /// `log` calls kept per event (each is a line of the host's log).
+    pub max_log_lines: usize,
     /// Fuel per invocation when fuel metering is on for the engine.
     pub fuel: Option<u64>,
 }
@@ -88,10 +96,17 @@ impl Default for Limits {
             timeout: Duration::from_millis(100),
             memory_bytes: 64 << 20,
             table_elements: 20_000,
-            instances: 32,
+            // Measured (docs/operations.md): a Rust guest has 3 core
+            // instances, 1 memory and 2 tables; componentize-py's Python
+            // guest 14, 1, 2; a ComponentizeJS guest 4, 1, 2. Room for a
+            // composition of two, not for hundreds.
+            core_instances: 32,
+            memories: 2,
+            tables: 4,
             max_actions: 50,
             max_action_bytes: 256 << 10,
             max_log_bytes: 16 << 10,
+            max_log_lines: 100,
             fuel: None,
         }
     }
@@ -112,6 +127,7 @@ impl Limits {
             max_actions: o.max_actions.unwrap_or(self.max_actions),
             max_action_bytes: o.max_action_bytes.unwrap_or(self.max_action_bytes),
             max_log_bytes: o.max_log_bytes.unwrap_or(self.max_log_bytes),
+            max_log_lines: o.max_log_lines.unwrap_or(self.max_log_lines),
             fuel: o.fuel.or(self.fuel),
             ..self.clone()
         }

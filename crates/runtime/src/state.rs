@@ -92,11 +92,15 @@ pub struct LogLine {
 }
 
 /// Enforces the memory, table and instance caps, and remembers which one
-/// refused, so a trap that follows can be reported as `memory`.
+/// refused, so a trap that follows can be reported as `memory`. (With the
+/// pooling allocator, a component over the per-component counts is
+/// refused at load already; these counts cover the on-demand one.)
 pub struct Limiter {
     memory_bytes: usize,
     table_elements: usize,
-    instances: usize,
+    core_instances: usize,
+    memories: usize,
+    tables: usize,
     pub memory_refused: bool,
     pub table_refused: bool,
 }
@@ -129,13 +133,13 @@ impl ResourceLimiter for Limiter {
     }
 
     fn instances(&self) -> usize {
-        self.instances
+        self.core_instances
     }
     fn tables(&self) -> usize {
-        self.instances
+        self.tables
     }
     fn memories(&self) -> usize {
-        self.instances
+        self.memories
     }
 }
 
@@ -207,7 +211,9 @@ impl HostState {
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
-                instances: limits.instances,
+                core_instances: limits.core_instances,
+                memories: limits.memories,
+                tables: limits.tables,
                 memory_refused: false,
                 table_refused: false,
             },
