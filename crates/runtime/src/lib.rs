@@ -25,7 +25,7 @@ use digibot_protocol::Action;
 pub use manifest::{EventFilter, Grants, Limits, Manifest};
 use sha2::{Digest, Sha256};
 use state::HostState;
-pub use state::{KvRead, LogLevel, LogLine, MemoryKv};
+pub use state::{HostLimit, KvRead, LogLevel, LogLine, MemoryKv};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -180,6 +180,9 @@ pub enum Failure {
     Trap(String),
     #[error("error: {0}")]
     Error(String),
+    /// A host call with an argument past its bound (see [`HostLimit`]).
+    #[error("limit: {0}")]
+    Limit(String),
     #[error("too many actions ({count}, limit {max})")]
     TooManyActions { count: usize, max: usize },
     #[error("actions too large ({bytes} bytes, limit {max})")]
@@ -195,6 +198,7 @@ impl Failure {
             Failure::Fuel => "fuel",
             Failure::Trap(_) => "trap",
             Failure::Error(_) => "error",
+            Failure::Limit(_) => "limit",
             Failure::TooManyActions { .. } => "too_many_actions",
             Failure::ActionsTooLarge { .. } => "actions_too_large",
         }
@@ -208,6 +212,9 @@ pub struct Invocation {
     /// KV writes to commit with the event; empty when the call failed.
     pub kv_writes: Vec<KvWrite>,
     pub logs: Vec<LogLine>,
+    /// What the host refused the plugin (`kv.set` over a bound or a
+    /// quota), as the plugin was told; the turn went on.
+    pub refused: Vec<String>,
     /// stdout and stderr, as far as the log cap allowed.
     pub output: String,
     pub logs_dropped: usize,
@@ -756,13 +763,16 @@ impl Runtime {
                     outcome: Err(Failure::Trap(format!("instantiation failed: {e:#}"))),
                     kv_writes: Vec::new(),
                     logs: Vec::new(),
+                    refused: Vec::new(),
                     output: String::new(),
                     logs_dropped: 0,
                     elapsed: started.elapsed(),
                 };
             }
         };
-        store.data_mut().bind(call.conversation_id(), kv);
+        store
+            .data_mut()
+            .bind(call.conversation_id(), kv, self.config.kv_quotas);
         set_deadline(&mut store, &plugin.limits);
         if self.config.fuel {
             let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
@@ -779,6 +789,7 @@ impl Runtime {
         let state = store.data_mut();
         let kv_writes = std::mem::take(&mut state.kv_writes);
         let logs = std::mem::take(&mut state.logs);
+        let refused = std::mem::take(&mut state.refused);
         let logs_dropped = state.logs_dropped + cut;
         self.discard(store);
         Invocation {
@@ -788,6 +799,7 @@ impl Runtime {
                 Vec::new()
             },
             logs,
+            refused,
             logs_dropped,
             output,
             outcome,
@@ -963,6 +975,9 @@ fn classify(error: &wasmtime::Error, state: &HostState, output: &str) -> Failure
         Some(Trap::Interrupt) => return Failure::Timeout,
         Some(Trap::OutOfFuel) => return Failure::Fuel,
         _ => {}
+    }
+    if let Some(limit) = error.downcast_ref::<state::HostLimit>() {
+        return Failure::Limit(limit.0.clone());
     }
     if state.limiter.memory_refused {
         return Failure::Memory;
