@@ -196,7 +196,16 @@ async fn a_kv_disk_fill_is_stopped_by_the_quotas_and_the_plugin_is_told() -> Res
         Digibot::builder()
             .fake(&fake)
             .env("DIGIBOT_KV_PLUGIN_BYTES", "2097152"),
-        &[built("bad-kv", "hostile_kv", None)?, echo()?],
+        // A deadline that is not this test's subject: sixteen 64 KiB
+        // writes, each looking up what it replaces, on a busy machine.
+        &[
+            built(
+                "bad-kv",
+                "hostile_kv",
+                Some("[limits]\ntimeout_ms = 10000\n"),
+            )?,
+            echo()?,
+        ],
     )
     .await?;
     // Each entry: a 7-byte key (`fa1/000`) and a 64 KiB value.
@@ -229,7 +238,19 @@ async fn a_kv_disk_fill_is_stopped_by_the_quotas_and_the_plugin_is_told() -> Res
         expected.push((c, text(c, &format!("stored {stored}, refused: {refusal}"))));
         expected.push((c, text(c, "fill")));
     }
-    fake.settle(8, TIMEOUT).await?;
+    // A plugin that gives up on the refusal (`kv::set(..)?`): the turn
+    // fails with the host's reason, its writes discarded; echo answers.
+    let event = post_all(&bot, &[("conv_fill_a", "fa3", "fill-strict")])
+        .await?
+        .remove(0);
+    let bad = outcome(&event, "bad-kv")?;
+    ensure!(
+        bad["outcome"] == "failed" && bad["reason"] == conversation(16 * ENTRY).as_str(),
+        "fa3: the host's reason is the plugin's: {event}"
+    );
+    echoed(&event)?;
+    expected.push((&"conv_fill_a", text("conv_fill_a", "fill-strict")));
+    fake.settle(9, TIMEOUT).await?;
     for c in ["conv_fill_a", "conv_fill_b", "conv_fill_c"] {
         let want: Vec<Value> = expected
             .iter()
@@ -250,7 +271,7 @@ async fn a_kv_disk_fill_is_stopped_by_the_quotas_and_the_plugin_is_told() -> Res
         outcome(&event, "bad-kv")?["refused"] == json!([refusal]),
         "{event}"
     );
-    fake.settle(10, TIMEOUT).await?;
+    fake.settle(11, TIMEOUT).await?;
     let c_wire = fake.wire_for("conv_fill_c");
     ensure_all_eq(
         &c_wire[2..],

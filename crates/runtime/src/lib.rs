@@ -183,6 +183,11 @@ pub enum Failure {
     /// A host call with an argument past its bound (see [`HostLimit`]).
     #[error("limit: {0}")]
     Limit(String),
+    /// The handler returned, as its error, a refusal the host had given it
+    /// during the turn (`quota: ...`, `limit: ...`): recorded as the
+    /// host's reason, not as the plugin's own error.
+    #[error("{0}")]
+    Refused(String),
     #[error("too many actions ({count}, limit {max})")]
     TooManyActions { count: usize, max: usize },
     #[error("actions too large ({bytes} bytes, limit {max})")]
@@ -199,6 +204,8 @@ impl Failure {
             Failure::Trap(_) => "trap",
             Failure::Error(_) => "error",
             Failure::Limit(_) => "limit",
+            Failure::Refused(r) if r.starts_with("quota:") => "quota",
+            Failure::Refused(_) => "limit",
             Failure::TooManyActions { .. } => "too_many_actions",
             Failure::ActionsTooLarge { .. } => "actions_too_large",
         }
@@ -783,6 +790,9 @@ impl Runtime {
         let (output, cut) = store.data().stdio.contents();
         let outcome = match result {
             Ok(Ok(actions)) => check_actions(actions, &plugin.limits),
+            Ok(Err(message)) if store.data().refused.contains(&message) => {
+                Err(Failure::Refused(message))
+            }
             Ok(Err(message)) => Err(Failure::Error(message)),
             Err(trap) => Err(classify(&trap, store.data(), &output)),
         };

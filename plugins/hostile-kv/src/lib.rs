@@ -3,6 +3,8 @@
 //! - `fill`: writes 64 KiB values under new keys (`MESSAGE_ID/NNN`) until
 //!   the host refuses one (or the per-event write cap), and answers
 //!   `stored N, refused: REASON`, so a test sees what the plugin was told;
+//! - `fill-strict`: the same, but gives up with `?` at the first
+//!   refusal (its writes are then discarded, the reason is the host's);
 //! - `huge-set`, `huge-value`: `kv.set` with a 16 MiB key, a 16 MiB value;
 //!   answers `refused: REASON`;
 //! - `huge-get`, `huge-delete`, `huge-config`: `kv.get`, `kv.delete`,
@@ -34,6 +36,13 @@ impl Bot for HostileKv {
                     }
                 }
                 format!("stored {stored}, refused: {refused}")
+            }
+            "fill-strict" => {
+                let value = "v".repeat(VALUE);
+                for i in 0..1000 {
+                    kv::set(&format!("{}/{i:03}", message.id), &value)?;
+                }
+                "stored all".to_string()
             }
             "huge-set" => refusal(kv::set(&huge(), "v")),
             "huge-value" => refusal(kv::set("k", &"v".repeat(HUGE))),
