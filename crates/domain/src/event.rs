@@ -549,7 +549,7 @@ mod tests {
 
     fn fixture(name: &str) -> Event {
         let path = format!(
-            "{}/../tests/fixtures/webhooks/{name}.json",
+            "{}/../../tests/fixtures/webhooks/{name}.json",
             env!("CARGO_MANIFEST_DIR")
         );
         Event::parse(&std::fs::read(path).unwrap()).unwrap()
