@@ -451,3 +451,106 @@ impl WasiView for HostState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use digibot_domain::kv::KvQuota;
+
+    fn state(kv: Arc<MemoryKv>, quota: KvQuota) -> HostState {
+        let limits = Limits {
+            max_log_lines: 3,
+            ..Limits::default()
+        };
+        let mut s = HostState::new(
+            "p".into(),
+            Arc::new(BTreeMap::new()),
+            &limits,
+            &Grants::default(),
+        );
+        let roomy = KvQuota {
+            keys: 1_000,
+            bytes: 1 << 20,
+        };
+        s.bind(
+            "c",
+            kv,
+            KvQuotas {
+                conversation: quota,
+                plugin: roomy,
+            },
+        );
+        s
+    }
+
+    const SMALL: KvQuota = KvQuota {
+        keys: 2,
+        bytes: 100,
+    };
+
+    #[test]
+    fn a_turn_is_judged_with_what_it_already_wrote_and_freed() {
+        let kv = Arc::new(MemoryKv::default());
+        kv.apply(
+            "p",
+            "c",
+            &[KvWrite::Set {
+                key: "a".into(),
+                value: "x".repeat(39),
+            }],
+        );
+        let mut s = state(kv, SMALL);
+        assert_eq!(s.kv_set("b".into(), "y".repeat(9)), Ok(()));
+        let refused = "quota: this conversation's kv would hold 3 keys, the quota is 2";
+        assert_eq!(s.kv_set("c".into(), "z".into()), Err(refused.to_string()));
+        // Deleting frees a key; an overwrite that grows past the bytes is
+        // refused, one that shrinks is taken.
+        s.kv_delete("a".into()).unwrap();
+        assert_eq!(s.kv_set("c".into(), "z".repeat(9)), Ok(()));
+        assert_eq!(
+            s.kv_set("b".into(), "y".repeat(95)),
+            Err("quota: this conversation's kv would hold 106 bytes, the quota is 100".into())
+        );
+        assert_eq!(s.kv_set("b".into(), "y".into()), Ok(()));
+        assert_eq!(s.refused.len(), 2);
+        assert_eq!(s.kv_writes.len(), 4);
+    }
+
+    #[test]
+    fn bounds_refuse_before_anything_is_kept() {
+        let mut s = state(Arc::new(MemoryKv::default()), SMALL);
+        assert_eq!(
+            s.kv_set_admits(KV_KEY_MAX + 1, 1),
+            Err("limit: kv key is 257 bytes, the limit is 256".into())
+        );
+        assert_eq!(
+            s.kv_set_admits(1, KV_VALUE_MAX + 1),
+            Err("limit: kv value is 65537 bytes, the limit is 65536".into())
+        );
+        assert_eq!(s.kv_set_admits(0, 1), Err("limit: kv key is empty".into()));
+        assert_eq!(
+            check_key("kv.get", KV_KEY_MAX + 1),
+            Err(HostLimit("kv.get key is 257 bytes, the limit is 256".into()))
+        );
+        for i in 0..KV_READS_MAX {
+            assert_eq!(s.kv_get(&format!("k{i}")), Ok(None));
+        }
+        // Keys already read cost nothing more; a new one is refused.
+        assert_eq!(s.kv_get("k0"), Ok(None));
+        assert_eq!(
+            s.kv_get("one-more"),
+            Err(HostLimit(
+                "more than 256 distinct kv keys read in one event".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn log_lines_past_the_cap_are_counted_not_kept() {
+        let mut s = state(Arc::new(MemoryKv::default()), SMALL);
+        for _ in 0..10 {
+            s.log(LogLevel::Info, "");
+        }
+        assert_eq!((s.logs.len(), s.logs_dropped), (3, 7));
+    }
+}
