@@ -475,8 +475,7 @@ impl Settings {
         let r = &self.runtime;
         if r.max_memories == 0 || r.max_core_instances == 0 || r.max_tables == 0 {
             return Err(ConfigError::Invalid(
-                "runtime.max_core_instances, max_memories and max_tables must be at least 1"
-                    .into(),
+                "runtime.max_core_instances, max_memories and max_tables must be at least 1".into(),
             ));
         }
         if self.concurrency == 0 || self.send_concurrency == 0 {

@@ -23,8 +23,8 @@ macro_rules! version_edge {
         use ::digibot_domain::event;
         use digibot_protocol as proto;
         use wasmtime::Store;
-        use wasmtime::component::{HasSelf, Linker, WasmStr};
         use wasmtime::StoreContextMut;
+        use wasmtime::component::{HasSelf, Linker, WasmStr};
         use $crate::Call;
         use $crate::state::{HostState, LogLevel, check_key};
 

@@ -146,7 +146,9 @@ impl Limits {
                 .memory_mb
                 .map(|mb| usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX))
                 .unwrap_or(self.memory_bytes),
-            max_actions: o.max_actions.map_or(self.max_actions, |n| n.min(ceiling::ACTIONS)),
+            max_actions: o
+                .max_actions
+                .map_or(self.max_actions, |n| n.min(ceiling::ACTIONS)),
             max_action_bytes: o
                 .max_action_bytes
                 .map_or(self.max_action_bytes, |n| n.min(ceiling::ACTION_BYTES)),

@@ -530,7 +530,9 @@ mod tests {
         assert_eq!(s.kv_set_admits(0, 1), Err("limit: kv key is empty".into()));
         assert_eq!(
             check_key("kv.get", KV_KEY_MAX + 1),
-            Err(HostLimit("kv.get key is 257 bytes, the limit is 256".into()))
+            Err(HostLimit(
+                "kv.get key is 257 bytes, the limit is 256".into()
+            ))
         );
         for i in 0..KV_READS_MAX {
             assert_eq!(s.kv_get(&format!("k{i}")), Ok(None));
