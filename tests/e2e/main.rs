@@ -17,5 +17,7 @@ mod oauth;
 mod observability;
 mod replicas;
 mod sandbox;
+mod scripts;
+mod settings;
 mod startup;
 mod webhook;

@@ -50,8 +50,8 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     // First, so that every update from here on is recorded.
     digibot_server::metrics::install();
     let webhook_auth = match (&settings.webhook_token, &settings.webhook_basic) {
-        (Some(token), _) => WebhookAuth::Token(token.clone()),
-        (None, Some(basic)) => WebhookAuth::Basic(basic.clone()),
+        (Some(token), _) => WebhookAuth::Token(token.expose().to_string()),
+        (None, Some(basic)) => WebhookAuth::Basic(basic.expose().to_string()),
         (None, None) => WebhookAuth::None,
     };
     if matches!(webhook_auth, WebhookAuth::None) {
@@ -61,7 +61,7 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         tracing::warn!("webhooks are not authenticated (set DIGIBOT_WEBHOOK_TOKEN)");
     }
 
-    let store = crate::config::open_store(&settings)?;
+    let store = crate::config::open_store(&settings).await?;
     let runtime = runtime(&settings)?;
     let mut registry = Registry::new(runtime, settings.plugins_dir.clone(), &settings.data_dir);
     // With replicas, plugins are the cluster's (see `cluster`).
@@ -157,7 +157,10 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         outbox,
         webhook_auth,
         webhook_max_bytes: settings.webhook_max_bytes,
-        admin_token: settings.admin_token.clone(),
+        admin_token: settings
+            .admin_token
+            .as_ref()
+            .map(|t| t.expose().to_string()),
     });
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await

@@ -251,8 +251,13 @@ fn build(conversation_id: &str, action: &Action) -> ApiRequest {
 }
 
 /// Percent-encodes everything but unreserved characters, so an id can never
-/// add a path segment or a query.
+/// add a path segment or a query. `.` and `..` are unreserved characters
+/// but dot segments, which URL normalisation (in reqwest, in proxies)
+/// resolves to another route: as a whole segment, their dots are encoded.
 pub fn path_segment(s: &str) -> String {
+    if s == "." || s == ".." {
+        return s.replace('.', "%2E");
+    }
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -347,6 +352,22 @@ mod tests {
             r.body,
             json!({"users": ["usr_17"], "bots": [], "handler_id": "usr_17"})
         );
+    }
+
+    /// Found by the `action_request` fuzz target: a conversation id `.`
+    /// became `/v1/conversations/./attach/participants`, which a client
+    /// normalises to `/v1/conversations/attach/participants`.
+    #[test]
+    fn dot_conversation_ids_cannot_become_dot_segments() {
+        let hand_off = Action::hand_off("usr_17", false).unwrap();
+        for (id, path) in [
+            (".", "/v1/conversations/%2E/attach/participants"),
+            ("..", "/v1/conversations/%2E%2E/attach/participants"),
+            ("...", "/v1/conversations/.../attach/participants"),
+            ("conv.1", "/v1/conversations/conv.1/attach/participants"),
+        ] {
+            assert_eq!(to_request("p", 0, id, &hand_off).unwrap().path, path);
+        }
     }
 
     #[test]

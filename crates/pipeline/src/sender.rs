@@ -10,7 +10,8 @@
 //! on: one bad reply must not silence the bot for that customer.
 //!
 //! Without a token or OAuth client, the sender is in dry-run: it logs each
-//! request (method, path, JSON body) and marks it sent.
+//! request (method, path, JSON body) once and marks it sent, a message with
+//! the id `dry-run-ACTION`.
 //!
 //! A delivery is recorded with the message id Digishare answered (to
 //! recognise the message when it comes back as a webhook); a delivered
@@ -20,6 +21,7 @@
 
 use crate::metrics as m;
 use crate::sends::Sends;
+use digibot_domain::answer::{self, Verdict};
 use digibot_domain::lifecycle;
 use digibot_store::{OutboxAction, Store, now_ms};
 use metrics::counter;
@@ -361,10 +363,18 @@ impl Sender {
     async fn attempt(&self, action: &OutboxAction) -> Attempt {
         let token = match &self.auth {
             Credentials::DryRun => {
-                tracing::info!("dry-run: {} {} {}", action.method, action.path, action.body);
+                tracing::info!(
+                    "dry-run, not sent: {} {} {}",
+                    action.method,
+                    action.path,
+                    action.body
+                );
+                // An id of its own for the message that would exist: it
+                // says dry-run wherever it shows and matches no webhook.
                 return Attempt::Sent {
                     status: 200,
-                    message_id: None,
+                    message_id: (action.path == "/v1/messages")
+                        .then(|| format!("dry-run-{}", action.id)),
                 };
             }
             Credentials::Static(token) => token.clone(),
@@ -421,31 +431,28 @@ impl Sender {
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .map(|v| v.as_bytes().to_vec());
         let body = response.text().await.unwrap_or_default();
         let body_short: String = body.chars().take(2000).collect();
-        match status {
-            200..=299 => {
-                // Digishare answers 200 even when it could not fetch a file,
-                // with a text message saying so.
-                if action.body.get("file").is_some() && body.contains("unsupported file type") {
-                    return Attempt::Fatal {
-                        status: Some(status),
-                        error: format!("Digishare could not use the file: {body_short}"),
-                    };
-                }
-                Attempt::Sent {
-                    status,
-                    message_id: message_id(&body),
-                }
-            }
-            408 | 429 | 500..=599 => Attempt::Retry {
+        let verdict = answer::classify(
+            status,
+            retry_after.as_deref(),
+            &body,
+            action.body.get("file").is_some(),
+            std::time::SystemTime::now(),
+        );
+        match verdict {
+            Verdict::Sent { message_id } => Attempt::Sent { status, message_id },
+            Verdict::FileRefused => Attempt::Fatal {
+                status: Some(status),
+                error: format!("Digishare could not use the file: {body_short}"),
+            },
+            Verdict::Retry { retry_after } => Attempt::Retry {
                 status: Some(status),
                 error: body_short,
                 retry_after,
             },
-            _ if lifecycle::is_window_refusal(&body) => {
+            Verdict::WindowClosed => {
                 let last_customer = self
                     .store
                     .conversation_state(&action.conversation_id)
@@ -458,7 +465,7 @@ impl Sender {
                     error: lifecycle::window_refusal_error(status, &body_short, last_customer),
                 }
             }
-            _ => Attempt::Fatal {
+            Verdict::Refused => Attempt::Fatal {
                 status: Some(status),
                 error: body_short,
             },
@@ -540,20 +547,6 @@ impl Sender {
     }
 }
 
-/// The id of the message Digishare created, from either documented answer:
-/// `{"id": ...}` or `{"data": {"id": ...}}`.
-fn message_id(body: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(body).ok()?;
-    let id = value
-        .get("id")
-        .or_else(|| value.get("data").and_then(|d| d.get("id")))?;
-    match id {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 /// How long the run loop waits for more requests to finish before reading
 /// the outbox for a single free send permit.
 const LINGER: Duration = Duration::from_millis(2);
@@ -566,18 +559,6 @@ fn backoff(retry: &RetryPolicy, attempt: u32) -> Duration {
         .saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
     let d = exp.min(retry.max_ms).max(1);
     Duration::from_millis(rand::rng().random_range(d / 2..=d))
-}
-
-/// `Retry-After` as seconds or an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    if let Ok(secs) = value.trim().parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 #[cfg(test)]
@@ -599,29 +580,5 @@ mod tests {
             let late = backoff(&r, 20).as_millis();
             assert!((500..=1000).contains(&late), "{late}");
         }
-    }
-
-    #[test]
-    fn message_id_from_both_answers() {
-        assert_eq!(
-            message_id(r#"{"id": "msg_1", "status": "sent"}"#).as_deref(),
-            Some("msg_1")
-        );
-        assert_eq!(
-            message_id(r#"{"data": {"object": "Message", "id": 42}}"#).as_deref(),
-            Some("42")
-        );
-        assert_eq!(message_id(r#"{"status": "ok"}"#), None);
-        assert_eq!(message_id("not json"), None);
-    }
-
-    #[test]
-    fn retry_after_in_seconds_or_date() {
-        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after("-1"), None);
-        let past = httpdate::fmt_http_date(std::time::SystemTime::UNIX_EPOCH);
-        assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("soon"), None);
     }
 }

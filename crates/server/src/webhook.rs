@@ -155,7 +155,13 @@ pub async fn receive(
                     } else {
                         "ignored"
                     });
-                    edge.dispatcher.submit(StoredEvent { seq, event });
+                    edge.dispatcher.submit(StoredEvent {
+                        seq,
+                        event,
+                        // The store's own time of this insert, within a
+                        // commit's length.
+                        received_at: digibot_store::now_ms(),
+                    });
                 }
                 None => count("ignored"),
             }

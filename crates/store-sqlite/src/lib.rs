@@ -426,14 +426,24 @@ impl Db {
     fn pending_events(&self) -> Result<Vec<StoredEvent>, Error> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare("SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+                .prepare("SELECT seq, payload, received_at FROM events WHERE status = 'pending' ORDER BY seq")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
             let mut out = Vec::new();
             for row in rows {
-                let (seq, payload) = row?;
+                let (seq, payload, received_at) = row?;
                 let event = serde_json::from_str(&payload)
                     .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-                out.push(StoredEvent { seq, event });
+                out.push(StoredEvent {
+                    seq,
+                    event,
+                    received_at,
+                });
             }
             Ok(out)
         })
@@ -1381,7 +1391,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         Some(TestDb::new(
-            move || open(&path, Durability::Full).unwrap(),
+            move || std::future::ready(open(&path, Durability::Full).unwrap()),
             dir,
         ))
     }
