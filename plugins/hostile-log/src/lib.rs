@@ -1,8 +1,9 @@
 //! Hostile test plugin: attacks the host's log. Text commands:
 //! - `empty N`: `N` calls of `log` with an empty message (byte caps alone
 //!   let every one through, each a line of the host's log);
-//! - `huge`: one 16 MiB message;
-//! then answers `logged`, so a test knows the turn completed.
+//! - `huge`: one 16 MiB message.
+//!
+//! Then it answers `logged`, so a test knows the turn completed.
 use digibot_sdk::{Action, Bot, Message, Result, export_bot, log};
 
 struct HostileLog;
