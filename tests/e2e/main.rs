@@ -16,6 +16,7 @@ mod lifecycle;
 mod oauth;
 mod observability;
 mod replicas;
+mod sandbox;
 mod scripts;
 mod settings;
 mod startup;

@@ -14,8 +14,8 @@ pub use secret::{DatabaseUrl, Secret};
 
 use clap::ArgAction;
 use digibot_pipeline::sender::{ApiCredentials, RetryPolicy, SenderConfig};
-use digibot_runtime::{Limits, RuntimeConfig};
-use digibot_store::{Store, StoreError};
+use digibot_runtime::{KvQuota, KvQuotas, Limits, RuntimeConfig};
+use digibot_store::{Retention, Store, StoreError};
 use digibot_store_sqlite::Durability;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -194,6 +194,25 @@ pub struct Settings {
     /// Handled events and sent actions are deleted after this many hours.
     #[arg(long, env = "DIGIBOT_RETENTION_HOURS", value_name = "HOURS", default_value_t = 24 * 7)]
     pub retention_hours: u64,
+    /// Dead letters are deleted this many days after they died (0: kept).
+    #[arg(
+        long,
+        env = "DIGIBOT_DEAD_LETTER_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 30
+    )]
+    pub dead_letter_retention_days: u64,
+    /// A conversation with no event for this many days is forgotten: who
+    /// is in charge of it, and every plugin's KV in it (0: kept).
+    #[arg(
+        long,
+        env = "DIGIBOT_CONVERSATION_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 90
+    )]
+    pub conversation_retention_days: u64,
+    #[command(flatten)]
+    pub kv: KvSettings,
     /// How long a shutdown waits for in-flight work.
     #[arg(
         long,
@@ -257,6 +276,41 @@ pub struct RetrySettings {
     pub max_attempts: u32,
 }
 
+/// KV quotas (the file's `[kv]` table): per plugin and conversation, and
+/// per plugin in all. A `kv.set` past one is refused with the reason.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "KV quotas ([kv] in the file)")]
+pub struct KvSettings {
+    /// KV keys a plugin may hold in one conversation.
+    #[arg(id = "kv.conversation_keys", long = "kv-conversation-keys", env = "DIGIBOT_KV_CONVERSATION_KEYS", value_name = "N", default_value_t = KvQuotas::default().conversation.keys)]
+    pub conversation_keys: i64,
+    /// KV bytes (keys plus values, UTF-8) a plugin may hold in one
+    /// conversation.
+    #[arg(id = "kv.conversation_bytes", long = "kv-conversation-bytes", env = "DIGIBOT_KV_CONVERSATION_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().conversation.bytes)]
+    pub conversation_bytes: i64,
+    /// KV keys a plugin may hold over all conversations.
+    #[arg(id = "kv.plugin_keys", long = "kv-plugin-keys", env = "DIGIBOT_KV_PLUGIN_KEYS", value_name = "N", default_value_t = KvQuotas::default().plugin.keys)]
+    pub plugin_keys: i64,
+    /// KV bytes a plugin may hold over all conversations.
+    #[arg(id = "kv.plugin_bytes", long = "kv-plugin-bytes", env = "DIGIBOT_KV_PLUGIN_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().plugin.bytes)]
+    pub plugin_bytes: i64,
+}
+
+impl KvSettings {
+    pub fn quotas(&self) -> KvQuotas {
+        KvQuotas {
+            conversation: KvQuota {
+                keys: self.conversation_keys,
+                bytes: self.conversation_bytes,
+            },
+            plugin: KvQuota {
+                keys: self.plugin_keys,
+                bytes: self.plugin_bytes,
+            },
+        }
+    }
+}
+
 /// How plugins are compiled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CompileMode {
@@ -317,6 +371,20 @@ pub struct RuntimeSettings {
     /// Default log and stdout/stderr bytes kept per invocation.
     #[arg(id = "runtime.max_log_bytes", long = "plugin-max-log-bytes", env = "DIGIBOT_PLUGIN_MAX_LOG_BYTES", value_name = "BYTES", default_value_t = Limits::default().max_log_bytes)]
     pub max_log_bytes: usize,
+    /// Default `log` calls kept per invocation.
+    #[arg(id = "runtime.max_log_lines", long = "plugin-max-log-lines", env = "DIGIBOT_PLUGIN_MAX_LOG_LINES", value_name = "N", default_value_t = Limits::default().max_log_lines)]
+    pub max_log_lines: usize,
+    /// Core instances one plugin component may have (refused at load
+    /// beyond; the instance pool is sized by it).
+    #[arg(id = "runtime.max_core_instances", long = "plugin-max-core-instances", env = "DIGIBOT_PLUGIN_MAX_CORE_INSTANCES", value_name = "N", default_value_t = Limits::default().core_instances)]
+    pub max_core_instances: usize,
+    /// Linear memories one plugin component may have (refused at load
+    /// beyond).
+    #[arg(id = "runtime.max_memories", long = "plugin-max-memories", env = "DIGIBOT_PLUGIN_MAX_MEMORIES", value_name = "N", default_value_t = Limits::default().memories)]
+    pub max_memories: usize,
+    /// Tables one plugin component may have (refused at load beyond).
+    #[arg(id = "runtime.max_tables", long = "plugin-max-tables", env = "DIGIBOT_PLUGIN_MAX_TABLES", value_name = "N", default_value_t = Limits::default().tables)]
+    pub max_tables: usize,
     /// Consecutive failures that quarantine a plugin (0: never).
     #[arg(
         id = "runtime.breaker_failures",
@@ -345,6 +413,10 @@ impl RuntimeSettings {
             memory_bytes: (self.memory_mb as usize) << 20,
             max_actions: self.max_actions,
             max_log_bytes: self.max_log_bytes,
+            max_log_lines: self.max_log_lines,
+            core_instances: self.max_core_instances,
+            memories: self.max_memories,
+            tables: self.max_tables,
             ..Limits::default()
         }
     }
@@ -408,6 +480,24 @@ impl Settings {
                 "release_command must not be empty".into(),
             ));
         }
+        let kv = &self.kv;
+        if [
+            kv.conversation_keys,
+            kv.conversation_bytes,
+            kv.plugin_keys,
+            kv.plugin_bytes,
+        ]
+        .iter()
+        .any(|q| *q < 1)
+        {
+            return Err(ConfigError::Invalid("kv quotas must be at least 1".into()));
+        }
+        let r = &self.runtime;
+        if r.max_memories == 0 || r.max_core_instances == 0 || r.max_tables == 0 {
+            return Err(ConfigError::Invalid(
+                "runtime.max_core_instances, max_memories and max_tables must be at least 1".into(),
+            ));
+        }
         if self.concurrency == 0 || self.send_concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "concurrency must be at least 1".into(),
@@ -427,7 +517,19 @@ impl Settings {
             keep_resident: r.keep_resident_kb << 10,
             cache_dir: Some(self.data_dir.join("cache")),
             defaults: r.limits(),
+            kv_quotas: self.kv.quotas(),
             ..RuntimeConfig::default()
+        }
+    }
+
+    /// What retention removes when it runs at `now` (ms).
+    pub fn retention(&self, now: i64) -> Retention {
+        let ago = |hours: u64| now.saturating_sub((hours as i64).saturating_mul(3_600_000));
+        let days = |d: u64| (d > 0).then(|| ago(d.saturating_mul(24)));
+        Retention {
+            finished_before: Some(ago(self.retention_hours)),
+            dead_before: days(self.dead_letter_retention_days),
+            idle_before: days(self.conversation_retention_days),
         }
     }
 
@@ -538,6 +640,31 @@ mod tests {
         assert_eq!(s.concurrency, 4);
         assert_eq!(s.retry.base_ms, 7);
         assert!(!s.dry_run());
+    }
+
+    #[test]
+    fn retention_and_quotas_have_documented_defaults_and_env_overrides() {
+        let s = Settings::load_with(None, env(&[])).unwrap();
+        let now = 100 * 86_400_000;
+        let r = s.retention(now);
+        assert_eq!(r.finished_before, Some(now - 7 * 86_400_000));
+        assert_eq!(r.dead_before, Some(now - 30 * 86_400_000));
+        assert_eq!(r.idle_before, Some(now - 90 * 86_400_000));
+        assert_eq!(s.runtime_config().kv_quotas, KvQuotas::default());
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_DEAD_LETTER_RETENTION_DAYS", "0"),
+                ("DIGIBOT_KV_CONVERSATION_BYTES", "4096"),
+                ("DIGIBOT_PLUGIN_MAX_MEMORIES", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.retention(now).dead_before, None);
+        let config = s.runtime_config();
+        assert_eq!(config.kv_quotas.conversation.bytes, 4096);
+        assert_eq!(config.defaults.memories, 2);
+        assert!(Settings::load_with(None, env(&[("DIGIBOT_KV_PLUGIN_KEYS", "0")])).is_err());
     }
 
     #[test]

@@ -128,15 +128,20 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         },
         _ => None,
     };
-    let retention = Duration::from_secs(settings.retention_hours * 3600);
     let pruner = tokio::spawn({
         let store = store.clone();
+        let settings = settings.clone();
         async move {
             loop {
-                match store.prune(now_ms() - retention.as_millis() as i64).await {
-                    Ok(p) if p.events + p.actions > 0 => {
-                        tracing::info!(events = p.events, actions = p.actions, "retention pruned")
-                    }
+                match store.prune(settings.retention(now_ms())).await {
+                    Ok(p) if p.any() => tracing::info!(
+                        events = p.events,
+                        actions = p.actions,
+                        dead_letters = p.dead_letters,
+                        conversations = p.conversations,
+                        kv_entries = p.kv_entries,
+                        "retention pruned"
+                    ),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "retention failed"),
                 }

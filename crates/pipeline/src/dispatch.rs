@@ -53,11 +53,22 @@ pub struct PluginOutcome {
     /// Actions refused for breaking a Digishare limit.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<String>,
+    /// What the host refused the plugin during the turn (a `kv.set` past
+    /// a bound or a quota: `limit: ...`, `quota: ...`), as it was told.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+    /// Log lines (and stdout/stderr) dropped past the plugin's log caps.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub logs_dropped: usize,
     pub elapsed_us: u64,
     /// The actions as the plugin returned them, refused ones included
     /// (shown by `replay` and `chat`; not stored).
     #[serde(skip)]
     pub returned: Vec<Action>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Everything one event produced, ready to commit.
@@ -160,6 +171,8 @@ fn run(
             reason: None,
             actions: 0,
             rejected: Vec::new(),
+            refused: Vec::new(),
+            logs_dropped: 0,
             elapsed_us: 0,
             returned: Vec::new(),
         };
@@ -206,6 +219,16 @@ fn run(
         if !invocation.output.is_empty() {
             tracing::info!("plugin output: {}", one_line(invocation.output.trim_end()));
         }
+        outcome.logs_dropped = invocation.logs_dropped;
+        for refusal in &invocation.refused {
+            tracing::info!(%refusal, "plugin refused by the host");
+            if metered {
+                let kind = refusal.split(':').next().unwrap_or("limit").to_string();
+                counter!(m::PLUGIN_REFUSALS, "plugin" => plugin.name.clone(), "reason" => kind)
+                    .increment(1);
+            }
+        }
+        outcome.refused = invocation.refused;
         if invocation.logs_dropped > 0 {
             tracing::warn!(
                 dropped = invocation.logs_dropped,
@@ -333,6 +356,21 @@ impl KvRead for StoreKv {
             Err(e) => {
                 tracing::error!(error = %e, "kv read failed");
                 None
+            }
+        }
+    }
+
+    fn usage(&self, plugin: &str, conversation_id: &str) -> digibot_store::KvUsage {
+        match self
+            .runtime
+            .block_on(self.store.kv_usage(plugin, conversation_id))
+        {
+            Ok(u) => u,
+            Err(e) => {
+                // Judged against nothing held: the quota then lets this
+                // turn write at most its own per-turn caps.
+                tracing::error!(error = %e, "kv usage read failed");
+                digibot_store::KvUsage::default()
             }
         }
     }

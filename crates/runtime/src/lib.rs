@@ -25,7 +25,7 @@ use digibot_protocol::Action;
 pub use manifest::{EventFilter, Grants, Limits, Manifest};
 use sha2::{Digest, Sha256};
 use state::HostState;
-pub use state::{KvRead, LogLevel, LogLine, MemoryKv};
+pub use state::{HostLimit, KvRead, LogLevel, LogLine, MemoryKv};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-pub use digibot_domain::kv::KvWrite;
+pub use digibot_domain::kv::{KvQuota, KvQuotas, KvSize, KvUsage, KvWrite};
 
 /// How often the epoch ticks; deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
@@ -82,6 +82,8 @@ pub struct RuntimeConfig {
     /// rather than returned to the kernel when a slot is reused: the next
     /// instance then takes no page faults there.
     pub keep_resident: usize,
+    /// How much KV each plugin may hold, per conversation and in all.
+    pub kv_quotas: KvQuotas,
 }
 
 impl Default for RuntimeConfig {
@@ -98,6 +100,7 @@ impl Default for RuntimeConfig {
             // A Rust guest's stack is its first MiB and its data follows:
             // 18 wasm pages cover what a first call touches (BENCHMARKS.md).
             keep_resident: 18 << 16,
+            kv_quotas: KvQuotas::default(),
         }
     }
 }
@@ -125,6 +128,43 @@ pub enum LoadError {
     Exports(String),
     #[error("invalid plugin name {0:?}: use letters, digits, '-' and '_'")]
     BadName(String),
+    #[error("has {found} {what}; a plugin may have at most {max}")]
+    TooLarge {
+        /// `core instances`, `linear memories` or `tables`.
+        what: &'static str,
+        found: usize,
+        max: usize,
+    },
+}
+
+impl LoadError {
+    /// A compile error that is the pooling allocator refusing a component
+    /// over a per-component cap, as the [`LoadError::TooLarge`] it is.
+    fn from_compile(error: &wasmtime::Error) -> LoadError {
+        let text = format!("{error:#}");
+        // wasmtime 48: "The component transitively contains N core module
+        // instances|Wasm linear memories|tables, which exceeds the
+        // configured maximum of M in the pooling allocator".
+        let parsed = text
+            .split_once("transitively contains ")
+            .and_then(|(_, rest)| {
+                let (found, rest) = rest.split_once(' ')?;
+                let (what, rest) = rest.split_once(", which exceeds the configured maximum of ")?;
+                let max = rest.split(' ').next()?;
+                let what = match what {
+                    "core module instances" => "core instances",
+                    "Wasm linear memories" => "linear memories",
+                    "tables" => "tables",
+                    _ => return None,
+                };
+                Some(LoadError::TooLarge {
+                    what,
+                    found: found.parse().ok()?,
+                    max: max.parse().ok()?,
+                })
+            });
+        parsed.unwrap_or(LoadError::Compile(text))
+    }
 }
 
 /// Why an invocation produced no actions.
@@ -140,6 +180,14 @@ pub enum Failure {
     Trap(String),
     #[error("error: {0}")]
     Error(String),
+    /// A host call with an argument past its bound (see [`HostLimit`]).
+    #[error("limit: {0}")]
+    Limit(String),
+    /// The handler returned, as its error, a refusal the host had given it
+    /// during the turn (`quota: ...`, `limit: ...`): recorded as the
+    /// host's reason, not as the plugin's own error.
+    #[error("{0}")]
+    Refused(String),
     #[error("too many actions ({count}, limit {max})")]
     TooManyActions { count: usize, max: usize },
     #[error("actions too large ({bytes} bytes, limit {max})")]
@@ -155,6 +203,9 @@ impl Failure {
             Failure::Fuel => "fuel",
             Failure::Trap(_) => "trap",
             Failure::Error(_) => "error",
+            Failure::Limit(_) => "limit",
+            Failure::Refused(r) if r.starts_with("quota:") => "quota",
+            Failure::Refused(_) => "limit",
             Failure::TooManyActions { .. } => "too_many_actions",
             Failure::ActionsTooLarge { .. } => "actions_too_large",
         }
@@ -168,6 +219,9 @@ pub struct Invocation {
     /// KV writes to commit with the event; empty when the call failed.
     pub kv_writes: Vec<KvWrite>,
     pub logs: Vec<LogLine>,
+    /// What the host refused the plugin (`kv.set` over a bound or a
+    /// quota), as the plugin was told; the turn went on.
+    pub refused: Vec<String>,
     /// stdout and stderr, as far as the log cap allowed.
     pub output: String,
     pub logs_dropped: usize,
@@ -398,10 +452,20 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     if pooling {
         let mut pool = PoolingAllocationConfig::default();
         let n = config.pool_instances;
+        let caps = &config.defaults;
+        let cap = |c: usize| u32::try_from(c).unwrap_or(u32::MAX);
         pool.total_component_instances(n)
-            .total_core_instances(n * 8)
-            .total_memories(n * 2)
-            .total_tables(n * 8)
+            // A component over these is refused when it is compiled.
+            .max_core_instances_per_component(cap(caps.core_instances))
+            .max_memories_per_component(cap(caps.memories))
+            .max_tables_per_component(cap(caps.tables))
+            // Every component instance slot has room for a whole
+            // component at those caps: one plugin's instances cannot take
+            // the memories, tables or core instances another plugin needs
+            // (component instances are the pool's only scarce unit).
+            .total_core_instances(n.saturating_mul(cap(caps.core_instances)))
+            .total_memories(n.saturating_mul(cap(caps.memories)))
+            .total_tables(n.saturating_mul(cap(caps.tables)))
             .max_memory_size(config.max_memory_bytes)
             // Keeping the first pages resident avoids a page fault storm
             // in every fresh instance; measured in BENCHMARKS.md.
@@ -522,14 +586,38 @@ impl Runtime {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| LoadError::from_compile(&e))?;
         if let Some(path) = cached_path
             && let Err(e) = write_cache(&path, &component)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled plugin");
         }
         Ok((component, false))
+    }
+
+    /// Refuses a component with more memories or tables than a plugin may
+    /// have. The pooling allocator already refused it when compiling (and
+    /// counts core instances too); this is for the on-demand allocator,
+    /// whose store limiter counts core instances at instantiation.
+    fn check_size(&self, component: &Component) -> Result<(), LoadError> {
+        let caps = &self.config.defaults;
+        let Some(needs) = component.resources_required() else {
+            return Ok(());
+        };
+        for (what, found, max) in [
+            (
+                "linear memories",
+                needs.num_memories as usize,
+                caps.memories,
+            ),
+            ("tables", needs.num_tables as usize, caps.tables),
+        ] {
+            if found > max {
+                return Err(LoadError::TooLarge { what, found, max });
+            }
+        }
+        Ok(())
     }
 
     /// Validates and compiles a plugin: a component, for a supported
@@ -546,6 +634,7 @@ impl Runtime {
         let started = Instant::now();
         let (component, cached) = self.compile(&hash, bytes)?;
         let compile_time = started.elapsed();
+        self.check_size(&component)?;
 
         let imports: Vec<String> = component
             .component_type()
@@ -681,13 +770,16 @@ impl Runtime {
                     outcome: Err(Failure::Trap(format!("instantiation failed: {e:#}"))),
                     kv_writes: Vec::new(),
                     logs: Vec::new(),
+                    refused: Vec::new(),
                     output: String::new(),
                     logs_dropped: 0,
                     elapsed: started.elapsed(),
                 };
             }
         };
-        store.data_mut().bind(call.conversation_id(), kv);
+        store
+            .data_mut()
+            .bind(call.conversation_id(), kv, self.config.kv_quotas);
         set_deadline(&mut store, &plugin.limits);
         if self.config.fuel {
             let _ = store.set_fuel(plugin.limits.fuel.unwrap_or(u64::MAX));
@@ -698,12 +790,16 @@ impl Runtime {
         let (output, cut) = store.data().stdio.contents();
         let outcome = match result {
             Ok(Ok(actions)) => check_actions(actions, &plugin.limits),
+            Ok(Err(message)) if store.data().refused.contains(&message) => {
+                Err(Failure::Refused(message))
+            }
             Ok(Err(message)) => Err(Failure::Error(message)),
             Err(trap) => Err(classify(&trap, store.data(), &output)),
         };
         let state = store.data_mut();
         let kv_writes = std::mem::take(&mut state.kv_writes);
         let logs = std::mem::take(&mut state.logs);
+        let refused = std::mem::take(&mut state.refused);
         let logs_dropped = state.logs_dropped + cut;
         self.discard(store);
         Invocation {
@@ -713,6 +809,7 @@ impl Runtime {
                 Vec::new()
             },
             logs,
+            refused,
             logs_dropped,
             output,
             outcome,
@@ -888,6 +985,9 @@ fn classify(error: &wasmtime::Error, state: &HostState, output: &str) -> Failure
         Some(Trap::Interrupt) => return Failure::Timeout,
         Some(Trap::OutOfFuel) => return Failure::Fuel,
         _ => {}
+    }
+    if let Some(limit) = error.downcast_ref::<state::HostLimit>() {
+        return Failure::Limit(limit.0.clone());
     }
     if state.limiter.memory_refused {
         return Failure::Memory;
