@@ -73,6 +73,7 @@ pub struct Settings {
     /// Outbox requests in flight at once.
     pub send_concurrency: usize,
     pub retry: RetrySettings,
+    pub http: HttpSettings,
     /// Handled events and sent actions are deleted after this many hours.
     pub retention_hours: u64,
     /// How long SIGTERM waits for in-flight work.
@@ -97,6 +98,40 @@ pub struct RetrySettings {
     pub base_ms: u64,
     pub max_ms: u64,
     pub max_attempts: u32,
+}
+
+/// The HTTP edge's bounds and deadlines (see `digibot_server::listener`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// A complete request head within this of opening (or of the next
+    /// request's first byte).
+    pub header_timeout_secs: u64,
+    /// A whole request body within this of its head.
+    pub body_timeout_secs: u64,
+    /// An idle keep-alive connection is closed after this.
+    pub idle_timeout_secs: u64,
+    /// Open connections at once (also bounded by the open-files limit).
+    pub max_connections: usize,
+    /// Requests handled at once, health probes aside.
+    pub max_in_flight: usize,
+    /// Host names the admin API and dashboard answer besides IP literals
+    /// and `localhost`; `*` for any.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        let limits = digibot_server::HttpLimits::default();
+        HttpSettings {
+            header_timeout_secs: limits.header_timeout.as_secs(),
+            body_timeout_secs: limits.body_timeout.as_secs(),
+            idle_timeout_secs: limits.idle_timeout.as_secs(),
+            max_connections: limits.max_connections,
+            max_in_flight: limits.max_in_flight,
+            allowed_hosts: Vec::new(),
+        }
+    }
 }
 
 /// How plugins are compiled.
@@ -161,6 +196,7 @@ impl Default for Settings {
             concurrency: 64,
             send_concurrency: 32,
             retry: RetrySettings::default(),
+            http: HttpSettings::default(),
             retention_hours: 24 * 7,
             shutdown_grace_secs: 10,
             request_timeout_ms: 10_000,
@@ -292,6 +328,39 @@ impl Settings {
             "DIGIBOT_RETRY_MAX_ATTEMPTS",
             &mut s.retry.max_attempts,
         )?;
+        env_parse(
+            &env,
+            "DIGIBOT_HTTP_HEADER_TIMEOUT_SECS",
+            &mut s.http.header_timeout_secs,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_HTTP_BODY_TIMEOUT_SECS",
+            &mut s.http.body_timeout_secs,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_HTTP_IDLE_TIMEOUT_SECS",
+            &mut s.http.idle_timeout_secs,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_HTTP_MAX_CONNECTIONS",
+            &mut s.http.max_connections,
+        )?;
+        env_parse(
+            &env,
+            "DIGIBOT_HTTP_MAX_IN_FLIGHT",
+            &mut s.http.max_in_flight,
+        )?;
+        if let Some(v) = env("DIGIBOT_ALLOWED_HOSTS") {
+            s.http.allowed_hosts = v
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
         env_parse(&env, "DIGIBOT_RETENTION_HOURS", &mut s.retention_hours)?;
         env_parse(
             &env,
@@ -371,6 +440,17 @@ impl Settings {
                 "concurrency must be at least 1".into(),
             ));
         }
+        let h = &self.http;
+        if h.header_timeout_secs == 0
+            || h.body_timeout_secs == 0
+            || h.idle_timeout_secs == 0
+            || h.max_connections == 0
+            || h.max_in_flight == 0
+        {
+            return Err(ConfigError::Invalid(
+                "http.* timeouts and bounds must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -413,6 +493,21 @@ impl Settings {
                 max_ms: self.retry.max_ms,
                 max_attempts: self.retry.max_attempts,
             },
+        }
+    }
+
+    /// The HTTP edge's bounds and deadlines (connections still within the
+    /// open-files limit: see `serve`).
+    pub fn http_limits(&self) -> digibot_server::HttpLimits {
+        let h = &self.http;
+        digibot_server::HttpLimits {
+            header_timeout: Duration::from_secs(h.header_timeout_secs),
+            body_timeout: Duration::from_secs(h.body_timeout_secs),
+            idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+            max_connections: h.max_connections,
+            max_in_flight: h.max_in_flight,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            ..digibot_server::HttpLimits::default()
         }
     }
 
@@ -491,6 +586,31 @@ mod tests {
         assert_eq!(s.concurrency, 4);
         assert_eq!(s.retry.base_ms, 7);
         assert!(!s.dry_run());
+    }
+
+    #[test]
+    fn http_edge_settings_from_the_environment() {
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_HTTP_HEADER_TIMEOUT_SECS", "3"),
+                ("DIGIBOT_HTTP_MAX_CONNECTIONS", "100"),
+                (
+                    "DIGIBOT_ALLOWED_HOSTS",
+                    "digibot.example.com, ops.internal ,",
+                ),
+            ]),
+        )
+        .unwrap();
+        let limits = s.http_limits();
+        assert_eq!(limits.header_timeout, Duration::from_secs(3));
+        assert_eq!(limits.max_connections, 100);
+        assert_eq!(limits.body_timeout, Duration::from_secs(30));
+        assert_eq!(
+            s.http.allowed_hosts,
+            ["digibot.example.com", "ops.internal"]
+        );
+        assert!(Settings::load_with(None, env(&[("DIGIBOT_HTTP_MAX_IN_FLIGHT", "0")])).is_err());
     }
 
     #[test]
