@@ -616,7 +616,8 @@ impl Registry {
         let plugin = match self.runtime.load(name, bytes, manifest.clone()) {
             Ok(plugin) => plugin,
             Err(source) => {
-                tracing::warn!(plugin = name, version = %&hash[..12], error = %source,
+                // The caller reports the error; this says it is remembered.
+                tracing::debug!(plugin = name, version = %&hash[..12],
                     "plugin version refused; it is not tried again until it or its NAME.toml changes");
                 self.refused
                     .lock()
