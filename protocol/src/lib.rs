@@ -10,7 +10,9 @@
 //! keeps per conversation and plugins are told with every event.
 //!
 //! No wasmtime, no tokio, no serde unless the `serde` feature asks for it:
-//! this crate compiles into every Rust plugin.
+//! this crate compiles into every Rust plugin. The `arbitrary` feature
+//! derives `arbitrary::Arbitrary` for every action, for the fuzz targets
+//! (`fuzz/`).
 //!
 //! ```
 //! use digibot_protocol::{Action, LimitError, limits};
@@ -44,6 +46,7 @@ pub use validate::LimitError;
 /// assert_eq!(ConversationState::Human.to_string(), "human");
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(
     feature = "serde",
     derive(serde::Serialize, serde::Deserialize),
@@ -117,6 +120,7 @@ pub mod limits {
 /// assert!(Action::text("").is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(
     feature = "serde",
     derive(serde::Serialize, serde::Deserialize),
@@ -163,6 +167,7 @@ pub enum Action {
 
 /// A reply-buttons message.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Buttons {
     /// A text header above the body, at most [`limits::HEADER_MAX`] characters.
@@ -175,6 +180,7 @@ pub struct Buttons {
 
 /// One reply button.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Button {
     /// Comes back as the customer's choice when they tap the button.
@@ -185,6 +191,7 @@ pub struct Button {
 
 /// A list-menu message.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListMenu {
     /// A text header above the body, at most [`limits::HEADER_MAX`] characters.
@@ -199,6 +206,7 @@ pub struct ListMenu {
 
 /// A titled group of rows in a list menu.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListSection {
     /// Required (at most [`limits::ROW_TITLE_MAX`] characters) when the menu
@@ -210,6 +218,7 @@ pub struct ListSection {
 
 /// One choice in a list menu.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListRow {
     /// Comes back as the customer's choice when they pick the row.
@@ -222,6 +231,7 @@ pub struct ListRow {
 
 /// A location pin.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Location {
     /// Degrees, within ±90.
@@ -236,6 +246,7 @@ pub struct Location {
 
 /// A file sent by URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FileReply {
     /// Where Digishare downloads the file from (http or https).

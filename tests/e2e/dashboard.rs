@@ -351,5 +351,36 @@ async fn drive(browser: &Browser, bot: &Digibot) -> Result<()> {
     browser
         .wait_text("#sim-turn", "POST /v1/messages", TIMEOUT)
         .await?;
+
+    // The demo's link, /admin#token=TOKEN, signs in by itself, and the
+    // token leaves the address bar.
+    browser.click("#logout", TIMEOUT).await?;
+    browser
+        .wait_text("#view-login", "Enter the admin token", TIMEOUT)
+        .await?;
+    browser
+        .goto(&format!("{}/admin#token={ADMIN_TOKEN}", bot.url()))
+        .await?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let state = browser
+            .execute(
+                "return [document.querySelector('#view-login').hidden,
+                         document.querySelector('#view-plugins').hidden,
+                         location.href];",
+                json!([]),
+            )
+            .await?;
+        if state[0] == true && state[1] == false {
+            let href = state[2].as_str().unwrap_or_default();
+            ensure!(!href.contains(ADMIN_TOKEN), "the token stayed in {href}");
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the link did not sign in: {state}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     Ok(())
 }

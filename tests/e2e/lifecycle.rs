@@ -789,9 +789,10 @@ async fn idle_human_conversations_return_to_the_bot() -> Result<()> {
     Ok(())
 }
 
-/// A reply to a WhatsApp customer who last wrote more than 24 hours ago is
-/// flagged in the log before it is sent; when Digishare refuses it for
-/// that reason, the dead letter says so plainly.
+/// A reply to a WhatsApp customer who last wrote more than 24 hours ago
+/// (a message Digishare delivers a day late) is flagged in the log before
+/// it is sent; when Digishare refuses it for that reason, the dead letter
+/// says so plainly.
 #[tokio::test]
 async fn outside_the_24_hour_window() -> Result<()> {
     let fake = FakeDigishare::start().await?;
@@ -803,9 +804,11 @@ async fn outside_the_24_hour_window() -> Result<()> {
     let c = "conv_life_window";
     fake.script([Scripted::status(400).body(json!({"error": {"code": 131047,
         "message": "Re-engagement message: more than 24 hours have passed since the customer last replied"}}))]);
-    // Written on 2026-03-14 on WhatsApp (the fixture's date and channel).
+    // Written 25 hours ago on WhatsApp (the fixture's channel).
+    let written = now_ms() - 25 * 3_600_000;
+    ensure!(digibot_domain::lifecycle::parse_time(&rfc3339(written)) == Some(written));
     let mut old = customer_text(c, "msg_w1", "bonjour");
-    old["data"]["data"]["created_at"] = json!("2026-03-14T09:12:55.000000Z");
+    old["data"]["data"]["created_at"] = json!(rfc3339(written));
     handle(&bot, &old).await?;
     let warning = bot
         .wait_for_log(TIMEOUT, "the 24-hour warning", |l| {
@@ -826,5 +829,53 @@ async fn outside_the_24_hour_window() -> Result<()> {
     // Refused once, never retried.
     ensure!(fake.requests().len() == 1, "{}", fake.dump());
     fake.assert_quiet(0, SETTLE).await?;
+    Ok(())
+}
+
+/// The window is judged against when digibot received the customer's
+/// message when the payload's `created_at` cannot be that time (months
+/// old: a fixture, a replay, a wrong clock): such a message is answered
+/// without a warning. A conversation truly outside its window is warned
+/// about once, not once per reply or per event.
+#[tokio::test]
+async fn the_24_hour_window_warning_is_once_and_only_when_true() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .start()
+        .await?;
+    let warnings = |c: &str| {
+        bot.logs()
+            .lines()
+            .filter(|l| l.contains("24-hour window") && l.contains(c))
+            .count()
+    };
+
+    // The fixture's 2026-03-14 on a message received now.
+    let fresh = "conv_window_fresh";
+    let before = now_ms();
+    handle(&bot, &customer_text(fresh, "msg_wf1", "bonjour")).await?;
+    let detail = bot
+        .admin_get(&format!("/admin/conversations/{fresh}"))
+        .await?
+        .json()?;
+    let wrote = detail["state"]["last_customer_at"].as_i64().unwrap_or(0);
+    ensure!(
+        wrote >= before && wrote <= now_ms(),
+        "the customer wrote when digibot received it, not in March: {detail:#}"
+    );
+
+    // Two messages delivered a day late, each answered: one warning.
+    let late = "conv_window_late";
+    for (i, hours_ago) in [(1, 26), (2, 25)] {
+        let mut m = customer_text(late, &format!("msg_wl{i}"), &format!("late {i}"));
+        m["data"]["data"]["created_at"] = json!(rfc3339(now_ms() - hours_ago * 3_600_000));
+        handle(&bot, &m).await?;
+    }
+    fake.settle(3, TIMEOUT).await?;
+    ensure!(fake.requests_for(late).len() == 2, "{}", fake.dump());
+    ensure!(warnings(fresh) == 0, "{}", bot.logs());
+    ensure!(warnings(late) == 1, "{}", bot.logs());
     Ok(())
 }

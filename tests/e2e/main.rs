@@ -18,6 +18,8 @@ mod oauth;
 mod observability;
 mod pending;
 mod replicas;
+mod scripts;
 mod sender;
+mod settings;
 mod startup;
 mod webhook;

@@ -1,8 +1,13 @@
 //! Several digibot replicas on one PostgreSQL database (issue 10): a
 //! burst spread round-robin over three replicas with one killed by -9, the
 //! same webhook delivered to two replicas at once, a plugin uploaded to one
-//! replica serving on another, and the database stopped under load. Every
-//! test counts exactly what reached the fake Digishare API.
+//! replica serving on another, and the database stopped under load. And
+//! how a replica reaches the database (issue 15): over TLS verified
+//! against the cluster's CA (`sslmode=verify-full`, the URL
+//! `scripts/pg-cluster` gives), refusing a plaintext-only server with
+//! `sslmode=require`, and answering 503 within its timeouts when the
+//! database hangs or stops answering. Every test counts exactly what
+//! reached the fake Digishare API.
 //!
 //! Each needs PostgreSQL (`DIGIBOT_TEST_DATABASE_URL`, set by
 //! `scripts/test`): without it a test is skipped loudly, or fails under CI.
@@ -18,7 +23,9 @@ use tokio::task::JoinSet;
 
 use crate::support::burst::*;
 use crate::support::durable::{Poster, admin, admin_dead_letters};
-use crate::support::pg::{OwnCluster, fresh_database};
+use crate::support::pg::{
+    FreezableProxy, OwnCluster, fresh_database, host_port, psql_exec, with_host_port, with_param,
+};
 use crate::support::*;
 
 /// How long a dead replica's conversations wait before another replica
@@ -480,4 +487,278 @@ async fn wait_plugin(bot: &Digibot, name: &str, version: Option<&str>) -> Result
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The digibot sessions on `database` (by `application_name`): how many,
+/// and how many of them are not encrypted.
+async fn digibot_sessions(database: &str) -> Result<(usize, usize)> {
+    let out = psql_exec(
+        database,
+        &["SELECT count(*), count(*) FILTER (WHERE NOT s.ssl)
+           FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+           WHERE a.datname = current_database() AND a.application_name = 'digibot'"],
+    )
+    .await?;
+    let (all, plain) = out
+        .split_once('|')
+        .with_context(|| format!("psql printed {out:?}"))?;
+    Ok((all.trim().parse()?, plain.trim().parse()?))
+}
+
+/// Two replicas on the test cluster's URL, which asks for
+/// `sslmode=verify-full` against the cluster's own CA: they start, echo
+/// answers through both, and every session digibot holds (the pools and
+/// the listeners) is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reach_postgres_over_tls_verified_against_its_ca() -> Result<()> {
+    let Some(database) = fresh_database("replicas_tls").await? else {
+        return Ok(());
+    };
+    ensure!(
+        database.contains("sslmode=verify-full") && database.contains("sslrootcert="),
+        "the test cluster's URL does not verify TLS: {database} (restart it with scripts/pg-cluster)"
+    );
+    let fake = FakeDigishare::start().await?;
+    let bots = echo_replicas(&fake, &database).start_replicas(2).await?;
+    for (i, bot) in bots.iter().enumerate() {
+        bot.accept(&customer_text(
+            &format!("conv_tls_{i}"),
+            &format!("msg_tls_{i}"),
+            &format!("tls {i}"),
+        ))
+        .await?;
+    }
+    for i in 0..2 {
+        let replies = fake
+            .wait_for_conversation(&format!("conv_tls_{i}"), 1, TIMEOUT)
+            .await?;
+        ensure!(replies[0].body["body"] == format!("tls {i}"), "{replies:?}");
+    }
+    let (sessions, plaintext) = digibot_sessions(&database).await?;
+    // Each replica: its listener and at least one pooled connection.
+    ensure!(sessions >= 4, "{sessions} digibot sessions");
+    ensure!(
+        plaintext == 0,
+        "{plaintext} of {sessions} sessions in plaintext"
+    );
+    fake.assert_quiet(2, SETTLE).await?;
+    Ok(())
+}
+
+/// A server that offers no TLS (a cluster started with `ssl=off`):
+/// with `sslmode=require` digibot refuses it and exits saying why, having
+/// sent nothing in the clear; with `sslmode=prefer` it falls back to
+/// plaintext, as libpq does, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_refuses_a_plaintext_only_server() -> Result<()> {
+    let Some(cluster) = OwnCluster::start_plaintext("plaintext").await? else {
+        return Ok(());
+    };
+    let database = cluster.database("replicas_plaintext").await?;
+    let fake = FakeDigishare::start().await?;
+
+    let mut refused = echo_replicas(&fake, &with_param(&database, "sslmode", "require")).spawn()?;
+    let status = refused.wait_exit(Duration::from_secs(30)).await?;
+    ensure!(
+        !status.success(),
+        "digibot started on a plaintext server with sslmode=require"
+    );
+    let logs = refused.logs();
+    ensure!(
+        logs.contains("server does not support TLS"),
+        "no reason given:\n{logs}"
+    );
+    // Nothing reached the database: no migration ran.
+    let tables = psql_exec(
+        &database,
+        &["SELECT count(*) FROM pg_tables WHERE tablename = 'digibot_migrations'"],
+    )
+    .await?;
+    ensure!(tables == "0", "migrated over plaintext: {tables}");
+
+    let preferring = echo_replicas(&fake, &with_param(&database, "sslmode", "prefer"))
+        .start()
+        .await?;
+    preferring
+        .accept(&customer_text("conv_plain", "msg_plain", "in the clear"))
+        .await?;
+    fake.wait_for_conversation("conv_plain", 1, TIMEOUT).await?;
+    let (sessions, plaintext) = digibot_sessions(&database).await?;
+    ensure!(
+        sessions > 0 && plaintext == sessions,
+        "{plaintext} of {sessions}"
+    );
+    Ok(())
+}
+
+/// The `events` table locked by another session for longer than the
+/// statement timeout (1 s here): the webhook's insert waits for the lock
+/// until PostgreSQL cancels it, and the webhook is answered 503 after
+/// about a second instead of stalling; once the lock is gone the same
+/// webhook is accepted and echoed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_the_timeout_answers_503_not_a_stall() -> Result<()> {
+    let Some(database) = fresh_database("replicas_locked").await? else {
+        return Ok(());
+    };
+    let fake = FakeDigishare::start().await?;
+    let bot = echo_replicas(&fake, &database)
+        .env("DIGIBOT_DATABASE_STATEMENT_TIMEOUT_MS", "1000")
+        .start()
+        .await?;
+    bot.accept(&customer_text("conv_locked", "msg_locked_1", "before"))
+        .await?;
+    fake.wait_for_conversation("conv_locked", 1, TIMEOUT)
+        .await?;
+    wait_outbox(&bot, json!({"sent": 1})).await?;
+
+    let locker = {
+        let database = database.clone();
+        tokio::spawn(async move {
+            psql_exec(
+                &database,
+                &["BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(6); COMMIT;"],
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let held = psql_exec(
+            &database,
+            &[
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+               WHERE c.relname = 'events' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+            ],
+        )
+        .await?;
+        if held == "1" {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the lock was never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let blocked = customer_text("conv_locked", "msg_locked_2", "during");
+    let started = Instant::now();
+    let reply = bot.post_json(&blocked).await?;
+    let waited = started.elapsed();
+    ensure!(
+        reply.status == 503,
+        "answered {} while the table was locked: {}",
+        reply.status,
+        reply.body
+    );
+    ensure!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "answered after {waited:?}, not at the 1 s statement timeout"
+    );
+    ensure!(
+        bot.logs().contains("database busy"),
+        "the 503 is not logged as a timeout"
+    );
+
+    locker.await??;
+    let reply = bot.post_json(&blocked).await?;
+    reply.expect_status(200)?;
+    let replies = fake
+        .wait_for_conversation("conv_locked", 2, TIMEOUT)
+        .await?;
+    let bodies: Vec<&Value> = replies.iter().map(|r| &r.body["body"]).collect();
+    ensure!(bodies == [&json!("before"), &json!("during")], "{bodies:?}");
+    fake.assert_quiet(2, SETTLE).await?;
+    Ok(())
+}
+
+/// The database host stops answering altogether (a proxy in front of
+/// PostgreSQL that holds every byte, like a partition: no error, no
+/// reset, so the server's own statement timeout cannot help): a webhook is
+/// answered 503 within the client-side deadline (statement timeout 1 s +
+/// 1 s) and `/readyz` 503 within its 2 s; once the host answers again,
+/// the webhook redelivered is acknowledged and echoed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_answers_503_within_the_deadline() -> Result<()> {
+    let Some(database) = fresh_database("replicas_frozen").await? else {
+        return Ok(());
+    };
+    let proxy = FreezableProxy::start(&host_port(&database)?).await?;
+    // TLS end to end through the proxy (same address as the certificate's),
+    // and a bound on a new connection's startup.
+    let through = with_param(
+        &with_host_port(&database, &proxy.addr)?,
+        "connect_timeout",
+        "1",
+    );
+    let fake = FakeDigishare::start().await?;
+    let bot = echo_replicas(&fake, &through)
+        .env("DIGIBOT_DATABASE_STATEMENT_TIMEOUT_MS", "1000")
+        .env("DIGIBOT_DATABASE_ACQUIRE_TIMEOUT_MS", "1000")
+        .start()
+        .await?;
+    bot.accept(&customer_text("conv_frozen", "msg_frozen_1", "before"))
+        .await?;
+    fake.wait_for_conversation("conv_frozen", 1, TIMEOUT)
+        .await?;
+    // Its delivery recorded too: a reply whose success cannot be recorded
+    // is sent again (same Idempotency-Key), which is not this test's point.
+    wait_outbox(&bot, json!({"sent": 1})).await?;
+
+    proxy.freeze();
+    let stuck = customer_text("conv_frozen", "msg_frozen_2", "during");
+    let started = Instant::now();
+    let reply = bot.post_json(&stuck).await?;
+    let waited = started.elapsed();
+    ensure!(
+        reply.status == 503,
+        "answered {} with the database silent: {}",
+        reply.status,
+        reply.body
+    );
+    ensure!(
+        waited < Duration::from_secs(4),
+        "answered after {waited:?}, past the 2 s deadline"
+    );
+    let started = Instant::now();
+    let ready = bot.get("/readyz").await?;
+    ensure!(
+        ready.status == 503,
+        "ready with a silent database: {}",
+        ready.body
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(4),
+        "/readyz took {:?}",
+        started.elapsed()
+    );
+
+    proxy.thaw();
+    // Digishare redelivers until it gets a 200. The first attempt's insert
+    // may have reached the database late (the proxy held it): then the
+    // redelivery is a duplicate, and the event is still handled once.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let reply = bot.post_json(&stuck).await?;
+        if reply.status == 200 {
+            break;
+        }
+        ensure!(
+            reply.status == 503 && Instant::now() < deadline,
+            "after the thaw: {} {}",
+            reply.status,
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replies = fake
+        .wait_for_conversation("conv_frozen", 2, TIMEOUT)
+        .await?;
+    let bodies: Vec<&Value> = replies.iter().map(|r| &r.body["body"]).collect();
+    ensure!(bodies == [&json!("before"), &json!("during")], "{bodies:?}");
+    fake.assert_quiet(2, SETTLE).await?;
+    let deadline = Instant::now() + TIMEOUT;
+    while bot.get("/readyz").await?.status != 200 {
+        ensure!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
 }

@@ -46,6 +46,60 @@ async fn dry_run_logs_instead_of_sending() -> Result<()> {
     Ok(())
 }
 
+/// The demo's first minute: concierge in dry-run and the README's two
+/// webhooks. Each would-be request is logged exactly once (`dry-run, not
+/// sent: METHOD PATH BODY`), with no "no message id" warning (nothing was
+/// sent, so nothing answered; the sender records an id of its own), and
+/// nothing reaches the API.
+#[tokio::test]
+async fn dry_run_logs_each_request_once_and_no_warning() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .api_base(&fake.url())
+        .no_api_token()
+        .plugin("concierge")
+        .start()
+        .await?;
+    let keys = [
+        bot.accept(&fixture("new_conversation")).await?,
+        bot.accept(&fixture("message_text_customer")).await?,
+    ];
+    bot.wait_idle(&keys, TIMEOUT).await?;
+    let detail = bot
+        .admin_get("/admin/conversations/conv_7Hq2Lm9Xa1")
+        .await?
+        .json()?;
+    let actions = detail["actions"].as_array().cloned().unwrap_or_default();
+    // The welcome buttons, then the help text quoting the customer.
+    ensure!(
+        actions.len() == 2 && actions.iter().all(|a| a["status"] == "sent"),
+        "{detail:#}"
+    );
+    let logs = bot.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("dry-run, not sent: POST /v1/messages"))
+        .collect();
+    ensure!(lines.len() == actions.len(), "{logs}");
+    for action in &actions {
+        let logged = lines
+            .iter()
+            .filter(|l| json_objects_in(l).contains(&action["body"]))
+            .count();
+        ensure!(
+            logged == 1,
+            "{} logged {logged} times:\n{logs}",
+            action["body"]
+        );
+    }
+    ensure!(
+        !logs.contains("no message id") && !logs.contains("24-hour window"),
+        "a warning in a dry-run:\n{logs}"
+    );
+    fake.assert_quiet(0, SETTLE).await?;
+    Ok(())
+}
+
 /// 0.0.0.0 with no webhook auth and no --insecure: exit non-zero, saying
 /// --insecure would allow it.
 #[tokio::test]

@@ -1,240 +1,428 @@
-//! Settings: embedded defaults, then `digibot.toml` (`--config`), then
-//! `DIGIBOT_*` environment variables, each overriding the one before.
+//! Settings: each declared once, below, as a clap argument that names its
+//! file key (the argument's id: `retry.base_ms` is `[retry] base_ms`), its
+//! `DIGIBOT_*` environment variable, its `serve` flag, its default and its
+//! doc (what `digibot serve --help` and docs/operations.md show). Built-in
+//! defaults, then the `--config` file, then the environment, then `serve`'s
+//! flags, each overriding the one before (see [`layers`]). This module also
+//! turns the settings into the other crates' own config types.
 
+mod layers;
+mod secret;
+
+pub use layers::{ConfigError, Flags};
+pub use secret::{DatabaseUrl, Secret};
+
+use clap::ArgAction;
 use digibot_pipeline::sender::{ApiCredentials, RetryPolicy, SenderConfig};
 use digibot_runtime::{Limits, RuntimeConfig};
 use digibot_store::{Store, StoreError};
 use digibot_store_sqlite::Durability;
-use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A setting that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("{var}={value:?}: {why}")]
-    Env {
-        var: &'static str,
-        value: String,
-        why: String,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
 /// Everything `digibot serve` needs.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Settings (each also a DIGIBOT_* variable and a --config file key)")]
 pub struct Settings {
     /// Address the HTTP server binds.
+    #[arg(
+        long,
+        env = "DIGIBOT_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
     /// Digishare API base URL.
+    #[arg(
+        long,
+        env = "DIGIBOT_API_BASE_URL",
+        value_name = "URL",
+        default_value = "https://api.digishare.ma"
+    )]
     pub api_base_url: String,
-    /// Messages API bearer token; none (and no OAuth client) means dry-run.
-    pub api_token: Option<String>,
-    /// OAuth client credentials, an alternative to `api_token`.
+    /// Messages API bearer token. Without it (and without an OAuth client)
+    /// digibot runs in dry-run: it logs each request instead of sending it.
+    #[arg(
+        long,
+        env = "DIGIBOT_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<Secret>,
+    /// OAuth client id, with `client_secret` instead of `api_token` (both or
+    /// neither).
+    #[arg(long, env = "DIGIBOT_CLIENT_ID", value_name = "ID")]
     pub client_id: Option<String>,
-    pub client_secret: Option<String>,
-    /// Shared secret a webhook carries as a Bearer token or `X-Digishare-Secret`.
-    pub webhook_token: Option<String>,
-    /// `user:password` for HTTP Basic webhook auth.
-    pub webhook_basic: Option<String>,
-    /// Bearer token for `/admin`; none turns the admin API off.
-    pub admin_token: Option<String>,
-    /// Folder of `NAME.wasm` plugins (and `NAME.toml`).
+    /// OAuth client secret, with `client_id`.
+    #[arg(
+        long,
+        env = "DIGIBOT_CLIENT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub client_secret: Option<Secret>,
+    /// Shared secret a webhook carries as `Authorization: Bearer …` or
+    /// `X-Digishare-Secret: …`.
+    #[arg(
+        long,
+        env = "DIGIBOT_WEBHOOK_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub webhook_token: Option<Secret>,
+    /// `user:password` for HTTP Basic webhook auth (used when no token is
+    /// set).
+    #[arg(
+        long,
+        env = "DIGIBOT_WEBHOOK_BASIC",
+        value_name = "USER:PASSWORD",
+        hide_env_values = true
+    )]
+    pub webhook_basic: Option<Secret>,
+    /// Bearer token of `/admin` (the admin API, the dashboard, `/metrics`);
+    /// none: the admin API does not exist.
+    #[arg(
+        long,
+        env = "DIGIBOT_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<Secret>,
+    /// Folder of `NAME.wasm` plugins and their `NAME.toml`.
+    #[arg(long, env = "DIGIBOT_PLUGINS_DIR", value_name = "DIR")]
     pub plugins_dir: Option<PathBuf>,
-    /// SQLite database and compile cache.
+    /// Reload a plugin when its files change.
+    #[arg(long, env = "DIGIBOT_WATCH_PLUGINS", value_name = "BOOL", action = ArgAction::Set, default_value_t = true)]
+    pub watch_plugins: bool,
+    /// SQLite database, compile cache, plugin history.
+    #[arg(
+        long,
+        env = "DIGIBOT_DATA_DIR",
+        value_name = "DIR",
+        default_value = "./data"
+    )]
     pub data_dir: PathBuf,
-    /// `postgres://user:password@host:port/db`: share one PostgreSQL
-    /// database with other replicas instead of SQLite under `data_dir`.
-    pub database_url: Option<String>,
-    /// Connections each replica keeps to PostgreSQL at most.
-    pub database_pool: usize,
-    /// PostgreSQL: how long a replica's hold on a conversation lasts
-    /// without renewal, so how long a dead replica's conversations wait.
-    pub lease_ms: u64,
-    /// Largest webhook body accepted.
-    pub webhook_max_bytes: usize,
-    /// `full` (fsync every group commit) or `normal`.
+    /// `full` (fsync every group commit) or `normal` (safe against a
+    /// process crash, not a power loss).
+    #[arg(
+        long,
+        env = "DIGIBOT_DURABILITY",
+        value_name = "full|normal",
+        default_value = "full"
+    )]
     pub durability: Durability,
+    /// `postgres://user:password@host:port/db`: share one PostgreSQL
+    /// database with other replicas instead of SQLite under `data_dir`
+    /// (migrations are applied at start); `?sslmode=verify-full&sslrootcert=PATH`
+    /// for TLS (see replicas.md).
+    #[arg(
+        long,
+        env = "DIGIBOT_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<DatabaseUrl>,
+    /// PostgreSQL connections each replica opens at most (plus one that
+    /// listens for notifications).
+    #[arg(
+        long,
+        env = "DIGIBOT_DATABASE_POOL",
+        value_name = "N",
+        default_value_t = 16
+    )]
+    pub database_pool: usize,
+    /// PostgreSQL: the longest wait for a free pooled connection; past it
+    /// a webhook is answered 503.
+    #[arg(
+        long,
+        env = "DIGIBOT_DATABASE_ACQUIRE_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 2_000
+    )]
+    pub database_acquire_timeout_ms: u64,
+    /// PostgreSQL: the server's `statement_timeout` for every statement;
+    /// a statement that runs longer (or a database that stops answering)
+    /// fails, and a webhook is answered 503.
+    #[arg(
+        long,
+        env = "DIGIBOT_DATABASE_STATEMENT_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 5_000
+    )]
+    pub database_statement_timeout_ms: u64,
+    /// PostgreSQL: how long a replica's hold on a conversation lasts
+    /// without renewal, so how long a dead replica's conversations wait for
+    /// another; its claims on outbox actions last this plus
+    /// `request_timeout_ms`.
+    #[arg(
+        long,
+        env = "DIGIBOT_LEASE_MS",
+        value_name = "MS",
+        default_value_t = 30_000
+    )]
+    pub lease_ms: u64,
+    /// Largest webhook body accepted, in bytes.
+    #[arg(long, env = "DIGIBOT_WEBHOOK_MAX_BYTES", value_name = "BYTES", default_value_t = 1 << 20)]
+    pub webhook_max_bytes: usize,
     /// Conversations handled at once.
+    #[arg(
+        long,
+        env = "DIGIBOT_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 64
+    )]
     pub concurrency: usize,
     /// Outbox requests in flight at once.
+    #[arg(
+        long,
+        env = "DIGIBOT_SEND_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 32
+    )]
     pub send_concurrency: usize,
+    /// Timeout of one Messages API request.
+    #[arg(
+        long,
+        env = "DIGIBOT_REQUEST_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub request_timeout_ms: u64,
+    #[command(flatten)]
     pub retry: RetrySettings,
+    #[command(flatten)]
     pub http: HttpSettings,
     /// Handled events and sent actions are deleted after this many hours.
+    #[arg(long, env = "DIGIBOT_RETENTION_HOURS", value_name = "HOURS", default_value_t = 24 * 7)]
     pub retention_hours: u64,
-    /// How long SIGTERM waits for in-flight work.
+    /// How long a shutdown waits for in-flight work.
+    #[arg(
+        long,
+        env = "DIGIBOT_SHUTDOWN_GRACE_SECS",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
     pub shutdown_grace_secs: u64,
-    /// Timeout of one Messages API request.
-    pub request_timeout_ms: u64,
+    #[command(flatten)]
     pub runtime: RuntimeSettings,
-    /// Watch the plugins folder and reload changed plugins.
-    pub watch_plugins: bool,
-    /// An agent's internal note with exactly this text hands the
+    /// An agent's internal note with exactly this text (any case) hands the
     /// conversation back to the bot.
+    #[arg(
+        long,
+        env = "DIGIBOT_RELEASE_COMMAND",
+        value_name = "TEXT",
+        default_value = "/bot"
+    )]
     pub release_command: String,
-    /// A conversation in a human's hands returns to the bot after this many
-    /// seconds without an agent message; 0 (the default) never.
+    /// A conversation in a human's hands goes back to the bot after this
+    /// many seconds without an agent message; 0: never.
+    #[arg(
+        long,
+        env = "DIGIBOT_HUMAN_IDLE_RELEASE_SECS",
+        value_name = "SECS",
+        default_value_t = 0
+    )]
     pub human_idle_release_secs: u64,
 }
 
-/// Backoff of the outbox sender.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// Backoff of the outbox sender (the file's `[retry]` table).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Retries ([retry] in the file)")]
 pub struct RetrySettings {
+    /// First retry delay (exponential, full jitter).
+    #[arg(
+        id = "retry.base_ms",
+        long = "retry-base-ms",
+        env = "DIGIBOT_RETRY_BASE_MS",
+        value_name = "MS",
+        default_value_t = 500
+    )]
     pub base_ms: u64,
+    /// Longest retry delay.
+    #[arg(
+        id = "retry.max_ms",
+        long = "retry-max-ms",
+        env = "DIGIBOT_RETRY_MAX_MS",
+        value_name = "MS",
+        default_value_t = 60_000
+    )]
     pub max_ms: u64,
+    /// Attempts before an action becomes a dead letter.
+    #[arg(
+        id = "retry.max_attempts",
+        long = "retry-max-attempts",
+        env = "DIGIBOT_RETRY_MAX_ATTEMPTS",
+        value_name = "N",
+        default_value_t = 12
+    )]
     pub max_attempts: u32,
 }
 
-/// The HTTP edge's bounds and deadlines (see `digibot_server::listener`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// The HTTP edge's bounds and deadlines (the file's `[http]` table; see
+/// `digibot_server::listener`). The defaults are
+/// `digibot_server::HttpLimits::default()`'s (a unit test keeps them so).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "HTTP edge ([http] in the file)")]
 pub struct HttpSettings {
-    /// A complete request head within this of opening (or of the next
-    /// request's first byte).
+    /// A connection must deliver a complete request head within this of
+    /// opening (or of the first byte of its next request); else it is
+    /// closed.
+    #[arg(
+        id = "http.header_timeout_secs",
+        long = "http-header-timeout-secs",
+        env = "DIGIBOT_HTTP_HEADER_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
     pub header_timeout_secs: u64,
-    /// A whole request body within this of its head.
+    /// A whole request body within this of its head (`408` otherwise).
+    #[arg(
+        id = "http.body_timeout_secs",
+        long = "http-body-timeout-secs",
+        env = "DIGIBOT_HTTP_BODY_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
     pub body_timeout_secs: u64,
-    /// An idle keep-alive connection is closed after this.
+    /// A kept-alive connection with no request, or a client that stops
+    /// reading its answer, is closed after this.
+    #[arg(
+        id = "http.idle_timeout_secs",
+        long = "http-idle-timeout-secs",
+        env = "DIGIBOT_HTTP_IDLE_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
     pub idle_timeout_secs: u64,
-    /// Open connections at once (also bounded by the open-files limit).
+    /// Open connections at once; more are answered `503` and closed
+    /// (lowered, with a warning, to fit the open-files limit).
+    #[arg(
+        id = "http.max_connections",
+        long = "http-max-connections",
+        env = "DIGIBOT_HTTP_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 4096
+    )]
     pub max_connections: usize,
-    /// Requests handled at once, health probes aside.
+    /// Requests handled at once, `/healthz` and `/readyz` aside; more are
+    /// answered `503` with `Retry-After: 1` at once.
+    #[arg(
+        id = "http.max_in_flight",
+        long = "http-max-in-flight",
+        env = "DIGIBOT_HTTP_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 1024
+    )]
     pub max_in_flight: usize,
-    /// Host names the admin API and dashboard answer besides IP literals
-    /// and `localhost`; `*` for any.
-    pub allowed_hosts: Vec<String>,
+    /// Host names (comma-separated) the admin API, dashboard and `/metrics`
+    /// answer besides IP literals and `localhost`; `*` for any.
+    #[arg(
+        id = "http.allowed_hosts",
+        long = "allowed-hosts",
+        env = "DIGIBOT_ALLOWED_HOSTS",
+        value_name = "HOST,...",
+        default_value = ""
+    )]
+    pub allowed_hosts: HostNames,
 }
 
-impl Default for HttpSettings {
-    fn default() -> Self {
-        let limits = digibot_server::HttpLimits::default();
-        HttpSettings {
-            header_timeout_secs: limits.header_timeout.as_secs(),
-            body_timeout_secs: limits.body_timeout.as_secs(),
-            idle_timeout_secs: limits.idle_timeout.as_secs(),
-            max_connections: limits.max_connections,
-            max_in_flight: limits.max_in_flight,
-            allowed_hosts: Vec::new(),
-        }
+/// A comma-separated list of host names, blanks dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostNames(pub Vec<String>);
+
+impl std::str::FromStr for HostNames {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(HostNames(
+            s.split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ))
     }
 }
 
 /// How plugins are compiled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CompileMode {
     Fast,
     Optimized,
 }
 
-impl std::str::FromStr for CompileMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fast" => Ok(CompileMode::Fast),
-            "optimized" => Ok(CompileMode::Optimized),
-            _ => Err("expected fast or optimized".into()),
-        }
-    }
-}
-
-/// Plugin runtime settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// Plugin runtime settings (the file's `[runtime]` table); the limits are
+/// every plugin's defaults, which its `NAME.toml` may lower.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Plugin runtime ([runtime] in the file)")]
 pub struct RuntimeSettings {
+    /// Pooling instance allocator (falls back to on-demand if the machine
+    /// refuses it).
+    #[arg(id = "runtime.pooling", long = "pooling", env = "DIGIBOT_POOLING", value_name = "BOOL", action = ArgAction::Set, default_value_t = true)]
     pub pooling: bool,
+    /// Instances the pool holds at once: a quarter may be warm (each
+    /// enabled plugin keeps up to four instantiated, never-called instances
+    /// ready, each used for one event only), a quarter may wait to be
+    /// reset, half serve invocations.
+    #[arg(
+        id = "runtime.pool_instances",
+        long = "pool-instances",
+        env = "DIGIBOT_POOL_INSTANCES",
+        value_name = "N",
+        default_value_t = 64
+    )]
     pub pool_instances: u32,
-    /// KiB of each pooled memory kept resident between instances.
+    /// KiB at the start of each pooled memory zeroed rather than returned
+    /// to the kernel between instances: a fresh instance's first call then
+    /// takes no page faults on a Rust guest's stack (see BENCHMARKS.md).
+    #[arg(id = "runtime.keep_resident_kb", long = "keep-resident-kb", env = "DIGIBOT_KEEP_RESIDENT_KB", value_name = "KIB", default_value_t = RuntimeConfig::default().keep_resident >> 10)]
     pub keep_resident_kb: usize,
-    /// `fast` (single-pass register allocation: quicker compiles, the
-    /// default) or `optimized` (quicker code).
+    /// `fast`: Cranelift's single-pass register allocator, ~30% quicker
+    /// compiles (hot swaps, first loads); `optimized`: quicker code, for
+    /// compute-heavy guests such as interpreters.
+    #[arg(
+        id = "runtime.compile",
+        long = "compile",
+        env = "DIGIBOT_COMPILE",
+        value_name = "fast|optimized",
+        value_enum,
+        default_value = "fast"
+    )]
     pub compile: CompileMode,
+    /// Meter fuel, so a plugin's `limits.fuel` applies (slower plugins).
+    #[arg(id = "runtime.fuel", long = "fuel", env = "DIGIBOT_FUEL", value_name = "BOOL", action = ArgAction::Set, default_value_t = false)]
     pub fuel: bool,
+    /// Default deadline of one plugin invocation.
+    #[arg(id = "runtime.timeout_ms", long = "plugin-timeout-ms", env = "DIGIBOT_PLUGIN_TIMEOUT_MS", value_name = "MS", default_value_t = Limits::default().timeout.as_millis() as u64)]
     pub timeout_ms: u64,
+    /// Default memory cap of a plugin, in MiB (at most 256).
+    #[arg(id = "runtime.memory_mb", long = "plugin-memory-mb", env = "DIGIBOT_PLUGIN_MEMORY_MB", value_name = "MIB", default_value_t = (Limits::default().memory_bytes >> 20) as u64)]
     pub memory_mb: u64,
+    /// Default replies per invocation.
+    #[arg(id = "runtime.max_actions", long = "plugin-max-actions", env = "DIGIBOT_PLUGIN_MAX_ACTIONS", value_name = "N", default_value_t = Limits::default().max_actions)]
     pub max_actions: usize,
+    /// Default log and stdout/stderr bytes kept per invocation.
+    #[arg(id = "runtime.max_log_bytes", long = "plugin-max-log-bytes", env = "DIGIBOT_PLUGIN_MAX_LOG_BYTES", value_name = "BYTES", default_value_t = Limits::default().max_log_bytes)]
     pub max_log_bytes: usize,
-    /// Consecutive failures before a plugin is quarantined.
+    /// Consecutive failures that quarantine a plugin (0: never).
+    #[arg(
+        id = "runtime.breaker_failures",
+        long = "breaker-failures",
+        env = "DIGIBOT_BREAKER_FAILURES",
+        value_name = "N",
+        default_value_t = 5
+    )]
     pub breaker_failures: u32,
     /// How long a quarantined plugin is skipped.
+    #[arg(
+        id = "runtime.breaker_cooldown_secs",
+        long = "breaker-cooldown-secs",
+        env = "DIGIBOT_BREAKER_COOLDOWN_SECS",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
     pub breaker_cooldown_secs: u64,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            api_base_url: "https://api.digishare.ma".into(),
-            api_token: None,
-            client_id: None,
-            client_secret: None,
-            webhook_token: None,
-            webhook_basic: None,
-            admin_token: None,
-            plugins_dir: None,
-            data_dir: PathBuf::from("./data"),
-            database_url: None,
-            database_pool: 16,
-            lease_ms: 30_000,
-            webhook_max_bytes: 1 << 20,
-            durability: Durability::Full,
-            concurrency: 64,
-            send_concurrency: 32,
-            retry: RetrySettings::default(),
-            http: HttpSettings::default(),
-            retention_hours: 24 * 7,
-            shutdown_grace_secs: 10,
-            request_timeout_ms: 10_000,
-            runtime: RuntimeSettings::default(),
-            watch_plugins: true,
-            release_command: "/bot".into(),
-            human_idle_release_secs: 0,
-        }
-    }
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        RetrySettings {
-            base_ms: 500,
-            max_ms: 60_000,
-            max_attempts: 12,
-        }
-    }
-}
-
-impl Default for RuntimeSettings {
-    fn default() -> Self {
-        let limits = Limits::default();
-        RuntimeSettings {
-            pooling: true,
-            pool_instances: 64,
-            keep_resident_kb: RuntimeConfig::default().keep_resident >> 10,
-            compile: CompileMode::Fast,
-            fuel: false,
-            timeout_ms: limits.timeout.as_millis() as u64,
-            memory_mb: (limits.memory_bytes >> 20) as u64,
-            max_actions: limits.max_actions,
-            max_log_bytes: limits.max_log_bytes,
-            breaker_failures: 5,
-            breaker_cooldown_secs: 30,
-        }
-    }
 }
 
 impl RuntimeSettings {
@@ -250,34 +438,17 @@ impl RuntimeSettings {
     }
 }
 
-fn env_parse<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    slot: &mut T,
-) -> Result<(), ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    if let Some(value) = get(var) {
-        *slot = value.parse().map_err(|e: T::Err| ConfigError::Env {
-            var,
-            value: value.clone(),
-            why: e.to_string(),
-        })?;
-    }
-    Ok(())
-}
-
-fn env_string(get: &impl Fn(&str) -> Option<String>, var: &str, slot: &mut Option<String>) {
-    if let Some(value) = get(var) {
-        *slot = Some(value).filter(|v| !v.is_empty());
-    }
-}
-
 impl Settings {
     /// Defaults, then the file (if given), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
         Settings::load_with(file, |var| std::env::var(var).ok())
+    }
+
+    /// [`load`](Self::load), then `serve`'s flags over all of it.
+    pub fn load_with_flags(file: Option<&Path>, flags: &Flags) -> Result<Settings, ConfigError> {
+        let s = layers::layer(file, &|var| std::env::var(var).ok(), flags)?;
+        s.validate()?;
+        Ok(s)
     }
 
     /// [`load`](Self::load) with an explicit environment (for tests).
@@ -285,129 +456,14 @@ impl Settings {
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        let mut s = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    source,
-                })?
-            }
-            None => Settings::default(),
-        };
-        env_parse(&env, "DIGIBOT_LISTEN", &mut s.listen)?;
-        if let Some(v) = env("DIGIBOT_API_BASE_URL") {
-            s.api_base_url = v;
-        }
-        env_string(&env, "DIGIBOT_API_TOKEN", &mut s.api_token);
-        env_string(&env, "DIGIBOT_CLIENT_ID", &mut s.client_id);
-        env_string(&env, "DIGIBOT_CLIENT_SECRET", &mut s.client_secret);
-        env_string(&env, "DIGIBOT_WEBHOOK_TOKEN", &mut s.webhook_token);
-        env_string(&env, "DIGIBOT_WEBHOOK_BASIC", &mut s.webhook_basic);
-        env_string(&env, "DIGIBOT_ADMIN_TOKEN", &mut s.admin_token);
-        if let Some(v) = env("DIGIBOT_PLUGINS_DIR") {
-            s.plugins_dir = Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty());
-        }
-        if let Some(v) = env("DIGIBOT_DATA_DIR") {
-            s.data_dir = PathBuf::from(v);
-        }
-        env_string(&env, "DIGIBOT_DATABASE_URL", &mut s.database_url);
-        env_parse(&env, "DIGIBOT_DATABASE_POOL", &mut s.database_pool)?;
-        env_parse(&env, "DIGIBOT_LEASE_MS", &mut s.lease_ms)?;
-        env_parse(&env, "DIGIBOT_WEBHOOK_MAX_BYTES", &mut s.webhook_max_bytes)?;
-        env_parse(&env, "DIGIBOT_DURABILITY", &mut s.durability)?;
-        env_parse(&env, "DIGIBOT_CONCURRENCY", &mut s.concurrency)?;
-        env_parse(&env, "DIGIBOT_SEND_CONCURRENCY", &mut s.send_concurrency)?;
-        env_parse(&env, "DIGIBOT_RETRY_BASE_MS", &mut s.retry.base_ms)?;
-        env_parse(&env, "DIGIBOT_RETRY_MAX_MS", &mut s.retry.max_ms)?;
-        env_parse(
-            &env,
-            "DIGIBOT_RETRY_MAX_ATTEMPTS",
-            &mut s.retry.max_attempts,
-        )?;
-        env_parse(
-            &env,
-            "DIGIBOT_HTTP_HEADER_TIMEOUT_SECS",
-            &mut s.http.header_timeout_secs,
-        )?;
-        env_parse(
-            &env,
-            "DIGIBOT_HTTP_BODY_TIMEOUT_SECS",
-            &mut s.http.body_timeout_secs,
-        )?;
-        env_parse(
-            &env,
-            "DIGIBOT_HTTP_IDLE_TIMEOUT_SECS",
-            &mut s.http.idle_timeout_secs,
-        )?;
-        env_parse(
-            &env,
-            "DIGIBOT_HTTP_MAX_CONNECTIONS",
-            &mut s.http.max_connections,
-        )?;
-        env_parse(
-            &env,
-            "DIGIBOT_HTTP_MAX_IN_FLIGHT",
-            &mut s.http.max_in_flight,
-        )?;
-        if let Some(v) = env("DIGIBOT_ALLOWED_HOSTS") {
-            s.http.allowed_hosts = v
-                .split(',')
-                .map(str::trim)
-                .filter(|h| !h.is_empty())
-                .map(str::to_string)
-                .collect();
-        }
-        env_parse(&env, "DIGIBOT_RETENTION_HOURS", &mut s.retention_hours)?;
-        env_parse(
-            &env,
-            "DIGIBOT_SHUTDOWN_GRACE_SECS",
-            &mut s.shutdown_grace_secs,
-        )?;
-        env_parse(
-            &env,
-            "DIGIBOT_REQUEST_TIMEOUT_MS",
-            &mut s.request_timeout_ms,
-        )?;
-        env_parse(&env, "DIGIBOT_POOLING", &mut s.runtime.pooling)?;
-        env_parse(&env, "DIGIBOT_FUEL", &mut s.runtime.fuel)?;
-        env_parse(
-            &env,
-            "DIGIBOT_KEEP_RESIDENT_KB",
-            &mut s.runtime.keep_resident_kb,
-        )?;
-        env_parse(&env, "DIGIBOT_COMPILE", &mut s.runtime.compile)?;
-        env_parse(&env, "DIGIBOT_PLUGIN_TIMEOUT_MS", &mut s.runtime.timeout_ms)?;
-        env_parse(&env, "DIGIBOT_PLUGIN_MEMORY_MB", &mut s.runtime.memory_mb)?;
-        env_parse(
-            &env,
-            "DIGIBOT_BREAKER_FAILURES",
-            &mut s.runtime.breaker_failures,
-        )?;
-        env_parse(
-            &env,
-            "DIGIBOT_BREAKER_COOLDOWN_SECS",
-            &mut s.runtime.breaker_cooldown_secs,
-        )?;
-        env_parse(&env, "DIGIBOT_WATCH_PLUGINS", &mut s.watch_plugins)?;
-        if let Some(v) = env("DIGIBOT_RELEASE_COMMAND") {
-            s.release_command = v;
-        }
-        env_parse(
-            &env,
-            "DIGIBOT_HUMAN_IDLE_RELEASE_SECS",
-            &mut s.human_idle_release_secs,
-        )?;
+        let s = layers::layer(file, &env, &Flags::default())?;
         s.validate()?;
         Ok(s)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(basic) = &self.webhook_basic
-            && !basic.contains(':')
+            && !basic.expose().contains(':')
         {
             return Err(ConfigError::Invalid(
                 "webhook_basic must be user:password".into(),
@@ -419,15 +475,20 @@ impl Settings {
             ));
         }
         if let Some(url) = &self.database_url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            && !(url.expose().starts_with("postgres://")
+                || url.expose().starts_with("postgresql://"))
         {
             return Err(ConfigError::Invalid(
                 "DIGIBOT_DATABASE_URL must be a postgres:// URL".into(),
             ));
         }
-        if self.database_pool == 0 || self.lease_ms == 0 {
+        if self.database_pool == 0
+            || self.lease_ms == 0
+            || self.database_acquire_timeout_ms == 0
+            || self.database_statement_timeout_ms == 0
+        {
             return Err(ConfigError::Invalid(
-                "database_pool and lease_ms must be at least 1".into(),
+                "database_pool, lease_ms and the database timeouts must be at least 1".into(),
             ));
         }
         if self.release_command.trim().is_empty() {
@@ -479,10 +540,10 @@ impl Settings {
         SenderConfig {
             api_base_url: self.api_base_url.clone(),
             credentials: match (&self.api_token, &self.client_id, &self.client_secret) {
-                (Some(token), _, _) => ApiCredentials::Token(token.clone()),
+                (Some(token), _, _) => ApiCredentials::Token(token.expose().to_string()),
                 (None, Some(id), Some(secret)) => ApiCredentials::Client {
                     id: id.clone(),
-                    secret: secret.clone(),
+                    secret: secret.expose().to_string(),
                 },
                 _ => ApiCredentials::DryRun,
             },
@@ -523,20 +584,25 @@ impl Settings {
 
 /// The store the settings ask for: PostgreSQL when `database_url` is set,
 /// else SQLite under the data dir.
-pub fn open_store(settings: &Settings) -> Result<Store, StoreError> {
+pub async fn open_store(settings: &Settings) -> Result<Store, StoreError> {
     match &settings.database_url {
         Some(url) => {
             let lease = Duration::from_millis(settings.lease_ms);
             digibot_store_postgres::open(
-                digibot_store_postgres::parse_url(url)?,
+                &digibot_store_postgres::DatabaseUrl::parse(url.expose())?,
                 digibot_store_postgres::Options {
                     pool_size: settings.database_pool,
                     lease,
                     // Longer than one request, so a live sender keeps it.
                     claim: lease + Duration::from_millis(settings.request_timeout_ms),
+                    acquire_timeout: Duration::from_millis(settings.database_acquire_timeout_ms),
+                    statement_timeout: Duration::from_millis(
+                        settings.database_statement_timeout_ms,
+                    ),
                     ..digibot_store_postgres::Options::default()
                 },
             )
+            .await
         }
         None => digibot_store_sqlite::open(&settings.data_dir, settings.durability),
     }
@@ -607,10 +673,23 @@ mod tests {
         assert_eq!(limits.max_connections, 100);
         assert_eq!(limits.body_timeout, Duration::from_secs(30));
         assert_eq!(
-            s.http.allowed_hosts,
+            s.http.allowed_hosts.0,
             ["digibot.example.com", "ops.internal"]
         );
         assert!(Settings::load_with(None, env(&[("DIGIBOT_HTTP_MAX_IN_FLIGHT", "0")])).is_err());
+    }
+
+    /// The declared defaults are the server crate's own.
+    #[test]
+    fn http_defaults_are_the_servers() {
+        let s = Settings::load_with(None, env(&[])).unwrap();
+        let (ours, theirs) = (s.http_limits(), digibot_server::HttpLimits::default());
+        assert_eq!(ours.header_timeout, theirs.header_timeout);
+        assert_eq!(ours.body_timeout, theirs.body_timeout);
+        assert_eq!(ours.idle_timeout, theirs.idle_timeout);
+        assert_eq!(ours.max_connections, theirs.max_connections);
+        assert_eq!(ours.max_in_flight, theirs.max_in_flight);
+        assert!(s.http.allowed_hosts.0.is_empty());
     }
 
     #[test]
@@ -621,5 +700,98 @@ mod tests {
             "{err}"
         );
         assert!(Settings::load_with(None, env(&[("DIGIBOT_CLIENT_ID", "x")])).is_err());
+    }
+
+    const TABLE_BEGIN: &str = "<!-- settings table: generated from crates/digibot/src/config.rs \
+        (UPDATE_DOCS=1 cargo test -p digibot settings_table rewrites it) -->";
+    const TABLE_END: &str = "<!-- end of settings table -->";
+
+    /// The declaration as docs/operations.md's table.
+    fn markdown_table() -> String {
+        let mut table = String::from(
+            "| file key | environment | `serve` flag | default | meaning |\n|---|---|---|---|---|\n",
+        );
+        for arg in layers::declared().get_arguments() {
+            let defaults: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|d| format!("`{}`", d.to_string_lossy()))
+                .collect();
+            let doc = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|d| d.to_string())
+                .unwrap_or_default();
+            table.push_str(&format!(
+                "| `{}` | `{}` | `--{}` | {} | {} |\n",
+                arg.get_id(),
+                arg.get_env().unwrap_or_default().to_string_lossy(),
+                arg.get_long().unwrap_or_default(),
+                if defaults.is_empty() {
+                    "none".to_string()
+                } else {
+                    defaults.join(", ")
+                },
+                doc.split_whitespace().collect::<Vec<_>>().join(" "),
+            ));
+        }
+        table
+    }
+
+    /// docs/operations.md lists exactly the declared settings.
+    #[test]
+    fn settings_table() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/operations.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let start = doc.find(TABLE_BEGIN).expect("the table's first marker") + TABLE_BEGIN.len();
+        let stop = doc.find(TABLE_END).expect("the table's last marker");
+        let table = markdown_table();
+        if doc[start..stop].trim() == table.trim() {
+            return;
+        }
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            let updated = format!("{}\n{table}{}", &doc[..start], &doc[stop..]);
+            std::fs::write(&path, updated).unwrap();
+            return;
+        }
+        panic!(
+            "docs/operations.md's settings table is not the declaration's; \
+             UPDATE_DOCS=1 cargo test -p digibot settings_table rewrites it to:\n{table}"
+        );
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_API_TOKEN", "api-hunter2"),
+                ("DIGIBOT_CLIENT_ID", "client-id-shown"),
+                ("DIGIBOT_CLIENT_SECRET", "client-hunter2"),
+                ("DIGIBOT_WEBHOOK_TOKEN", "webhook-hunter2"),
+                ("DIGIBOT_WEBHOOK_BASIC", "digishare:basic-hunter2"),
+                ("DIGIBOT_ADMIN_TOKEN", "admin-hunter2"),
+                (
+                    "DIGIBOT_DATABASE_URL",
+                    "postgres://digibot:db-hunter2@db.internal/digibot",
+                ),
+            ]),
+        )
+        .unwrap();
+        for debug in [format!("{s:?}"), format!("{s:#?}")] {
+            assert!(!debug.contains("hunter2"), "a secret in Debug: {debug}");
+            // What is not secret is still there to debug with.
+            assert!(debug.contains("client-id-shown"), "{debug}");
+            assert!(
+                debug.contains("postgres://digibot:***@db.internal/digibot"),
+                "{debug}"
+            );
+        }
+        // And each is still there for the part that uses it.
+        assert!(matches!(
+            s.sender_config().credentials,
+            ApiCredentials::Token(t) if t == "api-hunter2"
+        ));
+        assert_eq!(s.admin_token.unwrap().expose(), "admin-hunter2");
     }
 }

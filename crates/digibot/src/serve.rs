@@ -50,8 +50,8 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     // First, so that every update from here on is recorded.
     digibot_server::metrics::install();
     let webhook_auth = match (&settings.webhook_token, &settings.webhook_basic) {
-        (Some(token), _) => WebhookAuth::Token(token.clone()),
-        (None, Some(basic)) => WebhookAuth::Basic(basic.clone()),
+        (Some(token), _) => WebhookAuth::Token(token.expose().to_string()),
+        (None, Some(basic)) => WebhookAuth::Basic(basic.expose().to_string()),
         (None, None) => WebhookAuth::None,
     };
     if matches!(webhook_auth, WebhookAuth::None) {
@@ -64,7 +64,7 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     // Before anything writes there: the compile cache holds native code
     // loaded without re-validation, so no one else may write it.
     private_dir(&settings.data_dir)?;
-    let store = crate::config::open_store(&settings)?;
+    let store = crate::config::open_store(&settings).await?;
     // Before the plugins compile: a base URL the token must not travel to
     // stops the start at once.
     let outbox = Outbox::default();
@@ -159,8 +159,11 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         outbox,
         webhook_auth,
         webhook_max_bytes: settings.webhook_max_bytes,
-        admin_token: settings.admin_token.clone(),
-        allowed_hosts: settings.http.allowed_hosts.clone(),
+        admin_token: settings
+            .admin_token
+            .as_ref()
+            .map(|t| t.expose().to_string()),
+        allowed_hosts: settings.http.allowed_hosts.0.clone(),
         max_in_flight: settings.http.max_in_flight,
     });
     let limits = within_open_files(settings.http_limits());

@@ -3,6 +3,8 @@
 //! - [`event`]: the webhook body parsed once into typed Digishare events;
 //! - [`actions`]: a plugin's [`Action`](digibot_protocol::Action) to the
 //!   exact Messages API request, the one place that knows their shapes;
+//! - [`answer`]: what the Messages API's answer to a request means
+//!   (delivered, retry and when, refused);
 //! - [`lifecycle`]: who is in charge of a conversation, and the rules that
 //!   move it between the bot and a human (WhatsApp's 24-hour window too);
 //! - [`kv`]: a plugin's KV writes, committed with the event they came from;
@@ -12,6 +14,7 @@
 //! its rules are unit-tested without a runtime, a socket or a database.
 
 pub mod actions;
+pub mod answer;
 pub mod event;
 pub mod kv;
 pub mod lifecycle;

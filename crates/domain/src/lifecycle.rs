@@ -13,6 +13,23 @@ pub use crate::event::ConversationState;
 /// WhatsApp's customer-service window.
 pub const WINDOW_MS: i64 = 24 * 3_600_000;
 
+/// The longest a customer's message can plausibly take to reach digibot
+/// (Digishare retrying while digibot is down, the way webhook senders
+/// retry for up to three days); a `created_at` older than this, or after
+/// the message arrived, is a clock's error, a replay or a fixture.
+pub const MAX_DELIVERY_DELAY_MS: i64 = 72 * 3_600_000;
+
+/// When the customer wrote, for the 24-hour window: the payload's
+/// `created_at`, unless it is not plausible for a message digibot
+/// received at `received_at` (see [`MAX_DELIVERY_DELAY_MS`]); then the
+/// time digibot received it.
+pub fn customer_wrote_at(created_at: Option<i64>, received_at: i64) -> i64 {
+    match created_at {
+        Some(at) if at <= received_at && received_at - at <= MAX_DELIVERY_DELAY_MS => at,
+        _ => received_at,
+    }
+}
+
 /// The lifecycle settings the dispatcher applies.
 #[derive(Debug, Clone)]
 pub struct Rules {
@@ -167,6 +184,23 @@ mod tests {
         ] {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_customer_wrote_when_plausible_else_when_received() {
+        let received = parse_time("2026-12-02T10:00:00Z").unwrap();
+        let hours = |h: i64| received - h * 3_600_000;
+        // Delivered late (Digishare retried for a day): the payload's time.
+        assert_eq!(customer_wrote_at(Some(hours(25)), received), hours(25));
+        assert_eq!(customer_wrote_at(Some(hours(72)), received), hours(72));
+        // Months old (a fixture, a replay) or ahead of the clock: received.
+        assert_eq!(customer_wrote_at(Some(hours(73)), received), received);
+        assert_eq!(customer_wrote_at(Some(hours(6300)), received), received);
+        assert_eq!(
+            customer_wrote_at(Some(received + 60_000), received),
+            received
+        );
+        assert_eq!(customer_wrote_at(None, received), received);
     }
 
     #[test]

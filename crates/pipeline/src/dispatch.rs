@@ -18,6 +18,7 @@
 use crate::metrics as m;
 use crate::sender::Outbox;
 use crate::sends::Sends;
+use crate::window::WindowWarnings;
 use digibot_domain::actions::{self, Scope};
 use digibot_domain::event::{ConversationState, EventKind, Message, SenderKind};
 use digibot_domain::lifecycle::{self, Rules};
@@ -439,6 +440,7 @@ struct Inner {
     rules: Rules,
     /// Sends in flight, which an agent message may have to wait for.
     sends: Sends,
+    window: WindowWarnings,
     shutdown: watch::Receiver<bool>,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -466,6 +468,7 @@ impl Dispatcher {
                 store,
                 registry,
                 sends: outbox.sends().clone(),
+                window: WindowWarnings::default(),
                 outbox,
                 lanes: Mutex::new(Lanes::default()),
                 conversations: Arc::new(Semaphore::new(concurrency)),
@@ -791,12 +794,10 @@ impl Dispatcher {
         let mut state = record.map(|r| r.state).unwrap_or_default();
         match &stored.event.kind {
             EventKind::Message(m) => {
-                update.customer_at = Some(
-                    m.created_at
-                        .as_deref()
-                        .and_then(lifecycle::parse_time)
-                        .unwrap_or(now),
-                );
+                update.customer_at = Some(lifecycle::customer_wrote_at(
+                    m.created_at.as_deref().and_then(lifecycle::parse_time),
+                    stored.received_at,
+                ));
                 update.channel = m.sent_using.clone().filter(|_| !m.sent_through_api());
             }
             EventKind::NewConversation(c) => update.channel = c.channel.clone(),
@@ -865,16 +866,24 @@ impl Dispatcher {
             .max(record.and_then(|r| r.last_customer_at));
         if lifecycle::is_whatsapp(channel)
             && let Some(last) = last_customer
-            && now - last > lifecycle::WINDOW_MS
         {
-            for a in handled
-                .actions
-                .iter()
-                .filter(|a| a.body.get("send_to_third") == Some(&serde_json::Value::Bool(true)))
-            {
-                tracing::warn!(conversation = %stored.event.conversation_id().unwrap_or_default(),
-                    plugin = %a.plugin, hours = (now - last) / 3_600_000,
-                    "outside WhatsApp's 24-hour window: the customer last wrote over 24 h ago, Digishare will likely refuse this message");
+            let conversation = stored.event.conversation_id().unwrap_or_default();
+            if now - last <= lifecycle::WINDOW_MS {
+                self.inner.window.open(conversation);
+            } else {
+                let mut plugins: Vec<&str> = handled
+                    .actions
+                    .iter()
+                    .filter(|a| a.body.get("send_to_third") == Some(&serde_json::Value::Bool(true)))
+                    .map(|a| a.plugin.as_str())
+                    .collect();
+                plugins.dedup();
+                // Once per conversation until the customer writes again.
+                if !plugins.is_empty() && self.inner.window.closed(conversation) {
+                    tracing::warn!(conversation, plugins = %plugins.join(","),
+                        hours = (now - last) / 3_600_000,
+                        "outside WhatsApp's 24-hour window: the customer last wrote over 24 h ago, Digishare will likely refuse messages to them (warned once per conversation)");
+                }
             }
         }
         Some((handled, update, state))

@@ -9,6 +9,8 @@
 //!   the completion that commits it;
 //! - [`sender`]: outbox delivery, retries, OAuth, dead letters;
 //! - [`sends`]: which conversations have a request in flight (the echo race);
+//! - [`window`]: warning once per conversation about WhatsApp's 24-hour
+//!   window;
 //! - [`cluster`]: plugins shared by replicas, kept in step with the store's
 //!   record;
 //! - [`metrics`]: the metrics the pipeline updates.
@@ -18,3 +20,4 @@ pub mod dispatch;
 pub mod metrics;
 pub mod sender;
 pub mod sends;
+pub mod window;

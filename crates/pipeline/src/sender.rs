@@ -10,7 +10,8 @@
 //! on: one bad reply must not silence the bot for that customer.
 //!
 //! Without a token or OAuth client, the sender is in dry-run: it logs each
-//! request (method, path, JSON body) and marks it sent.
+//! request (method, path, JSON body) once and marks it sent, a message with
+//! the id `dry-run-ACTION`.
 //!
 //! Nothing Digishare answers can make the sender panic or hang: every
 //! delay it announces (`Retry-After`, OAuth `expires_in`) is parsed with
@@ -29,6 +30,7 @@
 
 use crate::metrics as m;
 use crate::sends::Sends;
+use digibot_domain::answer::{self, Verdict};
 use digibot_domain::lifecycle;
 use digibot_store::{OutboxAction, Store, now_ms};
 use metrics::counter;
@@ -525,10 +527,18 @@ impl Sender {
     async fn attempt(&self, action: &OutboxAction) -> Attempt {
         let token = match &self.auth {
             Credentials::DryRun => {
-                tracing::info!("dry-run: {} {} {}", action.method, action.path, action.body);
+                tracing::info!(
+                    "dry-run, not sent: {} {} {}",
+                    action.method,
+                    action.path,
+                    action.body
+                );
+                // An id of its own for the message that would exist: it
+                // says dry-run wherever it shows and matches no webhook.
                 return Attempt::Sent {
                     status: 200,
-                    message_id: None,
+                    message_id: (action.path == "/v1/messages")
+                        .then(|| format!("dry-run-{}", action.id)),
                 };
             }
             Credentials::Static(token) => token.clone(),
@@ -597,8 +607,7 @@ impl Sender {
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .map(|v| v.as_bytes().to_vec());
         let location = response.headers().get(reqwest::header::LOCATION).map(|v| {
             String::from_utf8_lossy(v.as_bytes())
                 .chars()
@@ -608,34 +617,33 @@ impl Sender {
         let (body, _) = read_capped(response, MAX_ANSWER_BYTES).await;
         let body = String::from_utf8_lossy(&body).into_owned();
         let body_short: String = body.chars().take(2000).collect();
-        match status {
-            200..=299 => {
-                // Digishare answers 200 even when it could not fetch a file,
-                // with a text message saying so.
-                if action.body.get("file").is_some() && body.contains("unsupported file type") {
-                    return Attempt::Fatal {
-                        status: Some(status),
-                        error: format!("Digishare could not use the file: {body_short}"),
-                    };
-                }
-                Attempt::Sent {
-                    status,
-                    message_id: message_id(&body),
-                }
-            }
-            408 | 429 | 500..=599 => Attempt::Retry {
+        let verdict = answer::classify(
+            status,
+            retry_after.as_deref(),
+            &body,
+            action.body.get("file").is_some(),
+            std::time::SystemTime::now(),
+        );
+        match verdict {
+            Verdict::Sent { message_id } => Attempt::Sent { status, message_id },
+            Verdict::FileRefused => Attempt::Fatal {
+                status: Some(status),
+                error: format!("Digishare could not use the file: {body_short}"),
+            },
+            Verdict::Retry { retry_after } => Attempt::Retry {
                 status: Some(status),
                 error: body_short,
                 retry_after,
             },
-            300..=399 => Attempt::Fatal {
+            // Not followed (see `Sender::new`): say where it pointed.
+            Verdict::Refused if (300..=399).contains(&status) => Attempt::Fatal {
                 status: Some(status),
                 error: format!(
                     "Digishare answered a redirect (to {}); redirects are not followed: check the API base URL",
                     location.as_deref().unwrap_or("nowhere")
                 ),
             },
-            _ if lifecycle::is_window_refusal(&body) => {
+            Verdict::WindowClosed => {
                 let last_customer = self
                     .store
                     .conversation_state(&action.conversation_id)
@@ -648,7 +656,7 @@ impl Sender {
                     error: lifecycle::window_refusal_error(status, &body_short, last_customer),
                 }
             }
-            _ => Attempt::Fatal {
+            Verdict::Refused => Attempt::Fatal {
                 status: Some(status),
                 error: body_short,
             },
@@ -700,7 +708,7 @@ impl Sender {
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_retry_after);
+                .and_then(|v| answer::parse_retry_after(v, std::time::SystemTime::now()));
             return Err(if status == 429 || status >= 500 {
                 Attempt::Retry {
                     status: Some(status),
@@ -744,66 +752,6 @@ impl Sender {
     }
 }
 
-/// How long an OAuth token is used, from its `expires_in`: 3600 s when
-/// absent or unreadable, 0 when negative, at most [`MAX_TOKEN_LIFETIME`].
-fn token_lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
-    let secs = match expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_f64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
-        _ => None,
-    }
-    .unwrap_or(3600.0);
-    if secs.is_nan() || secs <= 0.0 {
-        return Duration::ZERO;
-    }
-    Duration::try_from_secs_f64(secs)
-        .unwrap_or(MAX_TOKEN_LIFETIME)
-        .min(MAX_TOKEN_LIFETIME)
-}
-
-/// Reads at most `cap` bytes of `response`'s body (and whether there was
-/// more); a body that fails midway is what arrived until then.
-async fn read_capped(mut response: reqwest::Response, cap: usize) -> (Vec<u8>, bool) {
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        let room = cap - body.len();
-        if chunk.len() > room {
-            body.extend_from_slice(&chunk[..room]);
-            return (body, true);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    (body, false)
-}
-
-/// The `Idempotency-Key` header for `key`: the key itself, or, when it
-/// cannot be a header value (rows recorded before ids were checked at the
-/// webhook), `sha256-HEX` of it: still one stable key per action.
-fn idempotency_header(key: &str) -> HeaderValue {
-    if key.len() <= 1024
-        && let Ok(value) = HeaderValue::from_str(key)
-    {
-        return value;
-    }
-    let digest = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
-    HeaderValue::from_str(&format!("sha256-{}", hex::encode(digest)))
-        .unwrap_or_else(|_| HeaderValue::from_static("sha256-invalid"))
-}
-
-/// The id of the message Digishare created, from either documented answer:
-/// `{"id": ...}` or `{"data": {"id": ...}}`.
-fn message_id(body: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(body).ok()?;
-    let id = value
-        .get("id")
-        .or_else(|| value.get("data").and_then(|d| d.get("id")))?;
-    match id {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 /// How long the run loop waits for more requests to finish before reading
 /// the outbox for a single free send permit.
 const LINGER: Duration = Duration::from_millis(2);
@@ -816,24 +764,6 @@ fn backoff(retry: &RetryPolicy, attempt: u32) -> Duration {
         .saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
     let d = exp.min(retry.max_ms).max(1);
     Duration::from_millis(rand::rng().random_range(d / 2..=d))
-}
-
-/// `Retry-After` as seconds or an HTTP date; `None` when it is neither,
-/// negative or NaN. Any size fits: past what a `Duration` holds it is
-/// `Duration::MAX` (the caller caps it).
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<f64>() {
-        if secs.is_nan() || secs < 0.0 {
-            return None;
-        }
-        return Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 #[cfg(test)]
@@ -857,47 +787,16 @@ mod tests {
         }
     }
 
+    /// What the sender does with any `Retry-After` (parsed by
+    /// `digibot_domain::answer`): capped at an hour, then added to now.
     #[test]
-    fn message_id_from_both_answers() {
-        assert_eq!(
-            message_id(r#"{"id": "msg_1", "status": "sent"}"#).as_deref(),
-            Some("msg_1")
-        );
-        assert_eq!(
-            message_id(r#"{"data": {"object": "Message", "id": 42}}"#).as_deref(),
-            Some("42")
-        );
-        assert_eq!(message_id(r#"{"status": "ok"}"#), None);
-        assert_eq!(message_id("not json"), None);
-    }
-
-    #[test]
-    fn retry_after_in_seconds_or_date() {
-        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after("-1"), None);
-        let past = httpdate::fmt_http_date(std::time::SystemTime::UNIX_EPOCH);
-        assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    #[test]
-    fn hostile_retry_after_values_never_panic() {
-        assert_eq!(parse_retry_after("1e20"), Some(Duration::MAX));
-        assert_eq!(parse_retry_after("inf"), Some(Duration::MAX));
-        assert_eq!(
-            parse_retry_after("18446744073709551616"),
-            Some(Duration::MAX)
-        );
-        assert_eq!(parse_retry_after("NaN"), None);
-        assert_eq!(parse_retry_after("-0.5"), None);
-        assert_eq!(parse_retry_after("-inf"), None);
-        let far = parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT").unwrap();
-        assert!(far > Duration::from_secs(7000 * 365 * 86400), "{far:?}");
-        // What the sender does with them: capped, then added to now.
-        for value in ["1e20", "inf", "Fri, 31 Dec 9999 23:59:59 GMT"] {
-            let delay = parse_retry_after(value).unwrap().min(MAX_RETRY_AFTER);
-            assert_eq!(delay, MAX_RETRY_AFTER);
+    fn hostile_retry_after_values_are_capped_without_overflow() {
+        let now = std::time::SystemTime::now();
+        for value in ["1e20", "18446744073709551616", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+            let delay = answer::parse_retry_after(value, now)
+                .unwrap()
+                .min(MAX_RETRY_AFTER);
+            assert_eq!(delay, MAX_RETRY_AFTER, "{value}");
             let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             assert!(now_ms().saturating_add(ms) > now_ms());
         }

@@ -291,6 +291,8 @@ mod tests {
         );
 
         app.admin.store.close();
+        // The store's answer is kept for a second (health::READY_CACHE).
+        tokio::time::sleep(health::READY_CACHE + std::time::Duration::from_millis(100)).await;
         let (status, body) = get(&app, "/readyz", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -321,6 +323,14 @@ mod tests {
             body.contains("# TYPE digibot_webhooks_total counter\n"),
             "{body}"
         );
+
+        // Every webhook outcome reads 0 before its first webhook, so
+        // dashboards and alerts see each series from the start.
+        for outcome in crate::metrics::WEBHOOK_OUTCOMES {
+            let line = format!("\ndigibot_webhooks_total{{outcome=\"{outcome}\"}} ");
+            assert!(body.contains(&line), "{outcome}: {body}");
+        }
+        assert!(body.contains("\ndigibot_api_retries_total 0\n"), "{body}");
 
         let dir = tempfile::tempdir().unwrap();
         let open = state(dir.path(), None);

@@ -207,7 +207,13 @@ async fn record(
                     } else {
                         "ignored"
                     });
-                    dispatcher.submit(StoredEvent { seq, event });
+                    dispatcher.submit(StoredEvent {
+                        seq,
+                        event,
+                        // The store's own time of this insert, within a
+                        // commit's length.
+                        received_at: digibot_store::now_ms(),
+                    });
                 }
                 None => count("ignored"),
             }

@@ -1,11 +1,13 @@
 //! The PostgreSQL back end, for several replicas sharing one database
 //! (`DIGIBOT_DATABASE_URL=postgres://...`). All of its SQL lives here.
 //!
-//! Connections: a small pool of `tokio-postgres` clients whose connection
-//! tasks run on a runtime of the store's own (one thread), so the store
-//! works the same from the server, from plugin threads and from the CLI
-//! (which has no runtime). Async operations run in the caller's task; the
-//! blocking ones hand their work to that runtime and wait.
+//! Connections: a `deadpool-postgres` pool (see `pool`) over TLS as the
+//! URL's `sslmode` asks (see `connect`). Connection tasks, the listener and
+//! the poll timer run on the runtime that opened the store (the server's,
+//! or the one a CLI command builds): the store has no runtime of its own.
+//! Every statement has a deadline (the server's `statement_timeout` and a
+//! client-side one), and so does acquiring a connection: a database that
+//! hangs is a [`StoreError::Timeout`], which the webhook answers with 503.
 //!
 //! Round trips: every operation on the event path is one statement, so one
 //! round trip, and commits on its own (data-modifying CTEs keep an event's
@@ -34,7 +36,11 @@
 //! transaction holding an advisory lock: replicas starting together apply
 //! each migration once.
 
+mod connect;
 mod plugins;
+mod pool;
+
+pub use connect::{DatabaseUrl, SslMode};
 
 use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
@@ -43,18 +49,18 @@ use digibot_store::{
     OutboxAction, OutboxDepth, PluginRecords, Pruned, Release, Store, StoreError, StoredEvent,
     now_ms, parse_state,
 };
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use pool::{Conn, Pool, Timeouts};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+use tokio::sync::{Notify, broadcast};
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, Row};
 
 /// What goes wrong inside this back end; a [`StoreError`] at its boundary.
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    #[error("{0}")]
+    #[error("{}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -63,18 +69,41 @@ enum Error {
 impl From<Error> for StoreError {
     fn from(e: Error) -> StoreError {
         match e {
-            Error::Postgres(e) => StoreError::Database(e.to_string()),
+            // The server's statement_timeout (or lock_timeout) cut it.
+            Error::Postgres(e)
+                if matches!(
+                    e.code(),
+                    Some(&SqlState::QUERY_CANCELED | &SqlState::LOCK_NOT_AVAILABLE)
+                ) =>
+            {
+                StoreError::Timeout(describe(&e))
+            }
+            Error::Postgres(e) => StoreError::Database(describe(&e)),
             Error::Store(e) => e,
         }
     }
 }
 
-/// Connects to the PostgreSQL database at `config`, migrates it, and
-/// starts listening to the other replicas.
-pub fn open(config: Config, options: Options) -> Result<Store, StoreError> {
-    Ok(Store::new(PgStore(Arc::new(Postgres::open(
-        config, options,
-    )?))))
+/// A tokio-postgres error with its causes ("error performing TLS
+/// handshake: invalid peer certificate: ...", "db error: ERROR: ..."):
+/// its own `Display` names only the kind.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// Connects to the PostgreSQL database at `url`, migrates it, and starts
+/// listening to the other replicas (on the current tokio runtime).
+pub async fn open(url: &DatabaseUrl, options: Options) -> Result<Store, StoreError> {
+    Ok(Store::new(PgStore(Arc::new(
+        Postgres::open(url, options).await?,
+    ))))
 }
 
 /// The PostgreSQL back end behind a [`Store`].
@@ -222,6 +251,11 @@ pub struct Options {
     /// unleased event must be before a replica other than the one that
     /// received it takes it.
     pub poll: Duration,
+    /// The longest wait for a free pooled connection.
+    pub acquire_timeout: Duration,
+    /// The server's `statement_timeout` for every statement (migrations
+    /// excepted); the client gives up a second later.
+    pub statement_timeout: Duration,
 }
 
 impl Default for Options {
@@ -231,155 +265,9 @@ impl Default for Options {
             lease: Duration::from_secs(30),
             claim: Duration::from_secs(60),
             poll: Duration::from_secs(1),
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
         }
-    }
-}
-
-/// A `postgres://` URL as a connection config (the password is never
-/// shown in the error).
-pub fn parse_url(url: &str) -> Result<Config, StoreError> {
-    url.parse::<Config>()
-        .map_err(|e| StoreError::Config(format!("DIGIBOT_DATABASE_URL: {e}")))
-}
-
-/// Opens one connection, its connection task running on `runtime`.
-async fn connect(config: &Config, runtime: &tokio::runtime::Handle) -> Result<Client, Error> {
-    let config = config.clone();
-    runtime
-        .spawn(async move {
-            let (client, connection) = config.connect(NoTls).await.map_err(Error::from)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "postgres connection closed");
-                }
-            });
-            Ok::<_, Error>(client)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
-}
-
-/// A pooled connection with its prepared statements.
-struct Conn {
-    client: Client,
-    statements: HashMap<&'static str, Statement>,
-}
-
-impl Conn {
-    async fn prepare(&mut self, sql: &'static str) -> Result<Statement, Error> {
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
-        let s = self.client.prepare(sql).await?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
-    }
-
-    async fn query(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Error> {
-        let statement = self.prepare(sql).await?;
-        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
-        Ok(self.client.query(&statement, params).await?)
-    }
-
-    async fn query_one(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, Error> {
-        let statement = self.prepare(sql).await?;
-        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
-        Ok(self.client.query_one(&statement, params).await?)
-    }
-
-    async fn execute(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error> {
-        let statement = self.prepare(sql).await?;
-        metrics::counter!(digibot_store::metrics::ROUND_TRIPS).increment(1);
-        Ok(self.client.execute(&statement, params).await?)
-    }
-}
-
-/// A connection borrowed from the pool; it goes back when dropped, unless
-/// it broke.
-struct Pooled {
-    conn: Option<Conn>,
-    pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Pooled {
-    /// The client, for statements of another module's own.
-    fn client(&self) -> &Client {
-        &self.conn.as_ref().expect("present until dropped").client
-    }
-
-    fn conn(&mut self) -> &mut Conn {
-        self.conn.as_mut().expect("present until dropped")
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take()
-            && !conn.client.is_closed()
-            && let Ok(mut idle) = self.pool.idle.lock()
-        {
-            idle.push(conn);
-        }
-    }
-}
-
-/// At most `size` connections, opened on demand, reused while healthy.
-struct Pool {
-    config: Config,
-    runtime: tokio::runtime::Handle,
-    idle: Mutex<Vec<Conn>>,
-    permits: Arc<Semaphore>,
-    closed: AtomicBool,
-}
-
-impl Pool {
-    async fn get(self: &Arc<Self>) -> Result<Pooled, Error> {
-        if self.closed.load(Ordering::Relaxed) {
-            return Err(StoreError::Closed.into());
-        }
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        let reused = {
-            let mut idle = self.idle.lock().map_err(|_| StoreError::Closed)?;
-            let mut found = None;
-            while let Some(conn) = idle.pop() {
-                if !conn.client.is_closed() {
-                    found = Some(conn);
-                    break;
-                }
-            }
-            found
-        };
-        let conn = match reused {
-            Some(conn) => conn,
-            None => Conn {
-                client: connect(&self.config, &self.runtime).await?,
-                statements: HashMap::new(),
-            },
-        };
-        Ok(Pooled {
-            conn: Some(conn),
-            pool: self.clone(),
-            _permit: permit,
-        })
     }
 }
 
@@ -394,24 +282,21 @@ pub struct Notification {
 
 /// The open PostgreSQL back end.
 struct Postgres {
-    /// Runs connection tasks, the listener and the blocking operations.
-    /// `None` once dropped.
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: tokio::runtime::Handle,
-    pool: Arc<Pool>,
+    pool: Pool,
     /// This replica, as it appears in leases and claims.
     replica: String,
     options: Options,
     notifications: broadcast::Sender<Notification>,
     /// Woken by inbox notifications and the poll timer.
     inbox: Arc<Notify>,
+    /// The listener and the poll timer, stopped with the store.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // Dropping a runtime inside another one's async context panics.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }
@@ -422,26 +307,15 @@ fn secs(d: Duration) -> f64 {
 
 impl Postgres {
     /// Connects, applies pending migrations, and starts listening.
-    fn open(config: Config, options: Options) -> Result<Postgres, Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("digibot-pg")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Config(format!("cannot start the database runtime: {e}")))?;
-        let handle = runtime.handle().clone();
-        let mut config = config;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        config.application_name("digibot");
-        let pool = Arc::new(Pool {
-            config,
-            runtime: handle.clone(),
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(options.pool_size.max(1))),
-            closed: AtomicBool::new(false),
-        });
+    async fn open(url: &DatabaseUrl, options: Options) -> Result<Postgres, Error> {
+        let pool = Pool::new(
+            url,
+            options.pool_size,
+            Timeouts {
+                acquire: options.acquire_timeout,
+                statement: options.statement_timeout,
+            },
+        )?;
         let replica = format!(
             "{}-{}-{:08x}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "digibot".into()),
@@ -449,18 +323,16 @@ impl Postgres {
             rand::random::<u32>()
         );
         let (notifications, _) = broadcast::channel(1024);
-        let pg = Postgres {
-            runtime: Some(runtime),
-            handle,
+        migrate(&pool).await?;
+        let mut pg = Postgres {
             pool,
             replica,
             options,
             notifications,
             inbox: Arc::new(Notify::new()),
+            tasks: Vec::new(),
         };
-        let pool = pg.pool.clone();
-        pg.block(async move { migrate(&pool).await })?;
-        pg.start_listener();
+        pg.start_listener(url)?;
         Ok(pg)
     }
 
@@ -469,38 +341,21 @@ impl Postgres {
         &self.replica
     }
 
-    /// A connection from the pool, for statements of another module's own.
-    async fn client(&self) -> Result<Pooled, Error> {
-        self.pool.get().await
-    }
-
     /// Notifications on [`CHANNELS`], from every replica.
     fn notifications(&self) -> broadcast::Receiver<Notification> {
         self.notifications.subscribe()
     }
 
-    /// Runs `f` on the store's runtime and waits for it (for the blocking
-    /// operations: callable from any thread, with or without a runtime).
-    fn block<T: Send + 'static>(
-        &self,
-        f: impl Future<Output = Result<T, Error>> + Send + 'static,
-    ) -> Result<T, Error> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.handle.spawn(async move {
-            let _ = tx.send(f.await);
-        });
-        rx.recv().map_err(|_| StoreError::Closed)?
-    }
-
     /// Keeps one connection LISTENing on [`CHANNELS`] (reconnecting when it
     /// drops), and wakes the inbox watchers on every inbox notification and
     /// every poll interval.
-    fn start_listener(&self) {
-        let config = self.pool.config.clone();
+    fn start_listener(&mut self, url: &DatabaseUrl) -> Result<(), Error> {
+        let config = url.session(self.options.statement_timeout);
+        let tls = url.tls()?;
         let tx = self.notifications.clone();
         let inbox = self.inbox.clone();
         let poll = self.options.poll;
-        self.handle.spawn({
+        self.tasks.push(tokio::spawn({
             let inbox = inbox.clone();
             async move {
                 loop {
@@ -508,12 +363,17 @@ impl Postgres {
                     inbox.notify_one();
                 }
             }
-        });
-        self.handle.spawn(async move {
+        }));
+        // Bounds the whole startup, as the pool's create timeout does.
+        let connect_within = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(5));
+        self.tasks.push(tokio::spawn(async move {
             let mut first = true;
             loop {
-                match config.connect(NoTls).await {
-                    Ok((client, mut connection)) => {
+                match tokio::time::timeout(connect_within, config.connect(tls.clone())).await {
+                    Ok(Ok((client, mut connection))) => {
                         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
                         let forward = tx.clone();
                         let wake = inbox.clone();
@@ -560,25 +420,27 @@ impl Postgres {
                         let _ = (&mut done_rx).await;
                         driver.abort();
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::debug!(error = %e, "postgres listener cannot connect");
+                        first = false;
+                    }
+                    Err(_) => {
+                        tracing::debug!("postgres listener: no answer from the server");
                         first = false;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-        });
+        }));
+        Ok(())
     }
 
     /// Later operations fail with [`StoreError::Closed`].
     fn close(&self) {
-        self.pool.closed.store(true, Ordering::Relaxed);
-        if let Ok(mut idle) = self.pool.idle.lock() {
-            idle.clear();
-        }
+        self.pool.close();
     }
 
-    async fn conn(&self) -> Result<Pooled, Error> {
+    async fn conn(&self) -> Result<Conn, Error> {
         self.pool.get().await
     }
 
@@ -586,7 +448,7 @@ impl Postgres {
     /// be reached (or the store is closed).
     async fn ping(&self) -> Result<(), Error> {
         let mut c = self.conn().await?;
-        c.conn().query("SELECT 1", &[]).await?;
+        c.query("SELECT 1", &[]).await?;
         Ok(())
     }
 
@@ -604,7 +466,6 @@ impl Postgres {
         let handled_at = (status != "pending").then_some(now);
         let mut c = self.conn().await?;
         let rows = c
-            .conn()
             .query(
                 "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -628,27 +489,21 @@ impl Postgres {
     }
 
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq",
-                    &[],
-                )
-                .await?;
-            stored_events(&rows)
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, payload, received_at FROM events WHERE status = 'pending' ORDER BY seq",
+                &[],
+            )
+            .await?;
+        stored_events(&rows)
     }
 
     async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
         let mut c = self.conn().await?;
         let rows = c
-            .conn()
             .query(
-                "SELECT seq, payload FROM events WHERE key = $1 AND status = 'pending'",
+                "SELECT seq, payload, received_at FROM events WHERE key = $1 AND status = 'pending'",
                 &[&key],
             )
             .await?;
@@ -687,7 +542,6 @@ impl Postgres {
         // check, the status guard (a second completion queues nothing), the
         // lease renewal, the actions in order, the KV writes.
         let row = c
-            .conn()
             .query_one(
                 "WITH blocked AS (
                     SELECT 1 FROM conversation_leases
@@ -796,21 +650,15 @@ impl Postgres {
     // ---- conversation state ------------------------------------------------
 
     async fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, Error> {
-        let pool = self.pool.clone();
-        let id = id.to_string();
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
-                     FROM conversations WHERE id = $1",
-                    &[&id],
-                )
-                .await?;
-            rows.first().map(|r| conversation_record(r, 0)).transpose()
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                 FROM conversations WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        rows.first().map(|r| conversation_record(r, 0)).transpose()
     }
 
     async fn conversation_states(
@@ -818,194 +666,159 @@ impl Postgres {
         state: Option<ConversationState>,
         limit: usize,
     ) -> Result<Vec<ConversationRecord>, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
-                     FROM conversations WHERE $1::text IS NULL OR state = $1
-                     ORDER BY changed_at DESC, id LIMIT $2",
-                    &[&state.map(|s| s.as_str()), &(limit as i64)],
-                )
-                .await?;
-            rows.iter().map(|r| conversation_record(r, 0)).collect()
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                 FROM conversations WHERE $1::text IS NULL OR state = $1
+                 ORDER BY changed_at DESC, id LIMIT $2",
+                &[&state.map(|s| s.as_str()), &(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(|r| conversation_record(r, 0)).collect()
     }
 
     async fn is_own_message(&self, conversation_id: &str, message_id: &str) -> Result<bool, Error> {
-        let pool = self.pool.clone();
-        let (conversation_id, message_id) = (conversation_id.to_string(), message_id.to_string());
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT 1 FROM sent_messages WHERE conversation_id = $1 AND message_id = $2",
-                    &[&conversation_id, &message_id],
-                )
-                .await?;
-            Ok(!rows.is_empty())
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT 1 FROM sent_messages WHERE conversation_id = $1 AND message_id = $2",
+                &[&conversation_id, &message_id],
+            )
+            .await?;
+        Ok(!rows.is_empty())
     }
 
     async fn release(&self, id: &str, reason: String) -> Result<Release, Error> {
-        let pool = self.pool.clone();
-        let id = id.to_string();
-        async move {
-            let mut c = pool.get().await?;
-            let row = c
-                .conn()
-                .query_one(
-                    "WITH old AS (SELECT state FROM conversations WHERE id = $1),
-                     released AS (
-                        UPDATE conversations SET state = 'bot', changed_at = $2, reason = $3
-                        WHERE id = $1 AND state = 'human' RETURNING 1)
-                     SELECT (SELECT state FROM old), EXISTS (SELECT 1 FROM released)",
-                    &[&id, &now_ms(), &reason],
-                )
-                .await?;
-            let old: Option<String> = row.try_get(0)?;
-            Ok(match old {
-                None => Release::Unknown,
-                Some(_) if row.try_get::<_, bool>(1)? => Release::Released,
-                Some(state) => Release::NotHuman(parse_state(&state)?),
-            })
-        }
-        .await
+        let mut c = self.conn().await?;
+        let row = c
+            .query_one(
+                "WITH old AS (SELECT state FROM conversations WHERE id = $1),
+                 released AS (
+                    UPDATE conversations SET state = 'bot', changed_at = $2, reason = $3
+                    WHERE id = $1 AND state = 'human' RETURNING 1)
+                 SELECT (SELECT state FROM old), EXISTS (SELECT 1 FROM released)",
+                &[&id, &now_ms(), &reason],
+            )
+            .await?;
+        let old: Option<String> = row.try_get(0)?;
+        Ok(match old {
+            None => Release::Unknown,
+            Some(_) if row.try_get::<_, bool>(1)? => Release::Released,
+            Some(state) => Release::NotHuman(parse_state(&state)?),
+        })
     }
 
     async fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
-                     FROM events ORDER BY seq DESC LIMIT $1",
-                    &[&(limit as i64)],
-                )
-                .await?;
-            rows.iter().map(event_summary).collect()
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                 FROM events ORDER BY seq DESC LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(event_summary).collect()
     }
 
     async fn recent_conversations(&self, limit: usize) -> Result<Vec<ConversationSummary>, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            // The window is a range of sequence numbers, as on SQLite (here
-            // duplicates use up numbers too, so it may hold a few fewer).
-            let rows = c
-                .conn()
-                .query(
-                    "WITH recent AS (
-                        SELECT conversation_id, COUNT(*) AS events, MIN(received_at) AS first_at,
-                               MAX(received_at) AS last_at,
-                               SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END)::BIGINT AS pending,
-                               MAX(seq) AS last_seq
-                        FROM events
-                        WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1
-                          AND conversation_id IS NOT NULL
-                        GROUP BY conversation_id ORDER BY MAX(seq) DESC LIMIT $2
-                     ), actions AS (
-                        SELECT conversation_id,
-                               COUNT(*) FILTER (WHERE status = 'sent') AS sent,
-                               COUNT(*) FILTER (WHERE status = 'pending') AS pending,
-                               COUNT(*) FILTER (WHERE status = 'dead') AS dead
-                        FROM outbox
-                        WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1
-                          AND conversation_id IN (SELECT conversation_id FROM recent)
-                        GROUP BY conversation_id
-                     )
-                     SELECT r.conversation_id, r.events, r.first_at, r.last_at, r.pending, e.name,
-                            COALESCE(a.sent, 0), COALESCE(a.pending, 0), COALESCE(a.dead, 0),
-                            s.id, s.state, s.changed_at, s.reason, s.channel, s.last_customer_at, s.last_agent_at
-                     FROM recent r JOIN events e ON e.seq = r.last_seq
-                     LEFT JOIN actions a ON a.conversation_id = r.conversation_id
-                     LEFT JOIN conversations s ON s.id = r.conversation_id
-                     ORDER BY r.last_seq DESC",
-                    &[&CONVERSATION_WINDOW, &(limit as i64)],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(ConversationSummary {
-                        conversation_id: r.try_get(0)?,
-                        events: r.try_get(1)?,
-                        first_event_at: r.try_get(2)?,
-                        last_event_at: r.try_get(3)?,
-                        pending_events: r.try_get(4)?,
-                        last_event: r.try_get(5)?,
-                        actions: ActionCounts {
-                            sent: r.try_get(6)?,
-                            pending: r.try_get(7)?,
-                            dead: r.try_get(8)?,
-                        },
-                        state: match r.try_get::<_, Option<String>>(9)? {
-                            Some(_) => Some(conversation_record(r, 9)?),
-                            None => None,
-                        },
-                    })
+        let mut c = self.conn().await?;
+        // The window is a range of sequence numbers, as on SQLite (here
+        // duplicates use up numbers too, so it may hold a few fewer).
+        let rows = c
+            .query(
+                "WITH recent AS (
+                    SELECT conversation_id, COUNT(*) AS events, MIN(received_at) AS first_at,
+                           MAX(received_at) AS last_at,
+                           SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END)::BIGINT AS pending,
+                           MAX(seq) AS last_seq
+                    FROM events
+                    WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1
+                      AND conversation_id IS NOT NULL
+                    GROUP BY conversation_id ORDER BY MAX(seq) DESC LIMIT $2
+                 ), actions AS (
+                    SELECT conversation_id,
+                           COUNT(*) FILTER (WHERE status = 'sent') AS sent,
+                           COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+                           COUNT(*) FILTER (WHERE status = 'dead') AS dead
+                    FROM outbox
+                    WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1
+                      AND conversation_id IN (SELECT conversation_id FROM recent)
+                    GROUP BY conversation_id
+                 )
+                 SELECT r.conversation_id, r.events, r.first_at, r.last_at, r.pending, e.name,
+                        COALESCE(a.sent, 0), COALESCE(a.pending, 0), COALESCE(a.dead, 0),
+                        s.id, s.state, s.changed_at, s.reason, s.channel, s.last_customer_at, s.last_agent_at
+                 FROM recent r JOIN events e ON e.seq = r.last_seq
+                 LEFT JOIN actions a ON a.conversation_id = r.conversation_id
+                 LEFT JOIN conversations s ON s.id = r.conversation_id
+                 ORDER BY r.last_seq DESC",
+                &[&CONVERSATION_WINDOW, &(limit as i64)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ConversationSummary {
+                    conversation_id: r.try_get(0)?,
+                    events: r.try_get(1)?,
+                    first_event_at: r.try_get(2)?,
+                    last_event_at: r.try_get(3)?,
+                    pending_events: r.try_get(4)?,
+                    last_event: r.try_get(5)?,
+                    actions: ActionCounts {
+                        sent: r.try_get(6)?,
+                        pending: r.try_get(7)?,
+                        dead: r.try_get(8)?,
+                    },
+                    state: match r.try_get::<_, Option<String>>(9)? {
+                        Some(_) => Some(conversation_record(r, 9)?),
+                        None => None,
+                    },
                 })
-                .collect()
-        }
-        .await
+            })
+            .collect()
     }
 
     async fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, Error> {
-        let pool = self.pool.clone();
-        let conversation_id = conversation_id.to_string();
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
-                     FROM events
-                     WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 AND conversation_id = $2
-                     ORDER BY seq",
-                    &[&CONVERSATION_WINDOW, &conversation_id],
-                )
-                .await?;
-            let events = rows.iter().map(event_summary).collect::<Result<_, _>>()?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
-                            status, attempts, next_attempt_at, last_status, last_error, created_at
-                     FROM outbox
-                     WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1 AND conversation_id = $2
-                     ORDER BY id",
-                    &[&CONVERSATION_WINDOW, &conversation_id],
-                )
-                .await?;
-            let actions = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
-                     FROM conversations WHERE id = $1",
-                    &[&conversation_id],
-                )
-                .await?;
-            let state = rows
-                .first()
-                .map(|r| conversation_record(r, 0))
-                .transpose()?;
-            Ok(ConversationDetail {
-                conversation_id,
-                events,
-                actions,
-                state,
-            })
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, key, name, conversation_id, status, received_at, handled_at, outcomes
+                 FROM events
+                 WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 AND conversation_id = $2
+                 ORDER BY seq",
+                &[&CONVERSATION_WINDOW, &conversation_id],
+            )
+            .await?;
+        let events = rows.iter().map(event_summary).collect::<Result<_, _>>()?;
+        let rows = c
+            .query(
+                "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                        status, attempts, next_attempt_at, last_status, last_error, created_at
+                 FROM outbox
+                 WHERE id > (SELECT COALESCE(MAX(id), 0) FROM outbox) - $1 AND conversation_id = $2
+                 ORDER BY id",
+                &[&CONVERSATION_WINDOW, &conversation_id],
+            )
+            .await?;
+        let actions = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+        let rows = c
+            .query(
+                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                 FROM conversations WHERE id = $1",
+                &[&conversation_id],
+            )
+            .await?;
+        let state = rows
+            .first()
+            .map(|r| conversation_record(r, 0))
+            .transpose()?;
+        Ok(ConversationDetail {
+            conversation_id: conversation_id.to_string(),
+            events,
+            actions,
+            state,
+        })
     }
 
     // ---- conversations -------------------------------------------------
@@ -1018,7 +831,6 @@ impl Postgres {
         // Taken when free, expired, or already ours; when another replica
         // holds it, that replica is told (NOTIFY) an event waits for it.
         let rows = c
-            .conn()
             .query(
                 "WITH lease AS (
                     INSERT INTO conversation_leases (conversation_id, owner, expires_at)
@@ -1033,7 +845,7 @@ impl Postgres {
                  ), nudge AS (
                     SELECT pg_notify('digibot_inbox', $1) FROM held WHERE n = 0
                  )
-                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload
+                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload, e.received_at
                  FROM held LEFT JOIN events e
                    ON held.n > 0 AND e.conversation_id = $1 AND e.status = 'pending'
                  ORDER BY e.seq",
@@ -1052,7 +864,7 @@ impl Postgres {
         for r in &rows {
             if let Some(seq) = r.try_get::<_, Option<i64>>(2)? {
                 let payload: String = r.try_get(3)?;
-                events.push(stored_event(seq, &payload)?);
+                events.push(stored_event(seq, &payload, r.try_get(4)?)?);
             }
         }
         Ok(Some(events))
@@ -1063,10 +875,9 @@ impl Postgres {
         // Kept (and the events returned) while events of the conversation
         // wait: those arrived at other replicas meanwhile.
         let rows = c
-            .conn()
             .query(
                 "WITH waiting AS (
-                    SELECT seq, payload FROM events
+                    SELECT seq, payload, received_at FROM events
                     WHERE conversation_id = $1 AND status = 'pending'
                  ), released AS (
                     DELETE FROM conversation_leases
@@ -1074,7 +885,7 @@ impl Postgres {
                       AND NOT EXISTS (SELECT 1 FROM waiting)
                     RETURNING 1
                  )
-                 SELECT seq, payload, (SELECT count(*) FROM released) FROM waiting ORDER BY seq",
+                 SELECT seq, payload, received_at, (SELECT count(*) FROM released) FROM waiting ORDER BY seq",
                 &[&conversation_id, &self.replica],
             )
             .await?;
@@ -1087,9 +898,8 @@ impl Postgres {
         // which received it had its chance.
         let settled = now_ms() - self.options.poll.as_millis() as i64 * 2;
         let rows = c
-            .conn()
             .query(
-                "SELECT e.seq, e.payload FROM events e
+                "SELECT e.seq, e.payload, e.received_at FROM events e
                  LEFT JOIN conversation_leases l ON l.conversation_id = e.conversation_id
                  WHERE e.status = 'pending' AND e.conversation_id IS NOT NULL
                    AND (l.owner = $1 OR ((l.owner IS NULL OR l.expires_at < now()) AND e.received_at < $2))
@@ -1113,103 +923,78 @@ impl Postgres {
         conversation_id: &str,
         key: &str,
     ) -> Result<Option<String>, Error> {
-        let pool = self.pool.clone();
-        let (plugin, conversation_id, key) = (
-            plugin.to_string(),
-            conversation_id.to_string(),
-            key.to_string(),
-        );
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT value FROM kv WHERE plugin = $1 AND conversation_id = $2 AND key = $3",
-                    &[&plugin, &conversation_id, &key],
-                )
-                .await?;
-            Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT value FROM kv WHERE plugin = $1 AND conversation_id = $2 AND key = $3",
+                &[&plugin, &conversation_id, &key],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
     }
 
     // ---- outbox ------------------------------------------------------------
 
     async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, Error> {
-        let pool = self.pool.clone();
         let replica = self.replica.clone();
         let claim = secs(self.options.claim);
-        async move {
-            let mut c = pool.get().await?;
-            // Every head returned is claimed for this replica, due or not:
-            // the sender starts those due by its own clock and sleeps until
-            // the next, so it must never see one it does not hold. Its own
-            // claims come back too (renewed); it skips what it has in
-            // flight. Conditions on `o` are rechecked on the latest row
-            // version after the lock, so a head sent or claimed meanwhile
-            // is passed over.
-            let rows = c
-                .conn()
-                .query(
-                    "WITH heads AS (
-                        SELECT DISTINCT ON (conversation_id) id
-                        FROM outbox WHERE status = 'pending'
-                        ORDER BY conversation_id, id
-                     ), mine AS (
-                        SELECT o.id FROM outbox o JOIN heads h ON o.id = h.id
-                        WHERE o.status = 'pending'
-                          AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.claim_expires < now())
-                        ORDER BY o.next_attempt_at, o.id
-                        LIMIT $2
-                        FOR UPDATE OF o SKIP LOCKED
-                     ), claimed AS (
-                        UPDATE outbox SET claimed_by = $1, claim_expires = now() + make_interval(secs => $3)
-                        FROM mine WHERE outbox.id = mine.id
-                        RETURNING outbox.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
-                                  status, attempts, next_attempt_at, last_status, last_error, created_at
-                     )
-                     SELECT * FROM claimed ORDER BY next_attempt_at, id",
-                    &[&replica, &(limit as i64), &claim],
-                )
-                .await?;
-            rows.iter().map(outbox_row).collect()
-        }
-        .await
+        let mut c = self.conn().await?;
+        // Every head returned is claimed for this replica, due or not:
+        // the sender starts those due by its own clock and sleeps until
+        // the next, so it must never see one it does not hold. Its own
+        // claims come back too (renewed); it skips what it has in
+        // flight. Conditions on `o` are rechecked on the latest row
+        // version after the lock, so a head sent or claimed meanwhile
+        // is passed over.
+        let rows = c
+            .query(
+                "WITH heads AS (
+                    SELECT DISTINCT ON (conversation_id) id
+                    FROM outbox WHERE status = 'pending'
+                    ORDER BY conversation_id, id
+                 ), mine AS (
+                    SELECT o.id FROM outbox o JOIN heads h ON o.id = h.id
+                    WHERE o.status = 'pending'
+                      AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.claim_expires < now())
+                    ORDER BY o.next_attempt_at, o.id
+                    LIMIT $2
+                    FOR UPDATE OF o SKIP LOCKED
+                 ), claimed AS (
+                    UPDATE outbox SET claimed_by = $1, claim_expires = now() + make_interval(secs => $3)
+                    FROM mine WHERE outbox.id = mine.id
+                    RETURNING outbox.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                              status, attempts, next_attempt_at, last_status, last_error, created_at
+                 )
+                 SELECT * FROM claimed ORDER BY next_attempt_at, id",
+                &[&replica, &(limit as i64), &claim],
+            )
+            .await?;
+        rows.iter().map(outbox_row).collect()
     }
 
     async fn outbox_counts(&self) -> Result<Vec<(String, i64)>, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query("SELECT status, COUNT(*) FROM outbox GROUP BY status", &[])
-                .await?;
-            rows.iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect()
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query("SELECT status, COUNT(*) FROM outbox GROUP BY status", &[])
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     async fn outbox_depth(&self) -> Result<OutboxDepth, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let row = c
-                .conn()
-                .query_one(
-                    "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending'),
-                            (SELECT COUNT(*) FROM outbox WHERE status = 'dead')",
-                    &[],
-                )
-                .await?;
-            Ok(OutboxDepth {
-                pending: row.try_get(0)?,
-                dead: row.try_get(1)?,
-            })
-        }
-        .await
+        let mut c = self.conn().await?;
+        let row = c
+            .query_one(
+                "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending'),
+                        (SELECT COUNT(*) FROM outbox WHERE status = 'dead')",
+                &[],
+            )
+            .await?;
+        Ok(OutboxDepth {
+            pending: row.try_get(0)?,
+            dead: row.try_get(1)?,
+        })
     }
 
     async fn mark_sent(
@@ -1224,7 +1009,6 @@ impl Postgres {
         // One statement: the delivery, its message id, and a delivered
         // hand-off taking the conversation from the bot.
         let row = c
-            .conn()
             .query_one(
                 "WITH sent AS (
                     UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_status = $2, last_error = NULL,
@@ -1265,7 +1049,7 @@ impl Postgres {
         last_error: String,
     ) -> Result<(), Error> {
         let mut c = self.conn().await?;
-        c.conn()
+        c
             .execute(
                 // Only while pending: an action archived during its attempt
                 // stays a dead letter.
@@ -1289,7 +1073,7 @@ impl Postgres {
         last_error: String,
     ) -> Result<(), Error> {
         let mut c = self.conn().await?;
-        c.conn()
+        c
             .execute(
                 // An action archived during its attempt keeps its reason.
                 "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = $2, last_error = $3,
@@ -1303,55 +1087,40 @@ impl Postgres {
     // ---- dead letters ------------------------------------------------------
 
     async fn dead_letters(&self) -> Result<Vec<OutboxAction>, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let rows = c
-                .conn()
-                .query(
-                    "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
-                            status, attempts, next_attempt_at, last_status, last_error, created_at
-                     FROM outbox WHERE status = 'dead' ORDER BY id",
-                    &[],
-                )
-                .await?;
-            rows.iter().map(outbox_row).collect()
-        }
-        .await
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+                        status, attempts, next_attempt_at, last_status, last_error, created_at
+                 FROM outbox WHERE status = 'dead' ORDER BY id",
+                &[],
+            )
+            .await?;
+        rows.iter().map(outbox_row).collect()
     }
 
     async fn retry_dead(&self, id: Option<i64>) -> Result<usize, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let n = c
-                .conn()
-                .execute(
-                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, done_at = NULL,
-                     claimed_by = NULL, claim_expires = NULL
-                     WHERE status = 'dead' AND ($1::BIGINT IS NULL OR id = $1)",
-                    &[&id, &now_ms()],
-                )
-                .await?;
-            Ok(n as usize)
-        }
-        .await
+        let mut c = self.conn().await?;
+        let n = c
+            .execute(
+                "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, done_at = NULL,
+                 claimed_by = NULL, claim_expires = NULL
+                 WHERE status = 'dead' AND ($1::BIGINT IS NULL OR id = $1)",
+                &[&id, &now_ms()],
+            )
+            .await?;
+        Ok(n as usize)
     }
 
     async fn drop_dead(&self, id: i64) -> Result<bool, Error> {
-        let pool = self.pool.clone();
-        async move {
-            let mut c = pool.get().await?;
-            let n = c
-                .conn()
-                .execute(
-                    "DELETE FROM outbox WHERE status = 'dead' AND id = $1",
-                    &[&id],
-                )
-                .await?;
-            Ok(n > 0)
-        }
-        .await
+        let mut c = self.conn().await?;
+        let n = c
+            .execute(
+                "DELETE FROM outbox WHERE status = 'dead' AND id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     // ---- retention ---------------------------------------------------------
@@ -1363,7 +1132,6 @@ impl Postgres {
         loop {
             let mut c = self.conn().await?;
             let events = c
-                .conn()
                 .execute(
                     "DELETE FROM events WHERE seq IN (
                        SELECT seq FROM events
@@ -1374,7 +1142,6 @@ impl Postgres {
                 )
                 .await? as usize;
             let actions = c
-                .conn()
                 .execute(
                     "DELETE FROM outbox WHERE id IN (
                        SELECT id FROM outbox WHERE status = 'sent' AND done_at < $1
@@ -1384,8 +1151,7 @@ impl Postgres {
                 .await? as usize;
             // Echoes come back within seconds: ids as old as the pruned
             // actions are of no use.
-            c.conn()
-                .execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
+            c.execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
                 .await?;
             total.events += events;
             total.actions += actions;
@@ -1571,12 +1337,13 @@ impl Backend for PgStore {
     }
 }
 
-async fn migrate(pool: &Arc<Pool>) -> Result<(), Error> {
+async fn migrate(pool: &Pool) -> Result<(), Error> {
     let mut c = pool.get().await?;
-    let client = &mut c.conn().client;
-    let tx = client.transaction().await?;
-    // No "already exists, skipping" notices in every replica's log.
-    tx.batch_execute("SET LOCAL client_min_messages = warning")
+    let tx = c.client().transaction().await?;
+    // No "already exists, skipping" notices in every replica's log; no
+    // statement_timeout (a migration may rewrite a large table, and the
+    // advisory lock waits for another replica's migrations).
+    tx.batch_execute("SET LOCAL client_min_messages = warning; SET LOCAL statement_timeout = 0")
         .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -1650,16 +1417,20 @@ fn kv_final(changes: &[KvChanges]) -> ([Vec<String>; 4], [Vec<String>; 3]) {
     (sets, deletes)
 }
 
-fn stored_event(seq: i64, payload: &str) -> Result<StoredEvent, Error> {
+fn stored_event(seq: i64, payload: &str, received_at: i64) -> Result<StoredEvent, Error> {
     let event = serde_json::from_str(payload)
         .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-    Ok(StoredEvent { seq, event })
+    Ok(StoredEvent {
+        seq,
+        event,
+        received_at,
+    })
 }
 
-/// Rows of (seq, payload, ...).
+/// Rows of (seq, payload, received_at, ...).
 fn stored_events(rows: &[Row]) -> Result<Vec<StoredEvent>, Error> {
     rows.iter()
-        .map(|r| stored_event(r.try_get(0)?, r.try_get::<_, &str>(1)?))
+        .map(|r| stored_event(r.try_get(0)?, r.try_get::<_, &str>(1)?, r.try_get(2)?))
         .collect()
 }
 
@@ -1721,10 +1492,9 @@ fn outbox_row(r: &Row) -> Result<OutboxAction, Error> {
 pub(crate) mod testdb {
     use super::*;
 
-    /// A fresh database's config, and the guard that drops it. `None` (with
-    /// a loud note) when no server is configured; under `CI` that fails the
-    /// test instead.
-    pub(crate) fn create() -> Option<(Config, DropDb)> {
+    /// The test server's URL; `None` (with a loud note) when none is
+    /// configured; under `CI` that fails the test instead.
+    pub(crate) fn server() -> Option<DatabaseUrl> {
         let Ok(url) = std::env::var("DIGIBOT_TEST_DATABASE_URL") else {
             if std::env::var_os("CI").is_some() {
                 panic!("DIGIBOT_TEST_DATABASE_URL is not set: CI must run the PostgreSQL tests");
@@ -1732,36 +1502,52 @@ pub(crate) mod testdb {
             eprintln!("SKIPPED: PostgreSQL test (set DIGIBOT_TEST_DATABASE_URL to run it)");
             return None;
         };
-        let admin = parse_url(&url).unwrap();
+        Some(DatabaseUrl::parse(&url).unwrap())
+    }
+
+    /// A fresh database on the test server, and the guard that drops it.
+    pub(crate) fn create() -> Option<(DatabaseUrl, DropDb)> {
+        let admin = server()?;
         let name = format!("digibot_test_{:016x}", rand::random::<u64>());
         on_own_runtime({
             let (admin, name) = (admin.clone(), name.clone());
             async move {
-                let (client, conn) = admin.connect(NoTls).await.unwrap();
-                tokio::spawn(conn);
+                let client = connect_one(&admin).await.unwrap();
                 client
                     .batch_execute(&format!("CREATE DATABASE {name}"))
                     .await
                     .unwrap();
             }
         });
-        let mut config = admin.clone();
-        config.dbname(&name);
-        Some((config, DropDb { admin, name }))
+        Some((admin.with_dbname(&name), DropDb { admin, name }))
+    }
+
+    /// One connection outside any pool, its task on the current runtime.
+    pub(crate) async fn connect_one(url: &DatabaseUrl) -> Result<tokio_postgres::Client, Error> {
+        let config = url.session(Duration::from_secs(30));
+        let (client, connection) = config.connect(url.tls()?).await?;
+        tokio::spawn(connection);
+        Ok(client)
     }
 
     /// Drops its database (and its connections) when dropped.
     pub(crate) struct DropDb {
-        admin: Config,
+        admin: DatabaseUrl,
         name: String,
+    }
+
+    impl DropDb {
+        /// The database's name.
+        pub(crate) fn name(&self) -> &str {
+            &self.name
+        }
     }
 
     impl Drop for DropDb {
         fn drop(&mut self) {
             let (admin, name) = (self.admin.clone(), self.name.clone());
             on_own_runtime(async move {
-                if let Ok((client, conn)) = admin.connect(NoTls).await {
-                    tokio::spawn(conn);
+                if let Ok(client) = connect_one(&admin).await {
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await;
@@ -1790,11 +1576,15 @@ mod tests {
     use super::*;
     use digibot_store::store_suite;
     use digibot_store::suite::TestDb;
+    use std::sync::Mutex;
 
     fn fixture() -> Option<TestDb> {
-        let (config, guard) = testdb::create()?;
+        let (url, guard) = testdb::create()?;
         Some(TestDb::new(
-            move || open(config.clone(), Options::default()).unwrap(),
+            move || {
+                let url = url.clone();
+                async move { open(&url, Options::default()).await.unwrap() }
+            },
             guard,
         ))
     }
@@ -1804,10 +1594,10 @@ mod tests {
     use digibot_store::suite::{action, event};
 
     /// Two stores on one fresh database, as two replicas would have.
-    fn two_replicas(options: Options) -> Option<(Store, Store, testdb::DropDb)> {
-        let (config, guard) = testdb::create()?;
-        let a = open(config.clone(), options.clone()).unwrap();
-        let b = open(config, options).unwrap();
+    async fn two_replicas(options: Options) -> Option<(Store, Store, testdb::DropDb)> {
+        let (url, guard) = testdb::create()?;
+        let a = open(&url, options.clone()).await.unwrap();
+        let b = open(&url, options).await.unwrap();
         Some((a, b, guard))
     }
 
@@ -1816,7 +1606,11 @@ mod tests {
         let Inserted::New(seq) = store.insert_event(e.clone()).await.unwrap() else {
             panic!("{id} is a duplicate")
         };
-        StoredEvent { seq, event: e }
+        StoredEvent {
+            seq,
+            event: e,
+            received_at: digibot_store::now_ms(),
+        }
     }
 
     fn seqs(events: &[StoredEvent]) -> Vec<i64> {
@@ -1837,7 +1631,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_replica_holds_a_conversation_and_gets_the_events_of_both() {
-        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+        let Some((a, b, _db)) = two_replicas(Options::default()).await else {
             return;
         };
         let e1 = insert(&a, "m1", "c").await;
@@ -1911,7 +1705,7 @@ mod tests {
             poll: Duration::from_millis(50),
             ..Options::default()
         };
-        let Some((a, b, _db)) = two_replicas(options) else {
+        let Some((a, b, _db)) = two_replicas(options).await else {
             return;
         };
         let e1 = insert(&a, "m1", "c").await;
@@ -1952,11 +1746,11 @@ mod tests {
             poll: Duration::from_millis(200),
             ..Options::default()
         };
-        let Some((config, _db)) = testdb::create() else {
+        let Some((url, _db)) = testdb::create() else {
             return;
         };
-        let a = open(config.clone(), options.clone()).unwrap();
-        let b = open(config.clone(), options).unwrap();
+        let a = open(&url, options.clone()).await.unwrap();
+        let b = open(&url, options).await.unwrap();
         let e = insert(&a, "m1", "c").await;
         // Fresh: left to A, which received it (and polls nothing of its own).
         assert!(b.claimable_events(100).await.unwrap().is_empty());
@@ -1971,7 +1765,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_outbox_head_is_claimed_by_one_replica_and_order_holds() {
-        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+        let Some((a, b, _db)) = two_replicas(Options::default()).await else {
             return;
         };
         // 40 conversations, two actions each.
@@ -2033,7 +1827,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_senders_racing_send_each_action_once_in_order() {
-        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+        let Some((a, b, _db)) = two_replicas(Options::default()).await else {
             return;
         };
         const CONVERSATIONS: usize = 20;
@@ -2100,7 +1894,7 @@ mod tests {
     /// head it got but another replica could also get would be sent twice.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_head_not_yet_due_is_held_by_the_replica_that_read_it() {
-        let Some((a, b, _db)) = two_replicas(Options::default()) else {
+        let Some((a, b, _db)) = two_replicas(Options::default()).await else {
             return;
         };
         let e = insert(&a, "m1", "c").await;
@@ -2133,11 +1927,11 @@ mod tests {
             claim: Duration::from_millis(300),
             ..Options::default()
         };
-        let Some((config, _db)) = testdb::create() else {
+        let Some((url, _db)) = testdb::create() else {
             return;
         };
-        let a = open(config.clone(), options.clone()).unwrap();
-        let b = open(config.clone(), options).unwrap();
+        let a = open(&url, options.clone()).await.unwrap();
+        let b = open(&url, options).await.unwrap();
         let e = insert(&a, "m1", "c").await;
         a.complete_event(
             e.seq,
@@ -2164,7 +1958,7 @@ mod tests {
         b.mark_retry(hb[0].id, now_ms(), Some(503), "busy".into())
             .await
             .unwrap();
-        let c = open(config, Options::default()).unwrap();
+        let c = open(&url, Options::default()).await.unwrap();
         let hc = c.outbox_heads(10).await.unwrap();
         assert_eq!(hc.len(), 1);
         assert_eq!(hc[0].attempts, 1);
@@ -2172,23 +1966,22 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replicas_starting_together_migrate_once() {
-        let Some((config, _db)) = testdb::create() else {
+        let Some((url, _db)) = testdb::create() else {
             return;
         };
         let opens: Vec<_> = (0..4)
             .map(|_| {
-                let config = config.clone();
-                std::thread::spawn(move || Postgres::open(config, Options::default()))
+                let url = url.clone();
+                tokio::spawn(async move { Postgres::open(&url, Options::default()).await })
             })
             .collect();
-        let stores: Vec<Postgres> = opens
-            .into_iter()
-            .map(|t| t.join().unwrap().unwrap())
-            .collect();
+        let mut stores: Vec<Postgres> = Vec::new();
+        for open in opens {
+            stores.push(open.await.unwrap().unwrap());
+        }
         let pg = &stores[0];
-        let pooled = pg.client().await.unwrap();
-        let rows = pooled
-            .client()
+        let mut c = pg.conn().await.unwrap();
+        let rows = c
             .query(
                 "SELECT version FROM digibot_migrations ORDER BY version",
                 &[],
@@ -2222,5 +2015,215 @@ mod tests {
         assert_eq!(records.bytes("echo", "h11").await.unwrap(), Some(vec![11]));
         // A rollback still walks back through what is kept.
         assert_eq!(records.rollback("echo").await.unwrap(), Some(vec![10]));
+    }
+}
+
+/// How the store reaches the database: TLS as `sslmode` asks, and a
+/// timeout, never a hang, when the database is slow or silent.
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The test server's URL as given (the cluster of `scripts/pg-cluster`
+    /// asks for `verify-full` against its own CA).
+    fn server_url() -> Option<String> {
+        testdb::server()?;
+        std::env::var("DIGIBOT_TEST_DATABASE_URL").ok()
+    }
+
+    /// The test cluster's CA (`sslrootcert=`); `None` (loudly, or failing
+    /// under CI) when the test server has no TLS of ours.
+    fn cluster_ca(url: &str) -> Option<String> {
+        let ca = url
+            .split_once('?')
+            .and_then(|(_, q)| q.split('&').find_map(|p| p.strip_prefix("sslrootcert=")))
+            .map(str::to_string);
+        if ca.is_none() {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "the test server's URL has no sslrootcert: start it with scripts/pg-cluster"
+                );
+            }
+            eprintln!("SKIPPED: TLS test (the test server's URL has no sslrootcert=)");
+        }
+        ca
+    }
+
+    /// `url` with its query replaced by `query`.
+    fn with_query(url: &str, query: &str) -> String {
+        let base = url.split_once('?').map_or(url, |(b, _)| b);
+        format!("{base}?{query}")
+    }
+
+    /// Opens the store over `url` (on a fresh database).
+    async fn open_on(url: &str, db: &testdb::DropDb) -> Result<Postgres, StoreError> {
+        let url = DatabaseUrl::parse(url)?.with_dbname(db.name());
+        Ok(Postgres::open(&url, Options::default()).await?)
+    }
+
+    async fn encrypted(pg: &Postgres) -> bool {
+        let mut c = pg.conn().await.unwrap();
+        c.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verify_full_against_the_clusters_ca_is_encrypted() {
+        let Some(url) = server_url() else { return };
+        let Some(_) = cluster_ca(&url) else { return };
+        let (_, db) = testdb::create().unwrap();
+        assert!(url.contains("sslmode=verify-full"), "{url}");
+        let pg = open_on(&url, &db).await.unwrap();
+        assert!(encrypted(&pg).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn require_encrypts_without_roots_and_disable_does_not() {
+        let Some(url) = server_url() else { return };
+        let Some(_) = cluster_ca(&url) else { return };
+        let (_, db) = testdb::create().unwrap();
+        let required = open_on(&with_query(&url, "sslmode=require"), &db)
+            .await
+            .unwrap();
+        assert!(encrypted(&required).await);
+        let disabled = open_on(&with_query(&url, "sslmode=disable"), &db)
+            .await
+            .unwrap();
+        assert!(!encrypted(&disabled).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verify_full_refuses_a_host_the_certificate_does_not_name_and_verify_ca_takes_it() {
+        let Some(url) = server_url() else { return };
+        let Some(ca) = cluster_ca(&url) else { return };
+        let (_, db) = testdb::create().unwrap();
+        // The right server (hostaddr), under a name its certificate lacks.
+        let port = DatabaseUrl::parse(&url)
+            .unwrap()
+            .session(Duration::from_secs(1))
+            .get_ports()[0];
+        let renamed =
+            format!("postgres://postgres@db.invalid:{port}/digibot_test?hostaddr=127.0.0.1");
+        let e = open_on(
+            &format!("{renamed}&sslmode=verify-full&sslrootcert={ca}"),
+            &db,
+        )
+        .await
+        .err()
+        .expect("connected to a server whose certificate names another host");
+        assert!(e.to_string().contains("certificate"), "{e}");
+        let pg = open_on(
+            &format!("{renamed}&sslmode=verify-ca&sslrootcert={ca}"),
+            &db,
+        )
+        .await
+        .unwrap();
+        assert!(encrypted(&pg).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verify_full_against_the_system_roots_refuses_a_private_ca() {
+        let Some(url) = server_url() else { return };
+        let Some(_) = cluster_ca(&url) else { return };
+        let (_, db) = testdb::create().unwrap();
+        let e = open_on(
+            &with_query(&url, "sslmode=verify-full&sslrootcert=system"),
+            &db,
+        )
+        .await
+        .err()
+        .expect("a certificate from the cluster's own CA passed as a public one");
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_statement_past_the_statement_timeout_is_a_timeout() {
+        let Some((url, _db)) = testdb::create() else {
+            return;
+        };
+        let pg = Postgres::open(
+            &url,
+            Options {
+                statement_timeout: Duration::from_millis(300),
+                pool_size: 1,
+                ..Options::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut c = pg.conn().await.unwrap();
+        let started = Instant::now();
+        let e = StoreError::from(c.query("SELECT pg_sleep(5)", &[]).await.unwrap_err());
+        assert!(matches!(e, StoreError::Timeout(_)), "{e:?}");
+        // The server cancelled it: well before the client's own deadline.
+        assert!(
+            started.elapsed() < Duration::from_millis(1200),
+            "{:?}",
+            started.elapsed()
+        );
+        // ... and the connection is still good.
+        c.query("SELECT 1", &[]).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acquiring_waits_at_most_the_acquire_timeout() {
+        let Some((url, _db)) = testdb::create() else {
+            return;
+        };
+        let pg = Postgres::open(
+            &url,
+            Options {
+                acquire_timeout: Duration::from_millis(300),
+                pool_size: 1,
+                ..Options::default()
+            },
+        )
+        .await
+        .unwrap();
+        let held = pg.conn().await.unwrap();
+        let started = Instant::now();
+        let e = StoreError::from(pg.ping().await.unwrap_err());
+        assert!(matches!(e, StoreError::Timeout(_)), "{e:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_millis(1500),
+            "{waited:?}"
+        );
+        drop(held);
+        pg.ping().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_accepts_and_never_answers_is_a_timeout() {
+        // Not a PostgreSQL at all: a socket that takes connections and
+        // says nothing (TLS handshake and startup both wait forever).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        for mode in ["require", "disable"] {
+            let url = DatabaseUrl::parse(&format!(
+                "postgres://postgres@127.0.0.1:{port}/db?connect_timeout=1&sslmode={mode}"
+            ))
+            .unwrap();
+            let started = Instant::now();
+            let e = open(&url, Options::default()).await.err().unwrap();
+            assert!(matches!(e, StoreError::Timeout(_)), "{mode}: {e:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{mode}: {:?}",
+                started.elapsed()
+            );
+        }
     }
 }

@@ -34,9 +34,8 @@ impl PgPlugins {
     }
 
     async fn notify(&self, name: &str) -> Result<(), Error> {
-        let c = self.pg.client().await?;
-        c.client()
-            .execute("SELECT pg_notify($1, $2)", &[&PLUGINS_CHANNEL, &name])
+        let mut c = self.pg.conn().await?;
+        c.execute("SELECT pg_notify($1, $2)", &[&PLUGINS_CHANNEL, &name])
             .await?;
         Ok(())
     }
@@ -50,14 +49,13 @@ impl PluginRecords for PgPlugins {
 
     async fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let now = now_ms();
-        let c = self.pg.client().await?;
+        let mut c = self.pg.conn().await?;
         // One statement, so one transaction: the bytes and the new
         // serving version together. The row lock of ON CONFLICT DO
         // UPDATE orders concurrent uploads of one plugin; the version
         // replaced becomes the latest rollback target.
-        c.client()
-            .execute(
-                "WITH v AS (
+        c.execute(
+            "WITH v AS (
                      INSERT INTO plugin_versions (name, hash, bytes, created_at)
                      VALUES ($1, $2, $3, $4) ON CONFLICT (name, hash) DO NOTHING
                  )
@@ -73,53 +71,46 @@ impl PluginRecords for PgPlugins {
                      END,
                      hash = EXCLUDED.hash,
                      updated_at = EXCLUDED.updated_at",
-                &[
-                    &name as Param,
-                    &hash as Param,
-                    &bytes as Param,
-                    &now as Param,
-                ],
-            )
-            .await
-            .map_err(Error::from)?;
+            &[
+                &name as Param,
+                &hash as Param,
+                &bytes as Param,
+                &now as Param,
+            ],
+        )
+        .await?;
         // Then the history's bound: the newest targets, and the bytes of
         // what is neither served nor a target. A concurrent upload's
         // version and its reference commit together, in its statement, so
         // this never deletes a version about to be served.
-        c.client()
-            .execute(
-                "UPDATE plugins
-                 SET previous = previous[cardinality(previous) - $2 + 1:]
-                 WHERE name = $1 AND cardinality(previous) > $2",
-                &[&name as Param, &HISTORY_KEPT as Param],
-            )
-            .await
-            .map_err(Error::from)?;
-        c.client()
-            .execute(
-                "DELETE FROM plugin_versions v USING plugins p
-                 WHERE v.name = $1 AND p.name = $1
-                   AND v.hash IS DISTINCT FROM p.hash AND NOT (v.hash = ANY(p.previous))",
-                &[&name as Param],
-            )
-            .await
-            .map_err(Error::from)?;
+        c.execute(
+            "UPDATE plugins
+             SET previous = previous[cardinality(previous) - $2 + 1:]
+             WHERE name = $1 AND cardinality(previous) > $2",
+            &[&name as Param, &HISTORY_KEPT as Param],
+        )
+        .await?;
+        c.execute(
+            "DELETE FROM plugin_versions v USING plugins p
+             WHERE v.name = $1 AND p.name = $1
+               AND v.hash IS DISTINCT FROM p.hash AND NOT (v.hash = ANY(p.previous))",
+            &[&name as Param],
+        )
+        .await?;
         drop(c);
         Ok(self.notify(name).await?)
     }
 
     async fn remove(&self, name: &str) -> Result<bool, StoreError> {
         let now = now_ms();
-        let c = self.pg.client().await?;
+        let mut c = self.pg.conn().await?;
         let n = c
-            .client()
             .execute(
                 "UPDATE plugins SET hash = NULL, updated_at = $2
                  WHERE name = $1 AND hash IS NOT NULL",
                 &[&name as Param, &now as Param],
             )
-            .await
-            .map_err(Error::from)?;
+            .await?;
         drop(c);
         self.notify(name).await?;
         Ok(n > 0)
@@ -127,9 +118,8 @@ impl PluginRecords for PgPlugins {
 
     async fn rollback(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let now = now_ms();
-        let c = self.pg.client().await?;
+        let mut c = self.pg.conn().await?;
         let row = c
-            .client()
             .query_opt(
                 "WITH cur AS (
                      SELECT hash, previous, previous[cardinality(previous)] AS target
@@ -148,8 +138,7 @@ impl PluginRecords for PgPlugins {
                  ON v.name = $1 AND v.hash = moved.target",
                 &[&name as Param, &now as Param],
             )
-            .await
-            .map_err(Error::from)?;
+            .await?;
         drop(c);
         let bytes = row.map(|r| r.get::<_, Vec<u8>>(0));
         if bytes.is_some() {
@@ -159,12 +148,10 @@ impl PluginRecords for PgPlugins {
     }
 
     async fn list(&self) -> Result<BTreeMap<String, RecordedPlugin>, StoreError> {
-        let c = self.pg.client().await?;
+        let mut c = self.pg.conn().await?;
         let rows = c
-            .client()
             .query("SELECT name, hash, previous FROM plugins", &[])
-            .await
-            .map_err(Error::from)?;
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -180,15 +167,13 @@ impl PluginRecords for PgPlugins {
     }
 
     async fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let c = self.pg.client().await?;
+        let mut c = self.pg.conn().await?;
         let row = c
-            .client()
             .query_opt(
                 "SELECT bytes FROM plugin_versions WHERE name = $1 AND hash = $2",
                 &[&name as Param, &hash as Param],
             )
-            .await
-            .map_err(Error::from)?;
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -200,8 +185,8 @@ impl PluginRecords for PgPlugins {
         let hashes: Vec<&str> = plugins.iter().map(|p| p.1.as_str()).collect();
         let reports: Vec<&str> = plugins.iter().map(|p| p.2.as_str()).collect();
         let now = now_ms();
-        let c = self.pg.client().await?;
-        c.client()
+        let mut c = self.pg.conn().await?;
+        c
             .execute(
                 "WITH gone AS (
                      DELETE FROM plugin_health
@@ -213,23 +198,20 @@ impl PluginRecords for PgPlugins {
                  SET hash = EXCLUDED.hash, report = EXCLUDED.report, updated_at = EXCLUDED.updated_at",
                 &[&self.pg.replica() as Param, &names as Param, &hashes as Param, &reports as Param, &now as Param, &(now - STALE_MS) as Param],
             )
-            .await
-            .map_err(Error::from)?;
+            .await?;
         Ok(())
     }
 
     async fn health(&self) -> Result<Vec<HealthRow>, StoreError> {
         let since = now_ms() - STALE_MS;
-        let c = self.pg.client().await?;
+        let mut c = self.pg.conn().await?;
         let rows = c
-            .client()
             .query(
                 "SELECT replica, name, hash, report, updated_at FROM plugin_health
                  WHERE updated_at >= $1 ORDER BY name, replica",
                 &[&since as Param],
             )
-            .await
-            .map_err(Error::from)?;
+            .await?;
         Ok(rows
             .into_iter()
             .map(|row| HealthRow {

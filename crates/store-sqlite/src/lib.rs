@@ -381,7 +381,7 @@ impl Db {
     fn pending_events(&self) -> Result<Vec<StoredEvent>, Error> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare("SELECT seq, payload FROM events WHERE status = 'pending' ORDER BY seq")?;
+                .prepare("SELECT seq, payload, received_at FROM events WHERE status = 'pending' ORDER BY seq")?;
             stored_events(stmt.query([])?)
         })
     }
@@ -390,7 +390,7 @@ impl Db {
     fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, payload FROM events WHERE key = ?1 AND status = 'pending'",
+                "SELECT seq, payload, received_at FROM events WHERE key = ?1 AND status = 'pending'",
             )?;
             Ok(stored_events(stmt.query([key])?)?.pop())
         })
@@ -402,7 +402,7 @@ impl Db {
             // By seq, the order they arrived in (and that of the partial
             // index): `received_at` grows with it.
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, payload FROM events
+                "SELECT seq, payload, received_at FROM events
                  WHERE status = 'pending' AND received_at < ?1 ORDER BY seq LIMIT ?2",
             )?;
             stored_events(stmt.query(params![before, limit as i64])?)
@@ -1083,15 +1083,20 @@ fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxAction> {
     })
 }
 
-/// `seq, payload` rows as stored events.
+/// `seq, payload, received_at` rows as stored events.
 fn stored_events(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredEvent>, Error> {
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
         let seq: i64 = row.get(0)?;
         let payload: String = row.get(1)?;
+        let received_at: i64 = row.get(2)?;
         let event = serde_json::from_str(&payload)
             .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-        out.push(StoredEvent { seq, event });
+        out.push(StoredEvent {
+            seq,
+            event,
+            received_at,
+        });
     }
     Ok(out)
 }
@@ -1256,7 +1261,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         Some(TestDb::new(
-            move || open(&path, Durability::Full).unwrap(),
+            move || std::future::ready(open(&path, Durability::Full).unwrap()),
             dir,
         ))
     }

@@ -83,6 +83,9 @@ pub enum Inserted {
 pub struct StoredEvent {
     pub seq: i64,
     pub event: Event,
+    /// When digibot received it (ms since the epoch): the customer wrote no
+    /// later than this, whatever the payload says.
+    pub received_at: i64,
 }
 
 /// An action ready to be written to the outbox.
@@ -185,7 +188,8 @@ pub struct ConversationRecord {
     pub reason: String,
     /// The customer's channel (`whatsapp`, ...), when known.
     pub channel: Option<String>,
-    /// When the customer last wrote (Digishare's time when it sent one, ms).
+    /// When the customer last wrote (ms): Digishare's `created_at` when it
+    /// is plausible, else when digibot received the message.
     pub last_customer_at: Option<i64>,
     /// When an agent last wrote (ms), echoes of digibot's own excluded.
     pub last_agent_at: Option<i64>,

@@ -9,24 +9,31 @@ use digibot_domain::event::Event;
 /// A fresh database for one test; [`open`](TestDb::open) may be called
 /// again to reopen the same database (as after a restart).
 pub struct TestDb {
-    open: Box<dyn Fn() -> Store + Send + Sync>,
+    open: Opener,
     /// Whatever keeps the database alive (a temp dir, a database to drop).
     _keep: Box<dyn std::any::Any + Send + Sync>,
 }
 
+/// Opens the test's database (opening is async: PostgreSQL connects and
+/// migrates on the caller's runtime).
+type Opener = Box<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Store> + Send>> + Send + Sync,
+>;
+
 impl TestDb {
-    pub fn new(
-        open: impl Fn() -> Store + Send + Sync + 'static,
-        keep: impl std::any::Any + Send + Sync,
-    ) -> TestDb {
+    pub fn new<F, Fut>(open: F, keep: impl std::any::Any + Send + Sync) -> TestDb
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Store> + Send + 'static,
+    {
         TestDb {
-            open: Box::new(open),
+            open: Box::new(move || Box::pin(open())),
             _keep: Box::new(keep),
         }
     }
 
-    pub fn open(&self) -> Store {
-        (self.open)()
+    pub async fn open(&self) -> Store {
+        (self.open)().await
     }
 }
 
@@ -122,7 +129,7 @@ async fn head_id(store: &Store, key: &str) -> i64 {
 }
 
 pub async fn duplicates_are_detected_and_pending_survives_reopen(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     let first = store.insert_event(event("m1", "c1")).await.unwrap();
     assert!(matches!(first, Inserted::New(_)));
     assert_eq!(
@@ -130,7 +137,7 @@ pub async fn duplicates_are_detected_and_pending_survives_reopen(db: TestDb) {
         Inserted::Duplicate
     );
     store.close();
-    let store = db.open();
+    let store = db.open().await;
     let pending = store.pending_events().await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].event.key, "live_chat.new_message:m1");
@@ -170,7 +177,7 @@ pub async fn a_pending_event_is_found_by_key_until_completed(db: TestDb) {
 }
 
 pub async fn concurrent_inserts_all_land(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let store = store.clone();
@@ -193,12 +200,12 @@ pub async fn concurrent_inserts_all_land(db: TestDb) {
     assert_eq!(pending.len(), 200);
     assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq));
     store.close();
-    let store = db.open();
+    let store = db.open().await;
     assert_eq!(store.pending_events().await.unwrap().len(), 200);
 }
 
 pub async fn completing_queues_actions_and_kv_once(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
         panic!()
     };
@@ -267,7 +274,7 @@ pub async fn completing_queues_actions_and_kv_once(db: TestDb) {
 }
 
 pub async fn outbox_heads_are_each_conversations_oldest_pending(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     handled_in(&store, "a1", "a", 2).await;
     handled_in(&store, "b1", "b", 1).await;
     handled_in(&store, "a2", "a", 1).await;
@@ -306,7 +313,7 @@ pub async fn outbox_heads_are_each_conversations_oldest_pending(db: TestDb) {
 }
 
 pub async fn retries_wait_and_dead_letters_can_be_retried_or_dropped(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     handled(&store, "r", 1).await;
     handled(&store, "d1", 1).await;
     handled(&store, "d2", 1).await;
@@ -361,7 +368,7 @@ pub async fn retries_wait_and_dead_letters_can_be_retried_or_dropped(db: TestDb)
 }
 
 pub async fn prune_removes_only_old_finished_work(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     // Old and finished: its action was sent. Both go.
     handled(&store, "old_sent", 1).await;
     store
@@ -437,7 +444,7 @@ pub async fn prune_removes_only_old_finished_work(db: TestDb) {
 }
 
 pub async fn outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     store.ping().await.unwrap();
     assert_eq!(store.outbox_depth().await.unwrap(), OutboxDepth::default());
     handled(&store, "p", 2).await;
@@ -473,7 +480,7 @@ pub async fn outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed(db:
 }
 
 pub async fn conversations_list_recent_first_with_events_and_actions(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     // Conversation "c": two handled messages, one sent and one dead action.
     handled_in(&store, "c1", "c", 1).await;
     handled_in(&store, "c2", "c", 1).await;
@@ -574,7 +581,7 @@ async fn complete_with(
 }
 
 pub async fn conversation_state_changes_once_per_event_and_survives_reopen(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     assert_eq!(store.conversation_state("c").await.unwrap(), None);
     // A customer message: the conversation appears, in the bot's hands,
     // with the customer's time and channel.
@@ -725,7 +732,7 @@ pub async fn conversation_state_changes_once_per_event_and_survives_reopen(db: T
     assert!(store.outbox_heads(10).await.unwrap().is_empty());
 
     store.close();
-    let store = db.open();
+    let store = db.open().await;
     let closed = store.conversation_state("c").await.unwrap().unwrap();
     assert_eq!(
         (closed.state, closed.reason.as_str()),

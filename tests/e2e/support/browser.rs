@@ -1,26 +1,29 @@
-//! `Browser`: headless Chromium driven through chromedriver's W3C WebDriver
-//! HTTP API (plain JSON over HTTP with reqwest; no WebDriver crate), for
-//! the dashboard test. Chromedriver runs in a process group of its own, so
-//! dropping a `Browser` ends exactly the chromedriver and Chromium it
-//! started, even when a test fails half-way.
+//! `Browser`: headless Chromium driven through chromedriver with
+//! [fantoccini], for the dashboard test; a thin wrapper that adds what the
+//! test wants (waits with a deadline, failures that say what the page
+//! showed, a cap on every command). Chromedriver runs in a process group of
+//! its own, so dropping a `Browser` ends exactly the chromedriver and
+//! Chromium it started, even when a test fails half-way.
 //!
 //! Finding the programs: `CHROMIUM` / `CHROMEDRIVER` if set, else
 //! `chromium` (or `chromium-browser`, `google-chrome`) and `chromedriver`
 //! on `PATH` (Debian: `apt-get install chromium chromium-driver`).
 
+use std::future::Future;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
+use fantoccini::elements::Element;
+use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 use super::digibot::free_port;
 
-/// The key of an element reference in WebDriver JSON.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+/// The most any one WebDriver command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The first of `names` found as a file on `PATH`.
 fn on_path(names: &[&str]) -> Option<PathBuf> {
@@ -47,26 +50,43 @@ pub fn find_chromium() -> Option<(PathBuf, PathBuf)> {
     Some((chromium, driver))
 }
 
+/// `command`, failing (with `what`) if it errs or takes over
+/// [`COMMAND_TIMEOUT`].
+async fn within<T, E>(
+    what: impl std::fmt::Display,
+    command: impl Future<Output = Result<T, E>>,
+) -> Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
+        Ok(result) => result.with_context(|| format!("WebDriver: {what}")),
+        Err(_) => bail!("WebDriver: {what}: no answer after {COMMAND_TIMEOUT:?}"),
+    }
+}
+
 /// A WebDriver session on a headless Chromium of its own.
 pub struct Browser {
-    driver: Child,
-    base: String,
-    session: String,
-    client: reqwest::Client,
+    client: Client,
+    _driver: Driver,
     _profile: tempfile::TempDir,
     log_path: PathBuf,
 }
 
-impl Drop for Browser {
+/// Chromedriver, leader of its own process group; dropping it kills the
+/// group.
+struct Driver(Child);
+
+impl Drop for Driver {
     fn drop(&mut self) {
         // The whole group: chromedriver and the Chromium it started (`--`:
         // a negative pid is a group, not an option).
         let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
             .status();
         // Should kill fail, chromedriver itself still goes.
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -80,28 +100,17 @@ impl Browser {
         let port = free_port()?;
         let log_path = profile.path().join("chromedriver.log");
         let log = std::fs::File::create(&log_path)?;
-        let driver = Command::new(driver)
-            .arg(format!("--port={port}"))
-            .arg(format!("--log-path={}", log_path.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", driver.display()))?;
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(60))
-            .build()?;
-        let mut browser = Browser {
-            driver,
-            base: format!("http://127.0.0.1:{port}"),
-            session: String::new(),
-            client,
-            _profile: profile,
-            log_path,
-        };
-        browser.wait_ready().await?;
+        let mut driver = Driver(
+            Command::new(driver)
+                .arg(format!("--port={port}"))
+                .arg(format!("--log-path={}", log_path.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", driver.display()))?,
+        );
         let args = [
             "--headless".to_string(),
             "--no-sandbox".into(),
@@ -117,116 +126,53 @@ impl Browser {
             format!("--window-size={width},{height}"),
             format!(
                 "--user-data-dir={}",
-                browser._profile.path().join("profile").display()
+                profile.path().join("profile").display()
             ),
         ];
-        let created = browser
-            .send(
-                reqwest::Method::POST,
-                "/session",
-                Some(json!({"capabilities": {"alwaysMatch": {
-                    "browserName": "chrome",
-                    "goog:chromeOptions": {"binary": chromium, "args": args},
-                }}})),
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": chromium, "args": args},
+        });
+        let Value::Object(capabilities) = capabilities else {
+            unreachable!("a JSON object");
+        };
+        let client = async {
+            wait_listening(&mut driver.0, port).await?;
+            within(
+                "creating the session",
+                ClientBuilder::rustls()
+                    .context("rustls initialization")?
+                    .capabilities(capabilities)
+                    .connect(&format!("http://127.0.0.1:{port}")),
             )
             .await
-            .context("creating the WebDriver session")?;
-        browser.session = created["sessionId"]
-            .as_str()
-            .with_context(|| format!("no sessionId in {created}"))?
-            .to_string();
-        Ok(browser)
-    }
-
-    async fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.driver.try_wait()? {
-                bail!("chromedriver exited ({status}): {}", self.log());
-            }
-            if let Ok(resp) = self
-                .client
-                .get(format!("{}/status", self.base))
-                .send()
-                .await
-                && let Ok(body) = resp.json::<Value>().await
-                && body["value"]["ready"] == true
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("chromedriver not ready after 30 s: {}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        .await
+        .with_context(|| format!("chromedriver log:\n{}", tail(&log_path)))?;
+        Ok(Browser {
+            client,
+            _driver: driver,
+            _profile: profile,
+            log_path,
+        })
     }
 
     /// chromedriver's log (the end of it), for failures.
     pub fn log(&self) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// One WebDriver command; returns its `value`, or fails with the
-    /// WebDriver error.
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
-        let mut request = self
-            .client
-            .request(method.clone(), format!("{}{path}", self.base));
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("WebDriver {method} {path}"))?;
-        let status = response.status();
-        let body: Value = response
-            .json()
-            .await
-            .with_context(|| format!("WebDriver {method} {path}: not JSON"))?;
-        let value = body["value"].clone();
-        if !status.is_success() || value.get("error").is_some_and(|e| !e.is_null()) {
-            bail!(
-                "WebDriver {method} {path}: {status} {}: {}",
-                value["error"],
-                value["message"]
-            );
-        }
-        Ok(value)
-    }
-
-    async fn command(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
-        self.send(method, &format!("/session/{}{path}", self.session), body)
-            .await
+        tail(&self.log_path)
     }
 
     pub async fn goto(&self, url: &str) -> Result<()> {
-        self.command(reqwest::Method::POST, "/url", Some(json!({"url": url})))
-            .await?;
-        Ok(())
+        within(format!("goto {url}"), self.client.goto(url)).await
     }
 
-    /// Runs `script` (a function body; `arguments` holds `args`) in the
-    /// page and returns its result.
+    /// Runs `script` (a function body; `arguments` holds `args`, a JSON
+    /// array) in the page and returns its result.
     pub async fn execute(&self, script: &str, args: Value) -> Result<Value> {
-        self.command(
-            reqwest::Method::POST,
-            "/execute/sync",
-            Some(json!({"script": script, "args": args})),
-        )
-        .await
+        let Value::Array(args) = args else {
+            bail!("execute: the arguments must be a JSON array, not {args}");
+        };
+        within("execute", self.client.execute(script, args)).await
     }
 
     /// The visible text of every element matching `css`.
@@ -266,21 +212,16 @@ impl Browser {
 
     /// The last element matching `css` (the newest, for chat messages),
     /// waiting for one to exist.
-    pub async fn find_last(&self, css: &str, timeout: Duration) -> Result<String> {
+    pub async fn find_last(&self, css: &str, timeout: Duration) -> Result<Element> {
         let deadline = Instant::now() + timeout;
         loop {
-            let found = self
-                .command(
-                    reqwest::Method::POST,
-                    "/elements",
-                    Some(json!({"using": "css selector", "value": css})),
-                )
-                .await?;
-            if let Some(last) = found.as_array().and_then(|a| a.last()) {
-                return last[ELEMENT]
-                    .as_str()
-                    .map(str::to_string)
-                    .with_context(|| format!("bad element reference {last}"));
+            let mut found = within(
+                format!("find {css:?}"),
+                self.client.find_all(Locator::Css(css)),
+            )
+            .await?;
+            if let Some(last) = found.pop() {
+                return Ok(last);
             }
             if Instant::now() > deadline {
                 bail!("no element {css:?} after {timeout:?}");
@@ -292,35 +233,45 @@ impl Browser {
     /// Clicks the (last) element matching `css`, as a user would.
     pub async fn click(&self, css: &str, timeout: Duration) -> Result<()> {
         let element = self.find_last(css, timeout).await?;
-        self.command(
-            reqwest::Method::POST,
-            &format!("/element/{element}/click"),
-            Some(json!({})),
-        )
-        .await
-        .with_context(|| format!("clicking {css:?}"))?;
-        Ok(())
+        within(format!("clicking {css:?}"), element.click()).await
     }
 
     /// Types `text` into the element matching `css`.
     pub async fn type_into(&self, css: &str, text: &str, timeout: Duration) -> Result<()> {
         let element = self.find_last(css, timeout).await?;
-        self.command(
-            reqwest::Method::POST,
-            &format!("/element/{element}/value"),
-            Some(json!({"text": text})),
-        )
-        .await
-        .with_context(|| format!("typing into {css:?}"))?;
-        Ok(())
+        within(format!("typing into {css:?}"), element.send_keys(text)).await
     }
 
     /// A PNG of the viewport.
     pub async fn screenshot(&self) -> Result<Vec<u8>> {
-        let value = self
-            .command(reqwest::Method::GET, "/screenshot", None)
-            .await?;
-        let encoded = value.as_str().context("screenshot is not a string")?;
-        Ok(base64::engine::general_purpose::STANDARD.decode(encoded)?)
+        within("screenshot", self.client.screenshot()).await
     }
+}
+
+/// Waits until chromedriver accepts connections on `port`; fails if it
+/// exits or takes over 30 s.
+async fn wait_listening(driver: &mut Child, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = driver.try_wait()? {
+            bail!("chromedriver exited ({status})");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("chromedriver not listening after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The last 40 lines of the file at `path`.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }

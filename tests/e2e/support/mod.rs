@@ -25,7 +25,7 @@ pub use self::digibot::{
 pub use self::fake::{Echo, EchoDelivery, EchoTiming, FakeDigishare, Recorded, SETTLE, Scripted};
 pub use self::fixtures::{
     agent_text, all_fixtures, button_reply, customer_location, customer_text, event_key, fixture,
-    list_reply, new_conversation, plugin_wasm,
+    list_reply, new_conversation, now_ms, plugin_wasm, rfc3339,
 };
 
 /// How long to wait for replies that should come (generous: CI has 2 cores

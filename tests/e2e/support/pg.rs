@@ -97,19 +97,37 @@ async fn create_database(base: &str, name: &str) -> Result<String> {
     with_database(base, name)
 }
 
+/// The URL in `scripts/pg-cluster start`'s `export
+/// DIGIBOT_TEST_DATABASE_URL='...'` line.
+fn start_url(line: &str) -> Option<String> {
+    let url = line
+        .trim()
+        .strip_prefix("export DIGIBOT_TEST_DATABASE_URL=")?
+        .trim_matches('\'');
+    url.starts_with("postgres://").then(|| url.to_string())
+}
+
 /// A throwaway cluster of one test's own (`scripts/pg-cluster … NAME`),
 /// which the test may stop and start; destroyed on drop.
 pub struct OwnCluster {
     name: String,
     /// `postgres://…/digibot_test` of this cluster.
     pub url: String,
+    /// Started with `DIGIBOT_PG_SSL=0` (no TLS).
+    plaintext: bool,
 }
 
 fn pg_cluster(args: &[&str]) -> Result<String> {
-    let out = Command::new(repo_root().join("scripts/pg-cluster"))
-        .args(args)
-        .output()
-        .context("running scripts/pg-cluster")?;
+    pg_cluster_with(args, false)
+}
+
+fn pg_cluster_with(args: &[&str], plaintext: bool) -> Result<String> {
+    let mut cmd = Command::new(repo_root().join("scripts/pg-cluster"));
+    cmd.args(args);
+    if plaintext {
+        cmd.env("DIGIBOT_PG_SSL", "0");
+    }
+    let out = cmd.output().context("running scripts/pg-cluster")?;
     if !out.status.success() {
         bail!(
             "scripts/pg-cluster {args:?} failed ({}): {}",
@@ -124,11 +142,22 @@ impl OwnCluster {
     /// Starts cluster `name`; `None` when the test is skipped (no
     /// PostgreSQL here).
     pub async fn start(name: &str) -> Result<Option<OwnCluster>> {
+        OwnCluster::start_with(name, false).await
+    }
+
+    /// Starts cluster `name` without TLS (a plaintext-only server).
+    pub async fn start_plaintext(name: &str) -> Result<Option<OwnCluster>> {
+        OwnCluster::start_with(name, true).await
+    }
+
+    async fn start_with(name: &str, plaintext: bool) -> Result<Option<OwnCluster>> {
         if std::env::var_os("DIGIBOT_TEST_DATABASE_URL").is_none() {
             return skip(name, "DIGIBOT_TEST_DATABASE_URL is not set").map(|_| None);
         }
         let owned = name.to_string();
-        let started = tokio::task::spawn_blocking(move || pg_cluster(&["start", &owned])).await?;
+        let started =
+            tokio::task::spawn_blocking(move || pg_cluster_with(&["start", &owned], plaintext))
+                .await?;
         let line = match started {
             Ok(line) => line,
             Err(e) => {
@@ -136,15 +165,12 @@ impl OwnCluster {
                     .map(|_| None);
             }
         };
-        let url = line
-            .rsplit('=')
-            .next()
-            .filter(|u| u.starts_with("postgres://"))
-            .with_context(|| format!("scripts/pg-cluster start printed {line:?}"))?
-            .to_string();
+        let url = start_url(&line)
+            .with_context(|| format!("scripts/pg-cluster start printed {line:?}"))?;
         Ok(Some(OwnCluster {
             name: name.to_string(),
             url,
+            plaintext,
         }))
     }
 
@@ -162,9 +188,11 @@ impl OwnCluster {
 
     /// Starts it again, on the same port.
     pub async fn restart(&self) -> Result<()> {
-        let name = self.name.clone();
-        let line = tokio::task::spawn_blocking(move || pg_cluster(&["start", &name])).await??;
-        if !line.ends_with(&self.url) {
+        let (name, plaintext) = (self.name.clone(), self.plaintext);
+        let line =
+            tokio::task::spawn_blocking(move || pg_cluster_with(&["start", &name], plaintext))
+                .await??;
+        if start_url(&line).as_deref() != Some(self.url.as_str()) {
             bail!("the cluster came back elsewhere: {line} (was {})", self.url);
         }
         Ok(())
@@ -178,4 +206,130 @@ impl Drop for OwnCluster {
         let keep = std::env::var_os("DIGIBOT_E2E_KEEP").is_some();
         let _ = pg_cluster(&[if keep { "stop" } else { "destroy" }, &self.name]);
     }
+}
+
+/// `url` with `key=value` in its query (replacing the key if present).
+pub fn with_param(url: &str, key: &str, value: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut pairs: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split('=').next() != Some(key))
+        .map(str::to_string)
+        .collect();
+    pairs.push(format!("{key}={value}"));
+    format!("{base}?{}", pairs.join("&"))
+}
+
+/// `url` without `key` in its query.
+pub fn without_param(url: &str, key: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let pairs: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split('=').next() != Some(key))
+        .collect();
+    if pairs.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", pairs.join("&"))
+    }
+}
+
+/// The `host:port` of a `postgres://` URL.
+pub fn host_port(url: &str) -> Result<String> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, r)| r)
+        .with_context(|| format!("not a URL: {url}"))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    Ok(authority
+        .rsplit('@')
+        .next()
+        .unwrap_or(authority)
+        .to_string())
+}
+
+/// `url` pointing at `host_port` instead.
+pub fn with_host_port(url: &str, host_port: &str) -> Result<String> {
+    let old = self::host_port(url)?;
+    Ok(url.replacen(&format!("@{old}"), &format!("@{host_port}"), 1))
+}
+
+/// A TCP proxy in front of PostgreSQL that can be frozen: while frozen it
+/// accepts connections and reads what they send but forwards nothing
+/// either way, like a database host that stopped answering (a network
+/// partition, a stalled VM). Thawed, it forwards what it held and goes on.
+pub struct FreezableProxy {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    frozen: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    /// A proxy to `upstream` (`host:port`), thawed.
+    pub async fn start(upstream: &str) -> Result<FreezableProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let upstream = upstream.to_string();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let (upstream, watch) = (upstream.clone(), watch.clone());
+                connections.spawn(async move {
+                    let mut thawed = watch.clone();
+                    let _ = thawed.wait_for(|f| !*f).await;
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pipe(client_read, server_write, watch.clone()),
+                        pipe(server_read, client_write, watch),
+                    );
+                });
+            }
+        });
+        Ok(FreezableProxy { addr, frozen, task })
+    }
+
+    /// Stops forwarding, in both directions, on every connection.
+    pub fn freeze(&self) {
+        let _ = self.frozen.send(true);
+    }
+
+    /// Forwards again (what was held first).
+    pub fn thaw(&self) {
+        let _ = self.frozen.send(false);
+    }
+}
+
+impl Drop for FreezableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, holding whatever it read while frozen.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            break;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }

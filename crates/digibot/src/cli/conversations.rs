@@ -83,7 +83,7 @@ pub fn run(cmd: Conversations, settings: &Settings) -> anyhow::Result<ExitCode> 
 }
 
 async fn run_async(cmd: Conversations, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let store = crate::config::open_store(settings)?;
+    let store = crate::config::open_store(settings).await?;
     let code = match cmd {
         Conversations::List { state, limit, json } => {
             let rows = store.conversation_states(state, limit).await?;

@@ -33,7 +33,7 @@ pub fn run(cmd: DeadLetters, settings: &Settings) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_async(cmd: DeadLetters, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let store = crate::config::open_store(settings)?;
+    let store = crate::config::open_store(settings).await?;
     let code = match cmd {
         DeadLetters::List { json } => {
             let letters = store.dead_letters().await?;

@@ -9,7 +9,7 @@ mod dead_letters;
 mod new;
 mod replay;
 
-use crate::config::Settings;
+use crate::config::{Flags, Settings};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +25,8 @@ pub struct Cli {
 /// The settings file of the commands that use digibot's settings.
 #[derive(Debug, clap::Args)]
 pub struct SettingsFile {
-    /// Settings file (TOML); DIGIBOT_* environment variables override it.
+    /// Settings file (TOML); the DIGIBOT_* environment variables (and
+    /// `serve`'s flags) override it.
     #[arg(long = "config", value_name = "PATH")]
     pub path: Option<PathBuf>,
 }
@@ -33,12 +34,20 @@ pub struct SettingsFile {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the webhook server (dry-run when no API token is set).
+    ///
+    /// Every setting below is also a DIGIBOT_* environment variable and a
+    /// key of the --config file (`retry.base_ms` is `base_ms` in its
+    /// `[retry]` table): built-in defaults, then the file, then the
+    /// environment, then these flags, each overriding the one before. An
+    /// empty value unsets a setting.
     Serve {
         /// Allow listening on a non-loopback address without webhook auth.
         #[arg(long)]
         insecure: bool,
         #[command(flatten)]
         settings: SettingsFile,
+        #[command(flatten)]
+        flags: Flags,
     },
     /// Inspect and fix actions Digishare refused or that ran out of retries.
     DeadLetters {
@@ -121,8 +130,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // digibot settings come from DIGIBOT_* alone.
     let env_settings = || Settings::load(None);
     match cli.command {
-        Command::Serve { insecure, settings } => {
-            let settings = Settings::load(settings.path.as_deref())?;
+        Command::Serve {
+            insecure,
+            settings,
+            flags,
+        } => {
+            let settings = Settings::load_with_flags(settings.path.as_deref(), &flags)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -133,6 +133,16 @@ async function signIn(event) {
   route();
 }
 
+// A link such as the demo prints, `/admin#token=TOKEN`, signs in: the
+// fragment never reaches the server or its logs, and it is taken out of the
+// address bar and the history at once.
+function tokenFromLink() {
+  if (!location.hash.startsWith("#token=")) return;
+  const value = decodeURIComponent(location.hash.slice("#token=".length)).trim();
+  history.replaceState(null, "", location.pathname + location.search);
+  if (value) sessionStorage.setItem(TOKEN_KEY, value);
+}
+
 function route() {
   if (!token()) return showLogin();
   const view = VIEWS.includes(location.hash.slice(1)) ? location.hash.slice(1) : "plugins";
@@ -497,6 +507,10 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const button of document.querySelectorAll("[data-refresh]")) {
     button.addEventListener("click", () => load(button.dataset.refresh));
   }
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", () => {
+    tokenFromLink();
+    route();
+  });
+  tokenFromLink();
   route();
 });

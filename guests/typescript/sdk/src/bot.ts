@@ -1,0 +1,104 @@
+/// <reference path="./globals.d.ts" />
+// defineBot: a bot is an object with the handlers it cares about; what
+// defineBot returns is what the component's module exports.
+
+import type { Action } from "./actions";
+import { LimitError } from "./actions";
+import { conversation, Message, type Conversation } from "./events";
+import type { MessageEvent, NewConversationEvent, WorldExports } from "./wit";
+
+/** What a handler may return: the replies, in order (nothing: no reply). */
+export type Replies = Action[] | undefined | void;
+
+/**
+ * Your bot: implement only the events you care about. Handlers are called
+ * on a fresh instance for every event, so keep state in `kv`, not in
+ * module variables. Throwing (a {@link BotError}, a {@link LimitError}, any
+ * Error) fails the event: nothing of it is sent, and the message is logged
+ * by digibot and recorded with the event.
+ */
+export interface Bot {
+  /** A customer opened a conversation. */
+  onNewConversation?(conversation: Conversation): Replies;
+  /**
+   * A customer sent a message (agent and system messages never arrive here,
+   * so a bot cannot answer itself in a loop).
+   */
+  onMessage?(message: Message): Replies;
+}
+
+/** A handler's failure with a message for the logs, like the Rust SDK's `Error`. */
+export class BotError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "BotError";
+  }
+}
+
+/** The exports of the world `bot`; export them from your entry module. */
+export type BotExports = WorldExports;
+
+/**
+ * What an exported function throws for the WIT `result`'s `err`:
+ * componentize-js turns a thrown value with a `payload` into `err(payload)`.
+ */
+class ResultError extends Error {
+  readonly payload: string;
+  constructor(payload: string) {
+    super(payload);
+    this.payload = payload;
+  }
+}
+
+/** The reason recorded with a failed event. */
+export function reasonOf(e: unknown): string {
+  if (e instanceof BotError || e instanceof LimitError) return e.message;
+  if (e instanceof Error) {
+    // Programming errors keep their kind ("TypeError: ...") and leave their
+    // stack in the plugin's output, which digibot logs.
+    if (e.stack) console.error(e.stack);
+    return e.name === "Error" ? e.message : `${e.name}: ${e.message}`;
+  }
+  return String(e);
+}
+
+function run(handler: () => Replies): Action[] {
+  let replies: Replies;
+  try {
+    replies = handler();
+  } catch (e) {
+    throw new ResultError(reasonOf(e));
+  }
+  if (replies == null) return [];
+  if (!Array.isArray(replies)) {
+    throw new ResultError(`a handler must return an array of actions, not ${typeof replies}`);
+  }
+  return replies;
+}
+
+/**
+ * Turns a {@link Bot} into the component's exports:
+ *
+ * ```ts
+ * import { Action, defineBot } from "digibot-sdk";
+ *
+ * export const { onNewConversation, onMessage } = defineBot({
+ *   onMessage(message) {
+ *     const text = message.text();
+ *     return text === undefined ? [] : [Action.text(text)];
+ *   },
+ * });
+ * ```
+ */
+export function defineBot(bot: Bot): BotExports {
+  return {
+    onNewConversation(event: NewConversationEvent): Action[] {
+      const handler = bot.onNewConversation;
+      return handler ? run(() => handler.call(bot, conversation(event))) : [];
+    },
+    onMessage(event: MessageEvent): Action[] {
+      const handler = bot.onMessage;
+      return handler ? run(() => handler.call(bot, new Message(event))) : [];
+    },
+  };
+}
