@@ -752,6 +752,52 @@ impl Sender {
     }
 }
 
+/// How long an OAuth token is used, from its `expires_in`: 3600 s when
+/// absent or unreadable, 0 when negative, at most [`MAX_TOKEN_LIFETIME`].
+fn token_lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
+    let secs = match expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .unwrap_or(3600.0);
+    if secs.is_nan() || secs <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(secs)
+        .unwrap_or(MAX_TOKEN_LIFETIME)
+        .min(MAX_TOKEN_LIFETIME)
+}
+
+/// Reads at most `cap` bytes of `response`'s body (and whether there was
+/// more); a body that fails midway is what arrived until then.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = cap - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return (body, true);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    (body, false)
+}
+
+/// The `Idempotency-Key` header for `key`: the key itself, or, when it
+/// cannot be a header value (rows recorded before ids were checked at the
+/// webhook), `sha256-HEX` of it: still one stable key per action.
+fn idempotency_header(key: &str) -> HeaderValue {
+    if key.len() <= 1024
+        && let Ok(value) = HeaderValue::from_str(key)
+    {
+        return value;
+    }
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
+    HeaderValue::from_str(&format!("sha256-{}", hex::encode(digest)))
+        .unwrap_or_else(|_| HeaderValue::from_static("sha256-invalid"))
+}
+
 /// How long the run loop waits for more requests to finish before reading
 /// the outbox for a single free send permit.
 const LINGER: Duration = Duration::from_millis(2);
@@ -792,7 +838,11 @@ mod tests {
     #[test]
     fn hostile_retry_after_values_are_capped_without_overflow() {
         let now = std::time::SystemTime::now();
-        for value in ["1e20", "18446744073709551616", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+        for value in [
+            "1e20",
+            "18446744073709551616",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
             let delay = answer::parse_retry_after(value, now)
                 .unwrap()
                 .min(MAX_RETRY_AFTER);
