@@ -2000,7 +2000,7 @@ mod tests {
         let Some(db) = fixture() else {
             return;
         };
-        let store = db.open();
+        let store = db.open().await;
         let records = store.plugin_records().expect("PostgreSQL records plugins");
         let hashes: Vec<String> = (0..12).map(|i| format!("h{i:02}")).collect();
         for (i, hash) in hashes.iter().enumerate() {

@@ -148,7 +148,7 @@ pub async fn duplicates_are_detected_and_pending_survives_reopen(db: TestDb) {
 }
 
 pub async fn a_pending_event_is_found_by_key_until_completed(db: TestDb) {
-    let store = db.open();
+    let store = db.open().await;
     let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
         panic!("m1 is new")
     };
