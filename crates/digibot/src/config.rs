@@ -191,6 +191,8 @@ pub struct Settings {
     pub request_timeout_ms: u64,
     #[command(flatten)]
     pub retry: RetrySettings,
+    #[command(flatten)]
+    pub http: HttpSettings,
     /// Handled events and sent actions are deleted after this many hours.
     #[arg(long, env = "DIGIBOT_RETENTION_HOURS", value_name = "HOURS", default_value_t = 24 * 7)]
     pub retention_hours: u64,
@@ -308,6 +310,92 @@ impl KvSettings {
                 bytes: self.plugin_bytes,
             },
         }
+    }
+}
+
+/// The HTTP edge's bounds and deadlines (the file's `[http]` table; see
+/// `digibot_server::listener`). The defaults are
+/// `digibot_server::HttpLimits::default()`'s (a unit test keeps them so).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "HTTP edge ([http] in the file)")]
+pub struct HttpSettings {
+    /// A connection must deliver a complete request head within this of
+    /// opening (or of the first byte of its next request); else it is
+    /// closed.
+    #[arg(
+        id = "http.header_timeout_secs",
+        long = "http-header-timeout-secs",
+        env = "DIGIBOT_HTTP_HEADER_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
+    pub header_timeout_secs: u64,
+    /// A whole request body within this of its head (`408` otherwise).
+    #[arg(
+        id = "http.body_timeout_secs",
+        long = "http-body-timeout-secs",
+        env = "DIGIBOT_HTTP_BODY_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
+    pub body_timeout_secs: u64,
+    /// A kept-alive connection with no request, or a client that stops
+    /// reading its answer, is closed after this.
+    #[arg(
+        id = "http.idle_timeout_secs",
+        long = "http-idle-timeout-secs",
+        env = "DIGIBOT_HTTP_IDLE_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    pub idle_timeout_secs: u64,
+    /// Open connections at once; more are answered `503` and closed
+    /// (lowered, with a warning, to fit the open-files limit).
+    #[arg(
+        id = "http.max_connections",
+        long = "http-max-connections",
+        env = "DIGIBOT_HTTP_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub max_connections: usize,
+    /// Requests handled at once, `/healthz` and `/readyz` aside; more are
+    /// answered `503` with `Retry-After: 1` at once.
+    #[arg(
+        id = "http.max_in_flight",
+        long = "http-max-in-flight",
+        env = "DIGIBOT_HTTP_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub max_in_flight: usize,
+    /// Host names (comma-separated) the admin API, dashboard and `/metrics`
+    /// answer besides IP literals and `localhost`; `*` for any.
+    #[arg(
+        id = "http.allowed_hosts",
+        long = "allowed-hosts",
+        env = "DIGIBOT_ALLOWED_HOSTS",
+        value_name = "HOST,...",
+        default_value = ""
+    )]
+    pub allowed_hosts: HostNames,
+}
+
+/// A comma-separated list of host names, blanks dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostNames(pub Vec<String>);
+
+impl std::str::FromStr for HostNames {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(HostNames(
+            s.split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ))
     }
 }
 
@@ -503,6 +591,17 @@ impl Settings {
                 "concurrency must be at least 1".into(),
             ));
         }
+        let h = &self.http;
+        if h.header_timeout_secs == 0
+            || h.body_timeout_secs == 0
+            || h.idle_timeout_secs == 0
+            || h.max_connections == 0
+            || h.max_in_flight == 0
+        {
+            return Err(ConfigError::Invalid(
+                "http.* timeouts and bounds must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -557,6 +656,21 @@ impl Settings {
                 max_ms: self.retry.max_ms,
                 max_attempts: self.retry.max_attempts,
             },
+        }
+    }
+
+    /// The HTTP edge's bounds and deadlines (connections still within the
+    /// open-files limit: see `serve`).
+    pub fn http_limits(&self) -> digibot_server::HttpLimits {
+        let h = &self.http;
+        digibot_server::HttpLimits {
+            header_timeout: Duration::from_secs(h.header_timeout_secs),
+            body_timeout: Duration::from_secs(h.body_timeout_secs),
+            idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+            max_connections: h.max_connections,
+            max_in_flight: h.max_in_flight,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            ..digibot_server::HttpLimits::default()
         }
     }
 
@@ -665,6 +779,44 @@ mod tests {
         assert_eq!(config.kv_quotas.conversation.bytes, 4096);
         assert_eq!(config.defaults.memories, 2);
         assert!(Settings::load_with(None, env(&[("DIGIBOT_KV_PLUGIN_KEYS", "0")])).is_err());
+    }
+
+    #[test]
+    fn http_edge_settings_from_the_environment() {
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_HTTP_HEADER_TIMEOUT_SECS", "3"),
+                ("DIGIBOT_HTTP_MAX_CONNECTIONS", "100"),
+                (
+                    "DIGIBOT_ALLOWED_HOSTS",
+                    "digibot.example.com, ops.internal ,",
+                ),
+            ]),
+        )
+        .unwrap();
+        let limits = s.http_limits();
+        assert_eq!(limits.header_timeout, Duration::from_secs(3));
+        assert_eq!(limits.max_connections, 100);
+        assert_eq!(limits.body_timeout, Duration::from_secs(30));
+        assert_eq!(
+            s.http.allowed_hosts.0,
+            ["digibot.example.com", "ops.internal"]
+        );
+        assert!(Settings::load_with(None, env(&[("DIGIBOT_HTTP_MAX_IN_FLIGHT", "0")])).is_err());
+    }
+
+    /// The declared defaults are the server crate's own.
+    #[test]
+    fn http_defaults_are_the_servers() {
+        let s = Settings::load_with(None, env(&[])).unwrap();
+        let (ours, theirs) = (s.http_limits(), digibot_server::HttpLimits::default());
+        assert_eq!(ours.header_timeout, theirs.header_timeout);
+        assert_eq!(ours.body_timeout, theirs.body_timeout);
+        assert_eq!(ours.idle_timeout, theirs.idle_timeout);
+        assert_eq!(ours.max_connections, theirs.max_connections);
+        assert_eq!(ours.max_in_flight, theirs.max_in_flight);
+        assert!(s.http.allowed_hosts.0.is_empty());
     }
 
     #[test]

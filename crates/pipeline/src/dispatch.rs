@@ -38,6 +38,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+/// How often the dispatcher sweeps the store for pending events nothing
+/// handed it ([`Dispatcher::poll_inbox`]).
+pub const SWEEP: Duration = Duration::from_secs(5);
+
 /// What one plugin did with one event, stored with the event.
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginOutcome {
@@ -392,7 +396,8 @@ struct Lanes {
     ticks: u64,
     /// Events handled here lately, in two generations rotated at each poll
     /// of the inbox: a poll that read the inbox before their completion
-    /// committed must not queue them again. Only kept while polling.
+    /// committed must not queue them again. Only kept while polling
+    /// (always, once [`Dispatcher::poll_inbox`] runs).
     done: [HashSet<i64>; 2],
     polling: bool,
 }
@@ -551,20 +556,30 @@ impl Dispatcher {
         Ok(n)
     }
 
-    /// Polls the store for events that arrived at other replicas (in
-    /// conversations this one holds) or were left by a dead replica, when
-    /// the store can have such events; until shutdown.
+    /// Looks in the store, until shutdown, for pending events nothing
+    /// handed this dispatcher: on every [`SWEEP`] and whenever the store
+    /// says some may wait (replicas). With replicas, those that arrived at
+    /// other replicas (in conversations this one holds) or were left by a
+    /// dead replica; on every back end, those whose webhook was cut off
+    /// between its commit and its lane, or whose lane gave up on a
+    /// transient error (see `Backend::claimable_events`). Events queued
+    /// or handled here lately are skipped.
     pub fn poll_inbox(&self) {
-        let Some(wake) = self.inner.store.inbox_wakeups() else {
-            return;
-        };
+        let wake = self.inner.store.inbox_wakeups();
         self.lock_lanes().polling = true;
         let this = self.clone();
         let mut shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
             loop {
+                let woken = async {
+                    match &wake {
+                        Some(wake) => wake.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    _ = wake.notified() => {}
+                    _ = woken => {}
+                    _ = tokio::time::sleep(SWEEP) => {}
                     _ = shutdown.changed() => {}
                 }
                 if *shutdown.borrow() {
@@ -684,7 +699,7 @@ impl Dispatcher {
     /// Handles one event; `false` when it stays pending, and the lane must
     /// stop: handling later events of the conversation first would break
     /// its order. The event is retried with the conversation's others, in
-    /// order: by the inbox poll (replicas), else at the next start.
+    /// order, by the inbox sweep ([`Dispatcher::poll_inbox`]).
     async fn handle(&self, stored: StoredEvent) -> bool {
         let seq = stored.seq;
         let span = event_span(&stored.event);

@@ -106,7 +106,7 @@ impl Default for RuntimeConfig {
 }
 
 /// Why a component cannot be loaded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LoadError {
     #[error(
         "not a WebAssembly component (a core module or another file); build with --target wasm32-wasip2"
@@ -566,13 +566,18 @@ impl Runtime {
         if let Some(path) = cached_path.as_ref().filter(|p| p.exists()) {
             // Read, not mmap: a cache file changed in place under a mapping
             // would crash the process (SIGBUS) at the next instantiation.
-            let loaded = std::fs::read(path)
+            let loaded = private_file(path)
+                .and_then(|()| std::fs::read(path))
                 .map_err(wasmtime::Error::from)
                 .and_then(|bytes| {
-                    // SAFETY: the cache directory is digibot's own; its files
-                    // are written by `Component::serialize` below for this
-                    // engine (the name carries the engine's compatibility
-                    // hash), and wasmtime still checks header and version.
+                    // SAFETY: deserializing runs the file's native code
+                    // later, so the file must be one digibot wrote. It is:
+                    // only this user can write it (`private_file` refuses a
+                    // file or folder others could write; `write_cache`
+                    // creates the folder 0700 and the file 0600, under a
+                    // data folder `serve` creates 0700), its name carries
+                    // the engine's compatibility hash, and wasmtime still
+                    // checks its header and version.
                     #[allow(unsafe_code)]
                     unsafe {
                         Component::deserialize(&self.engine, &bytes)
@@ -657,11 +662,19 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let pre = Pre::new(wit_version, pre)?;
-        let limits = self.config.defaults.with(&manifest.limits);
-        let limits = Limits {
-            memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
-            ..limits
-        };
+        let (limits, capped) = self
+            .config
+            .defaults
+            .with_ceilings(&manifest.limits, self.config.max_memory_bytes);
+        for c in capped {
+            tracing::warn!(
+                plugin = name,
+                limit = c.limit,
+                asked = c.asked,
+                ceiling = c.ceiling,
+                "plugin {name}: {name}.toml {c}"
+            );
+        }
         let warm = Arc::new(WarmPool {
             pre,
             name: Arc::from(name),
@@ -932,17 +945,61 @@ pub enum LoadFileError {
     Load { path: PathBuf, source: LoadError },
 }
 
+/// Writes a compiled component to the cache: the folder 0700, the file
+/// 0600, so that only this user can ever have written what
+/// [`Runtime::compile`] deserializes.
 fn write_cache(path: &Path, component: &Component) -> std::io::Result<()> {
     let bytes = component
         .serialize()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir)?;
+        // A cache folder from before (created with the umask): ours, so
+        // tightened rather than left for `private_file` to refuse.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let meta = std::fs::metadata(dir)?;
+            if meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
     }
     // Write then rename, so a reader never sees half a file.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&tmp)?, &bytes)?;
     std::fs::rename(tmp, path)
+}
+
+/// Fails unless `path` and its folder belong to this user and nobody
+/// else can write them (the cache's files are loaded as native code: see
+/// [`Runtime::compile`]).
+fn private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let me = rustix::process::geteuid().as_raw();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [path, dir] {
+            let meta = std::fs::metadata(p)?;
+            if meta.uid() != me || meta.mode() & 0o022 != 0 {
+                return Err(std::io::Error::other(format!(
+                    "{} belongs to another user or others can write it (mode {:o}): not loading native code from it",
+                    p.display(),
+                    meta.mode() & 0o777
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `digishare:bot` version a component was built against, read from

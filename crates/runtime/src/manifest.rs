@@ -42,26 +42,6 @@ pub enum EventFilter {
     Message,
 }
 
-/// The most a plugin's `[limits]` may ask for; a larger value is cut to
-/// it (as `memory_mb` is cut to the runtime's `max_memory_bytes`): a
-/// manifest cannot buy a turn that holds a lane for minutes or floods the
-/// outbox or the host's log.
-pub mod ceiling {
-    use std::time::Duration;
-    /// `timeout_ms`.
-    pub const TIMEOUT: Duration = Duration::from_secs(30);
-    /// `fuel` (about the work of the 30 s deadline on a fast core).
-    pub const FUEL: u64 = 100_000_000_000;
-    /// `max_actions`.
-    pub const ACTIONS: usize = 200;
-    /// `max_action_bytes`.
-    pub const ACTION_BYTES: usize = 1 << 20;
-    /// `max_log_bytes`.
-    pub const LOG_BYTES: usize = 1 << 20;
-    /// `max_log_lines`.
-    pub const LOG_LINES: usize = 10_000;
-}
-
 /// Per-plugin overrides of [`Limits`]; unset fields keep the host default.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -132,35 +112,120 @@ impl Default for Limits {
     }
 }
 
+/// The most a plugin's own `NAME.toml` may ask for, whatever it says: a
+/// plugin folder is not a way to give one plugin minutes of a plugin
+/// thread, thousands of replies per event or megabytes of log lines. The
+/// host's own defaults are never lowered (a ceiling is the larger of the
+/// constant and the default); memory has its own, the pool's slot size.
+pub mod ceiling {
+    use std::time::Duration;
+
+    pub const TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_ACTIONS: usize = 200;
+    pub const MAX_ACTION_BYTES: usize = 4 << 20;
+    pub const MAX_LOG_BYTES: usize = 1 << 20;
+    pub const MAX_LOG_LINES: usize = 10_000;
+    /// Roughly seconds of compute: past the deadline anyway.
+    pub const FUEL: u64 = 100_000_000_000;
+}
+
+/// A manifest limit lowered to the host's ceiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capped {
+    /// Its `NAME.toml` key, e.g. `timeout_ms`.
+    pub limit: &'static str,
+    pub asked: u64,
+    pub ceiling: u64,
+}
+
+impl std::fmt::Display for Capped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "limits.{} = {} is over the host's ceiling of {}; using {}",
+            self.limit, self.asked, self.ceiling, self.ceiling
+        )
+    }
+}
+
 impl Limits {
-    /// These defaults with a manifest's overrides applied, each cut to its
-    /// [`ceiling`].
+    /// These defaults with a manifest's overrides applied, each at most
+    /// its [`ceiling`] (see [`Limits::with_ceilings`]).
     pub fn with(&self, o: &LimitOverrides) -> Limits {
-        Limits {
-            timeout: o
-                .timeout_ms
-                .map(|ms| Duration::from_millis(ms).min(ceiling::TIMEOUT))
+        self.with_ceilings(o, usize::MAX).0
+    }
+
+    /// These defaults with a manifest's overrides applied, each capped at
+    /// its [`ceiling`] (memory at `max_memory_bytes`), and what was capped.
+    pub fn with_ceilings(
+        &self,
+        o: &LimitOverrides,
+        max_memory_bytes: usize,
+    ) -> (Limits, Vec<Capped>) {
+        let mut capped = Vec::new();
+        let mut cap = |limit: &'static str, asked: Option<u64>, ceiling: u64| {
+            asked.map(|asked| {
+                if asked > ceiling {
+                    capped.push(Capped {
+                        limit,
+                        asked,
+                        ceiling,
+                    });
+                    ceiling
+                } else {
+                    asked
+                }
+            })
+        };
+        let to_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let timeout_ceiling = ceiling::TIMEOUT.max(self.timeout);
+        let timeout_ms = cap(
+            "timeout_ms",
+            o.timeout_ms,
+            u64::try_from(timeout_ceiling.as_millis()).unwrap_or(u64::MAX),
+        );
+        let memory_ceiling_mb = to_u64(max_memory_bytes >> 20).max(1);
+        let memory_mb = cap("memory_mb", o.memory_mb, memory_ceiling_mb);
+        let max_actions = cap(
+            "max_actions",
+            o.max_actions.map(to_u64),
+            to_u64(ceiling::MAX_ACTIONS.max(self.max_actions)),
+        );
+        let max_action_bytes = cap(
+            "max_action_bytes",
+            o.max_action_bytes.map(to_u64),
+            to_u64(ceiling::MAX_ACTION_BYTES.max(self.max_action_bytes)),
+        );
+        let max_log_bytes = cap(
+            "max_log_bytes",
+            o.max_log_bytes.map(to_u64),
+            to_u64(ceiling::MAX_LOG_BYTES.max(self.max_log_bytes)),
+        );
+        let max_log_lines = cap(
+            "max_log_lines",
+            o.max_log_lines.map(to_u64),
+            to_u64(ceiling::MAX_LOG_LINES.max(self.max_log_lines)),
+        );
+        let fuel = cap("fuel", o.fuel, ceiling::FUEL.max(self.fuel.unwrap_or(0)));
+        let limits = Limits {
+            timeout: timeout_ms
+                .map(Duration::from_millis)
                 .unwrap_or(self.timeout),
-            // The runtime cuts memory to its `max_memory_bytes`.
-            memory_bytes: o
-                .memory_mb
-                .map(|mb| usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX))
-                .unwrap_or(self.memory_bytes),
-            max_actions: o
-                .max_actions
-                .map_or(self.max_actions, |n| n.min(ceiling::ACTIONS)),
-            max_action_bytes: o
-                .max_action_bytes
-                .map_or(self.max_action_bytes, |n| n.min(ceiling::ACTION_BYTES)),
-            max_log_bytes: o
-                .max_log_bytes
-                .map_or(self.max_log_bytes, |n| n.min(ceiling::LOG_BYTES)),
-            max_log_lines: o
-                .max_log_lines
-                .map_or(self.max_log_lines, |n| n.min(ceiling::LOG_LINES)),
-            fuel: o.fuel.map(|f| f.min(ceiling::FUEL)).or(self.fuel),
+            memory_bytes: memory_mb
+                .map(|mb| to_usize(mb).saturating_mul(1 << 20))
+                .unwrap_or(self.memory_bytes)
+                .min(max_memory_bytes),
+            max_actions: max_actions.map(to_usize).unwrap_or(self.max_actions),
+            max_action_bytes: max_action_bytes
+                .map(to_usize)
+                .unwrap_or(self.max_action_bytes),
+            max_log_bytes: max_log_bytes.map(to_usize).unwrap_or(self.max_log_bytes),
+            max_log_lines: max_log_lines.map(to_usize).unwrap_or(self.max_log_lines),
+            fuel: fuel.or(self.fuel),
             ..self.clone()
-        }
+        };
+        (limits, capped)
     }
 }
 
@@ -202,23 +267,49 @@ mod tests {
     }
 
     #[test]
-    fn overrides_are_cut_to_the_host_ceilings() {
+    fn a_manifest_cannot_ask_past_the_host_ceilings() {
         let m = Manifest::parse(
-            "[limits]\ntimeout_ms = 18446744073709551615\nmemory_mb = 18446744073709551615\nmax_actions = 100000\nmax_action_bytes = 1000000000\nmax_log_bytes = 1000000000\nmax_log_lines = 1000000000\nfuel = 18446744073709551615\n",
+            "[limits]\ntimeout_ms = 600000\nmemory_mb = 18446744073709551615\nmax_actions = 1000000\nmax_action_bytes = 1000000000\nmax_log_bytes = 1000000000\nmax_log_lines = 1000000000\nfuel = 18446744073709551615\n",
         )
         .unwrap();
-        let limits = Limits::default().with(&m.limits);
+        let (limits, capped) = Limits::default().with_ceilings(&m.limits, 256 << 20);
         assert_eq!(limits.timeout, ceiling::TIMEOUT);
-        assert_eq!(limits.memory_bytes, usize::MAX);
-        assert_eq!(limits.max_actions, ceiling::ACTIONS);
-        assert_eq!(limits.max_action_bytes, ceiling::ACTION_BYTES);
-        assert_eq!(limits.max_log_bytes, ceiling::LOG_BYTES);
-        assert_eq!(limits.max_log_lines, ceiling::LOG_LINES);
+        assert_eq!(limits.memory_bytes, 256 << 20);
+        assert_eq!(limits.max_actions, ceiling::MAX_ACTIONS);
+        assert_eq!(limits.max_action_bytes, ceiling::MAX_ACTION_BYTES);
+        assert_eq!(limits.max_log_bytes, ceiling::MAX_LOG_BYTES);
+        assert_eq!(limits.max_log_lines, ceiling::MAX_LOG_LINES);
         assert_eq!(limits.fuel, Some(ceiling::FUEL));
-        let within = Manifest::parse("[limits]\ntimeout_ms = 30000\nmax_log_lines = 5\n").unwrap();
-        let limits = Limits::default().with(&within.limits);
-        assert_eq!(limits.timeout, Duration::from_secs(30));
-        assert_eq!(limits.max_log_lines, 5);
+        let names: Vec<&str> = capped.iter().map(|c| c.limit).collect();
+        assert_eq!(
+            names,
+            [
+                "timeout_ms",
+                "memory_mb",
+                "max_actions",
+                "max_action_bytes",
+                "max_log_bytes",
+                "max_log_lines",
+                "fuel"
+            ]
+        );
+        assert_eq!(
+            capped[0].to_string(),
+            "limits.timeout_ms = 600000 is over the host's ceiling of 30000; using 30000"
+        );
+        // Under the ceilings: as asked, nothing reported.
+        let m = Manifest::parse("[limits]\ntimeout_ms = 2000\nmax_actions = 100\n").unwrap();
+        let (limits, capped) = Limits::default().with_ceilings(&m.limits, 256 << 20);
+        assert_eq!(limits.timeout, Duration::from_secs(2));
+        assert_eq!(limits.max_actions, 100);
+        assert!(capped.is_empty());
+        // A host default above a ceiling is the ceiling.
+        let generous = Limits {
+            timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let m = Manifest::parse("[limits]\ntimeout_ms = 45000\n").unwrap();
+        assert_eq!(generous.with(&m.limits).timeout, Duration::from_secs(45));
     }
 
     #[test]

@@ -533,6 +533,17 @@ impl Postgres {
         stored_events(&rows)
     }
 
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, payload, received_at FROM events WHERE key = $1 AND status = 'pending'",
+                &[&key],
+            )
+            .await?;
+        Ok(stored_events(&rows)?.pop())
+    }
+
     async fn complete_event(
         &self,
         seq: i64,
@@ -1311,6 +1322,10 @@ impl Backend for PgStore {
 
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
         Ok(self.0.pending_events().await?)
+    }
+
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
+        Ok(self.0.pending_event(key).await?)
     }
 
     async fn complete_event(
@@ -2121,6 +2136,30 @@ mod tests {
         let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
         let expected: Vec<i32> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, expected);
+    }
+
+    /// Twelve uploads of one plugin: the served one, the ten before it as
+    /// rollback targets, and the bytes of the oldest deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_history_keeps_the_last_ten_versions() {
+        let Some(db) = fixture() else {
+            return;
+        };
+        let store = db.open().await;
+        let records = store.plugin_records().expect("PostgreSQL records plugins");
+        let hashes: Vec<String> = (0..12).map(|i| format!("h{i:02}")).collect();
+        for (i, hash) in hashes.iter().enumerate() {
+            records.put("echo", hash, &[i as u8]).await.unwrap();
+        }
+        let listed = records.list().await.unwrap();
+        let echo = &listed["echo"];
+        assert_eq!(echo.hash.as_deref(), Some("h11"));
+        assert_eq!(echo.previous, hashes[1..11]);
+        assert_eq!(records.bytes("echo", "h00").await.unwrap(), None);
+        assert_eq!(records.bytes("echo", "h01").await.unwrap(), Some(vec![1]));
+        assert_eq!(records.bytes("echo", "h11").await.unwrap(), Some(vec![11]));
+        // A rollback still walks back through what is kept.
+        assert_eq!(records.rollback("echo").await.unwrap(), Some(vec![10]));
     }
 }
 

@@ -19,8 +19,8 @@ use digibot_domain::kv::entry_bytes;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, KvChanges, KvSize, KvUsage,
-    KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned, Release, Retention, StateChange, Store,
-    StoreError, StoredEvent, now_ms, parse_state,
+    KvWrite, NewAction, ORPHANED_AFTER, OutboxAction, OutboxDepth, Pruned, Release, Retention,
+    StateChange, Store, StoreError, StoredEvent, now_ms, parse_state,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -304,10 +304,17 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
 
 impl Db {
     fn open(data_dir: &Path, durability: Durability) -> Result<Db, Error> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        // Readable by this user only: the database holds every message.
+        let mut folder = std::fs::DirBuilder::new();
+        folder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+        folder
+            .create(data_dir)
+            .map_err(|source| StoreError::DataDir {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
         let path = data_dir.join("digibot.db");
         let conn = connect(&path, durability)?;
         migrate(&conn)?;
@@ -427,25 +434,30 @@ impl Db {
         self.read(|conn| {
             let mut stmt = conn
                 .prepare("SELECT seq, payload, received_at FROM events WHERE status = 'pending' ORDER BY seq")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (seq, payload, received_at) = row?;
-                let event = serde_json::from_str(&payload)
-                    .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-                out.push(StoredEvent {
-                    seq,
-                    event,
-                    received_at,
-                });
-            }
-            Ok(out)
+            stored_events(stmt.query([])?)
+        })
+    }
+
+    /// The pending event recorded under `key`, if any.
+    fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, payload, received_at FROM events WHERE key = ?1 AND status = 'pending'",
+            )?;
+            Ok(stored_events(stmt.query([key])?)?.pop())
+        })
+    }
+
+    /// Pending events received before `before` (ms), oldest first.
+    fn pending_before(&self, before: i64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        self.read(|conn| {
+            // By seq, the order they arrived in (and that of the partial
+            // index): `received_at` grows with it.
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE status = 'pending' AND received_at < ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            stored_events(stmt.query(params![before, limit as i64])?)
         })
     }
 
@@ -1005,6 +1017,11 @@ impl Backend for Sqlite {
         reading(&self.0, |db| db.pending_events()).await
     }
 
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let key = key.to_string();
+        reading(&self.0, move |db| db.pending_event(&key)).await
+    }
+
     async fn complete_event(
         &self,
         seq: i64,
@@ -1062,9 +1079,12 @@ impl Backend for Sqlite {
         Ok(Vec::new())
     }
 
-    /// One node: no work arrives through another process.
-    async fn claimable_events(&self, _limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        Ok(Vec::new())
+    /// One node: no work arrives through another process, but an event
+    /// pending for longer than [`ORPHANED_AFTER`] may have lost its way to
+    /// the dispatcher.
+    async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let before = now_ms() - ORPHANED_AFTER.as_millis() as i64;
+        reading(&self.0, move |db| db.pending_before(before, limit)).await
     }
 
     fn inbox_wakeups(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -1187,6 +1207,24 @@ fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxAction> {
         last_error: r.get(12)?,
         created_at: r.get(13)?,
     })
+}
+
+/// `seq, payload, received_at` rows as stored events.
+fn stored_events(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredEvent>, Error> {
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        let payload: String = row.get(1)?;
+        let received_at: i64 = row.get(2)?;
+        let event = serde_json::from_str(&payload)
+            .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+        out.push(StoredEvent {
+            seq,
+            event,
+            received_at,
+        });
+    }
+    Ok(out)
 }
 
 /// Reads `seq, key, name, conversation_id, status, received_at,
@@ -1441,6 +1479,62 @@ mod tests {
         drop(conn);
         let store = open(dir.path(), Durability::Full).unwrap();
         assert_eq!(store.kv_usage("echo", "c1").await.unwrap().scope.keys, 2);
+    }
+
+    /// On one node, a pending event is claimable once it is older than
+    /// [`ORPHANED_AFTER`] (never while its webhook may still be handing it
+    /// over), oldest first, until it is handled.
+    #[tokio::test]
+    async fn pending_events_become_claimable_once_orphaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::Normal).unwrap();
+        let mut seqs = Vec::new();
+        for id in ["m1", "m2", "m3"] {
+            let Inserted::New(seq) = store.insert_event(event(id, "c")).await.unwrap() else {
+                panic!("{id} is new")
+            };
+            seqs.push(seq);
+        }
+        assert!(
+            store.claimable_events(10).await.unwrap().is_empty(),
+            "too recent"
+        );
+        // m1 and m2 were received long ago.
+        let old = now_ms() - ORPHANED_AFTER.as_millis() as i64 - 1000;
+        let conn = Connection::open(dir.path().join("digibot.db")).unwrap();
+        conn.execute(
+            "UPDATE events SET received_at = ?1 WHERE seq IN (?2, ?3)",
+            params![old, seqs[0], seqs[1]],
+        )
+        .unwrap();
+        let found: Vec<i64> = store
+            .claimable_events(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(found, seqs[..2]);
+        assert_eq!(store.claimable_events(1).await.unwrap().len(), 1);
+        store
+            .complete_event(
+                seqs[0],
+                "c".into(),
+                serde_json::json!([]),
+                Vec::new(),
+                Vec::new(),
+                ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
+        let found: Vec<i64> = store
+            .claimable_events(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(found, [seqs[1]]);
     }
 
     #[tokio::test]

@@ -63,6 +63,12 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// On a single node, how long an event stays pending before
+/// [`Backend::claimable_events`] counts it orphaned: longer than an event
+/// takes from its commit to its lane, so that the sweep does not race the
+/// webhook that recorded it.
+pub const ORPHANED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Result of recording a webhook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
@@ -351,6 +357,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Events not yet dispatched, oldest first (recovery after a restart).
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// The event recorded under `key`, if it is still pending (a
+    /// redelivery of it is then handed to its lane again).
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError>;
+
     /// Marks an event handled, with what each plugin did, and in the same
     /// transaction queues its actions, applies its KV writes and what it
     /// changes about its conversation (creating it in the bot's hands if
@@ -409,13 +419,17 @@ pub trait Backend: Send + Sync + 'static {
         conversation_id: &str,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Pending events this replica should pick up although it did not
-    /// receive them: in conversations it holds, or orphaned (their
-    /// replica died). Oldest first, at most `limit`.
+    /// Pending events this replica should pick up although the webhook
+    /// may never have handed them to its dispatcher: in conversations it
+    /// holds, or orphaned (their replica died; on a single node, pending
+    /// for longer than [`ORPHANED_AFTER`]: a delivery cut off after its
+    /// commit, a lane that gave up on a transient error). The dispatcher
+    /// skips those it is working on. Oldest first, at most `limit`.
     async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Woken when [`claimable_events`](Self::claimable_events) may have
-    /// something; `None` when work only ever arrives through this process.
+    /// something sooner than the dispatcher's periodic sweep; `None` when
+    /// work only ever arrives through this process.
     fn inbox_wakeups(&self) -> Option<Arc<tokio::sync::Notify>>;
 
     /// Recent events, newest first.

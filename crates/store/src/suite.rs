@@ -45,6 +45,7 @@ macro_rules! store_suite {
     ($fixture:path) => {
         $crate::store_suite!(@tests $fixture;
             duplicates_are_detected_and_pending_survives_reopen,
+            a_pending_event_is_found_by_key_until_completed,
             concurrent_inserts_all_land,
             completing_queues_actions_and_kv_once,
             outbox_heads_are_each_conversations_oldest_pending,
@@ -146,6 +147,35 @@ pub async fn duplicates_are_detected_and_pending_survives_reopen(db: TestDb) {
         store.insert_event(event("m1", "c1")).await.unwrap(),
         Inserted::Duplicate
     );
+}
+
+pub async fn a_pending_event_is_found_by_key_until_completed(db: TestDb) {
+    let store = db.open().await;
+    let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
+        panic!("m1 is new")
+    };
+    let key = "live_chat.new_message:m1";
+    let found = store.pending_event(key).await.unwrap().expect("m1 pending");
+    assert_eq!((found.seq, found.event.key.as_str()), (seq, key));
+    assert!(
+        store
+            .pending_event("live_chat.new_message:m2")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .complete_event(
+            seq,
+            "c1".into(),
+            serde_json::json!([]),
+            Vec::new(),
+            Vec::new(),
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+    assert!(store.pending_event(key).await.unwrap().is_none(), "handled");
 }
 
 pub async fn concurrent_inserts_all_land(db: TestDb) {
