@@ -361,7 +361,9 @@ pub mod kv {
     }
 
     /// Stores `value` under `key` for this conversation. Fails when the key
-    /// or value is over digibot's size limits.
+    /// or value is over digibot's size limits (`limit: ...`) or the write
+    /// would take this plugin over its KV quota (`quota: ...`); returning
+    /// that error from a handler records it as the event's reason.
     pub fn set(key: &str, value: &str) -> crate::Result<()> {
         crate::bindings::digishare::bot::kv::set(key, value).map_err(crate::Error)
     }

@@ -117,8 +117,9 @@ async fn token_fetched_refreshed_before_expiry_and_after_401() -> Result<()> {
 }
 
 /// A revoked token seen by several conversations at once is refreshed
-/// once, not once per 401. (A 429 to each first attempt, with the same
-/// `Retry-After` date, lines the replies up: they are retried together.)
+/// once, not once per 401. (A 429 lines the replies up: it pauses every
+/// send until its `Retry-After` date, so the replies queued meanwhile,
+/// after the token is revoked, all go out together.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_401s_refresh_once() -> Result<()> {
     const CONVERSATIONS: usize = 8;
@@ -129,11 +130,14 @@ async fn concurrent_401s_refresh_once() -> Result<()> {
     fake.wait_for(2, TIMEOUT).await?;
 
     let at = std::time::SystemTime::now() + Duration::from_secs(2);
-    fake.script(vec![
-        Scripted::status(429)
-            .retry_after(httpdate::fmt_http_date(at));
-        CONVERSATIONS
-    ]);
+    fake.script([Scripted::status(429).retry_after(httpdate::fmt_http_date(at))]);
+    bot.accept(&customer_text("conv_oauth_w", "msg_w2", "pause"))
+        .await?;
+    bot.wait_for_log(TIMEOUT, "the account-wide pause", |l| {
+        l.contains("every send waits")
+    })
+    .await?;
+    fake.revoke_tokens();
     let poster = Poster::new(&bot)?;
     let mut posts = tokio::task::JoinSet::new();
     for c in 0..CONVERSATIONS {
@@ -154,15 +158,14 @@ async fn concurrent_401s_refresh_once() -> Result<()> {
     while let Some(answer) = posts.join_next().await {
         ensure!(answer?? == "accepted");
     }
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while fake.scripted_left() > 0 {
-        ensure!(std::time::Instant::now() < deadline, "replies never tried");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    fake.revoke_tokens();
+    ensure!(
+        std::time::SystemTime::now() < at,
+        "the replies were queued after the pause"
+    );
 
-    // The warm-up's token request and reply, one refresh, 8 replies.
-    let ok = fake.settle(2 + 1 + CONVERSATIONS, TIMEOUT).await?;
+    // The warm-up's token request and reply, one refresh, the paused
+    // reply and 8 more.
+    let ok = fake.settle(2 + 1 + 1 + CONVERSATIONS, TIMEOUT).await?;
     let unauthorized = fake.requests().iter().filter(|r| r.status == 401).count();
     ensure!(
         fake.tokens_issued() == ["tok-1", "tok-2"],
@@ -172,7 +175,7 @@ async fn concurrent_401s_refresh_once() -> Result<()> {
     );
     let replies: Vec<_> = ok.iter().filter(|r| r.path == "/v1/messages").collect();
     ensure!(
-        replies.len() == CONVERSATIONS + 1
+        replies.len() == CONVERSATIONS + 2
             && replies[1..]
                 .iter()
                 .all(|r| r.authorization.as_deref() == Some("Bearer tok-2")),

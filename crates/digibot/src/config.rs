@@ -17,8 +17,8 @@ use digibot_domain::outbound::ResolveOverrides;
 use digibot_pipeline::outbound::OutboundConfig;
 use digibot_pipeline::outbound::secrets::Secrets;
 use digibot_pipeline::sender::{ApiCredentials, RetryPolicy, SenderConfig};
-use digibot_runtime::{Limits, RuntimeConfig};
-use digibot_store::{Store, StoreError};
+use digibot_runtime::{KvQuota, KvQuotas, Limits, RuntimeConfig};
+use digibot_store::{Retention, Store, StoreError};
 use digibot_store_sqlite::Durability;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -194,10 +194,31 @@ pub struct Settings {
     pub request_timeout_ms: u64,
     #[command(flatten)]
     pub retry: RetrySettings,
+    #[command(flatten)]
+    pub http: HttpSettings,
     /// Handled events, sent actions and journaled outbound calls are
     /// deleted after this many hours (calls of pending events are kept).
     #[arg(long, env = "DIGIBOT_RETENTION_HOURS", value_name = "HOURS", default_value_t = 24 * 7)]
     pub retention_hours: u64,
+    /// Dead letters are deleted this many days after they died (0: kept).
+    #[arg(
+        long,
+        env = "DIGIBOT_DEAD_LETTER_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 30
+    )]
+    pub dead_letter_retention_days: u64,
+    /// A conversation with no event for this many days is forgotten: who
+    /// is in charge of it, and every plugin's KV in it (0: kept).
+    #[arg(
+        long,
+        env = "DIGIBOT_CONVERSATION_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 90
+    )]
+    pub conversation_retention_days: u64,
+    #[command(flatten)]
+    pub kv: KvSettings,
     /// How long a shutdown waits for in-flight work.
     #[arg(
         long,
@@ -269,6 +290,127 @@ pub struct RetrySettings {
         default_value_t = 12
     )]
     pub max_attempts: u32,
+}
+
+/// KV quotas (the file's `[kv]` table): per plugin and conversation, and
+/// per plugin in all. A `kv.set` past one is refused with the reason.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "KV quotas ([kv] in the file)")]
+pub struct KvSettings {
+    /// KV keys a plugin may hold in one conversation.
+    #[arg(id = "kv.conversation_keys", long = "kv-conversation-keys", env = "DIGIBOT_KV_CONVERSATION_KEYS", value_name = "N", default_value_t = KvQuotas::default().conversation.keys)]
+    pub conversation_keys: i64,
+    /// KV bytes (keys plus values, UTF-8) a plugin may hold in one
+    /// conversation.
+    #[arg(id = "kv.conversation_bytes", long = "kv-conversation-bytes", env = "DIGIBOT_KV_CONVERSATION_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().conversation.bytes)]
+    pub conversation_bytes: i64,
+    /// KV keys a plugin may hold over all conversations.
+    #[arg(id = "kv.plugin_keys", long = "kv-plugin-keys", env = "DIGIBOT_KV_PLUGIN_KEYS", value_name = "N", default_value_t = KvQuotas::default().plugin.keys)]
+    pub plugin_keys: i64,
+    /// KV bytes a plugin may hold over all conversations.
+    #[arg(id = "kv.plugin_bytes", long = "kv-plugin-bytes", env = "DIGIBOT_KV_PLUGIN_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().plugin.bytes)]
+    pub plugin_bytes: i64,
+}
+
+impl KvSettings {
+    pub fn quotas(&self) -> KvQuotas {
+        KvQuotas {
+            conversation: KvQuota {
+                keys: self.conversation_keys,
+                bytes: self.conversation_bytes,
+            },
+            plugin: KvQuota {
+                keys: self.plugin_keys,
+                bytes: self.plugin_bytes,
+            },
+        }
+    }
+}
+
+/// The HTTP edge's bounds and deadlines (the file's `[http]` table; see
+/// `digibot_server::listener`). The defaults are
+/// `digibot_server::HttpLimits::default()`'s (a unit test keeps them so).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "HTTP edge ([http] in the file)")]
+pub struct HttpSettings {
+    /// A connection must deliver a complete request head within this of
+    /// opening (or of the first byte of its next request); else it is
+    /// closed.
+    #[arg(
+        id = "http.header_timeout_secs",
+        long = "http-header-timeout-secs",
+        env = "DIGIBOT_HTTP_HEADER_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
+    pub header_timeout_secs: u64,
+    /// A whole request body within this of its head (`408` otherwise).
+    #[arg(
+        id = "http.body_timeout_secs",
+        long = "http-body-timeout-secs",
+        env = "DIGIBOT_HTTP_BODY_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
+    pub body_timeout_secs: u64,
+    /// A kept-alive connection with no request, or a client that stops
+    /// reading its answer, is closed after this.
+    #[arg(
+        id = "http.idle_timeout_secs",
+        long = "http-idle-timeout-secs",
+        env = "DIGIBOT_HTTP_IDLE_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    pub idle_timeout_secs: u64,
+    /// Open connections at once; more are answered `503` and closed
+    /// (lowered, with a warning, to fit the open-files limit).
+    #[arg(
+        id = "http.max_connections",
+        long = "http-max-connections",
+        env = "DIGIBOT_HTTP_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub max_connections: usize,
+    /// Requests handled at once, `/healthz` and `/readyz` aside; more are
+    /// answered `503` with `Retry-After: 1` at once.
+    #[arg(
+        id = "http.max_in_flight",
+        long = "http-max-in-flight",
+        env = "DIGIBOT_HTTP_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub max_in_flight: usize,
+    /// Host names (comma-separated) the admin API, dashboard and `/metrics`
+    /// answer besides IP literals and `localhost`; `*` for any.
+    #[arg(
+        id = "http.allowed_hosts",
+        long = "allowed-hosts",
+        env = "DIGIBOT_ALLOWED_HOSTS",
+        value_name = "HOST,...",
+        default_value = ""
+    )]
+    pub allowed_hosts: HostNames,
+}
+
+/// A comma-separated list of host names, blanks dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostNames(pub Vec<String>);
+
+impl std::str::FromStr for HostNames {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(HostNames(
+            s.split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ))
+    }
 }
 
 /// How plugins are compiled.
@@ -369,6 +511,20 @@ pub struct RuntimeSettings {
     /// Default log and stdout/stderr bytes kept per invocation.
     #[arg(id = "runtime.max_log_bytes", long = "plugin-max-log-bytes", env = "DIGIBOT_PLUGIN_MAX_LOG_BYTES", value_name = "BYTES", default_value_t = Limits::default().max_log_bytes)]
     pub max_log_bytes: usize,
+    /// Default `log` calls kept per invocation.
+    #[arg(id = "runtime.max_log_lines", long = "plugin-max-log-lines", env = "DIGIBOT_PLUGIN_MAX_LOG_LINES", value_name = "N", default_value_t = Limits::default().max_log_lines)]
+    pub max_log_lines: usize,
+    /// Core instances one plugin component may have (refused at load
+    /// beyond; the instance pool is sized by it).
+    #[arg(id = "runtime.max_core_instances", long = "plugin-max-core-instances", env = "DIGIBOT_PLUGIN_MAX_CORE_INSTANCES", value_name = "N", default_value_t = Limits::default().core_instances)]
+    pub max_core_instances: usize,
+    /// Linear memories one plugin component may have (refused at load
+    /// beyond).
+    #[arg(id = "runtime.max_memories", long = "plugin-max-memories", env = "DIGIBOT_PLUGIN_MAX_MEMORIES", value_name = "N", default_value_t = Limits::default().memories)]
+    pub max_memories: usize,
+    /// Tables one plugin component may have (refused at load beyond).
+    #[arg(id = "runtime.max_tables", long = "plugin-max-tables", env = "DIGIBOT_PLUGIN_MAX_TABLES", value_name = "N", default_value_t = Limits::default().tables)]
+    pub max_tables: usize,
     /// Consecutive failures that quarantine a plugin (0: never).
     #[arg(
         id = "runtime.breaker_failures",
@@ -402,6 +558,10 @@ impl RuntimeSettings {
             memory_bytes: (self.memory_mb as usize) << 20,
             max_actions: self.max_actions,
             max_log_bytes: self.max_log_bytes,
+            max_log_lines: self.max_log_lines,
+            core_instances: self.max_core_instances,
+            memories: self.max_memories,
+            tables: self.max_tables,
             ..Limits::default()
         }
     }
@@ -465,12 +625,41 @@ impl Settings {
                 "release_command must not be empty".into(),
             ));
         }
+        let kv = &self.kv;
+        if [
+            kv.conversation_keys,
+            kv.conversation_bytes,
+            kv.plugin_keys,
+            kv.plugin_bytes,
+        ]
+        .iter()
+        .any(|q| *q < 1)
+        {
+            return Err(ConfigError::Invalid("kv quotas must be at least 1".into()));
+        }
+        let r = &self.runtime;
+        if r.max_memories == 0 || r.max_core_instances == 0 || r.max_tables == 0 {
+            return Err(ConfigError::Invalid(
+                "runtime.max_core_instances, max_memories and max_tables must be at least 1".into(),
+            ));
+        }
         if self.concurrency == 0 || self.send_concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "concurrency must be at least 1".into(),
             ));
         }
         self.resolve_overrides()?;
+        let h = &self.http;
+        if h.header_timeout_secs == 0
+            || h.body_timeout_secs == 0
+            || h.idle_timeout_secs == 0
+            || h.max_connections == 0
+            || h.max_in_flight == 0
+        {
+            return Err(ConfigError::Invalid(
+                "http.* timeouts and bounds must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -508,7 +697,19 @@ impl Settings {
             network_wall: Duration::from_millis(r.network_wall_ms),
             max_compute: Duration::from_millis(r.max_compute_ms),
             max_wall: Duration::from_millis(r.max_wall_ms),
+            kv_quotas: self.kv.quotas(),
             ..RuntimeConfig::default()
+        }
+    }
+
+    /// What retention removes when it runs at `now` (ms).
+    pub fn retention(&self, now: i64) -> Retention {
+        let ago = |hours: u64| now.saturating_sub((hours as i64).saturating_mul(3_600_000));
+        let days = |d: u64| (d > 0).then(|| ago(d.saturating_mul(24)));
+        Retention {
+            finished_before: Some(ago(self.retention_hours)),
+            dead_before: days(self.dead_letter_retention_days),
+            idle_before: days(self.conversation_retention_days),
         }
     }
 
@@ -536,6 +737,21 @@ impl Settings {
                 max_ms: self.retry.max_ms,
                 max_attempts: self.retry.max_attempts,
             },
+        }
+    }
+
+    /// The HTTP edge's bounds and deadlines (connections still within the
+    /// open-files limit: see `serve`).
+    pub fn http_limits(&self) -> digibot_server::HttpLimits {
+        let h = &self.http;
+        digibot_server::HttpLimits {
+            header_timeout: Duration::from_secs(h.header_timeout_secs),
+            body_timeout: Duration::from_secs(h.body_timeout_secs),
+            idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+            max_connections: h.max_connections,
+            max_in_flight: h.max_in_flight,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            ..digibot_server::HttpLimits::default()
         }
     }
 
@@ -661,6 +877,69 @@ mod tests {
         assert_eq!(config.defaults.wall, Duration::from_secs(2));
         assert_eq!(config.network_wall, Duration::from_secs(10));
         assert_eq!(config.max_wall, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retention_and_quotas_have_documented_defaults_and_env_overrides() {
+        let s = Settings::load_with(None, env(&[])).unwrap();
+        let now = 100 * 86_400_000;
+        let r = s.retention(now);
+        assert_eq!(r.finished_before, Some(now - 7 * 86_400_000));
+        assert_eq!(r.dead_before, Some(now - 30 * 86_400_000));
+        assert_eq!(r.idle_before, Some(now - 90 * 86_400_000));
+        assert_eq!(s.runtime_config().kv_quotas, KvQuotas::default());
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_DEAD_LETTER_RETENTION_DAYS", "0"),
+                ("DIGIBOT_KV_CONVERSATION_BYTES", "4096"),
+                ("DIGIBOT_PLUGIN_MAX_MEMORIES", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.retention(now).dead_before, None);
+        let config = s.runtime_config();
+        assert_eq!(config.kv_quotas.conversation.bytes, 4096);
+        assert_eq!(config.defaults.memories, 2);
+        assert!(Settings::load_with(None, env(&[("DIGIBOT_KV_PLUGIN_KEYS", "0")])).is_err());
+    }
+
+    #[test]
+    fn http_edge_settings_from_the_environment() {
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("DIGIBOT_HTTP_HEADER_TIMEOUT_SECS", "3"),
+                ("DIGIBOT_HTTP_MAX_CONNECTIONS", "100"),
+                (
+                    "DIGIBOT_ALLOWED_HOSTS",
+                    "digibot.example.com, ops.internal ,",
+                ),
+            ]),
+        )
+        .unwrap();
+        let limits = s.http_limits();
+        assert_eq!(limits.header_timeout, Duration::from_secs(3));
+        assert_eq!(limits.max_connections, 100);
+        assert_eq!(limits.body_timeout, Duration::from_secs(30));
+        assert_eq!(
+            s.http.allowed_hosts.0,
+            ["digibot.example.com", "ops.internal"]
+        );
+        assert!(Settings::load_with(None, env(&[("DIGIBOT_HTTP_MAX_IN_FLIGHT", "0")])).is_err());
+    }
+
+    /// The declared defaults are the server crate's own.
+    #[test]
+    fn http_defaults_are_the_servers() {
+        let s = Settings::load_with(None, env(&[])).unwrap();
+        let (ours, theirs) = (s.http_limits(), digibot_server::HttpLimits::default());
+        assert_eq!(ours.header_timeout, theirs.header_timeout);
+        assert_eq!(ours.body_timeout, theirs.body_timeout);
+        assert_eq!(ours.idle_timeout, theirs.idle_timeout);
+        assert_eq!(ours.max_connections, theirs.max_connections);
+        assert_eq!(ours.max_in_flight, theirs.max_in_flight);
+        assert!(s.http.allowed_hosts.0.is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use digibot_pipeline::dispatch::{Breaker, Dispatcher};
 use digibot_pipeline::sender::{Outbox, Sender};
 use digibot_runtime::registry::Registry;
 use digibot_runtime::{Runtime, watch};
-use digibot_server::{AppState, Parts, WebhookAuth};
+use digibot_server::{AppState, HttpLimits, Parts, WebhookAuth};
 use digibot_store::now_ms;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +61,14 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         tracing::warn!("webhooks are not authenticated (set DIGIBOT_WEBHOOK_TOKEN)");
     }
 
+    // Before anything writes there: the compile cache holds native code
+    // loaded without re-validation, so no one else may write it.
+    private_dir(&settings.data_dir)?;
     let store = crate::config::open_store(&settings).await?;
+    // Before the plugins compile: a base URL the token must not travel to
+    // stops the start at once.
+    let outbox = Outbox::default();
+    let sender = Sender::new(&settings.sender_config(), store.clone(), outbox.clone())?;
     let runtime = runtime(&settings)?;
     let mut registry = Registry::new(runtime, settings.plugins_dir.clone(), &settings.data_dir);
     // With replicas, plugins are the cluster's (see `cluster`).
@@ -86,8 +93,6 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     let (stop_tx, stop_rx) = signal::channel(false);
     let plugin_sync =
         shared.map(|shared| tokio::spawn(cluster::run(registry.clone(), shared, stop_rx.clone())));
-    let outbox = Outbox::default();
-    let sender = Sender::new(&settings.sender_config(), store.clone(), outbox.clone())?;
     let breaker = Breaker {
         failures: settings.runtime.breaker_failures,
         cooldown: Duration::from_secs(settings.runtime.breaker_cooldown_secs),
@@ -119,7 +124,9 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         Some(store.clone()),
     )));
     let recovered = dispatcher.recover().await?;
-    // With a shared database: events that other replicas leave to this one.
+    // Pending events nothing handed the dispatcher (a webhook cut off after
+    // its commit, a lane that gave up), and with a shared database those
+    // that other replicas leave to this one.
     dispatcher.poll_inbox();
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     let sender_task = tokio::spawn(sender.run(stop_rx.clone(), grace));
@@ -133,20 +140,21 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         },
         _ => None,
     };
-    let retention = Duration::from_secs(settings.retention_hours * 3600);
     let pruner = tokio::spawn({
         let store = store.clone();
+        let settings = settings.clone();
         async move {
             loop {
-                match store.prune(now_ms() - retention.as_millis() as i64).await {
-                    Ok(p) if p.events + p.actions + p.calls > 0 => {
-                        tracing::info!(
-                            events = p.events,
-                            actions = p.actions,
-                            calls = p.calls,
-                            "retention pruned"
-                        )
-                    }
+                match store.prune(settings.retention(now_ms())).await {
+                    Ok(p) if p.any() => tracing::info!(
+                        events = p.events,
+                        actions = p.actions,
+                        dead_letters = p.dead_letters,
+                        conversations = p.conversations,
+                        kv_entries = p.kv_entries,
+                        calls = p.calls,
+                        "retention pruned"
+                    ),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "retention failed"),
                 }
@@ -166,10 +174,12 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
             .admin_token
             .as_ref()
             .map(|t| t.expose().to_string()),
+        allowed_hosts: settings.http.allowed_hosts.0.clone(),
+        max_in_flight: settings.http.max_in_flight,
     });
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
+    let limits = within_open_files(settings.http_limits());
+    let listener =
+        digibot_server::listener::bind(settings.listen).map_err(|source| ServeError::Bind {
             addr: settings.listen,
             source,
         })?;
@@ -187,9 +197,13 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         "digibot listening on {}",
         listener.local_addr()?
     );
-    axum::serve(listener, digibot_server::app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    digibot_server::listener::serve(
+        listener,
+        digibot_server::app(state),
+        limits,
+        shutdown_signal(),
+    )
+    .await;
 
     tracing::info!("shutting down: draining in-flight work");
     let _ = stop_tx.send(true);
@@ -205,6 +219,62 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         "stopped; unfinished work resumes at the next start"
     );
     Ok(())
+}
+
+/// Creates `dir` (and its parents) readable and writable by this user
+/// only, and warns when it already exists open to others.
+fn private_dir(dir: &std::path::Path) -> Result<(), ServeError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o022 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777),
+                "the data folder is writable by other users: they could plant native code in its compile cache (chmod 700 it)");
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+/// Raises the open-files soft limit to the hard one (as Go's runtime
+/// does), and keeps `max_connections` under it with room for the
+/// database, the plugins and the outgoing requests: past the limit,
+/// accepting would fail instead of answering 503.
+fn within_open_files(mut limits: HttpLimits) -> HttpLimits {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut nofile = getrlimit(Resource::Nofile);
+        if nofile.current < nofile.maximum {
+            let raised = rustix::process::Rlimit {
+                current: nofile.maximum,
+                maximum: nofile.maximum,
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                nofile = getrlimit(Resource::Nofile);
+            }
+        }
+        if let Some(files) = nofile.current {
+            const RESERVE: u64 = 256;
+            let room = usize::try_from(files.saturating_sub(RESERVE).max(16)).unwrap_or(usize::MAX);
+            if limits.max_connections > room {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    open_files = files,
+                    using = room,
+                    "http.max_connections is over what the open-files limit allows (ulimit -n); using {room}"
+                );
+                limits.max_connections = room;
+            }
+        }
+    }
+    limits
 }
 
 async fn shutdown_signal() {

@@ -15,6 +15,26 @@ pub enum ParseError {
     Json(#[from] serde_json::Error),
     #[error("not a webhook envelope: {0}")]
     Envelope(&'static str),
+    /// An id that could not be used safely as a dedup key, a header or a
+    /// path segment (see [`valid_id`]).
+    #[error(
+        "{0} is not a valid id: ids are 1 to {MAX_ID_LEN} printable ASCII characters, no spaces, not \".\" or \"..\""
+    )]
+    BadId(&'static str),
+}
+
+/// The longest id accepted (`event_id`, message and conversation ids).
+pub const MAX_ID_LEN: usize = 256;
+
+/// Whether `id` can be used as a dedup key, inside an `Idempotency-Key`
+/// header and as a URL path segment: 1 to [`MAX_ID_LEN`] printable ASCII
+/// characters (no space, no control character such as CR or LF), and not
+/// `.` or `..` (which a path would read as "here" or "up").
+pub fn valid_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_graphic())
+        && id != "."
+        && id != ".."
 }
 
 /// One delivered webhook, typed.
@@ -198,6 +218,9 @@ impl Event {
             .get("event_id")
             .and_then(scalar)
             .filter(|id| !id.is_empty());
+        if event_id.as_deref().is_some_and(|id| !valid_id(id)) {
+            return Err(ParseError::BadId("event_id"));
+        }
 
         let (kind, derived_key) = match name.as_str() {
             "live_chat.new_conversation" => {
@@ -213,6 +236,10 @@ impl Event {
             "live_chat.conversation_archived" => {
                 let conversation_id = required(&data, "conversation_id")?;
                 let archived_at = data.get("archived_at").and_then(scalar).unwrap_or_default();
+                // Part of the dedup key, so held to the same rule.
+                if !archived_at.is_empty() && !valid_id(&archived_at) {
+                    return Err(ParseError::BadId("archived_at"));
+                }
                 let key = format!("{name}:{conversation_id}:{archived_at}");
                 (
                     EventKind::ConversationArchived {
@@ -301,14 +328,24 @@ fn text(obj: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
     obj.get(key).and_then(scalar)
 }
 
+/// A required id: present, and a [`valid_id`] (it becomes part of the
+/// dedup key, and a conversation id part of request paths).
 fn required(obj: &serde_json::Map<String, Value>, key: &'static str) -> Result<String, ParseError> {
-    text(obj, key)
+    let id = text(obj, key)
         .filter(|s| !s.is_empty())
         .ok_or(ParseError::Envelope(match key {
             "id" => "missing data.id",
             "conversation_id" => "missing conversation_id",
             _ => "missing a required id",
-        }))
+        }))?;
+    if !valid_id(&id) {
+        return Err(ParseError::BadId(match key {
+            "id" => "data.id",
+            "conversation_id" => "conversation_id",
+            _ => "an id",
+        }));
+    }
+    Ok(id)
 }
 
 fn object<'a>(
@@ -546,6 +583,7 @@ pub fn customer_message_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn fixture(name: &str) -> Event {
         let path = format!(
@@ -672,6 +710,44 @@ mod tests {
         ] {
             assert!(Event::parse(body).is_err(), "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn ids_that_cannot_be_keys_headers_or_path_segments_are_refused() {
+        let message = |event_id: &str, id: &str, conversation: &str| {
+            json!({"event": "live_chat.new_message", "event_id": event_id,
+                   "data": {"id": id, "data": {"conversation_id": conversation, "body": "hi",
+                   "sender": {"model_type": "third"}}}})
+        };
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        for (body, field) in [
+            (message("evt\r\nX-Injected: 1", "m1", "c1"), "event_id"),
+            (message(&"e".repeat(1 << 20), "m1", "c1"), "event_id"),
+            (message("evt 1", "m1", "c1"), "event_id"),
+            (message("évt", "m1", "c1"), "event_id"),
+            (message("evt_1", "m\n1", "c1"), "data.id"),
+            (message("evt_1", &long, "c1"), "data.id"),
+            (message("evt_1", "m1", ".."), "conversation_id"),
+            (message("evt_1", "m1", "."), "conversation_id"),
+            (message("evt_1", "m1", "c\u{0}1"), "conversation_id"),
+        ] {
+            match Event::from_value(body.clone()) {
+                Err(ParseError::BadId(f)) => assert_eq!(f, field, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        let archived = json!({"event": "live_chat.conversation_archived",
+            "data": {"conversation_id": "c1", "archived_at": "2026\r\n"}});
+        assert!(matches!(
+            Event::from_value(archived),
+            Err(ParseError::BadId("archived_at"))
+        ));
+        // The longest allowed, and every printable character but space.
+        let printable: String = (0x21u8..=0x7e).map(char::from).collect();
+        let ok =
+            Event::from_value(message(&"e".repeat(MAX_ID_LEN), &printable, "conv/../x")).unwrap();
+        assert_eq!(ok.key.len(), MAX_ID_LEN);
+        assert_eq!(ok.conversation_id(), Some("conv/../x"));
     }
 
     #[test]

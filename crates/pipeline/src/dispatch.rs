@@ -38,6 +38,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+/// How often the dispatcher sweeps the store for pending events nothing
+/// handed it ([`Dispatcher::poll_inbox`]).
+pub const SWEEP: Duration = Duration::from_secs(5);
+
 /// What one plugin did with one event, stored with the event.
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginOutcome {
@@ -56,11 +60,22 @@ pub struct PluginOutcome {
     /// Its outbound HTTP requests (refusals with their reason).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<CallSummary>,
+    /// What the host refused the plugin during the turn (a `kv.set` past
+    /// a bound or a quota: `limit: ...`, `quota: ...`), as it was told.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+    /// Log lines (and stdout/stderr) dropped past the plugin's log caps.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub logs_dropped: usize,
     pub elapsed_us: u64,
     /// The actions as the plugin returned them, refused ones included
     /// (shown by `replay` and `chat`; not stored).
     #[serde(skip)]
     pub returned: Vec<Action>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Everything one event produced, ready to commit.
@@ -174,6 +189,8 @@ async fn run(
             actions: 0,
             rejected: Vec::new(),
             calls: Vec::new(),
+            refused: Vec::new(),
+            logs_dropped: 0,
             elapsed_us: 0,
             returned: Vec::new(),
         };
@@ -223,6 +240,16 @@ async fn run(
         if !invocation.output.is_empty() {
             tracing::info!("plugin output: {}", one_line(invocation.output.trim_end()));
         }
+        outcome.logs_dropped = invocation.logs_dropped;
+        for refusal in &invocation.refused {
+            tracing::info!(%refusal, "plugin refused by the host");
+            if metered {
+                let kind = refusal.split(':').next().unwrap_or("limit").to_string();
+                counter!(m::PLUGIN_REFUSALS, "plugin" => plugin.name.clone(), "reason" => kind)
+                    .increment(1);
+            }
+        }
+        outcome.refused = invocation.refused;
         if invocation.logs_dropped > 0 {
             tracing::warn!(
                 dropped = invocation.logs_dropped,
@@ -349,6 +376,18 @@ impl KvRead for StoreKv {
             }
         }
     }
+
+    async fn usage(&self, plugin: &str, conversation_id: &str) -> digibot_store::KvUsage {
+        match self.store.kv_usage(plugin, conversation_id).await {
+            Ok(u) => u,
+            Err(e) => {
+                // Judged against nothing held: the quota then lets this
+                // turn write at most its own per-turn caps.
+                tracing::error!(error = %e, "kv usage read failed");
+                digibot_store::KvUsage::default()
+            }
+        }
+    }
 }
 
 /// The conversations this process is working on.
@@ -367,7 +406,8 @@ struct Lanes {
     ticks: u64,
     /// Events handled here lately, in two generations rotated at each poll
     /// of the inbox: a poll that read the inbox before their completion
-    /// committed must not queue them again. Only kept while polling.
+    /// committed must not queue them again. Only kept while polling
+    /// (always, once [`Dispatcher::poll_inbox`] runs).
     done: [HashSet<i64>; 2],
     polling: bool,
 }
@@ -544,20 +584,30 @@ impl Dispatcher {
         Ok(n)
     }
 
-    /// Polls the store for events that arrived at other replicas (in
-    /// conversations this one holds) or were left by a dead replica, when
-    /// the store can have such events; until shutdown.
+    /// Looks in the store, until shutdown, for pending events nothing
+    /// handed this dispatcher: on every [`SWEEP`] and whenever the store
+    /// says some may wait (replicas). With replicas, those that arrived at
+    /// other replicas (in conversations this one holds) or were left by a
+    /// dead replica; on every back end, those whose webhook was cut off
+    /// between its commit and its lane, or whose lane gave up on a
+    /// transient error (see `Backend::claimable_events`). Events queued
+    /// or handled here lately are skipped.
     pub fn poll_inbox(&self) {
-        let Some(wake) = self.inner.store.inbox_wakeups() else {
-            return;
-        };
+        let wake = self.inner.store.inbox_wakeups();
         self.lock_lanes().polling = true;
         let this = self.clone();
         let mut shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
             loop {
+                let woken = async {
+                    match &wake {
+                        Some(wake) => wake.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    _ = wake.notified() => {}
+                    _ = woken => {}
+                    _ = tokio::time::sleep(SWEEP) => {}
                     _ = shutdown.changed() => {}
                 }
                 if *shutdown.borrow() {
@@ -677,7 +727,7 @@ impl Dispatcher {
     /// Handles one event; `false` when it stays pending, and the lane must
     /// stop: handling later events of the conversation first would break
     /// its order. The event is retried with the conversation's others, in
-    /// order: by the inbox poll (replicas), else at the next start.
+    /// order, by the inbox sweep ([`Dispatcher::poll_inbox`]).
     async fn handle(&self, stored: StoredEvent) -> bool {
         let seq = stored.seq;
         let span = event_span(&stored.event);

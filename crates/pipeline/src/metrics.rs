@@ -11,6 +11,9 @@ use metrics::{counter, describe_counter, describe_histogram};
 pub const PLUGIN_INVOCATION_SECONDS: &str = "digibot_plugin_invocation_seconds";
 /// Failed plugin invocations, by plugin and reason (`Failure::kind`).
 pub const PLUGIN_FAILURES: &str = "digibot_plugin_failures_total";
+/// Host refusals a plugin was told of and went on (`kv.set` past a bound
+/// or a quota), by plugin and reason (`limit`, `quota`).
+pub const PLUGIN_REFUSALS: &str = "digibot_plugin_refusals_total";
 /// Actions committed to the outbox, after validation, by `Action::kind`.
 pub const ACTIONS: &str = "digibot_actions_total";
 /// Actions refused by validation against Digishare's limits: never sent.
@@ -59,6 +62,10 @@ pub fn describe() {
     describe_counter!(
         PLUGIN_FAILURES,
         "Plugin invocations that failed, by plugin and reason."
+    );
+    describe_counter!(
+        PLUGIN_REFUSALS,
+        "Host refusals a plugin was told of (kv past a bound or a quota), by plugin and reason."
     );
     describe_counter!(ACTIONS, "Actions queued for Digishare, by kind.");
     describe_counter!(

@@ -23,9 +23,10 @@ macro_rules! version_edge {
         use ::digibot_domain::event;
         use digibot_protocol as proto;
         use wasmtime::Store;
-        use wasmtime::component::{HasSelf, Linker};
+        use wasmtime::StoreContextMut;
+        use wasmtime::component::{HasSelf, Linker, WasmStr};
         use $crate::Call;
-        use $crate::state::{HostState, LogLevel};
+        use $crate::state::{HostState, LogLevel, check_key};
 
         pub use self::BotPre as Pre;
 
@@ -43,7 +44,104 @@ macro_rules! version_edge {
             )?;
             digishare::bot::kv::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| {
                 state
-            })
+            })?;
+            // The generated glue copies every string argument before the
+            // host sees it. The calls that take a plugin's string are
+            // defined again over `WasmStr`: the host measures the string
+            // in the plugin's memory and refuses one past its bound
+            // without copying it (a 64 MiB guest could otherwise make the
+            // host hold its keys and log lines).
+            linker.allow_shadowing(true);
+            let bounded = add_bounded(linker);
+            linker.allow_shadowing(false);
+            bounded
+        }
+
+        fn level(level: digishare::bot::log::Level) -> LogLevel {
+            use digishare::bot::log::Level;
+            match level {
+                Level::Trace => LogLevel::Trace,
+                Level::Debug => LogLevel::Debug,
+                Level::Info => LogLevel::Info,
+                Level::Warn => LogLevel::Warn,
+                Level::Error => LogLevel::Error,
+            }
+        }
+
+        /// The length in bytes of a plugin's string, read in its memory.
+        fn len_of(store: &StoreContextMut<'_, HostState>, s: &WasmStr) -> wasmtime::Result<usize> {
+            Ok(s.to_str(store)?.len())
+        }
+
+        /// A key handed to `call`, copied once it is known to be in bounds.
+        fn key_of(
+            store: &StoreContextMut<'_, HostState>,
+            key: &WasmStr,
+            call: &str,
+        ) -> wasmtime::Result<String> {
+            check_key(call, len_of(store, key)?)?;
+            Ok(key.to_str(store)?.into_owned())
+        }
+
+        fn add_bounded(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+            let mut log = linker.instance(&format!("digishare:bot/log@{VERSION}"))?;
+            log.func_wrap(
+                "log",
+                |mut store: StoreContextMut<'_, HostState>,
+                 (lvl, message): (digishare::bot::log::Level, WasmStr)| {
+                    let len = len_of(&store, &message)?;
+                    if store.data_mut().log_admits(len) {
+                        let message = message.to_str(&store)?.into_owned();
+                        store.data_mut().log(level(lvl), &message);
+                    }
+                    Ok(())
+                },
+            )?;
+            let mut config = linker.instance(&format!("digishare:bot/config@{VERSION}"))?;
+            config.func_wrap(
+                "get",
+                |store: StoreContextMut<'_, HostState>, (key,): (WasmStr,)| {
+                    let key = key_of(&store, &key, "config.get")?;
+                    Ok((store.data().config_get(&key),))
+                },
+            )?;
+            let mut kv = linker.instance(&format!("digishare:bot/kv@{VERSION}"))?;
+            // The KV calls wait on the store: async, so a turn waiting on
+            // a read holds no thread.
+            kv.func_wrap_async(
+                "get",
+                |mut store: StoreContextMut<'_, HostState>, (key,): (WasmStr,)| {
+                    Box::new(async move {
+                        let key = key_of(&store, &key, "kv.get")?;
+                        Ok((store.data_mut().kv_get(&key).await?,))
+                    })
+                },
+            )?;
+            kv.func_wrap_async(
+                "delete",
+                |mut store: StoreContextMut<'_, HostState>, (key,): (WasmStr,)| {
+                    Box::new(async move {
+                        let key = key_of(&store, &key, "kv.delete")?;
+                        store.data_mut().kv_delete(key).await?;
+                        Ok(())
+                    })
+                },
+            )?;
+            kv.func_wrap_async(
+                "set",
+                |mut store: StoreContextMut<'_, HostState>, (key, value): (WasmStr, WasmStr)| {
+                    Box::new(async move {
+                        let (key_len, value_len) = (len_of(&store, &key)?, len_of(&store, &value)?);
+                        if let Err(refusal) = store.data_mut().kv_set_admits(key_len, value_len) {
+                            return Ok((Err(refusal),));
+                        }
+                        let key = key.to_str(&store)?.into_owned();
+                        let value = value.to_str(&store)?.into_owned();
+                        Ok((store.data_mut().kv_set(key, value).await,))
+                    })
+                },
+            )?;
+            Ok(())
         }
 
         /// A fresh instance, not yet called.
@@ -86,16 +184,10 @@ macro_rules! version_edge {
         impl wit::Host for HostState {}
 
         impl digishare::bot::log::Host for HostState {
-            async fn log(&mut self, level: digishare::bot::log::Level, message: String) {
-                use digishare::bot::log::Level;
-                let level = match level {
-                    Level::Trace => LogLevel::Trace,
-                    Level::Debug => LogLevel::Debug,
-                    Level::Info => LogLevel::Info,
-                    Level::Warn => LogLevel::Warn,
-                    Level::Error => LogLevel::Error,
-                };
-                HostState::log(self, level, &message);
+            // Shadowed by `add_bounded`; kept equivalent for the generated
+            // `add_to_linker`, which requires these impls.
+            async fn log(&mut self, lvl: digishare::bot::log::Level, message: String) {
+                HostState::log(self, level(lvl), &message);
             }
         }
 
@@ -107,13 +199,14 @@ macro_rules! version_edge {
 
         impl digishare::bot::kv::Host for HostState {
             async fn get(&mut self, key: String) -> Option<String> {
-                self.kv_get(&key).await
+                check_key("kv.get", key.len()).ok()?;
+                self.kv_get(&key).await.ok().flatten()
             }
             async fn set(&mut self, key: String, value: String) -> Result<(), String> {
-                self.kv_set(key, value)
+                self.kv_set(key, value).await
             }
             async fn delete(&mut self, key: String) {
-                self.kv_delete(key)
+                let _ = self.kv_delete(key).await;
             }
         }
 

@@ -35,13 +35,13 @@ pub use budget::Budget;
 use digibot_domain::event;
 use digibot_domain::outbound::{HttpLimits, HttpPolicy};
 use digibot_protocol::Action;
-pub use manifest::{EventFilter, Grants, Limits, Manifest};
+pub use manifest::{Capped, EventFilter, Grants, Limits, Manifest};
 pub use outbound::{
     CallSummary, NoHttp, OutboundHttp, OutboundRequest, OutboundResponse, RefusalView, Sent,
 };
 use sha2::{Digest, Sha256};
 use state::HostState;
-pub use state::{KvRead, LogLevel, LogLine, MemoryKv};
+pub use state::{HostLimit, KvRead, LogLevel, LogLine, MemoryKv};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -54,7 +54,7 @@ use wasmtime::{
     UpdateDeadline,
 };
 
-pub use digibot_domain::kv::KvWrite;
+pub use digibot_domain::kv::{KvQuota, KvQuotas, KvSize, KvUsage, KvWrite};
 
 /// How often the epoch ticks: a computing turn yields to the executor (and
 /// has its budgets checked) this often.
@@ -115,6 +115,8 @@ pub struct RuntimeConfig {
     /// rather than returned to the kernel when a slot is reused: the next
     /// instance then takes no page faults there.
     pub keep_resident: usize,
+    /// How much KV each plugin may hold, per conversation and in all.
+    pub kv_quotas: KvQuotas,
 }
 
 impl Default for RuntimeConfig {
@@ -135,6 +137,7 @@ impl Default for RuntimeConfig {
             // A Rust guest's stack is its first MiB and its data follows:
             // 18 wasm pages cover what a first call touches (BENCHMARKS.md).
             keep_resident: 18 << 16,
+            kv_quotas: KvQuotas::default(),
         }
     }
 }
@@ -142,25 +145,25 @@ impl Default for RuntimeConfig {
 impl RuntimeConfig {
     /// The limits of a plugin with `manifest`: the defaults (the wall-clock
     /// default depends on its grants), its `[limits]`, then the host's
-    /// ceilings.
-    pub fn limits(&self, manifest: &Manifest) -> Limits {
+    /// ceilings; with what a ceiling cut.
+    pub fn limits(&self, manifest: &Manifest) -> (Limits, Vec<Capped>) {
         let mut defaults = self.defaults.clone();
         if manifest.grants.network() {
             defaults.wall = self.network_wall;
         }
-        let limits = defaults.with(&manifest.limits);
-        Limits {
+        let (limits, capped) = defaults.with_ceilings(&manifest.limits, self.max_memory_bytes);
+        let limits = Limits {
             compute: limits.compute.min(self.max_compute),
             wall: limits.wall.min(self.max_wall),
-            memory_bytes: limits.memory_bytes.min(self.max_memory_bytes),
             http: limits.http.min(&self.http_ceilings),
             ..limits
-        }
+        };
+        (limits, capped)
     }
 }
 
 /// Why a component cannot be loaded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LoadError {
     #[error(
         "not a WebAssembly component (a core module or another file); build with --target wasm32-wasip2"
@@ -182,6 +185,43 @@ pub enum LoadError {
     Exports(String),
     #[error("invalid plugin name {0:?}: use letters, digits, '-' and '_'")]
     BadName(String),
+    #[error("has {found} {what}; a plugin may have at most {max}")]
+    TooLarge {
+        /// `core instances`, `linear memories` or `tables`.
+        what: &'static str,
+        found: usize,
+        max: usize,
+    },
+}
+
+impl LoadError {
+    /// A compile error that is the pooling allocator refusing a component
+    /// over a per-component cap, as the [`LoadError::TooLarge`] it is.
+    fn from_compile(error: &wasmtime::Error) -> LoadError {
+        let text = format!("{error:#}");
+        // wasmtime 48: "The component transitively contains N core module
+        // instances|Wasm linear memories|tables, which exceeds the
+        // configured maximum of M in the pooling allocator".
+        let parsed = text
+            .split_once("transitively contains ")
+            .and_then(|(_, rest)| {
+                let (found, rest) = rest.split_once(' ')?;
+                let (what, rest) = rest.split_once(", which exceeds the configured maximum of ")?;
+                let max = rest.split(' ').next()?;
+                let what = match what {
+                    "core module instances" => "core instances",
+                    "Wasm linear memories" => "linear memories",
+                    "tables" => "tables",
+                    _ => return None,
+                };
+                Some(LoadError::TooLarge {
+                    what,
+                    found: found.parse().ok()?,
+                    max: max.parse().ok()?,
+                })
+            });
+        parsed.unwrap_or(LoadError::Compile(text))
+    }
 }
 
 /// Why an invocation produced no actions.
@@ -198,6 +238,14 @@ pub enum Failure {
     Trap(String),
     #[error("error: {0}")]
     Error(String),
+    /// A host call with an argument past its bound (see [`HostLimit`]).
+    #[error("limit: {0}")]
+    Limit(String),
+    /// The handler returned, as its error, a refusal the host had given it
+    /// during the turn (`quota: ...`, `limit: ...`): recorded as the
+    /// host's reason, not as the plugin's own error.
+    #[error("{0}")]
+    Refused(String),
     #[error("too many actions ({count}, limit {max})")]
     TooManyActions { count: usize, max: usize },
     #[error("actions too large ({bytes} bytes, limit {max})")]
@@ -213,6 +261,9 @@ impl Failure {
             Failure::Fuel => "fuel",
             Failure::Trap(_) => "trap",
             Failure::Error(_) => "error",
+            Failure::Limit(_) => "limit",
+            Failure::Refused(r) if r.starts_with("quota:") => "quota",
+            Failure::Refused(_) => "limit",
             Failure::TooManyActions { .. } => "too_many_actions",
             Failure::ActionsTooLarge { .. } => "actions_too_large",
         }
@@ -228,6 +279,9 @@ pub struct Invocation {
     /// KV writes to commit with the event; empty when the call failed.
     pub kv_writes: Vec<KvWrite>,
     pub logs: Vec<LogLine>,
+    /// What the host refused the plugin (`kv.set` over a bound or a
+    /// quota), as the plugin was told; the turn went on.
+    pub refused: Vec<String>,
     /// stdout and stderr, as far as the log cap allowed.
     pub output: String,
     pub logs_dropped: usize,
@@ -474,10 +528,20 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     if pooling {
         let mut pool = PoolingAllocationConfig::default();
         let n = config.pool_instances;
+        let caps = &config.defaults;
+        let cap = |c: usize| u32::try_from(c).unwrap_or(u32::MAX);
         pool.total_component_instances(n)
-            .total_core_instances(n * 8)
-            .total_memories(n * 2)
-            .total_tables(n * 8)
+            // A component over these is refused when it is compiled.
+            .max_core_instances_per_component(cap(caps.core_instances))
+            .max_memories_per_component(cap(caps.memories))
+            .max_tables_per_component(cap(caps.tables))
+            // Every component instance slot has room for a whole
+            // component at those caps: one plugin's instances cannot take
+            // the memories, tables or core instances another plugin needs
+            // (component instances are the pool's only scarce unit).
+            .total_core_instances(n.saturating_mul(cap(caps.core_instances)))
+            .total_memories(n.saturating_mul(cap(caps.memories)))
+            .total_tables(n.saturating_mul(cap(caps.tables)))
             // An async call runs on a fiber stack from the pool: one per
             // turn (or instantiation) in flight.
             .total_stacks(n)
@@ -599,13 +663,18 @@ impl Runtime {
         if let Some(path) = cached_path.as_ref().filter(|p| p.exists()) {
             // Read, not mmap: a cache file changed in place under a mapping
             // would crash the process (SIGBUS) at the next instantiation.
-            let loaded = std::fs::read(path)
+            let loaded = private_file(path)
+                .and_then(|()| std::fs::read(path))
                 .map_err(wasmtime::Error::from)
                 .and_then(|bytes| {
-                    // SAFETY: the cache directory is digibot's own; its files
-                    // are written by `Component::serialize` below for this
-                    // engine (the name carries the engine's compatibility
-                    // hash), and wasmtime still checks header and version.
+                    // SAFETY: deserializing runs the file's native code
+                    // later, so the file must be one digibot wrote. It is:
+                    // only this user can write it (`private_file` refuses a
+                    // file or folder others could write; `write_cache`
+                    // creates the folder 0700 and the file 0600, under a
+                    // data folder `serve` creates 0700), its name carries
+                    // the engine's compatibility hash, and wasmtime still
+                    // checks its header and version.
                     #[allow(unsafe_code)]
                     unsafe {
                         Component::deserialize(&self.engine, &bytes)
@@ -619,14 +688,38 @@ impl Runtime {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| LoadError::from_compile(&e))?;
         if let Some(path) = cached_path
             && let Err(e) = write_cache(&path, &component)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled plugin");
         }
         Ok((component, false))
+    }
+
+    /// Refuses a component with more memories or tables than a plugin may
+    /// have. The pooling allocator already refused it when compiling (and
+    /// counts core instances too); this is for the on-demand allocator,
+    /// whose store limiter counts core instances at instantiation.
+    fn check_size(&self, component: &Component) -> Result<(), LoadError> {
+        let caps = &self.config.defaults;
+        let Some(needs) = component.resources_required() else {
+            return Ok(());
+        };
+        for (what, found, max) in [
+            (
+                "linear memories",
+                needs.num_memories as usize,
+                caps.memories,
+            ),
+            ("tables", needs.num_tables as usize, caps.tables),
+        ] {
+            if found > max {
+                return Err(LoadError::TooLarge { what, found, max });
+            }
+        }
+        Ok(())
     }
 
     /// Validates and compiles a plugin: a component, for a supported
@@ -643,6 +736,7 @@ impl Runtime {
         let started = Instant::now();
         let (component, cached) = self.compile(&hash, bytes)?;
         let compile_time = started.elapsed();
+        self.check_size(&component)?;
 
         let imports: Vec<String> = component
             .component_type()
@@ -665,7 +759,16 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let pre = Pre::new(wit_version, pre)?;
-        let limits = self.config.limits(&manifest);
+        let (limits, capped) = self.config.limits(&manifest);
+        for c in capped {
+            tracing::warn!(
+                plugin = name,
+                limit = c.limit,
+                asked = c.asked,
+                ceiling = c.ceiling,
+                "plugin {name}: {name}.toml {c}"
+            );
+        }
         let http = Arc::new(HttpPolicy {
             grants: manifest.grants.http.clone(),
             secrets: manifest.grants.secrets.iter().cloned().collect(),
@@ -802,9 +905,13 @@ impl Runtime {
             Some(Ready { store, bot }) => (store, Some(bot)),
             None => (plugin.warm.new_store(&self.engine), None),
         };
-        store
-            .data_mut()
-            .bind(call.event_id(), call.conversation_id(), kv, http);
+        store.data_mut().bind(
+            call.event_id(),
+            call.conversation_id(),
+            kv,
+            self.config.kv_quotas,
+            http,
+        );
         let armed = plugin.warm.arm(&mut store);
         let meter = store.data().meter.clone();
         let pre = &plugin.warm.pre;
@@ -821,6 +928,9 @@ impl Runtime {
         let (output, cut) = store.data().stdio.contents();
         let outcome = match result {
             Ok(Ok(Ok(actions))) => check_actions(actions, &plugin.limits),
+            Ok(Ok(Err(message))) if store.data().refused.contains(&message) => {
+                Err(Failure::Refused(message))
+            }
             Ok(Ok(Err(message))) => Err(Failure::Error(message)),
             Ok(Err(trap)) => Err(classify(&trap, store.data(), &output, &plugin.limits)),
             Err(budget) => Err(Failure::Timeout(budget)),
@@ -828,6 +938,7 @@ impl Runtime {
         let state = store.data_mut();
         let kv_writes = std::mem::take(&mut state.kv_writes);
         let logs = std::mem::take(&mut state.logs);
+        let refused = std::mem::take(&mut state.refused);
         let logs_dropped = state.logs_dropped + cut;
         let calls = state
             .http_turn
@@ -848,6 +959,7 @@ impl Runtime {
                 Vec::new()
             },
             logs,
+            refused,
             logs_dropped,
             output,
             outcome,
@@ -1009,17 +1121,61 @@ pub enum LoadFileError {
     Load { path: PathBuf, source: LoadError },
 }
 
+/// Writes a compiled component to the cache: the folder 0700, the file
+/// 0600, so that only this user can ever have written what
+/// [`Runtime::compile`] deserializes.
 fn write_cache(path: &Path, component: &Component) -> std::io::Result<()> {
     let bytes = component
         .serialize()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir)?;
+        // A cache folder from before (created with the umask): ours, so
+        // tightened rather than left for `private_file` to refuse.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let meta = std::fs::metadata(dir)?;
+            if meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
     }
     // Write then rename, so a reader never sees half a file.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&tmp)?, &bytes)?;
     std::fs::rename(tmp, path)
+}
+
+/// Fails unless `path` and its folder belong to this user and nobody
+/// else can write them (the cache's files are loaded as native code: see
+/// [`Runtime::compile`]).
+fn private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let me = rustix::process::geteuid().as_raw();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [path, dir] {
+            let meta = std::fs::metadata(p)?;
+            if meta.uid() != me || meta.mode() & 0o022 != 0 {
+                return Err(std::io::Error::other(format!(
+                    "{} belongs to another user or others can write it (mode {:o}): not loading native code from it",
+                    p.display(),
+                    meta.mode() & 0o777
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `digishare:bot` version a component was built against, read from
@@ -1068,6 +1224,9 @@ fn classify(error: &wasmtime::Error, state: &HostState, output: &str, limits: &L
         Some(Trap::OutOfFuel) => return Failure::Fuel,
         _ => {}
     }
+    if let Some(limit) = error.downcast_ref::<state::HostLimit>() {
+        return Failure::Limit(limit.0.clone());
+    }
     if state.limiter.memory_refused {
         return Failure::Memory;
     }
@@ -1105,10 +1264,10 @@ mod tests {
     #[test]
     fn an_http_grant_gives_the_network_wall_clock_default() {
         let config = RuntimeConfig::default();
-        let plain = config.limits(&Manifest::parse("").unwrap());
+        let plain = config.limits(&Manifest::parse("").unwrap()).0;
         assert_eq!(plain.wall, Duration::from_millis(100));
         let granted = Manifest::parse("[grants]\nhttp = [\"https://api.shop.example\"]").unwrap();
-        let limits = config.limits(&granted);
+        let limits = config.limits(&granted).0;
         assert_eq!(limits.wall, config.network_wall);
         // The compute budget does not grow with it.
         assert_eq!(limits.compute, plain.compute);
@@ -1117,7 +1276,7 @@ mod tests {
             "[grants]\nhttp = [\"https://a.example\"]\n[limits]\nwall_ms = 999999\nhttp_calls = 100000\n",
         )
         .unwrap();
-        let limits = config.limits(&m);
+        let limits = config.limits(&m).0;
         assert_eq!(limits.wall, config.max_wall);
         assert_eq!(limits.http.calls, config.http_ceilings.calls);
     }

@@ -58,6 +58,7 @@ pub struct LimitOverrides {
     pub max_actions: Option<usize>,
     pub max_action_bytes: Option<usize>,
     pub max_log_bytes: Option<usize>,
+    pub max_log_lines: Option<usize>,
     pub fuel: Option<u64>,
     /// Outbound HTTP requests per turn.
     pub http_calls: Option<u32>,
@@ -108,13 +109,20 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Table elements cap, per table.
     pub table_elements: usize,
-    /// Core instances, memories and tables a component may create.
-    pub instances: usize,
+    /// Core instances one component may have (host-wide: the instance
+    /// pool is sized by it; not in `NAME.toml`).
+    pub core_instances: usize,
+    /// Linear memories one component may have (host-wide, as above).
+    pub memories: usize,
+    /// Tables one component may have (host-wide, as above).
+    pub tables: usize,
     pub max_actions: usize,
     /// Total size of the strings in the returned actions.
     pub max_action_bytes: usize,
     /// stdout + stderr + `log` output kept per event.
     pub max_log_bytes: usize,
+    /// `log` calls kept per event (each is a line of the host's log).
+    pub max_log_lines: usize,
     /// Fuel per invocation when fuel metering is on for the engine.
     pub fuel: Option<u64>,
     /// Outbound HTTP caps (used only with an http grant).
@@ -128,33 +136,141 @@ impl Default for Limits {
             wall: Duration::from_millis(100),
             memory_bytes: 64 << 20,
             table_elements: 20_000,
-            instances: 32,
+            // Measured (docs/operations.md): a Rust guest has 3 core
+            // instances, 1 memory and 2 tables; componentize-py's Python
+            // guest 14, 1, 2; a ComponentizeJS guest 4, 1, 2. Room for a
+            // composition of two, not for hundreds.
+            core_instances: 32,
+            memories: 2,
+            tables: 4,
             max_actions: 50,
             max_action_bytes: 256 << 10,
             max_log_bytes: 16 << 10,
+            max_log_lines: 100,
             fuel: None,
             http: HttpLimits::default(),
         }
     }
 }
 
+/// The most a plugin's own `NAME.toml` may ask for, whatever it says: a
+/// plugin folder is not a way to give one plugin minutes of a plugin
+/// thread, thousands of replies per event or megabytes of log lines. The
+/// host's own defaults are never lowered (a ceiling is the larger of the
+/// constant and the default); memory has its own, the pool's slot size.
+pub mod ceiling {
+    use std::time::Duration;
+
+    /// `compute_ms` (and `timeout_ms` where it stands for it).
+    pub const COMPUTE: Duration = Duration::from_secs(10);
+    /// `wall_ms` (and `timeout_ms` where it stands for it).
+    pub const WALL: Duration = Duration::from_secs(60);
+    pub const MAX_ACTIONS: usize = 200;
+    pub const MAX_ACTION_BYTES: usize = 4 << 20;
+    pub const MAX_LOG_BYTES: usize = 1 << 20;
+    pub const MAX_LOG_LINES: usize = 10_000;
+    /// Roughly seconds of compute: past the deadline anyway.
+    pub const FUEL: u64 = 100_000_000_000;
+}
+
+/// A manifest limit lowered to the host's ceiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capped {
+    /// Its `NAME.toml` key, e.g. `timeout_ms`.
+    pub limit: &'static str,
+    pub asked: u64,
+    pub ceiling: u64,
+}
+
+impl std::fmt::Display for Capped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "limits.{} = {} is over the host's ceiling of {}; using {}",
+            self.limit, self.asked, self.ceiling, self.ceiling
+        )
+    }
+}
+
 impl Limits {
-    /// These defaults with a manifest's overrides applied.
+    /// These defaults with a manifest's overrides applied, each at most
+    /// its [`ceiling`] (see [`Limits::with_ceilings`]).
     pub fn with(&self, o: &LimitOverrides) -> Limits {
-        let ms = |v: Option<u64>, default: Duration| {
-            v.or(o.timeout_ms).map_or(default, Duration::from_millis)
+        self.with_ceilings(o, usize::MAX).0
+    }
+
+    /// These defaults with a manifest's overrides applied, each capped at
+    /// its [`ceiling`] (memory at `max_memory_bytes`), and what was capped.
+    pub fn with_ceilings(
+        &self,
+        o: &LimitOverrides,
+        max_memory_bytes: usize,
+    ) -> (Limits, Vec<Capped>) {
+        let mut capped = Vec::new();
+        let mut cap = |limit: &'static str, asked: Option<u64>, ceiling: u64| {
+            asked.map(|asked| {
+                if asked > ceiling {
+                    capped.push(Capped {
+                        limit,
+                        asked,
+                        ceiling,
+                    });
+                    ceiling
+                } else {
+                    asked
+                }
+            })
         };
-        Limits {
-            compute: ms(o.compute_ms, self.compute),
-            wall: ms(o.wall_ms, self.wall),
-            memory_bytes: o
-                .memory_mb
-                .map(|mb| (mb as usize) << 20)
-                .unwrap_or(self.memory_bytes),
-            max_actions: o.max_actions.unwrap_or(self.max_actions),
-            max_action_bytes: o.max_action_bytes.unwrap_or(self.max_action_bytes),
-            max_log_bytes: o.max_log_bytes.unwrap_or(self.max_log_bytes),
-            fuel: o.fuel.or(self.fuel),
+        let to_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        // `timeout_ms`, the older spelling, stands for either budget not
+        // given by its own name.
+        let named = |own: Option<u64>, name: &'static str| match own {
+            Some(v) => (Some(v), name),
+            None => (o.timeout_ms, "timeout_ms"),
+        };
+        let (asked, name) = named(o.compute_ms, "compute_ms");
+        let compute_ms = cap(name, asked, ms(ceiling::COMPUTE.max(self.compute)));
+        let (asked, name) = named(o.wall_ms, "wall_ms");
+        let wall_ms = cap(name, asked, ms(ceiling::WALL.max(self.wall)));
+        let memory_ceiling_mb = to_u64(max_memory_bytes >> 20).max(1);
+        let memory_mb = cap("memory_mb", o.memory_mb, memory_ceiling_mb);
+        let max_actions = cap(
+            "max_actions",
+            o.max_actions.map(to_u64),
+            to_u64(ceiling::MAX_ACTIONS.max(self.max_actions)),
+        );
+        let max_action_bytes = cap(
+            "max_action_bytes",
+            o.max_action_bytes.map(to_u64),
+            to_u64(ceiling::MAX_ACTION_BYTES.max(self.max_action_bytes)),
+        );
+        let max_log_bytes = cap(
+            "max_log_bytes",
+            o.max_log_bytes.map(to_u64),
+            to_u64(ceiling::MAX_LOG_BYTES.max(self.max_log_bytes)),
+        );
+        let max_log_lines = cap(
+            "max_log_lines",
+            o.max_log_lines.map(to_u64),
+            to_u64(ceiling::MAX_LOG_LINES.max(self.max_log_lines)),
+        );
+        let fuel = cap("fuel", o.fuel, ceiling::FUEL.max(self.fuel.unwrap_or(0)));
+        let limits = Limits {
+            compute: compute_ms.map_or(self.compute, Duration::from_millis),
+            wall: wall_ms.map_or(self.wall, Duration::from_millis),
+            memory_bytes: memory_mb
+                .map(|mb| to_usize(mb).saturating_mul(1 << 20))
+                .unwrap_or(self.memory_bytes)
+                .min(max_memory_bytes),
+            max_actions: max_actions.map(to_usize).unwrap_or(self.max_actions),
+            max_action_bytes: max_action_bytes
+                .map(to_usize)
+                .unwrap_or(self.max_action_bytes),
+            max_log_bytes: max_log_bytes.map(to_usize).unwrap_or(self.max_log_bytes),
+            max_log_lines: max_log_lines.map(to_usize).unwrap_or(self.max_log_lines),
+            fuel: fuel.or(self.fuel),
             http: HttpLimits {
                 calls: o.http_calls.unwrap_or(self.http.calls),
                 request_bytes: o.http_request_bytes.unwrap_or(self.http.request_bytes),
@@ -166,7 +282,8 @@ impl Limits {
                 redirects: self.http.redirects,
             },
             ..self.clone()
-        }
+        };
+        (limits, capped)
     }
 }
 
@@ -250,6 +367,63 @@ http_timeout_ms = 250
         let limits = Limits::default().with(&m.limits);
         assert_eq!(limits.compute, Duration::from_millis(7));
         assert_eq!(limits.wall, Limits::default().wall);
+    }
+
+    #[test]
+    fn a_manifest_cannot_ask_past_the_host_ceilings() {
+        let m = Manifest::parse(
+            "[limits]\ncompute_ms = 600000\nwall_ms = 600000\nmemory_mb = 18446744073709551615\nmax_actions = 1000000\nmax_action_bytes = 1000000000\nmax_log_bytes = 1000000000\nmax_log_lines = 1000000000\nfuel = 18446744073709551615\n",
+        )
+        .unwrap();
+        let (limits, capped) = Limits::default().with_ceilings(&m.limits, 256 << 20);
+        assert_eq!(limits.compute, ceiling::COMPUTE);
+        assert_eq!(limits.wall, ceiling::WALL);
+        assert_eq!(limits.memory_bytes, 256 << 20);
+        assert_eq!(limits.max_actions, ceiling::MAX_ACTIONS);
+        assert_eq!(limits.max_action_bytes, ceiling::MAX_ACTION_BYTES);
+        assert_eq!(limits.max_log_bytes, ceiling::MAX_LOG_BYTES);
+        assert_eq!(limits.max_log_lines, ceiling::MAX_LOG_LINES);
+        assert_eq!(limits.fuel, Some(ceiling::FUEL));
+        let names: Vec<&str> = capped.iter().map(|c| c.limit).collect();
+        assert_eq!(
+            names,
+            [
+                "compute_ms",
+                "wall_ms",
+                "memory_mb",
+                "max_actions",
+                "max_action_bytes",
+                "max_log_bytes",
+                "max_log_lines",
+                "fuel"
+            ]
+        );
+        assert_eq!(
+            capped[0].to_string(),
+            "limits.compute_ms = 600000 is over the host's ceiling of 10000; using 10000"
+        );
+        // Under the ceilings: as asked, nothing reported.
+        let m = Manifest::parse("[limits]\ntimeout_ms = 2000\nmax_actions = 100\n").unwrap();
+        let (limits, capped) = Limits::default().with_ceilings(&m.limits, 256 << 20);
+        assert_eq!(limits.wall, Duration::from_secs(2));
+        assert_eq!(limits.max_actions, 100);
+        assert!(capped.is_empty());
+        // A host default above a ceiling is the ceiling.
+        let generous = Limits {
+            compute: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let m = Manifest::parse("[limits]\ncompute_ms = 45000\n").unwrap();
+        assert_eq!(generous.with(&m.limits).compute, Duration::from_secs(45));
+        // The older `timeout_ms` is capped under either name it stands for.
+        let m = Manifest::parse("[limits]\ntimeout_ms = 600000\n").unwrap();
+        let (limits, capped) = Limits::default().with_ceilings(&m.limits, 256 << 20);
+        assert_eq!(
+            (limits.compute, limits.wall),
+            (ceiling::COMPUTE, ceiling::WALL)
+        );
+        assert_eq!(capped.len(), 2);
+        assert!(capped.iter().all(|c| c.limit == "timeout_ms"));
     }
 
     #[test]

@@ -7,7 +7,11 @@
 //! waits and nothing fails because of a swap.
 //!
 //! Installed versions are written to the plugins folder (so a restart
-//! loads them) and kept under `DATA_DIR/plugin-history/NAME/` for rollback.
+//! loads them) and kept under `DATA_DIR/plugin-history/NAME/` for rollback:
+//! the [`HISTORY_KEPT`] most recent ones before the current, older ones
+//! are deleted. A version that fails to load is remembered (with its
+//! manifest) and refused again without compiling, so a bad version the
+//! cluster records is compiled once per replica, not at every sync.
 //! Changes to the set (upload, folder reload, remove, rollback) are
 //! serialised, and a reload reads the folder inside that critical section,
 //! so the folder and the served set cannot drift apart.
@@ -271,6 +275,17 @@ pub struct HealthReport {
     pub last_failure: Option<String>,
 }
 
+/// Versions kept for rollback per plugin, besides the current one (here
+/// and in the cluster's record).
+pub const HISTORY_KEPT: usize = 10;
+
+/// The last version of a plugin that failed to load, and why.
+struct Refusal {
+    hash: String,
+    manifest: Manifest,
+    error: LoadError,
+}
+
 /// Loaded plugins, their folder and their history.
 pub struct Registry {
     runtime: Arc<Runtime>,
@@ -287,6 +302,9 @@ pub struct Registry {
     shared: Option<Arc<dyn SharedPlugins>>,
     /// The cluster as last read, for reports (which must not block).
     cluster: Mutex<Option<ClusterView>>,
+    /// Per plugin, the last version refused (with the manifest it was
+    /// tried with): tried again only when either changes.
+    refused: Mutex<BTreeMap<String, Refusal>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
@@ -309,6 +327,15 @@ fn check_name(name: &str) -> Result<(), RegistryError> {
     }
 }
 
+/// Creates `dir` and its missing parents, readable by this user only.
+fn private_dirs(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 /// Writes `bytes` to `path` via a temporary file and a rename, so readers
 /// (and the folder watcher) never see half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
@@ -329,7 +356,17 @@ impl Registry {
             loaded: AtomicBool::new(false),
             shared: None,
             cluster: Mutex::new(None),
+            refused: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Why `hash` of `name` failed to load with `manifest` before, if it did.
+    fn refused_before(&self, name: &str, hash: &str, manifest: &Manifest) -> Option<LoadError> {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused
+            .get(name)
+            .filter(|r| r.hash == hash && r.manifest == *manifest)
+            .map(|r| r.error.clone())
     }
 
     /// Records plugin changes in `shared` and serves what it holds (see
@@ -379,6 +416,14 @@ impl Registry {
             }
             let serving = self.snapshot().get(&name).map(|e| e.plugin.hash.clone());
             if serving == recorded.hash {
+                continue;
+            }
+            // Refused already (and reported then): not fetched, not
+            // compiled, not reported again until it or NAME.toml changes.
+            if let Some(hash) = &recorded.hash
+                && let Ok(manifest) = self.read_manifest(&name)
+                && self.refused_before(&name, hash, &manifest).is_some()
+            {
                 continue;
             }
             let _guard = self.lock();
@@ -562,13 +607,39 @@ impl Registry {
         {
             return Ok(false);
         }
-        let plugin =
-            self.runtime
-                .load(name, bytes, manifest)
-                .map_err(|source| RegistryError::Load {
+        if let Some(source) = self.refused_before(name, &hash, &manifest) {
+            return Err(RegistryError::Load {
+                name: name.to_string(),
+                source,
+            });
+        }
+        let plugin = match self.runtime.load(name, bytes, manifest.clone()) {
+            Ok(plugin) => plugin,
+            Err(source) => {
+                // The caller reports the error; this says it is remembered.
+                tracing::debug!(plugin = name, version = %&hash[..12],
+                    "plugin version refused; it is not tried again until it or its NAME.toml changes");
+                self.refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        name.to_string(),
+                        Refusal {
+                            hash,
+                            manifest,
+                            error: source.clone(),
+                        },
+                    );
+                return Err(RegistryError::Load {
                     name: name.to_string(),
                     source,
-                })?;
+                });
+            }
+        };
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         if let Some(shared) = &self.shared {
             if record {
                 shared
@@ -585,7 +656,7 @@ impl Registry {
         }
         // Keep the bytes for rollback and restarts before publishing.
         let history = self.history_dir.join(name);
-        std::fs::create_dir_all(&history).map_err(io(&history))?;
+        private_dirs(&history).map_err(io(&history))?;
         let kept = history.join(format!("{}.wasm", plugin.hash));
         if !kept.exists() {
             write_atomic(&kept, bytes)?;
@@ -594,6 +665,7 @@ impl Registry {
             write_atomic(&dir.join(format!("{name}.wasm")), bytes)?;
         }
         let previous = current.get(name).map(|e| e.plugin.hash.clone());
+        let mut forgotten = Vec::new();
         if let Ok(mut h) = self.history.lock() {
             let versions = h.entry(name.to_string()).or_default();
             // The serving version is never its own rollback target.
@@ -601,6 +673,16 @@ impl Registry {
             if let Some(prev) = previous.filter(|p| *p != plugin.hash) {
                 versions.retain(|v| *v != prev);
                 versions.push(prev);
+            }
+            let over = versions.len().saturating_sub(HISTORY_KEPT);
+            forgotten.extend(versions.drain(..over));
+        }
+        for old in forgotten {
+            let path = history.join(format!("{old}.wasm"));
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete an old plugin version");
             }
         }
         tracing::info!(plugin = name, version = %&plugin.hash[..12], cached = plugin.cached,

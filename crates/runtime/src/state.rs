@@ -7,7 +7,7 @@ use super::clock::{FrozenWallClock, VirtualClock};
 use super::manifest::{Grants, Limits};
 use super::outbound::{HttpTurn, OutboundHttp, RefusalView};
 use super::stdio::CappedPipe;
-use digibot_domain::kv::KvWrite;
+use digibot_domain::kv::{self as dkv, KvQuotas, KvSize, KvUsage, KvWrite};
 use digibot_domain::outbound::HttpPolicy;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -22,6 +22,17 @@ pub const KV_KEY_MAX: usize = 256;
 pub const KV_VALUE_MAX: usize = 64 << 10;
 /// KV writes one invocation may make.
 pub const KV_WRITES_MAX: usize = 256;
+/// Distinct keys one invocation may read from the store (each is a store
+/// lookup, and its value is kept for the rest of the turn).
+pub const KV_READS_MAX: usize = 256;
+/// Refusals kept per invocation (the rest are counted, not kept).
+const REFUSALS_KEPT: usize = 16;
+
+/// A host call whose argument is past its bound, on a call with no error
+/// to return: the host stops the turn with it (reason `limit: ...`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HostLimit(pub String);
 
 /// Where a plugin's KV reads come from: the store in the server, an
 /// in-memory map in `replay` and `chat`. Async: a turn waiting on the
@@ -30,6 +41,9 @@ pub const KV_WRITES_MAX: usize = 256;
 #[async_trait::async_trait]
 pub trait KvRead: Send + Sync {
     async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String>;
+    /// What `plugin` holds (in `conversation_id` and in all), as committed:
+    /// what its writes are judged against.
+    async fn usage(&self, plugin: &str, conversation_id: &str) -> KvUsage;
 }
 
 /// Before an instance is bound to an event it can read no state.
@@ -39,6 +53,9 @@ struct NoKv;
 impl KvRead for NoKv {
     async fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
         None
+    }
+    async fn usage(&self, _: &str, _: &str) -> KvUsage {
+        KvUsage::default()
     }
 }
 
@@ -77,12 +94,37 @@ impl MemoryKv {
         map.get(&(plugin.into(), conversation_id.into(), key.into()))
             .cloned()
     }
+
+    /// What `plugin` holds, in `conversation_id` and in all.
+    pub fn holdings(&self, plugin: &str, conversation_id: &str) -> KvUsage {
+        let Ok(map) = self.0.lock() else {
+            return KvUsage::default();
+        };
+        let mut usage = KvUsage::default();
+        for ((p, c, key), value) in map.iter() {
+            if p != plugin {
+                continue;
+            }
+            let size = KvSize {
+                keys: 1,
+                bytes: dkv::entry_bytes(key, value),
+            };
+            usage.plugin += size;
+            if c == conversation_id {
+                usage.scope += size;
+            }
+        }
+        usage
+    }
 }
 
 #[async_trait::async_trait]
 impl KvRead for MemoryKv {
     async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
         self.value(plugin, conversation_id, key)
+    }
+    async fn usage(&self, plugin: &str, conversation_id: &str) -> KvUsage {
+        self.holdings(plugin, conversation_id)
     }
 }
 
@@ -104,11 +146,15 @@ pub struct LogLine {
 }
 
 /// Enforces the memory, table and instance caps, and remembers which one
-/// refused, so a trap that follows can be reported as `memory`.
+/// refused, so a trap that follows can be reported as `memory`. (With the
+/// pooling allocator, a component over the per-component counts is
+/// refused at load already; these counts cover the on-demand one.)
 pub struct Limiter {
     memory_bytes: usize,
     table_elements: usize,
-    instances: usize,
+    core_instances: usize,
+    memories: usize,
+    tables: usize,
     pub memory_refused: bool,
     pub table_refused: bool,
 }
@@ -141,13 +187,13 @@ impl ResourceLimiter for Limiter {
     }
 
     fn instances(&self) -> usize {
-        self.instances
+        self.core_instances
     }
     fn tables(&self) -> usize {
-        self.instances
+        self.tables
     }
     fn memories(&self) -> usize {
-        self.instances
+        self.memories
     }
 }
 
@@ -166,10 +212,20 @@ pub struct HostState {
     config: Arc<BTreeMap<String, String>>,
     kv: Arc<dyn KvRead>,
     kv_view: HashMap<String, Option<String>>,
+    /// Store lookups made for `kv.get` this turn.
+    kv_reads: usize,
+    quotas: KvQuotas,
+    /// What the plugin held when the turn began (read at its first write).
+    kv_usage: Option<KvUsage>,
+    /// How much this turn's writes so far change it by.
+    kv_delta: KvSize,
     pub(super) kv_writes: Vec<KvWrite>,
+    /// Refusals the host answered to `kv.set` (the first few).
+    pub(super) refused: Vec<String>,
     pub(super) logs: Vec<LogLine>,
     log_bytes: usize,
     log_cap: usize,
+    log_lines: usize,
     pub(super) logs_dropped: usize,
     http: WasiHttpCtx,
     pub(super) http_turn: HttpTurn,
@@ -209,7 +265,9 @@ impl HostState {
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
-                instances: limits.instances,
+                core_instances: limits.core_instances,
+                memories: limits.memories,
+                tables: limits.tables,
                 memory_refused: false,
                 table_refused: false,
             },
@@ -219,10 +277,16 @@ impl HostState {
             config,
             kv: Arc::new(NoKv),
             kv_view: HashMap::new(),
+            kv_reads: 0,
+            quotas: KvQuotas::default(),
+            kv_usage: None,
+            kv_delta: KvSize::default(),
             kv_writes: Vec::new(),
+            refused: Vec::new(),
             logs: Vec::new(),
             log_bytes: 0,
             log_cap: limits.max_log_bytes,
+            log_lines: limits.max_log_lines,
             logs_dropped: 0,
             http: WasiHttpCtx::new(),
             http_turn: HttpTurn::new(plugin_name, http),
@@ -230,17 +294,20 @@ impl HostState {
     }
 
     /// Binds the instance to the event it will serve: its conversation
-    /// (the only one its KV reads and writes can reach), the KV source, and
-    /// where its HTTP requests go (numbered for that event).
+    /// (the only one its KV reads and writes can reach), the KV source, the
+    /// quotas its writes are judged against, and where its HTTP requests
+    /// go (numbered for that event).
     pub(super) fn bind(
         &mut self,
         event_id: &str,
         conversation_id: &str,
         kv: Arc<dyn KvRead>,
+        quotas: KvQuotas,
         http: Arc<dyn OutboundHttp>,
     ) {
         self.conversation_id = conversation_id.to_string();
         self.kv = kv;
+        self.quotas = quotas;
         self.http_turn.bind(event_id, http);
     }
 
@@ -253,9 +320,18 @@ impl HostState {
             .and_then(|log| log.last_refusal.clone())
     }
 
-    pub(super) fn log(&mut self, level: LogLevel, message: &str) {
-        if self.log_bytes + message.len() > self.log_cap {
+    /// Whether a `log` call of `len` bytes is kept: past the line or byte
+    /// cap it is counted as dropped, and the caller never copies it.
+    pub(super) fn log_admits(&mut self, len: usize) -> bool {
+        if self.logs.len() >= self.log_lines || self.log_bytes.saturating_add(len) > self.log_cap {
             self.logs_dropped += 1;
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn log(&mut self, level: LogLevel, message: &str) {
+        if !self.log_admits(message.len()) {
             return;
         }
         self.log_bytes += message.len();
@@ -269,40 +345,120 @@ impl HostState {
         self.config.get(key).cloned()
     }
 
-    /// Reads see this invocation's own writes first.
-    pub(super) async fn kv_get(&mut self, key: &str) -> Option<String> {
+    /// Reads see this invocation's own writes first. A read past
+    /// [`KV_READS_MAX`] distinct keys stops the turn.
+    pub(super) async fn kv_get(&mut self, key: &str) -> Result<Option<String>, HostLimit> {
+        if let Some(v) = self.kv_view.get(key) {
+            return Ok(v.clone());
+        }
+        if self.kv_reads >= KV_READS_MAX {
+            return Err(HostLimit(format!(
+                "more than {KV_READS_MAX} distinct kv keys read in one event"
+            )));
+        }
+        self.kv_reads += 1;
+        Ok(self.stored(key).await)
+    }
+
+    /// The value of `key` as this turn sees it, without counting a read
+    /// (a write looks up what it replaces; writes are capped on their own).
+    async fn current(&mut self, key: &str) -> Option<String> {
         if let Some(v) = self.kv_view.get(key) {
             return v.clone();
         }
+        self.stored(key).await
+    }
+
+    async fn stored(&mut self, key: &str) -> Option<String> {
         let value = self.kv.get(&self.plugin, &self.conversation_id, key).await;
         self.kv_view.insert(key.to_string(), value.clone());
         value
     }
 
-    pub(super) fn kv_set(&mut self, key: String, value: String) -> Result<(), String> {
-        if key.is_empty() || key.len() > KV_KEY_MAX {
-            return Err(format!("kv key must be 1 to {KV_KEY_MAX} bytes"));
+    async fn usage(&mut self) -> KvUsage {
+        if let Some(usage) = self.kv_usage {
+            return usage;
         }
-        if value.len() > KV_VALUE_MAX {
-            return Err(format!(
-                "kv value is {} bytes, the limit is {KV_VALUE_MAX}",
-                value.len()
+        let usage = self.kv.usage(&self.plugin, &self.conversation_id).await;
+        self.kv_usage = Some(usage);
+        usage
+    }
+
+    /// A write refused with `reason`, which the plugin receives.
+    fn refuse(&mut self, reason: String) -> Result<(), String> {
+        if self.refused.len() < REFUSALS_KEPT && !self.refused.contains(&reason) {
+            self.refused.push(reason.clone());
+        }
+        Err(reason)
+    }
+
+    /// Whether a `kv.set` of a key and value of these sizes can be taken
+    /// at all (checked before either is copied out of the plugin).
+    pub(super) fn kv_set_admits(&mut self, key_len: usize, value_len: usize) -> Result<(), String> {
+        if key_len == 0 {
+            return self.refuse("limit: kv key is empty".to_string());
+        }
+        if key_len > KV_KEY_MAX {
+            return self.refuse(format!(
+                "limit: kv key is {key_len} bytes, the limit is {KV_KEY_MAX}"
+            ));
+        }
+        if value_len > KV_VALUE_MAX {
+            return self.refuse(format!(
+                "limit: kv value is {value_len} bytes, the limit is {KV_VALUE_MAX}"
             ));
         }
         if self.kv_writes.len() >= KV_WRITES_MAX {
-            return Err(format!("more than {KV_WRITES_MAX} kv writes in one event"));
+            return self.refuse(format!(
+                "limit: more than {KV_WRITES_MAX} kv writes in one event"
+            ));
         }
+        Ok(())
+    }
+
+    pub(super) async fn kv_set(&mut self, key: String, value: String) -> Result<(), String> {
+        self.kv_set_admits(key.len(), value.len())?;
+        let old = self.current(&key).await;
+        let delta = KvSize {
+            keys: i64::from(old.is_none()),
+            bytes: dkv::entry_bytes(&key, &value)
+                - old.as_deref().map_or(0, |v| dkv::entry_bytes(&key, v)),
+        };
+        let mut usage = self.usage().await;
+        usage.scope += self.kv_delta;
+        usage.plugin += self.kv_delta;
+        if let Err(over) = dkv::judge(
+            usage,
+            delta,
+            self.quotas.conversation,
+            self.quotas.plugin,
+            "this conversation's",
+        ) {
+            return self.refuse(format!("quota: {over}"));
+        }
+        self.kv_delta += delta;
         self.kv_view.insert(key.clone(), Some(value.clone()));
         self.kv_writes.push(KvWrite::Set { key, value });
         Ok(())
     }
 
-    pub(super) fn kv_delete(&mut self, key: String) {
+    /// A delete past the write cap stops the turn: the plugin would
+    /// otherwise believe the key gone.
+    pub(super) async fn kv_delete(&mut self, key: String) -> Result<(), HostLimit> {
         if self.kv_writes.len() >= KV_WRITES_MAX {
-            return;
+            return Err(HostLimit(format!(
+                "more than {KV_WRITES_MAX} kv writes in one event"
+            )));
+        }
+        if let Some(old) = self.current(&key).await {
+            self.kv_delta += KvSize {
+                keys: -1,
+                bytes: -dkv::entry_bytes(&key, &old),
+            };
         }
         self.kv_view.insert(key.clone(), None);
         self.kv_writes.push(KvWrite::Delete { key });
+        Ok(())
     }
 }
 
@@ -331,11 +487,132 @@ impl HostState {
     }
 }
 
+/// Refuses a key of `len` bytes handed to `call` past [`KV_KEY_MAX`].
+pub(super) fn check_key(call: &str, len: usize) -> Result<(), HostLimit> {
+    if len > KV_KEY_MAX {
+        return Err(HostLimit(format!(
+            "{call} key is {len} bytes, the limit is {KV_KEY_MAX}"
+        )));
+    }
+    Ok(())
+}
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use digibot_domain::kv::KvQuota;
+
+    fn state(kv: Arc<MemoryKv>, quota: KvQuota) -> HostState {
+        let limits = Limits {
+            max_log_lines: 3,
+            ..Limits::default()
+        };
+        let mut s = HostState::new(
+            "p".into(),
+            Arc::new(BTreeMap::new()),
+            &limits,
+            &Grants::default(),
+            Arc::new(HttpPolicy::default()),
+        );
+        let roomy = KvQuota {
+            keys: 1_000,
+            bytes: 1 << 20,
+        };
+        s.bind(
+            "e",
+            "c",
+            kv,
+            KvQuotas {
+                conversation: quota,
+                plugin: roomy,
+            },
+            Arc::new(crate::NoHttp("in this test")),
+        );
+        s
+    }
+
+    const SMALL: KvQuota = KvQuota {
+        keys: 2,
+        bytes: 100,
+    };
+
+    #[tokio::test]
+    async fn a_turn_is_judged_with_what_it_already_wrote_and_freed() {
+        let kv = Arc::new(MemoryKv::default());
+        kv.apply(
+            "p",
+            "c",
+            &[KvWrite::Set {
+                key: "a".into(),
+                value: "x".repeat(39),
+            }],
+        );
+        let mut s = state(kv, SMALL);
+        assert_eq!(s.kv_set("b".into(), "y".repeat(9)).await, Ok(()));
+        let refused = "quota: this conversation's kv would hold 3 keys, the quota is 2";
+        assert_eq!(
+            s.kv_set("c".into(), "z".into()).await,
+            Err(refused.to_string())
+        );
+        // Deleting frees a key; an overwrite that grows past the bytes is
+        // refused, one that shrinks is taken.
+        s.kv_delete("a".into()).await.unwrap();
+        assert_eq!(s.kv_set("c".into(), "z".repeat(9)).await, Ok(()));
+        assert_eq!(
+            s.kv_set("b".into(), "y".repeat(95)).await,
+            Err("quota: this conversation's kv would hold 106 bytes, the quota is 100".into())
+        );
+        assert_eq!(s.kv_set("b".into(), "y".into()).await, Ok(()));
+        assert_eq!(s.refused.len(), 2);
+        assert_eq!(s.kv_writes.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn bounds_refuse_before_anything_is_kept() {
+        let mut s = state(Arc::new(MemoryKv::default()), SMALL);
+        assert_eq!(
+            s.kv_set_admits(KV_KEY_MAX + 1, 1),
+            Err("limit: kv key is 257 bytes, the limit is 256".into())
+        );
+        assert_eq!(
+            s.kv_set_admits(1, KV_VALUE_MAX + 1),
+            Err("limit: kv value is 65537 bytes, the limit is 65536".into())
+        );
+        assert_eq!(s.kv_set_admits(0, 1), Err("limit: kv key is empty".into()));
+        assert_eq!(
+            check_key("kv.get", KV_KEY_MAX + 1),
+            Err(HostLimit(
+                "kv.get key is 257 bytes, the limit is 256".into()
+            ))
+        );
+        for i in 0..KV_READS_MAX {
+            assert_eq!(s.kv_get(&format!("k{i}")).await, Ok(None));
+        }
+        // Keys already read cost nothing more; a new one is refused.
+        assert_eq!(s.kv_get("k0").await, Ok(None));
+        assert_eq!(
+            s.kv_get("one-more").await,
+            Err(HostLimit(
+                "more than 256 distinct kv keys read in one event".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn log_lines_past_the_cap_are_counted_not_kept() {
+        let mut s = state(Arc::new(MemoryKv::default()), SMALL);
+        for _ in 0..10 {
+            s.log(LogLevel::Info, "");
+        }
+        assert_eq!((s.logs.len(), s.logs_dropped), (3, 7));
     }
 }

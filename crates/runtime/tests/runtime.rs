@@ -429,6 +429,9 @@ fn a_slow_kv_read_is_wall_time_not_compute() {
             tokio::time::sleep(self.0).await;
             Some("late".into())
         }
+        async fn usage(&self, _: &str, _: &str) -> digibot_runtime::KvUsage {
+            digibot_runtime::KvUsage::default()
+        }
     }
     let runtime = runtime();
     let slow: Arc<dyn KvRead> = Arc::new(SlowKv(Duration::from_millis(300)));

@@ -8,25 +8,38 @@
 //! its in-memory conversations (no store at all), the admin API the store,
 //! the registry and the outbox. Each surface has one error type that turns
 //! into its HTTP answer (`IntoResponse`).
+//!
+//! Under the router, [`listener`] accepts connections within the edge's
+//! bounds and deadlines; around every route but the health probes, a
+//! bound on requests in flight answers `503` at once beyond it; the admin
+//! routes sit behind the [`hosts`] allow-list, then the admin token.
 
 pub mod admin;
 pub mod dashboard;
 pub mod health;
+pub mod hosts;
+pub mod listener;
 pub mod metrics;
 pub mod simulator;
 pub mod webhook;
 
 use axum::Router;
-use axum::extract::FromRef;
+use axum::extract::{FromRef, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use digibot_pipeline::dispatch::Dispatcher;
 use digibot_pipeline::sender::Outbox;
 use digibot_runtime::registry::Registry;
 use digibot_store::Store;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 
 pub use admin::{AdminAuth, AdminState};
 pub use health::HealthState;
+pub use hosts::AllowedHosts;
+pub use listener::HttpLimits;
 pub use metrics::MetricsState;
 pub use simulator::SimulatorState;
 pub use webhook::{WebhookAuth, WebhookState};
@@ -41,6 +54,43 @@ pub struct AppState {
     pub admin: AdminState,
     pub simulator: SimulatorState,
     pub metrics: MetricsState,
+    /// Hosts the admin routes answer (DNS rebinding defence).
+    pub allowed_hosts: AllowedHosts,
+    pub in_flight: InFlight,
+}
+
+/// The bound on requests being handled at once (every route but the
+/// health probes): a request past it is answered `503` at once, so that
+/// Digishare retries rather than waits.
+#[derive(Clone)]
+pub struct InFlight(Arc<Semaphore>);
+
+impl InFlight {
+    pub fn new(max: usize) -> InFlight {
+        InFlight(Arc::new(Semaphore::new(max.max(1))))
+    }
+}
+
+async fn bound_in_flight(
+    State(InFlight(slots)): State<InFlight>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(permit) = slots.try_acquire_owned() else {
+        ::metrics::counter!(metrics::HTTP_REFUSED, "reason" => "in_flight").increment(1);
+        let mut response = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            error_body("too many requests in flight; try again"),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    let response = next.run(request).await;
+    drop(permit);
+    response
 }
 
 /// What the server is made of, as `digibot serve` wires it.
@@ -52,6 +102,11 @@ pub struct Parts {
     pub webhook_auth: WebhookAuth,
     pub webhook_max_bytes: usize,
     pub admin_token: Option<String>,
+    /// Host names the admin routes answer besides IP literals and
+    /// `localhost` (`*`: any).
+    pub allowed_hosts: Vec<String>,
+    /// Requests handled at once (see [`InFlight`]).
+    pub max_in_flight: usize,
 }
 
 impl AppState {
@@ -65,8 +120,12 @@ impl AppState {
             webhook_auth,
             webhook_max_bytes,
             admin_token,
+            allowed_hosts,
+            max_in_flight,
         } = parts;
         AppState {
+            allowed_hosts: AllowedHosts::new(&allowed_hosts),
+            in_flight: InFlight::new(max_in_flight),
             simulator: SimulatorState {
                 simulator: Arc::default(),
                 registry: registry.clone(),
@@ -97,19 +156,34 @@ impl AppState {
 
 /// The HTTP routes.
 pub fn app(state: AppState) -> Router {
-    let mut router = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/webhooks/digishare", post(webhook::receive));
+    let mut router = Router::new().route("/webhooks/digishare", post(webhook::receive));
     if state.admin_auth.0.is_some() {
         let admin_only = axum::middleware::from_fn_with_state(state.clone(), admin::require_admin);
+        // Outermost, so a refused host never reaches the token check.
+        let known_host = axum::middleware::from_fn_with_state(
+            state.allowed_hosts.clone(),
+            hosts::require_allowed_host,
+        );
         router = router
-            .merge(admin::routes().layer(admin_only.clone()))
-            .merge(dashboard::routes())
+            .merge(
+                admin::routes()
+                    .layer(admin_only.clone())
+                    .layer(known_host.clone()),
+            )
+            .merge(dashboard::routes().layer(known_host.clone()))
             // Like the admin API: only with an admin token, and behind it.
-            .merge(metrics::routes().layer(admin_only));
+            .merge(metrics::routes().layer(admin_only).layer(known_host));
     }
-    router.fallback(webhook::not_found).with_state(state)
+    router
+        .fallback(webhook::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.in_flight.clone(),
+            bound_in_flight,
+        ))
+        // Outside the bound: probes answer however busy the server is.
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .with_state(state)
 }
 
 /// The JSON body of every error answer: `{"error": "..."}`.
@@ -170,6 +244,8 @@ mod tests {
             webhook_auth: WebhookAuth::None,
             webhook_max_bytes: 1 << 20,
             admin_token: admin_token.map(str::to_string),
+            allowed_hosts: Vec::new(),
+            max_in_flight: 64,
         })
     }
 

@@ -44,7 +44,9 @@ use std::time::Duration;
 /// Webhooks received, by outcome: `accepted` (recorded, plugins will run),
 /// `ignored` (recorded, no plugin runs: agent or system messages, archived
 /// conversations, unknown events), `duplicate`, `unauthorized`,
-/// `malformed`, `too_large`, `unavailable` (could not be recorded: 503).
+/// `unsupported_media_type` (not `application/json`: 415), `malformed`,
+/// `too_large`, `timeout` (the body did not arrive in time: 408),
+/// `unavailable` (could not be recorded: 503).
 pub const WEBHOOKS: &str = "digibot_webhooks_total";
 /// Every outcome of [`WEBHOOKS`], at 0 before its first webhook.
 pub const WEBHOOK_OUTCOMES: &[&str] = &[
@@ -52,10 +54,22 @@ pub const WEBHOOK_OUTCOMES: &[&str] = &[
     "ignored",
     "duplicate",
     "unauthorized",
+    "unsupported_media_type",
     "malformed",
     "too_large",
+    "timeout",
     "unavailable",
 ];
+
+/// Connections and requests the HTTP edge refused or cut, by reason:
+/// `connections` (over the connection bound: 503 and closed), `in_flight`
+/// (over the bound on requests in flight: 503), `header_timeout` (no
+/// complete request head in time: closed), `body_timeout` (the body did
+/// not arrive in time).
+pub const HTTP_REFUSED: &str = "digibot_http_refused_total";
+/// Every reason of [`HTTP_REFUSED`].
+pub const HTTP_REFUSED_REASONS: &[&str] =
+    &["connections", "in_flight", "header_timeout", "body_timeout"];
 
 const OUTBOX_DEPTH: &str = "digibot_outbox_depth";
 const DEAD_LETTERS: &str = "digibot_dead_letters";
@@ -118,6 +132,13 @@ fn describe() {
     describe_counter!(WEBHOOKS, "Webhooks received, by outcome.");
     for outcome in WEBHOOK_OUTCOMES {
         metrics::counter!(WEBHOOKS, "outcome" => *outcome).increment(0);
+    }
+    describe_counter!(
+        HTTP_REFUSED,
+        "Connections and requests refused or cut at the HTTP edge, by reason."
+    );
+    for reason in HTTP_REFUSED_REASONS {
+        metrics::counter!(HTTP_REFUSED, "reason" => *reason).increment(0);
     }
     describe_gauge!(
         OUTBOX_DEPTH,

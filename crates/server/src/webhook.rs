@@ -1,7 +1,12 @@
-//! The HTTP edge for Digishare: authenticate, cap the size, parse into a
-//! typed [`Event`], record it durably, then answer. A 200 means the event is
-//! committed; anything digibot cannot store is answered 503 so Digishare
-//! retries rather than losing it.
+//! The HTTP edge for Digishare: authenticate, require JSON, cap the size
+//! and the time the body takes, parse into a typed [`Event`], record it
+//! durably, hand it to its conversation's lane, then answer. A 200 means
+//! the event is committed; anything digibot cannot store is answered 503
+//! so Digishare retries rather than losing it.
+//!
+//! Only `Content-Type: application/json` is taken (Digishare always sends
+//! it): a web page can make a visitor's browser POST `text/plain` (or a
+//! typeless blob) anywhere without asking, but not JSON.
 
 use crate::error_body;
 use crate::metrics::WEBHOOKS;
@@ -31,8 +36,12 @@ pub struct WebhookState {
 pub enum WebhookError {
     #[error("missing or wrong webhook credentials")]
     Unauthorized,
+    #[error("webhooks must be sent with Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("webhook body over {0} bytes")]
     TooLarge(usize),
+    #[error("{0}")]
+    Timeout(String),
     #[error("cannot read the body: {0}")]
     Unreadable(String),
     #[error("{0}")]
@@ -47,7 +56,9 @@ impl WebhookError {
     fn outcome(&self) -> &'static str {
         match self {
             WebhookError::Unauthorized => "unauthorized",
+            WebhookError::UnsupportedMediaType => "unsupported_media_type",
             WebhookError::TooLarge(_) => "too_large",
+            WebhookError::Timeout(_) => "timeout",
             WebhookError::Unreadable(_) | WebhookError::Malformed(_) => "malformed",
             WebhookError::Unavailable => "unavailable",
         }
@@ -56,7 +67,9 @@ impl WebhookError {
     fn status(&self) -> StatusCode {
         match self {
             WebhookError::Unauthorized => StatusCode::UNAUTHORIZED,
+            WebhookError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             WebhookError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            WebhookError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             WebhookError::Unreadable(_) | WebhookError::Malformed(_) => StatusCode::BAD_REQUEST,
             WebhookError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -120,6 +133,15 @@ fn count(outcome: &'static str) {
     metrics::counter!(WEBHOOKS, "outcome" => outcome).increment(1);
 }
 
+/// Whether the body is declared JSON (`application/json`, any parameters).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// `POST /webhooks/digishare`.
 pub async fn receive(
     State(edge): State<WebhookState>,
@@ -127,6 +149,9 @@ pub async fn receive(
 ) -> Result<Response, WebhookError> {
     if !edge.auth.allows(request.headers()) {
         return Err(WebhookError::Unauthorized);
+    }
+    if !is_json(request.headers()) {
+        return Err(WebhookError::UnsupportedMediaType);
     }
     let limit = edge.max_bytes;
     let body = axum::body::to_bytes(request.into_body(), limit)
@@ -136,15 +161,42 @@ pub async fn receive(
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             if too_large {
                 WebhookError::TooLarge(limit)
+            } else if crate::listener::is_body_timeout(&e) {
+                WebhookError::Timeout(e.to_string())
             } else {
                 WebhookError::Unreadable(e.to_string())
             }
         })?;
     let event = Event::parse(&body)?;
     let key = event.key.clone();
+    // In a task of its own: once the insert is under way, a client that
+    // hangs up cancels this handler, not the commit's hand-off to the
+    // dispatcher (the event would otherwise stay pending until a sweep).
+    let recording = tokio::spawn(record(edge.store, edge.dispatcher, event));
+    match recording.await {
+        Ok(Ok(status)) => Ok(Json(json!({"status": status, "event_id": key})).into_response()),
+        Ok(Err(e)) => {
+            tracing::error!(event_id = %key, error = %e, "cannot record a webhook");
+            Err(WebhookError::Unavailable)
+        }
+        Err(e) => {
+            tracing::error!(event_id = %key, error = %e, "recording a webhook failed");
+            Err(WebhookError::Unavailable)
+        }
+    }
+}
+
+/// Records `event`, hands it to its lane and counts it; its answer's
+/// `status`: `accepted` or `duplicate`.
+async fn record(
+    store: Store,
+    dispatcher: Dispatcher,
+    event: Event,
+) -> Result<&'static str, digibot_store::StoreError> {
     let dispatch = event.dispatched().then(|| event.clone());
-    match edge.store.insert_event(event).await {
-        Ok(Inserted::New(seq)) => {
+    let key = event.key.clone();
+    match store.insert_event(event).await? {
+        Inserted::New(seq) => {
             // `accepted` when plugins will run; agent messages and
             // archiving go through the dispatcher too (they change who is
             // in charge) but run no plugin: `ignored`, as before.
@@ -155,7 +207,7 @@ pub async fn receive(
                     } else {
                         "ignored"
                     });
-                    edge.dispatcher.submit(StoredEvent {
+                    dispatcher.submit(StoredEvent {
                         seq,
                         event,
                         // The store's own time of this insert, within a
@@ -165,15 +217,23 @@ pub async fn receive(
                 }
                 None => count("ignored"),
             }
-            Ok(Json(json!({"status": "accepted", "event_id": key})).into_response())
+            Ok("accepted")
         }
-        Ok(Inserted::Duplicate) => {
+        Inserted::Duplicate => {
             count("duplicate");
-            Ok(Json(json!({"status": "duplicate", "event_id": key})).into_response())
-        }
-        Err(e) => {
-            tracing::error!(event_id = %key, error = %e, "cannot record a webhook");
-            Err(WebhookError::Unavailable)
+            // Digishare redelivers what it believes lost. If the first
+            // copy is still pending and no lane has it (its delivery was
+            // cut off, or its lane gave up), this hands it over now; the
+            // dispatcher skips an event it already has.
+            if dispatch.is_some() {
+                match store.pending_event(&key).await {
+                    Ok(Some(stored)) => dispatcher.submit(stored),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(event_id = %key, error = %e,
+                        "cannot look up a redelivered event; the pending sweep will find it"),
+                }
+            }
+            Ok("duplicate")
         }
     }
 }

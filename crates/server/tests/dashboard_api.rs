@@ -86,6 +86,8 @@ fn fixture(plugins: &[(&str, &str)]) -> Fixture {
             webhook_auth: WebhookAuth::Token("hook".into()),
             webhook_max_bytes: 1 << 20,
             admin_token: Some(TOKEN.into()),
+            allowed_hosts: Vec::new(),
+            max_in_flight: 64,
         }),
         store,
         _dir: dir,

@@ -60,6 +60,8 @@ fn state(store: &Store, data_dir: &std::path::Path) -> AppState {
         webhook_auth: WebhookAuth::Token("hook".into()),
         webhook_max_bytes: 1 << 20,
         admin_token: None,
+        allowed_hosts: Vec::new(),
+        max_in_flight: 64,
     })
 }
 

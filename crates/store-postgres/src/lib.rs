@@ -46,8 +46,8 @@ use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
-    JournalRequest, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, PluginRecords,
-    Pruned, Release, Store, StoreError, StoredEvent, now_ms, parse_state,
+    JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, OutboxAction, OutboxDepth,
+    PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent, now_ms, parse_state,
 };
 use pool::{Conn, Pool, Timeouts};
 use std::sync::Arc;
@@ -232,6 +232,40 @@ CREATE TABLE sent_messages (
     ),
     (
         4,
+        r#"
+-- When the conversation last had an event handled (retention of idle
+-- conversations and their KV).
+ALTER TABLE conversations ADD COLUMN active_at BIGINT NOT NULL DEFAULT 0;
+UPDATE conversations SET active_at = GREATEST(changed_at, last_customer_at, last_agent_at);
+CREATE INDEX conversations_active ON conversations (active_at);
+-- How much KV each plugin holds per conversation, kept by every
+-- completion that writes KV (quotas read one row, not the entries).
+CREATE TABLE kv_usage (
+    conversation_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    keys BIGINT NOT NULL,
+    bytes BIGINT NOT NULL,
+    PRIMARY KEY (conversation_id, plugin)
+);
+INSERT INTO kv_usage (conversation_id, plugin, keys, bytes)
+    SELECT conversation_id, plugin, count(*), sum(octet_length(key) + octet_length(value))
+    FROM kv GROUP BY conversation_id, plugin;
+-- And in all: in 16 shards by conversation, so that replicas completing
+-- events of one plugin in different conversations rarely wait on one row.
+CREATE TABLE kv_plugin_usage (
+    plugin TEXT NOT NULL,
+    shard INT NOT NULL,
+    keys BIGINT NOT NULL,
+    bytes BIGINT NOT NULL,
+    PRIMARY KEY (plugin, shard)
+);
+INSERT INTO kv_plugin_usage (plugin, shard, keys, bytes)
+    SELECT plugin, hashtext(conversation_id) & 15, sum(keys), sum(bytes)
+    FROM kv_usage GROUP BY plugin, hashtext(conversation_id) & 15;
+"#,
+    ),
+    (
+        5,
         r#"
 -- Each outbound HTTP call of a plugin's turn, recorded as it completes,
 -- so that a turn that runs again (on any replica) replays it.
@@ -521,6 +555,17 @@ impl Postgres {
         stored_events(&rows)
     }
 
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, payload, received_at FROM events WHERE key = $1 AND status = 'pending'",
+                &[&key],
+            )
+            .await?;
+        Ok(stored_events(&rows)?.pop())
+    }
+
     async fn complete_event(
         &self,
         seq: i64,
@@ -582,6 +627,39 @@ impl Postgres {
                     DELETE FROM kv USING done, unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
                     WHERE kv.plugin = d.plugin AND kv.conversation_id = d.conv AND kv.key = d.key
                     RETURNING 1
+                 ), kv_old AS (
+                    -- The sizes of the entries written, before (every part
+                    -- of one statement sees the same snapshot).
+                    SELECT kv.plugin, kv.conversation_id AS conv, kv.key,
+                           octet_length(kv.key) + octet_length(kv.value) AS size
+                    FROM kv JOIN (SELECT * FROM unnest($12::text[], $13::text[], $14::text[])
+                                  UNION ALL SELECT * FROM unnest($16::text[], $17::text[], $18::text[])) AS w(plugin, conv, key)
+                         ON kv.plugin = w.plugin AND kv.conversation_id = w.conv AND kv.key = w.key
+                 ), kv_delta AS (
+                    SELECT x.plugin, x.conv, sum(x.keys)::bigint AS keys, sum(x.bytes)::bigint AS bytes
+                    FROM (SELECT s.plugin, s.conv, CASE WHEN o.key IS NULL THEN 1 ELSE 0 END AS keys,
+                                 octet_length(s.key) + octet_length(s.value) - COALESCE(o.size, 0) AS bytes
+                          FROM unnest($12::text[], $13::text[], $14::text[], $15::text[]) AS s(plugin, conv, key, value)
+                          LEFT JOIN kv_old o ON o.plugin = s.plugin AND o.conv = s.conv AND o.key = s.key
+                          UNION ALL
+                          SELECT o.plugin, o.conv, -1, -o.size
+                          FROM unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
+                          JOIN kv_old o ON o.plugin = d.plugin AND o.conv = d.conv AND o.key = d.key) AS x
+                    GROUP BY x.plugin, x.conv
+                    HAVING sum(x.keys) <> 0 OR sum(x.bytes) <> 0
+                 ), kv_usage_up AS (
+                    INSERT INTO kv_usage (conversation_id, plugin, keys, bytes)
+                    SELECT d.conv, d.plugin, d.keys, d.bytes FROM done, kv_delta d
+                    ON CONFLICT (conversation_id, plugin) DO UPDATE
+                    SET keys = kv_usage.keys + excluded.keys, bytes = kv_usage.bytes + excluded.bytes
+                    RETURNING 1
+                 ), kv_totals_up AS (
+                    INSERT INTO kv_plugin_usage (plugin, shard, keys, bytes)
+                    SELECT d.plugin, hashtext(d.conv) & 15, sum(d.keys)::bigint, sum(d.bytes)::bigint
+                    FROM done, kv_delta d GROUP BY d.plugin, hashtext(d.conv) & 15
+                    ON CONFLICT (plugin, shard) DO UPDATE
+                    SET keys = kv_plugin_usage.keys + excluded.keys, bytes = kv_plugin_usage.bytes + excluded.bytes
+                    RETURNING 1
                  ), old AS (
                     SELECT state FROM conversations WHERE id = $2
                  ), applies AS (
@@ -591,12 +669,13 @@ impl Postgres {
                            AND COALESCE((SELECT state FROM old), 'bot') <> $19::text
                            AND ($20::text IS NULL OR COALESCE((SELECT state FROM old), 'bot') = $20::text) AS yes
                  ), conv AS (
-                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at)
+                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at, active_at)
                     SELECT $2, CASE WHEN applies.yes THEN $19::text ELSE 'bot' END, $3,
                            CASE WHEN applies.yes THEN $21::text ELSE 'first event' END,
-                           $22::text, $23::bigint, $24::bigint
+                           $22::text, $23::bigint, $24::bigint, $3
                     FROM done, applies WHERE $2 <> ''
                     ON CONFLICT (id) DO UPDATE SET
+                       active_at = GREATEST(conversations.active_at, $3),
                        state = CASE WHEN (SELECT yes FROM applies) THEN $19::text ELSE conversations.state END,
                        changed_at = CASE WHEN (SELECT yes FROM applies) THEN $3 ELSE conversations.changed_at END,
                        reason = CASE WHEN (SELECT yes FROM applies) THEN $21::text ELSE conversations.reason END,
@@ -944,6 +1023,29 @@ impl Postgres {
         Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
     }
 
+    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, Error> {
+        let mut c = self.conn().await?;
+        let row = c
+            .query_one(
+                "SELECT COALESCE((SELECT keys FROM kv_usage WHERE conversation_id = $2 AND plugin = $1), 0),
+                        COALESCE((SELECT bytes FROM kv_usage WHERE conversation_id = $2 AND plugin = $1), 0),
+                        COALESCE((SELECT sum(keys) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint,
+                        COALESCE((SELECT sum(bytes) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint",
+                &[&plugin, &conversation_id],
+            )
+            .await?;
+        Ok(KvUsage {
+            scope: KvSize {
+                keys: row.try_get(0)?,
+                bytes: row.try_get(1)?,
+            },
+            plugin: KvSize {
+                keys: row.try_get(2)?,
+                bytes: row.try_get(3)?,
+            },
+        })
+    }
+
     // ---- outbox ------------------------------------------------------------
 
     async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, Error> {
@@ -1207,51 +1309,100 @@ impl Postgres {
 
     // ---- retention ---------------------------------------------------------
 
-    async fn prune(&self, before: i64) -> Result<Pruned, Error> {
-        // In batches, each its own statement, so webhooks keep flowing.
+    /// Deletes what `retention` says is old enough, in batches, each its
+    /// own statements, so webhooks keep flowing.
+    async fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
         const BATCH: i64 = 5000;
-        let mut total = Pruned::default();
-        loop {
-            let mut c = self.conn().await?;
-            let events = c
+        digibot_store::prune_in_batches(BATCH as usize, move || async move {
+            Ok(self.prune_batch(retention, BATCH).await?)
+        })
+        .await
+    }
+
+    async fn prune_batch(&self, retention: Retention, limit: i64) -> Result<Pruned, Error> {
+        let mut c = self.conn().await?;
+        let mut pruned = Pruned::default();
+        if let Some(before) = retention.finished_before {
+            pruned.events = c
                 .execute(
                     "DELETE FROM events WHERE seq IN (
                        SELECT seq FROM events
                        WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < $1
                          AND seq NOT IN (SELECT event_seq FROM outbox WHERE status IN ('pending', 'dead'))
                        ORDER BY seq LIMIT $2)",
-                    &[&before, &BATCH],
+                    &[&before, &limit],
                 )
                 .await? as usize;
-            let actions = c
+            pruned.actions = c
                 .execute(
                     "DELETE FROM outbox WHERE id IN (
                        SELECT id FROM outbox WHERE status = 'sent' AND done_at < $1
                        ORDER BY id LIMIT $2)",
-                    &[&before, &BATCH],
+                    &[&before, &limit],
                 )
                 .await? as usize;
             // Echoes come back within seconds: ids as old as the pruned
             // actions are of no use.
             c.execute("DELETE FROM sent_messages WHERE sent_at < $1", &[&before])
                 .await?;
-            let calls = c
+            pruned.calls = c
                 .execute(
                     "DELETE FROM http_journal WHERE (event_key, plugin, call) IN (
                        SELECT j.event_key, j.plugin, j.call FROM http_journal j
                        WHERE j.recorded_at < $1
                          AND NOT EXISTS (SELECT 1 FROM events e WHERE e.key = j.event_key AND e.status = 'pending')
                        LIMIT $2)",
-                    &[&before, &BATCH],
+                    &[&before, &limit],
                 )
                 .await? as usize;
-            total.events += events;
-            total.actions += actions;
-            total.calls += calls;
-            if events < BATCH as usize && actions < BATCH as usize && calls < BATCH as usize {
-                return Ok(total);
-            }
         }
+        if let Some(before) = retention.dead_before {
+            pruned.dead_letters = c
+                .execute(
+                    "DELETE FROM outbox WHERE id IN (
+                       SELECT id FROM outbox WHERE status = 'dead' AND done_at < $1
+                       ORDER BY id LIMIT $2)",
+                    &[&before, &limit],
+                )
+                .await? as usize;
+        }
+        if let Some(before) = retention.idle_before {
+            // One statement: the conversations, their KV and the plugins'
+            // totals go together. A conversation a replica holds stays.
+            let row = c
+                .query_one(
+                    "WITH idle AS (
+                        SELECT id FROM conversations c
+                        WHERE active_at < $1
+                          AND NOT EXISTS (SELECT 1 FROM events e WHERE e.conversation_id = c.id AND e.status = 'pending')
+                          AND NOT EXISTS (SELECT 1 FROM conversation_leases l WHERE l.conversation_id = c.id AND l.expires_at > now())
+                        ORDER BY active_at LIMIT $2
+                        FOR UPDATE SKIP LOCKED
+                     ), usage AS (
+                        DELETE FROM kv_usage u USING idle WHERE u.conversation_id = idle.id
+                        RETURNING u.conversation_id, u.plugin, u.keys, u.bytes
+                     ), totals AS (
+                        UPDATE kv_plugin_usage t SET keys = t.keys - g.keys, bytes = t.bytes - g.bytes
+                        FROM (SELECT plugin, hashtext(conversation_id) & 15 AS shard,
+                                     sum(keys)::bigint AS keys, sum(bytes)::bigint AS bytes
+                              FROM usage GROUP BY plugin, hashtext(conversation_id) & 15) g
+                        WHERE t.plugin = g.plugin AND t.shard = g.shard
+                        RETURNING 1
+                     ), entries AS (
+                        DELETE FROM kv USING usage
+                        WHERE kv.plugin = usage.plugin AND kv.conversation_id = usage.conversation_id
+                        RETURNING 1
+                     ), gone AS (
+                        DELETE FROM conversations c USING idle WHERE c.id = idle.id RETURNING 1
+                     )
+                     SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM entries), (SELECT count(*) FROM totals)",
+                    &[&before, &limit],
+                )
+                .await?;
+            pruned.conversations = row.try_get::<_, i64>(0)? as usize;
+            pruned.kv_entries = row.try_get::<_, i64>(1)? as usize;
+        }
+        Ok(pruned)
     }
 }
 
@@ -1274,6 +1425,10 @@ impl Backend for PgStore {
 
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
         Ok(self.0.pending_events().await?)
+    }
+
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
+        Ok(self.0.pending_event(key).await?)
     }
 
     async fn complete_event(
@@ -1361,6 +1516,10 @@ impl Backend for PgStore {
         Ok(self.0.kv_get(plugin, conversation_id, key).await?)
     }
 
+    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, StoreError> {
+        Ok(self.0.kv_usage(plugin, conversation_id).await?)
+    }
+
     async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
         Ok(self.0.outbox_heads(limit).await?)
     }
@@ -1429,8 +1588,8 @@ impl Backend for PgStore {
         Ok(self.0.journal(event_key, plugin).await?)
     }
 
-    async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
-        Ok(self.0.prune(before).await?)
+    async fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
+        self.0.prune(retention).await
     }
 
     fn plugin_records(&self) -> Option<Arc<dyn PluginRecords>> {
@@ -2137,6 +2296,30 @@ mod tests {
         let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
         let expected: Vec<i32> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, expected);
+    }
+
+    /// Twelve uploads of one plugin: the served one, the ten before it as
+    /// rollback targets, and the bytes of the oldest deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_history_keeps_the_last_ten_versions() {
+        let Some(db) = fixture() else {
+            return;
+        };
+        let store = db.open().await;
+        let records = store.plugin_records().expect("PostgreSQL records plugins");
+        let hashes: Vec<String> = (0..12).map(|i| format!("h{i:02}")).collect();
+        for (i, hash) in hashes.iter().enumerate() {
+            records.put("echo", hash, &[i as u8]).await.unwrap();
+        }
+        let listed = records.list().await.unwrap();
+        let echo = &listed["echo"];
+        assert_eq!(echo.hash.as_deref(), Some("h11"));
+        assert_eq!(echo.previous, hashes[1..11]);
+        assert_eq!(records.bytes("echo", "h00").await.unwrap(), None);
+        assert_eq!(records.bytes("echo", "h01").await.unwrap(), Some(vec![1]));
+        assert_eq!(records.bytes("echo", "h11").await.unwrap(), Some(vec![11]));
+        // A rollback still walks back through what is kept.
+        assert_eq!(records.rollback("echo").await.unwrap(), Some(vec![10]));
     }
 }
 

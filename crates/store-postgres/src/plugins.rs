@@ -13,6 +13,10 @@ use tokio_postgres::types::ToSql;
 /// A statement parameter.
 type Param<'a> = &'a (dyn ToSql + Sync);
 
+/// Rollback targets kept per plugin (older versions and their bytes are
+/// deleted), as the registry keeps on a single node.
+const HISTORY_KEPT: i32 = 10;
+
 /// A replica that has not reported for this long is left out of the
 /// cluster view (it died or lost the database); its rows are deleted.
 const STALE_MS: i64 = 10_000;
@@ -73,6 +77,24 @@ impl PluginRecords for PgPlugins {
                 &bytes as Param,
                 &now as Param,
             ],
+        )
+        .await?;
+        // Then the history's bound: the newest targets, and the bytes of
+        // what is neither served nor a target. A concurrent upload's
+        // version and its reference commit together, in its statement, so
+        // this never deletes a version about to be served.
+        c.execute(
+            "UPDATE plugins
+             SET previous = previous[cardinality(previous) - $2 + 1:]
+             WHERE name = $1 AND cardinality(previous) > $2",
+            &[&name as Param, &HISTORY_KEPT as Param],
+        )
+        .await?;
+        c.execute(
+            "DELETE FROM plugin_versions v USING plugins p
+             WHERE v.name = $1 AND p.name = $1
+               AND v.hash IS DISTINCT FROM p.hash AND NOT (v.hash = ANY(p.previous))",
+            &[&name as Param],
         )
         .await?;
         drop(c);

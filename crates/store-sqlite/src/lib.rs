@@ -15,11 +15,13 @@
 //! `checkpoint_loop`).
 
 use digibot_domain::event::{ConversationState, Event};
+use digibot_domain::kv::entry_bytes;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
-    JournalRequest, KvChanges, KvWrite, NewAction, OutboxAction, OutboxDepth, Pruned, Release,
-    StateChange, Store, StoreError, StoredEvent, now_ms, parse_state,
+    JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER, OutboxAction,
+    OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError, StoredEvent, now_ms,
+    parse_state,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -172,8 +174,59 @@ CREATE TABLE IF NOT EXISTS http_journal (
     recorded_at INTEGER NOT NULL,
     PRIMARY KEY (event_key, plugin, call)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
 "#;
+
+/// Schema changes after the first, each applied once, in order, in a
+/// transaction that also records its version (`user_version`).
+const MIGRATIONS: &[(i32, &str)] = &[(
+    2,
+    r#"
+-- When the conversation last had an event handled (retention of idle
+-- conversations and their KV).
+ALTER TABLE conversations ADD COLUMN active_at INTEGER NOT NULL DEFAULT 0;
+UPDATE conversations SET active_at = MAX(changed_at, COALESCE(last_customer_at, 0), COALESCE(last_agent_at, 0));
+CREATE INDEX conversations_active ON conversations(active_at);
+-- How much KV each plugin holds per conversation and in all, kept with
+-- every KV write (quotas read one row, not the plugin's entries).
+CREATE TABLE kv_usage (
+    conversation_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    keys INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, plugin)
+) WITHOUT ROWID;
+INSERT INTO kv_usage (conversation_id, plugin, keys, bytes)
+    SELECT conversation_id, plugin, COUNT(*), SUM(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)))
+    FROM kv GROUP BY conversation_id, plugin;
+CREATE TABLE kv_plugin_usage (
+    plugin TEXT PRIMARY KEY,
+    keys INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO kv_plugin_usage (plugin, keys, bytes)
+    SELECT plugin, SUM(keys), SUM(bytes) FROM kv_usage GROUP BY plugin;
+"#,
+)];
+
+/// Creates the first schema if the database is new, then applies the
+/// migrations it lacks.
+fn migrate(conn: &Connection) -> Result<(), Error> {
+    conn.execute_batch(SCHEMA)?;
+    let mut version: i32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version == 0 {
+        version = 1;
+        conn.pragma_update(None, "user_version", version)?;
+    }
+    for (to, sql) in MIGRATIONS.iter().filter(|(to, _)| *to > version) {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {to};\nCOMMIT;"
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
+    }
+    Ok(())
+}
 
 fn connect(path: &Path, durability: Durability) -> Result<Connection, Error> {
     let conn = Connection::open(path)?;
@@ -272,13 +325,20 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
 
 impl Db {
     fn open(data_dir: &Path, durability: Durability) -> Result<Db, Error> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        // Readable by this user only: the database holds every message.
+        let mut folder = std::fs::DirBuilder::new();
+        folder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+        folder
+            .create(data_dir)
+            .map_err(|source| StoreError::DataDir {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
         let path = data_dir.join("digibot.db");
         let conn = connect(&path, durability)?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         let readers = (0..READERS)
             .map(|_| connect(&path, durability))
@@ -396,25 +456,30 @@ impl Db {
         self.read(|conn| {
             let mut stmt = conn
                 .prepare("SELECT seq, payload, received_at FROM events WHERE status = 'pending' ORDER BY seq")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (seq, payload, received_at) = row?;
-                let event = serde_json::from_str(&payload)
-                    .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-                out.push(StoredEvent {
-                    seq,
-                    event,
-                    received_at,
-                });
-            }
-            Ok(out)
+            stored_events(stmt.query([])?)
+        })
+    }
+
+    /// The pending event recorded under `key`, if any.
+    fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, payload, received_at FROM events WHERE key = ?1 AND status = 'pending'",
+            )?;
+            Ok(stored_events(stmt.query([key])?)?.pop())
+        })
+    }
+
+    /// Pending events received before `before` (ms), oldest first.
+    fn pending_before(&self, before: i64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        self.read(|conn| {
+            // By seq, the order they arrived in (and that of the partial
+            // index): `received_at` grows with it.
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE status = 'pending' AND received_at < ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            stored_events(stmt.query(params![before, limit as i64])?)
         })
     }
 
@@ -667,6 +732,31 @@ impl Db {
         })
     }
 
+    /// How much KV a plugin holds in one conversation and in all.
+    fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, Error> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT COALESCE((SELECT keys FROM kv_usage WHERE conversation_id = ?2 AND plugin = ?1), 0),
+                            COALESCE((SELECT bytes FROM kv_usage WHERE conversation_id = ?2 AND plugin = ?1), 0),
+                            COALESCE((SELECT keys FROM kv_plugin_usage WHERE plugin = ?1), 0),
+                            COALESCE((SELECT bytes FROM kv_plugin_usage WHERE plugin = ?1), 0)",
+                )?
+                .query_row(params![plugin, conversation_id], |r| {
+                    Ok(KvUsage {
+                        scope: KvSize {
+                            keys: r.get(0)?,
+                            bytes: r.get(1)?,
+                        },
+                        plugin: KvSize {
+                            keys: r.get(2)?,
+                            bytes: r.get(3)?,
+                        },
+                    })
+                })?)
+        })
+    }
+
     // ---- outbox ------------------------------------------------------------
 
     /// The first pending action of each conversation (later actions of a
@@ -899,59 +989,97 @@ impl Db {
 
     // ---- retention ---------------------------------------------------------
 
-    /// Deletes handled events and sent actions finished before `before`
-    /// (ms), and calls journaled before it. Pending work (with its calls)
-    /// and dead letters are never pruned.
-    async fn prune(&self, before: i64) -> Result<Pruned, Error> {
-        // In batches, each its own transaction, so webhooks keep flowing;
-        // in key order, where the oldest rows are: no time index needed.
+    /// Deletes what `retention` says is old enough, in batches, each its
+    /// own transaction, so webhooks keep flowing; in key order, where the
+    /// oldest rows are, so events and actions need no time index.
+    async fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
         const BATCH: usize = 5000;
-        let mut total = Pruned::default();
-        loop {
-            let pruned = self
-                .write(move |conn| {
-                    let events = conn.execute(
-                        "DELETE FROM events WHERE seq IN (
-                           SELECT seq FROM events
-                           WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < ?1
-                             AND seq NOT IN (SELECT event_seq FROM outbox WHERE status = 'pending'
-                                             UNION SELECT event_seq FROM outbox WHERE status = 'dead')
-                           ORDER BY seq LIMIT ?2)",
-                        params![before, BATCH as i64],
-                    )?;
-                    let actions = conn.execute(
-                        "DELETE FROM outbox WHERE id IN (
-                           SELECT id FROM outbox WHERE status = 'sent' AND done_at < ?1
-                           ORDER BY id LIMIT ?2)",
-                        params![before, BATCH as i64],
-                    )?;
-                    // Echoes come back within seconds: ids as old as the
-                    // pruned actions are of no use.
-                    conn.prepare_cached("DELETE FROM sent_messages WHERE sent_at < ?1")?
-                        .execute([before])?;
-                    let calls = conn.execute(
-                        "DELETE FROM http_journal WHERE (event_key, plugin, call) IN (
-                           SELECT j.event_key, j.plugin, j.call FROM http_journal j
-                           WHERE j.recorded_at < ?1
-                             AND NOT EXISTS (SELECT 1 FROM events e WHERE e.key = j.event_key AND e.status = 'pending')
-                           LIMIT ?2)",
-                        params![before, BATCH as i64],
-                    )?;
-                    Ok(Pruned {
-                        events,
-                        actions,
-                        calls,
-                    })
-                })
-                .await?;
-            total.events += pruned.events;
-            total.actions += pruned.actions;
-            total.calls += pruned.calls;
-            if pruned.events < BATCH && pruned.actions < BATCH && pruned.calls < BATCH {
-                return Ok(total);
-            }
-        }
+        let db = self;
+        digibot_store::prune_in_batches(BATCH, move || async move {
+            Ok(db
+                .write(move |conn| prune_batch(conn, retention, BATCH as i64))
+                .await?)
+        })
+        .await
     }
+}
+
+/// One batch of [`Db::prune`], at most `limit` rows of each kind.
+fn prune_batch(conn: &Connection, retention: Retention, limit: i64) -> Result<Pruned, Error> {
+    let mut pruned = Pruned::default();
+    if let Some(before) = retention.finished_before {
+        pruned.events = conn.execute(
+            "DELETE FROM events WHERE seq IN (
+               SELECT seq FROM events
+               WHERE status <> 'pending' AND COALESCE(handled_at, received_at) < ?1
+                 AND seq NOT IN (SELECT event_seq FROM outbox WHERE status = 'pending'
+                                 UNION SELECT event_seq FROM outbox WHERE status = 'dead')
+               ORDER BY seq LIMIT ?2)",
+            params![before, limit],
+        )?;
+        pruned.actions = conn.execute(
+            "DELETE FROM outbox WHERE id IN (
+               SELECT id FROM outbox WHERE status = 'sent' AND done_at < ?1
+               ORDER BY id LIMIT ?2)",
+            params![before, limit],
+        )?;
+        // Echoes come back within seconds: ids as old as the pruned
+        // actions are of no use.
+        conn.prepare_cached("DELETE FROM sent_messages WHERE sent_at < ?1")?
+            .execute([before])?;
+        pruned.calls = conn.execute(
+            "DELETE FROM http_journal WHERE (event_key, plugin, call) IN (
+               SELECT j.event_key, j.plugin, j.call FROM http_journal j
+               WHERE j.recorded_at < ?1
+                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.key = j.event_key AND e.status = 'pending')
+               LIMIT ?2)",
+            params![before, limit],
+        )?;
+    }
+    if let Some(before) = retention.dead_before {
+        pruned.dead_letters = conn.execute(
+            "DELETE FROM outbox WHERE id IN (
+               SELECT id FROM outbox WHERE status = 'dead' AND done_at < ?1
+               ORDER BY id LIMIT ?2)",
+            params![before, limit],
+        )?;
+    }
+    if let Some(before) = retention.idle_before {
+        let idle: Vec<String> = conn
+            .prepare_cached(
+                "SELECT id FROM conversations c WHERE active_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM events e WHERE e.status = 'pending' AND e.conversation_id = c.id)
+                 ORDER BY active_at LIMIT ?2",
+            )?
+            .query_map(params![before, limit], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in &idle {
+            pruned.kv_entries += forget_conversation(conn, id)?;
+        }
+        pruned.conversations = idle.len();
+    }
+    Ok(pruned)
+}
+
+/// Deletes a conversation's state and every plugin's KV in it, keeping
+/// the plugins' usage totals right; returns the KV entries deleted.
+fn forget_conversation(conn: &Connection, id: &str) -> Result<usize, Error> {
+    let usage: Vec<(String, i64, i64)> = conn
+        .prepare_cached("SELECT plugin, keys, bytes FROM kv_usage WHERE conversation_id = ?1")?
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut entries = 0;
+    for (plugin, keys, bytes) in usage {
+        entries += conn
+            .prepare_cached("DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2")?
+            .execute(params![plugin, id])?;
+        add_plugin_usage(conn, &plugin, -keys, -bytes)?;
+    }
+    conn.prepare_cached("DELETE FROM kv_usage WHERE conversation_id = ?1")?
+        .execute([id])?;
+    conn.prepare_cached("DELETE FROM conversations WHERE id = ?1")?
+        .execute([id])?;
+    Ok(entries)
 }
 
 /// Reader connections, and so reads running at once.
@@ -991,6 +1119,11 @@ impl Backend for Sqlite {
 
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
         reading(&self.0, |db| db.pending_events()).await
+    }
+
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let key = key.to_string();
+        reading(&self.0, move |db| db.pending_event(&key)).await
     }
 
     async fn complete_event(
@@ -1050,9 +1183,12 @@ impl Backend for Sqlite {
         Ok(Vec::new())
     }
 
-    /// One node: no work arrives through another process.
-    async fn claimable_events(&self, _limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        Ok(Vec::new())
+    /// One node: no work arrives through another process, but an event
+    /// pending for longer than [`ORPHANED_AFTER`] may have lost its way to
+    /// the dispatcher.
+    async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let before = now_ms() - ORPHANED_AFTER.as_millis() as i64;
+        reading(&self.0, move |db| db.pending_before(before, limit)).await
     }
 
     fn inbox_wakeups(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -1087,6 +1223,11 @@ impl Backend for Sqlite {
             key.to_string(),
         );
         reading(&self.0, move |db| db.kv_get(&p, &c, &k)).await
+    }
+
+    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, StoreError> {
+        let (p, c) = (plugin.to_string(), conversation_id.to_string());
+        reading(&self.0, move |db| db.kv_usage(&p, &c)).await
     }
 
     async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
@@ -1158,8 +1299,8 @@ impl Backend for Sqlite {
         reading(&self.0, move |db| db.journal(&event_key, plugin.as_deref())).await
     }
 
-    async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
-        Ok(self.0.prune(before).await?)
+    async fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
+        self.0.prune(retention).await
     }
 }
 
@@ -1225,6 +1366,24 @@ fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxAction> {
         last_error: r.get(12)?,
         created_at: r.get(13)?,
     })
+}
+
+/// `seq, payload, received_at` rows as stored events.
+fn stored_events(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredEvent>, Error> {
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        let payload: String = row.get(1)?;
+        let received_at: i64 = row.get(2)?;
+        let event = serde_json::from_str(&payload)
+            .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+        out.push(StoredEvent {
+            seq,
+            event,
+            received_at,
+        });
+    }
+    Ok(out)
 }
 
 /// Reads `seq, key, name, conversation_id, status, received_at,
@@ -1335,8 +1494,8 @@ fn update_conversation(
     now: i64,
 ) -> Result<bool, Error> {
     conn.prepare_cached(
-        "INSERT INTO conversations (id, state, changed_at, reason) VALUES (?1, 'bot', ?2, 'first event')
-         ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO conversations (id, state, changed_at, reason, active_at) VALUES (?1, 'bot', ?2, 'first event', ?2)
+         ON CONFLICT (id) DO UPDATE SET active_at = MAX(active_at, excluded.active_at)",
     )?
     .execute(params![id, now])?;
     if update.channel.is_some() || update.customer_at.is_some() || update.agent_at.is_some() {
@@ -1356,24 +1515,66 @@ fn update_conversation(
     }
 }
 
+/// Applies one plugin's KV writes in one conversation, in order, and
+/// what they change to its usage.
 fn apply_kv(conn: &Connection, change: &KvChanges, now: i64) -> Result<(), Error> {
+    let (plugin, conversation) = (&change.plugin, &change.conversation_id);
+    let mut delta = KvSize::default();
     for write in &change.writes {
+        let key = match write {
+            KvWrite::Set { key, .. } | KvWrite::Delete { key } => key,
+        };
+        let old: Option<i64> = conn
+            .prepare_cached(
+                "SELECT length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) FROM kv
+                 WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
+            )?
+            .query_row(params![plugin, conversation, key], |r| r.get(0))
+            .optional()?;
         match write {
             KvWrite::Set { key, value } => {
                 conn.prepare_cached(
                     "INSERT INTO kv (plugin, conversation_id, key, value, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT(plugin, conversation_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 )?
-                .execute(params![change.plugin, change.conversation_id, key, value, now])?;
+                .execute(params![plugin, conversation, key, value, now])?;
+                delta += KvSize {
+                    keys: i64::from(old.is_none()),
+                    bytes: entry_bytes(key, value) - old.unwrap_or(0),
+                };
             }
             KvWrite::Delete { key } => {
-                conn.prepare_cached(
-                    "DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
-                )?
-                .execute(params![change.plugin, change.conversation_id, key])?;
+                if let Some(old) = old {
+                    conn.prepare_cached(
+                        "DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
+                    )?
+                    .execute(params![plugin, conversation, key])?;
+                    delta += KvSize {
+                        keys: -1,
+                        bytes: -old,
+                    };
+                }
             }
         }
     }
+    if delta != KvSize::default() {
+        conn.prepare_cached(
+            "INSERT INTO kv_usage (conversation_id, plugin, keys, bytes) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (conversation_id, plugin) DO UPDATE SET keys = keys + excluded.keys, bytes = bytes + excluded.bytes",
+        )?
+        .execute(params![conversation, plugin, delta.keys, delta.bytes])?;
+        add_plugin_usage(conn, plugin, delta.keys, delta.bytes)?;
+    }
+    Ok(())
+}
+
+/// Adds to a plugin's KV totals.
+fn add_plugin_usage(conn: &Connection, plugin: &str, keys: i64, bytes: i64) -> Result<(), Error> {
+    conn.prepare_cached(
+        "INSERT INTO kv_plugin_usage (plugin, keys, bytes) VALUES (?1, ?2, ?3)
+         ON CONFLICT (plugin) DO UPDATE SET keys = keys + excluded.keys, bytes = bytes + excluded.bytes",
+    )?
+    .execute(params![plugin, keys, bytes])?;
     Ok(())
 }
 
@@ -1393,6 +1594,107 @@ mod tests {
     }
 
     store_suite!(fixture);
+
+    /// A database of the first schema, with KV and a conversation, gets
+    /// the usage tables filled from what it holds and its conversations'
+    /// activity from their times.
+    #[tokio::test]
+    async fn a_first_schema_database_is_migrated_with_its_kv_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("digibot.db")).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO kv VALUES ('echo', 'c1', 'clé', 'été', 1), ('echo', 'c1', 'a', '1', 1),
+                                       ('echo', 'c2', 'b', '22', 1), ('other', 'c1', 'x', 'y', 1);
+                 INSERT INTO conversations (id, state, changed_at, reason, last_customer_at)
+                     VALUES ('c1', 'bot', 1000, 'first event', 5000);",
+            )
+            .unwrap();
+        }
+        let store = open(dir.path(), Durability::Full).unwrap();
+        let usage = store.kv_usage("echo", "c1").await.unwrap();
+        assert_eq!(
+            (usage.scope, usage.plugin),
+            (KvSize { keys: 2, bytes: 11 }, KvSize { keys: 3, bytes: 14 })
+        );
+        assert_eq!(store.kv_usage("other", "c1").await.unwrap().plugin.bytes, 2);
+        store.close();
+        drop(store);
+        let conn = Connection::open(dir.path().join("digibot.db")).unwrap();
+        let (version, active): (i32, i64) = (
+            conn.pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap(),
+            conn.query_row(
+                "SELECT active_at FROM conversations WHERE id = 'c1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap(),
+        );
+        assert_eq!((version, active), (2, 5000));
+        // Opening again applies nothing twice.
+        drop(conn);
+        let store = open(dir.path(), Durability::Full).unwrap();
+        assert_eq!(store.kv_usage("echo", "c1").await.unwrap().scope.keys, 2);
+    }
+
+    /// On one node, a pending event is claimable once it is older than
+    /// [`ORPHANED_AFTER`] (never while its webhook may still be handing it
+    /// over), oldest first, until it is handled.
+    #[tokio::test]
+    async fn pending_events_become_claimable_once_orphaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::Normal).unwrap();
+        let mut seqs = Vec::new();
+        for id in ["m1", "m2", "m3"] {
+            let Inserted::New(seq) = store.insert_event(event(id, "c")).await.unwrap() else {
+                panic!("{id} is new")
+            };
+            seqs.push(seq);
+        }
+        assert!(
+            store.claimable_events(10).await.unwrap().is_empty(),
+            "too recent"
+        );
+        // m1 and m2 were received long ago.
+        let old = now_ms() - ORPHANED_AFTER.as_millis() as i64 - 1000;
+        let conn = Connection::open(dir.path().join("digibot.db")).unwrap();
+        conn.execute(
+            "UPDATE events SET received_at = ?1 WHERE seq IN (?2, ?3)",
+            params![old, seqs[0], seqs[1]],
+        )
+        .unwrap();
+        let found: Vec<i64> = store
+            .claimable_events(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(found, seqs[..2]);
+        assert_eq!(store.claimable_events(1).await.unwrap().len(), 1);
+        store
+            .complete_event(
+                seqs[0],
+                "c".into(),
+                serde_json::json!([]),
+                Vec::new(),
+                Vec::new(),
+                ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
+        let found: Vec<i64> = store
+            .claimable_events(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(found, [seqs[1]]);
+    }
 
     #[tokio::test]
     async fn normal_durability_checkpoints_off_the_writer_and_reopens() {

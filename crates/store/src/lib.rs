@@ -30,7 +30,7 @@
 pub mod suite;
 
 use digibot_domain::event::{ConversationState, Event};
-pub use digibot_domain::kv::{KvChanges, KvWrite};
+pub use digibot_domain::kv::{KvChanges, KvSize, KvUsage, KvWrite};
 pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::time::now_ms;
 use serde::Serialize;
@@ -63,6 +63,12 @@ pub enum StoreError {
     #[error("bad stored value: {0}")]
     Corrupt(String),
 }
+
+/// On a single node, how long an event stays pending before
+/// [`Backend::claimable_events`] counts it orphaned: longer than an event
+/// takes from its commit to its lane, so that the sweep does not race the
+/// webhook that recorded it.
+pub const ORPHANED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Result of recording a webhook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,13 +254,77 @@ pub fn parse_state(s: &str) -> Result<ConversationState, StoreError> {
     }
 }
 
+/// What retention removes: each field is a cut-off time (ms), `None`
+/// keeps that kind of record forever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Handled events and sent actions finished before this go (with the
+    /// ids of sent messages as old). Pending work never goes, nor an event
+    /// whose action is pending or a dead letter.
+    pub finished_before: Option<i64>,
+    /// Dead letters that died before this go.
+    pub dead_before: Option<i64>,
+    /// Conversations with no event handled since this go: their state (who
+    /// is in charge) and every plugin's KV in them. One with a pending
+    /// event, or leased by a replica, stays.
+    pub idle_before: Option<i64>,
+}
+
 /// What retention removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Pruned {
     pub events: usize,
+    /// Sent actions.
     pub actions: usize,
+    pub dead_letters: usize,
+    pub conversations: usize,
+    /// KV entries of the conversations that went.
+    pub kv_entries: usize,
     /// Journaled outbound calls.
     pub calls: usize,
+}
+
+impl Pruned {
+    /// Whether anything went.
+    pub fn any(&self) -> bool {
+        *self != Pruned::default()
+    }
+
+    fn add(&mut self, o: Pruned) {
+        self.events += o.events;
+        self.actions += o.actions;
+        self.dead_letters += o.dead_letters;
+        self.conversations += o.conversations;
+        self.kv_entries += o.kv_entries;
+        self.calls += o.calls;
+    }
+}
+
+/// Runs `batch` until it removes fewer than `size` rows of every kind:
+/// retention works in batches, each its own transaction, so webhooks keep
+/// flowing while it runs.
+pub async fn prune_in_batches<F, Fut>(size: usize, mut batch: F) -> Result<Pruned, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Pruned, StoreError>>,
+{
+    let mut total = Pruned::default();
+    loop {
+        let p = batch().await?;
+        total.add(p);
+        if [
+            p.events,
+            p.actions,
+            p.dead_letters,
+            p.conversations,
+            p.calls,
+        ]
+        .iter()
+        .all(|n| *n < size)
+        {
+            return Ok(total);
+        }
+    }
 }
 
 /// One outbound HTTP call a plugin made while handling an event, as the
@@ -347,6 +417,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Events not yet dispatched, oldest first (recovery after a restart).
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// The event recorded under `key`, if it is still pending (a
+    /// redelivery of it is then handed to its lane again).
+    async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError>;
+
     /// Marks an event handled, with what each plugin did, and in the same
     /// transaction queues its actions, applies its KV writes and what it
     /// changes about its conversation (creating it in the bot's hands if
@@ -405,13 +479,17 @@ pub trait Backend: Send + Sync + 'static {
         conversation_id: &str,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Pending events this replica should pick up although it did not
-    /// receive them: in conversations it holds, or orphaned (their
-    /// replica died). Oldest first, at most `limit`.
+    /// Pending events this replica should pick up although the webhook
+    /// may never have handed them to its dispatcher: in conversations it
+    /// holds, or orphaned (their replica died; on a single node, pending
+    /// for longer than [`ORPHANED_AFTER`]: a delivery cut off after its
+    /// commit, a lane that gave up on a transient error). The dispatcher
+    /// skips those it is working on. Oldest first, at most `limit`.
     async fn claimable_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Woken when [`claimable_events`](Self::claimable_events) may have
-    /// something; `None` when work only ever arrives through this process.
+    /// something sooner than the dispatcher's periodic sweep; `None` when
+    /// work only ever arrives through this process.
     fn inbox_wakeups(&self) -> Option<Arc<tokio::sync::Notify>>;
 
     /// Recent events, newest first.
@@ -439,6 +517,13 @@ pub trait Backend: Send + Sync + 'static {
         conversation_id: &str,
         key: &str,
     ) -> Result<Option<String>, StoreError>;
+
+    /// How much KV a plugin holds in one conversation and in all of them
+    /// ([`KvUsage`]: keys, and bytes of keys plus values), as committed.
+    /// Kept up to date by [`complete_event`](Self::complete_event) and
+    /// [`prune`](Self::prune) in their own transactions, so reading it
+    /// costs one lookup whatever the plugin holds.
+    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, StoreError>;
 
     // ---- outbox ------------------------------------------------------------
 
@@ -516,10 +601,10 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- retention ---------------------------------------------------------
 
-    /// Deletes handled events and sent actions finished before `before`
-    /// (ms), and journaled calls recorded before it. Pending work (and the
-    /// calls of pending events) and dead letters are never pruned.
-    async fn prune(&self, before: i64) -> Result<Pruned, StoreError>;
+    /// Deletes what `retention` says is old enough (see [`Retention`]),
+    /// in batches; journaled calls go with their finished events. Pending
+    /// work (and the calls of pending events) is never pruned.
+    async fn prune(&self, retention: Retention) -> Result<Pruned, StoreError>;
 
     // ---- replicas ----------------------------------------------------------
 

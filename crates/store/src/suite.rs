@@ -45,6 +45,7 @@ macro_rules! store_suite {
     ($fixture:path) => {
         $crate::store_suite!(@tests $fixture;
             duplicates_are_detected_and_pending_survives_reopen,
+            a_pending_event_is_found_by_key_until_completed,
             concurrent_inserts_all_land,
             completing_queues_actions_and_kv_once,
             outbox_heads_are_each_conversations_oldest_pending,
@@ -53,6 +54,8 @@ macro_rules! store_suite {
             outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed,
             conversations_list_recent_first_with_events_and_actions,
             conversation_state_changes_once_per_event_and_survives_reopen,
+            kv_usage_follows_every_write_per_conversation_and_plugin,
+            retention_removes_old_dead_letters_and_idle_conversations_with_their_kv,
             journal_records_replaces_lists_and_survives_reopen,
             journal_is_pruned_with_finished_events_only,
         );
@@ -146,6 +149,35 @@ pub async fn duplicates_are_detected_and_pending_survives_reopen(db: TestDb) {
         store.insert_event(event("m1", "c1")).await.unwrap(),
         Inserted::Duplicate
     );
+}
+
+pub async fn a_pending_event_is_found_by_key_until_completed(db: TestDb) {
+    let store = db.open().await;
+    let Inserted::New(seq) = store.insert_event(event("m1", "c1")).await.unwrap() else {
+        panic!("m1 is new")
+    };
+    let key = "live_chat.new_message:m1";
+    let found = store.pending_event(key).await.unwrap().expect("m1 pending");
+    assert_eq!((found.seq, found.event.key.as_str()), (seq, key));
+    assert!(
+        store
+            .pending_event("live_chat.new_message:m2")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .complete_event(
+            seq,
+            "c1".into(),
+            serde_json::json!([]),
+            Vec::new(),
+            Vec::new(),
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+    assert!(store.pending_event(key).await.unwrap().is_none(), "handled");
 }
 
 pub async fn concurrent_inserts_all_land(db: TestDb) {
@@ -375,13 +407,17 @@ pub async fn prune_removes_only_old_finished_work(db: TestDb) {
         .await
         .unwrap();
 
-    let pruned = store.prune(cut).await.unwrap();
+    let finished = Retention {
+        finished_before: Some(cut),
+        ..Retention::default()
+    };
+    let pruned = store.prune(finished).await.unwrap();
     assert_eq!(
         pruned,
         Pruned {
             events: 2,
             actions: 1,
-            calls: 0,
+            ..Pruned::default()
         }
     );
     let mut keys: Vec<String> = store
@@ -413,7 +449,7 @@ pub async fn prune_removes_only_old_finished_work(db: TestDb) {
     assert_eq!(store.dead_letters().await.unwrap().len(), 1);
     assert_eq!(store.pending_events().await.unwrap().len(), 1);
     // Pruning again finds nothing more.
-    assert_eq!(store.prune(cut).await.unwrap(), Pruned::default());
+    assert_eq!(store.prune(finished).await.unwrap(), Pruned::default());
 }
 
 pub async fn outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed(db: TestDb) {
@@ -718,6 +754,268 @@ pub async fn conversation_state_changes_once_per_event_and_survives_reopen(db: T
     assert!(store.is_own_message("c", "msg_bot_1").await.unwrap());
 }
 
+fn set(key: &str, value: &str) -> KvWrite {
+    KvWrite::Set {
+        key: key.into(),
+        value: value.into(),
+    }
+}
+
+fn kv(plugin: &str, conv: &str, writes: Vec<KvWrite>) -> KvChanges {
+    KvChanges {
+        plugin: plugin.into(),
+        conversation_id: conv.into(),
+        writes,
+    }
+}
+
+/// Inserts a customer message in `conv` and completes it with `changes`.
+async fn complete_kv(store: &Store, id: &str, conv: &str, changes: Vec<KvChanges>) {
+    let Inserted::New(seq) = store.insert_event(event(id, conv)).await.unwrap() else {
+        panic!("{id} is a duplicate")
+    };
+    let done = store
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            vec![],
+            changes.clone(),
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+    assert!(done.completed);
+    // A second completion (a recovery race) counts nothing twice.
+    let again = store
+        .complete_event(
+            seq,
+            conv.into(),
+            serde_json::json!([]),
+            vec![],
+            changes,
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Completed::default());
+}
+
+fn size(keys: i64, bytes: i64) -> KvSize {
+    KvSize { keys, bytes }
+}
+
+async fn usage(store: &Store, plugin: &str, conv: &str) -> (KvSize, KvSize) {
+    let u = store.kv_usage(plugin, conv).await.unwrap();
+    (u.scope, u.plugin)
+}
+
+pub async fn kv_usage_follows_every_write_per_conversation_and_plugin(db: TestDb) {
+    let store = db.open().await;
+    assert_eq!(
+        usage(&store, "echo", "c1").await,
+        (KvSize::default(), KvSize::default())
+    );
+    // Sizes are UTF-8 bytes of key plus value: "topic"+"orders" is 11,
+    // "clé"+"été" is 9.
+    complete_kv(
+        &store,
+        "k1",
+        "c1",
+        vec![
+            kv(
+                "echo",
+                "c1",
+                vec![set("topic", "orders"), set("clé", "été")],
+            ),
+            kv("other", "c1", vec![set("a", "1")]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        usage(&store, "echo", "c1").await,
+        (size(2, 20), size(2, 20))
+    );
+    assert_eq!(usage(&store, "other", "c1").await, (size(1, 2), size(1, 2)));
+
+    // Another conversation: its own usage, the plugin's total grows.
+    complete_kv(
+        &store,
+        "k2",
+        "c2",
+        vec![kv("echo", "c2", vec![set("topic", "x")])],
+    )
+    .await;
+    assert_eq!(usage(&store, "echo", "c2").await, (size(1, 6), size(3, 26)));
+
+    // Overwrites count the difference; a delete gives its entry back;
+    // deleting a missing key and a write then a delete of the same key in
+    // one turn change nothing.
+    complete_kv(
+        &store,
+        "k3",
+        "c1",
+        vec![kv(
+            "echo",
+            "c1",
+            vec![
+                set("topic", "o"),
+                KvWrite::Delete { key: "clé".into() },
+                KvWrite::Delete {
+                    key: "missing".into(),
+                },
+                set("brief", "x"),
+                KvWrite::Delete {
+                    key: "brief".into(),
+                },
+            ],
+        )],
+    )
+    .await;
+    assert_eq!(usage(&store, "echo", "c1").await, (size(1, 6), size(2, 12)));
+    assert_eq!(
+        store
+            .kv_get("echo", "c1", "topic")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("o")
+    );
+    assert_eq!(store.kv_get("echo", "c1", "brief").await.unwrap(), None);
+
+    // Survives a reopen.
+    store.close();
+    let store = db.open().await;
+    assert_eq!(usage(&store, "echo", "c1").await, (size(1, 6), size(2, 12)));
+    assert_eq!(usage(&store, "other", "c1").await, (size(1, 2), size(1, 2)));
+    assert_eq!(
+        usage(&store, "echo", "nowhere").await,
+        (KvSize::default(), size(2, 12))
+    );
+}
+
+pub async fn retention_removes_old_dead_letters_and_idle_conversations_with_their_kv(db: TestDb) {
+    let store = db.open().await;
+    // Idle since before the cut: a conversation with two plugins' KV and
+    // a dead letter, and one whose later event is still pending.
+    complete_kv(
+        &store,
+        "old1",
+        "old",
+        vec![
+            kv("echo", "old", vec![set("a", "12345"), set("b", "1")]),
+            kv("other", "old", vec![set("c", "1")]),
+        ],
+    )
+    .await;
+    handled_in(&store, "old2", "old", 1).await;
+    store
+        .mark_dead(head_id(&store, "old2/a0").await, Some(400), "no".into())
+        .await
+        .unwrap();
+    complete_kv(
+        &store,
+        "waiting1",
+        "waiting",
+        vec![kv("echo", "waiting", vec![set("w", "1")])],
+    )
+    .await;
+    store
+        .insert_event(event("waiting2", "waiting"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    let cut = now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    // Active after the cut: kept, with its KV and its dead letter.
+    complete_kv(
+        &store,
+        "new1",
+        "new",
+        vec![kv("echo", "new", vec![set("n", "123")])],
+    )
+    .await;
+    handled_in(&store, "new2", "new", 1).await;
+    store
+        .mark_dead(head_id(&store, "new2/a0").await, Some(400), "no".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        usage(&store, "echo", "old").await,
+        (size(2, 8), size(4, 14))
+    );
+
+    // Nothing asked, nothing removed.
+    assert_eq!(
+        store.prune(Retention::default()).await.unwrap(),
+        Pruned::default()
+    );
+    let retention = Retention {
+        finished_before: None,
+        dead_before: Some(cut),
+        idle_before: Some(cut),
+    };
+    assert_eq!(
+        store.prune(retention).await.unwrap(),
+        Pruned {
+            dead_letters: 1,
+            conversations: 1,
+            kv_entries: 3,
+            ..Pruned::default()
+        }
+    );
+    assert_eq!(store.conversation_state("old").await.unwrap(), None);
+    assert_eq!(store.kv_get("echo", "old", "a").await.unwrap(), None);
+    assert_eq!(store.kv_get("other", "old", "c").await.unwrap(), None);
+    // The plugins' totals lost exactly what went.
+    assert_eq!(
+        usage(&store, "echo", "old").await,
+        (KvSize::default(), size(2, 6))
+    );
+    assert_eq!(
+        usage(&store, "other", "old").await,
+        (KvSize::default(), KvSize::default())
+    );
+    // The conversation with a pending event stays, with its KV.
+    assert!(store.conversation_state("waiting").await.unwrap().is_some());
+    assert_eq!(
+        store
+            .kv_get("echo", "waiting", "w")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("1")
+    );
+    assert!(store.conversation_state("new").await.unwrap().is_some());
+    assert_eq!(usage(&store, "echo", "new").await, (size(1, 4), size(2, 6)));
+    let dead = store.dead_letters().await.unwrap();
+    assert_eq!(
+        dead.iter()
+            .map(|a| a.idempotency_key.as_str())
+            .collect::<Vec<_>>(),
+        ["new2/a0"]
+    );
+    // A conversation that comes back after retention starts afresh.
+    complete_kv(
+        &store,
+        "old3",
+        "old",
+        vec![kv("echo", "old", vec![set("a", "1")])],
+    )
+    .await;
+    assert_eq!(usage(&store, "echo", "old").await, (size(1, 2), size(3, 8)));
+    assert_eq!(
+        store
+            .conversation_state("old")
+            .await
+            .unwrap()
+            .unwrap()
+            .reason,
+        "first event"
+    );
+    assert_eq!(store.prune(retention).await.unwrap(), Pruned::default());
+}
+
 /// A journaled call of `plugin` in `event_key`, answered `status` with
 /// `body`.
 pub fn call(event_key: &str, plugin: &str, call: u32, status: u16, body: &[u8]) -> JournalEntry {
@@ -870,7 +1168,13 @@ pub async fn journal_is_pruned_with_finished_events_only(db: TestDb) {
         .await
         .unwrap();
 
-    let pruned = store.prune(cut).await.unwrap();
+    let pruned = store
+        .prune(Retention {
+            finished_before: Some(cut),
+            ..Retention::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(pruned.calls, 1, "{pruned:?}");
     let left: Vec<u32> = store
         .journal(&done_key, None)
@@ -881,5 +1185,15 @@ pub async fn journal_is_pruned_with_finished_events_only(db: TestDb) {
         .collect();
     assert_eq!(left, [1]);
     assert_eq!(store.journal(&pending_key, None).await.unwrap().len(), 1);
-    assert_eq!(store.prune(cut).await.unwrap().calls, 0);
+    assert_eq!(
+        store
+            .prune(Retention {
+                finished_before: Some(cut),
+                ..Retention::default()
+            })
+            .await
+            .unwrap()
+            .calls,
+        0
+    );
 }

@@ -106,6 +106,8 @@ impl Recorded {
 pub struct Scripted {
     pub status: u16,
     pub retry_after: Option<String>,
+    /// More headers to answer with (e.g. `Location`).
+    pub headers: Vec<(String, String)>,
     pub body: Value,
 }
 
@@ -114,8 +116,15 @@ impl Scripted {
         Scripted {
             status,
             retry_after: None,
+            headers: Vec::new(),
             body: json!({"message": format!("scripted {status}")}),
         }
+    }
+
+    /// Adds a header to the answer (verbatim).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// Adds a `Retry-After` header (seconds or an HTTP date, verbatim).
@@ -223,6 +232,7 @@ struct Inner {
 struct Answer {
     status: u16,
     retry_after: Option<String>,
+    headers: Vec<(String, String)>,
     body: Value,
 }
 
@@ -231,6 +241,7 @@ impl Answer {
         Answer {
             status,
             retry_after: None,
+            headers: Vec::new(),
             body,
         }
     }
@@ -739,6 +750,14 @@ async fn handle(
     {
         response.headers_mut().insert(header::RETRY_AFTER, value);
     }
+    for (name, value) in answer.headers {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().insert(name, value);
+        }
+    }
     response
 }
 
@@ -757,6 +776,7 @@ fn answer(
         return Answer {
             status: s.status,
             retry_after: s.retry_after,
+            headers: s.headers,
             body: s.body,
         };
     }
@@ -826,7 +846,10 @@ fn oauth_token(inner: &mut Inner, body: &Value, now: Instant) -> Answer {
     let expires_in = inner.oauth.expires_in;
     inner.tokens.push(IssuedToken {
         token: token.clone(),
-        expires_at: now + Duration::from_secs(expires_in),
+        // `expires_in` may be u64::MAX (a hostile answer under test).
+        expires_at: now
+            .checked_add(Duration::from_secs(expires_in))
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86400)),
         revoked: false,
     });
     Answer::new(
