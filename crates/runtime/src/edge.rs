@@ -361,3 +361,42 @@ macro_rules! version_edge {
         }
     };
 }
+
+/// The event records of the versions whose events carry who is in charge
+/// (0.2.0 on): each version has its own generated types, so each module
+/// expands these for its `wit` types.
+macro_rules! events_with_state {
+    () => {
+        fn new_conversation_event(
+            event_id: &str,
+            conversation: wit::Conversation,
+            state: event::ConversationState,
+        ) -> wit::NewConversationEvent {
+            wit::NewConversationEvent {
+                event_id: event_id.to_string(),
+                conversation,
+                state: to_wit_state(state),
+            }
+        }
+
+        fn message_event(
+            event_id: &str,
+            message: wit::Message,
+            state: event::ConversationState,
+        ) -> wit::MessageEvent {
+            wit::MessageEvent {
+                event_id: event_id.to_string(),
+                message,
+                state: to_wit_state(state),
+            }
+        }
+
+        fn to_wit_state(state: event::ConversationState) -> wit::ConversationState {
+            match state {
+                event::ConversationState::Bot => wit::ConversationState::Bot,
+                event::ConversationState::Human => wit::ConversationState::Human,
+                event::ConversationState::Closed => wit::ConversationState::Closed,
+            }
+        }
+    };
+}

@@ -45,34 +45,4 @@ impl digishare::bot::outbound::Host for HostState {
     }
 }
 
-fn new_conversation_event(
-    event_id: &str,
-    conversation: wit::Conversation,
-    state: event::ConversationState,
-) -> wit::NewConversationEvent {
-    wit::NewConversationEvent {
-        event_id: event_id.to_string(),
-        conversation,
-        state: to_wit_state(state),
-    }
-}
-
-fn message_event(
-    event_id: &str,
-    message: wit::Message,
-    state: event::ConversationState,
-) -> wit::MessageEvent {
-    wit::MessageEvent {
-        event_id: event_id.to_string(),
-        message,
-        state: to_wit_state(state),
-    }
-}
-
-fn to_wit_state(state: event::ConversationState) -> wit::ConversationState {
-    match state {
-        event::ConversationState::Bot => wit::ConversationState::Bot,
-        event::ConversationState::Human => wit::ConversationState::Human,
-        event::ConversationState::Closed => wit::ConversationState::Closed,
-    }
-}
+events_with_state!();
