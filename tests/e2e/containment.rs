@@ -118,16 +118,6 @@ impl Admin {
     }
 }
 
-/// `text` as the body Digishare receives from the greeter (or any plugin
-/// answering with plain text).
-fn text(conversation: &str, body: &str) -> Value {
-    json!({
-        "method": "POST",
-        "path": "/v1/messages",
-        "body": {"conversation_id": conversation, "type": "text", "body": body, "send_to_third": true}
-    })
-}
-
 /// The outcome entry of `plugin` in a recorded event.
 fn outcome<'a>(event: &'a Value, plugin: &str) -> Result<&'a Value> {
     event["plugins"]
@@ -209,12 +199,12 @@ async fn contained(
     fake.settle(3, TIMEOUT).await?;
     ensure_all_eq(
         &fake.wire_for(&a),
-        &[text(&a, "Salam one"), text(&a, "Salam two")],
+        &[wire_text(&a, "Salam one"), wire_text(&a, "Salam two")],
         &format!("requests for {a}"),
     )?;
     ensure_all_eq(
         &fake.wire_for(&b),
-        &[text(&b, "Salam three")],
+        &[wire_text(&b, "Salam three")],
         &format!("requests for {b}"),
     )?;
     ensure_up(&mut bot).await?;
@@ -288,8 +278,8 @@ async fn files_env_token_network_and_clock_are_out_of_reach() -> Result<()> {
     ensure_all_eq(
         &fake.wire_for(c),
         &[
-            text(c, "fs:err dir:err env:0 token:absent net:err clock:0"),
-            text(c, "Salam let me out"),
+            wire_text(c, "fs:err dir:err env:0 token:absent net:err clock:0"),
+            wire_text(c, "Salam let me out"),
         ],
         "the escape report, then the greeter",
     )?;
@@ -333,20 +323,20 @@ async fn a_plugin_stays_in_its_conversation_and_its_own_config() -> Result<()> {
     ensure_all_eq(
         &fake.wire_for(a),
         &[
-            text(a, "stored"),
-            text(a, "Salam store s3cret"),
-            text(a, "secret=s3cret"),
-            text(a, "Salam peek"),
-            text(a, "api_token=None other=None"),
-            text(a, "Salam config"),
-            text(a, "hijack attempted"),
-            text(a, "Salam hijack"),
+            wire_text(a, "stored"),
+            wire_text(a, "Salam store s3cret"),
+            wire_text(a, "secret=s3cret"),
+            wire_text(a, "Salam peek"),
+            wire_text(a, "api_token=None other=None"),
+            wire_text(a, "Salam config"),
+            wire_text(a, "hijack attempted"),
+            wire_text(a, "Salam hijack"),
         ],
         "conversation A",
     )?;
     ensure_all_eq(
         &fake.wire_for(b),
-        &[text(b, "secret=none"), text(b, "Salam peek")],
+        &[wire_text(b, "secret=none"), wire_text(b, "Salam peek")],
         "conversation B sees nothing of A",
     )?;
     // Nothing else was called: no participant route, no other conversation.
@@ -410,7 +400,7 @@ async fn per_plugin_limits_override_the_defaults() -> Result<()> {
     fake.settle(2, TIMEOUT).await?;
     ensure_all_eq(
         &fake.wire_for(c),
-        &[text(c, "Salam a"), text(c, "Salam b")],
+        &[wire_text(c, "Salam a"), wire_text(c, "Salam b")],
         "the greeter's replies",
     )?;
 
@@ -512,7 +502,9 @@ async fn the_breaker_quarantines_then_retries() -> Result<()> {
     );
 
     fake.settle(6, TIMEOUT).await?;
-    let expected: Vec<Value> = (1..=6).map(|i| text(c, &format!("Salam {i}"))).collect();
+    let expected: Vec<Value> = (1..=6)
+        .map(|i| wire_text(c, &format!("Salam {i}")))
+        .collect();
     ensure_all_eq(&fake.wire_for(c), &expected, "the greeter's replies")?;
     Ok(())
 }
@@ -634,7 +626,7 @@ async fn an_upload_with_foreign_imports_is_refused_with_the_list() -> Result<()>
     fake.settle(1, TIMEOUT).await?;
     ensure_all_eq(
         &fake.wire_for("conv_refused"),
-        &[text("conv_refused", "Hello still here")],
+        &[wire_text("conv_refused", "Hello still here")],
         "the greeter serves",
     )?;
     Ok(())
@@ -702,7 +694,7 @@ async fn startup_refuses_foreign_imports_and_serves_the_rest() -> Result<()> {
     fake.settle(1, TIMEOUT).await?;
     ensure_all_eq(
         &fake.wire_for("conv_startup"),
-        &[text("conv_startup", "Salam bonjour")],
+        &[wire_text("conv_startup", "Salam bonjour")],
         "the greeter serves",
     )?;
     Ok(())
@@ -818,10 +810,18 @@ async fn a_sleeping_plugin_is_cut_and_the_neighbour_answers_everyone() -> Result
     }
     fake.settle(17, TIMEOUT).await?;
     for c in &sleepy {
-        ensure_all_eq(&fake.wire_for(c), &[text(c, &format!("hello from {c}"))], c)?;
+        ensure_all_eq(
+            &fake.wire_for(c),
+            &[wire_text(c, &format!("hello from {c}"))],
+            c,
+        )?;
     }
     for c in &normal {
-        ensure_all_eq(&fake.wire_for(c), &[text(c, &format!("hi from {c}"))], c)?;
+        ensure_all_eq(
+            &fake.wire_for(c),
+            &[wire_text(c, &format!("hi from {c}"))],
+            c,
+        )?;
     }
     ensure_up(&mut bot).await
 }

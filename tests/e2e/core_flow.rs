@@ -12,15 +12,6 @@ fn post_message(body: Value) -> Value {
     json!({"method": "POST", "path": "/v1/messages", "body": body})
 }
 
-fn text(conversation: &str, body: &str) -> Value {
-    post_message(json!({
-        "conversation_id": conversation,
-        "type": "text",
-        "body": body,
-        "send_to_third": true
-    }))
-}
-
 fn text_reply_to(conversation: &str, body: &str, reply_to: &str) -> Value {
     post_message(json!({
         "conversation_id": conversation,
@@ -49,7 +40,7 @@ fn hand_off(conversation: &str, topic: &str) -> [Value; 3] {
             &format!("Le client demande un conseiller. Sujet : {topic}."),
         ),
         attach(conversation, "usr_17"),
-        text(conversation, HAND_OFF_TEXT),
+        wire_text(conversation, HAND_OFF_TEXT),
     ]
 }
 
@@ -154,7 +145,7 @@ async fn concierge_full_flow() -> Result<()> {
     step(&bot, &fake, C, orders, &expected).await?;
 
     expected.push(invoice_file(C, "https://example.com/facture.pdf"));
-    expected.push(text(C, "Voici votre facture."));
+    expected.push(wire_text(C, "Voici votre facture."));
     let invoice = list_reply(C, "msg_flow_03", "invoice", "Recevoir ma facture");
     step(&bot, &fake, C, invoice, &expected).await?;
 
@@ -241,11 +232,11 @@ async fn concierge_stores_location_and_help() -> Result<()> {
             "address": "Bd Al Massira, Casablanca"
         }
     })));
-    expected.push(text(c, "Voici le magasin le plus proche."));
+    expected.push(wire_text(c, "Voici le magasin le plus proche."));
     let here = customer_location(c, "msg_st_02", 33.59, -7.61);
     step(&bot, &fake, c, here, &expected).await?;
 
-    expected.push(text(
+    expected.push(wire_text(
         c,
         "Votre colis est en route. Tapez « agent » pour parler à un conseiller.",
     ));
@@ -282,7 +273,7 @@ async fn plugins_answer_in_name_order() -> Result<()> {
     step(&bot, &fake, c, new_conversation(c, "Omar"), &expected).await?;
 
     expected.push(orders_list(c));
-    expected.push(text(c, "menu"));
+    expected.push(wire_text(c, "menu"));
     step(
         &bot,
         &fake,
@@ -293,7 +284,7 @@ async fn plugins_answer_in_name_order() -> Result<()> {
     .await?;
 
     expected.push(text_reply_to(c, HELP_TEXT, "msg_ord_02"));
-    expected.push(text(c, "bonjour"));
+    expected.push(wire_text(c, "bonjour"));
     step(
         &bot,
         &fake,
@@ -339,13 +330,13 @@ async fn plugin_toml_enabled_events_and_config() -> Result<()> {
     .await?;
 
     expected.push(invoice_file(c, "https://cdn.example.com/f-123.pdf"));
-    expected.push(text(c, "Voici votre facture."));
+    expected.push(wire_text(c, "Voici votre facture."));
     let invoice = list_reply(c, "msg_toml_02", "invoice", "Recevoir ma facture");
     step(&bot, &fake, c, invoice, &expected).await?;
 
     expected.push(note(c, "Le client demande un conseiller. Sujet : orders."));
     expected.push(attach(c, "usr_99"));
-    expected.push(text(c, HAND_OFF_TEXT));
+    expected.push(wire_text(c, HAND_OFF_TEXT));
     let agent = customer_text(c, "msg_toml_03", "agent");
     step(&bot, &fake, c, agent, &expected).await?;
 

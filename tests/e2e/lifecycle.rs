@@ -47,11 +47,6 @@ fn archived(conversation: &str) -> Value {
            "data": {"conversation_id": conversation, "archived_at": "2026-11-26T10:30:00.000000Z"}})
 }
 
-fn text(conversation: &str, body: &str) -> Value {
-    json!({"method": "POST", "path": "/v1/messages", "body": {
-        "conversation_id": conversation, "type": "text", "body": body, "send_to_third": true}})
-}
-
 fn note(conversation: &str, body: &str) -> Value {
     json!({"method": "POST", "path": "/v1/messages", "body": {
         "conversation_id": conversation, "type": "text", "body": body, "send_to_third": false}})
@@ -169,7 +164,7 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
         note(c, "Le client demande un conseiller. Sujet : aucun."),
         json!({"method": "PUT", "path": format!("/v1/conversations/{c}/attach/participants"),
                "body": {"users": ["usr_17"], "bots": [], "handler_id": "usr_17"}}),
-        text(c, "Je vous passe un conseiller, un instant."),
+        wire_text(c, "Je vous passe un conseiller, un instant."),
     ];
     step(&bot, &fake, c, customer(c, "msg_h1", "agent"), &expected).await?;
     ensure_state(&bot, c, "human", "hand-off delivered").await?;
@@ -287,7 +282,7 @@ async fn an_agent_writing_first_silences_the_bot() -> Result<()> {
         &fake,
         a,
         customer(a, "msg_aa1", "bonjour"),
-        &[text(a, "bonjour")],
+        &[wire_text(a, "bonjour")],
     )
     .await?;
     handle(&bot, &agent(a, "msg_aa2", "Bonjour, ici Karim")).await?;
@@ -330,7 +325,11 @@ async fn an_agent_writing_first_silences_the_bot() -> Result<()> {
     fake.echo_to(None);
     let key = handle(&bot, &customer(b, "msg_ab3", "merci")).await?;
     ensure_skipped_for_human(&bot, &key, "echo").await?;
-    ensure_all_eq(&fake.wire_for(b), &[text(b, "bonjour")], "requests for b")?;
+    ensure_all_eq(
+        &fake.wire_for(b),
+        &[wire_text(b, "bonjour")],
+        "requests for b",
+    )?;
     fake.settle(2, TIMEOUT).await?;
     Ok(())
 }
@@ -359,7 +358,7 @@ async fn own_replies_echoed_back_never_take_over() -> Result<()> {
     )));
     let mut expected = Vec::new();
     for (id, words) in [("msg_ea1", "un"), ("msg_ea2", "deux"), ("msg_ea3", "trois")] {
-        expected.push(text(a, words));
+        expected.push(wire_text(a, words));
         step(&bot, &fake, a, customer(a, id, words), &expected).await?;
     }
     let echoes = settle_echoes(&bot, &fake, 6).await?;
@@ -379,7 +378,7 @@ async fn own_replies_echoed_back_never_take_over() -> Result<()> {
     fake.echo_to(Some(echo(&bot, None, 2, EchoTiming::Held)));
     let mut expected = Vec::new();
     for (id, words) in [("msg_eb1", "un"), ("msg_eb2", "deux"), ("msg_eb3", "trois")] {
-        expected.push(text(b, words));
+        expected.push(wire_text(b, words));
         step(&bot, &fake, b, customer(b, id, words), &expected).await?;
     }
     ensure!(fake.release_echoes(true).await? == 6);
@@ -389,7 +388,7 @@ async fn own_replies_echoed_back_never_take_over() -> Result<()> {
         order[0] == order[1] && order[0] > order[2] && order[2] > order[4],
         "held echoes not newest first: {order:?}"
     );
-    expected.push(text(b, "quatre"));
+    expected.push(wire_text(b, "quatre"));
     step(&bot, &fake, b, customer(b, "msg_eb4", "quatre"), &expected).await?;
     ensure_state(&bot, b, "bot", "").await?;
 
@@ -402,7 +401,7 @@ async fn own_replies_echoed_back_never_take_over() -> Result<()> {
         &fake,
         c,
         customer(c, "msg_ec1", "un"),
-        &[text(c, "un")],
+        &[wire_text(c, "un")],
     )
     .await?;
     let mut from_api = agent(c, "msg_someone_else_api", "Message envoyé par l'API");
@@ -413,7 +412,7 @@ async fn own_replies_echoed_back_never_take_over() -> Result<()> {
         &fake,
         c,
         customer(c, "msg_ec2", "deux"),
-        &[text(c, "un"), text(c, "deux")],
+        &[wire_text(c, "un"), wire_text(c, "deux")],
     )
     .await?;
     ensure_state(&bot, c, "bot", "").await?;
@@ -437,7 +436,7 @@ async fn assist_plugins_only_write_notes_while_a_human_is_in_charge() -> Result<
         .await?;
     let c = "conv_life_assist";
     // The bot is in charge: both answer, in name order.
-    let mut expected = vec![text(c, "bonjour"), suggestion(c, "bonjour", THANKS)];
+    let mut expected = vec![wire_text(c, "bonjour"), suggestion(c, "bonjour", THANKS)];
     step(&bot, &fake, c, customer(c, "msg_as1", "bonjour"), &expected).await?;
     handle(&bot, &agent(c, "msg_as2", "Bonjour, ici Karim")).await?;
     ensure_state(&bot, c, "human", "Agent Karim wrote").await?;
@@ -562,7 +561,7 @@ async fn states_survive_a_restart() -> Result<()> {
         &fake,
         b,
         customer(b, "msg_rs1", "un"),
-        &[text(b, "un")],
+        &[wire_text(b, "un")],
     )
     .await?;
     handle(&bot, &agent(h, "msg_rs2", "Ici Karim")).await?;
@@ -606,7 +605,7 @@ async fn states_survive_a_restart() -> Result<()> {
         &fake,
         b,
         customer(b, "msg_rs6", "deux"),
-        &[text(b, "un"), text(b, "deux")],
+        &[wire_text(b, "un"), wire_text(b, "deux")],
     )
     .await?;
     step(
@@ -614,7 +613,7 @@ async fn states_survive_a_restart() -> Result<()> {
         &fake,
         x,
         customer(x, "msg_rs7", "trois"),
-        &[text(x, "trois")],
+        &[wire_text(x, "trois")],
     )
     .await?;
     step(
@@ -622,7 +621,7 @@ async fn states_survive_a_restart() -> Result<()> {
         &fake,
         r,
         customer(r, "msg_rs8", "quatre"),
-        &[text(r, "quatre")],
+        &[wire_text(r, "quatre")],
     )
     .await?;
     fake.settle(4, TIMEOUT).await?;
@@ -736,7 +735,7 @@ async fn release_from_the_cli_and_the_admin_api() -> Result<()> {
         &fake,
         one,
         customer(one, "msg_rl3", "un"),
-        &[text(one, "un")],
+        &[wire_text(one, "un")],
     )
     .await?;
     step(
@@ -744,7 +743,7 @@ async fn release_from_the_cli_and_the_admin_api() -> Result<()> {
         &fake,
         two,
         customer(two, "msg_rl4", "deux"),
-        &[text(two, "deux")],
+        &[wire_text(two, "deux")],
     )
     .await?;
     fake.settle(2, TIMEOUT).await?;
@@ -774,7 +773,7 @@ async fn idle_human_conversations_return_to_the_bot() -> Result<()> {
         &fake,
         c,
         customer(c, "msg_id3", "deux"),
-        &[text(c, "deux")],
+        &[wire_text(c, "deux")],
     )
     .await?;
     ensure_state(&bot, c, "bot", "idle: no agent message for 2 s").await?;

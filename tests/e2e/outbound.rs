@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::{Value, json};
 
 use crate::support::orders_api::FakeOrderApi;
 use crate::support::*;
@@ -16,12 +15,6 @@ use crate::support::*;
 /// The operator's order API token: must reach the order API, and nothing
 /// else (no log line, event, journal entry, action).
 const SECRET: &str = "tok_9f3c2a7e-SECRET-5b1d";
-
-fn text(conversation: &str, body: &str) -> Value {
-    json!({"method": "POST", "path": "/v1/messages", "body": {
-        "conversation_id": conversation, "type": "text", "body": body, "send_to_third": true
-    }})
-}
 
 /// `orders.toml` for the fake API (granted by its literal loopback
 /// address, the only way a plugin may reach 127.0.0.1). No `[limits]`: a
@@ -77,8 +70,8 @@ async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -
     ensure_all_eq(
         &fake.wire_for(c),
         &[
-            text(c, "Votre commande 12345 est en route."),
-            text(
+            wire_text(c, "Votre commande 12345 est en route."),
+            wire_text(
                 c,
                 "Je ne trouve pas la commande 99999. Vérifiez le numéro ?",
             ),
@@ -201,11 +194,11 @@ async fn concierge_tracks_a_parcel_through_the_order_api() -> Result<()> {
     ensure_all_eq(
         &fake.wire_for(c),
         &[
-            text(
+            wire_text(
                 c,
                 "Quel est votre numéro de commande ? Tapez-le ici (par exemple 12345).",
             ),
-            text(c, "Votre commande 4410 est en cours de livraison."),
+            wire_text(c, "Votre commande 4410 est en cours de livraison."),
         ],
         "replies",
     )?;
@@ -331,7 +324,7 @@ async fn hostile_fetch_is_refused_by_every_rule_and_echo_answers_beside_it() -> 
         let c = format!("conv_hostile_{i}");
         ensure_all_eq(
             &fake.wire_for(&c),
-            &[text(&c, message), text(&c, answer)],
+            &[wire_text(&c, message), wire_text(&c, answer)],
             &format!("replies to {message:?}"),
         )?;
     }
@@ -469,7 +462,7 @@ async fn check_no_completed_call_repeated(
         let c = format!("conv_{tag}_{i}");
         ensure_all_eq(
             &fake.wire_for(&c),
-            &[text(&c, "status 200\nstatus 200")],
+            &[wire_text(&c, "status 200\nstatus 200")],
             "exactly one reply",
         )?;
         let quick = counts
@@ -675,17 +668,21 @@ async fn a_thousand_conversations_waiting_on_the_api_hold_no_thread_and_delay_no
         ensure_all_eq(
             &fake.wire_for(&conversation),
             &[
-                text(&conversation, &url(c, 0)),
-                text(&conversation, "status 200"),
-                text(&conversation, &url(c, 1)),
-                text(&conversation, "status 200"),
+                wire_text(&conversation, &url(c, 0)),
+                wire_text(&conversation, "status 200"),
+                wire_text(&conversation, &url(c, 1)),
+                wire_text(&conversation, "status 200"),
             ],
             &conversation,
         )?;
     }
     for k in 0..ECHOES {
         let c = format!("conv_quick_{k}");
-        ensure_all_eq(&fake.wire_for(&c), &[text(&c, &format!("bonjour {k}"))], &c)?;
+        ensure_all_eq(
+            &fake.wire_for(&c),
+            &[wire_text(&c, &format!("bonjour {k}"))],
+            &c,
+        )?;
     }
     // Each conversation's second call left after its first was answered.
     let requests = api.requests();

@@ -66,15 +66,6 @@ async fn start_with(builder: DigibotBuilder, files: &[File]) -> Result<Digibot> 
     Ok(bot)
 }
 
-/// A text message as the fake receives it.
-fn text(conversation: &str, body: &str) -> Value {
-    json!({
-        "method": "POST",
-        "path": "/v1/messages",
-        "body": {"conversation_id": conversation, "type": "text", "body": body, "send_to_third": true}
-    })
-}
-
 /// The outcome of `plugin` in a recorded event.
 fn outcome<'a>(event: &'a Value, plugin: &str) -> Result<&'a Value> {
     event["plugins"]
@@ -183,7 +174,7 @@ async fn a_many_memories_component_is_refused_and_a_greedy_one_cannot_starve_ech
     }
     fake.settle(8, TIMEOUT).await?;
     for c in &conversations {
-        ensure_all_eq(&fake.wire_for(c), &[text(c, "still there?")], c)?;
+        ensure_all_eq(&fake.wire_for(c), &[wire_text(c, "still there?")], c)?;
     }
     Ok(())
 }
@@ -238,8 +229,11 @@ async fn a_kv_disk_fill_is_stopped_by_the_quotas_and_the_plugin_is_told() -> Res
             "{id}: the refusal is recorded: {event}"
         );
         echoed(&event)?;
-        expected.push((c, text(c, &format!("stored {stored}, refused: {refusal}"))));
-        expected.push((c, text(c, "fill")));
+        expected.push((
+            c,
+            wire_text(c, &format!("stored {stored}, refused: {refusal}")),
+        ));
+        expected.push((c, wire_text(c, "fill")));
     }
     // A plugin that gives up on the refusal (`kv::set(..)?`): the turn
     // fails with the host's reason, its writes discarded; echo answers.
@@ -252,7 +246,7 @@ async fn a_kv_disk_fill_is_stopped_by_the_quotas_and_the_plugin_is_told() -> Res
         "fa3: the host's reason is the plugin's: {event}"
     );
     echoed(&event)?;
-    expected.push((&"conv_fill_a", text("conv_fill_a", "fill-strict")));
+    expected.push((&"conv_fill_a", wire_text("conv_fill_a", "fill-strict")));
     fake.settle(9, TIMEOUT).await?;
     for c in ["conv_fill_a", "conv_fill_b", "conv_fill_c"] {
         let want: Vec<Value> = expected
@@ -279,8 +273,8 @@ async fn a_kv_disk_fill_is_stopped_by_the_quotas_and_the_plugin_is_told() -> Res
     ensure_all_eq(
         &c_wire[2..],
         &[
-            text("conv_fill_c", &format!("stored 0, refused: {refusal}")),
-            text("conv_fill_c", "fill"),
+            wire_text("conv_fill_c", &format!("stored 0, refused: {refusal}")),
+            wire_text("conv_fill_c", "fill"),
         ],
         "conv_fill_c after the restart",
     )?;
@@ -348,8 +342,8 @@ async fn huge_keys_and_values_and_endless_reads_are_refused() -> Result<()> {
             "{command}: {event}"
         );
         echoed(&event)?;
-        wire.push(text(c, answer));
-        wire.push(text(c, command));
+        wire.push(wire_text(c, answer));
+        wire.push(wire_text(c, command));
     }
     for (i, (command, reason)) in failed.iter().enumerate() {
         let event = post_all(&bot, &[(c, &format!("huge_fail_{i}"), command)])
@@ -361,7 +355,7 @@ async fn huge_keys_and_values_and_endless_reads_are_refused() -> Result<()> {
             "{command}: expected {reason:?}: {event}"
         );
         echoed(&event)?;
-        wire.push(text(c, command));
+        wire.push(wire_text(c, command));
     }
     fake.settle(wire.len(), TIMEOUT).await?;
     ensure_all_eq(&fake.wire_for(c), &wire, c)
@@ -402,10 +396,10 @@ async fn an_empty_log_flood_is_cut_at_the_line_cap_with_one_summary() -> Result<
     ensure_all_eq(
         &fake.wire_for(c),
         &[
-            text(c, "logged"),
-            text(c, "empty 200000"),
-            text(c, "logged"),
-            text(c, "huge"),
+            wire_text(c, "logged"),
+            wire_text(c, "empty 200000"),
+            wire_text(c, "logged"),
+            wire_text(c, "huge"),
         ],
         c,
     )?;

@@ -53,6 +53,14 @@ pub struct Recorded {
     pub received_at: Instant,
 }
 
+/// The wire form (see [`Recorded::wire`]) of the plain text reply `body`
+/// to the customer of `conversation`: what an echo sends.
+pub fn wire_text(conversation: &str, body: &str) -> Value {
+    json!({"method": "POST", "path": "/v1/messages", "body": {
+        "conversation_id": conversation, "type": "text", "body": body, "send_to_third": true
+    }})
+}
+
 impl Recorded {
     /// Answered with a 2xx status.
     pub fn ok(&self) -> bool {

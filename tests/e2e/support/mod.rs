@@ -23,7 +23,9 @@ pub use self::digibot::{
     ADMIN_TOKEN, API_TOKEN, Digibot, DigibotBuilder, HttpReply, WEBHOOK_TOKEN, WebhookAuth,
     basic_auth, free_port,
 };
-pub use self::fake::{Echo, EchoDelivery, EchoTiming, FakeDigishare, Recorded, SETTLE, Scripted};
+pub use self::fake::{
+    Echo, EchoDelivery, EchoTiming, FakeDigishare, Recorded, SETTLE, Scripted, wire_text,
+};
 pub use self::fixtures::{
     agent_text, all_fixtures, button_reply, customer_location, customer_text, event_key, fixture,
     list_reply, new_conversation, now_ms, plugin_wasm, rfc3339,
