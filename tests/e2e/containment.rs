@@ -218,9 +218,11 @@ async fn contained(
 
 #[tokio::test]
 async fn an_endless_loop_times_out_and_the_neighbour_answers() -> Result<()> {
-    // Default limits: the 100 ms compute budget stops it.
+    // Default limits: compute and wall budgets are both 100 ms, so which
+    // one stops it depends on how much CPU the machine gives the turn.
     contained("bad-loop", "hostile_loop", None, |r| {
         r == "timeout: compute budget of 100 ms spent"
+            || r == "timeout: wall-clock deadline of 100 ms passed"
     })
     .await
 }
@@ -545,8 +547,12 @@ async fn half_open_runs_a_single_trial() -> Result<()> {
     .await?;
     let admin = Admin::new(&bot)?;
     let first = post_texts(&bot, "conv_trial_0", "trial_first", &["first"]).await?;
+    // Compute and wall budgets are both 100 ms: on a loaded machine the
+    // wall clock can stop the loop first. Either way it is a timeout.
     ensure!(
-        outcome(&first[0], "bad-loop")?["reason"] == "timeout: compute budget of 100 ms spent",
+        outcome(&first[0], "bad-loop")?["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("timeout: ")),
         "{}",
         first[0]
     );
