@@ -386,6 +386,11 @@ fn start_parts(dir: &Path) -> Result<Vec<(&'static str, Vec<Duration>)>> {
     };
     let (mut store, mut engine, mut engine_plain, mut load) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // `serve` loads plugins on its runtime; so does this.
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     for _ in 0..START_RUNS {
         let t = Instant::now();
         let s = digibot_store_sqlite::open(&data, Durability::Full)?;
@@ -401,7 +406,7 @@ fn start_parts(dir: &Path) -> Result<Vec<(&'static str, Vec<Duration>)>> {
 
         let registry = Registry::new(runtime, Some(dir.join("plugins")), &data);
         let t = Instant::now();
-        let errors = registry.load_dir();
+        let errors = tokio.block_on(registry.load_dir());
         load.push(t.elapsed());
         if !errors.is_empty() || registry.snapshot().plugins.len() != 10 {
             bail!("loading the plugins failed: {errors:?}");

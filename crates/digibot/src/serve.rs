@@ -72,21 +72,14 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     let runtime = runtime(&settings)?;
     let mut registry = Registry::new(runtime, settings.plugins_dir.clone(), &settings.data_dir);
     // With replicas, plugins are the cluster's (see `cluster`).
-    let shared = store.plugin_records().map(|records| {
-        Arc::new(ClusterPlugins::new(
-            records,
-            tokio::runtime::Handle::current(),
-        ))
-    });
+    let shared = store
+        .plugin_records()
+        .map(|records| Arc::new(ClusterPlugins::new(records)));
     if let Some(shared) = &shared {
         registry = registry.with_shared(shared.clone());
     }
     let registry = Arc::new(registry);
-    // Blocking: compiles, and reads the shared record with replicas.
-    let loading = registry.clone();
-    let errors = tokio::task::spawn_blocking(move || loading.load_dir())
-        .await
-        .map_err(|e| ServeError::Runtime(format!("loading plugins: {e}")))?;
+    let errors = registry.load_dir().await;
     for error in errors {
         tracing::error!("{error}");
     }

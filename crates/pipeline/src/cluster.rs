@@ -30,22 +30,19 @@ use tokio::sync::watch;
 /// publishes its breakers.
 pub const TICK: Duration = Duration::from_secs(1);
 
-/// The store's plugin record as the registry's [`SharedPlugins`]. The
-/// registry compiles on blocking threads and calls these from there; each
-/// call drives the async record on `runtime`.
+/// The store's plugin record as the registry's [`SharedPlugins`].
 pub struct ClusterPlugins {
     records: Arc<dyn PluginRecords>,
-    runtime: tokio::runtime::Handle,
+}
+
+/// The record's error as the registry reports it.
+fn message(e: StoreError) -> String {
+    e.to_string()
 }
 
 impl ClusterPlugins {
-    pub fn new(records: Arc<dyn PluginRecords>, runtime: tokio::runtime::Handle) -> ClusterPlugins {
-        ClusterPlugins { records, runtime }
-    }
-
-    /// Runs one async call of the record from a blocking thread.
-    fn block<T>(&self, f: impl Future<Output = Result<T, StoreError>>) -> Result<T, String> {
-        self.runtime.block_on(f).map_err(|e| e.to_string())
+    pub fn new(records: Arc<dyn PluginRecords>) -> ClusterPlugins {
+        ClusterPlugins { records }
     }
 
     /// This replica, as it signs its breaker reports.
@@ -101,26 +98,30 @@ fn shared(p: digibot_store::RecordedPlugin) -> SharedPlugin {
     }
 }
 
+#[async_trait::async_trait]
 impl SharedPlugins for ClusterPlugins {
-    fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), String> {
-        self.block(self.records.put(name, hash, bytes))
+    async fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), String> {
+        self.records.put(name, hash, bytes).await.map_err(message)
     }
 
-    fn remove(&self, name: &str) -> Result<bool, String> {
-        self.block(self.records.remove(name))
+    async fn remove(&self, name: &str) -> Result<bool, String> {
+        self.records.remove(name).await.map_err(message)
     }
 
-    fn rollback(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
-        self.block(self.records.rollback(name))
+    async fn rollback(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
+        self.records.rollback(name).await.map_err(message)
     }
 
-    fn list(&self) -> Result<BTreeMap<String, SharedPlugin>, String> {
-        self.block(self.records.list())
-            .map(|l| l.into_iter().map(|(name, p)| (name, shared(p))).collect())
+    async fn list(&self) -> Result<BTreeMap<String, SharedPlugin>, String> {
+        let listed = self.records.list().await.map_err(message)?;
+        Ok(listed
+            .into_iter()
+            .map(|(name, p)| (name, shared(p)))
+            .collect())
     }
 
-    fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, String> {
-        self.block(self.records.bytes(name, hash))
+    async fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, String> {
+        self.records.bytes(name, hash).await.map_err(message)
     }
 }
 
@@ -143,18 +144,12 @@ pub async fn run(
             }
             _ = stop.changed() => return,
         }
-        // Compiling blocks: off the async workers.
-        let syncing = registry.clone();
-        match tokio::task::spawn_blocking(move || syncing.sync()).await {
-            Ok((changed, errors)) => {
-                for name in changed {
-                    tracing::info!(plugin = %name, "plugin changed by another replica; now serving it");
-                }
-                for e in errors {
-                    tracing::warn!(error = %e, "cannot serve the cluster's plugin");
-                }
-            }
-            Err(_) => tracing::warn!("plugin sync round panicked"),
+        let (changed, errors) = registry.sync().await;
+        for name in changed {
+            tracing::info!(plugin = %name, "plugin changed by another replica; now serving it");
+        }
+        for e in errors {
+            tracing::warn!(error = %e, "cannot serve the cluster's plugin");
         }
         let local = registry
             .report()

@@ -16,6 +16,11 @@
 //! serialised, and a reload reads the folder inside that critical section,
 //! so the folder and the served set cannot drift apart.
 //!
+//! The changes are async: compiling runs on tokio's blocking pool, the
+//! shared record is awaited, and the critical section is an async lock, so
+//! no change holds a worker thread or drives one runtime from inside
+//! another.
+//!
 //! Each served version has a [`Health`]: the circuit breaker that
 //! quarantines a plugin after repeated failures. Called by `dispatch`
 //! (every event), `admin` (the plugin API) and `watch` (the folder).
@@ -35,7 +40,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Registry failures.
@@ -59,6 +64,9 @@ pub enum RegistryError {
     },
     #[error("plugin {name}: the shared plugin store failed: {message}")]
     Shared { name: String, message: String },
+    /// Compiling panicked (a wasmtime bug, not a bad plugin): nothing changed.
+    #[error("plugin {0}: compiling it panicked; the previous version keeps serving")]
+    CompilerPanicked(String),
 }
 
 /// A plugin as the cluster records it.
@@ -90,22 +98,24 @@ pub struct ClusterView {
     pub health: BTreeMap<String, Vec<ReplicaHealth>>,
 }
 
-/// Where replicas sharing a database keep their plugins. Blocking calls:
-/// the registry calls them from blocking threads only.
+/// Where replicas sharing a database keep their plugins (the store's
+/// record, seen through `digibot_pipeline::cluster`; the runtime knows no
+/// SQL). Errors are the back end's message.
+#[async_trait::async_trait]
 pub trait SharedPlugins: Send + Sync {
     /// Records `bytes` as the version of `name` every replica serves; the
     /// version it replaces becomes the latest rollback target.
-    fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), String>;
+    async fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), String>;
     /// Takes `name` out of service everywhere; false when it was not served.
-    fn remove(&self, name: &str) -> Result<bool, String>;
+    async fn remove(&self, name: &str) -> Result<bool, String>;
     /// Makes the latest rollback target current (dropping it and the
     /// version rolled back from from the targets) and returns its bytes;
     /// `None` when there is no target.
-    fn rollback(&self, name: &str) -> Result<Option<Vec<u8>>, String>;
+    async fn rollback(&self, name: &str) -> Result<Option<Vec<u8>>, String>;
     /// Every plugin name the cluster knows.
-    fn list(&self) -> Result<BTreeMap<String, SharedPlugin>, String>;
+    async fn list(&self) -> Result<BTreeMap<String, SharedPlugin>, String>;
     /// The bytes of one recorded version.
-    fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, String>;
+    async fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, String>;
 }
 
 /// Consecutive-failure circuit breaker of one plugin version.
@@ -294,8 +304,9 @@ pub struct Registry {
     history_dir: PathBuf,
     /// Per plugin: hashes installed before the current one, oldest first.
     history: Mutex<BTreeMap<String, Vec<String>>>,
-    /// Serialises installs so two swaps of one plugin cannot interleave.
-    install_lock: Mutex<()>,
+    /// Serialises installs so two swaps of one plugin cannot interleave;
+    /// held across the compile and the shared record's round trips.
+    install_lock: tokio::sync::Mutex<()>,
     /// The plugins folder has been loaded once (readiness).
     loaded: AtomicBool,
     /// The cluster's record of plugins, when replicas share a database.
@@ -352,7 +363,7 @@ impl Registry {
             dir,
             history: Mutex::new(read_history(&data_dir.join("plugin-history"))),
             history_dir: data_dir.join("plugin-history"),
-            install_lock: Mutex::new(()),
+            install_lock: tokio::sync::Mutex::new(()),
             loaded: AtomicBool::new(false),
             shared: None,
             cluster: Mutex::new(None),
@@ -400,11 +411,11 @@ impl Registry {
     /// upload) and takes out the removed ones. Returns the names changed
     /// and the errors (a version that does not load keeps the old one).
     /// Without a shared store, nothing.
-    pub fn sync(&self) -> (Vec<String>, Vec<RegistryError>) {
+    pub async fn sync(&self) -> (Vec<String>, Vec<RegistryError>) {
         let Some(shared) = self.shared.clone() else {
             return (Vec::new(), Vec::new());
         };
-        let listed = match shared.list() {
+        let listed = match shared.list().await {
             Ok(listed) => listed,
             Err(e) => return (Vec::new(), vec![Self::shared_error("*")(e)]),
         };
@@ -426,13 +437,14 @@ impl Registry {
             {
                 continue;
             }
-            let _guard = self.lock();
+            let _guard = self.lock().await;
             let result = match &recorded.hash {
                 None => Ok(self.unpublish(&name)),
-                Some(hash) => match shared.bytes(&name, hash) {
-                    Ok(Some(bytes)) => self
-                        .read_manifest(&name)
-                        .and_then(|m| self.install_locked(&name, &bytes, m, false, false)),
+                Some(hash) => match shared.bytes(&name, hash).await {
+                    Ok(Some(bytes)) => match self.read_manifest(&name) {
+                        Ok(m) => self.install_locked(&name, bytes, m, false, false).await,
+                        Err(e) => Err(e),
+                    },
                     Ok(None) => Err(Self::shared_error(&name)(format!(
                         "version {hash} is recorded without its bytes"
                     ))),
@@ -486,18 +498,18 @@ impl Registry {
 
     /// Loads every `NAME.wasm` of the plugins folder. A plugin that fails
     /// to load is reported and skipped; the others serve.
-    pub fn load_dir(&self) -> Vec<RegistryError> {
-        let errors = self.load_dir_inner();
+    pub async fn load_dir(&self) -> Vec<RegistryError> {
+        let errors = self.load_dir_inner().await;
         self.loaded.store(true, Ordering::Release);
         errors
     }
 
-    fn load_dir_inner(&self) -> Vec<RegistryError> {
+    async fn load_dir_inner(&self) -> Vec<RegistryError> {
         // With a shared store, what the cluster recorded wins over this
         // replica's folder, which only seeds the names it does not know.
-        let (_, mut errors) = self.sync();
+        let (_, mut errors) = self.sync().await;
         let known: Vec<String> = match &self.shared {
-            Some(shared) if errors.is_empty() => match shared.list() {
+            Some(shared) if errors.is_empty() => match shared.list().await {
                 Ok(listed) => listed.into_keys().collect(),
                 Err(e) => {
                     errors.push(Self::shared_error("*")(e));
@@ -527,7 +539,7 @@ impl Registry {
         names.sort();
         names.retain(|n| !known.contains(n));
         for name in names {
-            if let Err(e) = self.reload(&name) {
+            if let Err(e) = self.reload(&name).await {
                 errors.push(e);
             }
         }
@@ -538,30 +550,34 @@ impl Registry {
     /// rollback): a change reads the folder and publishes under this lock,
     /// so a reload triggered by an older write can never publish bytes an
     /// upload has replaced since.
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.install_lock.lock().unwrap_or_else(|e| e.into_inner())
+    async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.install_lock.lock().await
     }
 
     /// (Re)loads `NAME` from the folder: its `.wasm` and `.toml`. A missing
     /// `.wasm` removes the plugin. Unchanged bytes and manifest: no-op.
     /// Returns whether the set changed.
-    pub fn reload(&self, name: &str) -> Result<bool, RegistryError> {
+    pub async fn reload(&self, name: &str) -> Result<bool, RegistryError> {
         check_name(name)?;
         let Some(dir) = &self.dir else {
             return Ok(false);
         };
-        let _guard = self.lock();
+        let _guard = self.lock().await;
         let path = dir.join(format!("{name}.wasm"));
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let manifest = self.read_manifest(name)?;
-                self.install_locked(name, &bytes, manifest, false, true)
+                self.install_locked(name, bytes, manifest, false, true)
+                    .await
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A file taken out of the folder stops it everywhere.
                 let removed = self.unpublish(name);
                 if removed && let Some(shared) = &self.shared {
-                    shared.remove(name).map_err(Self::shared_error(name))?;
+                    shared
+                        .remove(name)
+                        .await
+                        .map_err(Self::shared_error(name))?;
                 }
                 Ok(removed)
             }
@@ -572,11 +588,12 @@ impl Registry {
     /// Validates and installs a new version of `name` (upload), and writes
     /// it to the plugins folder so a restart serves it too. The old version
     /// keeps serving if the new one is refused.
-    pub fn install(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, RegistryError> {
+    pub async fn install(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, RegistryError> {
         check_name(name)?;
-        let _guard = self.lock();
+        let _guard = self.lock().await;
         let manifest = self.read_manifest(name)?;
-        self.install_locked(name, bytes, manifest, true, true)?;
+        self.install_locked(name, bytes.to_vec(), manifest, true, true)
+            .await?;
         self.current(name)
     }
 
@@ -591,16 +608,16 @@ impl Registry {
     /// `record`: a change made here (not one read from the cluster), so
     /// recorded in the shared store, when there is one, before it serves;
     /// a shared store also keeps the folder as it is (an input only).
-    fn install_locked(
+    async fn install_locked(
         &self,
         name: &str,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         manifest: Manifest,
         write_to_dir: bool,
         record: bool,
     ) -> Result<bool, RegistryError> {
         let current = self.snapshot();
-        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         if let Some(existing) = current.get(name)
             && existing.plugin.hash == hash
             && existing.plugin.manifest == manifest
@@ -613,7 +630,20 @@ impl Registry {
                 source,
             });
         }
-        let plugin = match self.runtime.load(name, bytes, manifest.clone()) {
+        // Compiling takes milliseconds to seconds of CPU: on the blocking
+        // pool, so the async workers keep serving events meanwhile.
+        let (compiled, bytes) = {
+            let runtime = self.runtime.clone();
+            let (owned, manifest) = (name.to_string(), manifest.clone());
+            tokio::task::spawn_blocking(move || {
+                let compiled = runtime.load(&owned, &bytes, manifest);
+                (compiled, bytes)
+            })
+            .await
+            .map_err(|_| RegistryError::CompilerPanicked(name.to_string()))?
+        };
+        let bytes = &bytes[..];
+        let plugin = match compiled {
             Ok(plugin) => plugin,
             Err(source) => {
                 // The caller reports the error; this says it is remembered.
@@ -644,6 +674,7 @@ impl Registry {
             if record {
                 shared
                     .put(name, &plugin.hash, bytes)
+                    .await
                     .map_err(Self::shared_error(name))?;
             }
             tracing::info!(plugin = name, version = %&plugin.hash[..12], cached = plugin.cached,
@@ -731,12 +762,15 @@ impl Registry {
     /// Removes `name` from service and its `.wasm` from the plugins folder
     /// (also when that file was refused at load and so never served).
     /// `NAME.toml` stays: it is the operator's configuration.
-    pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
+    pub async fn remove(&self, name: &str) -> Result<(), RegistryError> {
         check_name(name)?;
-        let _guard = self.lock();
+        let _guard = self.lock().await;
         let mut found = false;
         if let Some(shared) = &self.shared {
-            found = shared.remove(name).map_err(Self::shared_error(name))?;
+            found = shared
+                .remove(name)
+                .await
+                .map_err(Self::shared_error(name))?;
         }
         found |= self.unpublish(name);
         if let Some(dir) = &self.dir {
@@ -756,16 +790,18 @@ impl Registry {
     /// Reinstalls the version `name` had before the current one. The
     /// version rolled back from is not kept as a rollback target, so
     /// repeated rollbacks walk further back.
-    pub fn rollback(&self, name: &str) -> Result<Arc<Plugin>, RegistryError> {
+    pub async fn rollback(&self, name: &str) -> Result<Arc<Plugin>, RegistryError> {
         check_name(name)?;
-        let _guard = self.lock();
+        let _guard = self.lock().await;
         if let Some(shared) = &self.shared {
             let bytes = shared
                 .rollback(name)
+                .await
                 .map_err(Self::shared_error(name))?
                 .ok_or_else(|| RegistryError::NoPrevious(name.to_string()))?;
             let manifest = self.read_manifest(name)?;
-            self.install_locked(name, &bytes, manifest, false, false)?;
+            self.install_locked(name, bytes, manifest, false, false)
+                .await?;
             return self.current(name);
         }
         let previous = self
@@ -778,7 +814,8 @@ impl Registry {
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let rolled_back_from = self.snapshot().get(name).map(|e| e.plugin.hash.clone());
         let manifest = self.read_manifest(name)?;
-        self.install_locked(name, &bytes, manifest, true, true)?;
+        self.install_locked(name, bytes, manifest, true, true)
+            .await?;
         // Only now that it serves does the target leave the history.
         if let Ok(mut h) = self.history.lock()
             && let Some(v) = h.get_mut(name)

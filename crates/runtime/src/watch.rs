@@ -10,8 +10,8 @@ use notify::{RecursiveMode, Watcher};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// Quiet time before a changed plugin is reloaded.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -37,8 +37,11 @@ fn size(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
 }
 
+/// Watches `dir` and reloads through `registry` on a tokio task; call from
+/// inside the runtime that serves events (the reloads compile on its
+/// blocking pool). Events from `notify`'s own thread cross a channel.
 pub fn watch(dir: &Path, registry: Arc<Registry>) -> notify::Result<WatchHandle> {
-    let (tx, rx) = mpsc::channel::<PathBuf>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
             for path in event.paths {
@@ -48,40 +51,39 @@ pub fn watch(dir: &Path, registry: Arc<Registry>) -> notify::Result<WatchHandle>
     })?;
     watcher.watch(dir, RecursiveMode::NonRecursive)?;
     let dir = dir.to_path_buf();
-    std::thread::Builder::new()
-        .name("digibot-watch".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut names = BTreeSet::new();
-                names.extend(plugin_name(&first));
-                // Debounce: wait until no change arrives for SETTLE.
-                while let Ok(path) = rx.recv_timeout(SETTLE) {
-                    names.extend(plugin_name(&path));
-                }
-                for name in names {
-                    let wasm = dir.join(format!("{name}.wasm"));
-                    // Still growing? Wait for it to be stable.
-                    let mut last = size(&wasm);
-                    for _ in 0..50 {
-                        std::thread::sleep(Duration::from_millis(20));
-                        let now = size(&wasm);
-                        if now == last {
-                            break;
-                        }
-                        last = now;
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| notify::Error::generic(&format!("the folder watch needs a runtime: {e}")))?;
+    runtime.spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut names = BTreeSet::new();
+            names.extend(plugin_name(&first));
+            // Debounce: wait until no change arrives for SETTLE.
+            while let Ok(Some(path)) = tokio::time::timeout(SETTLE, rx.recv()).await {
+                names.extend(plugin_name(&path));
+            }
+            for name in names {
+                let wasm = dir.join(format!("{name}.wasm"));
+                // Still growing? Wait for it to be stable.
+                let mut last = size(&wasm);
+                for _ in 0..50 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let now = size(&wasm);
+                    if now == last {
+                        break;
                     }
-                    match registry.reload(&name) {
-                        Ok(true) => {
-                            tracing::info!(plugin = %name, "plugin reloaded from the folder")
-                        }
-                        Ok(false) => {}
-                        Err(e) => tracing::error!(
+                    last = now;
+                }
+                match registry.reload(&name).await {
+                    Ok(true) => tracing::info!(plugin = %name, "plugin reloaded from the folder"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(
                             "hot reload refused, the previous version keeps serving: {e}"
-                        ),
+                        )
                     }
                 }
             }
-        })
-        .map_err(|e| notify::Error::generic(&e.to_string()))?;
+        }
+    });
     Ok(WatchHandle { _watcher: watcher })
 }

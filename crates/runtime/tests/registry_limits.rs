@@ -59,21 +59,22 @@ struct Record {
     fetched: Mutex<usize>,
 }
 
+#[async_trait::async_trait]
 impl SharedPlugins for Record {
-    fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), String> {
+    async fn put(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), String> {
         self.plugins
             .lock()
             .unwrap()
             .insert(name.into(), (hash.into(), bytes.to_vec()));
         Ok(())
     }
-    fn remove(&self, name: &str) -> Result<bool, String> {
+    async fn remove(&self, name: &str) -> Result<bool, String> {
         Ok(self.plugins.lock().unwrap().remove(name).is_some())
     }
-    fn rollback(&self, _name: &str) -> Result<Option<Vec<u8>>, String> {
+    async fn rollback(&self, _name: &str) -> Result<Option<Vec<u8>>, String> {
         Ok(None)
     }
-    fn list(&self) -> Result<BTreeMap<String, SharedPlugin>, String> {
+    async fn list(&self) -> Result<BTreeMap<String, SharedPlugin>, String> {
         Ok(self
             .plugins
             .lock()
@@ -90,7 +91,7 @@ impl SharedPlugins for Record {
             })
             .collect())
     }
-    fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, String> {
+    async fn bytes(&self, name: &str, hash: &str) -> Result<Option<Vec<u8>>, String> {
         *self.fetched.lock().unwrap() += 1;
         Ok(self
             .plugins
@@ -106,8 +107,8 @@ impl SharedPlugins for Record {
 /// tries it once, reports why, and at the next syncs (every second in
 /// `cluster::run`) neither fetches, compiles nor reports it again, until
 /// its `NAME.toml` changes or a new version is recorded.
-#[test]
-fn a_refused_version_is_not_compiled_again_at_every_sync() {
+#[tokio::test]
+async fn a_refused_version_is_not_compiled_again_at_every_sync() {
     let root = tempfile::tempdir().unwrap();
     let plugins = root.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
@@ -120,9 +121,9 @@ fn a_refused_version_is_not_compiled_again_at_every_sync() {
     .with_shared(record.clone());
     // A component preamble, then nothing wasmtime can compile.
     let broken = b"\0asm\x0d\x00\x01\x00this is not a component body".to_vec();
-    record.put("bad", &hash(&broken), &broken).unwrap();
+    record.put("bad", &hash(&broken), &broken).await.unwrap();
 
-    let (changed, errors) = registry.sync();
+    let (changed, errors) = registry.sync().await;
     assert!(changed.is_empty());
     assert!(
         matches!(
@@ -136,21 +137,21 @@ fn a_refused_version_is_not_compiled_again_at_every_sync() {
     );
     assert_eq!(*record.fetched.lock().unwrap(), 1);
     for _ in 0..5 {
-        let (changed, errors) = registry.sync();
+        let (changed, errors) = registry.sync().await;
         assert!(changed.is_empty() && errors.is_empty(), "{errors:?}");
     }
     assert_eq!(*record.fetched.lock().unwrap(), 1, "fetched again");
 
     // A changed manifest is another try (it may be what made it fail).
     std::fs::write(plugins.join("bad.toml"), "[limits]\ntimeout_ms = 50\n").unwrap();
-    assert_eq!(registry.sync().1.len(), 1);
+    assert_eq!(registry.sync().await.1.len(), 1);
     assert_eq!(*record.fetched.lock().unwrap(), 2);
-    assert!(registry.sync().1.is_empty());
+    assert!(registry.sync().await.1.is_empty());
 
     // So is a new version, and one that loads is served.
     let echo = wasm("echo");
-    record.put("bad", &hash(&echo), &echo).unwrap();
-    let (changed, errors) = registry.sync();
+    record.put("bad", &hash(&echo), &echo).await.unwrap();
+    let (changed, errors) = registry.sync().await;
     assert_eq!(changed, ["bad"], "{errors:?}");
     assert!(registry.snapshot().get("bad").is_some());
 }
@@ -158,8 +159,8 @@ fn a_refused_version_is_not_compiled_again_at_every_sync() {
 /// Twelve uploads of one plugin: the current version and the ten before
 /// it stay (rollback targets, on disk under `plugin-history/`), the
 /// oldest are deleted.
-#[test]
-fn a_plugins_history_keeps_its_last_ten_versions() {
+#[tokio::test]
+async fn a_plugins_history_keeps_its_last_ten_versions() {
     let root = tempfile::tempdir().unwrap();
     let plugins = root.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
@@ -171,7 +172,7 @@ fn a_plugins_history_keeps_its_last_ten_versions() {
     let echo = wasm("echo");
     let versions: Vec<Vec<u8>> = (0..12).map(|n| variant(&echo, n)).collect();
     for v in &versions {
-        registry.install("echo", v).unwrap();
+        registry.install("echo", v).await.unwrap();
     }
     let report = registry.report();
     assert_eq!(report[0].version, hash(&versions[11]));
@@ -189,7 +190,10 @@ fn a_plugins_history_keeps_its_last_ten_versions() {
     expected.sort();
     assert_eq!(kept, expected, "the current version and the ten before it");
     // Rollback walks back through what is kept.
-    assert_eq!(registry.rollback("echo").unwrap().hash, hash(&versions[10]));
+    assert_eq!(
+        registry.rollback("echo").await.unwrap().hash,
+        hash(&versions[10])
+    );
 }
 
 /// The compile cache is created for this user only, and a cache file

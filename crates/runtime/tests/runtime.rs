@@ -727,13 +727,13 @@ mod registry {
         registry.snapshot().get(name).map(|e| e.plugin.hash.clone())
     }
 
-    #[test]
-    fn install_refuse_rollback_remove() {
+    #[tokio::test]
+    async fn install_refuse_rollback_remove() {
         let root = tempfile::tempdir().unwrap();
         let registry = registry(root.path());
         let dir = root.path().join("plugins");
-        let v1 = registry.install("echo", &wasm("echo")).unwrap();
-        let v2 = registry.install("echo", &wasm("echo_v2")).unwrap();
+        let v1 = registry.install("echo", &wasm("echo")).await.unwrap();
+        let v2 = registry.install("echo", &wasm("echo_v2")).await.unwrap();
         assert_ne!(v1.hash, v2.hash);
         assert_eq!(
             std::fs::read(dir.join("echo.wasm")).unwrap(),
@@ -744,63 +744,64 @@ mod registry {
         let v2_bytes = wasm("echo_v2");
         let err = registry
             .install("echo", &v2_bytes[..v2_bytes.len() / 2])
+            .await
             .unwrap_err();
         assert!(matches!(err, RegistryError::Load { .. }), "{err}");
         assert_eq!(serving(&registry, "echo"), Some(v2.hash.clone()));
         assert_eq!(std::fs::read(dir.join("echo.wasm")).unwrap(), v2_bytes);
 
-        let back = registry.rollback("echo").unwrap();
+        let back = registry.rollback("echo").await.unwrap();
         assert_eq!(back.hash, v1.hash);
         assert_eq!(std::fs::read(dir.join("echo.wasm")).unwrap(), wasm("echo"));
         assert!(matches!(
-            registry.rollback("echo"),
+            registry.rollback("echo").await,
             Err(RegistryError::NoPrevious(_))
         ));
 
-        registry.remove("echo").unwrap();
+        registry.remove("echo").await.unwrap();
         assert_eq!(serving(&registry, "echo"), None);
         assert!(!dir.join("echo.wasm").exists());
         assert!(matches!(
-            registry.remove("echo"),
+            registry.remove("echo").await,
             Err(RegistryError::NotFound(_))
         ));
     }
 
-    #[test]
-    fn the_folder_is_the_source_of_truth_for_reload() {
+    #[tokio::test]
+    async fn the_folder_is_the_source_of_truth_for_reload() {
         let root = tempfile::tempdir().unwrap();
         let registry = registry(root.path());
         let dir = root.path().join("plugins");
         std::fs::write(dir.join("echo.wasm"), wasm("echo")).unwrap();
-        assert!(registry.reload("echo").unwrap());
-        assert!(!registry.reload("echo").unwrap(), "unchanged: no-op");
+        assert!(registry.reload("echo").await.unwrap());
+        assert!(!registry.reload("echo").await.unwrap(), "unchanged: no-op");
 
         // A changed manifest alone is a new entry with the same bytes.
         std::fs::write(dir.join("echo.toml"), "[limits]\ntimeout_ms = 20\n").unwrap();
-        assert!(registry.reload("echo").unwrap());
+        assert!(registry.reload("echo").await.unwrap());
         let entry = registry.snapshot().get("echo").cloned().unwrap();
         assert_eq!(entry.plugin.limits.compute.as_millis(), 20);
         assert_eq!(entry.plugin.limits.wall.as_millis(), 20);
 
         // An upload writes the folder, so a reload triggered by an older
         // change finds the uploaded bytes and does nothing.
-        let v2 = registry.install("echo", &wasm("echo_v2")).unwrap();
-        assert!(!registry.reload("echo").unwrap());
+        let v2 = registry.install("echo", &wasm("echo_v2")).await.unwrap();
+        assert!(!registry.reload("echo").await.unwrap());
         assert_eq!(serving(&registry, "echo"), Some(v2.hash.clone()));
 
         std::fs::remove_file(dir.join("echo.wasm")).unwrap();
-        assert!(registry.reload("echo").unwrap());
+        assert!(registry.reload("echo").await.unwrap());
         assert_eq!(serving(&registry, "echo"), None);
     }
 
-    #[test]
-    fn a_refused_file_is_reported_and_can_be_removed() {
+    #[tokio::test]
+    async fn a_refused_file_is_reported_and_can_be_removed() {
         let root = tempfile::tempdir().unwrap();
         let registry = registry(root.path());
         let dir = root.path().join("plugins");
         std::fs::write(dir.join("spy.wasm"), wasm("forbidden_imports")).unwrap();
         std::fs::write(dir.join("echo.wasm"), wasm("echo")).unwrap();
-        let errors = registry.load_dir();
+        let errors = registry.load_dir().await;
         assert_eq!(errors.len(), 1, "{errors:?}");
         let message = errors[0].to_string();
         assert!(
@@ -809,18 +810,21 @@ mod registry {
             "{message}"
         );
         assert!(serving(&registry, "echo").is_some());
-        registry.remove("spy").unwrap();
+        registry.remove("spy").await.unwrap();
         assert!(!dir.join("spy.wasm").exists());
     }
 
-    #[test]
-    fn names_never_reach_the_file_system() {
+    #[tokio::test]
+    async fn names_never_reach_the_file_system() {
         let root = tempfile::tempdir().unwrap();
         let registry = registry(root.path());
         for name in ["../escape", "a/b", ".hidden", ""] {
-            assert!(registry.install(name, &wasm("echo")).is_err(), "{name:?}");
-            assert!(registry.remove(name).is_err(), "{name:?}");
-            assert!(registry.rollback(name).is_err(), "{name:?}");
+            assert!(
+                registry.install(name, &wasm("echo")).await.is_err(),
+                "{name:?}"
+            );
+            assert!(registry.remove(name).await.is_err(), "{name:?}");
+            assert!(registry.rollback(name).await.is_err(), "{name:?}");
         }
         assert!(!root.path().join("escape.wasm").exists());
         assert!(registry.snapshot().plugins.is_empty());

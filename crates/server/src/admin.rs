@@ -67,7 +67,9 @@ impl IntoResponse for AdminError {
                 RegistryError::Load { .. } | RegistryError::Manifest { .. } => {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
-                RegistryError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                RegistryError::Io { .. } | RegistryError::CompilerPanicked(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
                 // The database is away: nothing changed; try again.
                 RegistryError::Shared { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
@@ -345,29 +347,30 @@ fn installed(plugin: &Plugin) -> Answer {
     }))
 }
 
-/// Runs a registry change on a blocking thread: it compiles, and waits for
-/// a change in progress to finish.
+/// Runs a registry change to its end on its own task: a client that hangs
+/// up mid-upload does not cancel a change half-way through its steps
+/// (compile, record, publish).
 async fn change<T: Send + 'static>(
-    registry: &Arc<Registry>,
-    f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    change: impl Future<Output = Result<T, RegistryError>> + Send + 'static,
 ) -> Result<T, AdminError> {
-    let registry = registry.clone();
-    Ok(tokio::task::spawn_blocking(move || f(&registry)).await??)
+    Ok(tokio::spawn(change).await??)
 }
 
 async fn upload(State(admin): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Answer {
-    let plugin = change(&admin.registry, move |r| r.install(&name, &body)).await?;
+    let registry = admin.registry.clone();
+    let plugin = change(async move { registry.install(&name, &body).await }).await?;
     installed(&plugin)
 }
 
 async fn remove(State(admin): State<AdminState>, Path(name): Path<String>) -> Answer {
-    let removed = name.clone();
-    change(&admin.registry, move |r| r.remove(&name)).await?;
+    let (registry, removed) = (admin.registry.clone(), name.clone());
+    change(async move { registry.remove(&name).await }).await?;
     ok(json!({ "removed": removed }))
 }
 
 async fn rollback(State(admin): State<AdminState>, Path(name): Path<String>) -> Answer {
-    let plugin = change(&admin.registry, move |r| r.rollback(&name)).await?;
+    let registry = admin.registry.clone();
+    let plugin = change(async move { registry.rollback(&name).await }).await?;
     installed(&plugin)
 }
 

@@ -282,7 +282,7 @@ mod tests {
             json!({"ready": false, "checks": {"store": "ok", "plugins": "not loaded yet"}, "plugins_loaded": 0})
         );
 
-        assert!(app.admin.registry.load_dir().is_empty());
+        assert!(app.admin.registry.load_dir().await.is_empty());
         let (status, body) = get(&app, "/readyz", None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -28,7 +28,7 @@ struct Fixture {
 }
 
 /// A server state with `plugins` (built names, e.g. `echo`) in its folder.
-fn fixture(plugins: &[(&str, &str)]) -> Fixture {
+async fn fixture(plugins: &[(&str, &str)]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let plugins_dir = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins_dir).unwrap();
@@ -60,7 +60,7 @@ fn fixture(plugins: &[(&str, &str)]) -> Fixture {
         Some(plugins_dir),
         &data_dir,
     ));
-    let errors = registry.load_dir();
+    let errors = registry.load_dir().await;
     assert!(errors.is_empty(), "{errors:?}");
     let outbox = Outbox::default();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -161,7 +161,7 @@ fn message(id: &str, conversation: &str) -> digibot_domain::event::Event {
 
 #[tokio::test]
 async fn every_data_endpoint_requires_the_token_and_the_page_does_not() {
-    let f = fixture(&[("echo", "echo")]);
+    let f = fixture(&[("echo", "echo")]).await;
     let data = [
         ("GET", "/admin/conversations"),
         ("GET", "/admin/conversations/conv_1"),
@@ -209,7 +209,7 @@ async fn every_data_endpoint_requires_the_token_and_the_page_does_not() {
 
 #[tokio::test]
 async fn conversations_list_and_detail_show_events_actions_and_api_status() {
-    let f = fixture(&[("echo", "echo")]);
+    let f = fixture(&[("echo", "echo")]).await;
     let store = &f.store;
     let Inserted::New(seq) = store.insert_event(message("m1", "conv_a")).await.unwrap() else {
         panic!("duplicate")
@@ -281,7 +281,7 @@ async fn conversations_list_and_detail_show_events_actions_and_api_status() {
 
 #[tokio::test]
 async fn plugins_carry_their_latency_from_recorded_invocations() {
-    let f = fixture(&[("echo", "echo")]);
+    let f = fixture(&[("echo", "echo")]).await;
     let before = admin(&f.state, "GET", "/admin/plugins", None).await;
     let echo = &before["plugins"][0];
     assert_eq!(echo["name"], "echo");
@@ -342,7 +342,7 @@ fn requests(turn: &Value) -> Vec<(String, String, Vec<Value>)> {
 
 #[tokio::test]
 async fn simulator_runs_echo_and_queues_nothing() {
-    let f = fixture(&[("echo", "echo")]);
+    let f = fixture(&[("echo", "echo")]).await;
     let turn = simulate(&f.state, "t1", json!({"type": "text", "text": "Salut !"})).await;
     assert_eq!(turn["conversation_id"], "sim-t1");
     assert_eq!(turn["event"], "live_chat.new_message");
@@ -366,7 +366,7 @@ async fn simulator_runs_echo_and_queues_nothing() {
 
 #[tokio::test]
 async fn simulator_keeps_concierge_state_across_turns_until_reset() {
-    let f = fixture(&[("concierge", "concierge")]);
+    let f = fixture(&[("concierge", "concierge")]).await;
     let start = simulate(
         &f.state,
         "flow",
@@ -454,7 +454,7 @@ async fn simulator_keeps_concierge_state_across_turns_until_reset() {
 
 #[tokio::test]
 async fn simulator_shows_failures_without_touching_the_live_breaker() {
-    let f = fixture(&[("bad-trap", "hostile_trap"), ("echo", "echo")]);
+    let f = fixture(&[("bad-trap", "hostile_trap"), ("echo", "echo")]).await;
     for _ in 0..4 {
         let turn = simulate(&f.state, "t", json!({"type": "text", "text": "hi"})).await;
         let by_plugin = requests(&turn);
@@ -493,7 +493,7 @@ async fn simulator_shows_failures_without_touching_the_live_breaker() {
 
 #[tokio::test]
 async fn simulator_refuses_bad_input_clearly() {
-    let f = fixture(&[("echo", "echo")]);
+    let f = fixture(&[("echo", "echo")]).await;
     let cases = [
         (
             "bad%20name",

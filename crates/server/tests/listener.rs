@@ -34,7 +34,7 @@ async fn serve(limits: HttpLimits) -> Server {
     })
     .unwrap();
     let registry = Arc::new(Registry::new(Arc::new(runtime), None, &data_dir));
-    registry.load_dir();
+    registry.load_dir().await;
     let outbox = Outbox::default();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let dispatcher = Dispatcher::new(

@@ -28,7 +28,7 @@ fn round_trips(handle: &PrometheusHandle) -> u64 {
         .unwrap_or(0)
 }
 
-fn state(store: &Store, data_dir: &std::path::Path) -> AppState {
+async fn state(store: &Store, data_dir: &std::path::Path) -> AppState {
     let runtime = Runtime::new(RuntimeConfig {
         pooling: false,
         warm_instances: 0,
@@ -36,7 +36,7 @@ fn state(store: &Store, data_dir: &std::path::Path) -> AppState {
     })
     .unwrap();
     let registry = Arc::new(Registry::new(Arc::new(runtime), None, data_dir));
-    assert!(registry.load_dir().is_empty());
+    assert!(registry.load_dir().await.is_empty());
     let outbox = digibot_pipeline::sender::Outbox::default();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let dispatcher = digibot_pipeline::dispatch::Dispatcher::new(
@@ -75,7 +75,7 @@ async fn a_hundred_probes_in_a_second_cost_one_store_ping() {
     let handle = digibot_server::metrics::install();
     let dir = tempfile::tempdir().unwrap();
     let store = digibot_store_sqlite::open(&dir.path().join("data"), Durability::Normal).unwrap();
-    let state = state(&store, dir.path());
+    let state = state(&store, dir.path()).await;
 
     let before = round_trips(&handle);
     let started = Instant::now();
