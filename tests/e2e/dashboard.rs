@@ -384,3 +384,82 @@ async fn drive(browser: &Browser, bot: &Digibot) -> Result<()> {
     }
     Ok(())
 }
+
+/// The journal panel: a conversation whose `orders` turn called the order
+/// API shows the call on its event, and its "HTTP journal" opens on the
+/// request as the plugin wrote it (the secret's placeholder) and the
+/// response; the secret itself is nowhere on the page.
+#[tokio::test]
+async fn the_journal_panel_shows_a_call_and_never_its_secret() -> Result<()> {
+    use crate::outbound::{SECRET, orders_toml};
+    use crate::support::orders_api::FakeOrderApi;
+    let Some((chromium, driver)) = chromium_or_skip()? else {
+        return Ok(());
+    };
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    api.set_order("4410", "shipped");
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("orders", &orders_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .start()
+        .await?;
+    let c = "conv_dash_journal";
+    let key = bot
+        .accept(&customer_text(c, "wamid.j1", "ma commande 4410 ?"))
+        .await?;
+    bot.wait_idle(std::slice::from_ref(&key), TIMEOUT).await?;
+    fake.settle(1, TIMEOUT).await?;
+
+    let browser = Browser::start(&chromium, &driver, 1280, 860).await?;
+    let result = async {
+        browser
+            .goto(&format!("{}/admin#token={ADMIN_TOKEN}", bot.url()))
+            .await?;
+        browser.click("a[data-view=conversations]", TIMEOUT).await?;
+        browser
+            .click(
+                &format!("#conversations-table tr[data-conversation='{c}']"),
+                TIMEOUT,
+            )
+            .await?;
+        // The event's call row: method, URL, status.
+        let call = browser
+            .wait_text(".call-row", "/orders/4410", TIMEOUT)
+            .await?;
+        ensure!(
+            call.contains(&format!("#0 GET {}/orders/4410", api.url())) && call.contains("200"),
+            "{call}"
+        );
+        // The journal, fetched when opened.
+        browser.click("details.journal summary", TIMEOUT).await?;
+        let journal = browser
+            .wait_text("details.journal", "{{secret:ORDERS_TOKEN}}", TIMEOUT)
+            .await?;
+        ensure!(
+            journal.contains("Bearer {{secret:ORDERS_TOKEN}}")
+                && journal.contains("shipped")
+                && journal.contains("/orders/4410"),
+            "{journal}"
+        );
+        let page = browser
+            .execute("return document.body.innerText;", json!([]))
+            .await?;
+        let page = page.as_str().unwrap_or_default();
+        ensure!(!page.contains(SECRET), "the secret is on the page");
+        let png = browser.screenshot().await?;
+        std::fs::write(artifacts_dir()?.join("dashboard-journal.png"), png)?;
+        anyhow::Ok(())
+    }
+    .await;
+    result.with_context(|| format!("chromedriver log:\n{}", browser.log()))?;
+    // The real call was made once, with the secret substituted.
+    let requests = api.requests();
+    ensure!(
+        requests.len() == 1
+            && requests[0].authorization.as_deref() == Some(&format!("Bearer {SECRET}")),
+        "{requests:?}"
+    );
+    Ok(())
+}

@@ -10,16 +10,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::support::orders_api::FakeOrderApi;
+use crate::support::procfs::threads;
 use crate::support::*;
 
 /// The operator's order API token: must reach the order API, and nothing
 /// else (no log line, event, journal entry, action).
-const SECRET: &str = "tok_9f3c2a7e-SECRET-5b1d";
+pub(crate) const SECRET: &str = "tok_9f3c2a7e-SECRET-5b1d";
 
 /// `orders.toml` for the fake API (granted by its literal loopback
 /// address, the only way a plugin may reach 127.0.0.1). No `[limits]`: a
 /// plugin with an http grant gets the 10 s wall-clock default.
-fn orders_toml(api: &FakeOrderApi) -> String {
+pub(crate) fn orders_toml(api: &FakeOrderApi) -> String {
     format!(
         r#"[config]
 orders_api = "{url}"
@@ -552,16 +553,6 @@ async fn replica_killed_while_turns_wait_repeats_no_completed_call() -> Result<(
     let before = api.count_by_key();
     bots[1].wait_idle(&keys, Duration::from_secs(90)).await?;
     check_no_completed_call_repeated(&bots[1], &fake, &api, &keys, "pg", &before).await
-}
-
-/// The process's thread count, from /proc/PID/status.
-fn threads(pid: u32) -> Result<usize> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .context("no Threads line in /proc/PID/status")
 }
 
 /// A thousand conversations whose turns each wait 2 s on the order API

@@ -11,35 +11,13 @@ use anyhow::{Context, Result, ensure};
 
 use crate::support::burst::{LONG, check_replies, join_answers, post_burst, wait_distinct_replies};
 use crate::support::durable::Poster;
+use crate::support::procfs::threads;
 use crate::support::*;
 
 const TEST: &str = "naps";
 const CONVERSATIONS: usize = 1000;
 const PER_CONVERSATION: usize = 2;
 const NAP_MS: u64 = 2000;
-
-/// The process's thread count, from /proc/PID/status.
-fn threads(pid: u32) -> Result<usize> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .context("no Threads line in /proc/PID/status")
-}
-
-/// `digibot_plugin_turns_in_flight` from /metrics.
-async fn turns_in_flight(bot: &Digibot) -> Result<usize> {
-    let reply = bot.admin_get("/metrics").await?;
-    reply.expect_status(200)?;
-    reply
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix("digibot_plugin_turns_in_flight "))
-        .and_then(|n| n.trim().parse::<f64>().ok())
-        .map(|n| n as usize)
-        .context("no digibot_plugin_turns_in_flight in /metrics")
-}
 
 #[tokio::test]
 async fn a_thousand_sleeping_turns_are_answered_in_order_on_a_few_threads() -> Result<()> {
@@ -84,7 +62,10 @@ async fn a_thousand_sleeping_turns_are_answered_in_order_on_a_few_threads() -> R
     let watch = async {
         while !done.load(Ordering::Relaxed) {
             max_threads.fetch_max(threads(pid)?, Ordering::Relaxed);
-            max_turns.fetch_max(turns_in_flight(&bot).await?, Ordering::Relaxed);
+            max_turns.fetch_max(
+                bot.metric("digibot_plugin_turns_in_flight").await? as usize,
+                Ordering::Relaxed,
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::Ok(())

@@ -51,6 +51,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
+use support::procfs::{cpu_seconds, peak_rss_kib};
 use support::{Digibot, FakeDigishare, WEBHOOK_TOKEN, agent_text, customer_text, free_port};
 
 /// The event key digibot gives a `live_chat.new_message` (and puts first in
@@ -751,32 +752,6 @@ fn wrk(args: &Args, load: &Load) -> Result<Wrk> {
         max_us: lat("max"),
         ids,
     })
-}
-
-/// User + system CPU time of a process (all its threads), in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces), from field 3:
-    // utime and stime are fields 14 and 15, in clock ticks.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks_per_second())
-}
-
-fn clock_ticks_per_second() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        command_line("getconf", &["CLK_TCK"])
-            .parse()
-            .unwrap_or(100.0)
-    })
-}
-
-/// `VmHWM` of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 // ---- report ----------------------------------------------------------------

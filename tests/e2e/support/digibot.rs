@@ -503,6 +503,19 @@ impl Digibot {
         reply(req.send().await.with_context(|| format!("GET {path}"))?).await
     }
 
+    /// One unlabelled value of `/metrics` (a gauge, a counter, a
+    /// histogram's `_sum` or `_count`).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let reply = self.admin_get("/metrics").await?;
+        reply.expect_status(200)?;
+        reply
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {name} in /metrics"))
+    }
+
     /// GET `path` with no header at all.
     pub async fn get(&self, path: &str) -> Result<HttpReply> {
         let req = self.client.get(format!("{}{path}", self.base_url));

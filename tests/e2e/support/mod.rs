@@ -12,6 +12,7 @@ pub mod fake;
 pub mod fixtures;
 pub mod orders_api;
 pub mod pg;
+pub mod procfs;
 
 use std::collections::HashSet;
 use std::time::Duration;
