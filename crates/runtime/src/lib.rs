@@ -549,7 +549,12 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
             // Keeping the first pages resident avoids a page fault storm
             // in every fresh instance; measured in BENCHMARKS.md.
             .linear_memory_keep_resident(config.keep_resident)
-            .table_keep_resident(16 << 10);
+            .table_keep_resident(16 << 10)
+            // Reset only the pages a turn made resident (Linux 6.7+'s
+            // PAGEMAP_SCAN; elsewhere the plain reset): a turn touches a
+            // few of the kept pages, and zeroing all of them was the
+            // janitor's biggest cost under load (BENCHMARKS.md, issue 20).
+            .pagemap_scan(wasmtime::Enabled::Auto);
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     c

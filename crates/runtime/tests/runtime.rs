@@ -960,3 +960,51 @@ fn without_outbound_http_requests_are_refused_offline() {
         "{answer}"
     );
 }
+
+/// A fresh instance never sees what an earlier one left in memory, in the
+/// pages kept resident between instances (reset by the pooling allocator,
+/// only those a turn touched) or past them (returned to the kernel): each
+/// turn leaves a new marker over 4 MiB of heap and a static, and the next
+/// turn, in the same reused slot, scans its whole memory for it. The same
+/// scan finds a marker its own instance wrote (the control).
+#[test]
+fn a_fresh_instance_sees_nothing_an_earlier_one_left_in_memory() {
+    for warm_instances in [0, 4] {
+        let runtime = Runtime::new(RuntimeConfig {
+            warm_instances,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        // The scan reads a few MiB byte by byte: room beyond the default budget.
+        let plugin = load(
+            &runtime,
+            "intruder",
+            "hostile_intruder",
+            "[limits]\ncompute_ms = 5000\nwall_ms = 10000\n",
+        );
+        let kv = || -> Arc<dyn KvRead> { Arc::new(MemoryKv::default()) };
+        let say = |text: &str| {
+            single_text(invoke(
+                &runtime,
+                &plugin,
+                &customer_text("conv_mem", "msg_mem", text),
+                kv(),
+            ))
+        };
+        assert_ne!(
+            say("both CONTROL-mk"),
+            "found 0",
+            "the scan finds its own marker"
+        );
+        for round in 0..6 {
+            let marker = format!("LEFT-{warm_instances}-{round}-zq");
+            assert_eq!(say(&format!("leave {marker}")), "left");
+            let reversed: String = marker.chars().rev().collect();
+            assert_eq!(
+                say(&format!("look {reversed}")),
+                "found 0",
+                "round {round}, warm pool {warm_instances}: a fresh instance found the last one's memory"
+            );
+        }
+    }
+}
