@@ -729,3 +729,103 @@ async fn a_thousand_conversations_waiting_on_the_api_hold_no_thread_and_delay_no
     ensure!(took < Duration::from_secs(120), "the waits took {took:?}");
     Ok(())
 }
+
+/// `digibot replay --event KEY`: a production turn of `orders` runs again
+/// from the store, its order-API call answered from the event's journal
+/// (the API now says something else, and is not called), and gives the
+/// same request it queued then. A version whose call the journal does not
+/// hold (echo-v2 makes none; hostile-fetch's would be another) differs and
+/// says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_production_turn_gives_identical_actions_from_its_journal() -> Result<()> {
+    use crate::support::durable::cli;
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    api.set_order("12345", "shipped");
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("orders", &orders_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .start()
+        .await?;
+    let c = "conv_replay_1";
+    let key = bot
+        .accept(&customer_text(c, "msg_r_1", "ma commande 12345 ?"))
+        .await?;
+    bot.wait_idle(std::slice::from_ref(&key), TIMEOUT).await?;
+    fake.settle(1, TIMEOUT).await?;
+    // A real call now would answer otherwise.
+    api.set_order("12345", "lost");
+
+    let orders = bot.plugins_dir.join("orders.wasm");
+    let data = bot.data_dir.clone();
+    let run = cli(
+        &data,
+        &[
+            "replay",
+            "--event",
+            &key,
+            "--plugin",
+            &orders.to_string_lossy(),
+        ],
+    )
+    .await?
+    .ok()?;
+    let report: serde_json::Value = serde_json::from_str(&run.stdout)
+        .with_context(|| format!("replay output: {}", run.stdout))?;
+    let sent = fake.wire_for(c);
+    ensure!(report["same"] == true, "{report:#}");
+    let plugin = &report["plugins"][0];
+    ensure!(
+        plugin["plugin"] == "orders"
+            && plugin["calls_answered"] == 1
+            && plugin["calls_refused"] == 0,
+        "{report:#}"
+    );
+    ensure!(
+        plugin["replayed"][0]["body"]["body"] == "Votre commande 12345 est en route."
+            && plugin["recorded"] == plugin["replayed"],
+        "{report:#}"
+    );
+    ensure!(sent.len() == 1, "{sent:?}");
+    ensure!(api.requests().len() == 1, "the replay called the API");
+    ensure_no_secret(&run.stdout, "the replay's output")?;
+
+    // Another version: echo-v2 answers otherwise and calls nothing.
+    let run = cli(
+        &data,
+        &[
+            "replay",
+            "--event",
+            &key,
+            "--plugin",
+            &plugin_wasm("echo_v2").to_string_lossy(),
+        ],
+    )
+    .await?
+    .ok()?;
+    let report: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    ensure!(report["same"] == false, "{report:#}");
+    let names: Vec<&str> = report["plugins"]
+        .as_array()
+        .context("plugins")?
+        .iter()
+        .filter_map(|p| p["plugin"].as_str())
+        .collect();
+    ensure!(
+        names.contains(&"orders"),
+        "the stored turn's plugin listed: {report:#}"
+    );
+
+    // An unknown key is a clear error.
+    let run = cli(&data, &["replay", "--event", "live_chat.new_message:nope"]).await?;
+    ensure!(
+        !run.success
+            && run
+                .stderr
+                .contains("no event live_chat.new_message:nope in the store"),
+        "{}",
+        run.stderr
+    );
+    Ok(())
+}

@@ -566,6 +566,17 @@ impl Postgres {
         Ok(stored_events(&rows)?.pop())
     }
 
+    async fn event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, payload, received_at FROM events WHERE key = $1",
+                &[&key],
+            )
+            .await?;
+        Ok(stored_events(&rows)?.pop())
+    }
+
     async fn complete_event(
         &self,
         seq: i64,
@@ -1429,6 +1440,10 @@ impl Backend for PgStore {
 
     async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
         Ok(self.0.pending_event(key).await?)
+    }
+
+    async fn event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
+        Ok(self.0.event(key).await?)
     }
 
     async fn complete_event(

@@ -470,6 +470,15 @@ impl Db {
         })
     }
 
+    /// The event recorded under `key`, whatever its status.
+    fn event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT seq, payload, received_at FROM events WHERE key = ?1")?;
+            Ok(stored_events(stmt.query([key])?)?.pop())
+        })
+    }
+
     /// Pending events received before `before` (ms), oldest first.
     fn pending_before(&self, before: i64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
         self.read(|conn| {
@@ -1124,6 +1133,11 @@ impl Backend for Sqlite {
     async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
         let key = key.to_string();
         reading(&self.0, move |db| db.pending_event(&key)).await
+    }
+
+    async fn event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let key = key.to_string();
+        reading(&self.0, move |db| db.event(&key)).await
     }
 
     async fn complete_event(

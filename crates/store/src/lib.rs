@@ -421,6 +421,10 @@ pub trait Backend: Send + Sync + 'static {
     /// redelivery of it is then handed to its lane again).
     async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError>;
 
+    /// The event recorded under `key`, whatever its status (what
+    /// `digibot replay --event` runs again).
+    async fn event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError>;
+
     /// Marks an event handled, with what each plugin did, and in the same
     /// transaction queues its actions, applies its KV writes and what it
     /// changes about its conversation (creating it in the bot's hands if

@@ -178,6 +178,16 @@ pub async fn a_pending_event_is_found_by_key_until_completed(db: TestDb) {
         .await
         .unwrap();
     assert!(store.pending_event(key).await.unwrap().is_none(), "handled");
+    // Still there for replays, handled or not.
+    let kept = store.event(key).await.unwrap().expect("m1 kept");
+    assert_eq!((kept.seq, kept.event.key.as_str()), (seq, key));
+    assert!(
+        store
+            .event("live_chat.new_message:m2")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 pub async fn concurrent_inserts_all_land(db: TestDb) {

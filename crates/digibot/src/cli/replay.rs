@@ -4,6 +4,13 @@
 //! API requests they become. Exits non-zero when a plugin fails or returns
 //! an action digibot refuses.
 //!
+//! `digibot replay --event KEY [--plugin FILE.wasm …]`: runs a production
+//! turn again, from the store: the event as it was received, each plugin's
+//! outbound calls answered from the event's journal (any other request is
+//! refused: a replay reaches nothing outside), beside the requests the turn
+//! queued then; `same` says whether they are identical. Without `--plugin`,
+//! the plugins folder's current versions. KV is read as it is now.
+//!
 //! Also home of [`Session`], the serverless stand-in for the dispatcher that
 //! `chat` shares: plugins loaded from files with their `NAME.toml`, events
 //! run through [`dispatch::run_entries`] (the server's own routing, filters
@@ -32,8 +39,16 @@ use std::time::Duration;
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
     /// Webhook payloads (as Digishare posts them), run in this order.
-    #[arg(required = true, value_name = "FILE.json")]
+    #[arg(
+        value_name = "FILE.json",
+        required_unless_present = "event",
+        conflicts_with = "event"
+    )]
     pub files: Vec<PathBuf>,
+    /// A stored event's key (as `/admin/events` shows it): its turn again,
+    /// from the store and its journal, beside what it did then.
+    #[arg(long, value_name = "KEY")]
+    pub event: Option<String>,
     #[command(flatten)]
     pub plugins: PluginArgs,
 }
@@ -43,7 +58,8 @@ pub struct ReplayArgs {
 pub struct PluginArgs {
     /// A plugin component; repeat for several (they run in name order, as
     /// in the server). A `NAME.toml` beside it is read as the server would.
-    #[arg(long = "plugin", required = true, value_name = "FILE.wasm")]
+    /// (At least one, except for `replay --event`: the plugins folder's.)
+    #[arg(long = "plugin", value_name = "FILE.wasm")]
     pub plugins: Vec<PathBuf>,
     /// A configuration value for every plugin, over its `NAME.toml`.
     /// (`--config` is taken: it names digibot's own settings file.)
@@ -85,6 +101,9 @@ impl Session {
     /// Loads the plugins with the runtime `serve` would build from
     /// `settings`.
     pub fn open(settings: &Settings, args: &PluginArgs) -> anyhow::Result<Session> {
+        if args.plugins.is_empty() {
+            bail!("give at least one plugin: --plugin FILE.wasm");
+        }
         let runtime = runtime(settings)?;
         let mut entries: Vec<Entry> = Vec::new();
         for path in &args.plugins {
@@ -210,7 +229,7 @@ impl Session {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 struct Request {
     method: String,
     path: String,
@@ -282,6 +301,9 @@ fn report(file: String, event: &Event, turn: Turn) -> EventReport {
 }
 
 pub fn run(args: ReplayArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    if let Some(key) = &args.event {
+        return stored::run(key, args.plugins, settings);
+    }
     // Every file is read and parsed before anything runs: a typo in the
     // last file should not cost a run.
     let mut events = Vec::new();
@@ -319,4 +341,195 @@ pub fn run(args: ReplayArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `replay --event`: a stored turn again, from its journal.
+mod stored {
+    use super::{PluginArgs, Request, Session};
+    use crate::config::Settings;
+    use anyhow::{Context, bail};
+    use digibot_domain::event::ConversationState;
+    use digibot_pipeline::dispatch::{self, Breaker};
+    use digibot_pipeline::outbound::FromJournal;
+    use serde::Serialize;
+    use std::process::ExitCode;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[derive(Debug, Serialize)]
+    struct PluginReplay {
+        plugin: String,
+        /// The outcome of this run (`ok`, `failed`, `filtered`, `skipped`),
+        /// or `not loaded` for a plugin that queued requests then but is
+        /// not among those given now.
+        outcome: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// What the stored turn queued for the Messages API.
+        recorded: Vec<Request>,
+        /// What this run would queue.
+        replayed: Vec<Request>,
+        same: bool,
+        /// Outbound calls answered from the journal / refused.
+        calls_answered: usize,
+        calls_refused: usize,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct EventReplay {
+        event: String,
+        conversation_id: Option<String>,
+        /// Every plugin's requests identical to the stored turn's.
+        same: bool,
+        plugins: Vec<PluginReplay>,
+    }
+
+    pub fn run(
+        key: &str,
+        mut plugins: PluginArgs,
+        settings: &Settings,
+    ) -> anyhow::Result<ExitCode> {
+        let (stored, journal, recorded) = crate::cli::block_on(read(key, settings))??;
+        if plugins.plugins.is_empty() {
+            plugins.plugins = folder_plugins(settings)?;
+        }
+        let session = Session::open(settings, &plugins)?;
+        // No breaker: a tool shows every failure instead of quarantining.
+        let breaker = Breaker {
+            failures: 0,
+            cooldown: Duration::ZERO,
+        };
+        let event = &stored.event;
+        let handled = session.executor.block_on(dispatch::run_entries_with_http(
+            &session.runtime,
+            &session.entries,
+            event,
+            ConversationState::Bot,
+            session.kv.clone(),
+            Arc::new(FromJournal::new(journal)),
+            breaker,
+        ));
+        let requests = |plugin: &str, from: &[(String, Request)]| -> Vec<Request> {
+            from.iter()
+                .filter(|(p, _)| p == plugin)
+                .map(|(_, r)| r.clone())
+                .collect()
+        };
+        let replayed: Vec<(String, Request)> = handled
+            .actions
+            .iter()
+            .map(|a| {
+                (
+                    a.plugin.clone(),
+                    Request {
+                        method: a.method.clone(),
+                        path: a.path.clone(),
+                        body: a.body.clone(),
+                    },
+                )
+            })
+            .collect();
+        let mut reports: Vec<PluginReplay> = handled
+            .outcomes
+            .iter()
+            .map(|o| {
+                let (recorded, replayed) = (
+                    requests(&o.plugin, &recorded),
+                    requests(&o.plugin, &replayed),
+                );
+                PluginReplay {
+                    plugin: o.plugin.clone(),
+                    outcome: o.outcome,
+                    reason: o.reason.clone(),
+                    same: recorded == replayed,
+                    recorded,
+                    replayed,
+                    calls_answered: o.calls.iter().filter(|c| c.replayed).count(),
+                    calls_refused: o.calls.iter().filter(|c| !c.replayed).count(),
+                }
+            })
+            .collect();
+        for (plugin, _) in &recorded {
+            if !reports.iter().any(|r| r.plugin == *plugin) {
+                reports.push(PluginReplay {
+                    plugin: plugin.clone(),
+                    outcome: "not loaded",
+                    reason: None,
+                    recorded: requests(plugin, &recorded),
+                    replayed: Vec::new(),
+                    same: false,
+                    calls_answered: 0,
+                    calls_refused: 0,
+                });
+            }
+        }
+        let failed = reports.iter().any(|r| r.outcome == "failed");
+        let report = EventReplay {
+            event: event.key.clone(),
+            conversation_id: event.conversation_id().map(str::to_string),
+            same: reports.iter().all(|r| r.same),
+            plugins: reports,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    type Read = (
+        digibot_store::StoredEvent,
+        Vec<digibot_store::JournalEntry>,
+        Vec<(String, Request)>,
+    );
+
+    /// The event, its journal and the requests its turn queued.
+    async fn read(key: &str, settings: &Settings) -> anyhow::Result<Read> {
+        let store = crate::config::open_store(settings).await?;
+        let Some(stored) = store.event(key).await? else {
+            bail!("no event {key} in the store (see /admin/events for the keys)");
+        };
+        let journal = store.journal(key, None).await?;
+        let recorded = match stored.event.conversation_id() {
+            Some(c) => store
+                .conversation(c)
+                .await?
+                .actions
+                .into_iter()
+                .filter(|a| a.event_seq == stored.seq)
+                .map(|a| {
+                    (
+                        a.plugin,
+                        Request {
+                            method: a.method,
+                            path: a.path,
+                            body: a.body,
+                        },
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        store.close();
+        Ok((stored, journal, recorded))
+    }
+
+    /// Every `NAME.wasm` of the plugins folder, sorted.
+    fn folder_plugins(settings: &Settings) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        let dir = settings
+            .plugins_dir
+            .as_ref()
+            .context("no --plugin given and no plugins folder set (DIGIBOT_PLUGINS_DIR)")?;
+        let mut found: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            bail!("no plugin in {}", dir.display());
+        }
+        Ok(found)
+    }
 }

@@ -56,7 +56,19 @@ pub async fn recorded(
             return None;
         }
     };
-    let entry = entries.into_iter().find(|e| e.call == request.call)?;
+    answer_from(&entries, request, asked)
+}
+
+/// The answer `entries` (an event's journal) hold for this call: the same
+/// plugin, call number, method, URL and body; `None` otherwise.
+pub fn answer_from(
+    entries: &[JournalEntry],
+    request: &OutboundRequest,
+    asked: &JournalRequest,
+) -> Option<Result<OutboundResponse, Refusal>> {
+    let entry = entries
+        .iter()
+        .find(|e| e.plugin == *request.plugin && e.call == request.call)?;
     let same = entry.request.method == asked.method
         && entry.request.url == asked.url
         && entry.request.body_sha256 == asked.body_sha256;
@@ -65,24 +77,24 @@ pub async fn recorded(
             plugin = %request.plugin, call = request.call,
             recorded = %format!("{} {}", entry.request.method, entry.request.url),
             now = %format!("{} {}", asked.method, asked.url),
-            "this turn asks for another request than its earlier run recorded; calling again"
+            "this turn asks for another request than its journal recorded: the recorded answer is not used"
         );
         return None;
     }
-    Some(match entry.outcome {
+    Some(match &entry.outcome {
         JournalOutcome::Response {
             status,
             headers,
             body,
         } => Ok(OutboundResponse {
-            status,
+            status: *status,
             headers: headers
-                .into_iter()
-                .map(|(n, v)| (n, v.into_bytes()))
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone().into_bytes()))
                 .collect(),
-            body: body.into(),
+            body: body.clone().into(),
         }),
-        JournalOutcome::Failed { refusal } => Err(refusal),
+        JournalOutcome::Failed { refusal } => Err(refusal.clone()),
     })
 }
 

@@ -494,3 +494,48 @@ fn status_class(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+/// Answers a re-run turn's requests from its event's journal, never from the
+/// network (`digibot replay --event`): a request the journal holds (same
+/// plugin, call number, method, URL and body) gets the recorded answer; any
+/// other is refused. The grant is still judged, so a version that lost a
+/// grant does not get answers it could not ask for.
+pub struct FromJournal {
+    entries: Vec<digibot_store::JournalEntry>,
+}
+
+impl FromJournal {
+    pub fn new(entries: Vec<digibot_store::JournalEntry>) -> FromJournal {
+        FromJournal { entries }
+    }
+}
+
+#[async_trait::async_trait]
+impl OutboundHttp for FromJournal {
+    async fn send(&self, request: OutboundRequest) -> Sent {
+        let refused = |result| Sent {
+            result: Err(result),
+            replayed: false,
+        };
+        let target = match judge_target(&request) {
+            Ok(t) => t,
+            Err(r) => return refused(r),
+        };
+        if request.policy.grant_for(&target).is_none() {
+            return refused(Refusal::NotGranted {
+                url: target.to_string(),
+            });
+        }
+        let asked = journal::asked(&request, &target);
+        match journal::answer_from(&self.entries, &request, &asked) {
+            Some(result) => Sent {
+                result,
+                replayed: true,
+            },
+            None => refused(Refusal::Offline(format!(
+                "in a replay: {} {} is not in the event's journal",
+                asked.method, asked.url
+            ))),
+        }
+    }
+}
