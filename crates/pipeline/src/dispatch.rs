@@ -148,6 +148,20 @@ pub async fn run_entries(
     run(runtime, entries, event, state, kv, http, breaker, true).await
 }
 
+/// [`run_entries`] with requests answered by `http` instead of refused:
+/// for `digibot test`, whose test files stub the services a plugin calls.
+pub async fn run_entries_with_http(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &digibot_domain::event::Event,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    http: Arc<dyn OutboundHttp>,
+    breaker: Breaker,
+) -> Handled {
+    run(runtime, entries, event, state, kv, http, breaker, true).await
+}
+
 /// [`run_entries`] without touching the process's metrics: for the
 /// dashboard's simulator, whose operator test messages inside the server
 /// must not count as customer traffic (nor trip failure alerts).

@@ -5,7 +5,7 @@
 
 use clap::Args;
 use digibot_testing::build::{Diagnostics, cargo_build};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Args)]
@@ -33,4 +33,38 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The component `digibot build` last made in the plugin folder `dir`:
+/// the newest `.wasm` directly in `target/` (TypeScript, Python) or in
+/// `target/wasm32-wasip2/release/` (Rust).
+pub fn built_component(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for folder in [
+        dir.join("target"),
+        dir.join("target/wasm32-wasip2/release"),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "wasm") {
+                continue;
+            }
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
+                newest = Some((modified, path));
+            }
+        }
+    }
+    newest.map(|(_, p)| p).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no component in {}/target: run `digibot build` there, or name the PLUGIN.wasm",
+            dir.display()
+        )
+    })
 }

@@ -14,6 +14,7 @@ const HOST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 const CARGO_TOML: &str = include_str!("../../templates/plugin/Cargo.toml.tmpl");
 const LIB_RS: &str = include_str!("../../templates/plugin/lib.rs.tmpl");
 const TEST_RS: &str = include_str!("../../templates/plugin/test.rs.tmpl");
+const CONVERSATION: &str = include_str!("../../templates/plugin/conversation.toml.tmpl");
 const README: &str = include_str!("../../templates/plugin/README.md.tmpl");
 const GITIGNORE: &str = include_str!("../../templates/plugin/gitignore.tmpl");
 
@@ -174,6 +175,7 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
         ("Cargo.toml", fill(CARGO_TOML)?),
         ("src/lib.rs", fill(LIB_RS)?),
         ("tests/bot.rs", fill(TEST_RS)?),
+        ("tests/conversation.toml", fill(CONVERSATION)?),
         ("README.md", fill(README)?),
         (".gitignore", fill(GITIGNORE)?),
     ];
@@ -194,7 +196,10 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
         std::fs::copy(&lock, root.join("Cargo.lock"))?;
     }
     println!("created {}", root.display());
-    println!("next: cd {} && digibot build && cargo test", root.display());
+    println!(
+        "next: cd {} && digibot build && digibot test",
+        root.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -243,6 +248,7 @@ mod tests {
             "Cargo.toml",
             "src/lib.rs",
             "tests/bot.rs",
+            "tests/conversation.toml",
             "README.md",
             ".gitignore",
         ] {
