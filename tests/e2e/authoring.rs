@@ -244,9 +244,15 @@ fn repo_root() -> PathBuf {
 fn echoes() -> Result<Vec<PathBuf>> {
     let root = repo_root();
     [
-        ("target/wasm32-wasip2/release/echo.wasm", "cargo build-plugins"),
+        (
+            "target/wasm32-wasip2/release/echo.wasm",
+            "cargo build-plugins",
+        ),
         ("target/guests/echo_py.wasm", "scripts/build-python-plugins"),
-        ("target/guests/echo_ts.wasm", "scripts/build-typescript-plugins"),
+        (
+            "target/guests/echo_ts.wasm",
+            "scripts/build-typescript-plugins",
+        ),
     ]
     .into_iter()
     .map(|(path, built_by)| {
@@ -323,7 +329,11 @@ kv = { count = "1" }
 ",
         file.display()
     );
-    ensure!(out.stdout == expected, "got:\n{}\nexpected:\n{expected}", out.stdout);
+    ensure!(
+        out.stdout == expected,
+        "got:\n{}\nexpected:\n{expected}",
+        out.stdout
+    );
 
     // An invalid file is named, and nothing runs.
     std::fs::write(&file, "[[turn]]\nmesage = \"hi\"\n")?;
@@ -952,20 +962,38 @@ fn chat_in_a_terminal() -> Result<()> {
 /// `[[http]]` stubs answer the orders plugin's lookups by URL (200 with
 /// JSON, 404), inside the grant the test file's `[plugin]` gives; a URL no
 /// stub answers is refused to the plugin, which says the service is down.
-/// The same file passes against the Rust and the Python orders plugin.
+/// The same file passes against the Rust, Python and TypeScript (`fetch()`)
+/// orders plugin.
 #[test]
-fn stubbed_http_answers_the_orders_plugin_in_rust_and_python() -> Result<()> {
+fn stubbed_http_answers_the_orders_plugin_in_every_language() -> Result<()> {
     let root = repo_root();
     let file = root.join("tests/conversations/orders.toml");
     for (wasm, built_by) in [
-        ("target/wasm32-wasip2/release/orders.wasm", "cargo build-plugins"),
-        ("target/guests/orders_py.wasm", "scripts/build-python-plugins"),
+        (
+            "target/wasm32-wasip2/release/orders.wasm",
+            "cargo build-plugins",
+        ),
+        (
+            "target/guests/orders_py.wasm",
+            "scripts/build-python-plugins",
+        ),
+        (
+            "target/guests/orders_ts.wasm",
+            "scripts/build-typescript-plugins",
+        ),
     ] {
         let wasm = root.join(wasm);
-        ensure!(wasm.is_file(), "{} is missing: run {built_by}", wasm.display());
-        let out = run(digibot_test().arg(&wasm).arg(&file))?.ok("digibot test")?;
         ensure!(
-            out.stdout.ends_with("... ok (3 turns)\n1 test file: 1 passed, 0 failed\n"),
+            wasm.is_file(),
+            "{} is missing: run {built_by}",
+            wasm.display()
+        );
+        // The plugins' log lines are `info` events of the host.
+        let out = run(digibot_test().arg(&wasm).arg(&file).env("RUST_LOG", "info"))?
+            .ok("digibot test")?;
+        ensure!(
+            out.stdout
+                .ends_with("... ok (3 turns)\n1 test file: 1 passed, 0 failed\n"),
             "{}: {}",
             wasm.display(),
             out.stdout

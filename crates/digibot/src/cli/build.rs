@@ -40,10 +40,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
 /// `target/wasm32-wasip2/release/` (Rust).
 pub fn built_component(dir: &Path) -> anyhow::Result<PathBuf> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for folder in [
-        dir.join("target"),
-        dir.join("target/wasm32-wasip2/release"),
-    ] {
+    for folder in [dir.join("target"), dir.join("target/wasm32-wasip2/release")] {
         let Ok(entries) = std::fs::read_dir(&folder) else {
             continue;
         };

@@ -449,10 +449,7 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> Vec<String> 
             }
         };
         let here = format!("turn {} ({what})", i + 1);
-        let conversation = event
-            .conversation_id()
-            .unwrap_or_default()
-            .to_string();
+        let conversation = event.conversation_id().unwrap_or_default().to_string();
         let ran = session.run(&event);
         let outcome = ran.handled.outcomes.iter().find(|o| o.plugin == plugin);
         let failure = outcome
@@ -677,7 +674,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("digibot-test-file-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("t.toml");
-        std::fs::write(&file, "[[turn]]\nmessage = \"hi\"\nbutton = { id = \"x\" }\n").unwrap();
+        std::fs::write(
+            &file,
+            "[[turn]]\nmessage = \"hi\"\nbutton = { id = \"x\" }\n",
+        )
+        .unwrap();
         let e = read_test(&file).unwrap_err().to_string();
         assert!(e.contains("exactly one of"), "{e}");
         std::fs::write(&file, "[[turn]]\nmesage = \"hi\"\n").unwrap();
