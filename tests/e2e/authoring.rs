@@ -1007,3 +1007,57 @@ fn stubbed_http_answers_the_orders_plugin_in_every_language() -> Result<()> {
     }
     Ok(())
 }
+
+/// A new TypeScript author: `digibot new shop --lang ts`, `digibot build`
+/// (tsc, esbuild, componentize-js against the SDK and the jco typings),
+/// `digibot test` on the scaffold's conversation test, all from the new
+/// folder, and the component loads at digishare:bot 0.3.0.
+#[test]
+fn new_build_test_a_typescript_bot() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    run(digibot()
+        .args(["new", "shop", "--lang", "ts", "--dir"])
+        .arg(dir))?
+    .ok("digibot new --lang ts")?;
+    let root = dir.join("shop");
+    for file in [
+        "package.json",
+        "tsconfig.json",
+        "src/index.ts",
+        "tests/conversation.toml",
+        "README.md",
+        ".gitignore",
+    ] {
+        ensure!(root.join(file).is_file(), "digibot new made no {file}");
+    }
+    let built = run(digibot().arg("build").current_dir(&root))?.ok("digibot build")?;
+    let wasm = PathBuf::from(built.stdout.trim());
+    ensure!(
+        wasm == root.canonicalize()?.join("target/shop.wasm") && wasm.is_file(),
+        "digibot build printed {:?}\n{}",
+        built.stdout,
+        built.stderr
+    );
+    let tested = run(digibot_test().current_dir(&root))?.ok("digibot test")?;
+    ensure!(
+        tested.stdout
+            == "tests/conversation.toml (shop greets and echoes) ... ok (3 turns)\n\
+                1 test file: 1 passed, 0 failed\n",
+        "{}",
+        tested.stdout
+    );
+
+    // A type error stops the build, with tsc's words.
+    std::fs::write(
+        root.join("src/index.ts"),
+        "import { Action } from \"digibot-sdk\";\nexport const x: number = Action.text(\"hi\");\n",
+    )?;
+    let broken = run(digibot().arg("build").current_dir(&root))?;
+    ensure!(
+        !broken.success && broken.stderr.contains("error TS"),
+        "{}",
+        broken.stderr
+    );
+    Ok(())
+}
