@@ -1061,3 +1061,42 @@ fn new_build_test_a_typescript_bot() -> Result<()> {
     );
     Ok(())
 }
+
+/// A new Python author: `digibot new shop --lang python`, `digibot build`
+/// (componentize-py at digishare:bot 0.3.0), `digibot test` pass as
+/// scaffolded.
+#[test]
+fn new_build_test_a_python_bot() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    run(digibot()
+        .args(["new", "shop", "--lang", "python", "--dir"])
+        .arg(dir))?
+    .ok("digibot new --lang python")?;
+    let root = dir.join("shop");
+    for file in [
+        "app.py",
+        "wit-version",
+        "tests/conversation.toml",
+        "README.md",
+    ] {
+        ensure!(root.join(file).is_file(), "digibot new made no {file}");
+    }
+    let built = run(digibot().arg("build").current_dir(&root))?.ok("digibot build")?;
+    let wasm = PathBuf::from(built.stdout.trim());
+    ensure!(
+        wasm == root.canonicalize()?.join("target/shop.wasm") && wasm.is_file(),
+        "digibot build printed {:?}\n{}",
+        built.stdout,
+        built.stderr
+    );
+    let tested = run(digibot_test().current_dir(&root))?.ok("digibot test")?;
+    ensure!(
+        tested.stdout
+            == "tests/conversation.toml (shop greets and echoes) ... ok (3 turns)\n\
+                1 test file: 1 passed, 0 failed\n",
+        "{}",
+        tested.stdout
+    );
+    Ok(())
+}

@@ -1,10 +1,11 @@
-//! `digibot new NAME [--dir DIR] [--lang rust|ts]`: scaffolds a plugin in
+//! `digibot new NAME [--dir DIR] [--lang rust|ts|python]`: scaffolds a plugin in
 //! DIR/NAME: an echo bot with a greeting, a passing conversation test
 //! (`tests/conversation.toml`, run by `digibot test`) and a README. In Rust
 //! (crates/digibot/templates/plugin) a standalone cdylib crate on
 //! `digibot-sdk` with a harness test (`digibot-testing`) too; in TypeScript
 //! (crates/digibot/templates/ts) a `package.json`, a `tsconfig.json` on
-//! this repository's SDK and jco-generated typings, and `src/index.ts`.
+//! this repository's SDK and jco-generated typings, and `src/index.ts`;
+//! in Python (crates/digibot/templates/python) `app.py` and `wit-version`.
 
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,10 @@ const TS_INDEX: &str = include_str!("../../templates/ts/index.ts.tmpl");
 const TS_README: &str = include_str!("../../templates/ts/README.md.tmpl");
 const TS_GITIGNORE: &str = include_str!("../../templates/ts/gitignore.tmpl");
 
+const PY_APP: &str = include_str!("../../templates/python/app.py.tmpl");
+const PY_README: &str = include_str!("../../templates/python/README.md.tmpl");
+const PY_GITIGNORE: &str = include_str!("../../templates/python/gitignore.tmpl");
+
 /// The language of a new plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {
@@ -34,6 +39,9 @@ pub enum Lang {
     /// TypeScript (componentize-js).
     #[value(alias = "typescript")]
     Ts,
+    /// Python (componentize-py).
+    #[value(alias = "py")]
+    Python,
 }
 
 /// Names cargo or Rust refuse for a crate, or that would clash with the
@@ -222,6 +230,13 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
                 (".gitignore", fill_ts(TS_GITIGNORE)?),
             ]
         }
+        Lang::Python => vec![
+            ("app.py", fill(PY_APP)?),
+            ("wit-version", "0.3.0\n".to_string()),
+            ("tests/conversation.toml", fill(CONVERSATION)?),
+            ("README.md", fill(PY_README)?),
+            (".gitignore", fill(PY_GITIGNORE)?),
+        ],
     };
     std::fs::create_dir_all(&args.dir)?;
     // create_dir (not _all): if another process made it meanwhile, stop.
@@ -319,6 +334,55 @@ mod tests {
         })
         .unwrap();
         assert_eq!(code, ExitCode::FAILURE);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn typescript_and_python_templates_are_filled() {
+        let root = std::env::temp_dir().join(format!("digibot-new-langs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (lang, files) in [
+            (
+                Lang::Ts,
+                &[
+                    "package.json",
+                    "tsconfig.json",
+                    "src/index.ts",
+                    "tests/conversation.toml",
+                    "README.md",
+                ][..],
+            ),
+            (
+                Lang::Python,
+                &[
+                    "app.py",
+                    "wit-version",
+                    "tests/conversation.toml",
+                    "README.md",
+                ][..],
+            ),
+        ] {
+            let name = format!("{lang:?}-bot").to_lowercase();
+            let code = run(NewArgs {
+                name: name.clone(),
+                dir: root.clone(),
+                lang,
+                sdk_path: None,
+                testing_path: None,
+            })
+            .unwrap();
+            assert_eq!(code, ExitCode::SUCCESS);
+            for file in files {
+                let text = std::fs::read_to_string(root.join(&name).join(file)).unwrap();
+                assert!(
+                    !text.contains("{{"),
+                    "{lang:?}: {file} still has a placeholder"
+                );
+            }
+            assert!(!root.join(&name).join("Cargo.lock").exists());
+        }
+        let tsconfig = std::fs::read_to_string(root.join("ts-bot/tsconfig.json")).unwrap();
+        assert!(tsconfig.contains("guests/typescript/tsconfig.base.json"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
