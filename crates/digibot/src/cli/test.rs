@@ -374,6 +374,9 @@ fn read_test(file: &Path) -> anyhow::Result<TestFile> {
     if test.turns.is_empty() {
         bail!("no [[turn]]");
     }
+    if let Some(table) = &test.plugin {
+        Manifest::parse(&table.to_string()).context("invalid [plugin]")?;
+    }
     for (i, turn) in test.turns.iter().enumerate() {
         let inputs = [
             turn.new_conversation.is_some(),
