@@ -40,6 +40,10 @@ pub struct TestArgs {
     /// file's `[config]` goes over both).
     #[arg(long = "config", visible_alias = "set", value_name = "KEY=VALUE", value_parser = super::replay::key_value)]
     pub set: Vec<(String, String)>,
+    /// Also print each file's turn times (a new instance and the call, as
+    /// on the server's event path; the first call of a file included).
+    #[arg(long)]
+    pub timings: bool,
 }
 
 /// One test file: one conversation.
@@ -278,6 +282,9 @@ fn open_session(
 ) -> anyhow::Result<Session> {
     let runtime = Runtime::new(digibot_runtime::RuntimeConfig {
         cache_dir: cache_dir(),
+        // Every turn on a new instance, made on the turn's path: what a
+        // test measures with --timings is the server's worst case.
+        warm_instances: 0,
         ..settings.runtime_config()
     })
     .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?;
@@ -332,7 +339,7 @@ pub fn run(args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
             &mut own
         };
         session.set_http(Arc::new(Stubs(test.http.clone())));
-        let problems = run_test(session, file, test);
+        let (problems, times) = run_test(session, file, test);
         let title = test
             .name
             .as_deref()
@@ -344,6 +351,9 @@ pub fn run(args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
                 file.display(),
                 test.turns.len()
             );
+            if args.timings {
+                println!("  {}", timings(times));
+            }
         } else {
             failed += 1;
             println!("{}{title} ... FAILED", file.display());
@@ -431,11 +441,12 @@ fn choice(c: &ChoiceTurn) -> Choice {
 }
 
 /// Runs the conversation; the problems found, each a readable paragraph.
-fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> Vec<String> {
+fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>, Vec<u64>) {
     let plugin = session.names().first().map(|n| n.to_string());
     let Some(plugin) = plugin else {
-        return vec!["no plugin loaded".into()];
+        return (vec!["no plugin loaded".into()], Vec::new());
     };
+    let mut times = Vec::new();
     let mut customer = Customer {
         conversation: 1,
         started: false,
@@ -455,6 +466,9 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> Vec<String> 
         let conversation = event.conversation_id().unwrap_or_default().to_string();
         let ran = session.run(&event);
         let outcome = ran.handled.outcomes.iter().find(|o| o.plugin == plugin);
+        if let Some(o) = outcome.filter(|o| matches!(o.outcome, "ok" | "failed")) {
+            times.push(o.elapsed_us);
+        }
         let failure = outcome
             .filter(|o| o.outcome == "failed")
             .map(|o| o.reason.clone().unwrap_or_default());
@@ -507,7 +521,22 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> Vec<String> 
             }
         }
     }
-    problems
+    (problems, times)
+}
+
+/// `turn times: median 1210 µs, slowest 1800 µs (8 turns that ran)`.
+fn timings(mut times: Vec<u64>) -> String {
+    if times.is_empty() {
+        return "turn times: no turn ran the plugin".to_string();
+    }
+    times.sort_unstable();
+    format!(
+        "turn times: median {} µs, fastest {} µs, slowest {} µs ({} turns ran the plugin; a new instance each)",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1],
+        times.len()
+    )
 }
 
 fn shown(v: Option<&str>) -> String {
