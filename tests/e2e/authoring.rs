@@ -212,7 +212,138 @@ fn new_build_check_replay_a_scaffolded_bot() -> Result<()> {
         "message_text_minimal" => vec!["/info"],
         _ => vec![],
     })?;
-    ensure_json_eq(&out.json()?, &expected, "replay of the scaffold")
+    ensure_json_eq(&out.json()?, &expected, "replay of the scaffold")?;
+
+    // Its conversation test passes as scaffolded, found from the folder.
+    let tested = run(digibot().arg("test").current_dir(&root))?.ok("digibot test")?;
+    ensure!(
+        tested.stdout.ends_with("1 test file: 1 passed, 0 failed\n"),
+        "{}",
+        tested.stdout
+    );
+    Ok(())
+}
+
+/// `digibot test` with the compile cache under target/ (a Python or
+/// TypeScript component takes seconds to compile).
+fn digibot_test() -> Command {
+    let mut cmd = digibot();
+    cmd.arg("test").env(
+        "XDG_CACHE_HOME",
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("digibot-test-cache"),
+    );
+    cmd
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The echo of each language, as built by `cargo build-plugins`,
+/// scripts/build-python-plugins and scripts/build-typescript-plugins.
+fn echoes() -> Result<Vec<PathBuf>> {
+    let root = repo_root();
+    [
+        (
+            "target/wasm32-wasip2/release/echo.wasm",
+            "cargo build-plugins",
+        ),
+        ("target/guests/echo_py.wasm", "scripts/build-python-plugins"),
+        (
+            "target/guests/echo_ts.wasm",
+            "scripts/build-typescript-plugins",
+        ),
+    ]
+    .into_iter()
+    .map(|(path, built_by)| {
+        let path = root.join(path);
+        ensure!(
+            path.is_file(),
+            "{} is missing: build it with `{built_by}`",
+            path.display()
+        );
+        Ok(path)
+    })
+    .collect()
+}
+
+/// One conversation test file, tests/conversations/echo.toml (text, emoji,
+/// button, list row, location, whole webhooks, an agent taking over),
+/// passes against the Rust, Python and TypeScript echo alike.
+#[test]
+fn one_conversation_test_passes_against_every_languages_echo() -> Result<()> {
+    let file = repo_root().join("tests/conversations/echo.toml");
+    for wasm in echoes()? {
+        let out = run(digibot_test().arg(&wasm).arg(&file))?.ok("digibot test")?;
+        ensure!(
+            out.stdout
+                == format!(
+                    "{} (echo repeats text and nothing else) ... ok (8 turns)\n\
+                     1 test file: 1 passed, 0 failed\n",
+                    file.display()
+                ),
+            "{}: {}",
+            wasm.display(),
+            out.stdout
+        );
+    }
+    Ok(())
+}
+
+/// A wrong expectation fails the run, with a diff of what was expected
+/// against what the plugin did, and says which turn; a stubbed service
+/// answers the plugin's request and an unstubbed one is refused.
+#[test]
+fn a_wrong_expectation_fails_with_a_readable_diff() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("wrong.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[turn]]
+message = "Bonjour !"
+actions = [{ kind = "text", body = "Bonsoir !" }]
+
+[[turn]]
+message = "ok"
+match = "partial"
+requests = [{ body = { body = "ok" } }]
+kv = { count = "1" }
+"#,
+    )?;
+    let wasm = repo_root().join("target/wasm32-wasip2/release/echo.wasm");
+    let out = run(digibot_test().arg(&wasm).arg(&file))?;
+    ensure!(!out.success, "a failing test exited 0: {}", out.stdout);
+    let expected = format!(
+        "{} ... FAILED
+  turn 1 (message \"Bonjour !\"): actions differ (exact match; - expected, + actual)
+    [
+      {{
+  -     \"body\": \"Bonsoir !\",
+  +     \"body\": \"Bonjour !\",
+        \"kind\": \"text\"
+      }}
+    ]
+  turn 2 (message \"ok\"): kv \"count\" is absent, expected \"1\"
+1 test file: 0 passed, 1 failed
+",
+        file.display()
+    );
+    ensure!(
+        out.stdout == expected,
+        "got:\n{}\nexpected:\n{expected}",
+        out.stdout
+    );
+
+    // An invalid file is named, and nothing runs.
+    std::fs::write(&file, "[[turn]]\nmesage = \"hi\"\n")?;
+    let out = run(digibot_test().arg(&wasm).arg(&file))?;
+    ensure!(
+        !out.success && out.stdout.contains("INVALID") && out.stdout.contains("mesage"),
+        "{}",
+        out.stdout
+    );
+    Ok(())
 }
 
 #[test]
@@ -824,6 +955,148 @@ fn chat_in_a_terminal() -> Result<()> {
     ensure!(
         screen.contains("chat-exit=0"),
         "chat did not exit 0 after /quit:\n{screen}"
+    );
+    Ok(())
+}
+
+/// `[[http]]` stubs answer the orders plugin's lookups by URL (200 with
+/// JSON, 404), inside the grant the test file's `[plugin]` gives; a URL no
+/// stub answers is refused to the plugin, which says the service is down.
+/// The same file passes against the Rust, Python and TypeScript (`fetch()`)
+/// orders plugin.
+#[test]
+fn stubbed_http_answers_the_orders_plugin_in_every_language() -> Result<()> {
+    let root = repo_root();
+    let file = root.join("tests/conversations/orders.toml");
+    for (wasm, built_by) in [
+        (
+            "target/wasm32-wasip2/release/orders.wasm",
+            "cargo build-plugins",
+        ),
+        (
+            "target/guests/orders_py.wasm",
+            "scripts/build-python-plugins",
+        ),
+        (
+            "target/guests/orders_ts.wasm",
+            "scripts/build-typescript-plugins",
+        ),
+    ] {
+        let wasm = root.join(wasm);
+        ensure!(
+            wasm.is_file(),
+            "{} is missing: run {built_by}",
+            wasm.display()
+        );
+        // The plugins' log lines are `info` events of the host.
+        let out = run(digibot_test().arg(&wasm).arg(&file).env("RUST_LOG", "info"))?
+            .ok("digibot test")?;
+        ensure!(
+            out.stdout
+                .ends_with("... ok (3 turns)\n1 test file: 1 passed, 0 failed\n"),
+            "{}: {}",
+            wasm.display(),
+            out.stdout
+        );
+        ensure!(
+            out.stderr
+                .contains("no [[http]] stub answers GET https://api.shop.example/orders/C-999"),
+            "{}",
+            out.stderr
+        );
+    }
+    Ok(())
+}
+
+/// A new TypeScript author: `digibot new shop --lang ts`, `digibot build`
+/// (tsc, esbuild, componentize-js against the SDK and the jco typings),
+/// `digibot test` on the scaffold's conversation test, all from the new
+/// folder, and the component loads at digishare:bot 0.3.0.
+#[test]
+fn new_build_test_a_typescript_bot() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    run(digibot()
+        .args(["new", "shop", "--lang", "ts", "--dir"])
+        .arg(dir))?
+    .ok("digibot new --lang ts")?;
+    let root = dir.join("shop");
+    for file in [
+        "package.json",
+        "tsconfig.json",
+        "src/index.ts",
+        "tests/conversation.toml",
+        "README.md",
+        ".gitignore",
+    ] {
+        ensure!(root.join(file).is_file(), "digibot new made no {file}");
+    }
+    let built = run(digibot().arg("build").current_dir(&root))?.ok("digibot build")?;
+    let wasm = PathBuf::from(built.stdout.trim());
+    ensure!(
+        wasm == root.canonicalize()?.join("target/shop.wasm") && wasm.is_file(),
+        "digibot build printed {:?}\n{}",
+        built.stdout,
+        built.stderr
+    );
+    let tested = run(digibot_test().current_dir(&root))?.ok("digibot test")?;
+    ensure!(
+        tested.stdout
+            == "tests/conversation.toml (shop greets and echoes) ... ok (3 turns)\n\
+                1 test file: 1 passed, 0 failed\n",
+        "{}",
+        tested.stdout
+    );
+
+    // A type error stops the build, with tsc's words.
+    std::fs::write(
+        root.join("src/index.ts"),
+        "import { Action } from \"digibot-sdk\";\nexport const x: number = Action.text(\"hi\");\n",
+    )?;
+    let broken = run(digibot().arg("build").current_dir(&root))?;
+    ensure!(
+        !broken.success && broken.stderr.contains("error TS"),
+        "{}",
+        broken.stderr
+    );
+    Ok(())
+}
+
+/// A new Python author: `digibot new shop --lang python`, `digibot build`
+/// (componentize-py at digishare:bot 0.3.0), `digibot test` pass as
+/// scaffolded.
+#[test]
+fn new_build_test_a_python_bot() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    run(digibot()
+        .args(["new", "shop", "--lang", "python", "--dir"])
+        .arg(dir))?
+    .ok("digibot new --lang python")?;
+    let root = dir.join("shop");
+    for file in [
+        "app.py",
+        "wit-version",
+        "tests/conversation.toml",
+        "README.md",
+    ] {
+        ensure!(root.join(file).is_file(), "digibot new made no {file}");
+    }
+    let built = run(digibot().arg("build").current_dir(&root))?.ok("digibot build")?;
+    let wasm = PathBuf::from(built.stdout.trim());
+    ensure!(
+        wasm == root.canonicalize()?.join("target/shop.wasm") && wasm.is_file(),
+        "digibot build printed {:?}\n{}",
+        built.stdout,
+        built.stderr
+    );
+    let tested = run(digibot_test().current_dir(&root))?.ok("digibot test")?;
+    ensure!(
+        tested.stdout
+            == "tests/conversation.toml (shop greets and echoes) ... ok (3 turns)\n\
+                1 test file: 1 passed, 0 failed\n",
+        "{}",
+        tested.stdout
     );
     Ok(())
 }

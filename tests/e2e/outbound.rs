@@ -165,6 +165,82 @@ async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -
     Ok(())
 }
 
+/// The TypeScript orders (guests/typescript/orders) calls the granted fake
+/// order API with `fetch()`: the same replies as the Rust and Python
+/// twins, and exactly one request per lookup at the API, the secret
+/// substituted by the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_orders_fetches_the_granted_api_and_answers() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    api.set_order("12345", "shipped");
+    let mut bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("orders_ts", &orders_toml(&api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+        .spawn()?;
+    // A 13 MB StarlingMonkey component compiles in 10-20 s on a loaded
+    // machine, before the server answers.
+    bot.wait_healthy(Duration::from_secs(120)).await?;
+    let c = "conv_orders_ts";
+    let first = bot
+        .accept(&customer_text(
+            c,
+            "msg_ts_1",
+            "Bonjour, ma commande 12345 ?",
+        ))
+        .await?;
+    let second = bot
+        .accept(&customer_text(c, "msg_ts_2", "et la #99999"))
+        .await?;
+    let third = bot.accept(&customer_text(c, "msg_ts_3", "merci")).await?;
+    bot.wait_idle(&[first.clone(), second.clone(), third], TIMEOUT)
+        .await?;
+    fake.settle(2, TIMEOUT).await?;
+    ensure_all_eq(
+        &fake.wire_for(c),
+        &[
+            wire_text(c, "Votre commande 12345 est en route."),
+            wire_text(
+                c,
+                "Je ne trouve pas la commande 99999. Vérifiez le numéro ?",
+            ),
+        ],
+        "replies",
+    )?;
+    let seen: Vec<(String, String, Option<String>, Option<String>)> = api
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                r.path.clone(),
+                r.authorization.clone(),
+                r.idempotency_key.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "GET".to_string(),
+                "/orders/12345".to_string(),
+                Some(format!("Bearer {SECRET}")),
+                Some(format!("{first}/orders_ts/0"))
+            ),
+            (
+                "GET".to_string(),
+                "/orders/99999".to_string(),
+                Some(format!("Bearer {SECRET}")),
+                Some(format!("{second}/orders_ts/0"))
+            ),
+        ]
+    );
+    ensure_no_secret(&bot.logs(), "the log")?;
+    Ok(())
+}
+
 /// The concierge's « Suivre un colis » with `orders_api` configured: it
 /// asks for the order number, looks it up at the order API (the secret
 /// substituted there, and only there) and answers its status.

@@ -148,8 +148,9 @@ pub async fn run_entries(
     run(runtime, entries, event, state, kv, http, breaker, true).await
 }
 
-/// [`run_entries`] with the turns' HTTP requests handed to `http` (a replay
-/// of a stored turn answers them from its journal).
+/// [`run_entries`] with the turns' HTTP requests answered by `http`
+/// instead of refused: `digibot test`'s stubs, or a replay of a stored turn
+/// answering them from its journal.
 pub async fn run_entries_with_http(
     runtime: &Runtime,
     entries: &[Entry],

@@ -149,9 +149,16 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
     if !path.is_file() {
         path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     }
+    // The Python and TypeScript guests (NAME_py, NAME_ts), built by
+    // scripts/build-python-plugins and scripts/build-typescript-plugins.
+    if !path.is_file() && (name.ends_with("_py") || name.ends_with("_ts")) {
+        path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/guests")
+            .join(format!("{name}.wasm"));
+    }
     assert!(
         path.is_file(),
-        "plugin {} not found: run `cargo build-plugins` first",
+        "plugin {} not found: run `cargo build-plugins` (or scripts/build-python-plugins, scripts/build-typescript-plugins) first",
         path.display()
     );
     path

@@ -8,6 +8,7 @@ mod conversations;
 mod dead_letters;
 mod new;
 mod replay;
+mod test;
 
 use crate::config::{Flags, Settings};
 use clap::{Parser, Subcommand};
@@ -73,6 +74,9 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Talk to a bot in the terminal, as the customer.
     Chat(chat::ChatArgs),
+    /// Run conversation tests (TOML files of turns and expected answers)
+    /// against a plugin component, in any language.
+    Test(test::TestArgs),
 }
 
 /// Log line formats, chosen by `DIGIBOT_LOG_FORMAT`.
@@ -153,6 +157,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(args, &env_settings()?),
         Command::Replay(args) => replay::run(args, &env_settings()?),
         Command::Chat(args) => chat::run(args, &env_settings()?),
+        Command::Test(args) => test::run(args, &env_settings()?),
     }
 }
 

@@ -1,7 +1,11 @@
-//! `digibot new NAME [--dir DIR]`: scaffolds a plugin crate in DIR/NAME: a
-//! standalone cdylib crate on `digibot-sdk`, an echo bot with a greeting, a
-//! passing test on the harness (`digibot-testing`) and a README. The
-//! templates are in crates/digibot/templates/plugin.
+//! `digibot new NAME [--dir DIR] [--lang rust|ts|python]`: scaffolds a plugin in
+//! DIR/NAME: an echo bot with a greeting, a passing conversation test
+//! (`tests/conversation.toml`, run by `digibot test`) and a README. In Rust
+//! (crates/digibot/templates/plugin) a standalone cdylib crate on
+//! `digibot-sdk` with a harness test (`digibot-testing`) too; in TypeScript
+//! (crates/digibot/templates/ts) a `package.json`, a `tsconfig.json` on
+//! this repository's SDK and jco-generated typings, and `src/index.ts`;
+//! in Python (crates/digibot/templates/python) `app.py` and `wit-version`.
 
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -14,8 +18,31 @@ const HOST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 const CARGO_TOML: &str = include_str!("../../templates/plugin/Cargo.toml.tmpl");
 const LIB_RS: &str = include_str!("../../templates/plugin/lib.rs.tmpl");
 const TEST_RS: &str = include_str!("../../templates/plugin/test.rs.tmpl");
+const CONVERSATION: &str = include_str!("../../templates/plugin/conversation.toml.tmpl");
 const README: &str = include_str!("../../templates/plugin/README.md.tmpl");
 const GITIGNORE: &str = include_str!("../../templates/plugin/gitignore.tmpl");
+
+const TS_PACKAGE: &str = include_str!("../../templates/ts/package.json.tmpl");
+const TS_CONFIG: &str = include_str!("../../templates/ts/tsconfig.json.tmpl");
+const TS_INDEX: &str = include_str!("../../templates/ts/index.ts.tmpl");
+const TS_README: &str = include_str!("../../templates/ts/README.md.tmpl");
+const TS_GITIGNORE: &str = include_str!("../../templates/ts/gitignore.tmpl");
+
+const PY_APP: &str = include_str!("../../templates/python/app.py.tmpl");
+const PY_README: &str = include_str!("../../templates/python/README.md.tmpl");
+const PY_GITIGNORE: &str = include_str!("../../templates/python/gitignore.tmpl");
+
+/// The language of a new plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    Rust,
+    /// TypeScript (componentize-js).
+    #[value(alias = "typescript")]
+    Ts,
+    /// Python (componentize-py).
+    #[value(alias = "py")]
+    Python,
+}
 
 /// Names cargo or Rust refuse for a crate, or that would clash with the
 /// crates a plugin depends on.
@@ -86,9 +113,12 @@ pub struct NewArgs {
     /// The plugin's name: lowercase letters, digits, '-' and '_', starting
     /// with a letter ('-' becomes '_' in the .wasm file name).
     pub name: String,
-    /// Where to create the crate (it goes in DIR/NAME).
+    /// Where to create the plugin (it goes in DIR/NAME).
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
+    /// The plugin's language.
+    #[arg(long, value_enum, default_value = "rust")]
+    pub lang: Lang,
     /// The digibot-sdk crate to depend on [default: this digibot's].
     #[arg(long, value_name = "PATH")]
     pub sdk_path: Option<PathBuf>,
@@ -170,13 +200,44 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
             .replace("{{sdk_path}}", &toml_path(&sdk)?)
             .replace("{{testing_path}}", &toml_path(&testing)?))
     };
-    let files = [
-        ("Cargo.toml", fill(CARGO_TOML)?),
-        ("src/lib.rs", fill(LIB_RS)?),
-        ("tests/bot.rs", fill(TEST_RS)?),
-        ("README.md", fill(README)?),
-        (".gitignore", fill(GITIGNORE)?),
-    ];
+    let files = match args.lang {
+        Lang::Rust => vec![
+            ("Cargo.toml", fill(CARGO_TOML)?),
+            ("src/lib.rs", fill(LIB_RS)?),
+            ("tests/bot.rs", fill(TEST_RS)?),
+            ("tests/conversation.toml", fill(CONVERSATION)?),
+            ("README.md", fill(README)?),
+            (".gitignore", fill(GITIGNORE)?),
+        ],
+        Lang::Ts => {
+            let base = Path::new(HOST_DIR).join("../../guests/typescript/tsconfig.base.json");
+            let base = serde_json::Value::String(
+                base.canonicalize()
+                    .map_err(|e| anyhow::anyhow!("{} not found ({e})", base.display()))?
+                    .display()
+                    .to_string(),
+            )
+            .to_string();
+            let fill_ts = |t: &str| -> anyhow::Result<String> {
+                Ok(fill(t)?.replace("{{tsconfig_base}}", &base))
+            };
+            vec![
+                ("package.json", fill_ts(TS_PACKAGE)?),
+                ("tsconfig.json", fill_ts(TS_CONFIG)?),
+                ("src/index.ts", fill_ts(TS_INDEX)?),
+                ("tests/conversation.toml", fill_ts(CONVERSATION)?),
+                ("README.md", fill_ts(TS_README)?),
+                (".gitignore", fill_ts(TS_GITIGNORE)?),
+            ]
+        }
+        Lang::Python => vec![
+            ("app.py", fill(PY_APP)?),
+            ("wit-version", "0.3.0\n".to_string()),
+            ("tests/conversation.toml", fill(CONVERSATION)?),
+            ("README.md", fill(PY_README)?),
+            (".gitignore", fill(PY_GITIGNORE)?),
+        ],
+    };
     std::fs::create_dir_all(&args.dir)?;
     // create_dir (not _all): if another process made it meanwhile, stop.
     std::fs::create_dir(&root)?;
@@ -190,11 +251,14 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
     // The versions digibot was built and tested with: the new crate starts
     // from them instead of whatever the registry has today.
     let lock = Path::new(HOST_DIR).join("../../Cargo.lock");
-    if lock.is_file() {
+    if args.lang == Lang::Rust && lock.is_file() {
         std::fs::copy(&lock, root.join("Cargo.lock"))?;
     }
     println!("created {}", root.display());
-    println!("next: cd {} && digibot build && cargo test", root.display());
+    println!(
+        "next: cd {} && digibot build && digibot test",
+        root.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -234,6 +298,7 @@ mod tests {
         let code = run(NewArgs {
             name: "shop-bot".into(),
             dir: root.clone(),
+            lang: Lang::Rust,
             sdk_path: None,
             testing_path: None,
         })
@@ -243,6 +308,7 @@ mod tests {
             "Cargo.toml",
             "src/lib.rs",
             "tests/bot.rs",
+            "tests/conversation.toml",
             "README.md",
             ".gitignore",
         ] {
@@ -262,11 +328,61 @@ mod tests {
         let code = run(NewArgs {
             name: "shop-bot".into(),
             dir: root.clone(),
+            lang: Lang::Rust,
             sdk_path: None,
             testing_path: None,
         })
         .unwrap();
         assert_eq!(code, ExitCode::FAILURE);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn typescript_and_python_templates_are_filled() {
+        let root = std::env::temp_dir().join(format!("digibot-new-langs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (lang, files) in [
+            (
+                Lang::Ts,
+                &[
+                    "package.json",
+                    "tsconfig.json",
+                    "src/index.ts",
+                    "tests/conversation.toml",
+                    "README.md",
+                ][..],
+            ),
+            (
+                Lang::Python,
+                &[
+                    "app.py",
+                    "wit-version",
+                    "tests/conversation.toml",
+                    "README.md",
+                ][..],
+            ),
+        ] {
+            let name = format!("{lang:?}-bot").to_lowercase();
+            let code = run(NewArgs {
+                name: name.clone(),
+                dir: root.clone(),
+                lang,
+                sdk_path: None,
+                testing_path: None,
+            })
+            .unwrap();
+            assert_eq!(code, ExitCode::SUCCESS);
+            for file in files {
+                let text = std::fs::read_to_string(root.join(&name).join(file)).unwrap();
+                assert!(
+                    !text.contains("{{"),
+                    "{lang:?}: {file} still has a placeholder"
+                );
+            }
+            assert!(!root.join(&name).join("Cargo.lock").exists());
+        }
+        let tsconfig = std::fs::read_to_string(root.join("ts-bot/tsconfig.json")).unwrap();
+        assert!(tsconfig.contains("guests/typescript/tsconfig.base.json"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

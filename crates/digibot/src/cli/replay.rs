@@ -27,7 +27,7 @@ use digibot_domain::event::{ConversationState, Event, EventKind, SenderKind};
 use digibot_pipeline::dispatch::{self, Breaker, Handled};
 use digibot_protocol::Action;
 use digibot_runtime::registry::{Entry, Health};
-use digibot_runtime::{MemoryKv, Runtime};
+use digibot_runtime::{Manifest, MemoryKv, OutboundHttp, Runtime};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -67,7 +67,7 @@ pub struct PluginArgs {
     pub set: Vec<(String, String)>,
 }
 
-fn key_value(s: &str) -> Result<(String, String), String> {
+pub(super) fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => {
             Ok((key.trim().to_string(), value.to_string()))
@@ -95,19 +95,36 @@ pub struct Session {
     seen: HashSet<String>,
     states: HashMap<String, ConversationState>,
     release_command: String,
+    /// Answers the plugins' outbound requests (`digibot test`'s stubs);
+    /// none: every request is refused, as a replay must not call out.
+    http: Option<Arc<dyn OutboundHttp>>,
 }
 
 impl Session {
     /// Loads the plugins with the runtime `serve` would build from
     /// `settings`.
     pub fn open(settings: &Settings, args: &PluginArgs) -> anyhow::Result<Session> {
+        Session::open_in(runtime(settings)?, settings, args, None)
+    }
+
+    /// [`Session::open`] with a runtime of the caller's (`digibot test`
+    /// caches compiled components across runs), and a manifest that
+    /// replaces the plugins' `NAME.toml` when given.
+    pub fn open_in(
+        runtime: Runtime,
+        settings: &Settings,
+        args: &PluginArgs,
+        manifest: Option<Manifest>,
+    ) -> anyhow::Result<Session> {
         if args.plugins.is_empty() {
             bail!("give at least one plugin: --plugin FILE.wasm");
         }
-        let runtime = runtime(settings)?;
         let mut entries: Vec<Entry> = Vec::new();
         for path in &args.plugins {
-            let mut manifest = sibling_manifest(path)?.map(|(_, m)| m).unwrap_or_default();
+            let mut manifest = match &manifest {
+                Some(m) => m.clone(),
+                None => sibling_manifest(path)?.map(|(_, m)| m).unwrap_or_default(),
+            };
             manifest.config.extend(args.set.iter().cloned());
             let plugin = runtime.load_file(path, manifest)?;
             if entries.iter().any(|e| e.plugin.name == plugin.name) {
@@ -131,7 +148,27 @@ impl Session {
             seen: HashSet::new(),
             states: HashMap::new(),
             release_command: settings.release_command.trim().to_string(),
+            http: None,
         })
+    }
+
+    /// Forgets every conversation (KV, events seen, who is in charge): the
+    /// next test starts from nothing, with the plugins still loaded.
+    pub fn reset(&mut self) {
+        self.kv = Arc::new(MemoryKv::default());
+        self.seen.clear();
+        self.states.clear();
+        self.http = None;
+    }
+
+    /// Answers the plugins' outbound HTTP requests with `http` from now on.
+    pub fn set_http(&mut self, http: Arc<dyn OutboundHttp>) {
+        self.http = Some(http);
+    }
+
+    /// What `plugin` stored under `key` in `conversation`.
+    pub fn kv(&self, plugin: &str, conversation: &str, key: &str) -> Option<String> {
+        self.kv.value(plugin, conversation, key)
     }
 
     /// The plugins' names, in the order they run.
@@ -202,14 +239,25 @@ impl Session {
             cooldown: Duration::ZERO,
         };
         let _span = dispatch::event_span(event).entered();
-        let handled = self.executor.block_on(dispatch::run_entries(
-            &self.runtime,
-            &self.entries,
-            event,
-            state,
-            self.kv.clone(),
-            breaker,
-        ));
+        let handled = match &self.http {
+            None => self.executor.block_on(dispatch::run_entries(
+                &self.runtime,
+                &self.entries,
+                event,
+                state,
+                self.kv.clone(),
+                breaker,
+            )),
+            Some(http) => self.executor.block_on(dispatch::run_entries_with_http(
+                &self.runtime,
+                &self.entries,
+                event,
+                state,
+                self.kv.clone(),
+                http.clone(),
+                breaker,
+            )),
+        };
         if state == ConversationState::Bot
             && handled
                 .actions

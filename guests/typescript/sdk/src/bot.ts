@@ -11,6 +11,13 @@ import type { MessageEvent, NewConversationEvent, WorldExports } from "./wit";
 export type Replies = Action[] | undefined | void;
 
 /**
+ * A handler's result: the replies, or a promise of them (an `async`
+ * handler that awaits `fetch()`; componentize-js runs the event loop until
+ * the promise settles, within the turn's deadline).
+ */
+export type Answer = Replies | Promise<Replies>;
+
+/**
  * Your bot: implement only the events you care about. Handlers are called
  * on a fresh instance for every event, so keep state in `kv`, not in
  * module variables. Throwing (a {@link BotError}, a {@link LimitError}, any
@@ -19,12 +26,12 @@ export type Replies = Action[] | undefined | void;
  */
 export interface Bot {
   /** A customer opened a conversation. */
-  onNewConversation?(conversation: Conversation): Replies;
+  onNewConversation?(conversation: Conversation): Answer;
   /**
    * A customer sent a message (agent and system messages never arrive here,
    * so a bot cannot answer itself in a loop).
    */
-  onMessage?(message: Message): Replies;
+  onMessage?(message: Message): Answer;
 }
 
 /** A handler's failure with a message for the logs, like the Rust SDK's `Error`. */
@@ -62,18 +69,31 @@ export function reasonOf(e: unknown): string {
   return String(e);
 }
 
-function run(handler: () => Replies): Action[] {
-  let replies: Replies;
-  try {
-    replies = handler();
-  } catch (e) {
-    throw new ResultError(reasonOf(e));
-  }
+function checked(replies: Replies): Action[] {
   if (replies == null) return [];
   if (!Array.isArray(replies)) {
     throw new ResultError(`a handler must return an array of actions, not ${typeof replies}`);
   }
   return replies;
+}
+
+function isPromise(x: unknown): x is Promise<Replies> {
+  return typeof x === "object" && x !== null && typeof (x as { then?: unknown }).then === "function";
+}
+
+function run(handler: () => Answer): Action[] | Promise<Action[]> {
+  let answer: Answer;
+  try {
+    answer = handler();
+  } catch (e) {
+    throw new ResultError(reasonOf(e));
+  }
+  if (isPromise(answer)) {
+    return answer.then(checked, (e: unknown) => {
+      throw new ResultError(reasonOf(e));
+    });
+  }
+  return checked(answer);
 }
 
 /**
@@ -93,12 +113,14 @@ function run(handler: () => Replies): Action[] {
 export function defineBot(bot: Bot): BotExports {
   return {
     onNewConversation(event: NewConversationEvent): Action[] {
+      // A promise when the handler is async: componentize-js awaits an
+      // export's promise, running the event loop (fetch) until it settles.
       const handler = bot.onNewConversation;
-      return handler ? run(() => handler.call(bot, conversation(event))) : [];
+      return (handler ? run(() => handler.call(bot, conversation(event))) : []) as Action[];
     },
     onMessage(event: MessageEvent): Action[] {
       const handler = bot.onMessage;
-      return handler ? run(() => handler.call(bot, new Message(event))) : [];
+      return (handler ? run(() => handler.call(bot, new Message(event))) : []) as Action[];
     },
   };
 }

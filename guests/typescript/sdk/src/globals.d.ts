@@ -39,3 +39,32 @@ declare var crypto: {
   randomUUID(): string;
 };
 declare function structuredClone<T>(value: T): T;
+
+// fetch, as StarlingMonkey implements it over wasi:http/outgoing-handler
+// (digishare:bot 0.3.0): digibot allows only what NAME.toml's
+// `[grants] http` names; a refused request rejects with a TypeError, and
+// `outbound.lastRefusal()` says why. The subset plugins need, declared here
+// because the tsconfig has no DOM types.
+type HeadersInit = Headers | Record<string, string> | [string, string][];
+declare class Headers {
+  constructor(init?: HeadersInit);
+  get(name: string): string | null;
+  has(name: string): boolean;
+  set(name: string, value: string): void;
+  append(name: string, value: string): void;
+  forEach(callback: (value: string, name: string) => void): void;
+}
+interface RequestInit {
+  method?: string;
+  headers?: HeadersInit;
+  body?: string | Uint8Array;
+}
+declare class Response {
+  readonly status: number;
+  readonly ok: boolean;
+  readonly headers: Headers;
+  text(): Promise<string>;
+  json(): Promise<unknown>;
+  arrayBuffer(): Promise<ArrayBuffer>;
+}
+declare function fetch(url: string | URL, init?: RequestInit): Promise<Response>;

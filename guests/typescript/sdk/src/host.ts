@@ -4,7 +4,7 @@
 // which componentize-js runs once at build time (Wizer pre-initialisation).
 
 import { BotError } from "./bot";
-import { configGet, hostLog, kvDelete, kvGet, kvSet, type Level } from "./wit";
+import { configGet, hostLog, kvDelete, kvGet, kvSet, lastRefusal, type Level, type Refusal } from "./wit";
 
 /**
  * Log lines, tagged by digibot with the plugin and conversation. Output per
@@ -82,5 +82,16 @@ export const kv = {
   /** Forgets `key` in this conversation. */
   delete(key: string): void {
     kvDelete(key);
+  },
+};
+
+/**
+ * Why digibot refused or failed this turn's latest outbound request
+ * (`fetch` only sees a TypeError): `kind` is a stable name such as
+ * `not-granted`, `message` a sentence for the logs.
+ */
+export const outbound = {
+  lastRefusal(): Refusal | undefined {
+    return lastRefusal();
   },
 };

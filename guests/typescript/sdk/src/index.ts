@@ -20,10 +20,10 @@
 export { Action, ButtonsBuilder, FileBuilder, LimitError, ListBuilder, actionKind, validate } from "./actions";
 export type { LimitReason } from "./actions";
 export { BotError, defineBot } from "./bot";
-export type { Bot, BotExports, Replies } from "./bot";
+export type { Answer, Bot, BotExports, Replies } from "./bot";
 export { Message } from "./events";
 export type { Conversation, SharedLocation } from "./events";
-export { config, kv, log } from "./host";
+export { config, kv, log, outbound } from "./host";
 export { charCount, limits } from "./limits";
 export { WIT_VERSION } from "./wit";
 export type {

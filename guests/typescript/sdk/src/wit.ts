@@ -1,7 +1,7 @@
 // The one file that names the WIT version the SDK is built against.
 //
 // The declarations come from `jco guest-types` run on the WIT folder that
-// scripts/build-typescript-plugins builds against (wit/since_v0.2.0 today);
+// scripts/build-typescript-plugins builds against (wit/since_v0.3.0 today);
 // the script writes them to target/guests/ts-bindings/ and the tsconfig
 // files point there. Moving the SDK to a newer `digishare:bot` version means
 // changing the specifiers below (and the WIT folder in the script), nothing
@@ -10,17 +10,19 @@
 // Named imports only: componentize-js binds the host functions a module
 // imports by name.
 
-export { log as hostLog } from "digishare:bot/log@0.2.0";
-export type { Level } from "digishare:bot/log@0.2.0";
-export { get as configGet } from "digishare:bot/config@0.2.0";
-export { get as kvGet, set as kvSet, delete as kvDelete } from "digishare:bot/kv@0.2.0";
+export { log as hostLog } from "digishare:bot/log@0.3.0";
+export type { Level } from "digishare:bot/log@0.3.0";
+export { get as configGet } from "digishare:bot/config@0.3.0";
+export { get as kvGet, set as kvSet, delete as kvDelete } from "digishare:bot/kv@0.3.0";
+export { lastRefusal } from "digishare:bot/outbound@0.3.0";
+export type { Refusal } from "digishare:bot/outbound@0.3.0";
 
-export type * from "digishare:bot/types@0.2.0";
+export type * from "digishare:bot/types@0.3.0";
 
-import type * as World from "digishare:bot/bot@0.2.0";
+import type * as World from "digishare:bot/bot@0.3.0";
 
 /** What the component's top-level module must export, per the world `bot`. */
 export type WorldExports = Pick<typeof World, "onNewConversation" | "onMessage">;
 
 /** The `digishare:bot` version these bindings were generated from. */
-export const WIT_VERSION = "0.2.0";
+export const WIT_VERSION = "0.3.0";
