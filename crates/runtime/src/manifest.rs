@@ -41,6 +41,9 @@ impl Default for Manifest {
 pub enum EventFilter {
     NewConversation,
     Message,
+    /// A timer the plugin scheduled: always wanted by an enabled plugin
+    /// (it asked for it), whatever `events` lists.
+    Timer,
 }
 
 /// Per-plugin overrides of [`Limits`]; unset fields keep the host default.
@@ -294,7 +297,7 @@ impl Manifest {
     }
 
     pub fn wants(&self, filter: EventFilter) -> bool {
-        self.enabled && self.events.contains(&filter)
+        self.enabled && (filter == EventFilter::Timer || self.events.contains(&filter))
     }
 }
 

@@ -614,15 +614,27 @@ impl Postgres {
             c.execute("BEGIN", &[]).await?;
         }
         let result = self
-            .complete_in(&mut c, seq, &conversation_id, &outcomes, &a, &sets, &deletes, &update, now)
+            .complete_in(
+                &mut c,
+                seq,
+                &conversation_id,
+                &outcomes,
+                &a,
+                &sets,
+                &deletes,
+                &update,
+                now,
+            )
             .await;
         if !timer_ops {
             return result;
         }
         let applied = match result {
-            Ok(done) if done.completed => apply_timer_ops(&mut c, &conversation_id, &update.timers, now)
-                .await
-                .map(|()| done),
+            Ok(done) if done.completed => {
+                apply_timer_ops(&mut c, &conversation_id, &update.timers, now)
+                    .await
+                    .map(|()| done)
+            }
             other => other,
         };
         match applied {
@@ -1686,7 +1698,11 @@ impl Backend for PgStore {
         Ok(self.0.recent_conversations(limit).await?)
     }
 
-    async fn fire_due_timers(&self, now: i64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn fire_due_timers(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         Ok(self.0.fire_due_timers(now, limit).await?)
     }
 

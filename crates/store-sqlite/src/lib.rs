@@ -20,8 +20,8 @@ use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
     JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER, OutboxAction,
-    OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError, StoredEvent, TimerFired,
-    TimerOp, TimerRecord, now_ms, parse_state,
+    OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError, StoredEvent,
+    TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -178,9 +178,10 @@ CREATE TABLE IF NOT EXISTS http_journal (
 
 /// Schema changes after the first, each applied once, in order, in a
 /// transaction that also records its version (`user_version`).
-const MIGRATIONS: &[(i32, &str)] = &[(
-    2,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        2,
+        r#"
 -- When the conversation last had an event handled (retention of idle
 -- conversations and their KV).
 ALTER TABLE conversations ADD COLUMN active_at INTEGER NOT NULL DEFAULT 0;
@@ -206,9 +207,10 @@ CREATE TABLE kv_plugin_usage (
 INSERT INTO kv_plugin_usage (plugin, keys, bytes)
     SELECT plugin, SUM(keys), SUM(bytes) FROM kv_usage GROUP BY plugin;
 "#,
-), (
-    3,
-    r#"
+    ),
+    (
+        3,
+        r#"
 -- Durable timers: one row per pending timer, a name unique per plugin and
 -- conversation. A due timer leaves this table as it enters the inbox.
 CREATE TABLE timers (
@@ -224,7 +226,8 @@ CREATE TABLE timers (
 );
 CREATE INDEX timers_due ON timers(due_at);
 "#,
-)];
+    ),
+];
 
 /// Creates the first schema if the database is new, then applies the
 /// migrations it lacks.
@@ -1298,7 +1301,11 @@ impl Backend for Sqlite {
         reading(&self.0, move |db| db.conversation(&id)).await
     }
 
-    async fn fire_due_timers(&self, now: i64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn fire_due_timers(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         if !reading(&self.0, move |db| db.any_timer_due(now)).await? {
             return Ok(Vec::new());
         }
@@ -1620,8 +1627,7 @@ fn update_conversation(
 
 /// Applies one plugin's KV writes in one conversation, in order, and
 /// what they change to its usage.
-const TIMER_COLUMNS: &str =
-    "t.id, t.plugin, t.conversation_id, t.name, t.payload, t.scheduled_at, t.due_at, t.cancel_on_message";
+const TIMER_COLUMNS: &str = "t.id, t.plugin, t.conversation_id, t.name, t.payload, t.scheduled_at, t.due_at, t.cancel_on_message";
 
 fn timer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TimerRecord> {
     Ok(TimerRecord {

@@ -526,7 +526,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Timers of conversations in a human's hands are held (not turned);
     /// those of closed conversations were dropped at archiving. Returns
     /// the new pending events, for the dispatcher.
-    async fn fire_due_timers(&self, now: i64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn fire_due_timers(&self, now: i64, limit: usize)
+    -> Result<Vec<StoredEvent>, StoreError>;
 
     /// The names of a plugin's pending timers in one conversation.
     async fn timer_names(

@@ -1232,7 +1232,9 @@ pub async fn timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_a
                     schedule("a", "follow-up", now + 1000, true),
                     schedule("b", "keep", now + 1000, false),
                     schedule("c", "gone", now + 1000, false),
-                    TimerOp::Cancel { name: "gone".into() },
+                    TimerOp::Cancel {
+                        name: "gone".into(),
+                    },
                     // Same name: replaces `b`.
                     schedule("b2", "keep", now + 2000, false),
                 ],
@@ -1277,10 +1279,22 @@ pub async fn timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_a
         panic!("not a timer event: {:?}", fired[0].event)
     };
     assert_eq!((t.name.as_str(), t.payload.as_str()), ("keep", "p-b2"));
-    assert!(store.fire_due_timers(now + 5000, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store.close();
     let store = db.open().await;
-    assert!(store.fire_due_timers(now + 5000, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let pending = store.pending_events().await.unwrap();
     assert_eq!(
         pending.iter().filter(|e| e.event.key == "timer:b2").count(),
@@ -1303,8 +1317,17 @@ pub async fn timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_a
         },
     )
     .await;
-    assert!(store.fire_due_timers(now + 5000, 10).await.unwrap().is_empty());
-    assert_eq!(store.release("h", "test".into()).await.unwrap(), Release::Released);
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.release("h", "test".into()).await.unwrap(),
+        Release::Released
+    );
     let fired = store.fire_due_timers(now + 5000, 10).await.unwrap();
     assert_eq!(fired.len(), 1);
     assert_eq!(fired[0].event.key, "timer:h-t");
@@ -1336,5 +1359,11 @@ pub async fn timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_a
     )
     .await;
     assert!(store.conversation("z").await.unwrap().timers.is_empty());
-    assert!(store.fire_due_timers(now + 5000, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
