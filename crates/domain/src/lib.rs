@@ -19,6 +19,7 @@
 pub mod actions;
 pub mod answer;
 pub mod event;
+pub mod history;
 pub mod kv;
 pub mod lifecycle;
 pub mod outbound;

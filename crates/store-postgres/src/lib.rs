@@ -44,7 +44,7 @@ pub use connect::{DatabaseUrl, SslMode};
 
 use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
-    ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
+    ActionCounts, Backend, CONVERSATION_WINDOW, HistoryEntry, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
     JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, OutboxAction, OutboxDepth,
     PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent, TimerChanges,
@@ -1013,6 +1013,59 @@ impl Postgres {
         rows.iter().map(timer_row).collect()
     }
 
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, Error> {
+        let limit = limit.min(digibot_domain::history::HISTORY_MAX) as i64;
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE conversation_id = $1 AND name = 'live_chat.new_message'
+                 ORDER BY seq DESC LIMIT $2",
+                &[&conversation_id, &(limit * 2)],
+            )
+            .await?;
+        let received = stored_events(&rows)?
+            .into_iter()
+            .map(|s| (s.event, s.received_at, s.seq))
+            .collect();
+        let rows = c
+            .query(
+                "SELECT message_id FROM sent_messages WHERE conversation_id = $1
+                 ORDER BY sent_at DESC LIMIT $2",
+                &[&conversation_id, &(limit * 4)],
+            )
+            .await?;
+        let own = rows
+            .iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<Result<std::collections::HashSet<_>, _>>()?;
+        let rows = c
+            .query(
+                "SELECT body, created_at, event_seq FROM outbox
+                 WHERE conversation_id = $1 AND status IN ('sent', 'pending')
+                 ORDER BY id DESC LIMIT $2",
+                &[&conversation_id, &limit],
+            )
+            .await?;
+        let mut requests = Vec::new();
+        for r in &rows {
+            let body: String = r.try_get(0)?;
+            if let Ok(body) = serde_json::from_str(&body) {
+                requests.push((body, r.try_get::<_, i64>(1)?, r.try_get::<_, i64>(2)?));
+            }
+        }
+        Ok(digibot_domain::history::assemble(
+            received,
+            &own,
+            requests,
+            limit as usize,
+        ))
+    }
+
     async fn timer_names(&self, plugin: &str, conversation_id: &str) -> Result<Vec<String>, Error> {
         let mut c = self.conn().await?;
         let rows = c
@@ -1704,6 +1757,14 @@ impl Backend for PgStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         Ok(self.0.fire_due_timers(now, limit).await?)
+    }
+
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        Ok(self.0.history(conversation_id, limit).await?)
     }
 
     async fn timer_names(

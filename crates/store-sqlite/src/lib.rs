@@ -16,6 +16,7 @@
 
 use digibot_domain::event::{ConversationState, Event};
 use digibot_domain::kv::entry_bytes;
+use digibot_store::HistoryEntry;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
@@ -780,6 +781,44 @@ impl Db {
         .await
     }
 
+    /// The conversation's last messages; see [`Backend::history`].
+    fn history(&self, conversation_id: &str, limit: usize) -> Result<Vec<HistoryEntry>, Error> {
+        let limit = limit.min(digibot_domain::history::HISTORY_MAX);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE conversation_id = ?1 AND name = 'live_chat.new_message'
+                 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            // Twice the limit: some may be echoes of digibot's own.
+            let received = stored_events(stmt.query(params![conversation_id, (limit * 2) as i64])?)?
+                .into_iter()
+                .map(|s| (s.event, s.received_at, s.seq))
+                .collect();
+            let mut stmt = conn.prepare_cached(
+                "SELECT message_id FROM sent_messages WHERE conversation_id = ?1
+                 ORDER BY sent_at DESC LIMIT ?2",
+            )?;
+            let own = stmt
+                .query_map(params![conversation_id, (limit * 4) as i64], |r| r.get(0))?
+                .collect::<Result<std::collections::HashSet<String>, _>>()?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT body, created_at, event_seq FROM outbox
+                 WHERE conversation_id = ?1 AND status IN ('sent', 'pending')
+                 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let requests = stmt
+                .query_map(params![conversation_id, limit as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter_map(|(body, at, seq)| Some((serde_json::from_str(&body).ok()?, at, seq)))
+                .collect();
+            Ok(digibot_domain::history::assemble(received, &own, requests, limit))
+        })
+    }
+
     /// Whether a timer is due at `now`: most polls find none, and need no
     /// write.
     fn any_timer_due(&self, now: i64) -> Result<bool, Error> {
@@ -1312,6 +1351,15 @@ impl Backend for Sqlite {
         Ok(self.0.fire_due_timers(now, limit).await?)
     }
 
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let c = conversation_id.to_string();
+        reading(&self.0, move |db| db.history(&c, limit)).await
+    }
+
     async fn timer_names(
         &self,
         plugin: &str,
@@ -1827,7 +1875,7 @@ mod tests {
             )
             .unwrap(),
         );
-        assert_eq!((version, active), (2, 5000));
+        assert_eq!((version, active), (3, 5000));
         // Opening again applies nothing twice.
         drop(conn);
         let store = open(dir.path(), Durability::Full).unwrap();

@@ -33,6 +33,7 @@ use digibot_domain::event::{ConversationState, Event};
 pub use digibot_domain::kv::{KvChanges, KvSize, KvUsage, KvWrite};
 pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::time::now_ms;
+pub use digibot_domain::history::HistoryEntry;
 pub use digibot_domain::timer::{TimerChanges, TimerFired, TimerOp, TimerRecord};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -528,6 +529,16 @@ pub trait Backend: Send + Sync + 'static {
     /// the new pending events, for the dispatcher.
     async fn fire_due_timers(&self, now: i64, limit: usize)
     -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The conversation's last messages (at most `limit`, and at most
+    /// [`HISTORY_MAX`](digibot_domain::history::HISTORY_MAX)), oldest
+    /// first: customer and agent messages from the inbox (digibot's own
+    /// messages coming back excluded) and the messages digibot queued.
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError>;
 
     /// The names of a plugin's pending timers in one conversation.
     async fn timer_names(

@@ -59,6 +59,7 @@ macro_rules! store_suite {
             journal_records_replaces_lists_and_survives_reopen,
             journal_is_pruned_with_finished_events_only,
             timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_archive,
+            history_is_the_conversations_messages_oldest_first_and_bounded,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -1366,4 +1367,43 @@ pub async fn timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_a
             .unwrap()
             .is_empty()
     );
+}
+
+pub async fn history_is_the_conversations_messages_oldest_first_and_bounded(db: TestDb) {
+    let store = db.open().await;
+    for n in 0..3 {
+        let Inserted::New(seq) = store.insert_event(event(&format!("hm{n}"), "hist")).await.unwrap() else {
+            panic!("duplicate")
+        };
+        let reply = NewAction {
+            plugin: "echo".into(),
+            idempotency_key: format!("hm{n}/echo/0"),
+            method: "POST".into(),
+            path: "/v1/messages".into(),
+            body: serde_json::json!({"conversation_id": "hist", "type": "text", "body": format!("reply {n}"), "send_to_third": true}),
+        };
+        store
+            .complete_event(seq, "hist".into(), serde_json::json!([]), vec![reply], vec![], ConversationUpdate::default())
+            .await
+            .unwrap();
+    }
+    handled_in(&store, "other1", "other", 0).await;
+    let history = store.history("hist", 100).await.unwrap();
+    let seen: Vec<(digibot_domain::history::Author, Option<&str>)> =
+        history.iter().map(|e| (e.author, e.text.as_deref())).collect();
+    use digibot_domain::history::Author::{Bot, Customer};
+    assert_eq!(
+        seen,
+        [
+            (Customer, Some("hi")),
+            (Bot, Some("reply 0")),
+            (Customer, Some("hi")),
+            (Bot, Some("reply 1")),
+            (Customer, Some("hi")),
+            (Bot, Some("reply 2")),
+        ]
+    );
+    let last = store.history("hist", 2).await.unwrap();
+    assert_eq!(last, history[4..]);
+    assert!(store.history("nobody", 10).await.unwrap().is_empty());
 }
