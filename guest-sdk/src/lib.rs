@@ -486,3 +486,31 @@ pub mod timers {
         wit::cancel(name)
     }
 }
+
+/// The event's conversation as digibot's database has it: its history,
+/// for a plugin that gives a language model its context or picks up where
+/// an agent left off.
+///
+/// ```no_run
+/// use digibot_sdk::conversation::{self, Author};
+///
+/// let context: Vec<String> = conversation::history(20)
+///     .into_iter()
+///     .filter_map(|m| Some(format!("{:?}: {}", m.author, m.text?)))
+///     .collect();
+/// # let _ = (context, Author::Bot);
+/// ```
+pub mod conversation {
+    /// Who wrote a history entry.
+    pub use crate::bindings::digishare::bot::conversation::Author;
+    /// One message of the conversation: who wrote it, its kind, its text
+    /// (when it has one) and when digibot received or queued it (ms).
+    pub use crate::bindings::digishare::bot::conversation::HistoryEntry;
+
+    /// The conversation's last `limit` messages (at most 50), oldest first:
+    /// the customer's, the agents' and the bot's. The message being handled
+    /// is the last one; this turn's replies are not in it yet.
+    pub fn history(limit: u32) -> Vec<HistoryEntry> {
+        crate::bindings::digishare::bot::conversation::history(limit)
+    }
+}

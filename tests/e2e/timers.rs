@@ -252,3 +252,30 @@ async fn archiving_drops_a_pending_follow_up() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// `conversation.history` gives a plugin the conversation's exact
+/// messages, oldest first: the customer's, an agent's and the bot's own.
+#[tokio::test]
+async fn history_returns_the_exact_messages_in_order() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("historian")
+        .start()
+        .await?;
+    let c = "conv_history";
+    handle(&bot, &customer(c, "msg_y1", "un")).await?;
+    fake.wait_for_conversation(c, 1, TIMEOUT).await?;
+    let first = "customer/text: un";
+    handle(&bot, &customer(c, "msg_y2", "deux")).await?;
+    fake.wait_for_conversation(c, 2, TIMEOUT).await?;
+    let second = format!("customer/text: un | bot/text: {first} | customer/text: deux");
+    ensure_exactly(
+        &fake,
+        c,
+        &[wire_text(c, first), wire_text(c, &second)],
+        Duration::from_millis(300),
+    )
+    .await?;
+    Ok(())
+}

@@ -411,6 +411,20 @@ impl KvRead for StoreKv {
         }
     }
 
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Vec<digibot_domain::history::HistoryEntry> {
+        match self.store.history(conversation_id, limit).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(error = %e, "history read failed");
+                Vec::new()
+            }
+        }
+    }
+
     async fn timer_names(&self, plugin: &str, conversation_id: &str) -> Vec<String> {
         match self.store.timer_names(plugin, conversation_id).await {
             Ok(names) => names,

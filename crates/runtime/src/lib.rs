@@ -613,6 +613,7 @@ impl Runtime {
         v0_3_0::add_to_linker(&mut linker)?;
         v0_3_0::add_outbound_to_linker(&mut linker)?;
         v0_3_0::add_timers_to_linker(&mut linker)?;
+        v0_3_0::add_conversation_to_linker(&mut linker)?;
         // Outbound HTTP: every request reaches `outbound::HttpTurn`.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
 

@@ -51,7 +51,20 @@ pub trait KvRead: Send + Sync {
         let _ = (plugin, conversation_id);
         Vec::new()
     }
+    /// The conversation's last messages, oldest first (none where no
+    /// store is behind, e.g. `replay`).
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Vec<digibot_domain::history::HistoryEntry> {
+        let _ = (conversation_id, limit);
+        Vec::new()
+    }
 }
+
+/// `conversation.history` calls one turn may make (each reads the store).
+pub const HISTORY_CALLS_MAX: usize = 8;
 
 /// Before an instance is bound to an event it can read no state.
 struct NoKv;
@@ -233,6 +246,7 @@ pub struct HostState {
     timer_names: Option<Vec<String>>,
     /// Schedules and cancels to commit with the event.
     pub(super) timer_ops: Vec<TimerOp>,
+    history_calls: usize,
     /// Refusals the host answered to `kv.set` (the first few).
     pub(super) refused: Vec<String>,
     pub(super) logs: Vec<LogLine>,
@@ -298,6 +312,7 @@ impl HostState {
             event_id: String::new(),
             timer_names: None,
             timer_ops: Vec::new(),
+            history_calls: 0,
             refused: Vec::new(),
             logs: Vec::new(),
             log_bytes: 0,
@@ -523,6 +538,22 @@ impl HostState {
         self.pending_timer_names().await.retain(|n| *n != name);
         self.timer_ops.push(TimerOp::Cancel { name });
         Ok(())
+    }
+
+    /// `conversation.history`: the event's conversation only. Past
+    /// [`HISTORY_CALLS_MAX`] calls the turn stops.
+    pub(super) async fn history(
+        &mut self,
+        limit: u32,
+    ) -> Result<Vec<digibot_domain::history::HistoryEntry>, HostLimit> {
+        self.history_calls += 1;
+        if self.history_calls > HISTORY_CALLS_MAX {
+            return Err(HostLimit(format!(
+                "more than {HISTORY_CALLS_MAX} conversation.history calls in one event"
+            )));
+        }
+        let limit = (limit as usize).min(digibot_domain::history::HISTORY_MAX);
+        Ok(self.kv.history(&self.conversation_id, limit).await)
     }
 
     async fn pending_timer_names(&mut self) -> &mut Vec<String> {

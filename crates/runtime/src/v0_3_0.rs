@@ -96,6 +96,58 @@ impl digishare::bot::timers::Host for HostState {
     }
 }
 
+/// What 0.3.0 imports for the conversation's history.
+pub fn add_conversation_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    digishare::bot::conversation::add_to_linker::<HostState, HasSelf<HostState>>(
+        linker,
+        |state| state,
+    )?;
+    // Shadowed: past the per-turn cap the turn stops (the generated glue
+    // has no way to trap).
+    linker.allow_shadowing(true);
+    let mut conversation = linker.instance(&format!("digishare:bot/conversation@{VERSION}"))?;
+    let shadowed = conversation.func_wrap_async(
+        "history",
+        |mut store: StoreContextMut<'_, HostState>, (limit,): (u32,)| {
+            Box::new(async move {
+                let entries = store.data_mut().history(limit).await?;
+                Ok((entries.into_iter().map(to_wit_entry).collect::<Vec<_>>(),))
+            })
+        },
+    );
+    linker.allow_shadowing(false);
+    shadowed
+}
+
+fn to_wit_entry(
+    e: digibot_domain::history::HistoryEntry,
+) -> digishare::bot::conversation::HistoryEntry {
+    use digibot_domain::history::Author;
+    use digishare::bot::conversation::Author as W;
+    digishare::bot::conversation::HistoryEntry {
+        author: match e.author {
+            Author::Customer => W::Customer,
+            Author::Agent => W::Agent,
+            Author::Bot => W::Bot,
+            Author::System => W::System,
+        },
+        kind: e.kind,
+        text: e.text,
+        at: u64::try_from(e.at).unwrap_or(0),
+    }
+}
+
+impl digishare::bot::conversation::Host for HostState {
+    async fn history(&mut self, limit: u32) -> Vec<digishare::bot::conversation::HistoryEntry> {
+        HostState::history(self, limit)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(to_wit_entry)
+            .collect()
+    }
+}
+
 type OnTimer =
     wasmtime::component::TypedFunc<(wit::TimerEvent,), (Result<Vec<wit::Action>, String>,)>;
 

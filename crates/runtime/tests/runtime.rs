@@ -179,14 +179,32 @@ fn a_0_3_0_plugin_without_on_timer_loads_beside_one_with_timers() {
         "reminder",
         "[config]\nafter_ms = \"5000\"\n",
     );
-    assert_eq!((plain.wit_version, reminder.wit_version), ("0.3.0", "0.3.0"));
+    assert_eq!(
+        (plain.wit_version, reminder.wit_version),
+        ("0.3.0", "0.3.0")
+    );
     assert!(!plain.takes_timers() && reminder.takes_timers());
-    assert!(!plain.imports.iter().any(|i| i.starts_with("digishare:bot/timers")));
-    assert_eq!(single_text(on_text(&runtime, &plain, "salut")), "v0.3: salut");
+    assert!(
+        !plain
+            .imports
+            .iter()
+            .any(|i| i.starts_with("digishare:bot/timers"))
+    );
+    assert_eq!(
+        single_text(on_text(&runtime, &plain, "salut")),
+        "v0.3: salut"
+    );
 
     let out = on_text(&runtime, &reminder, "salut");
     match out.timer_ops.as_slice() {
-        [TimerOp::Schedule { name, payload, cancel_on_customer_message: true, .. }] => {
+        [
+            TimerOp::Schedule {
+                name,
+                payload,
+                cancel_on_customer_message: true,
+                ..
+            },
+        ] => {
             assert_eq!((name.as_str(), payload.as_str()), ("follow-up", "salut"))
         }
         other => panic!("expected one follow-up schedule, got {other:?}"),

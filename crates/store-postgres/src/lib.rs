@@ -44,11 +44,11 @@ pub use connect::{DatabaseUrl, SslMode};
 
 use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
-    ActionCounts, Backend, CONVERSATION_WINDOW, HistoryEntry, Completed, ConversationDetail, ConversationRecord,
-    ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
-    JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, OutboxAction, OutboxDepth,
-    PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent, TimerChanges,
-    TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
+    ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
+    ConversationSummary, ConversationUpdate, EventSummary, HistoryEntry, Inserted, JournalEntry,
+    JournalOutcome, JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, OutboxAction,
+    OutboxDepth, PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent,
+    TimerChanges, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use pool::{Conn, Pool, Timeouts};
 use std::sync::Arc;

@@ -791,10 +791,11 @@ impl Db {
                  ORDER BY seq DESC LIMIT ?2",
             )?;
             // Twice the limit: some may be echoes of digibot's own.
-            let received = stored_events(stmt.query(params![conversation_id, (limit * 2) as i64])?)?
-                .into_iter()
-                .map(|s| (s.event, s.received_at, s.seq))
-                .collect();
+            let received =
+                stored_events(stmt.query(params![conversation_id, (limit * 2) as i64])?)?
+                    .into_iter()
+                    .map(|s| (s.event, s.received_at, s.seq))
+                    .collect();
             let mut stmt = conn.prepare_cached(
                 "SELECT message_id FROM sent_messages WHERE conversation_id = ?1
                  ORDER BY sent_at DESC LIMIT ?2",
@@ -809,13 +810,19 @@ impl Db {
             )?;
             let requests = stmt
                 .query_map(params![conversation_id, limit as i64], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
                 })?
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .filter_map(|(body, at, seq)| Some((serde_json::from_str(&body).ok()?, at, seq)))
                 .collect();
-            Ok(digibot_domain::history::assemble(received, &own, requests, limit))
+            Ok(digibot_domain::history::assemble(
+                received, &own, requests, limit,
+            ))
         })
     }
 

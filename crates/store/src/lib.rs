@@ -30,10 +30,10 @@
 pub mod suite;
 
 use digibot_domain::event::{ConversationState, Event};
+pub use digibot_domain::history::HistoryEntry;
 pub use digibot_domain::kv::{KvChanges, KvSize, KvUsage, KvWrite};
 pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::time::now_ms;
-pub use digibot_domain::history::HistoryEntry;
 pub use digibot_domain::timer::{TimerChanges, TimerFired, TimerOp, TimerRecord};
 use serde::Serialize;
 use std::collections::BTreeMap;

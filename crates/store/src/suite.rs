@@ -1372,7 +1372,11 @@ pub async fn timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_a
 pub async fn history_is_the_conversations_messages_oldest_first_and_bounded(db: TestDb) {
     let store = db.open().await;
     for n in 0..3 {
-        let Inserted::New(seq) = store.insert_event(event(&format!("hm{n}"), "hist")).await.unwrap() else {
+        let Inserted::New(seq) = store
+            .insert_event(event(&format!("hm{n}"), "hist"))
+            .await
+            .unwrap()
+        else {
             panic!("duplicate")
         };
         let reply = NewAction {
@@ -1383,14 +1387,23 @@ pub async fn history_is_the_conversations_messages_oldest_first_and_bounded(db: 
             body: serde_json::json!({"conversation_id": "hist", "type": "text", "body": format!("reply {n}"), "send_to_third": true}),
         };
         store
-            .complete_event(seq, "hist".into(), serde_json::json!([]), vec![reply], vec![], ConversationUpdate::default())
+            .complete_event(
+                seq,
+                "hist".into(),
+                serde_json::json!([]),
+                vec![reply],
+                vec![],
+                ConversationUpdate::default(),
+            )
             .await
             .unwrap();
     }
     handled_in(&store, "other1", "other", 0).await;
     let history = store.history("hist", 100).await.unwrap();
-    let seen: Vec<(digibot_domain::history::Author, Option<&str>)> =
-        history.iter().map(|e| (e.author, e.text.as_deref())).collect();
+    let seen: Vec<(digibot_domain::history::Author, Option<&str>)> = history
+        .iter()
+        .map(|e| (e.author, e.text.as_deref()))
+        .collect();
     use digibot_domain::history::Author::{Bot, Customer};
     assert_eq!(
         seen,
