@@ -89,34 +89,6 @@ pub fn last(mut entries: Vec<HistoryEntry>, limit: usize) -> Vec<HistoryEntry> {
     entries.split_off(skip)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(author: Author, text: &str, at: i64) -> HistoryEntry {
-        HistoryEntry {
-            author,
-            kind: "text".into(),
-            text: Some(text.into()),
-            at,
-        }
-    }
-
-    #[test]
-    fn history_is_the_last_entries_oldest_first_and_bounded() {
-        let all = vec![
-            entry(Author::Bot, "b", 2),
-            entry(Author::Customer, "a", 1),
-            entry(Author::Customer, "c", 3),
-        ];
-        let texts = |v: Vec<HistoryEntry>| v.into_iter().filter_map(|e| e.text).collect::<Vec<_>>();
-        assert_eq!(texts(last(all.clone(), 2)), ["b", "c"]);
-        assert_eq!(texts(last(all.clone(), 10)), ["a", "b", "c"]);
-        let many = (0..100).map(|i| entry(Author::Customer, "x", i)).collect();
-        assert_eq!(last(many, 1000).len(), HISTORY_MAX);
-    }
-}
-
 /// The history of a conversation from what the store read: its received
 /// messages (`(message, received_at, seq)`), the message ids digibot's own
 /// sends got (their echoes are left out, as are messages sent through the
@@ -149,4 +121,32 @@ pub fn assemble(
     let limit = limit.min(HISTORY_MAX);
     let skip = entries.len().saturating_sub(limit);
     entries.into_iter().skip(skip).map(|(_, e)| e).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(author: Author, text: &str, at: i64) -> HistoryEntry {
+        HistoryEntry {
+            author,
+            kind: "text".into(),
+            text: Some(text.into()),
+            at,
+        }
+    }
+
+    #[test]
+    fn history_is_the_last_entries_oldest_first_and_bounded() {
+        let all = vec![
+            entry(Author::Bot, "b", 2),
+            entry(Author::Customer, "a", 1),
+            entry(Author::Customer, "c", 3),
+        ];
+        let texts = |v: Vec<HistoryEntry>| v.into_iter().filter_map(|e| e.text).collect::<Vec<_>>();
+        assert_eq!(texts(last(all.clone(), 2)), ["b", "c"]);
+        assert_eq!(texts(last(all.clone(), 10)), ["a", "b", "c"]);
+        let many = (0..100).map(|i| entry(Author::Customer, "x", i)).collect();
+        assert_eq!(last(many, 1000).len(), HISTORY_MAX);
+    }
 }
