@@ -279,3 +279,48 @@ async fn history_returns_the_exact_messages_in_order() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// No dead ends: a trapping plugin with `[fallback] action = "hand_off"`
+/// hands the conversation to a human, once: its canned text and the
+/// hand-off go out, and the customer's next message, now in a human's
+/// hands, sends nothing more.
+#[tokio::test]
+async fn a_trapping_plugin_with_a_hand_off_fallback_hands_off_once() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml(
+            "hostile_trap",
+            "[fallback]\naction = \"hand_off\"\nuser_id = \"usr_17\"\ntext = \"Un conseiller va vous répondre.\"\n",
+        )
+        .start()
+        .await?;
+    let c = "conv_fallback";
+    handle(&bot, &customer(c, "msg_f1", "bonjour")).await?;
+    fake.wait_for_conversation(c, 2, TIMEOUT).await?;
+    handle(&bot, &customer(c, "msg_f2", "il y a quelqu'un ?")).await?;
+    ensure_exactly(
+        &fake,
+        c,
+        &[
+            wire_text(c, "Un conseiller va vous répondre."),
+            json!({"method": "PUT", "path": format!("/v1/conversations/{c}/attach/participants"),
+                   "body": {"users": ["usr_17"], "bots": [], "handler_id": "usr_17"}}),
+        ],
+        Duration::from_millis(500),
+    )
+    .await?;
+    let metrics = scrape(&bot).await?;
+    let fallbacks: Vec<(&String, &f64)> = metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("digibot_plugin_fallbacks_total"))
+        .collect();
+    ensure!(
+        fallbacks.len() == 1
+            && fallbacks[0].0.contains(r#"action="hand_off""#)
+            && fallbacks[0].0.contains(r#"plugin="hostile_trap""#)
+            && *fallbacks[0].1 == 1.0,
+        "fallback metrics: {fallbacks:?}"
+    );
+    Ok(())
+}

@@ -234,6 +234,15 @@ async fn run(
             } else {
                 "quarantined: a trial event is running".to_string()
             });
+            fall_back(
+                &mut handled,
+                &mut outcome,
+                plugin,
+                event,
+                &conversation_id,
+                scope,
+                metered,
+            );
             handled.outcomes.push(outcome);
             continue;
         }
@@ -336,6 +345,15 @@ async fn run(
                 }
                 outcome.outcome = "failed";
                 outcome.reason = Some(reason);
+                fall_back(
+                    &mut handled,
+                    &mut outcome,
+                    plugin,
+                    event,
+                    &conversation_id,
+                    scope,
+                    metered,
+                );
                 if matches!(failure, Failure::Timeout(_)) {
                     outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
                 }
@@ -350,6 +368,58 @@ async fn run(
         handled.outcomes.push(outcome);
     }
     handled
+}
+
+/// A failed or quarantined plugin's `[fallback]`, queued in its place so
+/// the customer is not left in silence: only while the bot is in charge,
+/// never for a timer (nobody is waiting on it).
+fn fall_back(
+    handled: &mut Handled,
+    outcome: &mut PluginOutcome,
+    plugin: &digibot_runtime::Plugin,
+    event: &digibot_domain::event::Event,
+    conversation_id: &str,
+    scope: Scope,
+    metered: bool,
+) {
+    let Some(fallback) = &plugin.manifest.fallback else {
+        return;
+    };
+    if scope != Scope::Everything || matches!(event.kind, EventKind::Timer(_)) {
+        return;
+    }
+    // Checked when the manifest was read.
+    let Ok(actions) = fallback.actions() else {
+        return;
+    };
+    for (index, action) in actions.iter().enumerate() {
+        match actions::to_request_in(&plugin.name, index, conversation_id, action, scope) {
+            Ok(request) => {
+                handled.actions.push(NewAction {
+                    plugin: plugin.name.clone(),
+                    idempotency_key: format!("{}/{}/fallback{index}", event.key, plugin.name),
+                    method: request.method,
+                    path: request.path,
+                    body: request.body,
+                });
+                handled.action_kinds.push(action.kind());
+                outcome.actions += 1;
+            }
+            Err(rejected) => outcome.rejected.push(rejected.to_string()),
+        }
+    }
+    let kind = match fallback.action {
+        digibot_runtime::FallbackAction::Text => "text",
+        digibot_runtime::FallbackAction::HandOff => "hand_off",
+    };
+    tracing::warn!(
+        fallback = kind,
+        "plugin failed: its fallback was sent instead"
+    );
+    if metered {
+        counter!(m::PLUGIN_FALLBACKS, "plugin" => plugin.name.clone(), "action" => kind)
+            .increment(1);
+    }
 }
 
 /// A plugin's text with its line breaks shown as `\n`: in text logs a raw

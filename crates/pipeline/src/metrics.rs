@@ -35,6 +35,9 @@ pub const SKIPPED_HUMAN: &str = "digibot_messages_skipped_human_total";
 /// Pending actions that became dead letters because their conversation
 /// was archived.
 pub const ARCHIVED_DEAD_LETTERS: &str = "digibot_archived_dead_letters_total";
+/// Fallbacks sent for a failed or quarantined plugin, by plugin and
+/// action (`text`, `hand_off`).
+pub const PLUGIN_FALLBACKS: &str = "digibot_plugin_fallbacks_total";
 /// Timers that came due and were turned into events (each once).
 pub const TIMERS_FIRED: &str = "digibot_timers_fired_total";
 
@@ -97,6 +100,10 @@ pub fn describe() {
     describe_counter!(
         ARCHIVED_DEAD_LETTERS,
         "Pending actions turned into dead letters by archiving."
+    );
+    describe_counter!(
+        PLUGIN_FALLBACKS,
+        "Fallbacks (a canned text or a hand-off) sent for a failed or quarantined plugin."
     );
     describe_counter!(
         TIMERS_FIRED,

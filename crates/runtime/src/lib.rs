@@ -35,7 +35,7 @@ pub use budget::Budget;
 use digibot_domain::event;
 use digibot_domain::outbound::{HttpLimits, HttpPolicy};
 use digibot_protocol::Action;
-pub use manifest::{Capped, EventFilter, Grants, Limits, Manifest};
+pub use manifest::{Capped, EventFilter, Fallback, FallbackAction, Grants, Limits, Manifest};
 pub use outbound::{
     CallSummary, NoHttp, OutboundHttp, OutboundRequest, OutboundResponse, RefusalView, Sent,
 };
