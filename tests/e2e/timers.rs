@@ -324,3 +324,39 @@ async fn a_trapping_plugin_with_a_hand_off_fallback_hands_off_once() -> Result<(
     );
     Ok(())
 }
+
+/// Three replicas on one PostgreSQL database; the one that scheduled the
+/// follow-up (and holds the conversation) is killed with SIGKILL before it
+/// is due: a survivor fires it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_postgres_replicas_with_one_killed_a_follow_up_fires_once() -> Result<()> {
+    let Some(database) = crate::support::pg::fresh_database("timers_replicas").await? else {
+        return Ok(());
+    };
+    let fake = FakeDigishare::start().await?;
+    let mut bots = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("reminder", &reminder(3000))
+        .database(&database)
+        .env("DIGIBOT_LEASE_MS", "2000")
+        .start_replicas(3)
+        .await?;
+    let c = "conv_timer_replicas";
+    handle(&bots[0], &customer(c, "msg_p1", "allo")).await?;
+    fake.wait_for_conversation(c, 1, TIMEOUT).await?;
+    bots[0].kill9()?;
+    ensure_exactly(
+        &fake,
+        c,
+        &[noted(c, "allo"), follow_up(c, "allo")],
+        Duration::from_millis(3000),
+    )
+    .await?;
+    for bot in &bots[1..] {
+        ensure!(
+            admin_timers(bot, c).await?.is_empty(),
+            "fired: none pending"
+        );
+    }
+    Ok(())
+}
