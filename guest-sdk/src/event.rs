@@ -535,3 +535,42 @@ mod tests {
         assert_eq!(h.user_id, "../x");
     }
 }
+
+/// A timer this plugin scheduled ([`crate::timers::schedule`]) came due,
+/// as [`Bot::on_timer`](crate::Bot::on_timer) receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timer {
+    /// What `schedule` returned.
+    pub id: String,
+    /// The conversation it was scheduled in (the one replies go to).
+    pub conversation_id: String,
+    /// The name it was scheduled under.
+    pub name: String,
+    /// The payload it was scheduled with.
+    pub payload: String,
+    /// When it was scheduled and when it came due (ms since the epoch).
+    pub scheduled_at: u64,
+    /// When it came due (ms since the epoch).
+    pub due_at: u64,
+    /// Who is in charge (always `Bot`: timers wait while a human is).
+    pub state: ConversationState,
+    /// The conversation is on WhatsApp and the customer last wrote over 24
+    /// hours ago: Digishare would refuse a free-form message. Write a note
+    /// ([`Action::note`](crate::Action::note)) instead, or nothing.
+    pub outside_window: bool,
+}
+
+impl From<wit::TimerEvent> for Timer {
+    fn from(e: wit::TimerEvent) -> Self {
+        Timer {
+            id: e.timer_id,
+            conversation_id: e.conversation_id,
+            name: e.name,
+            payload: e.payload,
+            scheduled_at: e.scheduled_at,
+            due_at: e.due_at,
+            state: state(e.state),
+            outside_window: e.outside_window,
+        }
+    }
+}

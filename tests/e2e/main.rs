@@ -24,5 +24,6 @@ mod scripts;
 mod sender;
 mod settings;
 mod startup;
+mod timers;
 mod waiting_turns;
 mod webhook;

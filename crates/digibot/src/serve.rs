@@ -121,6 +121,8 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     // its commit, a lane that gave up), and with a shared database those
     // that other replicas leave to this one.
     dispatcher.poll_inbox();
+    // Timers plugins scheduled, turned into events as they come due.
+    dispatcher.fire_timers();
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     let sender_task = tokio::spawn(sender.run(stop_rx.clone(), grace));
     let _watcher = match (&settings.plugins_dir, settings.watch_plugins) {

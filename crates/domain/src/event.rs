@@ -56,6 +56,9 @@ pub enum EventKind {
         conversation_id: String,
         archived_at: String,
     },
+    /// A timer a plugin scheduled came due (`digibot.timer`): made by
+    /// digibot, not Digishare, and handled in its conversation's lane.
+    Timer(crate::timer::TimerFired),
     /// An event digibot does not handle (e.g. `ticket.created`); recorded,
     /// acknowledged, never dispatched.
     Other,
@@ -274,6 +277,7 @@ impl Event {
             EventKind::ConversationArchived {
                 conversation_id, ..
             } => Some(conversation_id),
+            EventKind::Timer(t) => Some(&t.conversation_id),
             EventKind::Other => None,
         }
     }
@@ -283,7 +287,7 @@ impl Event {
     /// bot never answers an agent or its own echo.
     pub fn invokes_plugins(&self) -> bool {
         match &self.kind {
-            EventKind::NewConversation(_) => true,
+            EventKind::NewConversation(_) | EventKind::Timer(_) => true,
             EventKind::Message(m) => m.sender.kind == SenderKind::Customer,
             _ => false,
         }
@@ -296,7 +300,9 @@ impl Event {
     /// only recorded.
     pub fn dispatched(&self) -> bool {
         match &self.kind {
-            EventKind::NewConversation(_) | EventKind::ConversationArchived { .. } => true,
+            EventKind::NewConversation(_)
+            | EventKind::ConversationArchived { .. }
+            | EventKind::Timer(_) => true,
             EventKind::Message(m) => {
                 matches!(m.sender.kind, SenderKind::Customer | SenderKind::Agent)
             }

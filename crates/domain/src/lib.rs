@@ -10,7 +10,8 @@
 //! - [`kv`]: a plugin's KV writes, committed with the event they came from;
 //! - [`outbound`]: outbound HTTP by grant: targets, grants, prohibited
 //!   addresses, name pins, secret placeholders, caps and refusals;
-//! - [`time`]: the clock the rest of digibot reads.
+//! - [`time`]: the clock the rest of digibot reads;
+//! - [`timer`]: durable timers: what a turn schedules, what fires.
 //!
 //! Every other crate depends on this one; it depends on none of them, so
 //! its rules are unit-tested without a runtime, a socket or a database.
@@ -18,7 +19,9 @@
 pub mod actions;
 pub mod answer;
 pub mod event;
+pub mod history;
 pub mod kv;
 pub mod lifecycle;
 pub mod outbound;
 pub mod time;
+pub mod timer;

@@ -27,7 +27,7 @@ use digibot_runtime::registry::{Entry, Gate, Registry};
 use digibot_runtime::{Call, CallSummary, Failure, KvRead, NoHttp, OutboundHttp, Runtime};
 use digibot_store::{
     ConversationRecord, ConversationUpdate, KvChanges, NewAction, StateChange, Store, StoreError,
-    StoredEvent, now_ms,
+    StoredEvent, TimerChanges, now_ms,
 };
 use metrics::counter;
 use serde::Serialize;
@@ -87,7 +87,13 @@ pub struct Handled {
     /// (counted once they are committed).
     pub action_kinds: Vec<&'static str>,
     pub kv: Vec<KvChanges>,
+    /// Timer schedules and cancels, per plugin, committed with the event.
+    pub timers: Vec<TimerChanges>,
 }
+
+/// How often due timers are looked for ([`Dispatcher::fire_timers`]): a
+/// timer fires at most this late (plus its lane's queue).
+pub const TIMER_POLL: Duration = Duration::from_millis(100);
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy)]
@@ -194,8 +200,17 @@ async fn run(
         return handled;
     };
     let conversation_id = call.conversation_id().to_string();
+    // A timer event goes to the plugin that scheduled it, and only if it
+    // can take one (a 0.3.0 plugin built before timers cannot).
+    let timer_of = match &call {
+        Call::Timer { timer, .. } => Some(timer.plugin.as_str()),
+        _ => None,
+    };
     for entry in entries {
         let plugin = &entry.plugin;
+        if timer_of.is_some_and(|owner| owner != plugin.name || !plugin.takes_timers()) {
+            continue;
+        }
         let mut outcome = PluginOutcome {
             plugin: plugin.name.clone(),
             version: plugin.hash[..12].to_string(),
@@ -234,6 +249,15 @@ async fn run(
             } else {
                 "quarantined: a trial event is running".to_string()
             });
+            fall_back(
+                &mut handled,
+                &mut outcome,
+                plugin,
+                event,
+                &conversation_id,
+                scope,
+                metered,
+            );
             handled.outcomes.push(outcome);
             continue;
         }
@@ -310,6 +334,13 @@ async fn run(
                         writes: invocation.kv_writes,
                     });
                 }
+                if !invocation.timer_ops.is_empty() {
+                    handled.timers.push(TimerChanges {
+                        plugin: plugin.name.clone(),
+                        conversation_id: conversation_id.clone(),
+                        ops: invocation.timer_ops,
+                    });
+                }
             }
             Err(failure) => {
                 let reason = failure.to_string();
@@ -329,6 +360,15 @@ async fn run(
                 }
                 outcome.outcome = "failed";
                 outcome.reason = Some(reason);
+                fall_back(
+                    &mut handled,
+                    &mut outcome,
+                    plugin,
+                    event,
+                    &conversation_id,
+                    scope,
+                    metered,
+                );
                 if matches!(failure, Failure::Timeout(_)) {
                     outcome.elapsed_us = invocation.elapsed.as_micros() as u64;
                 }
@@ -343,6 +383,58 @@ async fn run(
         handled.outcomes.push(outcome);
     }
     handled
+}
+
+/// A failed or quarantined plugin's `[fallback]`, queued in its place so
+/// the customer is not left in silence: only while the bot is in charge,
+/// never for a timer (nobody is waiting on it).
+fn fall_back(
+    handled: &mut Handled,
+    outcome: &mut PluginOutcome,
+    plugin: &digibot_runtime::Plugin,
+    event: &digibot_domain::event::Event,
+    conversation_id: &str,
+    scope: Scope,
+    metered: bool,
+) {
+    let Some(fallback) = &plugin.manifest.fallback else {
+        return;
+    };
+    if scope != Scope::Everything || matches!(event.kind, EventKind::Timer(_)) {
+        return;
+    }
+    // Checked when the manifest was read.
+    let Ok(actions) = fallback.actions() else {
+        return;
+    };
+    for (index, action) in actions.iter().enumerate() {
+        match actions::to_request_in(&plugin.name, index, conversation_id, action, scope) {
+            Ok(request) => {
+                handled.actions.push(NewAction {
+                    plugin: plugin.name.clone(),
+                    idempotency_key: format!("{}/{}/fallback{index}", event.key, plugin.name),
+                    method: request.method,
+                    path: request.path,
+                    body: request.body,
+                });
+                handled.action_kinds.push(action.kind());
+                outcome.actions += 1;
+            }
+            Err(rejected) => outcome.rejected.push(rejected.to_string()),
+        }
+    }
+    let kind = match fallback.action {
+        digibot_runtime::FallbackAction::Text => "text",
+        digibot_runtime::FallbackAction::HandOff => "hand_off",
+    };
+    tracing::warn!(
+        fallback = kind,
+        "plugin failed: its fallback was sent instead"
+    );
+    if metered {
+        counter!(m::PLUGIN_FALLBACKS, "plugin" => plugin.name.clone(), "action" => kind)
+            .increment(1);
+    }
 }
 
 /// A plugin's text with its line breaks shown as `\n`: in text logs a raw
@@ -400,6 +492,32 @@ impl KvRead for StoreKv {
                 // turn write at most its own per-turn caps.
                 tracing::error!(error = %e, "kv usage read failed");
                 digibot_store::KvUsage::default()
+            }
+        }
+    }
+
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Vec<digibot_domain::history::HistoryEntry> {
+        match self.store.history(conversation_id, limit).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(error = %e, "history read failed");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn timer_names(&self, plugin: &str, conversation_id: &str) -> Vec<String> {
+        match self.store.timer_names(plugin, conversation_id).await {
+            Ok(names) => names,
+            Err(e) => {
+                // Judged against none pending: at worst a schedule that
+                // should have been refused as `exists` replaces instead.
+                tracing::error!(error = %e, "timer names read failed");
+                Vec::new()
             }
         }
     }
@@ -645,6 +763,46 @@ impl Dispatcher {
         });
     }
 
+    /// Turns due timers into events and hands them to their lanes, every
+    /// [`TIMER_POLL`], until shutdown. Each timer becomes one event in the
+    /// store's transaction (see `Backend::fire_due_timers`), so replicas
+    /// polling at once, or a restart right after, fire it once.
+    pub fn fire_timers(&self) {
+        let this = self.clone();
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(TIMER_POLL) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+                loop {
+                    match this.inner.store.fire_due_timers(now_ms(), 500).await {
+                        Ok(fired) => {
+                            let more = fired.len() == 500;
+                            if !fired.is_empty() {
+                                counter!(m::TIMERS_FIRED).increment(fired.len() as u64);
+                            }
+                            for stored in fired {
+                                this.submit(stored);
+                            }
+                            if !more {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot fire due timers");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     fn lock_lanes(&self) -> std::sync::MutexGuard<'_, Lanes> {
         self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -787,9 +945,20 @@ impl Dispatcher {
                     ..ConversationUpdate::default()
                 },
             ),
+            // A timer reaches its plugin only while the bot is in charge:
+            // the store holds timers while a human is and drops them at
+            // archiving, so this is a timer turned into an event just
+            // before the conversation changed hands; it is dropped, not
+            // sent into a conversation the bot no longer has.
+            EventKind::Timer(t) if state != ConversationState::Bot => {
+                tracing::info!(conversation = %conversation, timer = %t.id, plugin = %t.plugin, %state,
+                    "timer came due after the bot lost the conversation; dropped");
+                (Handled::default(), ConversationUpdate::default())
+            }
             _ => match self.run(&stored, record.as_ref(), span).await {
-                Some((handled, update, state)) => {
+                Some((handled, mut update, state)) => {
                     ran_in = Some(state);
+                    update.timers = handled.timers.clone();
                     (handled, update)
                 }
                 None => return false,
@@ -885,7 +1054,7 @@ impl Dispatcher {
             _ => {}
         }
         match (state, record) {
-            (ConversationState::Closed, _) => {
+            (ConversationState::Closed, _) if !matches!(stored.event.kind, EventKind::Timer(_)) => {
                 update.change = Some(StateChange {
                     from: Some(ConversationState::Closed),
                     to: ConversationState::Bot,
@@ -914,7 +1083,15 @@ impl Dispatcher {
         let kv = self.inner.kv.clone();
         let http = self.inner.http.clone();
         let breaker = self.inner.breaker;
-        let event = stored.event.clone();
+        let mut event = stored.event.clone();
+        if let EventKind::Timer(timer) = &mut event.kind {
+            // Told when a send would be refused: WhatsApp, and the
+            // customer's last message over 24 hours ago.
+            let channel = record.and_then(|r| r.channel.as_deref());
+            let last = record.and_then(|r| r.last_customer_at);
+            timer.outside_window = lifecycle::is_whatsapp(channel)
+                && last.is_some_and(|last| now - last > lifecycle::WINDOW_MS);
+        }
         // A task of its own, awaited by the lane (so the conversation's
         // order holds): a bug that panics in a turn fails this event
         // alone, which stays pending, instead of the lane.

@@ -35,6 +35,11 @@ pub const SKIPPED_HUMAN: &str = "digibot_messages_skipped_human_total";
 /// Pending actions that became dead letters because their conversation
 /// was archived.
 pub const ARCHIVED_DEAD_LETTERS: &str = "digibot_archived_dead_letters_total";
+/// Fallbacks sent for a failed or quarantined plugin, by plugin and
+/// action (`text`, `hand_off`).
+pub const PLUGIN_FALLBACKS: &str = "digibot_plugin_fallbacks_total";
+/// Timers that came due and were turned into events (each once).
+pub const TIMERS_FIRED: &str = "digibot_timers_fired_total";
 
 /// Plugins' outbound HTTP calls, by plugin and result: the status class
 /// (`2xx`, ...) or the refusal's kind (`not-granted`, `timeout`, ...).
@@ -97,6 +102,14 @@ pub fn describe() {
         "Pending actions turned into dead letters by archiving."
     );
     describe_counter!(
+        PLUGIN_FALLBACKS,
+        "Fallbacks (a canned text or a hand-off) sent for a failed or quarantined plugin."
+    );
+    describe_counter!(
+        TIMERS_FIRED,
+        "Plugin timers that came due and were turned into events."
+    );
+    describe_counter!(
         HTTP_CALLS,
         "Plugins' outbound HTTP calls, by plugin and status class or refusal kind."
     );
@@ -115,6 +128,7 @@ pub fn describe() {
     counter!(API_RETRIES).increment(0);
     counter!(SKIPPED_HUMAN).increment(0);
     counter!(ARCHIVED_DEAD_LETTERS).increment(0);
+    counter!(TIMERS_FIRED).increment(0);
     for cause in ["hand_off", "agent"] {
         counter!(TAKEOVERS, "cause" => cause).increment(0);
     }

@@ -177,6 +177,10 @@ macro_rules! version_edge {
                     let event = message_event(event_id, to_wit_message(message), state);
                     bot.call_on_message(&mut *store, &event).await?
                 }
+                // The `bot` world has no timer export: a plugin that can
+                // take timer events is called through its version module's
+                // own glue (`v0_3_0::TimedBot`), never here.
+                Call::Timer { .. } => Ok(Vec::new()),
             };
             Ok(answer.map(|actions| actions.into_iter().map(from_wit_action).collect()))
         }

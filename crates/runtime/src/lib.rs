@@ -35,7 +35,7 @@ pub use budget::Budget;
 use digibot_domain::event;
 use digibot_domain::outbound::{HttpLimits, HttpPolicy};
 use digibot_protocol::Action;
-pub use manifest::{Capped, EventFilter, Grants, Limits, Manifest};
+pub use manifest::{Capped, EventFilter, Fallback, FallbackAction, Grants, Limits, Manifest};
 pub use outbound::{
     CallSummary, NoHttp, OutboundHttp, OutboundRequest, OutboundResponse, RefusalView, Sent,
 };
@@ -278,6 +278,9 @@ pub struct Invocation {
     pub calls: Vec<CallSummary>,
     /// KV writes to commit with the event; empty when the call failed.
     pub kv_writes: Vec<KvWrite>,
+    /// Timer schedules and cancels to commit with the event; empty when
+    /// the call failed.
+    pub timer_ops: Vec<digibot_domain::timer::TimerOp>,
     pub logs: Vec<LogLine>,
     /// What the host refused the plugin (`kv.set` over a bound or a
     /// quota), as the plugin was told; the turn went on.
@@ -337,14 +340,14 @@ struct Ready {
 enum Pre {
     V0_1_0(v0_1_0::Pre<HostState>),
     V0_2_0(v0_2_0::Pre<HostState>),
-    V0_3_0(v0_3_0::Pre<HostState>),
+    V0_3_0(v0_3_0::TimedPre),
 }
 
 /// An instance of a plugin, in its version's bindings.
 enum Instance {
     V0_1_0(v0_1_0::Bot),
     V0_2_0(v0_2_0::Bot),
-    V0_3_0(v0_3_0::Bot),
+    V0_3_0(v0_3_0::TimedBot),
 }
 
 impl Pre {
@@ -357,7 +360,7 @@ impl Pre {
         match version {
             v0_1_0::VERSION => Ok(Pre::V0_1_0(v0_1_0::Pre::new(pre).map_err(exports)?)),
             v0_2_0::VERSION => Ok(Pre::V0_2_0(v0_2_0::Pre::new(pre).map_err(exports)?)),
-            v0_3_0::VERSION => Ok(Pre::V0_3_0(v0_3_0::Pre::new(pre).map_err(exports)?)),
+            v0_3_0::VERSION => Ok(Pre::V0_3_0(v0_3_0::TimedPre::new(pre).map_err(exports)?)),
             found => Err(LoadError::UnsupportedVersion {
                 found: found.to_string(),
             }),
@@ -368,8 +371,16 @@ impl Pre {
         Ok(match self {
             Pre::V0_1_0(pre) => Instance::V0_1_0(v0_1_0::instantiate(pre, store).await?),
             Pre::V0_2_0(pre) => Instance::V0_2_0(v0_2_0::instantiate(pre, store).await?),
-            Pre::V0_3_0(pre) => Instance::V0_3_0(v0_3_0::instantiate(pre, store).await?),
+            Pre::V0_3_0(pre) => Instance::V0_3_0(pre.instantiate(store).await?),
         })
+    }
+
+    /// Whether the plugin exports `on-timer` (0.3.0's `bot-with-timers`).
+    fn takes_timers(&self) -> bool {
+        match self {
+            Pre::V0_1_0(_) | Pre::V0_2_0(_) => false,
+            Pre::V0_3_0(pre) => pre.takes_timers(),
+        }
     }
 }
 
@@ -384,7 +395,7 @@ impl Instance {
         match self {
             Instance::V0_1_0(bot) => v0_1_0::call(bot, store, call).await,
             Instance::V0_2_0(bot) => v0_2_0::call(bot, store, call).await,
-            Instance::V0_3_0(bot) => v0_3_0::call(bot, store, call).await,
+            Instance::V0_3_0(bot) => bot.call(store, call).await,
         }
     }
 }
@@ -395,6 +406,14 @@ enum Chore {
     Refill(Arc<WarmPool>),
     /// Drop a used store (resetting a pool slot costs microseconds).
     Drop(Box<Store<HostState>>),
+}
+
+impl Plugin {
+    /// Whether the plugin exports `on-timer` and so can be told its timers
+    /// came due (0.3.0's `bot-with-timers` world: the SDK's).
+    pub fn takes_timers(&self) -> bool {
+        self.warm.pre.takes_timers()
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -420,6 +439,12 @@ pub enum Call<'a> {
         message: &'a event::Message,
         state: event::ConversationState,
     },
+    /// A timer the plugin scheduled came due: only that plugin is called.
+    Timer {
+        event_id: &'a str,
+        timer: &'a digibot_domain::timer::TimerFired,
+        state: event::ConversationState,
+    },
 }
 
 impl Call<'_> {
@@ -440,6 +465,11 @@ impl Call<'_> {
                 message,
                 state,
             }),
+            event::EventKind::Timer(timer) => Some(Call::Timer {
+                event_id: &event.key,
+                timer,
+                state,
+            }),
             _ => None,
         }
     }
@@ -447,14 +477,18 @@ impl Call<'_> {
     /// The dedup key of the event the call comes from.
     pub fn event_id(&self) -> &str {
         match self {
-            Call::NewConversation { event_id, .. } | Call::Message { event_id, .. } => event_id,
+            Call::NewConversation { event_id, .. }
+            | Call::Message { event_id, .. }
+            | Call::Timer { event_id, .. } => event_id,
         }
     }
 
     /// The conversation's state the plugin is told about.
     pub fn state(&self) -> event::ConversationState {
         match self {
-            Call::NewConversation { state, .. } | Call::Message { state, .. } => *state,
+            Call::NewConversation { state, .. }
+            | Call::Message { state, .. }
+            | Call::Timer { state, .. } => *state,
         }
     }
 
@@ -462,6 +496,7 @@ impl Call<'_> {
         match self {
             Call::NewConversation { .. } => EventFilter::NewConversation,
             Call::Message { .. } => EventFilter::Message,
+            Call::Timer { .. } => EventFilter::Timer,
         }
     }
 
@@ -469,6 +504,7 @@ impl Call<'_> {
         match self {
             Call::NewConversation { conversation, .. } => &conversation.id,
             Call::Message { message, .. } => &message.conversation_id,
+            Call::Timer { timer, .. } => &timer.conversation_id,
         }
     }
 }
@@ -581,6 +617,8 @@ impl Runtime {
         v0_2_0::add_to_linker(&mut linker)?;
         v0_3_0::add_to_linker(&mut linker)?;
         v0_3_0::add_outbound_to_linker(&mut linker)?;
+        v0_3_0::add_timers_to_linker(&mut linker)?;
+        v0_3_0::add_conversation_to_linker(&mut linker)?;
         // Outbound HTTP: every request reaches `outbound::HttpTurn`.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
 
@@ -942,6 +980,7 @@ impl Runtime {
         };
         let state = store.data_mut();
         let kv_writes = std::mem::take(&mut state.kv_writes);
+        let timer_ops = std::mem::take(&mut state.timer_ops);
         let logs = std::mem::take(&mut state.logs);
         let refused = std::mem::take(&mut state.refused);
         let logs_dropped = state.logs_dropped + cut;
@@ -960,6 +999,11 @@ impl Runtime {
             calls,
             kv_writes: if outcome.is_ok() {
                 kv_writes
+            } else {
+                Vec::new()
+            },
+            timer_ops: if outcome.is_ok() {
+                timer_ops
             } else {
                 Vec::new()
             },

@@ -21,6 +21,66 @@ pub struct Manifest {
     /// Keeps running while a human agent is in charge of a conversation,
     /// limited to internal notes (suggestions for the agent).
     pub assist: bool,
+    /// What digibot sends instead when the plugin fails (trap, timeout,
+    /// error) or is quarantined, so the customer is not left in silence.
+    pub fallback: Option<Fallback>,
+}
+
+/// `[fallback]`: a canned text, or a hand-off to a human.
+///
+/// ```toml
+/// [fallback]
+/// action = "hand_off"     # or "text"
+/// user_id = "usr_17"      # hand_off: the agent to attach
+/// as_handler = true       # hand_off: make them the handler (default true)
+/// text = "Un instant..."  # text: the message (hand_off: sent before it, optional)
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    pub action: FallbackAction,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default = "yes")]
+    pub as_handler: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackAction {
+    Text,
+    HandOff,
+}
+
+impl Fallback {
+    /// The actions to send, checked against Digishare's limits; why the
+    /// fallback is unusable otherwise.
+    pub fn actions(&self) -> Result<Vec<digibot_protocol::Action>, String> {
+        use digibot_protocol::Action;
+        let mut actions = Vec::new();
+        if let Some(text) = &self.text {
+            actions.push(Action::text(text.clone()).map_err(|e| e.to_string())?);
+        }
+        if self.action == FallbackAction::HandOff {
+            let user_id = self
+                .user_id
+                .clone()
+                .ok_or("fallback action hand_off needs user_id")?;
+            actions.push(Action::HandOff {
+                user_id,
+                as_handler: self.as_handler,
+            });
+        } else if actions.is_empty() {
+            return Err("fallback action text needs text".into());
+        }
+        Ok(actions)
+    }
 }
 
 impl Default for Manifest {
@@ -32,6 +92,7 @@ impl Default for Manifest {
             limits: LimitOverrides::default(),
             grants: Grants::default(),
             assist: false,
+            fallback: None,
         }
     }
 }
@@ -41,6 +102,9 @@ impl Default for Manifest {
 pub enum EventFilter {
     NewConversation,
     Message,
+    /// A timer the plugin scheduled: always wanted by an enabled plugin
+    /// (it asked for it), whatever `events` lists.
+    Timer,
 }
 
 /// Per-plugin overrides of [`Limits`]; unset fields keep the host default.
@@ -290,17 +354,43 @@ impl Limits {
 impl Manifest {
     /// Parses `NAME.toml`.
     pub fn parse(text: &str) -> Result<Manifest, toml::de::Error> {
-        toml::from_str(text)
+        let manifest: Manifest = toml::from_str(text)?;
+        if let Some(fallback) = &manifest.fallback
+            && let Err(why) = fallback.actions()
+        {
+            return Err(serde::de::Error::custom(format!("[fallback]: {why}")));
+        }
+        Ok(manifest)
     }
 
     pub fn wants(&self, filter: EventFilter) -> bool {
-        self.enabled && self.events.contains(&filter)
+        self.enabled && (filter == EventFilter::Timer || self.events.contains(&filter))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fallback_is_checked_when_read() {
+        let m =
+            Manifest::parse("[fallback]\naction = \"hand_off\"\nuser_id = \"usr_1\"\n").unwrap();
+        let f = m.fallback.unwrap();
+        assert_eq!(f.actions().unwrap().len(), 1);
+        assert!(f.as_handler);
+        let text =
+            Manifest::parse("[fallback]\naction = \"text\"\ntext = \"Un instant\"\n").unwrap();
+        assert_eq!(text.fallback.unwrap().actions().unwrap().len(), 1);
+        for bad in [
+            "[fallback]\naction = \"hand_off\"\n",
+            "[fallback]\naction = \"text\"\n",
+            "[fallback]\naction = \"text\"\ntext = \"\"\n",
+            "[fallback]\naction = \"shout\"\n",
+        ] {
+            assert!(Manifest::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn empty_file_is_the_default() {

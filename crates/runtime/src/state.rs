@@ -9,6 +9,7 @@ use super::outbound::{HttpTurn, OutboundHttp, RefusalView};
 use super::stdio::CappedPipe;
 use digibot_domain::kv::{self as dkv, KvQuotas, KvSize, KvUsage, KvWrite};
 use digibot_domain::outbound::HttpPolicy;
+use digibot_domain::timer::{self, TimerOp};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use wasmtime::ResourceLimiter;
@@ -44,7 +45,26 @@ pub trait KvRead: Send + Sync {
     /// What `plugin` holds (in `conversation_id` and in all), as committed:
     /// what its writes are judged against.
     async fn usage(&self, plugin: &str, conversation_id: &str) -> KvUsage;
+    /// The names of `plugin`'s pending timers in `conversation_id`, as
+    /// committed (none where timers are not kept, e.g. `replay`).
+    async fn timer_names(&self, plugin: &str, conversation_id: &str) -> Vec<String> {
+        let _ = (plugin, conversation_id);
+        Vec::new()
+    }
+    /// The conversation's last messages, oldest first (none where no
+    /// store is behind, e.g. `replay`).
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Vec<digibot_domain::history::HistoryEntry> {
+        let _ = (conversation_id, limit);
+        Vec::new()
+    }
 }
+
+/// `conversation.history` calls one turn may make (each reads the store).
+pub const HISTORY_CALLS_MAX: usize = 8;
 
 /// Before an instance is bound to an event it can read no state.
 struct NoKv;
@@ -220,6 +240,13 @@ pub struct HostState {
     /// How much this turn's writes so far change it by.
     kv_delta: KvSize,
     pub(super) kv_writes: Vec<KvWrite>,
+    event_id: String,
+    /// The timer names pending once this turn's ops apply (read from the
+    /// store at the turn's first schedule).
+    timer_names: Option<Vec<String>>,
+    /// Schedules and cancels to commit with the event.
+    pub(super) timer_ops: Vec<TimerOp>,
+    history_calls: usize,
     /// Refusals the host answered to `kv.set` (the first few).
     pub(super) refused: Vec<String>,
     pub(super) logs: Vec<LogLine>,
@@ -282,6 +309,10 @@ impl HostState {
             kv_usage: None,
             kv_delta: KvSize::default(),
             kv_writes: Vec::new(),
+            event_id: String::new(),
+            timer_names: None,
+            timer_ops: Vec::new(),
+            history_calls: 0,
             refused: Vec::new(),
             logs: Vec::new(),
             log_bytes: 0,
@@ -306,6 +337,7 @@ impl HostState {
         http: Arc<dyn OutboundHttp>,
     ) {
         self.conversation_id = conversation_id.to_string();
+        self.event_id = event_id.to_string();
         self.kv = kv;
         self.quotas = quotas;
         self.http_turn.bind(event_id, http);
@@ -442,6 +474,99 @@ impl HostState {
         Ok(())
     }
 
+    /// `timers.schedule`: checks the bounds, then records the schedule for
+    /// the turn's commit. The id is derived from the event, plugin and the
+    /// schedule's index, so a turn that runs again schedules the same ids.
+    pub(super) async fn timer_schedule(
+        &mut self,
+        name: String,
+        after_ms: u64,
+        payload: String,
+        cancel_on_customer_message: bool,
+        replace: bool,
+    ) -> Result<String, String> {
+        if let Err(refusal) = timer::check_schedule(&name, after_ms, &payload) {
+            return self.refuse(refusal).map(|()| String::new());
+        }
+        if self.timer_ops.len() >= timer::OPS_MAX {
+            return self
+                .refuse(format!(
+                    "limit: more than {} timer schedules and cancels in one event",
+                    timer::OPS_MAX
+                ))
+                .map(|()| String::new());
+        }
+        let names = self.pending_timer_names().await;
+        let exists = names.contains(&name);
+        let pending = names.len();
+        if exists && !replace {
+            return Err(format!("exists: a timer named {name:?} is pending"));
+        }
+        if !exists && pending >= timer::PENDING_MAX {
+            return self
+                .refuse(format!(
+                    "quota: {pending} timers pending in this conversation, the limit is {}",
+                    timer::PENDING_MAX
+                ))
+                .map(|()| String::new());
+        }
+        if !exists {
+            names.push(name.clone());
+        }
+        let id = timer_id(&self.event_id, &self.plugin, self.timer_ops.len());
+        let due_at = digibot_domain::time::now_ms()
+            .saturating_add(i64::try_from(after_ms).unwrap_or(i64::MAX));
+        self.timer_ops.push(TimerOp::Schedule {
+            id: id.clone(),
+            name,
+            due_at,
+            payload,
+            cancel_on_customer_message,
+        });
+        Ok(id)
+    }
+
+    /// `timers.cancel`. Past the per-turn cap the turn stops: the plugin
+    /// would otherwise believe the timer cancelled.
+    pub(super) async fn timer_cancel(&mut self, name: String) -> Result<(), HostLimit> {
+        if self.timer_ops.len() >= timer::OPS_MAX {
+            return Err(HostLimit(format!(
+                "more than {} timer schedules and cancels in one event",
+                timer::OPS_MAX
+            )));
+        }
+        self.pending_timer_names().await.retain(|n| *n != name);
+        self.timer_ops.push(TimerOp::Cancel { name });
+        Ok(())
+    }
+
+    /// `conversation.history`: the event's conversation only. Past
+    /// [`HISTORY_CALLS_MAX`] calls the turn stops.
+    pub(super) async fn history(
+        &mut self,
+        limit: u32,
+    ) -> Result<Vec<digibot_domain::history::HistoryEntry>, HostLimit> {
+        self.history_calls += 1;
+        if self.history_calls > HISTORY_CALLS_MAX {
+            return Err(HostLimit(format!(
+                "more than {HISTORY_CALLS_MAX} conversation.history calls in one event"
+            )));
+        }
+        let limit = (limit as usize).min(digibot_domain::history::HISTORY_MAX);
+        Ok(self.kv.history(&self.conversation_id, limit).await)
+    }
+
+    async fn pending_timer_names(&mut self) -> &mut Vec<String> {
+        if self.timer_names.is_none() {
+            let names = self
+                .kv
+                .timer_names(&self.plugin, &self.conversation_id)
+                .await;
+            self.timer_names = Some(names);
+        }
+        self.timer_names.get_or_insert_with(Vec::new)
+    }
+
     /// A delete past the write cap stops the turn: the plugin would
     /// otherwise believe the key gone.
     pub(super) async fn kv_delete(&mut self, key: String) -> Result<(), HostLimit> {
@@ -488,6 +613,13 @@ impl HostState {
 }
 
 /// Refuses a key of `len` bytes handed to `call` past [`KV_KEY_MAX`].
+/// A timer's id: stable for (event, plugin, index of the schedule).
+fn timer_id(event_id: &str, plugin: &str, index: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{event_id}/{plugin}/{index}").as_bytes());
+    digest[..10].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub(super) fn check_key(call: &str, len: usize) -> Result<(), HostLimit> {
     if len > KV_KEY_MAX {
         return Err(HostLimit(format!(

@@ -4,6 +4,12 @@
 //! wasmtime-wasi-http, its hook in `outbound`) and `outbound`, which says
 //! why a request was refused. Events and actions are 0.2.0's and convert
 //! through the shared `version_edge!` (edge.rs).
+//!
+//! It also adds timers: the `timers` import, and the `on-timer` export of
+//! the `bot-with-timers` world. The export is looked up by name rather than
+//! bound by `bindgen!`, because components built against the plain `bot`
+//! world (before timers) have none and must keep loading: [`TimedPre`]
+//! and [`TimedBot`] carry it when it is there.
 
 wasmtime::component::bindgen!({
     world: "bot",
@@ -46,3 +52,182 @@ impl digishare::bot::outbound::Host for HostState {
 }
 
 events_with_state!();
+
+/// What 0.3.0 imports for timers.
+pub fn add_timers_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    digishare::bot::timers::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    linker.allow_shadowing(true);
+    let mut timers = linker.instance(&format!("digishare:bot/timers@{VERSION}"))?;
+    let shadowed = timers.func_wrap_async(
+        "cancel",
+        |mut store: StoreContextMut<'_, HostState>, (name,): (String,)| {
+            Box::new(async move {
+                store.data_mut().timer_cancel(name).await?;
+                Ok(())
+            })
+        },
+    );
+    linker.allow_shadowing(false);
+    shadowed
+}
+
+impl digishare::bot::timers::Host for HostState {
+    async fn schedule(
+        &mut self,
+        name: String,
+        after_ms: u64,
+        payload: String,
+        options: digishare::bot::timers::ScheduleOptions,
+    ) -> Result<String, String> {
+        self.timer_schedule(
+            name,
+            after_ms,
+            payload,
+            options.cancel_on_customer_message,
+            options.replace,
+        )
+        .await
+    }
+
+    // Shadowed in `add_timers_to_linker` by a version that stops the turn
+    // past the per-turn cap; kept for the generated `add_to_linker`.
+    async fn cancel(&mut self, name: String) {
+        let _ = self.timer_cancel(name).await;
+    }
+}
+
+/// What 0.3.0 imports for the conversation's history.
+pub fn add_conversation_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    digishare::bot::conversation::add_to_linker::<HostState, HasSelf<HostState>>(
+        linker,
+        |state| state,
+    )?;
+    // Shadowed: past the per-turn cap the turn stops (the generated glue
+    // has no way to trap).
+    linker.allow_shadowing(true);
+    let mut conversation = linker.instance(&format!("digishare:bot/conversation@{VERSION}"))?;
+    let shadowed = conversation.func_wrap_async(
+        "history",
+        |mut store: StoreContextMut<'_, HostState>, (limit,): (u32,)| {
+            Box::new(async move {
+                let entries = store.data_mut().history(limit).await?;
+                Ok((entries.into_iter().map(to_wit_entry).collect::<Vec<_>>(),))
+            })
+        },
+    );
+    linker.allow_shadowing(false);
+    shadowed
+}
+
+fn to_wit_entry(
+    e: digibot_domain::history::HistoryEntry,
+) -> digishare::bot::conversation::HistoryEntry {
+    use digibot_domain::history::Author;
+    use digishare::bot::conversation::Author as W;
+    digishare::bot::conversation::HistoryEntry {
+        author: match e.author {
+            Author::Customer => W::Customer,
+            Author::Agent => W::Agent,
+            Author::Bot => W::Bot,
+            Author::System => W::System,
+        },
+        kind: e.kind,
+        text: e.text,
+        at: u64::try_from(e.at).unwrap_or(0),
+    }
+}
+
+impl digishare::bot::conversation::Host for HostState {
+    async fn history(&mut self, limit: u32) -> Vec<digishare::bot::conversation::HistoryEntry> {
+        HostState::history(self, limit)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(to_wit_entry)
+            .collect()
+    }
+}
+
+type OnTimer =
+    wasmtime::component::TypedFunc<(wit::TimerEvent,), (Result<Vec<wit::Action>, String>,)>;
+
+/// 0.3.0's bindings of a component, with its `on-timer` export if it has one.
+pub struct TimedPre {
+    pre: Pre<HostState>,
+    on_timer: Option<wasmtime::component::ComponentExportIndex>,
+}
+
+/// An instance, with its `on-timer` if the component exports it.
+pub struct TimedBot {
+    bot: Bot,
+    on_timer: Option<OnTimer>,
+}
+
+impl TimedPre {
+    pub fn new(pre: wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<TimedPre> {
+        let on_timer = pre.component().get_export_index(None, "on-timer");
+        Ok(TimedPre {
+            pre: Pre::new(pre)?,
+            on_timer,
+        })
+    }
+
+    /// Whether the component exports `on-timer`.
+    pub fn takes_timers(&self) -> bool {
+        self.on_timer.is_some()
+    }
+
+    pub async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<TimedBot> {
+        let instance = self
+            .pre
+            .instance_pre()
+            .instantiate_async(&mut *store)
+            .await?;
+        let bot = Bot::new(&mut *store, &instance)?;
+        let on_timer = match &self.on_timer {
+            Some(index) => Some(
+                instance
+                    .get_typed_func::<(wit::TimerEvent,), (Result<Vec<wit::Action>, String>,)>(
+                        &mut *store,
+                        index,
+                    )?,
+            ),
+            None => None,
+        };
+        Ok(TimedBot { bot, on_timer })
+    }
+}
+
+impl TimedBot {
+    /// [`call`], and timer events for a component that takes them.
+    pub async fn call(
+        &self,
+        store: &mut Store<HostState>,
+        call: &Call<'_>,
+    ) -> wasmtime::Result<Result<Vec<proto::Action>, String>> {
+        let Call::Timer {
+            event_id,
+            timer,
+            state,
+        } = *call
+        else {
+            return self::call(&self.bot, store, call).await;
+        };
+        let Some(on_timer) = &self.on_timer else {
+            return Ok(Ok(Vec::new()));
+        };
+        let event = wit::TimerEvent {
+            event_id: event_id.to_string(),
+            timer_id: timer.id.clone(),
+            conversation_id: timer.conversation_id.clone(),
+            name: timer.name.clone(),
+            payload: timer.payload.clone(),
+            scheduled_at: u64::try_from(timer.scheduled_at).unwrap_or(0),
+            due_at: u64::try_from(timer.due_at).unwrap_or(0),
+            state: to_wit_state(state),
+            outside_window: timer.outside_window,
+        };
+        let (answer,) = on_timer.call_async(&mut *store, (event,)).await?;
+        Ok(answer.map(|actions| actions.into_iter().map(from_wit_action).collect()))
+    }
+}

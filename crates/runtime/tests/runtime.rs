@@ -165,6 +165,74 @@ fn plugins_of_every_wit_version_load_and_answer_side_by_side() {
     }
 }
 
+/// A 0.3.0 plugin built against the plain `bot` world (before timers, no
+/// `on-timer` export) still loads and answers; the SDK's plugins take
+/// timers: a reminder schedules on a message and answers its timer.
+#[test]
+fn a_0_3_0_plugin_without_on_timer_loads_beside_one_with_timers() {
+    use digibot_domain::timer::{TimerFired, TimerOp};
+    let runtime = runtime();
+    let plain = load(&runtime, "plain", "echo_v0_3", "");
+    let reminder = load(
+        &runtime,
+        "reminder",
+        "reminder",
+        "[config]\nafter_ms = \"5000\"\n",
+    );
+    assert_eq!(
+        (plain.wit_version, reminder.wit_version),
+        ("0.3.0", "0.3.0")
+    );
+    assert!(!plain.takes_timers() && reminder.takes_timers());
+    assert!(
+        !plain
+            .imports
+            .iter()
+            .any(|i| i.starts_with("digishare:bot/timers"))
+    );
+    assert_eq!(
+        single_text(on_text(&runtime, &plain, "salut")),
+        "v0.3: salut"
+    );
+
+    let out = on_text(&runtime, &reminder, "salut");
+    match out.timer_ops.as_slice() {
+        [
+            TimerOp::Schedule {
+                name,
+                payload,
+                cancel_on_customer_message: true,
+                ..
+            },
+        ] => {
+            assert_eq!((name.as_str(), payload.as_str()), ("follow-up", "salut"))
+        }
+        other => panic!("expected one follow-up schedule, got {other:?}"),
+    }
+    assert_eq!(single_text(out), "Noted: salut");
+
+    let fired = TimerFired {
+        id: "t1".into(),
+        plugin: "reminder".into(),
+        conversation_id: "conv_rt".into(),
+        name: "follow-up".into(),
+        payload: "salut".into(),
+        scheduled_at: 1,
+        due_at: 2,
+        outside_window: true,
+    }
+    .into_event();
+    let out = invoke(&runtime, &reminder, &fired, Arc::new(MemoryKv::default()));
+    match out.outcome.unwrap().as_slice() {
+        [Action::Note { body }] => assert!(body.contains("24-hour window"), "{body}"),
+        other => panic!("expected a note outside the window, got {other:?}"),
+    }
+    // The plain plugin is never called for timers (the dispatcher checks
+    // `takes_timers`); called anyway, it answers nothing.
+    let out = invoke(&runtime, &plain, &fired, Arc::new(MemoryKv::default()));
+    assert_eq!(out.outcome.unwrap(), vec![]);
+}
+
 /// A plugin of 0.2.0 or later is told the state the host passes, for both
 /// events.
 #[test]

@@ -45,9 +45,10 @@ pub use connect::{DatabaseUrl, SslMode};
 use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
-    ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
-    JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, OutboxAction, OutboxDepth,
-    PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent, now_ms, parse_state,
+    ConversationSummary, ConversationUpdate, EventSummary, HistoryEntry, Inserted, JournalEntry,
+    JournalOutcome, JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, OutboxAction,
+    OutboxDepth, PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent,
+    TimerChanges, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use pool::{Conn, Pool, Timeouts};
 use std::sync::Arc;
@@ -284,6 +285,25 @@ CREATE TABLE http_journal (
     PRIMARY KEY (event_key, plugin, call)
 );
 CREATE INDEX http_journal_recorded ON http_journal (recorded_at);
+"#,
+    ),
+    (
+        6,
+        r#"
+-- Durable timers: one row per pending timer, a name unique per plugin and
+-- conversation. A due timer leaves this table as it enters the inbox.
+CREATE TABLE timers (
+    id TEXT PRIMARY KEY,
+    plugin TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    scheduled_at BIGINT NOT NULL,
+    due_at BIGINT NOT NULL,
+    cancel_on_message BOOLEAN NOT NULL,
+    UNIQUE (conversation_id, plugin, name)
+);
+CREATE INDEX timers_due ON timers (due_at);
 "#,
     ),
 ];
@@ -588,13 +608,6 @@ impl Postgres {
     ) -> Result<Completed, Error> {
         let now = now_ms();
         let outcomes = outcomes.to_string();
-        let change_to = update.change.as_ref().map(|c| c.to.as_str());
-        let change_from = update
-            .change
-            .as_ref()
-            .and_then(|c| c.from)
-            .map(|s| s.as_str());
-        let reason = update.change.as_ref().map(|c| c.reason.as_str());
         let mut a: [Vec<String>; 5] = Default::default();
         for action in &actions {
             a[0].push(action.plugin.clone());
@@ -605,6 +618,69 @@ impl Postgres {
         }
         let (sets, deletes) = kv_final(&kv);
         let mut c = self.conn().await?;
+        // Timer schedules follow the statement below in one transaction
+        // (only when the turns made some: the usual event needs none).
+        let timer_ops = update.archive.is_none() && update.timers.iter().any(|t| !t.ops.is_empty());
+        if timer_ops {
+            c.execute("BEGIN", &[]).await?;
+        }
+        let result = self
+            .complete_in(
+                &mut c,
+                seq,
+                &conversation_id,
+                &outcomes,
+                &a,
+                &sets,
+                &deletes,
+                &update,
+                now,
+            )
+            .await;
+        if !timer_ops {
+            return result;
+        }
+        let applied = match result {
+            Ok(done) if done.completed => {
+                apply_timer_ops(&mut c, &conversation_id, &update.timers, now)
+                    .await
+                    .map(|()| done)
+            }
+            other => other,
+        };
+        match applied {
+            Ok(done) => {
+                c.execute("COMMIT", &[]).await?;
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = c.execute("ROLLBACK", &[]).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`complete_event`](Self::complete_event)'s one statement.
+    #[allow(clippy::too_many_arguments)]
+    async fn complete_in(
+        &self,
+        c: &mut Conn,
+        seq: i64,
+        conversation_id: &str,
+        outcomes: &str,
+        a: &[Vec<String>; 5],
+        sets: &[Vec<String>; 4],
+        deletes: &[Vec<String>; 3],
+        update: &ConversationUpdate,
+        now: i64,
+    ) -> Result<Completed, Error> {
+        let change_to = update.change.as_ref().map(|c| c.to.as_str());
+        let change_from = update
+            .change
+            .as_ref()
+            .and_then(|c| c.from)
+            .map(|s| s.as_str());
+        let reason = update.change.as_ref().map(|c| c.reason.as_str());
         // One statement, so one round trip and one atomic commit: the lease
         // check, the status guard (a second completion queues nothing), the
         // lease renewal, the actions in order, the KV writes.
@@ -701,6 +777,14 @@ impl Postgres {
                     FROM done
                     WHERE $25::text IS NOT NULL AND outbox.conversation_id = $2 AND outbox.status = 'pending'
                     RETURNING 1
+                 ), timers_dropped AS (
+                    -- Archiving drops the conversation's timers; a customer
+                    -- message those it cancels (the turns' own schedules
+                    -- follow, in the same transaction).
+                    DELETE FROM timers USING done
+                    WHERE timers.conversation_id = $2
+                      AND ($25::text IS NOT NULL OR ($23::bigint IS NOT NULL AND timers.cancel_on_message))
+                    RETURNING 1
                  )
                  SELECT (SELECT count(*) FROM queued),
                         EXISTS (SELECT 1 FROM blocked),
@@ -738,7 +822,7 @@ impl Postgres {
             )
             .await?;
         if row.try_get::<_, bool>(1)? {
-            return Err(StoreError::LeaseLost(conversation_id).into());
+            return Err(StoreError::LeaseLost(conversation_id.to_string()).into());
         }
         Ok(Completed {
             queued: row.try_get::<_, i64>(0)? as usize,
@@ -919,7 +1003,171 @@ impl Postgres {
             events,
             actions,
             state,
+            timers: self.pending_timers(&mut c, conversation_id).await?,
         })
+    }
+
+    // ---- timers --------------------------------------------------------
+
+    async fn pending_timers(
+        &self,
+        c: &mut Conn,
+        conversation_id: &str,
+    ) -> Result<Vec<TimerRecord>, Error> {
+        let rows = c
+            .query(
+                "SELECT id, plugin, conversation_id, name, payload, scheduled_at, due_at, cancel_on_message
+                 FROM timers WHERE conversation_id = $1 ORDER BY due_at, id",
+                &[&conversation_id],
+            )
+            .await?;
+        rows.iter().map(timer_row).collect()
+    }
+
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, Error> {
+        let limit = limit.min(digibot_domain::history::HISTORY_MAX) as i64;
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE conversation_id = $1 AND name = 'live_chat.new_message'
+                 ORDER BY seq DESC LIMIT $2",
+                &[&conversation_id, &(limit * 2)],
+            )
+            .await?;
+        let received = stored_events(&rows)?
+            .into_iter()
+            .map(|s| (s.event, s.received_at, s.seq))
+            .collect();
+        let rows = c
+            .query(
+                "SELECT message_id FROM sent_messages WHERE conversation_id = $1
+                 ORDER BY sent_at DESC LIMIT $2",
+                &[&conversation_id, &(limit * 4)],
+            )
+            .await?;
+        let own = rows
+            .iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<Result<std::collections::HashSet<_>, _>>()?;
+        let rows = c
+            .query(
+                "SELECT body, created_at, event_seq FROM outbox
+                 WHERE conversation_id = $1 AND status IN ('sent', 'pending')
+                 ORDER BY id DESC LIMIT $2",
+                &[&conversation_id, &limit],
+            )
+            .await?;
+        let mut requests = Vec::new();
+        for r in &rows {
+            let body: String = r.try_get(0)?;
+            if let Ok(body) = serde_json::from_str(&body) {
+                requests.push((body, r.try_get::<_, i64>(1)?, r.try_get::<_, i64>(2)?));
+            }
+        }
+        Ok(digibot_domain::history::assemble(
+            received,
+            &own,
+            requests,
+            limit as usize,
+        ))
+    }
+
+    async fn timer_names(&self, plugin: &str, conversation_id: &str) -> Result<Vec<String>, Error> {
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT name FROM timers WHERE plugin = $1 AND conversation_id = $2 ORDER BY name",
+                &[&plugin, &conversation_id],
+            )
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// Turns due timers into inbox events in one transaction; the rows are
+    /// locked `SKIP LOCKED`, so replicas polling at once take different
+    /// timers, and each timer becomes one event.
+    async fn fire_due_timers(&self, now: i64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        let mut c = self.conn().await?;
+        let any = c
+            .query_opt("SELECT 1 FROM timers WHERE due_at <= $1 LIMIT 1", &[&now])
+            .await?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        c.execute("BEGIN", &[]).await?;
+        let fired = Self::fire_in(&mut c, now, limit).await;
+        match fired {
+            Ok(fired) => {
+                c.execute("COMMIT", &[]).await?;
+                if !fired.is_empty() {
+                    let _ = c
+                        .execute("SELECT pg_notify($1, '')", &[&INBOX_CHANNEL])
+                        .await;
+                }
+                Ok(fired)
+            }
+            Err(e) => {
+                let _ = c.execute("ROLLBACK", &[]).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn fire_in(c: &mut Conn, now: i64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        let rows = c
+            .query(
+                "WITH due AS (
+                    SELECT t.id FROM timers t
+                    WHERE t.due_at <= $1
+                      AND COALESCE((SELECT state FROM conversations c WHERE c.id = t.conversation_id), 'bot') = 'bot'
+                    ORDER BY t.due_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED
+                 )
+                 DELETE FROM timers USING due WHERE timers.id = due.id
+                 RETURNING timers.id, timers.plugin, timers.conversation_id, timers.name, timers.payload,
+                           timers.scheduled_at, timers.due_at, timers.cancel_on_message",
+                &[&now, &(limit as i64)],
+            )
+            .await?;
+        let mut timers = rows.iter().map(timer_row).collect::<Result<Vec<_>, _>>()?;
+        timers.sort_by(|a, b| (a.due_at, &a.id).cmp(&(b.due_at, &b.id)));
+        let mut fired = Vec::new();
+        for t in timers {
+            let event = TimerFired {
+                id: t.id,
+                plugin: t.plugin,
+                conversation_id: t.conversation_id,
+                name: t.name,
+                payload: t.payload,
+                scheduled_at: t.scheduled_at,
+                due_at: t.due_at,
+                outside_window: false,
+            }
+            .into_event();
+            let payload =
+                serde_json::to_string(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let received_at = now_ms();
+            let row = c
+                .query_opt(
+                    "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at)
+                     VALUES ($1, $2, $3, NULL, $4, 'pending', $5)
+                     ON CONFLICT (key) DO NOTHING RETURNING seq",
+                    &[&event.key, &event.name, &event.conversation_id(), &payload, &received_at],
+                )
+                .await?;
+            if let Some(row) = row {
+                fired.push(StoredEvent {
+                    seq: row.try_get(0)?,
+                    event,
+                    received_at,
+                });
+            }
+        }
+        Ok(fired)
     }
 
     // ---- conversations -------------------------------------------------
@@ -1518,6 +1766,30 @@ impl Backend for PgStore {
         Ok(self.0.recent_conversations(limit).await?)
     }
 
+    async fn fire_due_timers(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self.0.fire_due_timers(now, limit).await?)
+    }
+
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        Ok(self.0.history(conversation_id, limit).await?)
+    }
+
+    async fn timer_names(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self.0.timer_names(plugin, conversation_id).await?)
+    }
+
     async fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, StoreError> {
         Ok(self.0.conversation(conversation_id).await?)
     }
@@ -1610,6 +1882,60 @@ impl Backend for PgStore {
     fn plugin_records(&self) -> Option<Arc<dyn PluginRecords>> {
         Some(Arc::new(plugins::PgPlugins::new(self.0.clone())))
     }
+}
+
+fn timer_row(r: &Row) -> Result<TimerRecord, Error> {
+    Ok(TimerRecord {
+        id: r.try_get(0)?,
+        plugin: r.try_get(1)?,
+        conversation_id: r.try_get(2)?,
+        name: r.try_get(3)?,
+        payload: r.try_get(4)?,
+        scheduled_at: r.try_get(5)?,
+        due_at: r.try_get(6)?,
+        cancel_on_customer_message: r.try_get(7)?,
+    })
+}
+
+/// A completed event's timer schedules and cancels, in the order its turns
+/// made them, inside `complete_event`'s transaction.
+async fn apply_timer_ops(
+    c: &mut Conn,
+    conversation_id: &str,
+    changes: &[TimerChanges],
+    now: i64,
+) -> Result<(), Error> {
+    for change in changes {
+        for op in &change.ops {
+            match op {
+                TimerOp::Schedule {
+                    id,
+                    name,
+                    due_at,
+                    payload,
+                    cancel_on_customer_message,
+                } => {
+                    c.execute(
+                        "INSERT INTO timers (id, plugin, conversation_id, name, payload, scheduled_at, due_at, cancel_on_message)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (conversation_id, plugin, name) DO UPDATE SET
+                             id = excluded.id, payload = excluded.payload, scheduled_at = excluded.scheduled_at,
+                             due_at = excluded.due_at, cancel_on_message = excluded.cancel_on_message",
+                        &[id, &change.plugin, &conversation_id, name, payload, &now, due_at, cancel_on_customer_message],
+                    )
+                    .await?;
+                }
+                TimerOp::Cancel { name } => {
+                    c.execute(
+                        "DELETE FROM timers WHERE conversation_id = $1 AND plugin = $2 AND name = $3",
+                        &[&conversation_id, &change.plugin, name],
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn migrate(pool: &Pool) -> Result<(), Error> {

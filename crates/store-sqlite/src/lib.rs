@@ -16,12 +16,13 @@
 
 use digibot_domain::event::{ConversationState, Event};
 use digibot_domain::kv::entry_bytes;
+use digibot_store::HistoryEntry;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
     JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER, OutboxAction,
-    OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError, StoredEvent, now_ms,
-    parse_state,
+    OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError, StoredEvent,
+    TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -178,9 +179,10 @@ CREATE TABLE IF NOT EXISTS http_journal (
 
 /// Schema changes after the first, each applied once, in order, in a
 /// transaction that also records its version (`user_version`).
-const MIGRATIONS: &[(i32, &str)] = &[(
-    2,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        2,
+        r#"
 -- When the conversation last had an event handled (retention of idle
 -- conversations and their KV).
 ALTER TABLE conversations ADD COLUMN active_at INTEGER NOT NULL DEFAULT 0;
@@ -206,7 +208,27 @@ CREATE TABLE kv_plugin_usage (
 INSERT INTO kv_plugin_usage (plugin, keys, bytes)
     SELECT plugin, SUM(keys), SUM(bytes) FROM kv_usage GROUP BY plugin;
 "#,
-)];
+    ),
+    (
+        3,
+        r#"
+-- Durable timers: one row per pending timer, a name unique per plugin and
+-- conversation. A due timer leaves this table as it enters the inbox.
+CREATE TABLE timers (
+    id TEXT PRIMARY KEY,
+    plugin TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    scheduled_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    cancel_on_message INTEGER NOT NULL,
+    UNIQUE (conversation_id, plugin, name)
+);
+CREATE INDEX timers_due ON timers(due_at);
+"#,
+    ),
+];
 
 /// Creates the first schema if the database is new, then applies the
 /// migrations it lacks.
@@ -552,6 +574,9 @@ impl Db {
             for change in &kv {
                 apply_kv(conn, change, now)?;
             }
+            if !conversation_id.is_empty() {
+                apply_timers(conn, &conversation_id, &update, now)?;
+            }
             Ok(done)
         })
         .await
@@ -718,7 +743,118 @@ impl Db {
                 events,
                 actions,
                 state: conversation_state(conn, conversation_id)?,
+                timers: pending_timers(conn, conversation_id)?,
             })
+        })
+    }
+
+    // ---- timers ------------------------------------------------------------
+
+    /// Turns due timers into inbox events; see [`Backend::fire_due_timers`].
+    async fn fire_due_timers(&self, now: i64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {TIMER_COLUMNS} FROM timers t
+                 WHERE t.due_at <= ?1 AND COALESCE(
+                     (SELECT state FROM conversations c WHERE c.id = t.conversation_id), 'bot') = 'bot'
+                 ORDER BY t.due_at, t.id LIMIT ?2"
+            ))?;
+            let timers = stmt
+                .query_map(params![now, limit as i64], timer_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut fired = Vec::new();
+            for t in timers {
+                conn.prepare_cached("DELETE FROM timers WHERE id = ?1")?
+                    .execute([&t.id])?;
+                let event = TimerFired {
+                    id: t.id,
+                    plugin: t.plugin,
+                    conversation_id: t.conversation_id,
+                    name: t.name,
+                    payload: t.payload,
+                    scheduled_at: t.scheduled_at,
+                    due_at: t.due_at,
+                    outside_window: false,
+                }
+                .into_event();
+                if let Inserted::New(seq) = insert_event(conn, &event)? {
+                    fired.push(StoredEvent {
+                        seq,
+                        event,
+                        received_at: now_ms(),
+                    });
+                }
+            }
+            Ok(fired)
+        })
+        .await
+    }
+
+    /// The conversation's last messages; see [`Backend::history`].
+    fn history(&self, conversation_id: &str, limit: usize) -> Result<Vec<HistoryEntry>, Error> {
+        let limit = limit.min(digibot_domain::history::HISTORY_MAX);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE conversation_id = ?1 AND name = 'live_chat.new_message'
+                 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            // Twice the limit: some may be echoes of digibot's own.
+            let received =
+                stored_events(stmt.query(params![conversation_id, (limit * 2) as i64])?)?
+                    .into_iter()
+                    .map(|s| (s.event, s.received_at, s.seq))
+                    .collect();
+            let mut stmt = conn.prepare_cached(
+                "SELECT message_id FROM sent_messages WHERE conversation_id = ?1
+                 ORDER BY sent_at DESC LIMIT ?2",
+            )?;
+            let own = stmt
+                .query_map(params![conversation_id, (limit * 4) as i64], |r| r.get(0))?
+                .collect::<Result<std::collections::HashSet<String>, _>>()?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT body, created_at, event_seq FROM outbox
+                 WHERE conversation_id = ?1 AND status IN ('sent', 'pending')
+                 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let requests = stmt
+                .query_map(params![conversation_id, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter_map(|(body, at, seq)| Some((serde_json::from_str(&body).ok()?, at, seq)))
+                .collect();
+            Ok(digibot_domain::history::assemble(
+                received, &own, requests, limit,
+            ))
+        })
+    }
+
+    /// Whether a timer is due at `now`: most polls find none, and need no
+    /// write.
+    fn any_timer_due(&self, now: i64) -> Result<bool, Error> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM timers WHERE due_at <= ?1 LIMIT 1")?
+                .query_row([now], |r| r.get::<_, i64>(0))
+                .optional()?
+                .is_some())
+        })
+    }
+
+    /// The names of a plugin's pending timers in one conversation.
+    fn timer_names(&self, plugin: &str, conversation_id: &str) -> Result<Vec<String>, Error> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name FROM timers WHERE plugin = ?1 AND conversation_id = ?2 ORDER BY name",
+            )?;
+            let rows = stmt.query_map(params![plugin, conversation_id], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
 
@@ -1225,6 +1361,35 @@ impl Backend for Sqlite {
         reading(&self.0, move |db| db.conversation(&id)).await
     }
 
+    async fn fire_due_timers(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if !reading(&self.0, move |db| db.any_timer_due(now)).await? {
+            return Ok(Vec::new());
+        }
+        Ok(self.0.fire_due_timers(now, limit).await?)
+    }
+
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let c = conversation_id.to_string();
+        reading(&self.0, move |db| db.history(&c, limit)).await
+    }
+
+    async fn timer_names(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let (p, c) = (plugin.to_string(), conversation_id.to_string());
+        reading(&self.0, move |db| db.timer_names(&p, &c)).await
+    }
+
     async fn kv_get(
         &self,
         plugin: &str,
@@ -1531,6 +1696,90 @@ fn update_conversation(
 
 /// Applies one plugin's KV writes in one conversation, in order, and
 /// what they change to its usage.
+const TIMER_COLUMNS: &str = "t.id, t.plugin, t.conversation_id, t.name, t.payload, t.scheduled_at, t.due_at, t.cancel_on_message";
+
+fn timer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TimerRecord> {
+    Ok(TimerRecord {
+        id: r.get(0)?,
+        plugin: r.get(1)?,
+        conversation_id: r.get(2)?,
+        name: r.get(3)?,
+        payload: r.get(4)?,
+        scheduled_at: r.get(5)?,
+        due_at: r.get(6)?,
+        cancel_on_customer_message: r.get::<_, i64>(7)? != 0,
+    })
+}
+
+/// A conversation's pending timers, soonest due first.
+fn pending_timers(conn: &Connection, conversation_id: &str) -> Result<Vec<TimerRecord>, Error> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {TIMER_COLUMNS} FROM timers t WHERE t.conversation_id = ?1 ORDER BY t.due_at, t.id"
+    ))?;
+    let rows = stmt.query_map([conversation_id], timer_row)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// What an event's completion does to its conversation's timers: archiving
+/// drops them all; a customer message drops those cancelled by one; then
+/// the turns' own schedules and cancels, in the order they made them.
+fn apply_timers(
+    conn: &Connection,
+    conversation_id: &str,
+    update: &ConversationUpdate,
+    now: i64,
+) -> Result<(), Error> {
+    if update.archive.is_some() {
+        conn.prepare_cached("DELETE FROM timers WHERE conversation_id = ?1")?
+            .execute([conversation_id])?;
+        return Ok(());
+    }
+    if update.customer_at.is_some() {
+        conn.prepare_cached(
+            "DELETE FROM timers WHERE conversation_id = ?1 AND cancel_on_message = 1",
+        )?
+        .execute([conversation_id])?;
+    }
+    for change in &update.timers {
+        for op in &change.ops {
+            match op {
+                TimerOp::Schedule {
+                    id,
+                    name,
+                    due_at,
+                    payload,
+                    cancel_on_customer_message,
+                } => {
+                    conn.prepare_cached(
+                        "INSERT INTO timers (id, plugin, conversation_id, name, payload, scheduled_at, due_at, cancel_on_message)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                         ON CONFLICT (conversation_id, plugin, name) DO UPDATE SET
+                             id = excluded.id, payload = excluded.payload, scheduled_at = excluded.scheduled_at,
+                             due_at = excluded.due_at, cancel_on_message = excluded.cancel_on_message",
+                    )?
+                    .execute(params![
+                        id,
+                        change.plugin,
+                        conversation_id,
+                        name,
+                        payload,
+                        now,
+                        due_at,
+                        *cancel_on_customer_message as i64
+                    ])?;
+                }
+                TimerOp::Cancel { name } => {
+                    conn.prepare_cached(
+                        "DELETE FROM timers WHERE conversation_id = ?1 AND plugin = ?2 AND name = ?3",
+                    )?
+                    .execute(params![conversation_id, change.plugin, name])?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn apply_kv(conn: &Connection, change: &KvChanges, now: i64) -> Result<(), Error> {
     let (plugin, conversation) = (&change.plugin, &change.conversation_id);
     let mut delta = KvSize::default();
@@ -1647,7 +1896,7 @@ mod tests {
             )
             .unwrap(),
         );
-        assert_eq!((version, active), (2, 5000));
+        assert_eq!((version, active), (3, 5000));
         // Opening again applies nothing twice.
         drop(conn);
         let store = open(dir.path(), Durability::Full).unwrap();

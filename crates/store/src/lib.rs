@@ -30,9 +30,11 @@
 pub mod suite;
 
 use digibot_domain::event::{ConversationState, Event};
+pub use digibot_domain::history::HistoryEntry;
 pub use digibot_domain::kv::{KvChanges, KvSize, KvUsage, KvWrite};
 pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::time::now_ms;
+pub use digibot_domain::timer::{TimerChanges, TimerFired, TimerOp, TimerRecord};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -176,6 +178,8 @@ pub struct ConversationDetail {
     pub actions: Vec<OutboxAction>,
     /// Who is in charge, since when and why.
     pub state: Option<ConversationRecord>,
+    /// Its pending timers, soonest due first.
+    pub timers: Vec<TimerRecord>,
 }
 
 /// Who is in charge of a conversation, since when and why.
@@ -214,8 +218,14 @@ pub struct ConversationUpdate {
     pub agent_at: Option<i64>,
     pub change: Option<StateChange>,
     /// Pending outbox actions of the conversation become dead letters with
-    /// this error (the conversation was archived).
+    /// this error (the conversation was archived). Its pending timers are
+    /// dropped.
     pub archive: Option<String>,
+    /// Timers the event's turns scheduled or cancelled. When the event is
+    /// a customer message (`customer_at` set), the conversation's timers
+    /// marked cancel-on-customer-message are dropped first, so a timer
+    /// scheduled in answer to that message stands.
+    pub timers: Vec<TimerChanges>,
 }
 
 /// What [`Store::complete_event`] did.
@@ -511,6 +521,35 @@ pub trait Backend: Send + Sync + 'static {
     /// and the actions they queued, with their API status, within the last
     /// [`CONVERSATION_WINDOW`] events and outbox rows.
     async fn conversation(&self, conversation_id: &str) -> Result<ConversationDetail, StoreError>;
+
+    // ---- timers ------------------------------------------------------------
+
+    /// Turns timers due at `now` (ms) into `digibot.timer` events in the
+    /// inbox, at most `limit`, soonest due first, in one transaction: each
+    /// timer leaves the timers table as its event (key `timer:ID`) enters
+    /// the inbox, so it fires once whatever replica or restart gets there.
+    /// Timers of conversations in a human's hands are held (not turned);
+    /// those of closed conversations were dropped at archiving. Returns
+    /// the new pending events, for the dispatcher.
+    async fn fire_due_timers(&self, now: i64, limit: usize)
+    -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The conversation's last messages (at most `limit`, and at most
+    /// [`HISTORY_MAX`](digibot_domain::history::HISTORY_MAX)), oldest
+    /// first: customer and agent messages from the inbox (digibot's own
+    /// messages coming back excluded) and the messages digibot queued.
+    async fn history(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError>;
+
+    /// The names of a plugin's pending timers in one conversation.
+    async fn timer_names(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<String>, StoreError>;
 
     // ---- KV --------------------------------------------------------------
 

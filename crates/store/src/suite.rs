@@ -58,6 +58,8 @@ macro_rules! store_suite {
             retention_removes_old_dead_letters_and_idle_conversations_with_their_kv,
             journal_records_replaces_lists_and_survives_reopen,
             journal_is_pruned_with_finished_events_only,
+            timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_archive,
+            history_is_the_conversations_messages_oldest_first_and_bounded,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -1206,4 +1208,225 @@ pub async fn journal_is_pruned_with_finished_events_only(db: TestDb) {
             .calls,
         0
     );
+}
+
+fn schedule(id: &str, name: &str, due_at: i64, cancel: bool) -> TimerOp {
+    TimerOp::Schedule {
+        id: id.into(),
+        name: name.into(),
+        due_at,
+        payload: format!("p-{id}"),
+        cancel_on_customer_message: cancel,
+    }
+}
+
+fn timers(conv: &str, ops: Vec<TimerOp>) -> Vec<TimerChanges> {
+    vec![TimerChanges {
+        plugin: "reminder".into(),
+        conversation_id: conv.into(),
+        ops,
+    }]
+}
+
+pub async fn timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_archive(db: TestDb) {
+    let store = db.open().await;
+    let now = now_ms();
+    // Scheduled with an event (not a customer message: nothing cancelled).
+    complete_with(
+        &store,
+        "s1",
+        "t",
+        ConversationUpdate {
+            timers: timers(
+                "t",
+                vec![
+                    schedule("a", "follow-up", now + 1000, true),
+                    schedule("b", "keep", now + 1000, false),
+                    schedule("c", "gone", now + 1000, false),
+                    TimerOp::Cancel {
+                        name: "gone".into(),
+                    },
+                    // Same name: replaces `b`.
+                    schedule("b2", "keep", now + 2000, false),
+                ],
+            ),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        store.timer_names("reminder", "t").await.unwrap(),
+        ["follow-up", "keep"]
+    );
+    assert!(store.timer_names("other", "t").await.unwrap().is_empty());
+    let detail = store.conversation("t").await.unwrap();
+    let ids: Vec<&str> = detail.timers.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b2"]);
+    assert_eq!(detail.timers[1].payload, "p-b2");
+    assert!(detail.timers[0].cancel_on_customer_message);
+
+    // Not due yet: nothing fires.
+    assert!(store.fire_due_timers(now, 10).await.unwrap().is_empty());
+
+    // A customer message cancels `follow-up`, not `keep`.
+    complete_with(
+        &store,
+        "m1",
+        "t",
+        ConversationUpdate {
+            customer_at: Some(now),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert_eq!(store.timer_names("reminder", "t").await.unwrap(), ["keep"]);
+
+    // Due: it fires once, as a pending event of its conversation, and
+    // survives a reopen as that event, not as a timer.
+    let fired = store.fire_due_timers(now + 5000, 10).await.unwrap();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].event.key, "timer:b2");
+    let digibot_domain::event::EventKind::Timer(t) = &fired[0].event.kind else {
+        panic!("not a timer event: {:?}", fired[0].event)
+    };
+    assert_eq!((t.name.as_str(), t.payload.as_str()), ("keep", "p-b2"));
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.close();
+    let store = db.open().await;
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let pending = store.pending_events().await.unwrap();
+    assert_eq!(
+        pending.iter().filter(|e| e.event.key == "timer:b2").count(),
+        1
+    );
+
+    // Held while a human is in charge, fired once the bot has it back.
+    complete_with(
+        &store,
+        "h1",
+        "h",
+        ConversationUpdate {
+            change: Some(StateChange {
+                from: None,
+                to: ConversationState::Human,
+                reason: "test".into(),
+            }),
+            timers: timers("h", vec![schedule("h-t", "later", now, false)]),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.release("h", "test".into()).await.unwrap(),
+        Release::Released
+    );
+    let fired = store.fire_due_timers(now + 5000, 10).await.unwrap();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].event.key, "timer:h-t");
+
+    // Archiving drops a conversation's timers.
+    complete_with(
+        &store,
+        "z1",
+        "z",
+        ConversationUpdate {
+            timers: timers("z", vec![schedule("z-t", "later", now, false)]),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    complete_with(
+        &store,
+        "z2",
+        "z",
+        ConversationUpdate {
+            change: Some(StateChange {
+                from: None,
+                to: ConversationState::Closed,
+                reason: "archived".into(),
+            }),
+            archive: Some("archived: test".into()),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
+    assert!(store.conversation("z").await.unwrap().timers.is_empty());
+    assert!(
+        store
+            .fire_due_timers(now + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn history_is_the_conversations_messages_oldest_first_and_bounded(db: TestDb) {
+    let store = db.open().await;
+    for n in 0..3 {
+        let Inserted::New(seq) = store
+            .insert_event(event(&format!("hm{n}"), "hist"))
+            .await
+            .unwrap()
+        else {
+            panic!("duplicate")
+        };
+        let reply = NewAction {
+            plugin: "echo".into(),
+            idempotency_key: format!("hm{n}/echo/0"),
+            method: "POST".into(),
+            path: "/v1/messages".into(),
+            body: serde_json::json!({"conversation_id": "hist", "type": "text", "body": format!("reply {n}"), "send_to_third": true}),
+        };
+        store
+            .complete_event(
+                seq,
+                "hist".into(),
+                serde_json::json!([]),
+                vec![reply],
+                vec![],
+                ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
+    }
+    handled_in(&store, "other1", "other", 0).await;
+    let history = store.history("hist", 100).await.unwrap();
+    let seen: Vec<(digibot_domain::history::Author, Option<&str>)> = history
+        .iter()
+        .map(|e| (e.author, e.text.as_deref()))
+        .collect();
+    use digibot_domain::history::Author::{Bot, Customer};
+    assert_eq!(
+        seen,
+        [
+            (Customer, Some("hi")),
+            (Bot, Some("reply 0")),
+            (Customer, Some("hi")),
+            (Bot, Some("reply 1")),
+            (Customer, Some("hi")),
+            (Bot, Some("reply 2")),
+        ]
+    );
+    let last = store.history("hist", 2).await.unwrap();
+    assert_eq!(last, history[4..]);
+    assert!(store.history("nobody", 10).await.unwrap().is_empty());
 }

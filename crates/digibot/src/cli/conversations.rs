@@ -110,11 +110,33 @@ async fn run_async(cmd: Conversations, settings: &Settings) -> anyhow::Result<Ex
         }
         Conversations::Show { id, json } => match store.conversation_state(&id).await? {
             Some(c) if json => {
-                println!("{}", serde_json::to_string_pretty(&c)?);
+                // The record's fields, and its pending timers beside them.
+                let timers = store.conversation(&id).await?.timers;
+                let mut out = serde_json::to_value(&c)?;
+                out["timers"] = serde_json::to_value(&timers)?;
+                println!("{}", serde_json::to_string_pretty(&out)?);
                 ExitCode::SUCCESS
             }
             Some(c) => {
                 print_one(&c);
+                let timers = store.conversation(&id).await?.timers;
+                if timers.is_empty() {
+                    println!("timers: none pending");
+                }
+                for t in timers {
+                    println!(
+                        "timer {} ({}, plugin {}): due {}{}",
+                        t.name,
+                        t.id,
+                        t.plugin,
+                        time(Some(t.due_at)),
+                        if t.cancel_on_customer_message {
+                            ", cancelled if the customer writes"
+                        } else {
+                            ""
+                        }
+                    );
+                }
                 ExitCode::SUCCESS
             }
             None => {
