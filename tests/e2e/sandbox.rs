@@ -311,6 +311,15 @@ async fn huge_keys_and_values_and_endless_reads_are_refused() -> Result<()> {
             "huge-value",
             "refused: limit: kv value is 16777216 bytes, the limit is 65536".to_string(),
         ),
+        (
+            "huge-timer",
+            "refused: limit: a timer name is 1 to 64 bytes (this one is 16777216)".to_string(),
+        ),
+        (
+            "huge-timer-payload",
+            "refused: limit: a timer payload is at most 4096 bytes (this one is 16777216)"
+                .to_string(),
+        ),
     ];
     let failed = [
         (

@@ -90,21 +90,26 @@ impl TimerFired {
 
 /// Why a schedule was refused, as the plugin is told.
 pub fn check_schedule(name: &str, after_ms: u64, payload: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > NAME_MAX {
-        return Err(format!(
-            "limit: a timer name is 1 to {NAME_MAX} bytes (this one is {})",
-            name.len()
-        ));
-    }
+    check_sizes(name.len(), payload.len())?;
     if after_ms > AFTER_MAX_MS {
         return Err(format!(
             "limit: a timer is due at most {AFTER_MAX_MS} ms ahead (asked {after_ms})"
         ));
     }
-    if payload.len() > PAYLOAD_MAX {
+    Ok(())
+}
+
+/// The size bounds of [`check_schedule`] alone: what the host judges from
+/// the lengths of a plugin's strings, before copying them out of its memory.
+pub fn check_sizes(name_len: usize, payload_len: usize) -> Result<(), String> {
+    if name_len == 0 || name_len > NAME_MAX {
         return Err(format!(
-            "limit: a timer payload is at most {PAYLOAD_MAX} bytes (this one is {})",
-            payload.len()
+            "limit: a timer name is 1 to {NAME_MAX} bytes (this one is {name_len})"
+        ));
+    }
+    if payload_len > PAYLOAD_MAX {
+        return Err(format!(
+            "limit: a timer payload is at most {PAYLOAD_MAX} bytes (this one is {payload_len})"
         ));
     }
     Ok(())

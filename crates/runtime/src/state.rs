@@ -424,6 +424,16 @@ impl HostState {
         Err(reason)
     }
 
+    /// Whether a `timers.schedule` of a name and payload of these sizes can
+    /// be taken at all (checked before either is copied out of the plugin).
+    pub(super) fn timer_schedule_admits(
+        &mut self,
+        name_len: usize,
+        payload_len: usize,
+    ) -> Result<(), String> {
+        timer::check_sizes(name_len, payload_len).or_else(|refusal| self.refuse(refusal))
+    }
+
     /// Whether a `kv.set` of a key and value of these sizes can be taken
     /// at all (checked before either is copied out of the plugin).
     pub(super) fn kv_set_admits(&mut self, key_len: usize, value_len: usize) -> Result<(), String> {

@@ -53,20 +53,58 @@ impl digishare::bot::outbound::Host for HostState {
 
 events_with_state!();
 
-/// What 0.3.0 imports for timers.
+/// What 0.3.0 imports for timers. Both calls are defined again over
+/// `WasmStr`, as the KV and log calls are (edge.rs): a name or payload past
+/// its bound is refused from its length in the plugin's memory, never
+/// copied; and past the per-turn cap the turn stops.
 pub fn add_timers_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use digishare::bot::timers::ScheduleOptions;
     digishare::bot::timers::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
     linker.allow_shadowing(true);
     let mut timers = linker.instance(&format!("digishare:bot/timers@{VERSION}"))?;
-    let shadowed = timers.func_wrap_async(
-        "cancel",
-        |mut store: StoreContextMut<'_, HostState>, (name,): (String,)| {
-            Box::new(async move {
-                store.data_mut().timer_cancel(name).await?;
-                Ok(())
-            })
-        },
-    );
+    let shadowed = timers
+        .func_wrap_async(
+            "schedule",
+            |mut store: StoreContextMut<'_, HostState>,
+             (name, after_ms, payload, options): (WasmStr, u64, WasmStr, ScheduleOptions)| {
+                Box::new(async move {
+                    let sizes = (name.to_str(&store)?.len(), payload.to_str(&store)?.len());
+                    if let Err(refusal) = store.data_mut().timer_schedule_admits(sizes.0, sizes.1) {
+                        return Ok((Err(refusal),));
+                    }
+                    let name = name.to_str(&store)?.into_owned();
+                    let payload = payload.to_str(&store)?.into_owned();
+                    let scheduled = store
+                        .data_mut()
+                        .timer_schedule(
+                            name,
+                            after_ms,
+                            payload,
+                            options.cancel_on_customer_message,
+                            options.replace,
+                        )
+                        .await;
+                    Ok((scheduled,))
+                })
+            },
+        )
+        .and_then(|()| {
+            timers.func_wrap_async(
+                "cancel",
+                |mut store: StoreContextMut<'_, HostState>, (name,): (WasmStr,)| {
+                    Box::new(async move {
+                        // No pending timer has a name past the bound: nothing
+                        // to cancel, nothing copied.
+                        if name.to_str(&store)?.len() > digibot_domain::timer::NAME_MAX {
+                            return Ok(());
+                        }
+                        let name = name.to_str(&store)?.into_owned();
+                        store.data_mut().timer_cancel(name).await?;
+                        Ok(())
+                    })
+                },
+            )
+        });
     linker.allow_shadowing(false);
     shadowed
 }
@@ -89,8 +127,9 @@ impl digishare::bot::timers::Host for HostState {
         .await
     }
 
-    // Shadowed in `add_timers_to_linker` by a version that stops the turn
-    // past the per-turn cap; kept for the generated `add_to_linker`.
+    // Both shadowed in `add_timers_to_linker` (bounded over `WasmStr`, and
+    // the turn stopped past the per-turn cap); kept for the generated
+    // `add_to_linker`.
     async fn cancel(&mut self, name: String) {
         let _ = self.timer_cancel(name).await;
     }

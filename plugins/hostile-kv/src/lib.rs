@@ -10,8 +10,10 @@
 //! - `huge-get`, `huge-delete`, `huge-config`: `kv.get`, `kv.delete`,
 //!   `config.get` with a 16 MiB key (calls with no error to return: the
 //!   host must stop the turn without copying the key);
-//! - `many-reads`: reads 10,000 distinct keys (the per-turn KV view).
-use digibot_sdk::{Action, Bot, Message, Result, config, export_bot, kv};
+//! - `many-reads`: reads 10,000 distinct keys (the per-turn KV view);
+//! - `huge-timer`, `huge-timer-payload`: `timers.schedule` with a 16 MiB
+//!   name, a 16 MiB payload; answers `refused: REASON`.
+use digibot_sdk::{Action, Bot, Message, Result, config, export_bot, kv, timers};
 
 const VALUE: usize = 64 << 10;
 const HUGE: usize = 16 << 20;
@@ -52,6 +54,10 @@ impl Bot for HostileKv {
                 "deleted".to_string()
             }
             "huge-config" => format!("config {:?}", config::get(&huge()).map(|v| v.len())),
+            "huge-timer" => refusal(timers::schedule(&huge(), 1000, "p").map(drop)),
+            "huge-timer-payload" => {
+                refusal(timers::schedule("t", 1000, &"p".repeat(HUGE)).map(drop))
+            }
             "many-reads" => {
                 let found = (0..10_000)
                     .filter(|i| kv::get(&format!("key-{i}")).is_some())
