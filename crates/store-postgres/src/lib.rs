@@ -1635,6 +1635,8 @@ impl Postgres {
                         WHERE active_at < $1
                           AND NOT EXISTS (SELECT 1 FROM events e WHERE e.conversation_id = c.id AND e.status = 'pending')
                           AND NOT EXISTS (SELECT 1 FROM conversation_leases l WHERE l.conversation_id = c.id AND l.expires_at > now())
+                          -- A pending timer is work still to come: not idle.
+                          AND NOT EXISTS (SELECT 1 FROM timers t WHERE t.conversation_id = c.id)
                         ORDER BY active_at LIMIT $2
                         FOR UPDATE SKIP LOCKED
                      ), usage AS (

@@ -1192,8 +1192,10 @@ fn prune_batch(conn: &Connection, retention: Retention, limit: i64) -> Result<Pr
     if let Some(before) = retention.idle_before {
         let idle: Vec<String> = conn
             .prepare_cached(
+                // A pending timer is work still to come: not idle.
                 "SELECT id FROM conversations c WHERE active_at < ?1
                    AND NOT EXISTS (SELECT 1 FROM events e WHERE e.status = 'pending' AND e.conversation_id = c.id)
+                   AND NOT EXISTS (SELECT 1 FROM timers t WHERE t.conversation_id = c.id)
                  ORDER BY active_at LIMIT ?2",
             )?
             .query_map(params![before, limit], |r| r.get(0))?

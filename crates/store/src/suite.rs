@@ -936,6 +936,20 @@ pub async fn retention_removes_old_dead_letters_and_idle_conversations_with_thei
         .insert_event(event("waiting2", "waiting"))
         .await
         .unwrap();
+    // Idle too, but a follow-up is scheduled: work still to come.
+    complete_with(
+        &store,
+        "timed1",
+        "timed",
+        ConversationUpdate {
+            timers: timers(
+                "timed",
+                vec![schedule("f", "follow-up", now_ms() + 86_400_000, false)],
+            ),
+            ..ConversationUpdate::default()
+        },
+    )
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     let cut = now_ms();
     tokio::time::sleep(std::time::Duration::from_millis(3)).await;
@@ -988,8 +1002,14 @@ pub async fn retention_removes_old_dead_letters_and_idle_conversations_with_thei
         usage(&store, "other", "old").await,
         (KvSize::default(), KvSize::default())
     );
-    // The conversation with a pending event stays, with its KV.
+    // The conversation with a pending event stays, with its KV; so does
+    // the one with a pending timer, and its timer.
     assert!(store.conversation_state("waiting").await.unwrap().is_some());
+    assert!(store.conversation_state("timed").await.unwrap().is_some());
+    assert_eq!(
+        store.timer_names("reminder", "timed").await.unwrap(),
+        ["follow-up"]
+    );
     assert_eq!(
         store
             .kv_get("echo", "waiting", "w")
