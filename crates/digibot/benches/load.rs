@@ -52,6 +52,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 use support::procfs::{cpu_seconds, peak_rss_kib};
+use support::stats::percentile;
 use support::{Digibot, FakeDigishare, WEBHOOK_TOKEN, agent_text, customer_text, free_port};
 
 /// The event key digibot gives a `live_chat.new_message` (and puts first in
@@ -666,11 +667,6 @@ fn check(
     let e2e = (!latencies.is_empty())
         .then(|| (percentile(&latencies, 50.0), percentile(&latencies, 99.0)));
     (guard, e2e)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// One wrk run of load.lua.

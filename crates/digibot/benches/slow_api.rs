@@ -38,6 +38,7 @@ use serde_json::{Value, json};
 use support::durable::Poster;
 use support::orders_api::FakeOrderApi;
 use support::procfs::{cpu_seconds, threads};
+use support::stats::percentile;
 use support::{Digibot, FakeDigishare, customer_text};
 use tokio::sync::Semaphore;
 
@@ -299,8 +300,8 @@ async fn run(args: &Args, target: Target) -> Result<Run> {
         target,
         turns,
         seconds,
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
         max_ms: latencies.last().copied().unwrap_or_default(),
         idle_threads,
         peak_threads,
@@ -309,13 +310,6 @@ async fn run(args: &Args, target: Target) -> Result<Run> {
         journal_us_per_call: journal_mean_us(&bot).await,
         api_requests,
     })
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 /// The journal's mean record time per call, from its histogram.

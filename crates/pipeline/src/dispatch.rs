@@ -22,6 +22,7 @@ use crate::window::WindowWarnings;
 use digibot_domain::actions::{self, Scope};
 use digibot_domain::event::{ConversationState, EventKind, Message, SenderKind};
 use digibot_domain::lifecycle::{self, Rules};
+use digibot_domain::timer::TimerOp;
 use digibot_protocol::Action;
 use digibot_runtime::registry::{Entry, Gate, Registry};
 use digibot_runtime::{Call, CallSummary, Failure, KvRead, NoHttp, OutboundHttp, Runtime};
@@ -31,6 +32,8 @@ use digibot_store::{
 };
 use metrics::counter;
 use serde::Serialize;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,6 +97,13 @@ pub struct Handled {
 /// How often due timers are looked for ([`Dispatcher::fire_timers`]): a
 /// timer fires at most this late (plus its lane's queue).
 pub const TIMER_POLL: Duration = Duration::from_millis(100);
+
+/// Timers this process scheduled fire at their due time, in batches at
+/// most this often (one store transaction per batch).
+const TIMER_BATCH: Duration = Duration::from_millis(5);
+
+/// Due times kept as hints; beyond, the poll alone fires them.
+const TIMER_HINTS_MAX: usize = 100_000;
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy)]
@@ -631,6 +641,13 @@ struct Inner {
     window: WindowWarnings,
     shutdown: watch::Receiver<bool>,
     tasks: Mutex<JoinSet<()>>,
+    /// Due times (ms) of the timers this process scheduled, soonest first,
+    /// and a wake-up for the firing loop: a timer fires at its due time
+    /// rather than at the next [`TIMER_POLL`]. Hints only (a cancelled
+    /// timer's stays, and wakes the loop for nothing): the poll still finds
+    /// every timer (other replicas', held ones, those past the bound).
+    timer_hints: Mutex<BinaryHeap<Reverse<i64>>>,
+    timer_scheduled: tokio::sync::Notify,
 }
 
 impl Dispatcher {
@@ -666,6 +683,8 @@ impl Dispatcher {
                 rules,
                 shutdown,
                 tasks: Mutex::new(JoinSet::new()),
+                timer_hints: Mutex::new(BinaryHeap::new()),
+                timer_scheduled: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -764,20 +783,44 @@ impl Dispatcher {
     }
 
     /// Turns due timers into events and hands them to their lanes, every
-    /// [`TIMER_POLL`], until shutdown. Each timer becomes one event in the
+    /// [`TIMER_POLL`] and at the due time of each timer this process
+    /// schedules, until shutdown. Each timer becomes one event in the
     /// store's transaction (see `Backend::fire_due_timers`), so replicas
     /// polling at once, or a restart right after, fire it once.
     pub fn fire_timers(&self) {
         let this = self.clone();
         let mut shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
+            let mut polled = tokio::time::Instant::now();
             loop {
+                let hint = this.timer_hints().peek().map(|Reverse(due)| *due);
+                let wake = match hint {
+                    Some(due) => {
+                        let ms = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                        // Timers due close together fire together.
+                        (tokio::time::Instant::now() + Duration::from_millis(ms))
+                            .max(polled + TIMER_BATCH)
+                            .min(polled + TIMER_POLL)
+                    }
+                    None => polled + TIMER_POLL,
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(TIMER_POLL) => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                    // A sooner timer: wait for it instead.
+                    _ = this.inner.timer_scheduled.notified() => continue,
                     _ = shutdown.changed() => {}
                 }
                 if *shutdown.borrow() {
                     return;
+                }
+                polled = tokio::time::Instant::now();
+                // The hints due now are what this firing takes.
+                {
+                    let now = now_ms();
+                    let mut hints = this.timer_hints();
+                    while hints.peek().is_some_and(|Reverse(due)| *due <= now) {
+                        hints.pop();
+                    }
                 }
                 loop {
                     match this.inner.store.fire_due_timers(now_ms(), 500).await {
@@ -801,6 +844,38 @@ impl Dispatcher {
                 }
             }
         });
+    }
+
+    /// Tells the firing loop the soonest timer a committed turn scheduled.
+    fn hint_timers(&self, update: &ConversationUpdate) {
+        let dues: Vec<i64> = update
+            .timers
+            .iter()
+            .flat_map(|t| &t.ops)
+            .filter_map(|op| match op {
+                TimerOp::Schedule { due_at, .. } => Some(*due_at),
+                TimerOp::Cancel { .. } => None,
+            })
+            .collect();
+        let Some(&soonest) = dues.iter().min() else {
+            return;
+        };
+        let mut hints = self.timer_hints();
+        let sooner = hints.peek().is_none_or(|Reverse(due)| soonest < *due);
+        if hints.len() < TIMER_HINTS_MAX {
+            hints.extend(dues.into_iter().map(Reverse));
+        }
+        drop(hints);
+        if sooner {
+            self.inner.timer_scheduled.notify_one();
+        }
+    }
+
+    fn timer_hints(&self) -> std::sync::MutexGuard<'_, BinaryHeap<Reverse<i64>>> {
+        self.inner
+            .timer_hints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_lanes(&self) -> std::sync::MutexGuard<'_, Lanes> {
@@ -987,6 +1062,7 @@ impl Dispatcher {
                 .await
             {
                 Ok(done) => {
+                    self.hint_timers(&update);
                     if let Some(change) = change.filter(|_| done.changed) {
                         tracing::info!(conversation = %conversation, event = %stored.event.key,
                             from = %state, to = %change.to, reason = %change.reason, "conversation state changed");

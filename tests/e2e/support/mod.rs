@@ -13,6 +13,7 @@ pub mod fixtures;
 pub mod orders_api;
 pub mod pg;
 pub mod procfs;
+pub mod stats;
 
 use std::collections::HashSet;
 use std::time::Duration;
