@@ -308,34 +308,14 @@ async fn run(
         match invocation.outcome {
             Ok(actions) => {
                 entry.health.success();
-                for (index, action) in actions.iter().enumerate() {
-                    match actions::to_request_in(
-                        &plugin.name,
-                        index,
-                        &conversation_id,
-                        action,
-                        scope,
-                    ) {
-                        Ok(request) => {
-                            handled.actions.push(NewAction {
-                                plugin: plugin.name.clone(),
-                                idempotency_key: format!("{}/{}/{index}", event.key, plugin.name),
-                                method: request.method,
-                                path: request.path,
-                                body: request.body,
-                            });
-                            handled.action_kinds.push(action.kind());
-                            outcome.actions += 1;
-                        }
-                        Err(rejected) => {
-                            if metered {
-                                counter!(m::ACTIONS_REJECTED, "kind" => rejected.kind).increment(1);
-                            }
-                            tracing::warn!("{rejected}");
-                            outcome.rejected.push(rejected.to_string());
-                        }
-                    }
-                }
+                let to = Queue {
+                    plugin: &plugin.name,
+                    event_key: &event.key,
+                    conversation_id: &conversation_id,
+                    scope,
+                    metered,
+                };
+                to.queue(&mut handled, &mut outcome, "", &actions);
                 outcome.returned = actions;
                 if !invocation.kv_writes.is_empty() {
                     handled.kv.push(KvChanges {
@@ -395,6 +375,57 @@ async fn run(
     handled
 }
 
+/// Where one plugin's actions for one event go: the Messages API requests
+/// queued, each checked against Digishare's limits and the plugin's scope.
+struct Queue<'a> {
+    plugin: &'a str,
+    event_key: &'a str,
+    conversation_id: &'a str,
+    scope: Scope,
+    metered: bool,
+}
+
+impl Queue<'_> {
+    /// Queues `actions` with the keys `{event}/{plugin}/{tag}{index}`; a
+    /// refused one is counted, logged and reported on the outcome.
+    fn queue(
+        &self,
+        handled: &mut Handled,
+        outcome: &mut PluginOutcome,
+        tag: &str,
+        actions: &[Action],
+    ) {
+        for (index, action) in actions.iter().enumerate() {
+            match actions::to_request_in(
+                self.plugin,
+                index,
+                self.conversation_id,
+                action,
+                self.scope,
+            ) {
+                Ok(request) => {
+                    handled.actions.push(NewAction {
+                        plugin: self.plugin.to_string(),
+                        idempotency_key: format!("{}/{}/{tag}{index}", self.event_key, self.plugin),
+                        method: request.method,
+                        path: request.path,
+                        body: request.body,
+                    });
+                    handled.action_kinds.push(action.kind());
+                    outcome.actions += 1;
+                }
+                Err(rejected) => {
+                    if self.metered {
+                        counter!(m::ACTIONS_REJECTED, "kind" => rejected.kind).increment(1);
+                    }
+                    tracing::warn!("{rejected}");
+                    outcome.rejected.push(rejected.to_string());
+                }
+            }
+        }
+    }
+}
+
 /// A failed or quarantined plugin's `[fallback]`, queued in its place so
 /// the customer is not left in silence: only while the bot is in charge,
 /// never for a timer (nobody is waiting on it).
@@ -417,22 +448,14 @@ fn fall_back(
     let Ok(actions) = fallback.actions() else {
         return;
     };
-    for (index, action) in actions.iter().enumerate() {
-        match actions::to_request_in(&plugin.name, index, conversation_id, action, scope) {
-            Ok(request) => {
-                handled.actions.push(NewAction {
-                    plugin: plugin.name.clone(),
-                    idempotency_key: format!("{}/{}/fallback{index}", event.key, plugin.name),
-                    method: request.method,
-                    path: request.path,
-                    body: request.body,
-                });
-                handled.action_kinds.push(action.kind());
-                outcome.actions += 1;
-            }
-            Err(rejected) => outcome.rejected.push(rejected.to_string()),
-        }
-    }
+    let to = Queue {
+        plugin: &plugin.name,
+        event_key: &event.key,
+        conversation_id,
+        scope,
+        metered,
+    };
+    to.queue(handled, outcome, "fallback", &actions);
     let kind = match fallback.action {
         digibot_runtime::FallbackAction::Text => "text",
         digibot_runtime::FallbackAction::HandOff => "hand_off",
