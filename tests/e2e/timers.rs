@@ -360,3 +360,50 @@ async fn on_three_postgres_replicas_with_one_killed_a_follow_up_fires_once() -> 
     }
     Ok(())
 }
+
+/// 10,000 timers across 1,000 conversations (`plugins/ticker`: ten each,
+/// 100 ms apart): every one fires once, and each conversation's replies
+/// come in the order its timers were due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_timers_across_a_thousand_conversations_fire_once_each_in_order() -> Result<()>
+{
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    const CONVERSATIONS: usize = 1000;
+    const TIMERS: usize = 10;
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("ticker")
+        .start()
+        .await?;
+    let conversation = |c: usize| format!("conv_tick_{c:04}");
+    let bot_ref = &bot;
+    stream::iter(0..CONVERSATIONS)
+        .map(|c| async move {
+            bot_ref
+                .accept(&customer(
+                    &conversation(c),
+                    &format!("msg_tick_{c:04}"),
+                    &format!("tick {TIMERS} 100"),
+                ))
+                .await
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<String>>()
+        .await?;
+    let total = CONVERSATIONS * (TIMERS + 1);
+    fake.settle(total, crate::support::burst::LONG).await?;
+    for c in 0..CONVERSATIONS {
+        let c = conversation(c);
+        let mut expected = vec![wire_text(&c, &format!("ticking {TIMERS}"))];
+        expected.extend((0..TIMERS).map(|i| wire_text(&c, &format!("t{i:02}"))));
+        ensure_all_eq(&fake.wire_for(&c), &expected, &c)?;
+    }
+    fake.assert_quiet(total, SETTLE).await?;
+    let fired = bot.metric("digibot_timers_fired_total").await?;
+    ensure!(
+        fired == (CONVERSATIONS * TIMERS) as f64,
+        "digibot_timers_fired_total {fired}"
+    );
+    Ok(())
+}
