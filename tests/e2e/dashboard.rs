@@ -391,7 +391,7 @@ async fn drive(browser: &Browser, bot: &Digibot) -> Result<()> {
 /// response; the secret itself is nowhere on the page.
 #[tokio::test]
 async fn the_journal_panel_shows_a_call_and_never_its_secret() -> Result<()> {
-    use crate::outbound::{SECRET, orders_toml};
+    use crate::outbound::{SECRET, orders_bot};
     use crate::support::orders_api::FakeOrderApi;
     let Some((chromium, driver)) = chromium_or_skip()? else {
         return Ok(());
@@ -399,12 +399,7 @@ async fn the_journal_panel_shows_a_call_and_never_its_secret() -> Result<()> {
     let fake = FakeDigishare::start().await?;
     let api = FakeOrderApi::start().await?;
     api.set_order("4410", "shipped");
-    let bot = Digibot::builder()
-        .fake(&fake)
-        .plugin_toml("orders", &orders_toml(&api))
-        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
-        .start()
-        .await?;
+    let bot = orders_bot(&fake, &api).start().await?;
     let c = "conv_dash_journal";
     let key = bot
         .accept(&customer_text(c, "wamid.j1", "ma commande 4410 ?"))

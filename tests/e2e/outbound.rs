@@ -32,6 +32,49 @@ secrets = ["ORDERS_TOKEN"]
     )
 }
 
+/// A digibot serving `orders` against `api`, its secret set.
+pub(crate) fn orders_bot(fake: &FakeDigishare, api: &FakeOrderApi) -> DigibotBuilder {
+    Digibot::builder()
+        .fake(fake)
+        .plugin_toml("orders", &orders_toml(api))
+        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+}
+
+/// One request the order API received: method, path, Authorization,
+/// Idempotency-Key.
+type OrderCall = (String, String, Option<String>, Option<String>);
+
+/// What the order API received, as [`OrderCall`]s.
+fn order_calls(api: &FakeOrderApi) -> Vec<OrderCall> {
+    api.requests()
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                r.path.clone(),
+                r.authorization.clone(),
+                r.idempotency_key.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The `GET /orders/N` that `plugin`'s turn of `event` makes, the secret
+/// substituted: one per `(event, N)`.
+fn expected_order_calls(plugin: &str, calls: &[(&str, &str)]) -> Vec<OrderCall> {
+    calls
+        .iter()
+        .map(|(event, number)| {
+            (
+                "GET".to_string(),
+                format!("/orders/{number}"),
+                Some(format!("Bearer {SECRET}")),
+                Some(format!("{event}/{plugin}/0")),
+            )
+        })
+        .collect()
+}
+
 /// Fails if `text` holds the secret, saying where.
 fn ensure_no_secret(text: &str, what: &str) -> Result<()> {
     if let Some(i) = text.find(SECRET) {
@@ -49,10 +92,7 @@ async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -
     let fake = FakeDigishare::start().await?;
     let api = FakeOrderApi::start().await?;
     api.set_order("12345", "shipped");
-    let bot = Digibot::builder()
-        .fake(&fake)
-        .plugin_toml("orders", &orders_toml(&api))
-        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
+    let bot = orders_bot(&fake, &api)
         .env("RUST_LOG", "debug")
         .start()
         .await?;
@@ -81,35 +121,11 @@ async fn orders_answers_the_status_and_the_secret_goes_only_to_the_order_api() -
     )?;
 
     // The order API got exactly the two requests, the secret substituted.
-    let requests = api.requests();
-    let seen: Vec<(String, String, Option<String>, Option<String>)> = requests
-        .iter()
-        .map(|r| {
-            (
-                r.method.clone(),
-                r.path.clone(),
-                r.authorization.clone(),
-                r.idempotency_key.clone(),
-            )
-        })
-        .collect();
     assert_eq!(
-        seen,
-        [
-            (
-                "GET".to_string(),
-                "/orders/12345".to_string(),
-                Some(format!("Bearer {SECRET}")),
-                Some(format!("{first}/orders/0"))
-            ),
-            (
-                "GET".to_string(),
-                "/orders/99999".to_string(),
-                Some(format!("Bearer {SECRET}")),
-                Some(format!("{second}/orders/0"))
-            ),
-        ]
+        order_calls(&api),
+        expected_order_calls("orders", &[(&first, "12345"), (&second, "99999")])
     );
+    let requests = api.requests();
     let accept = requests[0]
         .headers
         .iter()
@@ -208,34 +224,9 @@ async fn typescript_orders_fetches_the_granted_api_and_answers() -> Result<()> {
         ],
         "replies",
     )?;
-    let seen: Vec<(String, String, Option<String>, Option<String>)> = api
-        .requests()
-        .iter()
-        .map(|r| {
-            (
-                r.method.clone(),
-                r.path.clone(),
-                r.authorization.clone(),
-                r.idempotency_key.clone(),
-            )
-        })
-        .collect();
     assert_eq!(
-        seen,
-        [
-            (
-                "GET".to_string(),
-                "/orders/12345".to_string(),
-                Some(format!("Bearer {SECRET}")),
-                Some(format!("{first}/orders_ts/0"))
-            ),
-            (
-                "GET".to_string(),
-                "/orders/99999".to_string(),
-                Some(format!("Bearer {SECRET}")),
-                Some(format!("{second}/orders_ts/0"))
-            ),
-        ]
+        order_calls(&api),
+        expected_order_calls("orders_ts", &[(&first, "12345"), (&second, "99999")])
     );
     ensure_no_secret(&bot.logs(), "the log")?;
     Ok(())
@@ -818,12 +809,7 @@ async fn a_replayed_production_turn_gives_identical_actions_from_its_journal() -
     let fake = FakeDigishare::start().await?;
     let api = FakeOrderApi::start().await?;
     api.set_order("12345", "shipped");
-    let bot = Digibot::builder()
-        .fake(&fake)
-        .plugin_toml("orders", &orders_toml(&api))
-        .env("DIGIBOT_SECRET_ORDERS_TOKEN", SECRET)
-        .start()
-        .await?;
+    let bot = orders_bot(&fake, &api).start().await?;
     let c = "conv_replay_1";
     let key = bot
         .accept(&customer_text(c, "msg_r_1", "ma commande 12345 ?"))
