@@ -1008,27 +1008,16 @@ fn stubbed_http_answers_the_orders_plugin_in_every_language() -> Result<()> {
     Ok(())
 }
 
-/// A new TypeScript author: `digibot new shop --lang ts`, `digibot build`
-/// (tsc, esbuild, componentize-js against the SDK and the jco typings),
-/// `digibot test` on the scaffold's conversation test, all from the new
-/// folder, and the component loads at digishare:bot 0.3.0.
-#[test]
-fn new_build_test_a_typescript_bot() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
+/// As a new author of `lang`: `digibot new shop --lang LANG` in `dir`
+/// makes `files`, then `digibot build` and `digibot test` pass from the new
+/// folder (returned) on the scaffold's conversation test.
+fn new_build_test_in(dir: &Path, lang: &str, files: &[&str]) -> Result<PathBuf> {
     run(digibot()
-        .args(["new", "shop", "--lang", "ts", "--dir"])
+        .args(["new", "shop", "--lang", lang, "--dir"])
         .arg(dir))?
-    .ok("digibot new --lang ts")?;
+    .ok(&format!("digibot new --lang {lang}"))?;
     let root = dir.join("shop");
-    for file in [
-        "package.json",
-        "tsconfig.json",
-        "src/index.ts",
-        "tests/conversation.toml",
-        "README.md",
-        ".gitignore",
-    ] {
+    for file in files {
         ensure!(root.join(file).is_file(), "digibot new made no {file}");
     }
     let built = run(digibot().arg("build").current_dir(&root))?.ok("digibot build")?;
@@ -1047,6 +1036,34 @@ fn new_build_test_a_typescript_bot() -> Result<()> {
         "{}",
         tested.stdout
     );
+    Ok(root)
+}
+
+/// [`new_build_test_in`] in a temporary folder.
+fn new_build_test(lang: &str, files: &[&str]) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    new_build_test_in(tmp.path(), lang, files).map(drop)
+}
+
+/// A new TypeScript author: `digibot new shop --lang ts`, `digibot build`
+/// (tsc, esbuild, componentize-js against the SDK and the jco typings),
+/// `digibot test` on the scaffold's conversation test, all from the new
+/// folder, and the component loads at digishare:bot 0.3.0.
+#[test]
+fn new_build_test_a_typescript_bot() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = new_build_test_in(
+        tmp.path(),
+        "ts",
+        &[
+            "package.json",
+            "tsconfig.json",
+            "src/index.ts",
+            "tests/conversation.toml",
+            "README.md",
+            ".gitignore",
+        ],
+    )?;
 
     // A type error stops the build, with tsc's words.
     std::fs::write(
@@ -1067,36 +1084,14 @@ fn new_build_test_a_typescript_bot() -> Result<()> {
 /// scaffolded.
 #[test]
 fn new_build_test_a_python_bot() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    run(digibot()
-        .args(["new", "shop", "--lang", "python", "--dir"])
-        .arg(dir))?
-    .ok("digibot new --lang python")?;
-    let root = dir.join("shop");
-    for file in [
-        "app.py",
-        "wit-version",
-        "tests/conversation.toml",
-        "README.md",
-    ] {
-        ensure!(root.join(file).is_file(), "digibot new made no {file}");
-    }
-    let built = run(digibot().arg("build").current_dir(&root))?.ok("digibot build")?;
-    let wasm = PathBuf::from(built.stdout.trim());
-    ensure!(
-        wasm == root.canonicalize()?.join("target/shop.wasm") && wasm.is_file(),
-        "digibot build printed {:?}\n{}",
-        built.stdout,
-        built.stderr
-    );
-    let tested = run(digibot_test().current_dir(&root))?.ok("digibot test")?;
-    ensure!(
-        tested.stdout
-            == "tests/conversation.toml (shop greets and echoes) ... ok (3 turns)\n\
-                1 test file: 1 passed, 0 failed\n",
-        "{}",
-        tested.stdout
-    );
+    new_build_test(
+        "python",
+        &[
+            "app.py",
+            "wit-version",
+            "tests/conversation.toml",
+            "README.md",
+        ],
+    )?;
     Ok(())
 }
