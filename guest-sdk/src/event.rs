@@ -106,25 +106,42 @@ pub struct Message {
     /// plugin also sees [`ConversationState::Human`], and then answers with
     /// internal notes for the agent.
     pub state: ConversationState,
+    /// With `debounce_ms` in the plugin's `NAME.toml`: the customer's
+    /// earlier messages of the burst this turn answers, oldest first (this
+    /// message is the burst's last). Empty otherwise.
+    pub burst: Vec<Message>,
+}
+
+impl Message {
+    fn from_wit(m: wit::Message, state: ConversationState, burst: Vec<Message>) -> Message {
+        Message {
+            id: m.id,
+            conversation_id: m.conversation_id,
+            sender: m.sender,
+            created_at: m.created_at,
+            content: m.content,
+            state,
+            burst,
+        }
+    }
+
+    /// The burst's messages and this one, oldest first: what the customer
+    /// wrote since the bot last answered (just this one without
+    /// `debounce_ms`).
+    pub fn all(&self) -> impl Iterator<Item = &Message> {
+        self.burst.iter().chain(std::iter::once(self))
+    }
 }
 
 impl From<wit::MessageEvent> for Message {
     fn from(event: wit::MessageEvent) -> Self {
-        let wit::Message {
-            id,
-            conversation_id,
-            sender,
-            created_at,
-            content,
-        } = event.message;
-        Message {
-            id,
-            conversation_id,
-            sender,
-            created_at,
-            content,
-            state: state(event.state),
-        }
+        let state = state(event.state);
+        let burst = event
+            .burst
+            .into_iter()
+            .map(|m| Message::from_wit(m, state, Vec::new()))
+            .collect();
+        Message::from_wit(event.message, state, burst)
     }
 }
 
@@ -141,6 +158,7 @@ impl Message {
     ///     created_at: None,
     ///     content: Content::Text("Bonjour".into()),
     ///     state: ConversationState::Bot,
+    ///     burst: Vec::new(),
     /// };
     /// assert_eq!(message.text(), Some("Bonjour"));
     /// assert_eq!(message.choice_id(), None);
@@ -169,6 +187,7 @@ impl Message {
     ///         description: None,
     ///     }),
     ///     state: ConversationState::Bot,
+    ///     burst: Vec::new(),
     /// };
     /// assert_eq!(message.choice_id(), Some("yes"));
     /// assert_eq!(message.text(), None);
@@ -197,6 +216,7 @@ impl Message {
     ///         address: None,
     ///     }),
     ///     state: ConversationState::Bot,
+    ///     burst: Vec::new(),
     /// };
     /// assert_eq!(message.location().map(|l| l.latitude), Some(33.57));
     /// ```
@@ -286,6 +306,7 @@ mod tests {
             created_at: None,
             content,
             state: ConversationState::Bot,
+            burst: Vec::new(),
         }
     }
 
@@ -558,6 +579,55 @@ pub struct Timer {
     /// hours ago: Digishare would refuse a free-form message. Write a note
     /// ([`Action::note`](crate::Action::note)) instead, or nothing.
     pub outside_window: bool,
+}
+
+/// Why a conversation came back to the bot ([`Resume::cause`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseCause {
+    /// An agent wrote the release command as an internal note.
+    Command,
+    /// An operator released it (admin API, `digibot conversations release`).
+    Operator,
+    /// No agent wrote for the configured idle time.
+    Idle,
+}
+
+/// A human handed the conversation back to the bot, as
+/// [`Bot::on_resume`](crate::Bot::on_resume) receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The conversation (the one replies go to).
+    pub conversation_id: String,
+    pub cause: ReleaseCause,
+    /// In words, e.g. `release command from Ann (message m7)`.
+    pub reason: String,
+    /// How long the human had it (ms).
+    pub human_ms: u64,
+    /// Messages written meanwhile (the customer's and the agents').
+    pub messages: u32,
+    /// Who is in charge (always `Bot`).
+    pub state: ConversationState,
+    /// As for [`Timer::outside_window`]: on WhatsApp, over 24 hours after
+    /// the customer's last message.
+    pub outside_window: bool,
+}
+
+impl From<wit::ResumeEvent> for Resume {
+    fn from(e: wit::ResumeEvent) -> Self {
+        Resume {
+            conversation_id: e.conversation_id,
+            cause: match e.cause {
+                wit::ReleaseCause::Command => ReleaseCause::Command,
+                wit::ReleaseCause::Operator => ReleaseCause::Operator,
+                wit::ReleaseCause::Idle => ReleaseCause::Idle,
+            },
+            reason: e.reason,
+            human_ms: e.human_ms,
+            messages: e.messages,
+            state: state(e.state),
+            outside_window: e.outside_window,
+        }
+    }
 }
 
 impl From<wit::TimerEvent> for Timer {

@@ -95,7 +95,7 @@ pub use digibot_protocol::{
 };
 pub use event::{
     Choice, Contact, Content, Conversation, ConversationState, Media, MediaKind, Message, Phone,
-    Sender, SenderKind, SharedLocation, Timer, UnknownContent,
+    ReleaseCause, Resume, Sender, SenderKind, SharedLocation, Timer, UnknownContent,
 };
 pub use file::FileBuilder;
 
@@ -208,6 +208,13 @@ pub trait Bot {
         let _ = timer;
         Ok(Vec::new())
     }
+
+    /// A human handed the conversation back to the bot (the release
+    /// command, an operator, idle release): pick the flow up again.
+    fn on_resume(resume: &Resume) -> Result<Vec<Action>> {
+        let _ = resume;
+        Ok(Vec::new())
+    }
 }
 
 /// Registers a [`Bot`] as the plugin's entry points. Use it once per crate,
@@ -250,6 +257,15 @@ macro_rules! export_bot {
             > {
                 $crate::__private::run(<$bot as $crate::Bot>::on_timer(&event.into()))
             }
+
+            fn on_resume(
+                event: $crate::__private::WitResumeEvent,
+            ) -> ::core::result::Result<
+                $crate::__private::Vec<$crate::__private::WitAction>,
+                $crate::__private::String,
+            > {
+                $crate::__private::run(<$bot as $crate::Bot>::on_resume(&event.into()))
+            }
         }
 
         $crate::bindings::__export_bot_world!(__DigibotExport with_types_in $crate::__private::bindings);
@@ -262,7 +278,8 @@ pub mod __private {
     pub use crate::bindings::Guest;
     pub use crate::bindings::digishare::bot::types::{
         Action as WitAction, MessageEvent as WitMessageEvent,
-        NewConversationEvent as WitNewConversation, TimerEvent as WitTimerEvent,
+        NewConversationEvent as WitNewConversation, ResumeEvent as WitResumeEvent,
+        TimerEvent as WitTimerEvent,
     };
     pub use std::string::String;
     pub use std::vec::Vec;

@@ -175,21 +175,26 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
     }
     fake.assert_quiet(expected.len(), SETTLE).await?;
 
-    // The agent hands it back with an internal note.
-    handle(&bot, &agent_note(c, "msg_h4", "/bot")).await?;
+    // The agent hands it back with an internal note: concierge, told of
+    // the hand-back, offers its menu again.
+    let key = bot.accept(&agent_note(c, "msg_h4", "/bot")).await?;
+    expected.push(welcome_back(c));
+    fake.wait_for_conversation(c, expected.len(), TIMEOUT).await?;
+    ensure_all_eq(&fake.wire_for(c), &expected, "after the release")?;
+    bot.wait_idle(std::slice::from_ref(&key), TIMEOUT).await?;
     ensure_state(&bot, c, "bot", "release command from Agent Karim").await?;
 
     expected.push(json!({"method": "POST", "path": "/v1/messages", "body": {
         "conversation_id": c, "type": "text", "send_to_third": true, "reply_to": "msg_h5",
         "body": "Tapez « menu » pour les options ou « agent » pour parler à un conseiller."}}));
     step(&bot, &fake, c, customer(c, "msg_h5", "bonjour"), &expected).await?;
-    // The echoes of the note, the hand-off text and that reply came back
-    // as agent messages: none of them took the conversation back.
-    settle_echoes(&bot, &fake, 3).await?;
+    // The echoes of the note, the hand-off text, the menu and that reply
+    // came back as agent messages: none of them took the conversation back.
+    settle_echoes(&bot, &fake, 4).await?;
     ensure_state(&bot, c, "bot", "release command").await?;
     expected.push(orders_list(c));
     step(&bot, &fake, c, customer(c, "msg_h6", "menu"), &expected).await?;
-    settle_echoes(&bot, &fake, 4).await?;
+    settle_echoes(&bot, &fake, 5).await?;
     fake.settle(expected.len(), TIMEOUT).await?;
     ensure_state(&bot, c, "bot", "release command").await?;
     ensure_metrics(
@@ -202,6 +207,26 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// Concierge's welcome buttons, as it offers them again on a hand-back.
+fn welcome_back(conversation: &str) -> Value {
+    let button = |id: &str, title: &str| json!({"type": "reply", "reply": {"id": id, "title": title}});
+    json!({"method": "POST", "path": "/v1/messages", "body": {
+        "conversation_id": conversation,
+        "type": "interactive",
+        "send_to_third": true,
+        "body": {
+            "type": "button",
+            "header": {"type": "text", "text": "Bienvenue"},
+            "body": {"text": "Me revoilà ! Puis-je vous aider pour autre chose ?"},
+            "action": {"buttons": [
+                button("orders", "Mes commandes"),
+                button("stores", "Nos magasins"),
+                button("agent", "Parler à un agent"),
+            ]},
+        },
+    }})
 }
 
 fn orders_list(conversation: &str) -> Value {
@@ -877,4 +902,90 @@ async fn the_24_hour_window_warning_is_once_and_only_when_true() -> Result<()> {
     ensure!(warnings(fresh) == 0, "{}", bot.logs());
     ensure!(warnings(late) == 1, "{}", bot.logs());
     Ok(())
+}
+
+/// Every way a human hands a conversation back (the release command, the
+/// CLI, the admin API, idle release) reaches the plugins' `on-resume` once,
+/// before the customer's next message, with how many messages passed and
+/// how long the human had it (state-echo answers
+/// `resumed (CAUSE) after N messages, MS ms`).
+#[tokio::test]
+async fn every_hand_back_reaches_on_resume_once_before_the_next_message() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("state-echo")
+        .env("DIGIBOT_HUMAN_IDLE_RELEASE_SECS", "2")
+        .start()
+        .await?;
+    let [note_c, cli_c, api_c, idle_c] = [
+        "conv_resume_note",
+        "conv_resume_cli",
+        "conv_resume_api",
+        "conv_resume_idle",
+    ];
+    let took = Instant::now();
+    for c in [note_c, cli_c, api_c, idle_c] {
+        handle(&bot, &agent(c, &format!("{c}_a1"), "Ici Karim")).await?;
+    }
+    // While the human has it: two customer messages and an agent's.
+    for (id, text) in [("n2", "un"), ("n3", "deux")] {
+        handle(&bot, &customer(note_c, id, text)).await?;
+    }
+    handle(&bot, &agent(note_c, "n4", "Je regarde")).await?;
+
+    // The release command, then the customer: told in that order.
+    let resumed = |cause: &str, n: u32| format!("resumed ({cause}) after {n} messages, ");
+    handle(&bot, &agent_note(note_c, "n5", "/bot")).await?;
+    bot.accept(&customer(note_c, "n6", "trois")).await?;
+    fake.wait_for_conversation(note_c, 2, TIMEOUT).await?;
+    let wire = fake.wire_for(note_c);
+    let human_ms = ensure_resumed(&wire[0], note_c, &resumed("command", 4))?;
+    ensure!(human_ms as u128 <= took.elapsed().as_millis(), "human_ms {human_ms}");
+    ensure_json_eq(&wire[1], &wire_text(note_c, "bot: trois"), "after the hand-back")?;
+
+    // The CLI and the admin API, with no message in between.
+    cli(&bot.data_dir, &["conversations", "release", cli_c]).await?.ok()?;
+    admin(&bot, reqwest::Method::POST, &format!("/admin/conversations/{api_c}/release"))
+        .await?
+        .expect_status(200)?;
+    for c in [cli_c, api_c] {
+        fake.wait_for_conversation(c, 1, TIMEOUT).await?;
+        ensure_resumed(&fake.wire_for(c)[0], c, &resumed("operator", 0))?;
+    }
+
+    // Idle: the customer's message after the idle time hands it back; the
+    // hand-back is told first, then the message is answered.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    bot.accept(&customer(idle_c, "i2", "allo")).await?;
+    fake.wait_for_conversation(idle_c, 2, TIMEOUT).await?;
+    let wire = fake.wire_for(idle_c);
+    let human_ms = ensure_resumed(&wire[0], idle_c, &resumed("idle", 0))?;
+    ensure!(human_ms >= 2000, "idle for {human_ms} ms");
+    ensure_json_eq(&wire[1], &wire_text(idle_c, "bot: allo"), "after the idle hand-back")?;
+
+    // Once each: nothing more reaches the fake.
+    fake.settle(6, TIMEOUT).await?;
+    ensure_metrics(
+        &scrape(&bot).await?,
+        &[
+            series(r#"digibot_releases_total{reason="command"}"#, 1.0),
+            series(r#"digibot_releases_total{reason="idle"}"#, 1.0),
+            series(r#"digibot_releases_total{reason="admin"}"#, 1.0),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Checks that `request` is state-echo's hand-back text starting with
+/// `prefix` in `conversation`, and returns the `human-ms` it carried.
+fn ensure_resumed(request: &Value, conversation: &str, prefix: &str) -> Result<u64> {
+    let body = request["body"]["body"].as_str().unwrap_or_default();
+    let ms = body
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(" ms"))
+        .and_then(|ms| ms.parse().ok())
+        .with_context(|| format!("expected `{prefix}MS ms`, got {request:#}"))?;
+    ensure_json_eq(request, &wire_text(conversation, body), "a hand-back reply")?;
+    Ok(ms)
 }

@@ -59,6 +59,9 @@ pub enum EventKind {
     /// A timer a plugin scheduled came due (`digibot.timer`): made by
     /// digibot, not Digishare, and handled in its conversation's lane.
     Timer(crate::timer::TimerFired),
+    /// A human handed the conversation back to the bot
+    /// (`digibot.resumed`): made by the store with the release.
+    Resumed(crate::resume::Resumed),
     /// An event digibot does not handle (e.g. `ticket.created`); recorded,
     /// acknowledged, never dispatched.
     Other,
@@ -278,6 +281,7 @@ impl Event {
                 conversation_id, ..
             } => Some(conversation_id),
             EventKind::Timer(t) => Some(&t.conversation_id),
+            EventKind::Resumed(r) => Some(&r.conversation_id),
             EventKind::Other => None,
         }
     }
@@ -287,7 +291,7 @@ impl Event {
     /// bot never answers an agent or its own echo.
     pub fn invokes_plugins(&self) -> bool {
         match &self.kind {
-            EventKind::NewConversation(_) | EventKind::Timer(_) => true,
+            EventKind::NewConversation(_) | EventKind::Timer(_) | EventKind::Resumed(_) => true,
             EventKind::Message(m) => m.sender.kind == SenderKind::Customer,
             _ => false,
         }
@@ -302,7 +306,8 @@ impl Event {
         match &self.kind {
             EventKind::NewConversation(_)
             | EventKind::ConversationArchived { .. }
-            | EventKind::Timer(_) => true,
+            | EventKind::Timer(_)
+            | EventKind::Resumed(_) => true,
             EventKind::Message(m) => {
                 matches!(m.sender.kind, SenderKind::Customer | SenderKind::Agent)
             }

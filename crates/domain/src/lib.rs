@@ -11,7 +11,8 @@
 //! - [`outbound`]: outbound HTTP by grant: targets, grants, prohibited
 //!   addresses, name pins, secret placeholders, caps and refusals;
 //! - [`time`]: the clock the rest of digibot reads;
-//! - [`timer`]: durable timers: what a turn schedules, what fires.
+//! - [`timer`]: durable timers: what a turn schedules, what fires;
+//! - [`resume`]: hand-back, the event a release back to the bot becomes.
 //!
 //! Every other crate depends on this one; it depends on none of them, so
 //! its rules are unit-tested without a runtime, a socket or a database.
@@ -23,5 +24,6 @@ pub mod history;
 pub mod kv;
 pub mod lifecycle;
 pub mod outbound;
+pub mod resume;
 pub mod time;
 pub mod timer;

@@ -27,8 +27,8 @@ use digibot_protocol::Action;
 use digibot_runtime::registry::{Entry, Gate, Registry};
 use digibot_runtime::{Call, CallSummary, Failure, KvRead, NoHttp, OutboundHttp, Runtime};
 use digibot_store::{
-    ConversationRecord, ConversationUpdate, KvChanges, NewAction, StateChange, Store, StoreError,
-    StoredEvent, TimerChanges, now_ms,
+    ConversationRecord, ConversationUpdate, KvChanges, NewAction, Release, StateChange, Store,
+    StoreError, StoredEvent, TimerChanges, now_ms,
 };
 use metrics::counter;
 use serde::Serialize;
@@ -216,9 +216,14 @@ async fn run(
         Call::Timer { timer, .. } => Some(timer.plugin.as_str()),
         _ => None,
     };
+    // A hand-back goes to the plugins that export `on-resume`.
+    let resume = matches!(call, Call::Resume { .. });
     for entry in entries {
         let plugin = &entry.plugin;
         if timer_of.is_some_and(|owner| owner != plugin.name || !plugin.takes_timers()) {
+            continue;
+        }
+        if resume && !plugin.takes_resume() {
             continue;
         }
         let mut outcome = PluginOutcome {
@@ -428,7 +433,7 @@ impl Queue<'_> {
 
 /// A failed or quarantined plugin's `[fallback]`, queued in its place so
 /// the customer is not left in silence: only while the bot is in charge,
-/// never for a timer (nobody is waiting on it).
+/// never for a timer or a hand-back (nobody is waiting on it).
 fn fall_back(
     handled: &mut Handled,
     outcome: &mut PluginOutcome,
@@ -441,7 +446,9 @@ fn fall_back(
     let Some(fallback) = &plugin.manifest.fallback else {
         return;
     };
-    if scope != Scope::Everything || matches!(event.kind, EventKind::Timer(_)) {
+    if scope != Scope::Everything
+        || matches!(event.kind, EventKind::Timer(_) | EventKind::Resumed(_))
+    {
         return;
     }
     // Checked when the manifest was read.
@@ -618,6 +625,17 @@ impl Lanes {
             self.done[0].insert(seq);
         }
     }
+}
+
+/// How handling an event ended.
+enum Handling {
+    /// Completed in the store.
+    Done,
+    /// Left pending: the lane stops (see [`Dispatcher::handle`]).
+    Pending,
+    /// To be handled again after what it made go first (an idle release's
+    /// hand-back).
+    Again(Box<StoredEvent>),
 }
 
 /// What a lane does next.
@@ -919,7 +937,14 @@ impl Dispatcher {
             return Next::Dry;
         }
         let all_dated = queue.iter().all(|s| s.event.created_at().is_some());
-        let index = if all_dated {
+        // A hand-back goes first: the release it records happened before
+        // whatever is still queued was handled.
+        let resume = (0..queue.len())
+            .filter(|&i| matches!(queue[i].event.kind, EventKind::Resumed(_)))
+            .min_by_key(|&i| queue[i].seq);
+        let index = if let Some(index) = resume {
+            index
+        } else if all_dated {
             (0..queue.len())
                 .min_by(|&a, &b| {
                     let (x, y) = (&queue[a], &queue[b]);
@@ -1002,14 +1027,66 @@ impl Dispatcher {
     async fn handle(&self, stored: StoredEvent) -> bool {
         let seq = stored.seq;
         let span = event_span(&stored.event);
-        let done = self.handle_in(stored, span.clone()).instrument(span).await;
+        let done = match self.handle_in(stored, span.clone()).instrument(span).await {
+            Handling::Done => true,
+            Handling::Pending => false,
+            Handling::Again(stored) => {
+                // Back in its queue, still active: the lane takes it again
+                // after what must come first.
+                let mut lanes = self.lock_lanes();
+                let conversation = stored.event.conversation_id().unwrap_or_default().to_string();
+                lanes.queues.entry(conversation).or_default().push(*stored);
+                return true;
+            }
+        };
         self.lock_lanes().finished(seq, done);
         done
     }
 
+    /// Picks up what a release recorded in `conversation` (its hand-back
+    /// event): queued in the conversation's lane, where it goes first.
+    async fn pick_up(&self, conversation: &str) {
+        match self.inner.store.pending_in(conversation).await {
+            Ok(found) => {
+                for stored in found {
+                    self.submit(stored);
+                }
+            }
+            // Found by the inbox sweep instead.
+            Err(e) => tracing::warn!(conversation, error = %e, "cannot read a conversation's pending events"),
+        }
+    }
+
+    /// Hands back a conversation whose human has been idle for the
+    /// configured time, as its customer writes (`record`: in a human's
+    /// hands). `true` when it went back to the bot.
+    async fn release_idle(&self, conversation: &str, record: &ConversationRecord) -> Option<bool> {
+        let idle = self.inner.rules.idle_release?;
+        let last_agent = record.last_agent_at.unwrap_or(record.changed_at).max(record.changed_at);
+        if now_ms() - last_agent < idle.as_millis() as i64 {
+            return None;
+        }
+        let reason = format!("idle: no agent message for {} s", idle.as_secs());
+        match self.inner.store.release(conversation, reason.clone()).await {
+            Ok(Release::Released) => {
+                tracing::info!(conversation, from = %ConversationState::Human, to = %ConversationState::Bot,
+                    %reason, "conversation state changed");
+                counter!(m::RELEASES, "reason" => "idle").increment(1);
+                self.pick_up(conversation).await;
+                Some(true)
+            }
+            // Changed meanwhile (an operator released it): read again.
+            Ok(_) => Some(true),
+            Err(e) => {
+                tracing::error!(conversation, error = %e, "cannot hand an idle conversation back");
+                Some(false)
+            }
+        }
+    }
+
     /// [`Dispatcher::handle`] inside the event's `span` (which its plugin
     /// turns run in too).
-    async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) -> bool {
+    async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) -> Handling {
         let conversation = stored
             .event
             .conversation_id()
@@ -1019,10 +1096,22 @@ impl Dispatcher {
             Ok(record) => record,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the conversation's state; event left pending");
-                return false;
+                return Handling::Pending;
             }
         };
         let state = record.as_ref().map(|r| r.state).unwrap_or_default();
+        // An idle human hands the conversation back as the customer
+        // writes: the plugins hear of the hand-back first, then of this.
+        if let Some(r) = record.as_ref().filter(|r| r.state == ConversationState::Human)
+            && stored.event.invokes_plugins()
+            && matches!(stored.event.kind, EventKind::Message(_) | EventKind::NewConversation(_))
+        {
+            match self.release_idle(&conversation, r).await {
+                Some(true) => return Handling::Again(Box::new(stored)),
+                Some(false) => return Handling::Pending,
+                None => {}
+            }
+        }
         // The state plugins ran in (none ran for agent messages, archiving).
         let mut ran_in = None;
         let (handled, update) = match &stored.event.kind {
@@ -1053,13 +1142,19 @@ impl Dispatcher {
                     "timer came due after the bot lost the conversation; dropped");
                 (Handled::default(), ConversationUpdate::default())
             }
+            // A human took it over again before the hand-back was told.
+            EventKind::Resumed(_) if state != ConversationState::Bot => {
+                tracing::info!(conversation = %conversation, %state,
+                    "hand-back outdated (the conversation changed hands again); dropped");
+                (Handled::default(), ConversationUpdate::default())
+            }
             _ => match self.run(&stored, record.as_ref(), span).await {
                 Some((handled, mut update, state)) => {
                     ran_in = Some(state);
                     update.timers = handled.timers.clone();
                     (handled, update)
                 }
-                None => return false,
+                None => return Handling::Pending,
             },
         };
         let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
@@ -1090,6 +1185,9 @@ impl Dispatcher {
                         tracing::info!(conversation = %conversation, event = %stored.event.key,
                             from = %state, to = %change.to, reason = %change.reason, "conversation state changed");
                         count_change(state, &change);
+                        if change.to == ConversationState::Bot && state == ConversationState::Human {
+                            self.pick_up(&conversation).await;
+                        }
                     }
                     if done.completed && ran_in == Some(ConversationState::Human) {
                         counter!(m::SKIPPED_HUMAN).increment(1);
@@ -1106,19 +1204,19 @@ impl Dispatcher {
                         }
                         self.inner.outbox.wake();
                     }
-                    return true;
+                    return Handling::Done;
                 }
                 Err(StoreError::LeaseLost(_)) => {
                     // This replica was too slow and the conversation moved on:
                     // its new holder handles the event, in order.
                     tracing::warn!("conversation taken over by another replica; event left to it");
-                    return false;
+                    return Handling::Pending;
                 }
                 Err(e) => {
                     if *self.inner.shutdown.borrow() {
                         // Left pending: the next start handles it, in order.
                         tracing::error!(error = %e, "cannot record a handled event; it stays pending");
-                        return false;
+                        return Handling::Pending;
                     }
                     tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64,
                         "cannot record a handled event yet; retrying");
@@ -1129,9 +1227,9 @@ impl Dispatcher {
         }
     }
 
-    /// Runs the plugins on a customer message or a new conversation, in the
-    /// state the conversation is in once this event is taken into account
-    /// (a closed conversation reopens; an idle human hands it back).
+    /// Runs the plugins on a customer message, a new conversation, a timer
+    /// or a hand-back, in the state the conversation is in once this event
+    /// is taken into account (a closed conversation reopens).
     async fn run(
         &self,
         stored: &StoredEvent,
@@ -1152,29 +1250,18 @@ impl Dispatcher {
             EventKind::NewConversation(c) => update.channel = c.channel.clone(),
             _ => {}
         }
-        match (state, record) {
-            (ConversationState::Closed, _) if !matches!(stored.event.kind, EventKind::Timer(_)) => {
-                update.change = Some(StateChange {
-                    from: Some(ConversationState::Closed),
-                    to: ConversationState::Bot,
-                    reason: "reopened: the customer wrote after it was archived".into(),
-                });
-                state = ConversationState::Bot;
-            }
-            (ConversationState::Human, Some(r)) => {
-                let last_agent = r.last_agent_at.unwrap_or(r.changed_at).max(r.changed_at);
-                if let Some(idle) = self.inner.rules.idle_release
-                    && now - last_agent >= idle.as_millis() as i64
-                {
-                    update.change = Some(StateChange {
-                        from: Some(ConversationState::Human),
-                        to: ConversationState::Bot,
-                        reason: format!("idle: no agent message for {} s", idle.as_secs()),
-                    });
-                    state = ConversationState::Bot;
-                }
-            }
-            _ => {}
+        if state == ConversationState::Closed
+            && matches!(
+                stored.event.kind,
+                EventKind::Message(_) | EventKind::NewConversation(_)
+            )
+        {
+            update.change = Some(StateChange {
+                from: Some(ConversationState::Closed),
+                to: ConversationState::Bot,
+                reason: "reopened: the customer wrote after it was archived".into(),
+            });
+            state = ConversationState::Bot;
         }
 
         let permit = self.inner.turn_slots.clone().acquire_owned().await.ok()?;
@@ -1183,13 +1270,18 @@ impl Dispatcher {
         let http = self.inner.http.clone();
         let breaker = self.inner.breaker;
         let mut event = stored.event.clone();
-        if let EventKind::Timer(timer) = &mut event.kind {
-            // Told when a send would be refused: WhatsApp, and the
-            // customer's last message over 24 hours ago.
+        // Told when a send would be refused: WhatsApp, and the customer's
+        // last message over 24 hours ago.
+        let outside_window = || {
             let channel = record.and_then(|r| r.channel.as_deref());
             let last = record.and_then(|r| r.last_customer_at);
-            timer.outside_window = lifecycle::is_whatsapp(channel)
-                && last.is_some_and(|last| now - last > lifecycle::WINDOW_MS);
+            lifecycle::is_whatsapp(channel)
+                && last.is_some_and(|last| now - last > lifecycle::WINDOW_MS)
+        };
+        match &mut event.kind {
+            EventKind::Timer(timer) => timer.outside_window = outside_window(),
+            EventKind::Resumed(resumed) => resumed.outside_window = outside_window(),
+            _ => {}
         }
         // A task of its own, awaited by the lane (so the conversation's
         // order holds): a bug that panics in a turn fails this event

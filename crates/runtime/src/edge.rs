@@ -9,7 +9,7 @@
 //! fields), so the same source compiles against each. What a version
 //! changed stays in its own module: it defines
 //! `new_conversation_event(event_id, conversation, state)` and
-//! `message_event(event_id, message, state)`, which build its event records
+//! `message_event(event_id, message, burst, state)`, which build its event records
 //! (and decide what of the host's event that version can carry). When a
 //! later version changes a type this macro converts, that conversion moves
 //! out of the macro into the version modules.
@@ -172,15 +172,16 @@ macro_rules! version_edge {
                 Call::Message {
                     event_id,
                     message,
+                    burst,
                     state,
                 } => {
-                    let event = message_event(event_id, to_wit_message(message), state);
+                    let event = message_event(event_id, to_wit_message(message), burst, state);
                     bot.call_on_message(&mut *store, &event).await?
                 }
                 // The `bot` world has no timer export: a plugin that can
                 // take timer events is called through its version module's
                 // own glue (`v0_3_0::TimedBot`), never here.
-                Call::Timer { .. } => Ok(Vec::new()),
+                Call::Timer { .. } | Call::Resume { .. } => Ok(Vec::new()),
             };
             Ok(answer.map(|actions| actions.into_iter().map(from_wit_action).collect()))
         }
@@ -379,18 +380,6 @@ macro_rules! events_with_state {
             wit::NewConversationEvent {
                 event_id: event_id.to_string(),
                 conversation,
-                state: to_wit_state(state),
-            }
-        }
-
-        fn message_event(
-            event_id: &str,
-            message: wit::Message,
-            state: event::ConversationState,
-        ) -> wit::MessageEvent {
-            wit::MessageEvent {
-                event_id: event_id.to_string(),
-                message,
                 state: to_wit_state(state),
             }
         }

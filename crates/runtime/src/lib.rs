@@ -382,6 +382,14 @@ impl Pre {
             Pre::V0_3_0(pre) => pre.takes_timers(),
         }
     }
+
+    /// Whether the plugin exports `on-resume` (0.3.0's `bot-with-timers`).
+    fn takes_resume(&self) -> bool {
+        match self {
+            Pre::V0_1_0(_) | Pre::V0_2_0(_) => false,
+            Pre::V0_3_0(pre) => pre.takes_resume(),
+        }
+    }
 }
 
 impl Instance {
@@ -414,6 +422,12 @@ impl Plugin {
     pub fn takes_timers(&self) -> bool {
         self.warm.pre.takes_timers()
     }
+
+    /// Whether the plugin exports `on-resume`: only those are told a human
+    /// handed a conversation back.
+    pub fn takes_resume(&self) -> bool {
+        self.warm.pre.takes_resume()
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -437,6 +451,9 @@ pub enum Call<'a> {
     Message {
         event_id: &'a str,
         message: &'a event::Message,
+        /// The customer's earlier messages of a debounced burst, oldest
+        /// first (empty unless the plugin has `debounce_ms`).
+        burst: &'a [event::Message],
         state: event::ConversationState,
     },
     /// A timer the plugin scheduled came due: only that plugin is called.
@@ -445,9 +462,16 @@ pub enum Call<'a> {
         timer: &'a digibot_domain::timer::TimerFired,
         state: event::ConversationState,
     },
+    /// A human handed the conversation back: plugins exporting
+    /// `on-resume` are called.
+    Resume {
+        event_id: &'a str,
+        resumed: &'a digibot_domain::resume::Resumed,
+        state: event::ConversationState,
+    },
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
     /// The call for `event`, if plugins handle it, in a conversation that
     /// is in `state`.
     pub fn for_event(event: &event::Event, state: event::ConversationState) -> Option<Call<'_>> {
@@ -463,6 +487,7 @@ impl Call<'_> {
             event::EventKind::Message(message) => Some(Call::Message {
                 event_id: &event.key,
                 message,
+                burst: &[],
                 state,
             }),
             event::EventKind::Timer(timer) => Some(Call::Timer {
@@ -470,7 +495,31 @@ impl Call<'_> {
                 timer,
                 state,
             }),
+            event::EventKind::Resumed(resumed) => Some(Call::Resume {
+                event_id: &event.key,
+                resumed,
+                state,
+            }),
             _ => None,
+        }
+    }
+
+    /// This message call with the earlier messages of its debounced burst
+    /// (oldest first); any other call unchanged.
+    pub fn with_burst(self, earlier: &'a [event::Message]) -> Call<'a> {
+        match self {
+            Call::Message {
+                event_id,
+                message,
+                state,
+                ..
+            } => Call::Message {
+                event_id,
+                message,
+                burst: earlier,
+                state,
+            },
+            other => other,
         }
     }
 
@@ -479,7 +528,8 @@ impl Call<'_> {
         match self {
             Call::NewConversation { event_id, .. }
             | Call::Message { event_id, .. }
-            | Call::Timer { event_id, .. } => event_id,
+            | Call::Timer { event_id, .. }
+            | Call::Resume { event_id, .. } => event_id,
         }
     }
 
@@ -488,7 +538,8 @@ impl Call<'_> {
         match self {
             Call::NewConversation { state, .. }
             | Call::Message { state, .. }
-            | Call::Timer { state, .. } => *state,
+            | Call::Timer { state, .. }
+            | Call::Resume { state, .. } => *state,
         }
     }
 
@@ -497,6 +548,7 @@ impl Call<'_> {
             Call::NewConversation { .. } => EventFilter::NewConversation,
             Call::Message { .. } => EventFilter::Message,
             Call::Timer { .. } => EventFilter::Timer,
+            Call::Resume { .. } => EventFilter::Resume,
         }
     }
 
@@ -505,6 +557,7 @@ impl Call<'_> {
             Call::NewConversation { conversation, .. } => &conversation.id,
             Call::Message { message, .. } => &message.conversation_id,
             Call::Timer { timer, .. } => &timer.conversation_id,
+            Call::Resume { resumed, .. } => &resumed.conversation_id,
         }
     }
 }

@@ -105,6 +105,9 @@ pub enum EventFilter {
     /// A timer the plugin scheduled: always wanted by an enabled plugin
     /// (it asked for it), whatever `events` lists.
     Timer,
+    /// A hand-back: wanted by an enabled plugin that exports `on-resume`
+    /// (exporting it is the subscription), whatever `events` lists.
+    Resume,
 }
 
 /// Per-plugin overrides of [`Limits`]; unset fields keep the host default.
@@ -364,7 +367,9 @@ impl Manifest {
     }
 
     pub fn wants(&self, filter: EventFilter) -> bool {
-        self.enabled && (filter == EventFilter::Timer || self.events.contains(&filter))
+        self.enabled
+            && (matches!(filter, EventFilter::Timer | EventFilter::Resume)
+                || self.events.contains(&filter))
     }
 }
 

@@ -36,6 +36,7 @@ fn new_conversation_event(
 fn message_event(
     event_id: &str,
     message: wit::Message,
+    _burst: &[event::Message],
     _state: event::ConversationState,
 ) -> wit::MessageEvent {
     wit::MessageEvent {

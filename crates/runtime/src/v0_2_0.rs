@@ -19,3 +19,18 @@ pub const VERSION: &str = "0.2.0";
 version_edge!();
 
 events_with_state!();
+
+/// 0.2.0's message event: no burst (a debounced plugin built against
+/// 0.2.0 sees the burst's last message alone).
+fn message_event(
+    event_id: &str,
+    message: wit::Message,
+    _burst: &[event::Message],
+    state: event::ConversationState,
+) -> wit::MessageEvent {
+    wit::MessageEvent {
+        event_id: event_id.to_string(),
+        message,
+        state: to_wit_state(state),
+    }
+}

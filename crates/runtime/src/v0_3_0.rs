@@ -9,7 +9,8 @@
 //! the `bot-with-timers` world. The export is looked up by name rather than
 //! bound by `bindgen!`, because components built against the plain `bot`
 //! world (before timers) have none and must keep loading: [`TimedPre`]
-//! and [`TimedBot`] carry it when it is there.
+//! and [`TimedBot`] carry it when it is there. `on-resume` (hand-back)
+//! is found the same way.
 
 wasmtime::component::bindgen!({
     world: "bot",
@@ -52,6 +53,21 @@ impl digishare::bot::outbound::Host for HostState {
 }
 
 events_with_state!();
+
+/// 0.3.0's message event, with the burst a debounced turn answers.
+fn message_event(
+    event_id: &str,
+    message: wit::Message,
+    burst: &[event::Message],
+    state: event::ConversationState,
+) -> wit::MessageEvent {
+    wit::MessageEvent {
+        event_id: event_id.to_string(),
+        message,
+        state: to_wit_state(state),
+        burst: burst.iter().map(to_wit_message).collect(),
+    }
+}
 
 /// What 0.3.0 imports for timers. Both calls are defined again over
 /// `WasmStr`, as the KV and log calls are (edge.rs): a name or payload past
@@ -189,31 +205,44 @@ impl digishare::bot::conversation::Host for HostState {
 
 type OnTimer =
     wasmtime::component::TypedFunc<(wit::TimerEvent,), (Result<Vec<wit::Action>, String>,)>;
+type OnResume =
+    wasmtime::component::TypedFunc<(wit::ResumeEvent,), (Result<Vec<wit::Action>, String>,)>;
 
-/// 0.3.0's bindings of a component, with its `on-timer` export if it has one.
+/// 0.3.0's bindings of a component, with its `on-timer` and `on-resume`
+/// exports if it has them.
 pub struct TimedPre {
     pre: Pre<HostState>,
     on_timer: Option<wasmtime::component::ComponentExportIndex>,
+    on_resume: Option<wasmtime::component::ComponentExportIndex>,
 }
 
-/// An instance, with its `on-timer` if the component exports it.
+/// An instance, with its `on-timer` and `on-resume` if the component
+/// exports them.
 pub struct TimedBot {
     bot: Bot,
     on_timer: Option<OnTimer>,
+    on_resume: Option<OnResume>,
 }
 
 impl TimedPre {
     pub fn new(pre: wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<TimedPre> {
         let on_timer = pre.component().get_export_index(None, "on-timer");
+        let on_resume = pre.component().get_export_index(None, "on-resume");
         Ok(TimedPre {
             pre: Pre::new(pre)?,
             on_timer,
+            on_resume,
         })
     }
 
     /// Whether the component exports `on-timer`.
     pub fn takes_timers(&self) -> bool {
         self.on_timer.is_some()
+    }
+
+    /// Whether the component exports `on-resume`.
+    pub fn takes_resume(&self) -> bool {
+        self.on_resume.is_some()
     }
 
     pub async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<TimedBot> {
@@ -233,7 +262,21 @@ impl TimedPre {
             ),
             None => None,
         };
-        Ok(TimedBot { bot, on_timer })
+        let on_resume = match &self.on_resume {
+            Some(index) => Some(
+                instance
+                    .get_typed_func::<(wit::ResumeEvent,), (Result<Vec<wit::Action>, String>,)>(
+                        &mut *store,
+                        index,
+                    )?,
+            ),
+            None => None,
+        };
+        Ok(TimedBot {
+            bot,
+            on_timer,
+            on_resume,
+        })
     }
 }
 
@@ -244,6 +287,33 @@ impl TimedBot {
         store: &mut Store<HostState>,
         call: &Call<'_>,
     ) -> wasmtime::Result<Result<Vec<proto::Action>, String>> {
+        if let Call::Resume {
+            event_id,
+            resumed,
+            state,
+        } = *call
+        {
+            let Some(on_resume) = &self.on_resume else {
+                return Ok(Ok(Vec::new()));
+            };
+            use digibot_domain::resume::Cause;
+            let event = wit::ResumeEvent {
+                event_id: event_id.to_string(),
+                conversation_id: resumed.conversation_id.clone(),
+                cause: match resumed.cause {
+                    Cause::Command => wit::ReleaseCause::Command,
+                    Cause::Operator => wit::ReleaseCause::Operator,
+                    Cause::Idle => wit::ReleaseCause::Idle,
+                },
+                reason: resumed.reason.clone(),
+                human_ms: resumed.human_ms(),
+                messages: resumed.messages,
+                state: to_wit_state(state),
+                outside_window: resumed.outside_window,
+            };
+            let (answer,) = on_resume.call_async(&mut *store, (event,)).await?;
+            return Ok(answer.map(|actions| actions.into_iter().map(from_wit_action).collect()));
+        }
         let Call::Timer {
             event_id,
             timer,

@@ -43,6 +43,7 @@ mod pool;
 pub use connect::{DatabaseUrl, SslMode};
 
 use digibot_domain::event::{ConversationState, Event};
+use digibot_domain::resume::{Cause, Resumed};
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, HistoryEntry, Inserted, JournalEntry,
@@ -304,6 +305,15 @@ CREATE TABLE timers (
     UNIQUE (conversation_id, plugin, name)
 );
 CREATE INDEX timers_due ON timers (due_at);
+"#,
+    ),
+    (
+        7,
+        r#"
+-- Messages (the customer's and the agents') handled since the
+-- conversation last changed hands: a hand-back tells the plugins how many
+-- passed while the human had it.
+ALTER TABLE conversations ADD COLUMN messages BIGINT NOT NULL DEFAULT 0;
 "#,
     ),
 ];
@@ -575,6 +585,18 @@ impl Postgres {
         stored_events(&rows)
     }
 
+    async fn pending_in(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, Error> {
+        let mut c = self.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE conversation_id = $1 AND status = 'pending' ORDER BY seq",
+                &[&conversation_id],
+            )
+            .await?;
+        stored_events(&rows)
+    }
+
     async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, Error> {
         let mut c = self.conn().await?;
         let rows = c
@@ -621,33 +643,57 @@ impl Postgres {
         // Timer schedules follow the statement below in one transaction
         // (only when the turns made some: the usual event needs none).
         let timer_ops = update.archive.is_none() && update.timers.iter().any(|t| !t.ops.is_empty());
-        if timer_ops {
-            c.execute("BEGIN", &[]).await?;
+        // So does a hand-back's `digibot.resumed` event.
+        let handing_back = update.change.as_ref().is_some_and(hands_back);
+        if !timer_ops && !handing_back {
+            return self
+                .complete_in(
+                    &mut c,
+                    seq,
+                    &conversation_id,
+                    &outcomes,
+                    &a,
+                    &sets,
+                    &deletes,
+                    &update,
+                    now,
+                )
+                .await;
         }
-        let result = self
-            .complete_in(
-                &mut c,
-                seq,
-                &conversation_id,
-                &outcomes,
-                &a,
-                &sets,
-                &deletes,
-                &update,
-                now,
-            )
-            .await;
-        if !timer_ops {
-            return result;
-        }
-        let applied = match result {
-            Ok(done) if done.completed => {
-                apply_timer_ops(&mut c, &conversation_id, &update.timers, now)
-                    .await
-                    .map(|()| done)
+        c.execute("BEGIN", &[]).await?;
+        let applied = async {
+            let human = match handing_back {
+                true => human_turn(&mut c, &conversation_id).await?,
+                false => None,
+            };
+            let done = self
+                .complete_in(
+                    &mut c,
+                    seq,
+                    &conversation_id,
+                    &outcomes,
+                    &a,
+                    &sets,
+                    &deletes,
+                    &update,
+                    now,
+                )
+                .await?;
+            if done.completed && timer_ops {
+                apply_timer_ops(&mut c, &conversation_id, &update.timers, now).await?;
             }
-            other => other,
-        };
+            if let (true, Some(change), Some((taken_at, messages))) =
+                (done.changed, &update.change, human)
+            {
+                // This event's own message counts too (the statement above
+                // reset the count as it changed hands).
+                let own = i64::from(update.customer_at.is_some()) + i64::from(update.agent_at.is_some());
+                record_resume(&mut c, &conversation_id, &change.reason, taken_at, messages + own, now)
+                    .await?;
+            }
+            Ok::<_, Error>(done)
+        }
+        .await;
         match applied {
             Ok(done) => {
                 c.execute("COMMIT", &[]).await?;
@@ -765,6 +811,8 @@ impl Postgres {
                        active_at = GREATEST(conversations.active_at, $3),
                        state = CASE WHEN (SELECT yes FROM applies) THEN $19::text ELSE conversations.state END,
                        changed_at = CASE WHEN (SELECT yes FROM applies) THEN $3 ELSE conversations.changed_at END,
+                       messages = CASE WHEN (SELECT yes FROM applies) THEN 0
+                                  ELSE conversations.messages + ($23::bigint IS NOT NULL)::int + ($24::bigint IS NOT NULL)::int END,
                        reason = CASE WHEN (SELECT yes FROM applies) THEN $21::text ELSE conversations.reason END,
                        channel = COALESCE($22::text, conversations.channel),
                        -- Times only move forward (GREATEST skips NULLs).
@@ -876,22 +924,42 @@ impl Postgres {
 
     async fn release(&self, id: &str, reason: String) -> Result<Release, Error> {
         let mut c = self.conn().await?;
-        let row = c
-            .query_one(
-                "WITH old AS (SELECT state FROM conversations WHERE id = $1),
-                 released AS (
-                    UPDATE conversations SET state = 'bot', changed_at = $2, reason = $3
-                    WHERE id = $1 AND state = 'human' RETURNING 1)
-                 SELECT (SELECT state FROM old), EXISTS (SELECT 1 FROM released)",
-                &[&id, &now_ms(), &reason],
+        let now = now_ms();
+        c.execute("BEGIN", &[]).await?;
+        let released = async {
+            let row = c
+                .query_opt(
+                    "SELECT state, changed_at, messages FROM conversations WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(Release::Unknown);
+            };
+            let state = parse_state(row.try_get(0)?)?;
+            if state != ConversationState::Human {
+                return Ok(Release::NotHuman(state));
+            }
+            c.execute(
+                "UPDATE conversations SET state = 'bot', changed_at = $2, reason = $3, messages = 0
+                 WHERE id = $1",
+                &[&id, &now, &reason],
             )
             .await?;
-        let old: Option<String> = row.try_get(0)?;
-        Ok(match old {
-            None => Release::Unknown,
-            Some(_) if row.try_get::<_, bool>(1)? => Release::Released,
-            Some(state) => Release::NotHuman(parse_state(&state)?),
-        })
+            record_resume(&mut c, id, &reason, row.try_get(1)?, row.try_get(2)?, now).await?;
+            Ok::<_, Error>(Release::Released)
+        }
+        .await;
+        match released {
+            Ok(release) => {
+                c.execute("COMMIT", &[]).await?;
+                Ok(release)
+            }
+            Err(e) => {
+                let _ = c.execute("ROLLBACK", &[]).await;
+                Err(e)
+            }
+        }
     }
 
     async fn recent_events(&self, limit: usize) -> Result<Vec<EventSummary>, Error> {
@@ -1395,7 +1463,7 @@ impl Postgres {
                     INSERT INTO conversations (id, state, changed_at, reason)
                     SELECT conversation_id, 'human', $3, $5 FROM sent WHERE $6
                     ON CONFLICT (id) DO UPDATE
-                    SET state = 'human', changed_at = excluded.changed_at, reason = excluded.reason
+                    SET state = 'human', changed_at = excluded.changed_at, reason = excluded.reason, messages = 0
                     WHERE conversations.state = 'bot'
                     RETURNING 1
                  )
@@ -1692,6 +1760,10 @@ impl Backend for PgStore {
         Ok(self.0.pending_event(key).await?)
     }
 
+    async fn pending_in(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self.0.pending_in(conversation_id).await?)
+    }
+
     async fn event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
         Ok(self.0.event(key).await?)
     }
@@ -1901,6 +1973,55 @@ fn timer_row(r: &Row) -> Result<TimerRecord, Error> {
 
 /// A completed event's timer schedules and cancels, in the order its turns
 /// made them, inside `complete_event`'s transaction.
+
+/// Whether `change` hands a conversation back from a human to the bot.
+fn hands_back(change: &digibot_store::StateChange) -> bool {
+    change.from == Some(ConversationState::Human) && change.to == ConversationState::Bot
+}
+
+/// The human's turn in a conversation in their hands, locked until the
+/// transaction ends: when it began, and the messages since.
+async fn human_turn(c: &mut Conn, id: &str) -> Result<Option<(i64, i64)>, Error> {
+    let row = c
+        .query_opt(
+            "SELECT changed_at, messages FROM conversations WHERE id = $1 AND state = 'human' FOR UPDATE",
+            &[&id],
+        )
+        .await?;
+    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+}
+
+/// Records a hand-back's `digibot.resumed` event (in the caller's
+/// transaction, with the release).
+async fn record_resume(
+    c: &mut Conn,
+    id: &str,
+    reason: &str,
+    taken_at: i64,
+    messages: i64,
+    now: i64,
+) -> Result<(), Error> {
+    let event = Resumed {
+        conversation_id: id.to_string(),
+        cause: Cause::of_reason(reason),
+        reason: reason.to_string(),
+        taken_at,
+        released_at: now,
+        messages: u32::try_from(messages).unwrap_or(u32::MAX),
+        outside_window: false,
+    }
+    .into_event();
+    let payload = serde_json::to_string(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    c.execute(
+        "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at)
+         VALUES ($1, $2, $3, NULL, $4, 'pending', $5)
+         ON CONFLICT (key) DO NOTHING",
+        &[&event.key, &event.name, &event.conversation_id(), &payload, &now],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn apply_timer_ops(
     c: &mut Conn,
     conversation_id: &str,

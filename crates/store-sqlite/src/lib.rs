@@ -16,6 +16,7 @@
 
 use digibot_domain::event::{ConversationState, Event};
 use digibot_domain::kv::entry_bytes;
+use digibot_domain::resume::{Cause, Resumed};
 use digibot_store::HistoryEntry;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
@@ -226,6 +227,15 @@ CREATE TABLE timers (
     UNIQUE (conversation_id, plugin, name)
 );
 CREATE INDEX timers_due ON timers(due_at);
+"#,
+    ),
+    (
+        4,
+        r#"
+-- Messages (the customer's and the agents') handled since the
+-- conversation last changed hands: a hand-back tells the plugins how many
+-- passed while the human had it.
+ALTER TABLE conversations ADD COLUMN messages INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
 ];
@@ -479,6 +489,17 @@ impl Db {
             let mut stmt = conn
                 .prepare("SELECT seq, payload, received_at FROM events WHERE status = 'pending' ORDER BY seq")?;
             stored_events(stmt.query([])?)
+        })
+    }
+
+    /// One conversation's pending events, oldest first.
+    fn pending_in(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, Error> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, payload, received_at FROM events
+                 WHERE status = 'pending' AND conversation_id = ?1 ORDER BY seq",
+            )?;
+            stored_events(stmt.query([conversation_id])?)
         })
     }
 
@@ -1268,6 +1289,11 @@ impl Backend for Sqlite {
         reading(&self.0, |db| db.pending_events()).await
     }
 
+    async fn pending_in(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let c = conversation_id.to_string();
+        reading(&self.0, move |db| db.pending_in(&c)).await
+    }
+
     async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
         let key = key.to_string();
         reading(&self.0, move |db| db.pending_event(&key)).await
@@ -1651,9 +1677,22 @@ fn change_state(
     change: &StateChange,
     now: i64,
 ) -> Result<bool, Error> {
-    Ok(conn
+    // A hand-back records its `digibot.resumed` event in the same
+    // transaction: what the human's turn was, read before it ends.
+    let handing_back = change.from == Some(ConversationState::Human)
+        && change.to == ConversationState::Bot;
+    let human: Option<(i64, i64)> = if handing_back {
+        conn.prepare_cached(
+            "SELECT changed_at, messages FROM conversations WHERE id = ?1 AND state = 'human'",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+    } else {
+        None
+    };
+    let changed = conn
         .prepare_cached(
-            "UPDATE conversations SET state = ?2, changed_at = ?3, reason = ?4
+            "UPDATE conversations SET state = ?2, changed_at = ?3, reason = ?4, messages = 0
              WHERE id = ?1 AND state <> ?2 AND (?5 IS NULL OR state = ?5)",
         )?
         .execute(params![
@@ -1663,7 +1702,20 @@ fn change_state(
             change.reason,
             change.from.map(|s| s.as_str())
         ])?
-        > 0)
+        > 0;
+    if changed && let Some((taken_at, messages)) = human {
+        let resumed = Resumed {
+            conversation_id: id.to_string(),
+            cause: Cause::of_reason(&change.reason),
+            reason: change.reason.clone(),
+            taken_at,
+            released_at: now,
+            messages: u32::try_from(messages).unwrap_or(u32::MAX),
+            outside_window: false,
+        };
+        insert_event(conn, &resumed.into_event())?;
+    }
+    Ok(changed)
 }
 
 /// Creates the conversation (in the bot's hands) if new, then applies
@@ -1683,6 +1735,7 @@ fn update_conversation(
         // Times only move forward: events can be handled out of order.
         conn.prepare_cached(
             "UPDATE conversations SET
+               messages = messages + (?3 IS NOT NULL) + (?4 IS NOT NULL),
                channel = COALESCE(?2, channel),
                last_customer_at = CASE WHEN ?3 IS NOT NULL AND (last_customer_at IS NULL OR ?3 > last_customer_at) THEN ?3 ELSE last_customer_at END,
                last_agent_at = CASE WHEN ?4 IS NOT NULL AND (last_agent_at IS NULL OR ?4 > last_agent_at) THEN ?4 ELSE last_agent_at END
@@ -1898,7 +1951,7 @@ mod tests {
             )
             .unwrap(),
         );
-        assert_eq!((version, active), (3, 5000));
+        assert_eq!((version, active), (4, 5000));
         // Opening again applies nothing twice.
         drop(conn);
         let store = open(dir.path(), Durability::Full).unwrap();

@@ -431,6 +431,10 @@ pub trait Backend: Send + Sync + 'static {
     /// redelivery of it is then handed to its lane again).
     async fn pending_event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError>;
 
+    /// One conversation's pending events, oldest first (what a release
+    /// recorded for the dispatcher to pick up).
+    async fn pending_in(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, StoreError>;
+
     /// The event recorded under `key`, whatever its status (what
     /// `digibot replay --event` runs again).
     async fn event(&self, key: &str) -> Result<Option<StoredEvent>, StoreError>;

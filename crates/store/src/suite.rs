@@ -60,6 +60,7 @@ macro_rules! store_suite {
             journal_is_pruned_with_finished_events_only,
             timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_archive,
             history_is_the_conversations_messages_oldest_first_and_bounded,
+            a_hand_back_records_one_resume_event_with_the_human_turn,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -1449,4 +1450,114 @@ pub async fn history_is_the_conversations_messages_oldest_first_and_bounded(db: 
     let last = store.history("hist", 2).await.unwrap();
     assert_eq!(last, history[4..]);
     assert!(store.history("nobody", 10).await.unwrap().is_empty());
+}
+
+/// A hand-back (the release command committed with its event, or an
+/// operator's release) records one `digibot.resumed` event in its
+/// transaction: when the human took over, and the messages since.
+pub async fn a_hand_back_records_one_resume_event_with_the_human_turn(db: TestDb) {
+    use digibot_domain::event::EventKind;
+    use digibot_domain::resume::{Cause, Resumed};
+    let store = db.open().await;
+    let resumed = async |conv: &str| -> Vec<(i64, Resumed)> {
+        store
+            .pending_in(conv)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| match s.event.kind {
+                EventKind::Resumed(r) => Some((s.seq, r)),
+                _ => None,
+            })
+            .collect()
+    };
+    handled_in(&store, "r0", "c", 0).await;
+    assert!(
+        complete_with(&store, "r1", "c", takeover("agent wrote"))
+            .await
+            .changed
+    );
+    let taken = store.conversation_state("c").await.unwrap().unwrap().changed_at;
+    let wrote = |customer: bool| ConversationUpdate {
+        customer_at: customer.then(now_ms),
+        agent_at: (!customer).then(now_ms),
+        ..ConversationUpdate::default()
+    };
+    // Two customer messages and an agent's while the human has it.
+    complete_with(&store, "r2", "c", wrote(true)).await;
+    complete_with(&store, "r3", "c", wrote(true)).await;
+    complete_with(&store, "r4", "c", wrote(false)).await;
+    assert!(resumed("c").await.is_empty());
+
+    // The release command, an agent's note, counts as the fourth.
+    let release = ConversationUpdate {
+        change: Some(StateChange {
+            from: Some(ConversationState::Human),
+            to: ConversationState::Bot,
+            reason: "release command from Ann (message r5)".into(),
+        }),
+        ..wrote(false)
+    };
+    assert!(complete_with(&store, "r5", "c", release).await.changed);
+    let found = resumed("c").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let (seq, r) = &found[0];
+    assert_eq!(
+        (r.cause, r.messages, r.taken_at, r.conversation_id.as_str()),
+        (Cause::Command, 4, taken, "c")
+    );
+    assert!(r.released_at >= taken);
+    let stored = store.event(&Resumed::key("c", taken)).await.unwrap().unwrap();
+    assert_eq!(stored.seq, *seq);
+    store
+        .complete_event(
+            *seq,
+            "c".into(),
+            serde_json::json!([]),
+            vec![],
+            vec![],
+            ConversationUpdate::default(),
+        )
+        .await
+        .unwrap();
+
+    // Taken over again, then an operator releases it: another, with no
+    // message in between; a second release records nothing.
+    assert!(
+        complete_with(&store, "r6", "c", takeover("agent wrote again"))
+            .await
+            .changed
+    );
+    assert_eq!(
+        store.release("c", "released through the admin API".into()).await.unwrap(),
+        Release::Released
+    );
+    assert_eq!(
+        store.release("c", "again".into()).await.unwrap(),
+        Release::NotHuman(ConversationState::Bot)
+    );
+    let found = resumed("c").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].1.cause, found[0].1.messages), (Cause::Operator, 0));
+
+    // Other changes of hands record none: a reopening, an archiving.
+    let closed = ConversationUpdate {
+        change: Some(StateChange {
+            from: None,
+            to: ConversationState::Closed,
+            reason: "archived".into(),
+        }),
+        ..ConversationUpdate::default()
+    };
+    complete_with(&store, "r7", "d", closed).await;
+    let reopened = ConversationUpdate {
+        change: Some(StateChange {
+            from: Some(ConversationState::Closed),
+            to: ConversationState::Bot,
+            reason: "reopened".into(),
+        }),
+        ..ConversationUpdate::default()
+    };
+    assert!(complete_with(&store, "r8", "d", reopened).await.changed);
+    assert!(resumed("d").await.is_empty());
 }

@@ -102,6 +102,8 @@ pub struct Bot {
     last_conversation: String,
     /// Event keys delivered so far.
     seen: HashSet<String>,
+    /// Hand-backs so far (each a distinct event).
+    hand_backs: i64,
     logs: Vec<LogLine>,
     output: String,
     /// The conversation's state the plugin is told.
@@ -202,6 +204,7 @@ impl Bot {
             messages: 0,
             last_conversation: "conv_1".to_string(),
             seen: HashSet::new(),
+            hand_backs: 0,
             logs: Vec::new(),
             output: String::new(),
             state: ConversationState::Bot,
@@ -301,6 +304,27 @@ impl Bot {
     pub fn event(&mut self, webhook: Value) -> Result<Vec<Action>, Failure> {
         let event = Event::from_value(webhook)
             .map_err(|e| Failure::Error(format!("not a Digishare webhook: {e}")))?;
+        self.send(&event)
+    }
+
+    /// A human hands the conversation back after `human_ms` and `messages`
+    /// messages (an agent's release command): calls `on-resume`, in the
+    /// bot's hands again.
+    pub fn hand_back(&mut self, human_ms: u64, messages: u32) -> Result<Vec<Action>, Failure> {
+        self.state = ConversationState::Bot;
+        self.hand_backs += 1;
+        let reason = "release command from the test (message release)".to_string();
+        let event = digibot_domain::resume::Resumed {
+            conversation_id: self.conversation_id(),
+            cause: digibot_domain::resume::Cause::of_reason(&reason),
+            reason,
+            // Distinct per hand-back, so each is a new event.
+            taken_at: self.hand_backs,
+            released_at: self.hand_backs + i64::try_from(human_ms).unwrap_or(i64::MAX / 2),
+            messages,
+            outside_window: false,
+        }
+        .into_event();
         self.send(&event)
     }
 

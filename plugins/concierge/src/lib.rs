@@ -19,8 +19,9 @@
 //! last list row picked; `track` while waiting for an order number). Once the hand-off is delivered a human is in
 //! charge and digibot stops calling the plugin for that conversation until
 //! it is released (e.g. the agent's `/bot` note): no flag of its own needed.
+//! On the hand-back (`on_resume`) it offers its menu again.
 use digibot_sdk::{
-    Action, Bot, Conversation, FileBuilder, Message, Result, config, export_bot, kv,
+    Action, Bot, Conversation, FileBuilder, Message, Result, Resume, config, export_bot, kv,
 };
 
 #[path = "../../orders/src/lookup.rs"]
@@ -36,13 +37,28 @@ impl Bot for Concierge {
             Some(name) => format!("Bonjour {name} ! Comment puis-je vous aider ?"),
             None => "Bonjour ! Comment puis-je vous aider ?".to_string(),
         };
-        let welcome = Action::buttons(greeting)
-            .header("Bienvenue")
-            .button("orders", "Mes commandes")
-            .button("stores", "Nos magasins")
-            .button("agent", "Parler à un agent")
-            .build()?;
-        Ok(vec![welcome])
+        Ok(vec![welcome(greeting)?])
+    }
+
+    /// Back from the agent: pick up where the customer was, the orders
+    /// menu if that was the topic, else the welcome buttons. Outside
+    /// WhatsApp's window a message would be refused: a note for the agents.
+    fn on_resume(resume: &Resume) -> Result<Vec<Action>> {
+        if resume.outside_window {
+            return Ok(vec![Action::note(
+                "Conversation rendue au bot, mais le client n'a pas écrit depuis 24 h : aucun message envoyé.",
+            )?]);
+        }
+        kv::delete("choice");
+        let back = "Me revoilà ! Puis-je vous aider pour autre chose ?";
+        match kv::get("topic").as_deref() {
+            Some("orders") => {
+                let mut replies = vec![Action::text(back)?];
+                replies.extend(orders_menu()?);
+                Ok(replies)
+            }
+            _ => Ok(vec![welcome(back)?]),
+        }
     }
 
     fn on_message(message: &Message) -> Result<Vec<Action>> {
@@ -94,6 +110,16 @@ impl Bot for Concierge {
             _ => Ok(vec![]),
         }
     }
+}
+
+/// The three buttons every conversation starts with.
+fn welcome(body: impl Into<String>) -> Result<Action> {
+    Ok(Action::buttons(body)
+        .header("Bienvenue")
+        .button("orders", "Mes commandes")
+        .button("stores", "Nos magasins")
+        .button("agent", "Parler à un agent")
+        .build()?)
 }
 
 /// Stores `value` under `key` once the replies are built, then returns them.

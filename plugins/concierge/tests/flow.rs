@@ -130,3 +130,33 @@ fn stores_ask_for_a_location_and_state_is_per_conversation() {
         "{help:?}"
     );
 }
+
+#[test]
+fn after_the_agent_it_offers_the_menu_of_the_topic_again() {
+    let mut bot = bot();
+    bot.new_conversation("Salma").unwrap();
+    // Before any topic: the welcome buttons, with a "back" line.
+    let welcome_back = Action::buttons("Me revoilà ! Puis-je vous aider pour autre chose ?")
+        .header("Bienvenue")
+        .button("orders", "Mes commandes")
+        .button("stores", "Nos magasins")
+        .button("agent", "Parler à un agent")
+        .build()
+        .unwrap();
+    assert_eq!(bot.hand_back(60_000, 4).unwrap(), vec![welcome_back]);
+
+    bot.button("orders", "Mes commandes").unwrap();
+    bot.list_choice("track", "Suivre un colis").unwrap();
+    bot.message("agent").unwrap();
+    let replies = bot.hand_back(120_000, 7).unwrap();
+    assert_eq!(
+        replies[0],
+        Action::text("Me revoilà ! Puis-je vous aider pour autre chose ?").unwrap()
+    );
+    assert!(
+        matches!(&replies[1], Action::List(l) if l.header.as_deref() == Some("Commandes")),
+        "the orders menu again: {replies:?}"
+    );
+    // The half-finished step is forgotten: a number is not awaited.
+    assert_eq!(bot.kv("choice"), None);
+}
