@@ -179,7 +179,8 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
     // the hand-back, offers its menu again.
     let key = bot.accept(&agent_note(c, "msg_h4", "/bot")).await?;
     expected.push(welcome_back(c));
-    fake.wait_for_conversation(c, expected.len(), TIMEOUT).await?;
+    fake.wait_for_conversation(c, expected.len(), TIMEOUT)
+        .await?;
     ensure_all_eq(&fake.wire_for(c), &expected, "after the release")?;
     bot.wait_idle(std::slice::from_ref(&key), TIMEOUT).await?;
     ensure_state(&bot, c, "bot", "release command from Agent Karim").await?;
@@ -211,7 +212,8 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
 
 /// Concierge's welcome buttons, as it offers them again on a hand-back.
 fn welcome_back(conversation: &str) -> Value {
-    let button = |id: &str, title: &str| json!({"type": "reply", "reply": {"id": id, "title": title}});
+    let button =
+        |id: &str, title: &str| json!({"type": "reply", "reply": {"id": id, "title": title}});
     json!({"method": "POST", "path": "/v1/messages", "body": {
         "conversation_id": conversation,
         "type": "interactive",
@@ -941,14 +943,27 @@ async fn every_hand_back_reaches_on_resume_once_before_the_next_message() -> Res
     fake.wait_for_conversation(note_c, 2, TIMEOUT).await?;
     let wire = fake.wire_for(note_c);
     let human_ms = ensure_resumed(&wire[0], note_c, &resumed("command", 4))?;
-    ensure!(human_ms as u128 <= took.elapsed().as_millis(), "human_ms {human_ms}");
-    ensure_json_eq(&wire[1], &wire_text(note_c, "bot: trois"), "after the hand-back")?;
+    ensure!(
+        human_ms as u128 <= took.elapsed().as_millis(),
+        "human_ms {human_ms}"
+    );
+    ensure_json_eq(
+        &wire[1],
+        &wire_text(note_c, "bot: trois"),
+        "after the hand-back",
+    )?;
 
     // The CLI and the admin API, with no message in between.
-    cli(&bot.data_dir, &["conversations", "release", cli_c]).await?.ok()?;
-    admin(&bot, reqwest::Method::POST, &format!("/admin/conversations/{api_c}/release"))
+    cli(&bot.data_dir, &["conversations", "release", cli_c])
         .await?
-        .expect_status(200)?;
+        .ok()?;
+    admin(
+        &bot,
+        reqwest::Method::POST,
+        &format!("/admin/conversations/{api_c}/release"),
+    )
+    .await?
+    .expect_status(200)?;
     for c in [cli_c, api_c] {
         fake.wait_for_conversation(c, 1, TIMEOUT).await?;
         ensure_resumed(&fake.wire_for(c)[0], c, &resumed("operator", 0))?;
@@ -962,7 +977,11 @@ async fn every_hand_back_reaches_on_resume_once_before_the_next_message() -> Res
     let wire = fake.wire_for(idle_c);
     let human_ms = ensure_resumed(&wire[0], idle_c, &resumed("idle", 0))?;
     ensure!(human_ms >= 2000, "idle for {human_ms} ms");
-    ensure_json_eq(&wire[1], &wire_text(idle_c, "bot: allo"), "after the idle hand-back")?;
+    ensure_json_eq(
+        &wire[1],
+        &wire_text(idle_c, "bot: allo"),
+        "after the idle hand-back",
+    )?;
 
     // Once each: nothing more reaches the fake.
     fake.settle(6, TIMEOUT).await?;

@@ -8,6 +8,7 @@ mod containment;
 mod core_flow;
 mod dashboard;
 mod dead_letters;
+mod debounce;
 mod delivery;
 mod durability;
 mod edge;

@@ -94,7 +94,10 @@ mod tests {
         assert_eq!(event.key, "resume:conv_1:1000");
         assert_eq!(event.conversation_id(), Some("conv_1"));
         assert!(event.dispatched() && event.invokes_plugins());
-        assert_eq!(Cause::of_reason("idle: no agent message for 60 s"), Cause::Idle);
+        assert_eq!(
+            Cause::of_reason("idle: no agent message for 60 s"),
+            Cause::Idle
+        );
         assert_eq!(Cause::of_reason("released by an operator"), Cause::Operator);
     }
 }

@@ -25,7 +25,9 @@ use digibot_domain::lifecycle::{self, Rules};
 use digibot_domain::timer::TimerOp;
 use digibot_protocol::Action;
 use digibot_runtime::registry::{Entry, Gate, Registry};
-use digibot_runtime::{Call, CallSummary, Failure, KvRead, NoHttp, OutboundHttp, Runtime};
+use digibot_runtime::{
+    Call, CallSummary, EventFilter, Failure, KvRead, NoHttp, OutboundHttp, Runtime,
+};
 use digibot_store::{
     ConversationRecord, ConversationUpdate, KvChanges, NewAction, Release, StateChange, Store,
     StoreError, StoredEvent, TimerChanges, now_ms,
@@ -50,8 +52,9 @@ pub const SWEEP: Duration = Duration::from_secs(5);
 pub struct PluginOutcome {
     pub plugin: String,
     pub version: String,
-    /// `ok`, `failed`, `skipped` (quarantined, or `human` in charge) or
-    /// `filtered` (not subscribed).
+    /// `ok`, `failed`, `skipped` (quarantined, or `human` in charge),
+    /// `filtered` (not subscribed) or `folded` (a debounced plugin's
+    /// earlier message of a burst, answered with the burst's last).
     pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -127,9 +130,11 @@ pub fn event_span(event: &digibot_domain::event::Event) -> tracing::Span {
 /// Runs every plugin of `registry` on `event`, in name order, their HTTP
 /// requests sent through `http`: one turn after another, each awaited (a
 /// turn waiting on a host call, such as an HTTP request, holds no thread).
+/// `burst`: the event's place in a debounced burst.
 pub async fn run_plugins(
     registry: &Registry,
     event: &digibot_domain::event::Event,
+    burst: &Burst,
     state: ConversationState,
     kv: Arc<dyn KvRead>,
     http: Arc<dyn OutboundHttp>,
@@ -139,6 +144,7 @@ pub async fn run_plugins(
         registry.runtime(),
         &registry.snapshot().plugins,
         event,
+        burst,
         state,
         kv,
         http,
@@ -161,7 +167,18 @@ pub async fn run_entries(
     breaker: Breaker,
 ) -> Handled {
     let http = Arc::new(NoHttp("in this command (it runs plugins offline)"));
-    run(runtime, entries, event, state, kv, http, breaker, true).await
+    run(
+        runtime,
+        entries,
+        event,
+        &Burst::Alone,
+        state,
+        kv,
+        http,
+        breaker,
+        true,
+    )
+    .await
 }
 
 /// [`run_entries`] with the turns' HTTP requests answered by `http`
@@ -176,7 +193,18 @@ pub async fn run_entries_with_http(
     http: Arc<dyn OutboundHttp>,
     breaker: Breaker,
 ) -> Handled {
-    run(runtime, entries, event, state, kv, http, breaker, true).await
+    run(
+        runtime,
+        entries,
+        event,
+        &Burst::Alone,
+        state,
+        kv,
+        http,
+        breaker,
+        true,
+    )
+    .await
 }
 
 /// [`run_entries`] without touching the process's metrics: for the
@@ -191,7 +219,18 @@ pub async fn run_entries_unmetered(
     breaker: Breaker,
 ) -> Handled {
     let http = Arc::new(NoHttp("in the simulator (its turns reach nothing outside)"));
-    run(runtime, entries, event, state, kv, http, breaker, false).await
+    run(
+        runtime,
+        entries,
+        event,
+        &Burst::Alone,
+        state,
+        kv,
+        http,
+        breaker,
+        false,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -199,6 +238,7 @@ async fn run(
     runtime: &Runtime,
     entries: &[Entry],
     event: &digibot_domain::event::Event,
+    burst: &Burst,
     state: ConversationState,
     kv: Arc<dyn KvRead>,
     http: Arc<dyn OutboundHttp>,
@@ -208,6 +248,10 @@ async fn run(
     let mut handled = Handled::default();
     let Some(call) = Call::for_event(event, state) else {
         return handled;
+    };
+    let earlier: &[Message] = match burst {
+        Burst::Last(earlier) => earlier,
+        _ => &[],
     };
     let conversation_id = call.conversation_id().to_string();
     // A timer event goes to the plugin that scheduled it, and only if it
@@ -244,6 +288,19 @@ async fn run(
             handled.outcomes.push(outcome);
             continue;
         }
+        let debounced = plugin.manifest.debounce().is_some();
+        if debounced && matches!(burst, Burst::Folded) {
+            outcome.outcome = "folded";
+            outcome.reason = Some("debounced: answered with the burst's last message".into());
+            handled.outcomes.push(outcome);
+            continue;
+        }
+        // Only a debounced plugin sees the burst's earlier messages.
+        let Some(call) = Call::for_event(event, state)
+            .map(|call| call.with_burst(if debounced { earlier } else { &[] }))
+        else {
+            continue;
+        };
         // While a human is in charge only assist plugins run, and they may
         // only write internal notes.
         let scope = match state {
@@ -627,6 +684,62 @@ impl Lanes {
     }
 }
 
+/// Which of a lane's queued events goes next (the queue is not empty).
+fn next_index(queue: &[StoredEvent]) -> usize {
+    // A hand-back goes first: the release it records happened before
+    // whatever is still queued was handled.
+    let resume = (0..queue.len())
+        .filter(|&i| matches!(queue[i].event.kind, EventKind::Resumed(_)))
+        .min_by_key(|&i| queue[i].seq);
+    if let Some(index) = resume {
+        return index;
+    }
+    if queue.iter().all(|s| s.event.created_at().is_some()) {
+        (0..queue.len())
+            .min_by(|&a, &b| {
+                let (x, y) = (&queue[a], &queue[b]);
+                (x.event.created_at(), x.seq).cmp(&(y.event.created_at(), y.seq))
+            })
+            .unwrap_or(0)
+    } else {
+        (0..queue.len()).min_by_key(|&i| queue[i].seq).unwrap_or(0)
+    }
+}
+
+/// Whether `event` is a customer's message (what a debounce folds).
+fn from_customer(event: &digibot_domain::event::Event) -> Option<&Message> {
+    match &event.kind {
+        EventKind::Message(m) if m.sender.kind == SenderKind::Customer => Some(m),
+        _ => None,
+    }
+}
+
+/// The most customer messages one debounced turn answers.
+pub const BURST_MAX: usize = 20;
+
+/// A customer message's place in a debounced burst, for the plugins with
+/// `debounce_ms` (the others answer each message as usual).
+#[derive(Debug, Clone, Default)]
+pub enum Burst {
+    /// Not in a burst.
+    #[default]
+    Alone,
+    /// One of the burst's earlier messages: debounced plugins are not
+    /// called (outcome `folded`); they see it with the last one.
+    Folded,
+    /// The burst's last message, with the earlier ones (oldest first).
+    Last(Arc<[Message]>),
+}
+
+/// How [`Dispatcher::handle`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Done,
+    Pending,
+    /// Queued again behind what must come first.
+    Again,
+}
+
 /// How handling an event ended.
 enum Handling {
     /// Completed in the store.
@@ -936,24 +1049,7 @@ impl Dispatcher {
         if queue.is_empty() || *self.inner.shutdown.borrow() {
             return Next::Dry;
         }
-        let all_dated = queue.iter().all(|s| s.event.created_at().is_some());
-        // A hand-back goes first: the release it records happened before
-        // whatever is still queued was handled.
-        let resume = (0..queue.len())
-            .filter(|&i| matches!(queue[i].event.kind, EventKind::Resumed(_)))
-            .min_by_key(|&i| queue[i].seq);
-        let index = if let Some(index) = resume {
-            index
-        } else if all_dated {
-            (0..queue.len())
-                .min_by(|&a, &b| {
-                    let (x, y) = (&queue[a], &queue[b]);
-                    (x.event.created_at(), x.seq).cmp(&(y.event.created_at(), y.seq))
-                })
-                .unwrap_or(0)
-        } else {
-            (0..queue.len()).min_by_key(|&i| queue[i].seq).unwrap_or(0)
-        };
+        let index = next_index(queue);
         if lanes
             .active
             .get(&queue[index].seq)
@@ -989,7 +1085,15 @@ impl Dispatcher {
             loop {
                 match self.next_event(&conversation, read_at) {
                     Next::Event(stored) => {
-                        if !self.handle(*stored).await {
+                        let handled = match self.debounce_window(&stored.event) {
+                            Some(window) => {
+                                let burst =
+                                    self.collect_burst(&conversation, *stored, window).await;
+                                self.handle_burst(&conversation, burst).await
+                            }
+                            None => self.handle(*stored, &Burst::Alone).await != Step::Pending,
+                        };
+                        if !handled {
                             self.lock_lanes().remove(&conversation);
                             return;
                         }
@@ -1024,23 +1128,148 @@ impl Dispatcher {
     /// stop: handling later events of the conversation first would break
     /// its order. The event is retried with the conversation's others, in
     /// order, by the inbox sweep ([`Dispatcher::poll_inbox`]).
-    async fn handle(&self, stored: StoredEvent) -> bool {
+    async fn handle(&self, stored: StoredEvent, burst: &Burst) -> Step {
         let seq = stored.seq;
         let span = event_span(&stored.event);
-        let done = match self.handle_in(stored, span.clone()).instrument(span).await {
+        let done = match self
+            .handle_in(stored, burst, span.clone())
+            .instrument(span)
+            .await
+        {
             Handling::Done => true,
             Handling::Pending => false,
             Handling::Again(stored) => {
-                // Back in its queue, still active: the lane takes it again
-                // after what must come first.
-                let mut lanes = self.lock_lanes();
-                let conversation = stored.event.conversation_id().unwrap_or_default().to_string();
-                lanes.queues.entry(conversation).or_default().push(*stored);
-                return true;
+                self.requeue(vec![*stored]);
+                return Step::Again;
             }
         };
         self.lock_lanes().finished(seq, done);
-        done
+        if done { Step::Done } else { Step::Pending }
+    }
+
+    /// Puts events taken from a lane back in its queue, still active: the
+    /// lane takes them again after what must come first.
+    fn requeue(&self, events: Vec<StoredEvent>) {
+        let mut lanes = self.lock_lanes();
+        for stored in events {
+            let conversation = stored
+                .event
+                .conversation_id()
+                .unwrap_or_default()
+                .to_string();
+            lanes.queues.entry(conversation).or_default().push(stored);
+        }
+    }
+
+    /// The debounce a customer message waits for: the longest `debounce_ms`
+    /// of the plugins that take messages; `None` for any other event.
+    fn debounce_window(&self, event: &digibot_domain::event::Event) -> Option<Duration> {
+        from_customer(event)?;
+        self.inner
+            .registry
+            .snapshot()
+            .plugins
+            .iter()
+            .filter(|e| e.plugin.manifest.wants(EventFilter::Message))
+            .filter_map(|e| e.plugin.manifest.debounce())
+            .max()
+    }
+
+    /// `first` and the customer messages queued behind it until none came
+    /// for `window` after the last one (at most [`BURST_MAX`]): what one
+    /// debounced turn answers. Until then they wait in the store, pending
+    /// (a crash meanwhile loses nothing: they are collected again).
+    async fn collect_burst(
+        &self,
+        conversation: &str,
+        first: StoredEvent,
+        window: Duration,
+    ) -> Vec<StoredEvent> {
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let mut burst = vec![first];
+        let mut shutdown = self.inner.shutdown.clone();
+        while burst.len() < BURST_MAX {
+            let last = burst.last().map_or(0, |s| s.received_at);
+            let wait = last.saturating_add(window_ms) - now_ms();
+            if wait > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            if *self.inner.shutdown.borrow() {
+                break;
+            }
+            let more = self.take_customer_messages(conversation, BURST_MAX - burst.len());
+            if more.is_empty() {
+                break;
+            }
+            burst.extend(more);
+        }
+        burst
+    }
+
+    /// Takes the customer messages at the head of a lane's queue, in the
+    /// order the lane would handle them, up to the first other event.
+    fn take_customer_messages(&self, conversation: &str, max: usize) -> Vec<StoredEvent> {
+        let mut lanes = self.lock_lanes();
+        let Some(queue) = lanes.queues.get_mut(conversation) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        while taken.len() < max && !queue.is_empty() {
+            let index = next_index(queue);
+            if from_customer(&queue[index].event).is_none() {
+                break;
+            }
+            taken.push(queue.remove(index));
+        }
+        taken
+    }
+
+    /// Handles a burst of customer messages in order: the earlier ones
+    /// without the debounced plugins, the last with them, told of the
+    /// earlier ones. `false` when one stays pending (the lane stops).
+    async fn handle_burst(&self, conversation: &str, mut burst: Vec<StoredEvent>) -> bool {
+        if burst.len() == 1 {
+            return self.handle(burst.remove(0), &Burst::Alone).await != Step::Pending;
+        }
+        let last = burst.len() - 1;
+        let earlier: Arc<[Message]> = burst[..last]
+            .iter()
+            .filter_map(|s| from_customer(&s.event).cloned())
+            .collect();
+        tracing::debug!(conversation, messages = burst.len(), "debounced burst");
+        let mut events = burst.into_iter().enumerate();
+        while let Some((i, stored)) = events.next() {
+            let place = if i < last {
+                Burst::Folded
+            } else {
+                Burst::Last(earlier.clone())
+            };
+            match self.handle(stored, &place).await {
+                Step::Done => {
+                    if i < last {
+                        counter!(m::MESSAGES_DEBOUNCED).increment(1);
+                    }
+                }
+                // Handed back first (idle release): the rest wait with it,
+                // to be collected again.
+                Step::Again => {
+                    self.requeue(events.map(|(_, s)| s).collect());
+                    return true;
+                }
+                Step::Pending => {
+                    // Pending in the store, found again by the sweep.
+                    let mut lanes = self.lock_lanes();
+                    for (_, rest) in events {
+                        lanes.finished(rest.seq, false);
+                    }
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Picks up what a release recorded in `conversation` (its hand-back
@@ -1053,16 +1282,22 @@ impl Dispatcher {
                 }
             }
             // Found by the inbox sweep instead.
-            Err(e) => tracing::warn!(conversation, error = %e, "cannot read a conversation's pending events"),
+            Err(e) => {
+                tracing::warn!(conversation, error = %e, "cannot read a conversation's pending events")
+            }
         }
     }
 
     /// Hands back a conversation whose human has been idle for the
     /// configured time, as its customer writes (`record`: in a human's
-    /// hands). `true` when it went back to the bot.
+    /// hands). `None` when not idle; `Some(true)` when it changed hands
+    /// (handle the event again), `Some(false)` when that failed.
     async fn release_idle(&self, conversation: &str, record: &ConversationRecord) -> Option<bool> {
         let idle = self.inner.rules.idle_release?;
-        let last_agent = record.last_agent_at.unwrap_or(record.changed_at).max(record.changed_at);
+        let last_agent = record
+            .last_agent_at
+            .unwrap_or(record.changed_at)
+            .max(record.changed_at);
         if now_ms() - last_agent < idle.as_millis() as i64 {
             return None;
         }
@@ -1086,7 +1321,7 @@ impl Dispatcher {
 
     /// [`Dispatcher::handle`] inside the event's `span` (which its plugin
     /// turns run in too).
-    async fn handle_in(&self, stored: StoredEvent, span: tracing::Span) -> Handling {
+    async fn handle_in(&self, stored: StoredEvent, burst: &Burst, span: tracing::Span) -> Handling {
         let conversation = stored
             .event
             .conversation_id()
@@ -1102,9 +1337,14 @@ impl Dispatcher {
         let state = record.as_ref().map(|r| r.state).unwrap_or_default();
         // An idle human hands the conversation back as the customer
         // writes: the plugins hear of the hand-back first, then of this.
-        if let Some(r) = record.as_ref().filter(|r| r.state == ConversationState::Human)
+        if let Some(r) = record
+            .as_ref()
+            .filter(|r| r.state == ConversationState::Human)
             && stored.event.invokes_plugins()
-            && matches!(stored.event.kind, EventKind::Message(_) | EventKind::NewConversation(_))
+            && matches!(
+                stored.event.kind,
+                EventKind::Message(_) | EventKind::NewConversation(_)
+            )
         {
             match self.release_idle(&conversation, r).await {
                 Some(true) => return Handling::Again(Box::new(stored)),
@@ -1148,7 +1388,7 @@ impl Dispatcher {
                     "hand-back outdated (the conversation changed hands again); dropped");
                 (Handled::default(), ConversationUpdate::default())
             }
-            _ => match self.run(&stored, record.as_ref(), span).await {
+            _ => match self.run(&stored, burst, record.as_ref(), span).await {
                 Some((handled, mut update, state)) => {
                     ran_in = Some(state);
                     update.timers = handled.timers.clone();
@@ -1185,7 +1425,8 @@ impl Dispatcher {
                         tracing::info!(conversation = %conversation, event = %stored.event.key,
                             from = %state, to = %change.to, reason = %change.reason, "conversation state changed");
                         count_change(state, &change);
-                        if change.to == ConversationState::Bot && state == ConversationState::Human {
+                        if change.to == ConversationState::Bot && state == ConversationState::Human
+                        {
                             self.pick_up(&conversation).await;
                         }
                     }
@@ -1233,6 +1474,7 @@ impl Dispatcher {
     async fn run(
         &self,
         stored: &StoredEvent,
+        burst: &Burst,
         record: Option<&ConversationRecord>,
         span: tracing::Span,
     ) -> Option<(Handled, ConversationUpdate, ConversationState)> {
@@ -1286,9 +1528,11 @@ impl Dispatcher {
         // A task of its own, awaited by the lane (so the conversation's
         // order holds): a bug that panics in a turn fails this event
         // alone, which stays pending, instead of the lane.
+        let burst = burst.clone();
         let handled = tokio::spawn(
             async move {
-                let handled = run_plugins(&registry, &event, state, kv, http, breaker).await;
+                let handled =
+                    run_plugins(&registry, &event, &burst, state, kv, http, breaker).await;
                 drop(permit);
                 handled
             }

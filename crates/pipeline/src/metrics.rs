@@ -40,6 +40,8 @@ pub const ARCHIVED_DEAD_LETTERS: &str = "digibot_archived_dead_letters_total";
 pub const PLUGIN_FALLBACKS: &str = "digibot_plugin_fallbacks_total";
 /// Timers that came due and were turned into events (each once).
 pub const TIMERS_FIRED: &str = "digibot_timers_fired_total";
+/// Customer messages a debounce folded into a later message's turn.
+pub const MESSAGES_DEBOUNCED: &str = "digibot_messages_debounced_total";
 
 /// Plugins' outbound HTTP calls, by plugin and result: the status class
 /// (`2xx`, ...) or the refusal's kind (`not-granted`, `timeout`, ...).
@@ -110,6 +112,10 @@ pub fn describe() {
         "Plugin timers that came due and were turned into events."
     );
     describe_counter!(
+        MESSAGES_DEBOUNCED,
+        "Customer messages folded into the turn of a later message of their burst (debounce_ms)."
+    );
+    describe_counter!(
         HTTP_CALLS,
         "Plugins' outbound HTTP calls, by plugin and status class or refusal kind."
     );
@@ -129,6 +135,7 @@ pub fn describe() {
     counter!(SKIPPED_HUMAN).increment(0);
     counter!(ARCHIVED_DEAD_LETTERS).increment(0);
     counter!(TIMERS_FIRED).increment(0);
+    counter!(MESSAGES_DEBOUNCED).increment(0);
     for cause in ["hand_off", "agent"] {
         counter!(TAKEOVERS, "cause" => cause).increment(0);
     }

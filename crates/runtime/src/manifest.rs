@@ -24,7 +24,14 @@ pub struct Manifest {
     /// What digibot sends instead when the plugin fails (trap, timeout,
     /// error) or is quarantined, so the customer is not left in silence.
     pub fallback: Option<Fallback>,
+    /// Customer messages that arrive less than this apart (ms) become one
+    /// turn: the plugin answers the burst's last message and sees the
+    /// earlier ones with it. At most [`DEBOUNCE_MAX_MS`].
+    pub debounce_ms: Option<u64>,
 }
+
+/// The longest `debounce_ms`: every message of a burst waits for it.
+pub const DEBOUNCE_MAX_MS: u64 = 10_000;
 
 /// `[fallback]`: a canned text, or a hand-off to a human.
 ///
@@ -93,6 +100,7 @@ impl Default for Manifest {
             grants: Grants::default(),
             assist: false,
             fallback: None,
+            debounce_ms: None,
         }
     }
 }
@@ -358,12 +366,24 @@ impl Manifest {
     /// Parses `NAME.toml`.
     pub fn parse(text: &str) -> Result<Manifest, toml::de::Error> {
         let manifest: Manifest = toml::from_str(text)?;
+        if manifest.debounce_ms.is_some_and(|ms| ms > DEBOUNCE_MAX_MS) {
+            return Err(serde::de::Error::custom(format!(
+                "debounce_ms is at most {DEBOUNCE_MAX_MS} (every message of a burst waits for it)"
+            )));
+        }
         if let Some(fallback) = &manifest.fallback
             && let Err(why) = fallback.actions()
         {
             return Err(serde::de::Error::custom(format!("[fallback]: {why}")));
         }
         Ok(manifest)
+    }
+
+    /// The debounce window, if the plugin has one.
+    pub fn debounce(&self) -> Option<Duration> {
+        self.debounce_ms
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms.min(DEBOUNCE_MAX_MS)))
     }
 
     pub fn wants(&self, filter: EventFilter) -> bool {

@@ -687,9 +687,17 @@ impl Postgres {
             {
                 // This event's own message counts too (the statement above
                 // reset the count as it changed hands).
-                let own = i64::from(update.customer_at.is_some()) + i64::from(update.agent_at.is_some());
-                record_resume(&mut c, &conversation_id, &change.reason, taken_at, messages + own, now)
-                    .await?;
+                let own =
+                    i64::from(update.customer_at.is_some()) + i64::from(update.agent_at.is_some());
+                record_resume(
+                    &mut c,
+                    &conversation_id,
+                    &change.reason,
+                    taken_at,
+                    messages + own,
+                    now,
+                )
+                .await?;
             }
             Ok::<_, Error>(done)
         }
@@ -2016,7 +2024,13 @@ async fn record_resume(
         "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at)
          VALUES ($1, $2, $3, NULL, $4, 'pending', $5)
          ON CONFLICT (key) DO NOTHING",
-        &[&event.key, &event.name, &event.conversation_id(), &payload, &now],
+        &[
+            &event.key,
+            &event.name,
+            &event.conversation_id(),
+            &payload,
+            &now,
+        ],
     )
     .await?;
     Ok(())

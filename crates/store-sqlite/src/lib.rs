@@ -1679,8 +1679,8 @@ fn change_state(
 ) -> Result<bool, Error> {
     // A hand-back records its `digibot.resumed` event in the same
     // transaction: what the human's turn was, read before it ends.
-    let handing_back = change.from == Some(ConversationState::Human)
-        && change.to == ConversationState::Bot;
+    let handing_back =
+        change.from == Some(ConversationState::Human) && change.to == ConversationState::Bot;
     let human: Option<(i64, i64)> = if handing_back {
         conn.prepare_cached(
             "SELECT changed_at, messages FROM conversations WHERE id = ?1 AND state = 'human'",
@@ -1690,8 +1690,8 @@ fn change_state(
     } else {
         None
     };
-    let changed = conn
-        .prepare_cached(
+    let changed =
+        conn.prepare_cached(
             "UPDATE conversations SET state = ?2, changed_at = ?3, reason = ?4, messages = 0
              WHERE id = ?1 AND state <> ?2 AND (?5 IS NULL OR state = ?5)",
         )?
@@ -1701,8 +1701,7 @@ fn change_state(
             now,
             change.reason,
             change.from.map(|s| s.as_str())
-        ])?
-        > 0;
+        ])? > 0;
     if changed && let Some((taken_at, messages)) = human {
         let resumed = Resumed {
             conversation_id: id.to_string(),

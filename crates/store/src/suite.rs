@@ -1477,7 +1477,12 @@ pub async fn a_hand_back_records_one_resume_event_with_the_human_turn(db: TestDb
             .await
             .changed
     );
-    let taken = store.conversation_state("c").await.unwrap().unwrap().changed_at;
+    let taken = store
+        .conversation_state("c")
+        .await
+        .unwrap()
+        .unwrap()
+        .changed_at;
     let wrote = |customer: bool| ConversationUpdate {
         customer_at: customer.then(now_ms),
         agent_at: (!customer).then(now_ms),
@@ -1507,7 +1512,11 @@ pub async fn a_hand_back_records_one_resume_event_with_the_human_turn(db: TestDb
         (Cause::Command, 4, taken, "c")
     );
     assert!(r.released_at >= taken);
-    let stored = store.event(&Resumed::key("c", taken)).await.unwrap().unwrap();
+    let stored = store
+        .event(&Resumed::key("c", taken))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.seq, *seq);
     store
         .complete_event(
@@ -1529,7 +1538,10 @@ pub async fn a_hand_back_records_one_resume_event_with_the_human_turn(db: TestDb
             .changed
     );
     assert_eq!(
-        store.release("c", "released through the admin API".into()).await.unwrap(),
+        store
+            .release("c", "released through the admin API".into())
+            .await
+            .unwrap(),
         Release::Released
     );
     assert_eq!(
@@ -1538,7 +1550,10 @@ pub async fn a_hand_back_records_one_resume_event_with_the_human_turn(db: TestDb
     );
     let found = resumed("c").await;
     assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!((found[0].1.cause, found[0].1.messages), (Cause::Operator, 0));
+    assert_eq!(
+        (found[0].1.cause, found[0].1.messages),
+        (Cause::Operator, 0)
+    );
 
     // Other changes of hands record none: a reopening, an archiving.
     let closed = ConversationUpdate {

@@ -3,9 +3,7 @@
 //! holds. A new conversation gets `state: STATE`; a customer text gets
 //! `STATE: TEXT` (with `debounce_ms`, the burst's texts joined by ` | `);
 //! a hand-back gets `resumed (CAUSE) after N messages, MS ms`.
-use digibot_sdk::{
-    Action, Bot, Conversation, Message, ReleaseCause, Result, Resume, export_bot,
-};
+use digibot_sdk::{Action, Bot, Conversation, Message, ReleaseCause, Result, Resume, export_bot};
 
 struct StateEcho;
 

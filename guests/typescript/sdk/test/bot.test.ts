@@ -15,6 +15,7 @@ function message(content: Content): MessageEvent {
       content,
     },
     state: "bot",
+    burst: [],
   };
 }
 
