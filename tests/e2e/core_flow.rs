@@ -4,13 +4,10 @@
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use crate::support::concierge::{orders_list, post_message, welcome_buttons};
 use crate::support::*;
 
 const C: &str = "conv_7Hq2Lm9Xa1";
-
-fn post_message(body: Value) -> Value {
-    json!({"method": "POST", "path": "/v1/messages", "body": body})
-}
 
 fn text_reply_to(conversation: &str, body: &str, reply_to: &str) -> Value {
     post_message(json!({
@@ -50,48 +47,6 @@ fn attach(conversation: &str, user: &str) -> Value {
         "path": format!("/v1/conversations/{conversation}/attach/participants"),
         "body": {"users": [user], "bots": [], "handler_id": user}
     })
-}
-
-fn welcome_buttons(conversation: &str, name: &str) -> Value {
-    post_message(json!({
-        "conversation_id": conversation,
-        "type": "interactive",
-        "send_to_third": true,
-        "body": {
-            "type": "button",
-            "header": {"type": "text", "text": "Bienvenue"},
-            "body": {"text": format!("Bonjour {name} ! Comment puis-je vous aider ?")},
-            "action": {"buttons": [
-                {"type": "reply", "reply": {"id": "orders", "title": "Mes commandes"}},
-                {"type": "reply", "reply": {"id": "stores", "title": "Nos magasins"}},
-                {"type": "reply", "reply": {"id": "agent", "title": "Parler à un agent"}}
-            ]}
-        }
-    }))
-}
-
-fn orders_list(conversation: &str) -> Value {
-    post_message(json!({
-        "conversation_id": conversation,
-        "type": "interactive",
-        "send_to_third": true,
-        "body": {
-            "type": "list",
-            "header": {"type": "text", "text": "Commandes"},
-            "body": {"text": "Que voulez-vous faire ?"},
-            "action": {
-                "button": "Options",
-                "sections": [{
-                    "title": "Commandes",
-                    "rows": [
-                        {"id": "track", "title": "Suivre un colis"},
-                        {"id": "return", "title": "Retourner un article"},
-                        {"id": "invoice", "title": "Recevoir ma facture"}
-                    ]
-                }]
-            }
-        }
-    }))
 }
 
 fn invoice_file(conversation: &str, url: &str) -> Value {

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::observability::{ensure_metrics, scrape, series};
+use crate::support::concierge;
 use crate::support::durable::{admin, cli, cli_dead_letters};
 use crate::support::*;
 
@@ -178,7 +179,10 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
     // The agent hands it back with an internal note: concierge, told of
     // the hand-back, offers its menu again.
     let key = bot.accept(&agent_note(c, "msg_h4", "/bot")).await?;
-    expected.push(welcome_back(c));
+    expected.push(concierge::welcome(
+        c,
+        "Me revoilà ! Puis-je vous aider pour autre chose ?",
+    ));
     fake.wait_for_conversation(c, expected.len(), TIMEOUT)
         .await?;
     ensure_all_eq(&fake.wire_for(c), &expected, "after the release")?;
@@ -193,7 +197,7 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
     // came back as agent messages: none of them took the conversation back.
     settle_echoes(&bot, &fake, 4).await?;
     ensure_state(&bot, c, "bot", "release command").await?;
-    expected.push(orders_list(c));
+    expected.push(concierge::orders_list(c));
     step(&bot, &fake, c, customer(c, "msg_h6", "menu"), &expected).await?;
     settle_echoes(&bot, &fake, 5).await?;
     fake.settle(expected.len(), TIMEOUT).await?;
@@ -208,51 +212,6 @@ async fn hand_off_silences_the_bot_until_the_agent_writes_bot() -> Result<()> {
         ],
     )?;
     Ok(())
-}
-
-/// Concierge's welcome buttons, as it offers them again on a hand-back.
-fn welcome_back(conversation: &str) -> Value {
-    let button =
-        |id: &str, title: &str| json!({"type": "reply", "reply": {"id": id, "title": title}});
-    json!({"method": "POST", "path": "/v1/messages", "body": {
-        "conversation_id": conversation,
-        "type": "interactive",
-        "send_to_third": true,
-        "body": {
-            "type": "button",
-            "header": {"type": "text", "text": "Bienvenue"},
-            "body": {"text": "Me revoilà ! Puis-je vous aider pour autre chose ?"},
-            "action": {"buttons": [
-                button("orders", "Mes commandes"),
-                button("stores", "Nos magasins"),
-                button("agent", "Parler à un agent"),
-            ]},
-        },
-    }})
-}
-
-fn orders_list(conversation: &str) -> Value {
-    json!({"method": "POST", "path": "/v1/messages", "body": {
-        "conversation_id": conversation,
-        "type": "interactive",
-        "send_to_third": true,
-        "body": {
-            "type": "list",
-            "header": {"type": "text", "text": "Commandes"},
-            "body": {"text": "Que voulez-vous faire ?"},
-            "action": {
-                "button": "Options",
-                "sections": [{
-                    "title": "Commandes",
-                    "rows": [
-                        {"id": "track", "title": "Suivre un colis"},
-                        {"id": "return", "title": "Retourner un article"},
-                        {"id": "invoice", "title": "Recevoir ma facture"}
-                    ]
-                }]
-            }
-        }
-    }})
 }
 
 /// Waits until `n` echo webhooks were delivered, each accepted or answered

@@ -645,22 +645,10 @@ impl Postgres {
         let timer_ops = update.archive.is_none() && update.timers.iter().any(|t| !t.ops.is_empty());
         // So does a hand-back's `digibot.resumed` event.
         let handing_back = update.change.as_ref().is_some_and(hands_back);
-        if !timer_ops && !handing_back {
-            return self
-                .complete_in(
-                    &mut c,
-                    seq,
-                    &conversation_id,
-                    &outcomes,
-                    &a,
-                    &sets,
-                    &deletes,
-                    &update,
-                    now,
-                )
-                .await;
+        let transaction = timer_ops || handing_back;
+        if transaction {
+            c.execute("BEGIN", &[]).await?;
         }
-        c.execute("BEGIN", &[]).await?;
         let applied = async {
             let human = match handing_back {
                 true => human_turn(&mut c, &conversation_id).await?,
@@ -702,6 +690,9 @@ impl Postgres {
             Ok::<_, Error>(done)
         }
         .await;
+        if !transaction {
+            return applied;
+        }
         match applied {
             Ok(done) => {
                 c.execute("COMMIT", &[]).await?;

@@ -6,6 +6,7 @@
 
 pub mod browser;
 pub mod burst;
+pub mod concierge;
 pub mod digibot;
 pub mod durable;
 pub mod fake;
