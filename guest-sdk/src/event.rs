@@ -598,6 +598,7 @@ pub enum ReleaseCause {
 pub struct Resume {
     /// The conversation (the one replies go to).
     pub conversation_id: String,
+    /// How it came back.
     pub cause: ReleaseCause,
     /// In words, e.g. `release command from Ann (message m7)`.
     pub reason: String,

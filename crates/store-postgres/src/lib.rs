@@ -1970,9 +1970,6 @@ fn timer_row(r: &Row) -> Result<TimerRecord, Error> {
     })
 }
 
-/// A completed event's timer schedules and cancels, in the order its turns
-/// made them, inside `complete_event`'s transaction.
-
 /// Whether `change` hands a conversation back from a human to the bot.
 fn hands_back(change: &digibot_store::StateChange) -> bool {
     change.from == Some(ConversationState::Human) && change.to == ConversationState::Bot
@@ -2027,6 +2024,8 @@ async fn record_resume(
     Ok(())
 }
 
+/// A completed event's timer schedules and cancels, in the order its turns
+/// made them, inside `complete_event`'s transaction.
 async fn apply_timer_ops(
     c: &mut Conn,
     conversation_id: &str,
