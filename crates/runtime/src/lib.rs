@@ -500,6 +500,19 @@ impl Call<'_> {
         }
     }
 
+    /// The customer's id, when the event says it (see
+    /// [`event::Event::customer_id`]).
+    pub fn customer_id(&self) -> Option<&str> {
+        let id = match self {
+            Call::NewConversation { conversation, .. } => Some(conversation.customer_id.as_str()),
+            Call::Message { message, .. } if message.sender.kind == event::SenderKind::Customer => {
+                message.sender.model_id.as_deref()
+            }
+            _ => None,
+        };
+        id.filter(|id| !id.is_empty())
+    }
+
     pub fn conversation_id(&self) -> &str {
         match self {
             Call::NewConversation { conversation, .. } => &conversation.id,
@@ -616,6 +629,7 @@ impl Runtime {
         v0_1_0::add_to_linker(&mut linker)?;
         v0_2_0::add_to_linker(&mut linker)?;
         v0_3_0::add_to_linker(&mut linker)?;
+        v0_3_0::add_scoped_kv_to_linker(&mut linker)?;
         v0_3_0::add_outbound_to_linker(&mut linker)?;
         v0_3_0::add_timers_to_linker(&mut linker)?;
         v0_3_0::add_conversation_to_linker(&mut linker)?;
@@ -951,6 +965,7 @@ impl Runtime {
         store.data_mut().bind(
             call.event_id(),
             call.conversation_id(),
+            call.customer_id(),
             kv,
             self.config.kv_quotas,
             http,

@@ -18,4 +18,6 @@ pub const VERSION: &str = "0.2.0";
 
 version_edge!();
 
+conversation_kv_host!();
+
 events_with_state!();
