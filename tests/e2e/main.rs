@@ -14,6 +14,7 @@ mod edge;
 mod fake_selftest;
 mod hot_swap;
 mod lifecycle;
+mod memory;
 mod oauth;
 mod observability;
 mod outbound;
