@@ -32,7 +32,14 @@ async fn a_customer_key_written_in_one_conversation_is_read_in_their_next_one() 
     // says her language.
     let (c1, c2, c3) = ("conv_mem_1", "conv_mem_2", "conv_mem_3");
     let first = wire_text(c1, &format!("Conversation #1. {HELLO}"));
-    step(&bot, &fake, c1, opened_by(c1, "thd_4Kd8sPq2"), &[first.clone()]).await?;
+    step(
+        &bot,
+        &fake,
+        c1,
+        opened_by(c1, "thd_4Kd8sPq2"),
+        &[first.clone()],
+    )
+    .await?;
     step(
         &bot,
         &fake,
@@ -48,7 +55,10 @@ async fn a_customer_key_written_in_one_conversation_is_read_in_their_next_one() 
         &fake,
         c2,
         opened_by(c2, "thd_4Kd8sPq2"),
-        &[wire_text(c2, "Conversation #2. Welcome back, your language is fr.")],
+        &[wire_text(
+            c2,
+            "Conversation #2. Welcome back, your language is fr.",
+        )],
     )
     .await?;
     // Another customer has no memory of Salma's; the counter goes on.

@@ -319,7 +319,13 @@ pub struct KvSettings {
     pub shared_bytes: i64,
     /// A plugin's memory of one customer (`customer` scope) not written
     /// for this many days is forgotten (0: kept).
-    #[arg(id = "kv.customer_retention_days", long = "kv-customer-retention-days", env = "DIGIBOT_KV_CUSTOMER_RETENTION_DAYS", value_name = "DAYS", default_value_t = 365)]
+    #[arg(
+        id = "kv.customer_retention_days",
+        long = "kv-customer-retention-days",
+        env = "DIGIBOT_KV_CUSTOMER_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 365
+    )]
     pub customer_retention_days: u64,
     /// KV keys a plugin may hold over all of its scopes.
     #[arg(id = "kv.plugin_keys", long = "kv-plugin-keys", env = "DIGIBOT_KV_PLUGIN_KEYS", value_name = "N", default_value_t = KvQuotas::default().plugin.keys)]

@@ -28,8 +28,7 @@ use digibot_runtime::registry::{Entry, Gate, Registry};
 use digibot_runtime::{Call, CallSummary, Failure, KvRead, NoHttp, OutboundHttp, Runtime};
 use digibot_store::{
     ConversationRecord, ConversationUpdate, KvChanges, KvScope, NewAction, StateChange, Store,
-    StoreError,
-    StoredEvent, TimerChanges, now_ms,
+    StoreError, StoredEvent, TimerChanges, now_ms,
 };
 use metrics::counter;
 use serde::Serialize;

@@ -201,7 +201,6 @@ macro_rules! version_edge {
             }
         }
 
-
         fn to_wit_conversation(c: &event::Conversation) -> wit::Conversation {
             wit::Conversation {
                 id: c.id.clone(),

@@ -54,7 +54,7 @@ use wasmtime::{
     UpdateDeadline,
 };
 
-pub use digibot_domain::kv::{KvQuota, KvQuotas, KvSize, KvUsage, KvWrite};
+pub use digibot_domain::kv::{KvQuota, KvQuotas, KvScope, KvSize, KvUsage, KvWrite, Scope};
 
 /// How often the epoch ticks: a computing turn yields to the executor (and
 /// has its budgets checked) this often.

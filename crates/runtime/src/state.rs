@@ -588,7 +588,11 @@ impl HostState {
     }
 
     /// `kv.delete-in`.
-    pub(super) async fn kv_delete_scoped(&mut self, scope: Scope, key: String) -> Result<(), String> {
+    pub(super) async fn kv_delete_scoped(
+        &mut self,
+        scope: Scope,
+        key: String,
+    ) -> Result<(), String> {
         let scope = self.resolve(scope).await?;
         match self.kv_delete_in(scope, key).await {
             Ok(()) => Ok(()),
@@ -812,7 +816,11 @@ impl HostState {
     }
 
     /// A delete in `scope`; past the write cap it is refused.
-    pub(super) async fn kv_delete_in(&mut self, scope: KvScope, key: String) -> Result<(), HostLimit> {
+    pub(super) async fn kv_delete_in(
+        &mut self,
+        scope: KvScope,
+        key: String,
+    ) -> Result<(), HostLimit> {
         if self.kv_writes.len() >= KV_WRITES_MAX {
             return Err(HostLimit(format!(
                 "more than {KV_WRITES_MAX} kv writes in one event"
@@ -934,11 +942,7 @@ mod tests {
     #[tokio::test]
     async fn a_turn_is_judged_with_what_it_already_wrote_and_freed() {
         let kv = Arc::new(MemoryKv::default());
-        kv.apply(
-            "p",
-            "c",
-            &[KvWrite::set("a", "x".repeat(39))],
-        );
+        kv.apply("p", "c", &[KvWrite::set("a", "x".repeat(39))]);
         let mut s = state(kv, SMALL);
         assert_eq!(s.kv_set("b".into(), "y".repeat(9)).await, Ok(()));
         let refused = "quota: this conversation's kv would hold 3 keys, the quota is 2";
@@ -1007,29 +1011,47 @@ mod tests {
         // Two keys in each scope: each has its own quota of two.
         for scope in [KvScope::Conversation, customer.clone(), KvScope::Plugin] {
             for key in ["a", "b"] {
-                assert_eq!(s.kv_set_in(scope.clone(), key.into(), "1".into(), None).await, Ok(()));
+                assert_eq!(
+                    s.kv_set_in(scope.clone(), key.into(), "1".into(), None)
+                        .await,
+                    Ok(())
+                );
             }
         }
         assert_eq!(
-            s.kv_set_scoped(Scope::Customer, "c".into(), "1".into(), None).await,
+            s.kv_set_scoped(Scope::Customer, "c".into(), "1".into(), None)
+                .await,
             Err("quota: this customer's kv would hold 3 keys, the quota is 2".into())
         );
         assert_eq!(
-            s.kv_set_scoped(Scope::Plugin, "c".into(), "1".into(), None).await,
+            s.kv_set_scoped(Scope::Plugin, "c".into(), "1".into(), None)
+                .await,
             Err("quota: this plugin's shared kv would hold 3 keys, the quota is 2".into())
         );
         // Reads see the turn's own writes, per scope.
-        assert_eq!(s.kv_get_scoped(Scope::Customer, "a").await, Ok(Some("1".into())));
+        assert_eq!(
+            s.kv_get_scoped(Scope::Customer, "a").await,
+            Ok(Some("1".into()))
+        );
         assert_eq!(s.kv_get_scoped(Scope::Plugin, "c").await, Ok(None));
         // Committed, another conversation of the same customer reads them;
         // another customer does not.
         kv.apply("p", "c", &s.kv_writes);
-        assert_eq!(kv.value_in("p", "other", &customer, "a").as_deref(), Some("1"));
-        assert_eq!(kv.value_in("p", "other", &KvScope::Plugin, "b").as_deref(), Some("1"));
+        assert_eq!(
+            kv.value_in("p", "other", &customer, "a").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            kv.value_in("p", "other", &KvScope::Plugin, "b").as_deref(),
+            Some("1")
+        );
         assert_eq!(kv.value_in("q", "c", &customer, "a"), None);
         let mut next = state_of(kv.clone(), SMALL, Some("thd_2"));
         assert_eq!(next.kv_get_scoped(Scope::Customer, "a").await, Ok(None));
-        assert_eq!(next.kv_get_scoped(Scope::Plugin, "a").await, Ok(Some("1".into())));
+        assert_eq!(
+            next.kv_get_scoped(Scope::Plugin, "a").await,
+            Ok(Some("1".into()))
+        );
         // The plugin's shared scope, full, refuses a third key there too.
         assert!(
             next.kv_set_scoped(Scope::Plugin, "z".into(), "1".into(), None)
@@ -1043,27 +1065,42 @@ mod tests {
         let kv = Arc::new(MemoryKv::default());
         let unknown = "unknown: this event's customer is not known (neither the event nor its conversation named one), so it has no customer kv";
         let mut s = state_of(kv.clone(), SMALL, None);
-        assert_eq!(s.kv_get_scoped(Scope::Customer, "lang").await, Err(unknown.into()));
         assert_eq!(
-            s.kv_set_scoped(Scope::Customer, "lang".into(), "fr".into(), None).await,
+            s.kv_get_scoped(Scope::Customer, "lang").await,
             Err(unknown.into())
         );
-        assert_eq!(s.kv_delete_scoped(Scope::Customer, "lang".into()).await, Err(unknown.into()));
+        assert_eq!(
+            s.kv_set_scoped(Scope::Customer, "lang".into(), "fr".into(), None)
+                .await,
+            Err(unknown.into())
+        );
+        assert_eq!(
+            s.kv_delete_scoped(Scope::Customer, "lang".into()).await,
+            Err(unknown.into())
+        );
         assert_eq!(s.refused, [unknown]);
         assert!(s.kv_writes.is_empty());
         // The other scopes still work; an empty customer id is no id.
         assert_eq!(s.kv_get_scoped(Scope::Plugin, "lang").await, Ok(None));
         let mut empty = state_of(kv.clone(), SMALL, Some(""));
-        assert_eq!(empty.kv_get_scoped(Scope::Customer, "lang").await, Err(unknown.into()));
+        assert_eq!(
+            empty.kv_get_scoped(Scope::Customer, "lang").await,
+            Err(unknown.into())
+        );
         // A timer's turn (no customer in its event) uses the one its
         // conversation's earlier event named.
         kv.remember_customer("c", "thd_9");
         let mut timer = state_of(kv.clone(), SMALL, None);
         assert_eq!(
-            timer.kv_set_scoped(Scope::Customer, "lang".into(), "fr".into(), None).await,
+            timer
+                .kv_set_scoped(Scope::Customer, "lang".into(), "fr".into(), None)
+                .await,
             Ok(())
         );
-        assert_eq!(timer.kv_writes[0].scope(), &KvScope::Customer("thd_9".into()));
+        assert_eq!(
+            timer.kv_writes[0].scope(),
+            &KvScope::Customer("thd_9".into())
+        );
     }
 
     #[tokio::test]
@@ -1071,35 +1108,50 @@ mod tests {
         let mut s = state(Arc::new(MemoryKv::default()), SMALL);
         let huge_key = "k".repeat(KV_KEY_MAX + 1);
         assert_eq!(
-            s.kv_set_scoped(Scope::Customer, huge_key.clone(), "v".into(), None).await,
+            s.kv_set_scoped(Scope::Customer, huge_key.clone(), "v".into(), None)
+                .await,
             Err("limit: kv key is 257 bytes, the limit is 256".into())
         );
         assert_eq!(
-            s.kv_set_scoped(Scope::Plugin, "k".into(), "v".repeat(KV_VALUE_MAX + 1), None).await,
+            s.kv_set_scoped(
+                Scope::Plugin,
+                "k".into(),
+                "v".repeat(KV_VALUE_MAX + 1),
+                None
+            )
+            .await,
             Err("limit: kv value is 65537 bytes, the limit is 65536".into())
         );
         assert_eq!(
-            s.kv_set_scoped(Scope::Plugin, String::new(), "v".into(), None).await,
+            s.kv_set_scoped(Scope::Plugin, String::new(), "v".into(), None)
+                .await,
             Err("limit: kv key is empty".into())
         );
         // TTLs: zero and past a year are refused, u64::MAX included (no
         // overflow); the longest one is taken.
         assert_eq!(
-            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(0)).await,
+            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(0))
+                .await,
             Err("limit: kv ttl is 0 ms, it must be at least 1".into())
         );
         assert_eq!(
-            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(u64::MAX)).await,
+            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(u64::MAX))
+                .await,
             Err(format!(
                 "limit: kv ttl is {} ms, the limit is 31536000000 (365 days)",
                 u64::MAX
             ))
         );
         assert_eq!(
-            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(dkv::TTL_MAX_MS)).await,
+            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(dkv::TTL_MAX_MS))
+                .await,
             Ok(())
         );
-        let KvWrite::Set { expires_at: Some(at), .. } = &s.kv_writes[0] else {
+        let KvWrite::Set {
+            expires_at: Some(at),
+            ..
+        } = &s.kv_writes[0]
+        else {
             panic!("{:?}", s.kv_writes)
         };
         assert!(*at > digibot_domain::time::now_ms());
@@ -1114,16 +1166,25 @@ mod tests {
             Err("limit: more than 256 distinct kv keys read in one event".into())
         );
         // Writes past the cap: a set and a delete are refused alike.
-        let mut w = state(Arc::new(MemoryKv::default()), KvQuota { keys: 10_000, bytes: 1 << 30 });
+        let mut w = state(
+            Arc::new(MemoryKv::default()),
+            KvQuota {
+                keys: 10_000,
+                bytes: 1 << 30,
+            },
+        );
         for i in 0..KV_WRITES_MAX {
-            w.kv_delete_scoped(Scope::Plugin, format!("d{i}")).await.unwrap();
+            w.kv_delete_scoped(Scope::Plugin, format!("d{i}"))
+                .await
+                .unwrap();
         }
         assert_eq!(
             w.kv_delete_scoped(Scope::Customer, "x".into()).await,
             Err("limit: more than 256 kv writes in one event".into())
         );
         assert_eq!(
-            w.kv_set_scoped(Scope::Customer, "x".into(), "v".into(), None).await,
+            w.kv_set_scoped(Scope::Customer, "x".into(), "v".into(), None)
+                .await,
             Err("limit: more than 256 kv writes in one event".into())
         );
         assert_eq!(w.kv_writes.len(), KV_WRITES_MAX);

@@ -69,7 +69,9 @@ fn to_scope(scope: digishare::bot::kv::Scope) -> digibot_domain::kv::Scope {
 /// The refusal of a key past its bound, as the `-in` calls return it (they
 /// have an error to return, so the turn goes on).
 fn key_refusal(call: &str, len: usize) -> Option<String> {
-    check_key(call, len).err().map(|limit| format!("limit: {limit}"))
+    check_key(call, len)
+        .err()
+        .map(|limit| format!("limit: {limit}"))
 }
 
 /// 0.3.0's scoped KV calls, defined again over `WasmStr`: a key or value
@@ -124,7 +126,10 @@ pub fn add_scoped_kv_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Resu
                             return Ok((Err(store.data_mut().refused_with(refusal)),));
                         }
                         let key = key.to_str(&store)?.into_owned();
-                        Ok((store.data_mut().kv_delete_scoped(to_scope(scope), key).await,))
+                        Ok((store
+                            .data_mut()
+                            .kv_delete_scoped(to_scope(scope), key)
+                            .await,))
                     })
                 },
             )

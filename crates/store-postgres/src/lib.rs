@@ -46,9 +46,9 @@ use digibot_domain::event::{ConversationState, Event};
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, HistoryEntry, Inserted, JournalEntry,
-    JournalOutcome, JournalRequest, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction, OutboxAction,
-    OutboxDepth, PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent,
-    TimerChanges, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
+    JournalOutcome, JournalRequest, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction,
+    OutboxAction, OutboxDepth, PluginRecords, Pruned, Release, Retention, Store, StoreError,
+    StoredEvent, TimerChanges, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use pool::{Conn, Pool, Timeouts};
 use std::sync::Arc;
@@ -713,10 +713,7 @@ impl Postgres {
         conversation_id: &str,
         outcomes: &str,
         a: &[Vec<String>; 5],
-        (sets, expires): &(
-            [Vec<String>; 4],
-            Vec<Option<i64>>,
-        ),
+        (sets, expires): &([Vec<String>; 4], Vec<Option<i64>>),
         deletes: &[Vec<String>; 3],
         update: &ConversationUpdate,
         now: i64,
@@ -1892,7 +1889,10 @@ impl Backend for PgStore {
         scope: &KvScope,
         key: &str,
     ) -> Result<Option<String>, StoreError> {
-        Ok(self.0.kv_get_in(plugin, conversation_id, scope, key).await?)
+        Ok(self
+            .0
+            .kv_get_in(plugin, conversation_id, scope, key)
+            .await?)
     }
 
     async fn kv_usage_in(
@@ -2170,7 +2170,11 @@ fn scoped_final(changes: &[KvChanges]) -> ScopedWrites<'_> {
             if *scope == KvScope::Conversation {
                 continue;
             }
-            let id = (change.plugin.as_str(), scope.scope().as_str(), scope.owner());
+            let id = (
+                change.plugin.as_str(),
+                scope.scope().as_str(),
+                scope.owner(),
+            );
             match groups.iter_mut().find(|(g, _)| *g == id) {
                 Some((_, writes)) => writes.push(write),
                 None => groups.push((id, vec![write])),
@@ -2190,7 +2194,9 @@ async fn in_transaction<T>(
     c: &mut Conn,
     f: impl for<'c> FnOnce(
         &'c mut Conn,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 'c>>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 'c>,
+    >,
 ) -> Result<T, Error> {
     c.execute("BEGIN", &[]).await?;
     match f(c).await {
@@ -2293,7 +2299,11 @@ async fn prune_expired_scoped(c: &mut Conn, before: i64, limit: i64) -> Result<u
         let (keys, bytes): (i64, i64) = (r.try_get(3)?, r.try_get(4)?);
         gone += keys as usize;
         totals.push((
-            (r.try_get::<_, &str>(0)?, r.try_get::<_, &str>(1)?, r.try_get::<_, &str>(2)?),
+            (
+                r.try_get::<_, &str>(0)?,
+                r.try_get::<_, &str>(1)?,
+                r.try_get::<_, &str>(2)?,
+            ),
             -keys,
             -bytes,
         ));

@@ -20,9 +20,9 @@ use digibot_store::HistoryEntry;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
-    JournalRequest, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER, OutboxAction,
-    OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError, StoredEvent,
-    TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
+    JournalRequest, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER,
+    OutboxAction, OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError,
+    StoredEvent, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -1292,8 +1292,10 @@ fn prune_expired(conn: &Connection, before: i64, limit: i64) -> Result<usize, Er
         })?
         .collect::<Result<_, _>>()?;
     for (plugin, conversation, key, size) in &expired {
-        conn.prepare_cached("DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3")?
-            .execute(params![plugin, conversation, key])?;
+        conn.prepare_cached(
+            "DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
+        )?
+        .execute(params![plugin, conversation, key])?;
         conn.prepare_cached(
             "UPDATE kv_usage SET keys = keys - 1, bytes = bytes - ?3 WHERE conversation_id = ?1 AND plugin = ?2",
         )?
@@ -1557,7 +1559,11 @@ impl Backend for Sqlite {
         conversation_id: &str,
         scope: &KvScope,
     ) -> Result<KvUsage, StoreError> {
-        let (p, c, s) = (plugin.to_string(), conversation_id.to_string(), scope.clone());
+        let (p, c, s) = (
+            plugin.to_string(),
+            conversation_id.to_string(),
+            scope.clone(),
+        );
         reading(&self.0, move |db| db.kv_usage_in(&p, &c, &s)).await
     }
 

@@ -1452,7 +1452,13 @@ fn set_in(scope: &KvScope, key: &str, value: &str, expires_at: Option<i64>) -> K
     }
 }
 
-async fn get_in(store: &Store, plugin: &str, conv: &str, scope: &KvScope, key: &str) -> Option<String> {
+async fn get_in(
+    store: &Store,
+    plugin: &str,
+    conv: &str,
+    scope: &KvScope,
+    key: &str,
+) -> Option<String> {
     store.kv_get_in(plugin, conv, scope, key).await.unwrap()
 }
 
@@ -1488,38 +1494,96 @@ pub async fn kv_scopes_are_each_plugins_own_and_counted_per_scope(db: TestDb) {
     .await;
     // Each scope holds its own "k"; another conversation of Salma reads
     // her memory, not c1's conversation value.
-    assert_eq!(get_in(&store, "echo", "c1", &KvScope::Conversation, "k").await.as_deref(), Some("conv"));
-    assert_eq!(get_in(&store, "echo", "c2", &salma, "k").await.as_deref(), Some("fr"));
-    assert_eq!(get_in(&store, "echo", "c2", &KvScope::Plugin, "k").await.as_deref(), Some("42"));
-    assert_eq!(get_in(&store, "echo", "c2", &KvScope::Conversation, "k").await, None);
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Conversation, "k")
+            .await
+            .as_deref(),
+        Some("conv")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c2", &salma, "k").await.as_deref(),
+        Some("fr")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c2", &KvScope::Plugin, "k")
+            .await
+            .as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c2", &KvScope::Conversation, "k").await,
+        None
+    );
     // Plugin B never reads plugin A's memory of the same customer, nor
     // its shared scope; another customer has none.
-    assert_eq!(get_in(&store, "other", "c1", &salma, "k").await.as_deref(), Some("other's"));
-    assert_eq!(get_in(&store, "other", "c1", &KvScope::Plugin, "k").await, None);
+    assert_eq!(
+        get_in(&store, "other", "c1", &salma, "k").await.as_deref(),
+        Some("other's")
+    );
+    assert_eq!(
+        get_in(&store, "other", "c1", &KvScope::Plugin, "k").await,
+        None
+    );
     assert_eq!(get_in(&store, "echo", "c1", &omar, "k").await, None);
     // Usage per scope; the plugin's total counts every scope: "k"+"conv"
     // is 5, "k"+"fr" 3, "k"+"42" 3.
-    assert_eq!(usage_in(&store, "echo", "c1", &KvScope::Conversation).await, (size(1, 5), size(3, 11)));
-    assert_eq!(usage_in(&store, "echo", "c9", &salma).await, (size(1, 3), size(3, 11)));
-    assert_eq!(usage_in(&store, "echo", "c9", &KvScope::Plugin).await, (size(1, 3), size(3, 11)));
-    assert_eq!(usage_in(&store, "echo", "c9", &omar).await, (KvSize::default(), size(3, 11)));
-    assert_eq!(usage_in(&store, "other", "c9", &salma).await, (size(1, 8), size(1, 8)));
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &KvScope::Conversation).await,
+        (size(1, 5), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &salma).await,
+        (size(1, 3), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &KvScope::Plugin).await,
+        (size(1, 3), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &omar).await,
+        (KvSize::default(), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "other", "c9", &salma).await,
+        (size(1, 8), size(1, 8))
+    );
     // Deleting in one scope leaves the others.
     complete_kv(
         &store,
         "s2",
         "c2",
-        vec![kv("echo", "c2", vec![KvWrite::Delete { scope: salma.clone(), key: "k".into() }])],
+        vec![kv(
+            "echo",
+            "c2",
+            vec![KvWrite::Delete {
+                scope: salma.clone(),
+                key: "k".into(),
+            }],
+        )],
     )
     .await;
     assert_eq!(get_in(&store, "echo", "c1", &salma, "k").await, None);
-    assert_eq!(get_in(&store, "other", "c1", &salma, "k").await.as_deref(), Some("other's"));
-    assert_eq!(usage_in(&store, "echo", "c9", &salma).await, (KvSize::default(), size(2, 8)));
+    assert_eq!(
+        get_in(&store, "other", "c1", &salma, "k").await.as_deref(),
+        Some("other's")
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &salma).await,
+        (KvSize::default(), size(2, 8))
+    );
     // Survives a reopen.
     store.close();
     let store = db.open().await;
-    assert_eq!(get_in(&store, "echo", "c3", &KvScope::Plugin, "k").await.as_deref(), Some("42"));
-    assert_eq!(usage_in(&store, "echo", "c9", &KvScope::Plugin).await, (size(1, 3), size(2, 8)));
+    assert_eq!(
+        get_in(&store, "echo", "c3", &KvScope::Plugin, "k")
+            .await
+            .as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &KvScope::Plugin).await,
+        (size(1, 3), size(2, 8))
+    );
 }
 
 pub async fn kv_values_expire_and_retention_removes_them_and_idle_customers(db: TestDb) {
@@ -1547,20 +1611,41 @@ pub async fn kv_values_expire_and_retention_removes_them_and_idle_customers(db: 
     .await;
     // An expired value reads as absent at once; it counts until retention.
     for scope in [&KvScope::Conversation, &salma, &KvScope::Plugin] {
-        assert_eq!(get_in(&store, "echo", "c1", scope, "gone").await, None, "{scope:?}");
+        assert_eq!(
+            get_in(&store, "echo", "c1", scope, "gone").await,
+            None,
+            "{scope:?}"
+        );
     }
-    assert_eq!(get_in(&store, "echo", "c1", &salma, "kept").await.as_deref(), Some("1"));
+    assert_eq!(
+        get_in(&store, "echo", "c1", &salma, "kept")
+            .await
+            .as_deref(),
+        Some("1")
+    );
     // "gone"+"1" and "kept"+"1" are 5 bytes, "forever"+"1" 8.
-    assert_eq!(usage_in(&store, "echo", "c1", &salma).await, (size(2, 10), size(6, 33)));
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &salma).await,
+        (size(2, 10), size(6, 33))
+    );
     // Setting it again (without a TTL) brings it back.
     complete_kv(
         &store,
         "t2",
         "c1",
-        vec![kv("echo", "c1", vec![set_in(&KvScope::Plugin, "gone", "2", None)])],
+        vec![kv(
+            "echo",
+            "c1",
+            vec![set_in(&KvScope::Plugin, "gone", "2", None)],
+        )],
     )
     .await;
-    assert_eq!(get_in(&store, "echo", "c1", &KvScope::Plugin, "gone").await.as_deref(), Some("2"));
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Plugin, "gone")
+            .await
+            .as_deref(),
+        Some("2")
+    );
     let pruned = store
         .prune(Retention {
             expired_before: Some(now_ms()),
@@ -1569,9 +1654,18 @@ pub async fn kv_values_expire_and_retention_removes_them_and_idle_customers(db: 
         .await
         .unwrap();
     assert_eq!(pruned.kv_expired, 2, "{pruned:?}");
-    assert_eq!(usage_in(&store, "echo", "c1", &KvScope::Conversation).await, (size(1, 5), size(4, 23)));
-    assert_eq!(usage_in(&store, "echo", "c1", &salma).await, (size(1, 5), size(4, 23)));
-    assert_eq!(usage_in(&store, "echo", "c1", &KvScope::Plugin).await, (size(2, 13), size(4, 23)));
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &KvScope::Conversation).await,
+        (size(1, 5), size(4, 23))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &salma).await,
+        (size(1, 5), size(4, 23))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &KvScope::Plugin).await,
+        (size(2, 13), size(4, 23))
+    );
     // Nothing is left to expire.
     let again = store
         .prune(Retention {
@@ -1601,10 +1695,26 @@ pub async fn kv_values_expire_and_retention_removes_them_and_idle_customers(db: 
     assert_eq!(pruned.customer_entries, 2, "{pruned:?}");
     assert_eq!(get_in(&store, "echo", "c1", &salma, "kept").await, None);
     assert_eq!(get_in(&store, "other", "c2", &salma, "lang").await, None);
-    assert_eq!(usage_in(&store, "echo", "c1", &salma).await, (KvSize::default(), size(3, 18)));
-    assert_eq!(usage_in(&store, "other", "c1", &salma).await, (KvSize::default(), KvSize::default()));
-    assert_eq!(get_in(&store, "echo", "c1", &KvScope::Plugin, "forever").await.as_deref(), Some("1"));
-    assert_eq!(get_in(&store, "echo", "c1", &KvScope::Conversation, "kept").await.as_deref(), Some("1"));
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &salma).await,
+        (KvSize::default(), size(3, 18))
+    );
+    assert_eq!(
+        usage_in(&store, "other", "c1", &salma).await,
+        (KvSize::default(), KvSize::default())
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Plugin, "forever")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Conversation, "kept")
+            .await
+            .as_deref(),
+        Some("1")
+    );
     // A memory written after the cut-off stays.
     let cut = now_ms() - 60_000;
     complete_kv(
@@ -1622,7 +1732,12 @@ pub async fn kv_values_expire_and_retention_removes_them_and_idle_customers(db: 
         .await
         .unwrap();
     assert_eq!(pruned.customer_entries, 0);
-    assert_eq!(get_in(&store, "echo", "c4", &salma, "lang").await.as_deref(), Some("ar"));
+    assert_eq!(
+        get_in(&store, "echo", "c4", &salma, "lang")
+            .await
+            .as_deref(),
+        Some("ar")
+    );
 }
 
 pub async fn kv_customer_writes_from_many_conversations_at_once_keep_exact_usage(db: TestDb) {
@@ -1641,7 +1756,13 @@ pub async fn kv_customer_writes_from_many_conversations_at_once_keep_exact_usage
                 set_in(&KvScope::Plugin, "seen", &i.to_string(), None),
             ];
             let conv = format!("c{i}");
-            complete_kv(&store, &format!("m{i}"), &conv, vec![kv("echo", &conv, writes)]).await;
+            complete_kv(
+                &store,
+                &format!("m{i}"),
+                &conv,
+                vec![kv("echo", &conv, writes)],
+            )
+            .await;
         }));
     }
     for t in tasks {
@@ -1650,14 +1771,19 @@ pub async fn kv_customer_writes_from_many_conversations_at_once_keep_exact_usage
     // Last committed write wins: one of the values, whole.
     let last = get_in(&store, "echo", "c0", &salma, "last").await.unwrap();
     assert!(last.len() <= 24 && last.chars().all(|c| c == 'x'), "{last}");
-    let seen = get_in(&store, "echo", "c0", &KvScope::Plugin, "seen").await.unwrap();
+    let seen = get_in(&store, "echo", "c0", &KvScope::Plugin, "seen")
+        .await
+        .unwrap();
     // The counts are those of the rows as they are: 25 keys for Salma.
     // "k0"+"v" .. "k9"+"v" are 3 bytes, "k10"+"v" .. "k23"+"v" 4.
     let customer_bytes = 4 + last.len() as i64 + 10 * 3 + 14 * 4;
     let shared_bytes = 4 + seen.len() as i64;
     assert_eq!(
         usage_in(&store, "echo", "c0", &salma).await,
-        (size(25, customer_bytes), size(26, customer_bytes + shared_bytes))
+        (
+            size(25, customer_bytes),
+            size(26, customer_bytes + shared_bytes)
+        )
     );
     assert_eq!(
         usage_in(&store, "echo", "c0", &KvScope::Plugin).await.0,

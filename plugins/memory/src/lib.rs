@@ -40,7 +40,7 @@ impl Bot for Memory {
         }
         if text == "fill" {
             let memory = kv::customer();
-            for i in 0.. {
+            for i in 0..1000 {
                 if let Err(refused) = memory.set(&format!("fill-{i}"), "x") {
                     return Ok(vec![Action::text(format!("Refused: {refused}"))?]);
                 }
