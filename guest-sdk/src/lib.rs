@@ -374,8 +374,9 @@ pub mod config {
 
 /// State kept between events of one conversation, private to this plugin.
 ///
-/// Every key lives in the conversation of the event being handled: the same
-/// key in another conversation, or in another plugin, is a different value.
+/// [`kv::get`], [`kv::set`] and [`kv::delete`] use the conversation of the
+/// event being handled: the same key in another conversation, or in another
+/// plugin, is a different value.
 /// These functions call into digibot, so they only work inside a plugin.
 ///
 /// ```no_run
@@ -389,9 +390,34 @@ pub mod config {
 /// # count_visits().unwrap();
 /// ```
 pub mod kv {
+    //! State kept in digibot's database, always this plugin's own. Three
+    //! scopes: [`conversation()`] (what [`get`], [`set`] and [`delete`]
+    //! use), [`customer()`] (the event's customer, across their
+    //! conversations) and [`plugin()`] (shared by all of this plugin's
+    //! conversations).
+    //!
+    //! ```no_run
+    //! use digibot_sdk::kv;
+    //! use std::time::Duration;
+    //! # fn f() -> digibot_sdk::Result<()> {
+    //! kv::customer().set("lang", "fr")?;                   // remembered next time
+    //! let lang = kv::customer().get("lang")?;              // Some("fr")
+    //! let n: u64 = kv::plugin().get("greeted")?.map_or(0, |n| n.parse().unwrap_or(0));
+    //! kv::plugin().set("greeted", &(n + 1).to_string())?;  // every conversation's
+    //! kv::conversation().set_with_ttl("otp", "4821", Duration::from_secs(300))?;
+    //! # Ok(()) }
+    //! ```
+    //!
+    //! Writes take effect when the handler returns `Ok` (committed with the
+    //! event); an `Err` writes nothing. `customer` and `plugin` entries can
+    //! be written by two conversations at once: the last committed write of
+    //! a key wins, so a counter there may miss a concurrent increment.
+    use crate::bindings::digishare::bot::kv as wit;
+    use std::time::Duration;
+
     /// The value stored under `key` in this conversation, if any.
     pub fn get(key: &str) -> Option<String> {
-        crate::bindings::digishare::bot::kv::get(key)
+        wit::get(key)
     }
 
     /// Stores `value` under `key` for this conversation. Fails when the key
@@ -399,12 +425,68 @@ pub mod kv {
     /// would take this plugin over its KV quota (`quota: ...`); returning
     /// that error from a handler records it as the event's reason.
     pub fn set(key: &str, value: &str) -> crate::Result<()> {
-        crate::bindings::digishare::bot::kv::set(key, value).map_err(crate::Error)
+        wit::set(key, value).map_err(crate::Error)
     }
 
     /// Forgets `key` in this conversation.
     pub fn delete(key: &str) {
-        crate::bindings::digishare::bot::kv::delete(key)
+        wit::delete(key)
+    }
+
+    /// One of this plugin's KV scopes: see [`conversation()`],
+    /// [`customer()`] and [`plugin()`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Scope(wit::Scope);
+
+    /// (this plugin, the event's conversation).
+    pub fn conversation() -> Scope {
+        Scope(wit::Scope::Conversation)
+    }
+
+    /// (this plugin, the event's customer): kept across the customer's
+    /// conversations. Its calls fail with `unknown: ...` when digibot does
+    /// not know the event's customer.
+    pub fn customer() -> Scope {
+        Scope(wit::Scope::Customer)
+    }
+
+    /// (this plugin): shared by all of its conversations.
+    pub fn plugin() -> Scope {
+        Scope(wit::Scope::Plugin)
+    }
+
+    impl Scope {
+        /// The value of `key` here, `None` when absent or expired.
+        pub fn get(self, key: &str) -> crate::Result<Option<String>> {
+            wit::get_in(self.0, key).map_err(crate::Error)
+        }
+
+        /// Stores `value` under `key` here, kept until deleted. Fails like
+        /// [`set`](super::set); a quota refusal names the scope (`quota:
+        /// this customer's kv would hold ...`).
+        pub fn set(self, key: &str, value: &str) -> crate::Result<()> {
+            wit::set_in(self.0, key, value, wit::SetOptions { ttl_ms: None }).map_err(crate::Error)
+        }
+
+        /// Stores `value` under `key` here for `ttl` (1 ms to 365 days):
+        /// then it reads as absent, and retention removes it.
+        pub fn set_with_ttl(self, key: &str, value: &str, ttl: Duration) -> crate::Result<()> {
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            wit::set_in(
+                self.0,
+                key,
+                value,
+                wit::SetOptions {
+                    ttl_ms: Some(ttl_ms),
+                },
+            )
+            .map_err(crate::Error)
+        }
+
+        /// Forgets `key` here.
+        pub fn delete(self, key: &str) -> crate::Result<()> {
+            wit::delete_in(self.0, key).map_err(crate::Error)
+        }
     }
 }
 

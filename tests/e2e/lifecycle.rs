@@ -104,7 +104,7 @@ async fn handle(bot: &Digibot, event: &Value) -> Result<String> {
 
 /// Posts `event`, then waits until the fake has `total` successful requests
 /// for `conversation` and checks them, exactly and in order.
-async fn step(
+pub(crate) async fn step(
     bot: &Digibot,
     fake: &FakeDigishare,
     conversation: &str,
@@ -125,7 +125,7 @@ async fn step(
 }
 
 /// The outcome of `plugin` in the recorded event `key`.
-async fn outcome(bot: &Digibot, key: &str, plugin: &str) -> Result<Value> {
+pub(crate) async fn outcome(bot: &Digibot, key: &str, plugin: &str) -> Result<Value> {
     let event = bot
         .wait_event(key, TIMEOUT, |e| e["status"] == "handled")
         .await?;

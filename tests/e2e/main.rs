@@ -15,6 +15,7 @@ mod edge;
 mod fake_selftest;
 mod hot_swap;
 mod lifecycle;
+mod memory;
 mod oauth;
 mod observability;
 mod outbound;

@@ -281,7 +281,8 @@ async fn a_kv_disk_fill_is_stopped_by_the_quotas_and_the_plugin_is_told() -> Res
     Ok(())
 }
 
-/// Keys and values past their bounds: `kv.set` answers an error the
+/// Keys and values past their bounds: `kv.set` and the scoped calls
+/// (`get-in`, `set-in`, `delete-in`, a TTL past a year) answer an error the
 /// plugin sees; calls with no error to return (`kv.get`, `kv.delete`,
 /// `config.get`, a 257th distinct read) stop the turn with reason
 /// `limit: ...`. Echo answers every event.
@@ -319,6 +320,29 @@ async fn huge_keys_and_values_and_endless_reads_are_refused() -> Result<()> {
             "huge-timer-payload",
             "refused: limit: a timer payload is at most 4096 bytes (this one is 16777216)"
                 .to_string(),
+        ),
+        (
+            "huge-get-in",
+            "refused: limit: kv.get-in key is 16777216 bytes, the limit is 256".to_string(),
+        ),
+        (
+            "huge-set-in",
+            "refused: limit: kv key is 16777216 bytes, the limit is 256".to_string(),
+        ),
+        (
+            "huge-value-in",
+            "refused: limit: kv value is 16777216 bytes, the limit is 65536".to_string(),
+        ),
+        (
+            "huge-delete-in",
+            "refused: limit: kv.delete-in key is 16777216 bytes, the limit is 256".to_string(),
+        ),
+        (
+            "huge-ttl",
+            format!(
+                "refused: limit: kv ttl is {} ms, the limit is 31536000000 (365 days)",
+                u64::MAX
+            ),
         ),
     ];
     let failed = [

@@ -292,8 +292,9 @@ pub struct RetrySettings {
     pub max_attempts: u32,
 }
 
-/// KV quotas (the file's `[kv]` table): per plugin and conversation, and
-/// per plugin in all. A `kv.set` past one is refused with the reason.
+/// KV quotas and the customer scope's retention (the file's `[kv]`
+/// table): per plugin and conversation, customer, shared scope, and per
+/// plugin in all. A `kv.set` past one is refused with the reason.
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "KV quotas ([kv] in the file)")]
 pub struct KvSettings {
@@ -304,10 +305,32 @@ pub struct KvSettings {
     /// conversation.
     #[arg(id = "kv.conversation_bytes", long = "kv-conversation-bytes", env = "DIGIBOT_KV_CONVERSATION_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().conversation.bytes)]
     pub conversation_bytes: i64,
-    /// KV keys a plugin may hold over all conversations.
+    /// KV keys a plugin may hold for one customer (`customer` scope).
+    #[arg(id = "kv.customer_keys", long = "kv-customer-keys", env = "DIGIBOT_KV_CUSTOMER_KEYS", value_name = "N", default_value_t = KvQuotas::default().customer.keys)]
+    pub customer_keys: i64,
+    /// KV bytes a plugin may hold for one customer.
+    #[arg(id = "kv.customer_bytes", long = "kv-customer-bytes", env = "DIGIBOT_KV_CUSTOMER_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().customer.bytes)]
+    pub customer_bytes: i64,
+    /// KV keys a plugin may hold in its shared `plugin` scope.
+    #[arg(id = "kv.shared_keys", long = "kv-shared-keys", env = "DIGIBOT_KV_SHARED_KEYS", value_name = "N", default_value_t = KvQuotas::default().shared.keys)]
+    pub shared_keys: i64,
+    /// KV bytes a plugin may hold in its shared `plugin` scope.
+    #[arg(id = "kv.shared_bytes", long = "kv-shared-bytes", env = "DIGIBOT_KV_SHARED_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().shared.bytes)]
+    pub shared_bytes: i64,
+    /// A plugin's memory of one customer (`customer` scope) not written
+    /// for this many days is forgotten (0: kept).
+    #[arg(
+        id = "kv.customer_retention_days",
+        long = "kv-customer-retention-days",
+        env = "DIGIBOT_KV_CUSTOMER_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 365
+    )]
+    pub customer_retention_days: u64,
+    /// KV keys a plugin may hold over all of its scopes.
     #[arg(id = "kv.plugin_keys", long = "kv-plugin-keys", env = "DIGIBOT_KV_PLUGIN_KEYS", value_name = "N", default_value_t = KvQuotas::default().plugin.keys)]
     pub plugin_keys: i64,
-    /// KV bytes a plugin may hold over all conversations.
+    /// KV bytes a plugin may hold over all of its scopes.
     #[arg(id = "kv.plugin_bytes", long = "kv-plugin-bytes", env = "DIGIBOT_KV_PLUGIN_BYTES", value_name = "BYTES", default_value_t = KvQuotas::default().plugin.bytes)]
     pub plugin_bytes: i64,
 }
@@ -318,6 +341,14 @@ impl KvSettings {
             conversation: KvQuota {
                 keys: self.conversation_keys,
                 bytes: self.conversation_bytes,
+            },
+            customer: KvQuota {
+                keys: self.customer_keys,
+                bytes: self.customer_bytes,
+            },
+            shared: KvQuota {
+                keys: self.shared_keys,
+                bytes: self.shared_bytes,
             },
             plugin: KvQuota {
                 keys: self.plugin_keys,
@@ -710,6 +741,8 @@ impl Settings {
             finished_before: Some(ago(self.retention_hours)),
             dead_before: days(self.dead_letter_retention_days),
             idle_before: days(self.conversation_retention_days),
+            expired_before: Some(now),
+            customer_idle_before: days(self.kv.customer_retention_days),
         }
     }
 

@@ -91,6 +91,10 @@ pub struct Sender {
     pub kind: SenderKind,
     pub name: Option<String>,
     pub id: Option<String>,
+    /// Digishare's `model_id`: for a customer, the third's id (the one
+    /// `live_chat.new_conversation` names), which `id` is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,6 +206,21 @@ pub enum Content {
 pub use digibot_protocol::ConversationState;
 
 impl Event {
+    /// The customer's Digishare id (the third's), when this event says it:
+    /// a new conversation's third, a customer message's sender. Neither an
+    /// agent's message nor a timer names one (their conversation's record
+    /// keeps the last one an event said).
+    pub fn customer_id(&self) -> Option<&str> {
+        let id = match &self.kind {
+            EventKind::NewConversation(c) => Some(c.customer_id.as_str()),
+            EventKind::Message(m) if m.sender.kind == SenderKind::Customer => {
+                m.sender.model_id.as_deref()
+            }
+            _ => None,
+        };
+        id.filter(|id| !id.is_empty())
+    }
+
     /// Parses a webhook body. Fails only on bad JSON or a bad envelope;
     /// anything inside that digibot does not model is kept as unknown.
     pub fn parse(body: &[u8]) -> Result<Event, ParseError> {
@@ -415,6 +434,7 @@ fn message(data: &serde_json::Map<String, Value>) -> Result<Message, ParseError>
             kind,
             name: sender.and_then(|s| text(s, "name")),
             id: sender.and_then(|s| text(s, "id")),
+            model_id: sender.and_then(|s| text(s, "model_id")),
         },
         created_at: text(inner, "created_at"),
         content: content(&type_name, body),
@@ -582,6 +602,7 @@ pub fn customer_message_event(
                 kind: SenderKind::Customer,
                 name: Some(customer_name.to_string()),
                 id: Some("thd_test".to_string()),
+                model_id: Some("thd_test".to_string()),
             },
             created_at: None,
             content,
@@ -602,6 +623,20 @@ mod tests {
             env!("CARGO_MANIFEST_DIR")
         );
         Event::parse(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_customer_id_is_the_thirds_from_either_event() {
+        let opened = fixture("new_conversation");
+        assert_eq!(opened.customer_id(), Some("thd_4Kd8sPq2"));
+        // A customer message's `sender.id` is not the third's id;
+        // `model_id` is.
+        assert_eq!(
+            fixture("message_text_customer").customer_id(),
+            Some("thd_4Kd8sPq2")
+        );
+        assert_eq!(fixture("message_agent").customer_id(), None);
+        assert_eq!(fixture("message_text_minimal").customer_id(), None);
     }
 
     #[test]

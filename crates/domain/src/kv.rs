@@ -1,28 +1,163 @@
-//! A plugin's KV: the writes made during a turn (committed with its event),
-//! how much it holds (its usage, kept by the store), and the quotas that
-//! bound it, with the one rule that judges a write against them.
+//! A plugin's KV: its scopes, the writes made during a turn (committed with
+//! its event), how much it holds (its usage, kept by the store), and the
+//! quotas that bound it, with the one rule that judges a write against
+//! them.
+//!
+//! A plugin's entries live in one of three scopes, always its own (plugin
+//! A never reaches plugin B's entries, in any scope):
+//! - `conversation`: (plugin, the event's conversation), what `kv.get`,
+//!   `kv.set` and `kv.delete` use; serialised by the conversation's lane;
+//! - `customer`: (plugin, the event's customer, Digishare's third id),
+//!   across that customer's conversations;
+//! - `plugin`: (plugin), shared by all of its conversations.
+//!
+//! Customer and plugin entries can be written by two conversations at
+//! once: each turn's last write of a key is applied at its commit, and
+//! the last committed write wins. The store counts usage from the rows as
+//! they are in that commit, so the counts stay exact; a turn is judged
+//! against what was committed when it first wrote plus its own writes.
 //!
 //! Sizes are bytes of key plus value (UTF-8), the same in every back end.
-//! A quota applies to a *scope* (today the conversation: a plugin's state
-//! in one conversation) and to the plugin as a whole (every scope it
-//! writes); the scopes the next issue adds (`customer`, `plugin`) reuse
-//! [`KvQuota`] and [`judge`].
+//! A quota applies to each scope (one conversation, one customer, the
+//! plugin's shared entries) and to the plugin as a whole (every scope).
 
 use serde::Serialize;
+
+/// The scope a plugin names in a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Conversation,
+    Customer,
+    Plugin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Conversation => "conversation",
+            Scope::Customer => "customer",
+            Scope::Plugin => "plugin",
+        }
+    }
+
+    /// How a quota refusal names it.
+    pub fn whose(self) -> &'static str {
+        match self {
+            Scope::Conversation => "this conversation's",
+            Scope::Customer => "this customer's",
+            Scope::Plugin => "this plugin's shared",
+        }
+    }
+}
+
+/// A scope resolved for one turn by the host, never by the plugin: the
+/// conversation is the one of its [`KvChanges`] (the event's), the
+/// customer the event's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KvScope {
+    Conversation,
+    Customer(String),
+    Plugin,
+}
+
+impl KvScope {
+    pub fn scope(&self) -> Scope {
+        match self {
+            KvScope::Conversation => Scope::Conversation,
+            KvScope::Customer(_) => Scope::Customer,
+            KvScope::Plugin => Scope::Plugin,
+        }
+    }
+
+    /// Whose entries within the scope, as the store keys them: the
+    /// customer id, or `""` for the plugin's shared entries (unused for
+    /// the conversation, keyed by its id).
+    pub fn owner(&self) -> &str {
+        match self {
+            KvScope::Customer(id) => id,
+            KvScope::Conversation | KvScope::Plugin => "",
+        }
+    }
+}
+
+/// The longest time-to-live a value may be given: a year.
+pub const TTL_MAX_MS: u64 = 365 * 24 * 3_600_000;
 
 /// One KV write of a plugin, applied with the event it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvWrite {
-    Set { key: String, value: String },
-    Delete { key: String },
+    Set {
+        scope: KvScope,
+        key: String,
+        value: String,
+        /// When the value stops being read (ms since the epoch); `None`:
+        /// kept until deleted (or its scope's retention).
+        expires_at: Option<i64>,
+    },
+    Delete {
+        scope: KvScope,
+        key: String,
+    },
 }
 
-/// The KV writes of one plugin for one conversation.
+impl KvWrite {
+    /// A conversation-scoped set without a TTL: what `kv.set` writes.
+    pub fn set(key: impl Into<String>, value: impl Into<String>) -> KvWrite {
+        KvWrite::Set {
+            scope: KvScope::Conversation,
+            key: key.into(),
+            value: value.into(),
+            expires_at: None,
+        }
+    }
+
+    /// A conversation-scoped delete: what `kv.delete` writes.
+    pub fn delete(key: impl Into<String>) -> KvWrite {
+        KvWrite::Delete {
+            scope: KvScope::Conversation,
+            key: key.into(),
+        }
+    }
+
+    pub fn scope(&self) -> &KvScope {
+        match self {
+            KvWrite::Set { scope, .. } | KvWrite::Delete { scope, .. } => scope,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            KvWrite::Set { key, .. } | KvWrite::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// The KV writes of one plugin for one event: in its conversation and in
+/// the other scopes each write names.
 #[derive(Debug, Clone)]
 pub struct KvChanges {
     pub plugin: String,
     pub conversation_id: String,
     pub writes: Vec<KvWrite>,
+}
+
+impl KvChanges {
+    /// Each (scope, key)'s last write, in first-written order: what the
+    /// commit applies (the last write is what the plugin meant).
+    pub fn last_writes(&self) -> Vec<&KvWrite> {
+        let mut last: Vec<&KvWrite> = Vec::new();
+        for w in &self.writes {
+            match last
+                .iter_mut()
+                .find(|l| l.scope() == w.scope() && l.key() == w.key())
+            {
+                Some(slot) => *slot = w,
+                None => last.push(w),
+            }
+        }
+        last
+    }
 }
 
 /// The stored size of one entry: its key's bytes plus its value's.
@@ -53,8 +188,8 @@ impl std::ops::AddAssign for KvSize {
     }
 }
 
-/// What a plugin holds, as committed: in the scope a turn writes (its
-/// conversation) and in all of its scopes together.
+/// What a plugin holds, as committed: in one scope (a conversation, a
+/// customer, its shared entries) and in all of its scopes together.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct KvUsage {
     pub scope: KvSize,
@@ -73,8 +208,23 @@ pub struct KvQuota {
 pub struct KvQuotas {
     /// Per conversation, per plugin.
     pub conversation: KvQuota,
-    /// Per plugin, over all of its conversations.
+    /// Per customer, per plugin.
+    pub customer: KvQuota,
+    /// The plugin's shared (`plugin` scope) entries.
+    pub shared: KvQuota,
+    /// Per plugin, over all of its scopes.
     pub plugin: KvQuota,
+}
+
+impl KvQuotas {
+    /// The quota of one scope.
+    pub fn of(&self, scope: Scope) -> KvQuota {
+        match scope {
+            Scope::Conversation => self.conversation,
+            Scope::Customer => self.customer,
+            Scope::Plugin => self.shared,
+        }
+    }
 }
 
 impl Default for KvQuotas {
@@ -83,6 +233,14 @@ impl Default for KvQuotas {
             conversation: KvQuota {
                 keys: 1_000,
                 bytes: 1 << 20,
+            },
+            customer: KvQuota {
+                keys: 100,
+                bytes: 64 << 10,
+            },
+            shared: KvQuota {
+                keys: 10_000,
+                bytes: 16 << 20,
             },
             plugin: KvQuota {
                 keys: 1_000_000,
@@ -97,7 +255,8 @@ impl Default for KvQuotas {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{whose} kv would hold {would} {what}, the quota is {quota}")]
 pub struct OverQuota {
-    /// `this conversation's` or `this plugin's`.
+    /// `this conversation's`, `this customer's`, `this plugin's shared`
+    /// or (all scopes) `this plugin's`.
     pub whose: &'static str,
     /// `keys` or `bytes`.
     pub what: &'static str,
@@ -230,6 +389,36 @@ mod tests {
             judge(usage(5, 500), delete, QUOTA, QUOTA, "this conversation's"),
             Ok(())
         );
+    }
+
+    #[test]
+    fn the_last_write_of_each_scope_and_key_is_applied() {
+        let customer = KvScope::Customer("thd_1".into());
+        let changes = KvChanges {
+            plugin: "p".into(),
+            conversation_id: "c".into(),
+            writes: vec![
+                KvWrite::set("a", "1"),
+                KvWrite::Set {
+                    scope: customer.clone(),
+                    key: "a".into(),
+                    value: "x".into(),
+                    expires_at: Some(5),
+                },
+                KvWrite::delete("a"),
+                KvWrite::Set {
+                    scope: KvScope::Plugin,
+                    key: "a".into(),
+                    value: "y".into(),
+                    expires_at: None,
+                },
+            ],
+        };
+        let last = changes.last_writes();
+        assert_eq!(last.len(), 3);
+        assert_eq!(*last[0], KvWrite::delete("a"));
+        assert_eq!(last[1].scope(), &customer);
+        assert_eq!(last[2].scope(), &KvScope::Plugin);
     }
 
     #[test]

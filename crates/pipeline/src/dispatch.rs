@@ -29,7 +29,8 @@ use digibot_runtime::{
     Call, CallSummary, EventFilter, Failure, KvRead, NoHttp, OutboundHttp, Runtime,
 };
 use digibot_store::{
-    ConversationRecord, ConversationUpdate, KvChanges, NewAction, Release, StateChange, Store,
+    ConversationRecord, ConversationUpdate, KvChanges, KvScope, NewAction, Release, StateChange,
+    Store,
     StoreError, StoredEvent, TimerChanges, now_ms,
 };
 use metrics::counter;
@@ -571,8 +572,18 @@ struct StoreKv {
 
 #[async_trait::async_trait]
 impl KvRead for StoreKv {
-    async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
-        match self.store.kv_get(plugin, conversation_id, key).await {
+    async fn get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+        key: &str,
+    ) -> Option<String> {
+        match self
+            .store
+            .kv_get_in(plugin, conversation_id, scope, key)
+            .await
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "kv read failed");
@@ -581,8 +592,24 @@ impl KvRead for StoreKv {
         }
     }
 
-    async fn usage(&self, plugin: &str, conversation_id: &str) -> digibot_store::KvUsage {
-        match self.store.kv_usage(plugin, conversation_id).await {
+    async fn customer_of(&self, conversation_id: &str) -> Option<String> {
+        match self.store.conversation_state(conversation_id).await {
+            Ok(record) => record.and_then(|r| r.customer_id),
+            Err(e) => {
+                // The customer scope is then refused as unknown.
+                tracing::error!(error = %e, "conversation read failed");
+                None
+            }
+        }
+    }
+
+    async fn usage(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+    ) -> digibot_store::KvUsage {
+        match self.store.kv_usage_in(plugin, conversation_id, scope).await {
             Ok(u) => u,
             Err(e) => {
                 // Judged against nothing held: the quota then lets this
@@ -1479,7 +1506,12 @@ impl Dispatcher {
         span: tracing::Span,
     ) -> Option<(Handled, ConversationUpdate, ConversationState)> {
         let now = now_ms();
-        let mut update = ConversationUpdate::default();
+        let mut update = ConversationUpdate {
+            // Kept for the events that do not say it (timers): whose
+            // customer KV scope their turns use.
+            customer_id: stored.event.customer_id().map(str::to_string),
+            ..ConversationUpdate::default()
+        };
         let mut state = record.map(|r| r.state).unwrap_or_default();
         match &stored.event.kind {
             EventKind::Message(m) => {

@@ -202,19 +202,6 @@ macro_rules! version_edge {
             }
         }
 
-        impl digishare::bot::kv::Host for HostState {
-            async fn get(&mut self, key: String) -> Option<String> {
-                check_key("kv.get", key.len()).ok()?;
-                self.kv_get(&key).await.ok().flatten()
-            }
-            async fn set(&mut self, key: String, value: String) -> Result<(), String> {
-                self.kv_set(key, value).await
-            }
-            async fn delete(&mut self, key: String) {
-                let _ = self.kv_delete(key).await;
-            }
-        }
-
         fn to_wit_conversation(c: &event::Conversation) -> wit::Conversation {
             wit::Conversation {
                 id: c.id.clone(),
@@ -362,6 +349,27 @@ macro_rules! version_edge {
                     user_id: h.user_id,
                     as_handler: h.as_handler,
                 },
+            }
+        }
+    };
+}
+
+/// The `kv` host functions of the versions whose `kv` has only the
+/// conversation scope (0.1.0, 0.2.0); 0.3.0 adds the scoped calls.
+macro_rules! conversation_kv_host {
+    () => {
+        impl digishare::bot::kv::Host for HostState {
+            // Shadowed by `add_bounded`; kept equivalent for the generated
+            // `add_to_linker`.
+            async fn get(&mut self, key: String) -> Option<String> {
+                check_key("kv.get", key.len()).ok()?;
+                self.kv_get(&key).await.ok().flatten()
+            }
+            async fn set(&mut self, key: String, value: String) -> Result<(), String> {
+                self.kv_set(key, value).await
+            }
+            async fn delete(&mut self, key: String) {
+                let _ = self.kv_delete(key).await;
             }
         }
     };

@@ -54,7 +54,7 @@ use wasmtime::{
     UpdateDeadline,
 };
 
-pub use digibot_domain::kv::{KvQuota, KvQuotas, KvSize, KvUsage, KvWrite};
+pub use digibot_domain::kv::{KvQuota, KvQuotas, KvScope, KvSize, KvUsage, KvWrite, Scope};
 
 /// How often the epoch ticks: a computing turn yields to the executor (and
 /// has its budgets checked) this often.
@@ -552,6 +552,19 @@ impl<'a> Call<'a> {
         }
     }
 
+    /// The customer's id, when the event says it (see
+    /// [`event::Event::customer_id`]).
+    pub fn customer_id(&self) -> Option<&str> {
+        let id = match self {
+            Call::NewConversation { conversation, .. } => Some(conversation.customer_id.as_str()),
+            Call::Message { message, .. } if message.sender.kind == event::SenderKind::Customer => {
+                message.sender.model_id.as_deref()
+            }
+            _ => None,
+        };
+        id.filter(|id| !id.is_empty())
+    }
+
     pub fn conversation_id(&self) -> &str {
         match self {
             Call::NewConversation { conversation, .. } => &conversation.id,
@@ -669,6 +682,7 @@ impl Runtime {
         v0_1_0::add_to_linker(&mut linker)?;
         v0_2_0::add_to_linker(&mut linker)?;
         v0_3_0::add_to_linker(&mut linker)?;
+        v0_3_0::add_scoped_kv_to_linker(&mut linker)?;
         v0_3_0::add_outbound_to_linker(&mut linker)?;
         v0_3_0::add_timers_to_linker(&mut linker)?;
         v0_3_0::add_conversation_to_linker(&mut linker)?;
@@ -1004,6 +1018,7 @@ impl Runtime {
         store.data_mut().bind(
             call.event_id(),
             call.conversation_id(),
+            call.customer_id(),
             kv,
             self.config.kv_quotas,
             http,

@@ -1,13 +1,14 @@
 //! What a plugin can touch during one invocation: the `Store` data. It is
-//! built for exactly one plugin and one conversation, so host functions have
-//! no way to reach another plugin's config or another conversation's state.
+//! built for exactly one plugin and one conversation (and that
+//! conversation's customer), so host functions have no way to reach another
+//! plugin's config or state, another conversation's or another customer's.
 
 use super::budget::Meter;
 use super::clock::{FrozenWallClock, VirtualClock};
 use super::manifest::{Grants, Limits};
 use super::outbound::{HttpTurn, OutboundHttp, RefusalView};
 use super::stdio::CappedPipe;
-use digibot_domain::kv::{self as dkv, KvQuotas, KvSize, KvUsage, KvWrite};
+use digibot_domain::kv::{self as dkv, KvQuotas, KvScope, KvSize, KvUsage, KvWrite, Scope};
 use digibot_domain::outbound::HttpPolicy;
 use digibot_domain::timer::{self, TimerOp};
 use std::collections::{BTreeMap, HashMap};
@@ -41,10 +42,24 @@ pub struct HostLimit(pub String);
 /// its compute budget).
 #[async_trait::async_trait]
 pub trait KvRead: Send + Sync {
-    async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String>;
-    /// What `plugin` holds (in `conversation_id` and in all), as committed:
-    /// what its writes are judged against.
-    async fn usage(&self, plugin: &str, conversation_id: &str) -> KvUsage;
+    /// `plugin`'s value in `scope` (the conversation scope's conversation
+    /// is `conversation_id`), absent once its TTL ran out.
+    async fn get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+        key: &str,
+    ) -> Option<String>;
+    /// What `plugin` holds (in `scope` and in all), as committed: what its
+    /// writes are judged against.
+    async fn usage(&self, plugin: &str, conversation_id: &str, scope: &KvScope) -> KvUsage;
+    /// The customer of `conversation_id`, as an earlier event of it said
+    /// (for events that do not carry it, such as timers).
+    async fn customer_of(&self, conversation_id: &str) -> Option<String> {
+        let _ = conversation_id;
+        None
+    }
     /// The names of `plugin`'s pending timers in `conversation_id`, as
     /// committed (none where timers are not kept, e.g. `replay`).
     async fn timer_names(&self, plugin: &str, conversation_id: &str) -> Vec<String> {
@@ -71,38 +86,68 @@ struct NoKv;
 
 #[async_trait::async_trait]
 impl KvRead for NoKv {
-    async fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
+    async fn get(&self, _: &str, _: &str, _: &KvScope, _: &str) -> Option<String> {
         None
     }
-    async fn usage(&self, _: &str, _: &str) -> KvUsage {
+    async fn usage(&self, _: &str, _: &str, _: &KvScope) -> KvUsage {
         KvUsage::default()
+    }
+}
+
+/// Where an entry of [`MemoryKv`] lives: its scope and whose (the
+/// conversation or customer id, `""` for the plugin's shared entries).
+type Space = (Scope, String);
+
+fn space(conversation_id: &str, scope: &KvScope) -> Space {
+    match scope {
+        KvScope::Conversation => (Scope::Conversation, conversation_id.to_string()),
+        other => (other.scope(), other.owner().to_string()),
     }
 }
 
 /// An in-memory [`KvRead`] that can apply an invocation's writes.
 #[derive(Default)]
-pub struct MemoryKv(std::sync::Mutex<HashMap<(String, String, String), String>>);
+pub struct MemoryKv {
+    entries: std::sync::Mutex<HashMap<(String, Space, String), (String, Option<i64>)>>,
+    customers: std::sync::Mutex<HashMap<String, String>>,
+}
 
 impl MemoryKv {
     /// Forgets every plugin's state for one conversation.
     pub fn clear_conversation(&self, conversation_id: &str) {
-        if let Ok(mut map) = self.0.lock() {
-            map.retain(|(_, conversation, _), _| conversation != conversation_id);
+        if let Ok(mut map) = self.entries.lock() {
+            map.retain(|(_, (scope, owner), _), _| {
+                *scope != Scope::Conversation || owner != conversation_id
+            });
+        }
+    }
+
+    /// Remembers whose conversation `conversation_id` is, for the events
+    /// of it that do not say.
+    pub fn remember_customer(&self, conversation_id: &str, customer_id: &str) {
+        if let Ok(mut map) = self.customers.lock() {
+            map.insert(conversation_id.to_string(), customer_id.to_string());
         }
     }
 
     pub fn apply(&self, plugin: &str, conversation_id: &str, writes: &[KvWrite]) {
-        let Ok(mut map) = self.0.lock() else { return };
+        let Ok(mut map) = self.entries.lock() else {
+            return;
+        };
         for w in writes {
+            let id = (
+                plugin.to_string(),
+                space(conversation_id, w.scope()),
+                w.key().to_string(),
+            );
             match w {
-                KvWrite::Set { key, value } => {
-                    map.insert(
-                        (plugin.into(), conversation_id.into(), key.clone()),
-                        value.clone(),
-                    );
+                KvWrite::Set {
+                    value, expires_at, ..
+                } => {
+                    map.insert(id, (value.clone(), *expires_at));
                 }
-                KvWrite::Delete { key } => {
-                    map.remove(&(plugin.into(), conversation_id.into(), key.clone()));
+                KvWrite::Delete { .. } => {
+                    map.remove(&id);
                 }
             }
         }
@@ -110,18 +155,42 @@ impl MemoryKv {
 
     /// The value `plugin` keeps under `key` in `conversation_id`.
     pub fn value(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
-        let map = self.0.lock().ok()?;
-        map.get(&(plugin.into(), conversation_id.into(), key.into()))
-            .cloned()
+        self.value_in(plugin, conversation_id, &KvScope::Conversation, key)
+    }
+
+    /// The value `plugin` keeps under `key` in `scope`, unless expired.
+    pub fn value_in(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+        key: &str,
+    ) -> Option<String> {
+        let map = self.entries.lock().ok()?;
+        let (value, expires_at) = map.get(&(
+            plugin.to_string(),
+            space(conversation_id, scope),
+            key.to_string(),
+        ))?;
+        match expires_at {
+            Some(at) if *at <= digibot_domain::time::now_ms() => None,
+            _ => Some(value.clone()),
+        }
     }
 
     /// What `plugin` holds, in `conversation_id` and in all.
     pub fn holdings(&self, plugin: &str, conversation_id: &str) -> KvUsage {
-        let Ok(map) = self.0.lock() else {
+        self.holdings_in(plugin, conversation_id, &KvScope::Conversation)
+    }
+
+    /// What `plugin` holds, in `scope` and in all.
+    pub fn holdings_in(&self, plugin: &str, conversation_id: &str, scope: &KvScope) -> KvUsage {
+        let Ok(map) = self.entries.lock() else {
             return KvUsage::default();
         };
+        let wanted = space(conversation_id, scope);
         let mut usage = KvUsage::default();
-        for ((p, c, key), value) in map.iter() {
+        for ((p, at, key), (value, _)) in map.iter() {
             if p != plugin {
                 continue;
             }
@@ -130,7 +199,7 @@ impl MemoryKv {
                 bytes: dkv::entry_bytes(key, value),
             };
             usage.plugin += size;
-            if c == conversation_id {
+            if *at == wanted {
                 usage.scope += size;
             }
         }
@@ -140,11 +209,20 @@ impl MemoryKv {
 
 #[async_trait::async_trait]
 impl KvRead for MemoryKv {
-    async fn get(&self, plugin: &str, conversation_id: &str, key: &str) -> Option<String> {
-        self.value(plugin, conversation_id, key)
+    async fn get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+        key: &str,
+    ) -> Option<String> {
+        self.value_in(plugin, conversation_id, scope, key)
     }
-    async fn usage(&self, plugin: &str, conversation_id: &str) -> KvUsage {
-        self.holdings(plugin, conversation_id)
+    async fn usage(&self, plugin: &str, conversation_id: &str, scope: &KvScope) -> KvUsage {
+        self.holdings_in(plugin, conversation_id, scope)
+    }
+    async fn customer_of(&self, conversation_id: &str) -> Option<String> {
+        self.customers.lock().ok()?.get(conversation_id).cloned()
     }
 }
 
@@ -231,14 +309,22 @@ pub struct HostState {
     conversation_id: String,
     config: Arc<BTreeMap<String, String>>,
     kv: Arc<dyn KvRead>,
-    kv_view: HashMap<String, Option<String>>,
+    /// The event's customer, when the event says it.
+    event_customer: Option<String>,
+    /// The customer scope, once looked up (`None` inside: unknown).
+    customer: Option<Option<String>>,
+    /// Each (scope, key) as this turn sees it: read once, then its writes.
+    kv_view: HashMap<(KvScope, String), Option<String>>,
     /// Store lookups made for `kv.get` this turn.
     kv_reads: usize,
     quotas: KvQuotas,
-    /// What the plugin held when the turn began (read at its first write).
-    kv_usage: Option<KvUsage>,
-    /// How much this turn's writes so far change it by.
-    kv_delta: KvSize,
+    /// What the plugin held in each scope it writes, as committed (read at
+    /// its first write there).
+    kv_usage: HashMap<KvScope, KvUsage>,
+    /// How much this turn's writes so far change each scope by.
+    kv_delta: HashMap<KvScope, KvSize>,
+    /// And all of them.
+    kv_delta_total: KvSize,
     pub(super) kv_writes: Vec<KvWrite>,
     event_id: String,
     /// The timer names pending once this turn's ops apply (read from the
@@ -303,11 +389,14 @@ impl HostState {
             conversation_id: String::new(),
             config,
             kv: Arc::new(NoKv),
+            event_customer: None,
+            customer: None,
             kv_view: HashMap::new(),
             kv_reads: 0,
             quotas: KvQuotas::default(),
-            kv_usage: None,
-            kv_delta: KvSize::default(),
+            kv_usage: HashMap::new(),
+            kv_delta: HashMap::new(),
+            kv_delta_total: KvSize::default(),
             kv_writes: Vec::new(),
             event_id: String::new(),
             timer_names: None,
@@ -325,18 +414,21 @@ impl HostState {
     }
 
     /// Binds the instance to the event it will serve: its conversation
-    /// (the only one its KV reads and writes can reach), the KV source, the
-    /// quotas its writes are judged against, and where its HTTP requests
-    /// go (numbered for that event).
+    /// and customer (the only ones its KV reads and writes can reach), the
+    /// KV source, the quotas its writes are judged against, and where its
+    /// HTTP requests go (numbered for that event).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn bind(
         &mut self,
         event_id: &str,
         conversation_id: &str,
+        customer_id: Option<&str>,
         kv: Arc<dyn KvRead>,
         quotas: KvQuotas,
         http: Arc<dyn OutboundHttp>,
     ) {
         self.conversation_id = conversation_id.to_string();
+        self.event_customer = customer_id.filter(|c| !c.is_empty()).map(str::to_string);
         self.event_id = event_id.to_string();
         self.kv = kv;
         self.quotas = quotas;
@@ -377,10 +469,19 @@ impl HostState {
         self.config.get(key).cloned()
     }
 
+    /// `kv.get`: the conversation scope.
+    pub(super) async fn kv_get(&mut self, key: &str) -> Result<Option<String>, HostLimit> {
+        self.kv_get_in(KvScope::Conversation, key).await
+    }
+
     /// Reads see this invocation's own writes first. A read past
     /// [`KV_READS_MAX`] distinct keys stops the turn.
-    pub(super) async fn kv_get(&mut self, key: &str) -> Result<Option<String>, HostLimit> {
-        if let Some(v) = self.kv_view.get(key) {
+    pub(super) async fn kv_get_in(
+        &mut self,
+        scope: KvScope,
+        key: &str,
+    ) -> Result<Option<String>, HostLimit> {
+        if let Some(v) = self.kv_view.get(&(scope.clone(), key.to_string())) {
             return Ok(v.clone());
         }
         if self.kv_reads >= KV_READS_MAX {
@@ -389,39 +490,133 @@ impl HostState {
             )));
         }
         self.kv_reads += 1;
-        Ok(self.stored(key).await)
+        Ok(self.stored(scope, key).await)
+    }
+
+    /// The scope a plugin named, for this turn: its customer's is the
+    /// event's customer, or its conversation's as an earlier event said;
+    /// with neither, the call is refused (`unknown: ...`).
+    pub(super) async fn resolve(&mut self, scope: Scope) -> Result<KvScope, String> {
+        match scope {
+            Scope::Conversation => Ok(KvScope::Conversation),
+            Scope::Plugin => Ok(KvScope::Plugin),
+            Scope::Customer => {
+                if self.customer.is_none() {
+                    let known = match &self.event_customer {
+                        Some(id) => Some(id.clone()),
+                        None => self
+                            .kv
+                            .customer_of(&self.conversation_id)
+                            .await
+                            .filter(|c| !c.is_empty()),
+                    };
+                    self.customer = Some(known);
+                }
+                match self.customer.clone().flatten() {
+                    Some(id) => Ok(KvScope::Customer(id)),
+                    None => Err(self.refusal(
+                        "unknown: this event's customer is not known (neither the event nor its conversation named one), so it has no customer kv".to_string(),
+                    )),
+                }
+            }
+        }
     }
 
     /// The value of `key` as this turn sees it, without counting a read
     /// (a write looks up what it replaces; writes are capped on their own).
-    async fn current(&mut self, key: &str) -> Option<String> {
-        if let Some(v) = self.kv_view.get(key) {
+    async fn current(&mut self, scope: &KvScope, key: &str) -> Option<String> {
+        if let Some(v) = self.kv_view.get(&(scope.clone(), key.to_string())) {
             return v.clone();
         }
-        self.stored(key).await
+        self.stored(scope.clone(), key).await
     }
 
-    async fn stored(&mut self, key: &str) -> Option<String> {
-        let value = self.kv.get(&self.plugin, &self.conversation_id, key).await;
-        self.kv_view.insert(key.to_string(), value.clone());
+    async fn stored(&mut self, scope: KvScope, key: &str) -> Option<String> {
+        let value = self
+            .kv
+            .get(&self.plugin, &self.conversation_id, &scope, key)
+            .await;
+        self.kv_view.insert((scope, key.to_string()), value.clone());
         value
     }
 
-    async fn usage(&mut self) -> KvUsage {
-        if let Some(usage) = self.kv_usage {
-            return usage;
+    /// What the plugin holds in `scope` and in all, counting this turn's
+    /// writes so far.
+    async fn usage(&mut self, scope: &KvScope) -> KvUsage {
+        let committed = match self.kv_usage.get(scope) {
+            Some(usage) => *usage,
+            None => {
+                let usage = self
+                    .kv
+                    .usage(&self.plugin, &self.conversation_id, scope)
+                    .await;
+                self.kv_usage.insert(scope.clone(), usage);
+                usage
+            }
+        };
+        KvUsage {
+            scope: committed.scope + self.kv_delta.get(scope).copied().unwrap_or_default(),
+            plugin: committed.plugin + self.kv_delta_total,
         }
-        let usage = self.kv.usage(&self.plugin, &self.conversation_id).await;
-        self.kv_usage = Some(usage);
-        usage
+    }
+
+    /// `kv.get-in`: the scope resolved, then read; every refusal (an
+    /// unknown customer, the read cap) is returned to the plugin.
+    pub(super) async fn kv_get_scoped(
+        &mut self,
+        scope: Scope,
+        key: &str,
+    ) -> Result<Option<String>, String> {
+        let scope = self.resolve(scope).await?;
+        match self.kv_get_in(scope, key).await {
+            Ok(value) => Ok(value),
+            Err(limit) => Err(self.refusal(format!("limit: {limit}"))),
+        }
+    }
+
+    /// `kv.set-in`.
+    pub(super) async fn kv_set_scoped(
+        &mut self,
+        scope: Scope,
+        key: String,
+        value: String,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), String> {
+        self.kv_set_admits(key.len(), value.len())?;
+        let scope = self.resolve(scope).await?;
+        self.kv_set_in(scope, key, value, ttl_ms).await
+    }
+
+    /// `kv.delete-in`.
+    pub(super) async fn kv_delete_scoped(
+        &mut self,
+        scope: Scope,
+        key: String,
+    ) -> Result<(), String> {
+        let scope = self.resolve(scope).await?;
+        match self.kv_delete_in(scope, key).await {
+            Ok(()) => Ok(()),
+            Err(limit) => Err(self.refusal(format!("limit: {limit}"))),
+        }
+    }
+
+    /// Records `reason` among the turn's refusals and returns it (for the
+    /// version edges' own refusals).
+    pub(super) fn refused_with(&mut self, reason: String) -> String {
+        self.refusal(reason)
+    }
+
+    /// Records `reason` among the turn's refusals and returns it.
+    fn refusal(&mut self, reason: String) -> String {
+        if self.refused.len() < REFUSALS_KEPT && !self.refused.contains(&reason) {
+            self.refused.push(reason.clone());
+        }
+        reason
     }
 
     /// A write refused with `reason`, which the plugin receives.
     fn refuse(&mut self, reason: String) -> Result<(), String> {
-        if self.refused.len() < REFUSALS_KEPT && !self.refused.contains(&reason) {
-            self.refused.push(reason.clone());
-        }
-        Err(reason)
+        Err(self.refusal(reason))
     }
 
     /// Whether a `timers.schedule` of a name and payload of these sizes can
@@ -458,29 +653,66 @@ impl HostState {
         Ok(())
     }
 
+    /// Whether a TTL is within its bounds: 1 ms to [`dkv::TTL_MAX_MS`].
+    pub(super) fn kv_ttl_admits(&mut self, ttl_ms: Option<u64>) -> Result<(), String> {
+        match ttl_ms {
+            Some(0) => self.refuse("limit: kv ttl is 0 ms, it must be at least 1".to_string()),
+            Some(ttl) if ttl > dkv::TTL_MAX_MS => self.refuse(format!(
+                "limit: kv ttl is {ttl} ms, the limit is {} (365 days)",
+                dkv::TTL_MAX_MS
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `kv.set`: the conversation scope, no TTL.
     pub(super) async fn kv_set(&mut self, key: String, value: String) -> Result<(), String> {
+        self.kv_set_in(KvScope::Conversation, key, value, None)
+            .await
+    }
+
+    /// A set in `scope`, judged against that scope's quota and the
+    /// plugin's, with what the turn already wrote; expiring `ttl_ms` from
+    /// now when given.
+    pub(super) async fn kv_set_in(
+        &mut self,
+        scope: KvScope,
+        key: String,
+        value: String,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), String> {
         self.kv_set_admits(key.len(), value.len())?;
-        let old = self.current(&key).await;
+        self.kv_ttl_admits(ttl_ms)?;
+        let old = self.current(&scope, &key).await;
         let delta = KvSize {
             keys: i64::from(old.is_none()),
             bytes: dkv::entry_bytes(&key, &value)
                 - old.as_deref().map_or(0, |v| dkv::entry_bytes(&key, v)),
         };
-        let mut usage = self.usage().await;
-        usage.scope += self.kv_delta;
-        usage.plugin += self.kv_delta;
+        let usage = self.usage(&scope).await;
+        let kind = scope.scope();
         if let Err(over) = dkv::judge(
             usage,
             delta,
-            self.quotas.conversation,
+            self.quotas.of(kind),
             self.quotas.plugin,
-            "this conversation's",
+            kind.whose(),
         ) {
             return self.refuse(format!("quota: {over}"));
         }
-        self.kv_delta += delta;
-        self.kv_view.insert(key.clone(), Some(value.clone()));
-        self.kv_writes.push(KvWrite::Set { key, value });
+        *self.kv_delta.entry(scope.clone()).or_default() += delta;
+        self.kv_delta_total += delta;
+        let expires_at = ttl_ms.map(|ttl| {
+            digibot_domain::time::now_ms().saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+        });
+        self.kv_view
+            .insert((scope.clone(), key.clone()), Some(value.clone()));
+        self.kv_writes.push(KvWrite::Set {
+            scope,
+            key,
+            value,
+            expires_at,
+        });
         Ok(())
     }
 
@@ -577,22 +809,33 @@ impl HostState {
         self.timer_names.get_or_insert_with(Vec::new)
     }
 
-    /// A delete past the write cap stops the turn: the plugin would
-    /// otherwise believe the key gone.
+    /// `kv.delete`: the conversation scope. A delete past the write cap
+    /// stops the turn: the plugin would otherwise believe the key gone.
     pub(super) async fn kv_delete(&mut self, key: String) -> Result<(), HostLimit> {
+        self.kv_delete_in(KvScope::Conversation, key).await
+    }
+
+    /// A delete in `scope`; past the write cap it is refused.
+    pub(super) async fn kv_delete_in(
+        &mut self,
+        scope: KvScope,
+        key: String,
+    ) -> Result<(), HostLimit> {
         if self.kv_writes.len() >= KV_WRITES_MAX {
             return Err(HostLimit(format!(
                 "more than {KV_WRITES_MAX} kv writes in one event"
             )));
         }
-        if let Some(old) = self.current(&key).await {
-            self.kv_delta += KvSize {
+        if let Some(old) = self.current(&scope, &key).await {
+            let freed = KvSize {
                 keys: -1,
                 bytes: -dkv::entry_bytes(&key, &old),
             };
+            *self.kv_delta.entry(scope.clone()).or_default() += freed;
+            self.kv_delta_total += freed;
         }
-        self.kv_view.insert(key.clone(), None);
-        self.kv_writes.push(KvWrite::Delete { key });
+        self.kv_view.insert((scope.clone(), key.clone()), None);
+        self.kv_writes.push(KvWrite::Delete { scope, key });
         Ok(())
     }
 }
@@ -654,6 +897,12 @@ mod tests {
     use digibot_domain::kv::KvQuota;
 
     fn state(kv: Arc<MemoryKv>, quota: KvQuota) -> HostState {
+        state_of(kv, quota, Some("thd_1"))
+    }
+
+    /// A turn of plugin `p` in conversation `c`, of customer `customer`;
+    /// every scope under `quota`.
+    fn state_of(kv: Arc<MemoryKv>, quota: KvQuota, customer: Option<&str>) -> HostState {
         let limits = Limits {
             max_log_lines: 3,
             ..Limits::default()
@@ -672,9 +921,12 @@ mod tests {
         s.bind(
             "e",
             "c",
+            customer,
             kv,
             KvQuotas {
                 conversation: quota,
+                customer: quota,
+                shared: quota,
                 plugin: roomy,
             },
             Arc::new(crate::NoHttp("in this test")),
@@ -690,14 +942,7 @@ mod tests {
     #[tokio::test]
     async fn a_turn_is_judged_with_what_it_already_wrote_and_freed() {
         let kv = Arc::new(MemoryKv::default());
-        kv.apply(
-            "p",
-            "c",
-            &[KvWrite::Set {
-                key: "a".into(),
-                value: "x".repeat(39),
-            }],
-        );
+        kv.apply("p", "c", &[KvWrite::set("a", "x".repeat(39))]);
         let mut s = state(kv, SMALL);
         assert_eq!(s.kv_set("b".into(), "y".repeat(9)).await, Ok(()));
         let refused = "quota: this conversation's kv would hold 3 keys, the quota is 2";
@@ -756,5 +1001,192 @@ mod tests {
             s.log(LogLevel::Info, "");
         }
         assert_eq!((s.logs.len(), s.logs_dropped), (3, 7));
+    }
+
+    #[tokio::test]
+    async fn scopes_are_judged_each_against_their_own_quota_and_named_in_the_refusal() {
+        let kv = Arc::new(MemoryKv::default());
+        let mut s = state(kv.clone(), SMALL);
+        let customer = KvScope::Customer("thd_1".into());
+        // Two keys in each scope: each has its own quota of two.
+        for scope in [KvScope::Conversation, customer.clone(), KvScope::Plugin] {
+            for key in ["a", "b"] {
+                assert_eq!(
+                    s.kv_set_in(scope.clone(), key.into(), "1".into(), None)
+                        .await,
+                    Ok(())
+                );
+            }
+        }
+        assert_eq!(
+            s.kv_set_scoped(Scope::Customer, "c".into(), "1".into(), None)
+                .await,
+            Err("quota: this customer's kv would hold 3 keys, the quota is 2".into())
+        );
+        assert_eq!(
+            s.kv_set_scoped(Scope::Plugin, "c".into(), "1".into(), None)
+                .await,
+            Err("quota: this plugin's shared kv would hold 3 keys, the quota is 2".into())
+        );
+        // Reads see the turn's own writes, per scope.
+        assert_eq!(
+            s.kv_get_scoped(Scope::Customer, "a").await,
+            Ok(Some("1".into()))
+        );
+        assert_eq!(s.kv_get_scoped(Scope::Plugin, "c").await, Ok(None));
+        // Committed, another conversation of the same customer reads them;
+        // another customer does not.
+        kv.apply("p", "c", &s.kv_writes);
+        assert_eq!(
+            kv.value_in("p", "other", &customer, "a").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            kv.value_in("p", "other", &KvScope::Plugin, "b").as_deref(),
+            Some("1")
+        );
+        assert_eq!(kv.value_in("q", "c", &customer, "a"), None);
+        let mut next = state_of(kv.clone(), SMALL, Some("thd_2"));
+        assert_eq!(next.kv_get_scoped(Scope::Customer, "a").await, Ok(None));
+        assert_eq!(
+            next.kv_get_scoped(Scope::Plugin, "a").await,
+            Ok(Some("1".into()))
+        );
+        // The plugin's shared scope, full, refuses a third key there too.
+        assert!(
+            next.kv_set_scoped(Scope::Plugin, "z".into(), "1".into(), None)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_customer_is_a_clear_refusal_and_the_conversation_can_name_one() {
+        let kv = Arc::new(MemoryKv::default());
+        let unknown = "unknown: this event's customer is not known (neither the event nor its conversation named one), so it has no customer kv";
+        let mut s = state_of(kv.clone(), SMALL, None);
+        assert_eq!(
+            s.kv_get_scoped(Scope::Customer, "lang").await,
+            Err(unknown.into())
+        );
+        assert_eq!(
+            s.kv_set_scoped(Scope::Customer, "lang".into(), "fr".into(), None)
+                .await,
+            Err(unknown.into())
+        );
+        assert_eq!(
+            s.kv_delete_scoped(Scope::Customer, "lang".into()).await,
+            Err(unknown.into())
+        );
+        assert_eq!(s.refused, [unknown]);
+        assert!(s.kv_writes.is_empty());
+        // The other scopes still work; an empty customer id is no id.
+        assert_eq!(s.kv_get_scoped(Scope::Plugin, "lang").await, Ok(None));
+        let mut empty = state_of(kv.clone(), SMALL, Some(""));
+        assert_eq!(
+            empty.kv_get_scoped(Scope::Customer, "lang").await,
+            Err(unknown.into())
+        );
+        // A timer's turn (no customer in its event) uses the one its
+        // conversation's earlier event named.
+        kv.remember_customer("c", "thd_9");
+        let mut timer = state_of(kv.clone(), SMALL, None);
+        assert_eq!(
+            timer
+                .kv_set_scoped(Scope::Customer, "lang".into(), "fr".into(), None)
+                .await,
+            Ok(())
+        );
+        assert_eq!(
+            timer.kv_writes[0].scope(),
+            &KvScope::Customer("thd_9".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn hostile_scoped_input_is_refused_before_it_is_kept() {
+        let mut s = state(Arc::new(MemoryKv::default()), SMALL);
+        let huge_key = "k".repeat(KV_KEY_MAX + 1);
+        assert_eq!(
+            s.kv_set_scoped(Scope::Customer, huge_key.clone(), "v".into(), None)
+                .await,
+            Err("limit: kv key is 257 bytes, the limit is 256".into())
+        );
+        assert_eq!(
+            s.kv_set_scoped(
+                Scope::Plugin,
+                "k".into(),
+                "v".repeat(KV_VALUE_MAX + 1),
+                None
+            )
+            .await,
+            Err("limit: kv value is 65537 bytes, the limit is 65536".into())
+        );
+        assert_eq!(
+            s.kv_set_scoped(Scope::Plugin, String::new(), "v".into(), None)
+                .await,
+            Err("limit: kv key is empty".into())
+        );
+        // TTLs: zero and past a year are refused, u64::MAX included (no
+        // overflow); the longest one is taken.
+        assert_eq!(
+            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(0))
+                .await,
+            Err("limit: kv ttl is 0 ms, it must be at least 1".into())
+        );
+        assert_eq!(
+            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(u64::MAX))
+                .await,
+            Err(format!(
+                "limit: kv ttl is {} ms, the limit is 31536000000 (365 days)",
+                u64::MAX
+            ))
+        );
+        assert_eq!(
+            s.kv_set_scoped(Scope::Plugin, "t".into(), "v".into(), Some(dkv::TTL_MAX_MS))
+                .await,
+            Ok(())
+        );
+        let KvWrite::Set {
+            expires_at: Some(at),
+            ..
+        } = &s.kv_writes[0]
+        else {
+            panic!("{:?}", s.kv_writes)
+        };
+        assert!(*at > digibot_domain::time::now_ms());
+        // Reads past the cap are refused (the turn goes on), whatever the
+        // scope they spread over.
+        for i in 0..KV_READS_MAX {
+            let scope = [Scope::Conversation, Scope::Customer, Scope::Plugin][i % 3];
+            assert_eq!(s.kv_get_scoped(scope, &format!("r{i}")).await, Ok(None));
+        }
+        assert_eq!(
+            s.kv_get_scoped(Scope::Customer, "one-more").await,
+            Err("limit: more than 256 distinct kv keys read in one event".into())
+        );
+        // Writes past the cap: a set and a delete are refused alike.
+        let mut w = state(
+            Arc::new(MemoryKv::default()),
+            KvQuota {
+                keys: 10_000,
+                bytes: 1 << 30,
+            },
+        );
+        for i in 0..KV_WRITES_MAX {
+            w.kv_delete_scoped(Scope::Plugin, format!("d{i}"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            w.kv_delete_scoped(Scope::Customer, "x".into()).await,
+            Err("limit: more than 256 kv writes in one event".into())
+        );
+        assert_eq!(
+            w.kv_set_scoped(Scope::Customer, "x".into(), "v".into(), None)
+                .await,
+            Err("limit: more than 256 kv writes in one event".into())
+        );
+        assert_eq!(w.kv_writes.len(), KV_WRITES_MAX);
     }
 }

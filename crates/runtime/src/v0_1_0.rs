@@ -19,6 +19,8 @@ pub const VERSION: &str = "0.1.0";
 
 version_edge!();
 
+conversation_kv_host!();
+
 // 0.1.0 has no conversation state: its plugins are not told about it (the
 // host still decides, by the state, whether they are called at all).
 

@@ -18,6 +18,8 @@ pub const VERSION: &str = "0.2.0";
 
 version_edge!();
 
+conversation_kv_host!();
+
 events_with_state!();
 
 /// 0.2.0's message event: no burst (a debounced plugin built against

@@ -5,6 +5,9 @@
 //! why a request was refused. Events and actions are 0.2.0's and convert
 //! through the shared `version_edge!` (edge.rs).
 //!
+//! Its `kv` adds scopes (`customer`, `plugin`) and TTLs: the `-in` calls,
+//! bounded over `WasmStr` like the others ([`add_scoped_kv_to_linker`]).
+//!
 //! It also adds timers: the `timers` import, and the `on-timer` export of
 //! the `bot-with-timers` world. The export is looked up by name rather than
 //! bound by `bindgen!`, because components built against the plain `bot`
@@ -66,6 +69,133 @@ fn message_event(
         message,
         state: to_wit_state(state),
         burst: burst.iter().map(to_wit_message).collect(),
+    }
+}
+
+fn to_scope(scope: digishare::bot::kv::Scope) -> digibot_domain::kv::Scope {
+    use digibot_domain::kv::Scope;
+    use digishare::bot::kv::Scope as W;
+    match scope {
+        W::Conversation => Scope::Conversation,
+        W::Customer => Scope::Customer,
+        W::Plugin => Scope::Plugin,
+    }
+}
+
+/// The refusal of a key past its bound, as the `-in` calls return it (they
+/// have an error to return, so the turn goes on).
+fn key_refusal(call: &str, len: usize) -> Option<String> {
+    check_key(call, len)
+        .err()
+        .map(|limit| format!("limit: {limit}"))
+}
+
+/// 0.3.0's scoped KV calls, defined again over `WasmStr`: a key or value
+/// past its bound is refused from its length in the plugin's memory, never
+/// copied.
+pub fn add_scoped_kv_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use digishare::bot::kv::{Scope, SetOptions};
+    linker.allow_shadowing(true);
+    let mut kv = linker.instance(&format!("digishare:bot/kv@{VERSION}"))?;
+    let shadowed = kv
+        .func_wrap_async(
+            "get-in",
+            |mut store: StoreContextMut<'_, HostState>, (scope, key): (Scope, WasmStr)| {
+                Box::new(async move {
+                    if let Some(refusal) = key_refusal("kv.get-in", key.to_str(&store)?.len()) {
+                        return Ok((Err(store.data_mut().refused_with(refusal)),));
+                    }
+                    let key = key.to_str(&store)?.into_owned();
+                    Ok((store.data_mut().kv_get_scoped(to_scope(scope), &key).await,))
+                })
+            },
+        )
+        .and_then(|()| {
+            kv.func_wrap_async(
+                "set-in",
+                |mut store: StoreContextMut<'_, HostState>,
+                 (scope, key, value, options): (Scope, WasmStr, WasmStr, SetOptions)| {
+                    Box::new(async move {
+                        let sizes = (key.to_str(&store)?.len(), value.to_str(&store)?.len());
+                        if let Err(refusal) = store.data_mut().kv_set_admits(sizes.0, sizes.1) {
+                            return Ok((Err(refusal),));
+                        }
+                        let key = key.to_str(&store)?.into_owned();
+                        let value = value.to_str(&store)?.into_owned();
+                        let set = store
+                            .data_mut()
+                            .kv_set_scoped(to_scope(scope), key, value, options.ttl_ms)
+                            .await;
+                        Ok((set,))
+                    })
+                },
+            )
+        })
+        .and_then(|()| {
+            kv.func_wrap_async(
+                "delete-in",
+                |mut store: StoreContextMut<'_, HostState>, (scope, key): (Scope, WasmStr)| {
+                    Box::new(async move {
+                        if let Some(refusal) =
+                            key_refusal("kv.delete-in", key.to_str(&store)?.len())
+                        {
+                            return Ok((Err(store.data_mut().refused_with(refusal)),));
+                        }
+                        let key = key.to_str(&store)?.into_owned();
+                        Ok((store
+                            .data_mut()
+                            .kv_delete_scoped(to_scope(scope), key)
+                            .await,))
+                    })
+                },
+            )
+        });
+    linker.allow_shadowing(false);
+    shadowed
+}
+
+impl digishare::bot::kv::Host for HostState {
+    // All shadowed (`add_bounded`, `add_scoped_kv_to_linker`); kept
+    // equivalent for the generated `add_to_linker`.
+    async fn get(&mut self, key: String) -> Option<String> {
+        check_key("kv.get", key.len()).ok()?;
+        self.kv_get(&key).await.ok().flatten()
+    }
+    async fn set(&mut self, key: String, value: String) -> Result<(), String> {
+        self.kv_set(key, value).await
+    }
+    async fn delete(&mut self, key: String) {
+        let _ = self.kv_delete(key).await;
+    }
+    async fn get_in(
+        &mut self,
+        scope: digishare::bot::kv::Scope,
+        key: String,
+    ) -> Result<Option<String>, String> {
+        if let Some(refusal) = key_refusal("kv.get-in", key.len()) {
+            return Err(self.refused_with(refusal));
+        }
+        self.kv_get_scoped(to_scope(scope), &key).await
+    }
+    async fn set_in(
+        &mut self,
+        scope: digishare::bot::kv::Scope,
+        key: String,
+        value: String,
+        options: digishare::bot::kv::SetOptions,
+    ) -> Result<(), String> {
+        self.kv_set_scoped(to_scope(scope), key, value, options.ttl_ms)
+            .await
+    }
+    async fn delete_in(
+        &mut self,
+        scope: digishare::bot::kv::Scope,
+        key: String,
+    ) -> Result<(), String> {
+        if let Some(refusal) = key_refusal("kv.delete-in", key.len()) {
+            return Err(self.refused_with(refusal));
+        }
+        self.kv_delete_scoped(to_scope(scope), key).await
     }
 }
 

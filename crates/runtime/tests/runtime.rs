@@ -493,11 +493,22 @@ fn a_slow_kv_read_is_wall_time_not_compute() {
     struct SlowKv(Duration);
     #[async_trait::async_trait]
     impl KvRead for SlowKv {
-        async fn get(&self, _: &str, _: &str, _: &str) -> Option<String> {
+        async fn get(
+            &self,
+            _: &str,
+            _: &str,
+            _: &digibot_runtime::KvScope,
+            _: &str,
+        ) -> Option<String> {
             tokio::time::sleep(self.0).await;
             Some("late".into())
         }
-        async fn usage(&self, _: &str, _: &str) -> digibot_runtime::KvUsage {
+        async fn usage(
+            &self,
+            _: &str,
+            _: &str,
+            _: &digibot_runtime::KvScope,
+        ) -> digibot_runtime::KvUsage {
             digibot_runtime::KvUsage::default()
         }
     }

@@ -47,9 +47,9 @@ use digibot_domain::resume::{Cause, Resumed};
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, HistoryEntry, Inserted, JournalEntry,
-    JournalOutcome, JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, OutboxAction,
-    OutboxDepth, PluginRecords, Pruned, Release, Retention, Store, StoreError, StoredEvent,
-    TimerChanges, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
+    JournalOutcome, JournalRequest, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction,
+    OutboxAction, OutboxDepth, PluginRecords, Pruned, Release, Retention, Store, StoreError,
+    StoredEvent, TimerChanges, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use pool::{Conn, Pool, Timeouts};
 use std::sync::Arc;
@@ -314,6 +314,42 @@ CREATE INDEX timers_due ON timers (due_at);
 -- conversation last changed hands: a hand-back tells the plugins how many
 -- passed while the human had it.
 ALTER TABLE conversations ADD COLUMN messages BIGINT NOT NULL DEFAULT 0;
+"#,
+    ),
+    (
+        8,
+        r#"
+-- KV scopes beyond the conversation: values with a TTL (every scope), the
+-- customer's id per conversation, and the `customer` and `plugin` scopes
+-- (owner: the customer id, '' for the plugin's shared entries).
+ALTER TABLE kv ADD COLUMN expires_at BIGINT;
+CREATE INDEX kv_expiring ON kv (expires_at) WHERE expires_at IS NOT NULL;
+ALTER TABLE conversations ADD COLUMN customer_id TEXT;
+CREATE TABLE kv_scoped (
+    plugin TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expires_at BIGINT,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (plugin, scope, owner, key)
+);
+CREATE INDEX kv_scoped_expiring ON kv_scoped (expires_at) WHERE expires_at IS NOT NULL;
+-- What each plugin holds per customer and in its shared scope, and when
+-- it last wrote there. Its row is the lock every writer of the scope
+-- takes first (two conversations may write one customer's memory at
+-- once): the usage it keeps is counted from the rows as they are.
+CREATE TABLE kv_scoped_usage (
+    plugin TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    keys BIGINT NOT NULL,
+    bytes BIGINT NOT NULL,
+    active_at BIGINT NOT NULL,
+    PRIMARY KEY (plugin, scope, owner)
+);
+CREATE INDEX kv_scoped_idle ON kv_scoped_usage (scope, active_at);
 "#,
     ),
 ];
@@ -639,13 +675,15 @@ impl Postgres {
             a[4].push(action.body.to_string());
         }
         let (sets, deletes) = kv_final(&kv);
+        let scoped = scoped_final(&kv);
         let mut c = self.conn().await?;
-        // Timer schedules follow the statement below in one transaction
-        // (only when the turns made some: the usual event needs none).
+        // Timer schedules and customer and plugin KV writes follow the
+        // statement below in one transaction (only when the turns made
+        // some: the usual event needs none).
         let timer_ops = update.archive.is_none() && update.timers.iter().any(|t| !t.ops.is_empty());
         // So does a hand-back's `digibot.resumed` event.
         let handing_back = update.change.as_ref().is_some_and(hands_back);
-        let transaction = timer_ops || handing_back;
+        let transaction = timer_ops || handing_back || !scoped.is_empty();
         if transaction {
             c.execute("BEGIN", &[]).await?;
         }
@@ -669,6 +707,9 @@ impl Postgres {
                 .await?;
             if done.completed && timer_ops {
                 apply_timer_ops(&mut c, &conversation_id, &update.timers, now).await?;
+            }
+            if done.completed && !scoped.is_empty() {
+                apply_scoped_kv(&mut c, &scoped, now).await?;
             }
             if let (true, Some(change), Some((taken_at, messages))) =
                 (done.changed, &update.change, human)
@@ -714,7 +755,7 @@ impl Postgres {
         conversation_id: &str,
         outcomes: &str,
         a: &[Vec<String>; 5],
-        sets: &[Vec<String>; 4],
+        (sets, expires): &([Vec<String>; 4], Vec<Option<i64>>),
         deletes: &[Vec<String>; 3],
         update: &ConversationUpdate,
         now: i64,
@@ -749,11 +790,11 @@ impl Postgres {
                     ORDER BY a.n
                     RETURNING id
                  ), kv_set AS (
-                    INSERT INTO kv (plugin, conversation_id, key, value, updated_at)
-                    SELECT s.plugin, s.conv, s.key, s.value, $3
-                    FROM done, unnest($12::text[], $13::text[], $14::text[], $15::text[]) AS s(plugin, conv, key, value)
+                    INSERT INTO kv (plugin, conversation_id, key, value, updated_at, expires_at)
+                    SELECT s.plugin, s.conv, s.key, s.value, $3, s.expires
+                    FROM done, unnest($12::text[], $13::text[], $14::text[], $15::text[], $26::bigint[]) AS s(plugin, conv, key, value, expires)
                     ON CONFLICT (plugin, conversation_id, key)
-                    DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+                    DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at, expires_at = excluded.expires_at
                     RETURNING 1
                  ), kv_delete AS (
                     DELETE FROM kv USING done, unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
@@ -801,13 +842,14 @@ impl Postgres {
                            AND COALESCE((SELECT state FROM old), 'bot') <> $19::text
                            AND ($20::text IS NULL OR COALESCE((SELECT state FROM old), 'bot') = $20::text) AS yes
                  ), conv AS (
-                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at, active_at)
+                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at, active_at, customer_id)
                     SELECT $2, CASE WHEN applies.yes THEN $19::text ELSE 'bot' END, $3,
                            CASE WHEN applies.yes THEN $21::text ELSE 'first event' END,
-                           $22::text, $23::bigint, $24::bigint, $3
+                           $22::text, $23::bigint, $24::bigint, $3, $27::text
                     FROM done, applies WHERE $2 <> ''
                     ON CONFLICT (id) DO UPDATE SET
                        active_at = GREATEST(conversations.active_at, $3),
+                       customer_id = COALESCE($27::text, conversations.customer_id),
                        state = CASE WHEN (SELECT yes FROM applies) THEN $19::text ELSE conversations.state END,
                        changed_at = CASE WHEN (SELECT yes FROM applies) THEN $3 ELSE conversations.changed_at END,
                        messages = CASE WHEN (SELECT yes FROM applies) THEN 0
@@ -865,6 +907,8 @@ impl Postgres {
                     &update.customer_at,
                     &update.agent_at,
                     &update.archive,
+                    expires,
+                    &update.customer_id,
                 ],
             )
             .await?;
@@ -885,7 +929,7 @@ impl Postgres {
         let mut c = self.conn().await?;
         let rows = c
             .query(
-                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id
                  FROM conversations WHERE id = $1",
                 &[&id],
             )
@@ -901,7 +945,7 @@ impl Postgres {
         let mut c = self.conn().await?;
         let rows = c
             .query(
-                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id
                  FROM conversations WHERE $1::text IS NULL OR state = $1
                  ORDER BY changed_at DESC, id LIMIT $2",
                 &[&state.map(|s| s.as_str()), &(limit as i64)],
@@ -1000,7 +1044,7 @@ impl Postgres {
                  )
                  SELECT r.conversation_id, r.events, r.first_at, r.last_at, r.pending, e.name,
                         COALESCE(a.sent, 0), COALESCE(a.pending, 0), COALESCE(a.dead, 0),
-                        s.id, s.state, s.changed_at, s.reason, s.channel, s.last_customer_at, s.last_agent_at
+                        s.id, s.state, s.changed_at, s.reason, s.channel, s.last_customer_at, s.last_agent_at, s.customer_id
                  FROM recent r JOIN events e ON e.seq = r.last_seq
                  LEFT JOIN actions a ON a.conversation_id = r.conversation_id
                  LEFT JOIN conversations s ON s.id = r.conversation_id
@@ -1056,7 +1100,7 @@ impl Postgres {
         let actions = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
         let rows = c
             .query(
-                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at
+                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id
                  FROM conversations WHERE id = $1",
                 &[&conversation_id],
             )
@@ -1333,33 +1377,63 @@ impl Postgres {
 
     // ---- KV --------------------------------------------------------------
 
-    async fn kv_get(
+    async fn kv_get_in(
         &self,
         plugin: &str,
         conversation_id: &str,
+        scope: &KvScope,
         key: &str,
     ) -> Result<Option<String>, Error> {
         let mut c = self.conn().await?;
-        let rows = c
-            .query(
-                "SELECT value FROM kv WHERE plugin = $1 AND conversation_id = $2 AND key = $3",
-                &[&plugin, &conversation_id, &key],
-            )
-            .await?;
+        let now = now_ms();
+        let rows = match scope {
+            KvScope::Conversation => {
+                c.query(
+                    "SELECT value FROM kv WHERE plugin = $1 AND conversation_id = $2 AND key = $3
+                       AND (expires_at IS NULL OR expires_at > $4)",
+                    &[&plugin, &conversation_id, &key, &now],
+                )
+                .await?
+            }
+            _ => {
+                c.query(
+                    "SELECT value FROM kv_scoped WHERE plugin = $1 AND scope = $2 AND owner = $3 AND key = $4
+                       AND (expires_at IS NULL OR expires_at > $5)",
+                    &[&plugin, &scope.scope().as_str(), &scope.owner(), &key, &now],
+                )
+                .await?
+            }
+        };
         Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
     }
 
-    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, Error> {
+    async fn kv_usage_in(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+    ) -> Result<KvUsage, Error> {
         let mut c = self.conn().await?;
-        let row = c
-            .query_one(
-                "SELECT COALESCE((SELECT keys FROM kv_usage WHERE conversation_id = $2 AND plugin = $1), 0),
-                        COALESCE((SELECT bytes FROM kv_usage WHERE conversation_id = $2 AND plugin = $1), 0),
-                        COALESCE((SELECT sum(keys) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint,
-                        COALESCE((SELECT sum(bytes) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint",
-                &[&plugin, &conversation_id],
-            )
-            .await?;
+        let row = match scope {
+            KvScope::Conversation => c
+                .query_one(
+                    "SELECT COALESCE((SELECT keys FROM kv_usage WHERE conversation_id = $2 AND plugin = $1), 0),
+                            COALESCE((SELECT bytes FROM kv_usage WHERE conversation_id = $2 AND plugin = $1), 0),
+                            COALESCE((SELECT sum(keys) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint,
+                            COALESCE((SELECT sum(bytes) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint",
+                    &[&plugin, &conversation_id],
+                )
+                .await?,
+            _ => c
+                .query_one(
+                    "SELECT COALESCE((SELECT keys FROM kv_scoped_usage WHERE plugin = $1 AND scope = $2 AND owner = $3), 0),
+                            COALESCE((SELECT bytes FROM kv_scoped_usage WHERE plugin = $1 AND scope = $2 AND owner = $3), 0),
+                            COALESCE((SELECT sum(keys) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint,
+                            COALESCE((SELECT sum(bytes) FROM kv_plugin_usage WHERE plugin = $1), 0)::bigint",
+                    &[&plugin, &scope.scope().as_str(), &scope.owner()],
+                )
+                .await?,
+        };
         Ok(KvUsage {
             scope: KvSize {
                 keys: row.try_get(0)?,
@@ -1730,6 +1804,15 @@ impl Postgres {
             pruned.conversations = row.try_get::<_, i64>(0)? as usize;
             pruned.kv_entries = row.try_get::<_, i64>(1)? as usize;
         }
+        if let Some(before) = retention.expired_before {
+            pruned.kv_expired = prune_expired(&mut c, before, limit).await?;
+        }
+        if let Some(before) = retention.customer_idle_before {
+            pruned.customer_entries = in_transaction(&mut c, |c| {
+                Box::pin(forget_idle_customers(c, before, limit))
+            })
+            .await?;
+        }
         Ok(pruned)
     }
 }
@@ -1867,17 +1950,26 @@ impl Backend for PgStore {
         Ok(self.0.conversation(conversation_id).await?)
     }
 
-    async fn kv_get(
+    async fn kv_get_in(
         &self,
         plugin: &str,
         conversation_id: &str,
+        scope: &KvScope,
         key: &str,
     ) -> Result<Option<String>, StoreError> {
-        Ok(self.0.kv_get(plugin, conversation_id, key).await?)
+        Ok(self
+            .0
+            .kv_get_in(plugin, conversation_id, scope, key)
+            .await?)
     }
 
-    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, StoreError> {
-        Ok(self.0.kv_usage(plugin, conversation_id).await?)
+    async fn kv_usage_in(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+    ) -> Result<KvUsage, StoreError> {
+        Ok(self.0.kv_usage_in(plugin, conversation_id, scope).await?)
     }
 
     async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
@@ -2149,45 +2241,361 @@ fn journal_row(r: &Row) -> Result<JournalEntry, Error> {
     })
 }
 
-/// Each key's last write, as parallel arrays for `unnest`: upserts
-/// (plugin, conversation, key, value) and deletes (plugin, conversation,
-/// key). One statement cannot touch a row twice, and the last write is
-/// what the plugin meant.
-fn kv_final(changes: &[KvChanges]) -> ([Vec<String>; 4], [Vec<String>; 3]) {
-    /// (plugin, conversation, key) and the value, `None` for a delete.
-    type Last<'a> = ((&'a str, &'a str, &'a str), Option<&'a str>);
-    let mut last: Vec<Last> = Vec::new();
-    for change in changes {
-        for write in &change.writes {
-            let (key, value) = match write {
-                KvWrite::Set { key, value } => (key.as_str(), Some(value.as_str())),
-                KvWrite::Delete { key } => (key.as_str(), None),
-            };
-            let id = (change.plugin.as_str(), change.conversation_id.as_str(), key);
-            match last.iter_mut().find(|(k, _)| *k == id) {
-                Some(slot) => slot.1 = value,
-                None => last.push((id, value)),
-            }
-        }
-    }
-    let mut sets: [Vec<String>; 4] = Default::default();
+/// Each conversation-scoped key's last write, as parallel arrays for
+/// `unnest`: upserts (plugin, conversation, key, value; and expiries) and
+/// deletes (plugin, conversation, key). One statement cannot touch a row
+/// twice, and the last write is what the plugin meant.
+#[allow(clippy::type_complexity)]
+fn kv_final(changes: &[KvChanges]) -> (([Vec<String>; 4], Vec<Option<i64>>), [Vec<String>; 3]) {
+    let mut sets: ([Vec<String>; 4], Vec<Option<i64>>) = Default::default();
     let mut deletes: [Vec<String>; 3] = Default::default();
-    for ((plugin, conv, key), value) in last {
-        match value {
-            Some(v) => {
-                sets[0].push(plugin.into());
-                sets[1].push(conv.into());
-                sets[2].push(key.into());
-                sets[3].push(v.into());
-            }
-            None => {
-                deletes[0].push(plugin.into());
-                deletes[1].push(conv.into());
-                deletes[2].push(key.into());
+    for change in changes {
+        for write in change.last_writes() {
+            let (plugin, conv) = (change.plugin.clone(), change.conversation_id.clone());
+            match write {
+                KvWrite::Set {
+                    scope: KvScope::Conversation,
+                    key,
+                    value,
+                    expires_at,
+                } => {
+                    sets.0[0].push(plugin);
+                    sets.0[1].push(conv);
+                    sets.0[2].push(key.clone());
+                    sets.0[3].push(value.clone());
+                    sets.1.push(*expires_at);
+                }
+                KvWrite::Delete {
+                    scope: KvScope::Conversation,
+                    key,
+                } => {
+                    deletes[0].push(plugin);
+                    deletes[1].push(conv);
+                    deletes[2].push(key.clone());
+                }
+                _ => {}
             }
         }
     }
     (sets, deletes)
+}
+
+/// The customer and plugin scopes' last writes, per (plugin, scope,
+/// owner), in the order their locks are taken (sorted, bytewise).
+type ScopedWrites<'a> = Vec<((&'a str, &'a str, &'a str), Vec<&'a KvWrite>)>;
+
+fn scoped_final(changes: &[KvChanges]) -> ScopedWrites<'_> {
+    let mut groups: ScopedWrites = Vec::new();
+    for change in changes {
+        for write in change.last_writes() {
+            let scope = write.scope();
+            if *scope == KvScope::Conversation {
+                continue;
+            }
+            let id = (
+                change.plugin.as_str(),
+                scope.scope().as_str(),
+                scope.owner(),
+            );
+            match groups.iter_mut().find(|(g, _)| *g == id) {
+                Some((_, writes)) => writes.push(write),
+                None => groups.push((id, vec![write])),
+            }
+        }
+    }
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    groups
+}
+
+/// The totals shard a customer or plugin scope (`t`) counts in: 16 to
+/// 31, apart from the conversations' 0 to 15.
+const SCOPED_SHARD: &str = "16 + (hashtext(t.scope || '/' || t.owner) & 15)";
+
+/// Runs `f` in a transaction of its own on `c`.
+async fn in_transaction<T>(
+    c: &mut Conn,
+    f: impl for<'c> FnOnce(
+        &'c mut Conn,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 'c>,
+    >,
+) -> Result<T, Error> {
+    c.execute("BEGIN", &[]).await?;
+    match f(c).await {
+        Ok(v) => {
+            c.execute("COMMIT", &[]).await?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = c.execute("ROLLBACK", &[]).await;
+            Err(e)
+        }
+    }
+}
+
+/// Deletes KV values whose TTL ran out before `before`, at most `limit`
+/// of each table, keeping the usage counts right; returns how many went.
+/// Conversation values of a conversation at work (a pending event, a
+/// replica's lease) wait for the next run, as idle conversations do.
+async fn prune_expired(c: &mut Conn, before: i64, limit: i64) -> Result<usize, Error> {
+    let row = c
+        .query_one(
+            "WITH gone AS (
+                DELETE FROM kv WHERE (plugin, conversation_id, key) IN (
+                    SELECT plugin, conversation_id, key FROM kv k
+                    WHERE k.expires_at IS NOT NULL AND k.expires_at <= $1
+                      AND NOT EXISTS (SELECT 1 FROM events e WHERE e.conversation_id = k.conversation_id AND e.status = 'pending')
+                      AND NOT EXISTS (SELECT 1 FROM conversation_leases l WHERE l.conversation_id = k.conversation_id AND l.expires_at > now())
+                    LIMIT $2 FOR UPDATE SKIP LOCKED)
+                AND expires_at <= $1
+                RETURNING plugin, conversation_id, octet_length(key) + octet_length(value) AS size
+             ), usage AS (
+                UPDATE kv_usage u SET keys = u.keys - g.keys, bytes = u.bytes - g.bytes
+                FROM (SELECT plugin, conversation_id, count(*)::bigint AS keys, sum(size)::bigint AS bytes
+                      FROM gone GROUP BY plugin, conversation_id) g
+                WHERE u.plugin = g.plugin AND u.conversation_id = g.conversation_id
+                RETURNING 1
+             ), totals AS (
+                UPDATE kv_plugin_usage t SET keys = t.keys - g.keys, bytes = t.bytes - g.bytes
+                FROM (SELECT plugin, hashtext(conversation_id) & 15 AS shard, count(*)::bigint AS keys, sum(size)::bigint AS bytes
+                      FROM gone GROUP BY plugin, hashtext(conversation_id) & 15) g
+                WHERE t.plugin = g.plugin AND t.shard = g.shard
+                RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM usage) + (SELECT count(*) FROM totals)",
+            &[&before, &limit],
+        )
+        .await?;
+    let conversation = row.try_get::<_, i64>(0)? as usize;
+    let scoped = in_transaction(c, |c| Box::pin(prune_expired_scoped(c, before, limit))).await?;
+    Ok(conversation + scoped)
+}
+
+/// The customer and plugin scopes' expired values: each scope's usage row
+/// locked first (skipped when a completion holds it: the next run), then
+/// its expired rows deleted and counted off.
+async fn prune_expired_scoped(c: &mut Conn, before: i64, limit: i64) -> Result<usize, Error> {
+    let locked = c
+        .query(
+            "SELECT u.plugin, u.scope, u.owner FROM kv_scoped_usage u
+             JOIN (SELECT DISTINCT plugin, scope, owner FROM kv_scoped
+                   WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2) x
+               ON u.plugin = x.plugin AND u.scope = x.scope AND u.owner = x.owner
+             FOR UPDATE OF u SKIP LOCKED",
+            &[&before, &limit],
+        )
+        .await?;
+    if locked.is_empty() {
+        return Ok(0);
+    }
+    let mut g: [Vec<String>; 3] = Default::default();
+    for r in &locked {
+        for (i, col) in g.iter_mut().enumerate() {
+            col.push(r.try_get(i)?);
+        }
+    }
+    let rows = c
+        .query(
+            "WITH g AS (
+                SELECT * FROM unnest($2::text[], $3::text[], $4::text[]) AS g(plugin, scope, owner)
+             ), gone AS (
+                DELETE FROM kv_scoped k USING g
+                WHERE k.plugin = g.plugin AND k.scope = g.scope AND k.owner = g.owner
+                  AND k.expires_at IS NOT NULL AND k.expires_at <= $1
+                RETURNING k.plugin, k.scope, k.owner, octet_length(k.key) + octet_length(k.value) AS size
+             ), per AS (
+                SELECT plugin, scope, owner, count(*)::bigint AS keys, sum(size)::bigint AS bytes
+                FROM gone GROUP BY plugin, scope, owner
+             ), usage AS (
+                UPDATE kv_scoped_usage u SET keys = u.keys - per.keys, bytes = u.bytes - per.bytes
+                FROM per WHERE u.plugin = per.plugin AND u.scope = per.scope AND u.owner = per.owner
+                RETURNING 1
+             )
+             SELECT plugin, scope, owner, keys, bytes, (SELECT count(*) FROM usage) FROM per",
+            &[&before, &g[0], &g[1], &g[2]],
+        )
+        .await?;
+    let mut gone = 0;
+    let mut totals = Vec::new();
+    for r in &rows {
+        let (keys, bytes): (i64, i64) = (r.try_get(3)?, r.try_get(4)?);
+        gone += keys as usize;
+        totals.push((
+            (
+                r.try_get::<_, &str>(0)?,
+                r.try_get::<_, &str>(1)?,
+                r.try_get::<_, &str>(2)?,
+            ),
+            -keys,
+            -bytes,
+        ));
+    }
+    add_scoped_totals(c, &totals).await?;
+    Ok(gone)
+}
+
+/// Forgets up to `limit` (plugin, customer) memories last written before
+/// `before` (a completion writing one now holds its row: skipped, and
+/// renewed by it); returns the entries that went.
+async fn forget_idle_customers(c: &mut Conn, before: i64, limit: i64) -> Result<usize, Error> {
+    let idle = c
+        .query(
+            "SELECT plugin, owner, keys, bytes FROM kv_scoped_usage
+             WHERE scope = 'customer' AND active_at < $1
+             ORDER BY active_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            &[&before, &limit],
+        )
+        .await?;
+    if idle.is_empty() {
+        return Ok(0);
+    }
+    let (mut plugins, mut owners): (Vec<String>, Vec<String>) = Default::default();
+    for r in &idle {
+        plugins.push(r.try_get(0)?);
+        owners.push(r.try_get(1)?);
+    }
+    let row = c
+        .query_one(
+            "WITH g AS (
+                SELECT * FROM unnest($1::text[], $2::text[]) AS g(plugin, owner)
+             ), entries AS (
+                DELETE FROM kv_scoped k USING g
+                WHERE k.plugin = g.plugin AND k.scope = 'customer' AND k.owner = g.owner
+                RETURNING 1
+             ), usage AS (
+                DELETE FROM kv_scoped_usage u USING g
+                WHERE u.plugin = g.plugin AND u.scope = 'customer' AND u.owner = g.owner
+                RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM entries), (SELECT count(*) FROM usage)",
+            &[&plugins, &owners],
+        )
+        .await?;
+    let mut totals = Vec::new();
+    for (r, (plugin, owner)) in idle.iter().zip(plugins.iter().zip(&owners)) {
+        totals.push((
+            (plugin.as_str(), "customer", owner.as_str()),
+            -r.try_get::<_, i64>(2)?,
+            -r.try_get::<_, i64>(3)?,
+        ));
+    }
+    add_scoped_totals(c, &totals).await?;
+    Ok(row.try_get::<_, i64>(0)? as usize)
+}
+
+/// Applies the customer and plugin scopes' writes inside the completion's
+/// transaction. Each scope's usage row is locked first, in one order for
+/// every writer (sorted), so two conversations writing one customer's
+/// memory at once take turns: the second sees the first's rows, the last
+/// committed write of a key wins, and the usage counts stay exact. The
+/// plugin's totals are locked after every usage row, shards in order.
+async fn apply_scoped_kv(c: &mut Conn, groups: &ScopedWrites<'_>, now: i64) -> Result<(), Error> {
+    let mut totals: Vec<((&str, &str, &str), i64, i64)> = Vec::new();
+    for ((plugin, scope, owner), writes) in groups {
+        c.execute(
+            "INSERT INTO kv_scoped_usage (plugin, scope, owner, keys, bytes, active_at) VALUES ($1, $2, $3, 0, 0, $4)
+             ON CONFLICT (plugin, scope, owner) DO UPDATE SET active_at = GREATEST(kv_scoped_usage.active_at, excluded.active_at)",
+            &[plugin, scope, owner, &now],
+        )
+        .await?;
+        let (mut keys, mut values, mut expires): (Vec<&str>, Vec<Option<&str>>, Vec<Option<i64>>) =
+            Default::default();
+        for w in writes {
+            keys.push(w.key());
+            match w {
+                KvWrite::Set {
+                    value, expires_at, ..
+                } => {
+                    values.push(Some(value));
+                    expires.push(*expires_at);
+                }
+                KvWrite::Delete { .. } => {
+                    values.push(None);
+                    expires.push(None);
+                }
+            }
+        }
+        // The lock is held: this statement's snapshot has every earlier
+        // writer's rows.
+        let row = c
+            .query_one(
+                "WITH w AS (
+                    SELECT * FROM unnest($4::text[], $5::text[], $6::bigint[]) AS w(key, value, expires)
+                 ), old AS (
+                    SELECT k.key, octet_length(k.key) + octet_length(k.value) AS size
+                    FROM kv_scoped k JOIN w ON k.key = w.key
+                    WHERE k.plugin = $1 AND k.scope = $2 AND k.owner = $3
+                 ), up AS (
+                    INSERT INTO kv_scoped (plugin, scope, owner, key, value, expires_at, updated_at)
+                    SELECT $1, $2, $3, w.key, w.value, w.expires, $7 FROM w WHERE w.value IS NOT NULL
+                    ON CONFLICT (plugin, scope, owner, key) DO UPDATE
+                    SET value = excluded.value, expires_at = excluded.expires_at, updated_at = excluded.updated_at
+                    RETURNING 1
+                 ), del AS (
+                    DELETE FROM kv_scoped k USING w
+                    WHERE w.value IS NULL AND k.plugin = $1 AND k.scope = $2 AND k.owner = $3 AND k.key = w.key
+                    RETURNING 1
+                 ), delta AS (
+                    SELECT COALESCE(sum(CASE WHEN w.value IS NULL THEN -(o.key IS NOT NULL)::int
+                                             ELSE (o.key IS NULL)::int END), 0)::bigint AS keys,
+                           COALESCE(sum(CASE WHEN w.value IS NULL THEN -COALESCE(o.size, 0)
+                                             ELSE octet_length(w.key) + octet_length(w.value) - COALESCE(o.size, 0) END), 0)::bigint AS bytes
+                    FROM w LEFT JOIN old o ON o.key = w.key
+                 ), usage AS (
+                    UPDATE kv_scoped_usage u SET keys = u.keys + delta.keys, bytes = u.bytes + delta.bytes, active_at = $7
+                    FROM delta WHERE u.plugin = $1 AND u.scope = $2 AND u.owner = $3
+                    RETURNING 1
+                 )
+                 SELECT keys, bytes, (SELECT count(*) FROM up) + (SELECT count(*) FROM del) + (SELECT count(*) FROM usage)
+                 FROM delta",
+                &[plugin, scope, owner, &keys, &values, &expires, &now],
+            )
+            .await?;
+        totals.push(((plugin, scope, owner), row.try_get(0)?, row.try_get(1)?));
+    }
+    add_scoped_totals(c, &totals).await
+}
+
+/// Adds to the plugins' totals what the customer and plugin scopes
+/// changed by, each scope in its shard, in shard order.
+async fn add_scoped_totals(
+    c: &mut Conn,
+    totals: &[((&str, &str, &str), i64, i64)],
+) -> Result<(), Error> {
+    let (mut plugins, mut scopes, mut owners, mut keys, mut bytes): (
+        Vec<&str>,
+        Vec<&str>,
+        Vec<&str>,
+        Vec<i64>,
+        Vec<i64>,
+    ) = Default::default();
+    for ((plugin, scope, owner), k, b) in totals {
+        if (*k, *b) == (0, 0) {
+            continue;
+        }
+        plugins.push(plugin);
+        scopes.push(scope);
+        owners.push(owner);
+        keys.push(*k);
+        bytes.push(*b);
+    }
+    if plugins.is_empty() {
+        return Ok(());
+    }
+    let shard = SCOPED_SHARD;
+    c.execute(
+        &format!(
+            "INSERT INTO kv_plugin_usage (plugin, shard, keys, bytes)
+             SELECT t.plugin, {shard}, sum(t.keys)::bigint, sum(t.bytes)::bigint
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS t(plugin, scope, owner, keys, bytes)
+             GROUP BY t.plugin, {shard} ORDER BY t.plugin COLLATE \"C\", {shard}
+             ON CONFLICT (plugin, shard) DO UPDATE
+             SET keys = kv_plugin_usage.keys + excluded.keys, bytes = kv_plugin_usage.bytes + excluded.bytes"
+        ),
+        &[&plugins, &scopes, &owners, &keys, &bytes],
+    )
+    .await?;
+    Ok(())
 }
 
 fn stored_event(seq: i64, payload: &str, received_at: i64) -> Result<StoredEvent, Error> {
@@ -2226,7 +2634,7 @@ fn event_summary(r: &Row) -> Result<EventSummary, Error> {
 }
 
 /// Reads `id, state, changed_at, reason, channel, last_customer_at,
-/// last_agent_at` from column `at` on.
+/// last_agent_at, customer_id` from column `at` on.
 fn conversation_record(r: &Row, at: usize) -> Result<ConversationRecord, Error> {
     Ok(ConversationRecord {
         id: r.try_get(at)?,
@@ -2236,6 +2644,7 @@ fn conversation_record(r: &Row, at: usize) -> Result<ConversationRecord, Error> 
         channel: r.try_get(at + 4)?,
         last_customer_at: r.try_get(at + 5)?,
         last_agent_at: r.try_get(at + 6)?,
+        customer_id: r.try_get(at + 7)?,
     })
 }
 

@@ -21,9 +21,9 @@ use digibot_store::HistoryEntry;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
-    JournalRequest, KvChanges, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER, OutboxAction,
-    OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError, StoredEvent,
-    TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
+    JournalRequest, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER,
+    OutboxAction, OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError,
+    StoredEvent, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -236,6 +236,40 @@ CREATE INDEX timers_due ON timers(due_at);
 -- conversation last changed hands: a hand-back tells the plugins how many
 -- passed while the human had it.
 ALTER TABLE conversations ADD COLUMN messages INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
+    (
+        5,
+        r#"
+-- KV scopes beyond the conversation: values with a TTL (every scope), the
+-- customer's id per conversation, and the `customer` and `plugin` scopes
+-- (owner: the customer id, '' for the plugin's shared entries).
+ALTER TABLE kv ADD COLUMN expires_at INTEGER;
+CREATE INDEX kv_expiring ON kv(expires_at) WHERE expires_at IS NOT NULL;
+ALTER TABLE conversations ADD COLUMN customer_id TEXT;
+CREATE TABLE kv_scoped (
+    plugin TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expires_at INTEGER,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (plugin, scope, owner, key)
+) WITHOUT ROWID;
+CREATE INDEX kv_scoped_expiring ON kv_scoped(expires_at) WHERE expires_at IS NOT NULL;
+-- What each plugin holds per customer and in its shared scope, and when
+-- it last wrote there (idle customer memory is retained that long).
+CREATE TABLE kv_scoped_usage (
+    plugin TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    keys INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    active_at INTEGER NOT NULL,
+    PRIMARY KEY (plugin, scope, owner)
+) WITHOUT ROWID;
+CREATE INDEX kv_scoped_idle ON kv_scoped_usage(scope, active_at);
 "#,
     ),
 ];
@@ -881,45 +915,76 @@ impl Db {
 
     // ---- KV --------------------------------------------------------------
 
-    /// A plugin's stored value for one conversation.
-    fn kv_get(
+    /// A plugin's stored value in a scope, unless its TTL ran out.
+    fn kv_get_in(
         &self,
         plugin: &str,
         conversation_id: &str,
+        scope: &KvScope,
         key: &str,
     ) -> Result<Option<String>, Error> {
+        let now = now_ms();
         self.read(|conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT value FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
-                )?
-                .query_row(params![plugin, conversation_id, key], |r| r.get(0))
-                .optional()?)
+            Ok(match scope {
+                KvScope::Conversation => conn
+                    .prepare_cached(
+                        "SELECT value FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3
+                           AND (expires_at IS NULL OR expires_at > ?4)",
+                    )?
+                    .query_row(params![plugin, conversation_id, key, now], |r| r.get(0))
+                    .optional()?,
+                _ => conn
+                    .prepare_cached(
+                        "SELECT value FROM kv_scoped WHERE plugin = ?1 AND scope = ?2 AND owner = ?3 AND key = ?4
+                           AND (expires_at IS NULL OR expires_at > ?5)",
+                    )?
+                    .query_row(
+                        params![plugin, scope.scope().as_str(), scope.owner(), key, now],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+            })
         })
     }
 
-    /// How much KV a plugin holds in one conversation and in all.
-    fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, Error> {
+    /// How much KV a plugin holds in one scope and in all.
+    fn kv_usage_in(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+    ) -> Result<KvUsage, Error> {
+        let usage = |r: &rusqlite::Row<'_>| {
+            Ok(KvUsage {
+                scope: KvSize {
+                    keys: r.get(0)?,
+                    bytes: r.get(1)?,
+                },
+                plugin: KvSize {
+                    keys: r.get(2)?,
+                    bytes: r.get(3)?,
+                },
+            })
+        };
         self.read(|conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT COALESCE((SELECT keys FROM kv_usage WHERE conversation_id = ?2 AND plugin = ?1), 0),
-                            COALESCE((SELECT bytes FROM kv_usage WHERE conversation_id = ?2 AND plugin = ?1), 0),
-                            COALESCE((SELECT keys FROM kv_plugin_usage WHERE plugin = ?1), 0),
-                            COALESCE((SELECT bytes FROM kv_plugin_usage WHERE plugin = ?1), 0)",
-                )?
-                .query_row(params![plugin, conversation_id], |r| {
-                    Ok(KvUsage {
-                        scope: KvSize {
-                            keys: r.get(0)?,
-                            bytes: r.get(1)?,
-                        },
-                        plugin: KvSize {
-                            keys: r.get(2)?,
-                            bytes: r.get(3)?,
-                        },
-                    })
-                })?)
+            Ok(match scope {
+                KvScope::Conversation => conn
+                    .prepare_cached(
+                        "SELECT COALESCE((SELECT keys FROM kv_usage WHERE conversation_id = ?2 AND plugin = ?1), 0),
+                                COALESCE((SELECT bytes FROM kv_usage WHERE conversation_id = ?2 AND plugin = ?1), 0),
+                                COALESCE((SELECT keys FROM kv_plugin_usage WHERE plugin = ?1), 0),
+                                COALESCE((SELECT bytes FROM kv_plugin_usage WHERE plugin = ?1), 0)",
+                    )?
+                    .query_row(params![plugin, conversation_id], usage)?,
+                _ => conn
+                    .prepare_cached(
+                        "SELECT COALESCE((SELECT keys FROM kv_scoped_usage WHERE plugin = ?1 AND scope = ?2 AND owner = ?3), 0),
+                                COALESCE((SELECT bytes FROM kv_scoped_usage WHERE plugin = ?1 AND scope = ?2 AND owner = ?3), 0),
+                                COALESCE((SELECT keys FROM kv_plugin_usage WHERE plugin = ?1), 0),
+                                COALESCE((SELECT bytes FROM kv_plugin_usage WHERE plugin = ?1), 0)",
+                    )?
+                    .query_row(params![plugin, scope.scope().as_str(), scope.owner()], usage)?,
+            })
         })
     }
 
@@ -1226,7 +1291,87 @@ fn prune_batch(conn: &Connection, retention: Retention, limit: i64) -> Result<Pr
         }
         pruned.conversations = idle.len();
     }
+    if let Some(before) = retention.expired_before {
+        pruned.kv_expired = prune_expired(conn, before, limit)?;
+    }
+    if let Some(before) = retention.customer_idle_before {
+        pruned.customer_entries = forget_idle_customers(conn, before, limit)?;
+    }
     Ok(pruned)
+}
+
+/// Deletes up to `limit` KV values of each table whose TTL ran out before
+/// `before`, keeping the usage counts right; returns how many went.
+fn prune_expired(conn: &Connection, before: i64, limit: i64) -> Result<usize, Error> {
+    let expired: Vec<(String, String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT plugin, conversation_id, key, length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))
+             FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2",
+        )?
+        .query_map(params![before, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (plugin, conversation, key, size) in &expired {
+        conn.prepare_cached(
+            "DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
+        )?
+        .execute(params![plugin, conversation, key])?;
+        conn.prepare_cached(
+            "UPDATE kv_usage SET keys = keys - 1, bytes = bytes - ?3 WHERE conversation_id = ?1 AND plugin = ?2",
+        )?
+        .execute(params![conversation, plugin, size])?;
+        add_plugin_usage(conn, plugin, -1, -size)?;
+    }
+    let scoped: Vec<(String, String, String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT plugin, scope, owner, key, length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))
+             FROM kv_scoped WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2",
+        )?
+        .query_map(params![before, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (plugin, scope, owner, key, size) in &scoped {
+        conn.prepare_cached(
+            "DELETE FROM kv_scoped WHERE plugin = ?1 AND scope = ?2 AND owner = ?3 AND key = ?4",
+        )?
+        .execute(params![plugin, scope, owner, key])?;
+        conn.prepare_cached(
+            "UPDATE kv_scoped_usage SET keys = keys - 1, bytes = bytes - ?4 WHERE plugin = ?1 AND scope = ?2 AND owner = ?3",
+        )?
+        .execute(params![plugin, scope, owner, size])?;
+        add_plugin_usage(conn, plugin, -1, -size)?;
+    }
+    Ok(expired.len() + scoped.len())
+}
+
+/// Forgets up to `limit` (plugin, customer) memories last written before
+/// `before`; returns the entries that went.
+fn forget_idle_customers(conn: &Connection, before: i64, limit: i64) -> Result<usize, Error> {
+    let idle: Vec<(String, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT plugin, owner, keys, bytes FROM kv_scoped_usage
+             WHERE scope = 'customer' AND active_at < ?1 ORDER BY active_at LIMIT ?2",
+        )?
+        .query_map(params![before, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut entries = 0;
+    for (plugin, owner, keys, bytes) in &idle {
+        entries += conn
+            .prepare_cached(
+                "DELETE FROM kv_scoped WHERE plugin = ?1 AND scope = 'customer' AND owner = ?2",
+            )?
+            .execute(params![plugin, owner])?;
+        conn.prepare_cached(
+            "DELETE FROM kv_scoped_usage WHERE plugin = ?1 AND scope = 'customer' AND owner = ?2",
+        )?
+        .execute(params![plugin, owner])?;
+        add_plugin_usage(conn, plugin, -keys, -bytes)?;
+    }
+    Ok(entries)
 }
 
 /// Deletes a conversation's state and every plugin's KV in it, keeping
@@ -1418,23 +1563,34 @@ impl Backend for Sqlite {
         reading(&self.0, move |db| db.timer_names(&p, &c)).await
     }
 
-    async fn kv_get(
+    async fn kv_get_in(
         &self,
         plugin: &str,
         conversation_id: &str,
+        scope: &KvScope,
         key: &str,
     ) -> Result<Option<String>, StoreError> {
-        let (p, c, k) = (
+        let (p, c, s, k) = (
             plugin.to_string(),
             conversation_id.to_string(),
+            scope.clone(),
             key.to_string(),
         );
-        reading(&self.0, move |db| db.kv_get(&p, &c, &k)).await
+        reading(&self.0, move |db| db.kv_get_in(&p, &c, &s, &k)).await
     }
 
-    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, StoreError> {
-        let (p, c) = (plugin.to_string(), conversation_id.to_string());
-        reading(&self.0, move |db| db.kv_usage(&p, &c)).await
+    async fn kv_usage_in(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+    ) -> Result<KvUsage, StoreError> {
+        let (p, c, s) = (
+            plugin.to_string(),
+            conversation_id.to_string(),
+            scope.clone(),
+        );
+        reading(&self.0, move |db| db.kv_usage_in(&p, &c, &s)).await
     }
 
     async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError> {
@@ -1642,7 +1798,7 @@ fn insert_event(conn: &Connection, event: &Event) -> Result<Inserted, Error> {
 }
 
 const CONVERSATION_COLUMNS: &str =
-    "id, state, changed_at, reason, channel, last_customer_at, last_agent_at";
+    "id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id";
 
 fn conversation_state(conn: &Connection, id: &str) -> Result<Option<ConversationRecord>, Error> {
     Ok(conn
@@ -1666,6 +1822,7 @@ fn conversation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConversationRecor
         channel: r.get(4)?,
         last_customer_at: r.get(5)?,
         last_agent_at: r.get(6)?,
+        customer_id: r.get(7)?,
     })
 }
 
@@ -1730,17 +1887,28 @@ fn update_conversation(
          ON CONFLICT (id) DO UPDATE SET active_at = MAX(active_at, excluded.active_at)",
     )?
     .execute(params![id, now])?;
-    if update.channel.is_some() || update.customer_at.is_some() || update.agent_at.is_some() {
+    if update.channel.is_some()
+        || update.customer_at.is_some()
+        || update.agent_at.is_some()
+        || update.customer_id.is_some()
+    {
         // Times only move forward: events can be handled out of order.
         conn.prepare_cached(
             "UPDATE conversations SET
                messages = messages + (?3 IS NOT NULL) + (?4 IS NOT NULL),
                channel = COALESCE(?2, channel),
+               customer_id = COALESCE(?5, customer_id),
                last_customer_at = CASE WHEN ?3 IS NOT NULL AND (last_customer_at IS NULL OR ?3 > last_customer_at) THEN ?3 ELSE last_customer_at END,
                last_agent_at = CASE WHEN ?4 IS NOT NULL AND (last_agent_at IS NULL OR ?4 > last_agent_at) THEN ?4 ELSE last_agent_at END
              WHERE id = ?1",
         )?
-        .execute(params![id, update.channel, update.customer_at, update.agent_at])?;
+        .execute(params![
+            id,
+            update.channel,
+            update.customer_at,
+            update.agent_at,
+            update.customer_id
+        ])?;
     }
     match &update.change {
         Some(change) => change_state(conn, id, change, now),
@@ -1836,52 +2004,123 @@ fn apply_timers(
 
 fn apply_kv(conn: &Connection, change: &KvChanges, now: i64) -> Result<(), Error> {
     let (plugin, conversation) = (&change.plugin, &change.conversation_id);
-    let mut delta = KvSize::default();
+    // What the writes change, per scope written (in first-written order).
+    let mut deltas: Vec<(&KvScope, KvSize)> = Vec::new();
     for write in &change.writes {
-        let key = match write {
-            KvWrite::Set { key, .. } | KvWrite::Delete { key } => key,
-        };
-        let old: Option<i64> = conn
-            .prepare_cached(
-                "SELECT length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) FROM kv
-                 WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
-            )?
-            .query_row(params![plugin, conversation, key], |r| r.get(0))
-            .optional()?;
-        match write {
-            KvWrite::Set { key, value } => {
-                conn.prepare_cached(
-                    "INSERT INTO kv (plugin, conversation_id, key, value, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT(plugin, conversation_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        let (scope, key) = (write.scope(), write.key());
+        let (name, owner) = (scope.scope().as_str(), scope.owner());
+        let old: Option<i64> = match scope {
+            KvScope::Conversation => conn
+                .prepare_cached(
+                    "SELECT length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) FROM kv
+                     WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
                 )?
-                .execute(params![plugin, conversation, key, value, now])?;
-                delta += KvSize {
+                .query_row(params![plugin, conversation, key], |r| r.get(0))
+                .optional()?,
+            _ => conn
+                .prepare_cached(
+                    "SELECT length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) FROM kv_scoped
+                     WHERE plugin = ?1 AND scope = ?2 AND owner = ?3 AND key = ?4",
+                )?
+                .query_row(params![plugin, name, owner, key], |r| r.get(0))
+                .optional()?,
+        };
+        let delta = match write {
+            KvWrite::Set {
+                value, expires_at, ..
+            } => {
+                match scope {
+                    KvScope::Conversation => conn.prepare_cached(
+                        "INSERT INTO kv (plugin, conversation_id, key, value, updated_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT(plugin, conversation_id, key) DO UPDATE SET value = excluded.value,
+                           updated_at = excluded.updated_at, expires_at = excluded.expires_at",
+                    )?
+                    .execute(params![plugin, conversation, key, value, now, expires_at])?,
+                    _ => conn.prepare_cached(
+                        "INSERT INTO kv_scoped (plugin, scope, owner, key, value, updated_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT(plugin, scope, owner, key) DO UPDATE SET value = excluded.value,
+                           updated_at = excluded.updated_at, expires_at = excluded.expires_at",
+                    )?
+                    .execute(params![plugin, name, owner, key, value, now, expires_at])?,
+                };
+                KvSize {
                     keys: i64::from(old.is_none()),
                     bytes: entry_bytes(key, value) - old.unwrap_or(0),
-                };
+                }
             }
-            KvWrite::Delete { key } => {
-                if let Some(old) = old {
-                    conn.prepare_cached(
-                        "DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
-                    )?
-                    .execute(params![plugin, conversation, key])?;
-                    delta += KvSize {
+            KvWrite::Delete { .. } => match old {
+                Some(old) => {
+                    match scope {
+                        KvScope::Conversation => conn
+                            .prepare_cached(
+                                "DELETE FROM kv WHERE plugin = ?1 AND conversation_id = ?2 AND key = ?3",
+                            )?
+                            .execute(params![plugin, conversation, key])?,
+                        _ => conn
+                            .prepare_cached(
+                                "DELETE FROM kv_scoped WHERE plugin = ?1 AND scope = ?2 AND owner = ?3 AND key = ?4",
+                            )?
+                            .execute(params![plugin, name, owner, key])?,
+                    };
+                    KvSize {
                         keys: -1,
                         bytes: -old,
-                    };
+                    }
                 }
+                None => KvSize::default(),
+            },
+        };
+        match deltas.iter_mut().find(|(s, _)| *s == scope) {
+            Some((_, d)) => *d += delta,
+            None => deltas.push((scope, delta)),
+        }
+    }
+    let mut total = KvSize::default();
+    for (scope, delta) in deltas {
+        total += delta;
+        match scope {
+            KvScope::Conversation if delta != KvSize::default() => {
+                conn.prepare_cached(
+                    "INSERT INTO kv_usage (conversation_id, plugin, keys, bytes) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (conversation_id, plugin) DO UPDATE SET keys = keys + excluded.keys, bytes = bytes + excluded.bytes",
+                )?
+                .execute(params![conversation, plugin, delta.keys, delta.bytes])?;
+            }
+            KvScope::Conversation => {}
+            // Every write renews the scope (idle customer memory's clock).
+            _ => {
+                add_scoped_usage(conn, plugin, scope, delta, Some(now))?;
             }
         }
     }
-    if delta != KvSize::default() {
-        conn.prepare_cached(
-            "INSERT INTO kv_usage (conversation_id, plugin, keys, bytes) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (conversation_id, plugin) DO UPDATE SET keys = keys + excluded.keys, bytes = bytes + excluded.bytes",
-        )?
-        .execute(params![conversation, plugin, delta.keys, delta.bytes])?;
-        add_plugin_usage(conn, plugin, delta.keys, delta.bytes)?;
+    if total != KvSize::default() {
+        add_plugin_usage(conn, plugin, total.keys, total.bytes)?;
     }
+    Ok(())
+}
+
+/// Adds to what a plugin holds in a customer or shared scope, and renews
+/// it when `active_at` is given.
+fn add_scoped_usage(
+    conn: &Connection,
+    plugin: &str,
+    scope: &KvScope,
+    delta: KvSize,
+    active_at: Option<i64>,
+) -> Result<(), Error> {
+    conn.prepare_cached(
+        "INSERT INTO kv_scoped_usage (plugin, scope, owner, keys, bytes, active_at) VALUES (?1, ?2, ?3, ?4, ?5, COALESCE(?6, 0))
+         ON CONFLICT (plugin, scope, owner) DO UPDATE SET keys = keys + excluded.keys, bytes = bytes + excluded.bytes,
+           active_at = COALESCE(?6, active_at)",
+    )?
+    .execute(params![
+        plugin,
+        scope.scope().as_str(),
+        scope.owner(),
+        delta.keys,
+        delta.bytes,
+        active_at
+    ])?;
     Ok(())
 }
 
@@ -1950,7 +2189,7 @@ mod tests {
             )
             .unwrap(),
         );
-        assert_eq!((version, active), (4, 5000));
+        assert_eq!((version, active), (MIGRATIONS.last().unwrap().0, 5000));
         // Opening again applies nothing twice.
         drop(conn);
         let store = open(dir.path(), Durability::Full).unwrap();

@@ -31,7 +31,7 @@ pub mod suite;
 
 use digibot_domain::event::{ConversationState, Event};
 pub use digibot_domain::history::HistoryEntry;
-pub use digibot_domain::kv::{KvChanges, KvSize, KvUsage, KvWrite};
+pub use digibot_domain::kv::{KvChanges, KvScope, KvSize, KvUsage, KvWrite, Scope};
 pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::time::now_ms;
 pub use digibot_domain::timer::{TimerChanges, TimerFired, TimerOp, TimerRecord};
@@ -198,6 +198,9 @@ pub struct ConversationRecord {
     pub last_customer_at: Option<i64>,
     /// When an agent last wrote (ms), echoes of digibot's own excluded.
     pub last_agent_at: Option<i64>,
+    /// The customer's Digishare id (the third's), once an event said it:
+    /// whose `customer` KV scope its turns use.
+    pub customer_id: Option<String>,
 }
 
 /// A change of state, applied only if the conversation is in `from` (any
@@ -214,6 +217,8 @@ pub struct StateChange {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConversationUpdate {
     pub channel: Option<String>,
+    /// The customer's id, when the event says it (kept once known).
+    pub customer_id: Option<String>,
     pub customer_at: Option<i64>,
     pub agent_at: Option<i64>,
     pub change: Option<StateChange>,
@@ -278,6 +283,12 @@ pub struct Retention {
     /// is in charge) and every plugin's KV in them. One with a pending
     /// event, or leased by a replica, stays.
     pub idle_before: Option<i64>,
+    /// KV values (of every scope) whose TTL ran out before this go: the
+    /// time retention runs at.
+    pub expired_before: Option<i64>,
+    /// A plugin's memory of one customer (its `customer` scope) last
+    /// written before this goes.
+    pub customer_idle_before: Option<i64>,
 }
 
 /// What retention removed.
@@ -290,6 +301,10 @@ pub struct Pruned {
     pub conversations: usize,
     /// KV entries of the conversations that went.
     pub kv_entries: usize,
+    /// KV values whose TTL ran out (every scope).
+    pub kv_expired: usize,
+    /// Customer-scope entries of customers idle past their retention.
+    pub customer_entries: usize,
     /// Journaled outbound calls.
     pub calls: usize,
 }
@@ -306,6 +321,8 @@ impl Pruned {
         self.dead_letters += o.dead_letters;
         self.conversations += o.conversations;
         self.kv_entries += o.kv_entries;
+        self.kv_expired += o.kv_expired;
+        self.customer_entries += o.customer_entries;
         self.calls += o.calls;
     }
 }
@@ -328,6 +345,8 @@ where
             p.dead_letters,
             p.conversations,
             p.calls,
+            p.kv_expired,
+            p.customer_entries,
         ]
         .iter()
         .all(|n| *n < size)
@@ -563,14 +582,40 @@ pub trait Backend: Send + Sync + 'static {
         plugin: &str,
         conversation_id: &str,
         key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.kv_get_in(plugin, conversation_id, &KvScope::Conversation, key)
+            .await
+    }
+
+    /// A plugin's stored value in `scope` (`conversation_id` names the
+    /// conversation scope's conversation): absent once its TTL ran out,
+    /// even before retention removes it.
+    async fn kv_get_in(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+        key: &str,
     ) -> Result<Option<String>, StoreError>;
 
-    /// How much KV a plugin holds in one conversation and in all of them
-    /// ([`KvUsage`]: keys, and bytes of keys plus values), as committed.
-    /// Kept up to date by [`complete_event`](Self::complete_event) and
+    /// How much KV a plugin holds in one conversation and in all of them.
+    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, StoreError> {
+        self.kv_usage_in(plugin, conversation_id, &KvScope::Conversation)
+            .await
+    }
+
+    /// How much KV a plugin holds in one scope and in all of them
+    /// ([`KvUsage`]: keys, and bytes of keys plus values), as committed
+    /// (values past their TTL count until retention removes them). Kept
+    /// up to date by [`complete_event`](Self::complete_event) and
     /// [`prune`](Self::prune) in their own transactions, so reading it
     /// costs one lookup whatever the plugin holds.
-    async fn kv_usage(&self, plugin: &str, conversation_id: &str) -> Result<KvUsage, StoreError>;
+    async fn kv_usage_in(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+    ) -> Result<KvUsage, StoreError>;
 
     // ---- outbox ------------------------------------------------------------
 

@@ -61,6 +61,10 @@ macro_rules! store_suite {
             timers_fire_once_held_for_humans_cancelled_by_messages_dropped_at_archive,
             history_is_the_conversations_messages_oldest_first_and_bounded,
             a_hand_back_records_one_resume_event_with_the_human_turn,
+            kv_scopes_are_each_plugins_own_and_counted_per_scope,
+            kv_values_expire_and_retention_removes_them_and_idle_customers,
+            kv_customer_writes_from_many_conversations_at_once_keep_exact_usage,
+            a_conversation_keeps_the_customer_an_event_named,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -230,15 +234,9 @@ pub async fn completing_queues_actions_and_kv_once(db: TestDb) {
         plugin: "echo".into(),
         conversation_id: "c1".into(),
         writes: vec![
-            KvWrite::Set {
-                key: "topic".into(),
-                value: "orders".into(),
-            },
-            KvWrite::Set {
-                key: "gone".into(),
-                value: "x".into(),
-            },
-            KvWrite::Delete { key: "gone".into() },
+            KvWrite::set("topic", "orders"),
+            KvWrite::set("gone", "x"),
+            KvWrite::delete("gone"),
         ],
     };
     let queued = store
@@ -768,10 +766,7 @@ pub async fn conversation_state_changes_once_per_event_and_survives_reopen(db: T
 }
 
 fn set(key: &str, value: &str) -> KvWrite {
-    KvWrite::Set {
-        key: key.into(),
-        value: value.into(),
-    }
+    KvWrite::set(key, value)
 }
 
 fn kv(plugin: &str, conv: &str, writes: Vec<KvWrite>) -> KvChanges {
@@ -873,14 +868,10 @@ pub async fn kv_usage_follows_every_write_per_conversation_and_plugin(db: TestDb
             "c1",
             vec![
                 set("topic", "o"),
-                KvWrite::Delete { key: "clé".into() },
-                KvWrite::Delete {
-                    key: "missing".into(),
-                },
+                KvWrite::delete("clé"),
+                KvWrite::delete("missing"),
                 set("brief", "x"),
-                KvWrite::Delete {
-                    key: "brief".into(),
-                },
+                KvWrite::delete("brief"),
             ],
         )],
     )
@@ -981,6 +972,7 @@ pub async fn retention_removes_old_dead_letters_and_idle_conversations_with_thei
         finished_before: None,
         dead_before: Some(cut),
         idle_before: Some(cut),
+        ..Retention::default()
     };
     assert_eq!(
         store.prune(retention).await.unwrap(),
@@ -1575,4 +1567,381 @@ pub async fn a_hand_back_records_one_resume_event_with_the_human_turn(db: TestDb
     };
     assert!(complete_with(&store, "r8", "d", reopened).await.changed);
     assert!(resumed("d").await.is_empty());
+}
+
+fn set_in(scope: &KvScope, key: &str, value: &str, expires_at: Option<i64>) -> KvWrite {
+    KvWrite::Set {
+        scope: scope.clone(),
+        key: key.into(),
+        value: value.into(),
+        expires_at,
+    }
+}
+
+async fn get_in(
+    store: &Store,
+    plugin: &str,
+    conv: &str,
+    scope: &KvScope,
+    key: &str,
+) -> Option<String> {
+    store.kv_get_in(plugin, conv, scope, key).await.unwrap()
+}
+
+async fn usage_in(store: &Store, plugin: &str, conv: &str, scope: &KvScope) -> (KvSize, KvSize) {
+    let u = store.kv_usage_in(plugin, conv, scope).await.unwrap();
+    (u.scope, u.plugin)
+}
+
+pub async fn kv_scopes_are_each_plugins_own_and_counted_per_scope(db: TestDb) {
+    let store = db.open().await;
+    let salma = KvScope::Customer("thd_salma".into());
+    let omar = KvScope::Customer("thd_omar".into());
+    // One turn: echo writes its conversation, Salma's memory and its
+    // shared scope, all under the key "k"; other writes Salma's memory.
+    complete_kv(
+        &store,
+        "s1",
+        "c1",
+        vec![
+            kv(
+                "echo",
+                "c1",
+                vec![
+                    set("k", "conv"),
+                    set_in(&salma, "k", "fr", None),
+                    set_in(&KvScope::Plugin, "k", "41", None),
+                    set_in(&KvScope::Plugin, "k", "42", None),
+                ],
+            ),
+            kv("other", "c1", vec![set_in(&salma, "k", "other's", None)]),
+        ],
+    )
+    .await;
+    // Each scope holds its own "k"; another conversation of Salma reads
+    // her memory, not c1's conversation value.
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Conversation, "k")
+            .await
+            .as_deref(),
+        Some("conv")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c2", &salma, "k").await.as_deref(),
+        Some("fr")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c2", &KvScope::Plugin, "k")
+            .await
+            .as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c2", &KvScope::Conversation, "k").await,
+        None
+    );
+    // Plugin B never reads plugin A's memory of the same customer, nor
+    // its shared scope; another customer has none.
+    assert_eq!(
+        get_in(&store, "other", "c1", &salma, "k").await.as_deref(),
+        Some("other's")
+    );
+    assert_eq!(
+        get_in(&store, "other", "c1", &KvScope::Plugin, "k").await,
+        None
+    );
+    assert_eq!(get_in(&store, "echo", "c1", &omar, "k").await, None);
+    // Usage per scope; the plugin's total counts every scope: "k"+"conv"
+    // is 5, "k"+"fr" 3, "k"+"42" 3.
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &KvScope::Conversation).await,
+        (size(1, 5), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &salma).await,
+        (size(1, 3), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &KvScope::Plugin).await,
+        (size(1, 3), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &omar).await,
+        (KvSize::default(), size(3, 11))
+    );
+    assert_eq!(
+        usage_in(&store, "other", "c9", &salma).await,
+        (size(1, 8), size(1, 8))
+    );
+    // Deleting in one scope leaves the others.
+    complete_kv(
+        &store,
+        "s2",
+        "c2",
+        vec![kv(
+            "echo",
+            "c2",
+            vec![KvWrite::Delete {
+                scope: salma.clone(),
+                key: "k".into(),
+            }],
+        )],
+    )
+    .await;
+    assert_eq!(get_in(&store, "echo", "c1", &salma, "k").await, None);
+    assert_eq!(
+        get_in(&store, "other", "c1", &salma, "k").await.as_deref(),
+        Some("other's")
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &salma).await,
+        (KvSize::default(), size(2, 8))
+    );
+    // Survives a reopen.
+    store.close();
+    let store = db.open().await;
+    assert_eq!(
+        get_in(&store, "echo", "c3", &KvScope::Plugin, "k")
+            .await
+            .as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c9", &KvScope::Plugin).await,
+        (size(1, 3), size(2, 8))
+    );
+}
+
+pub async fn kv_values_expire_and_retention_removes_them_and_idle_customers(db: TestDb) {
+    let store = db.open().await;
+    let salma = KvScope::Customer("thd_salma".into());
+    let now = now_ms();
+    let (past, future) = (Some(now - 1), Some(now + 3_600_000));
+    complete_kv(
+        &store,
+        "t1",
+        "c1",
+        vec![kv(
+            "echo",
+            "c1",
+            vec![
+                set_in(&KvScope::Conversation, "gone", "1", past),
+                set_in(&KvScope::Conversation, "kept", "1", future),
+                set_in(&salma, "gone", "1", past),
+                set_in(&salma, "kept", "1", future),
+                set_in(&KvScope::Plugin, "gone", "1", past),
+                set_in(&KvScope::Plugin, "forever", "1", None),
+            ],
+        )],
+    )
+    .await;
+    // An expired value reads as absent at once; it counts until retention.
+    for scope in [&KvScope::Conversation, &salma, &KvScope::Plugin] {
+        assert_eq!(
+            get_in(&store, "echo", "c1", scope, "gone").await,
+            None,
+            "{scope:?}"
+        );
+    }
+    assert_eq!(
+        get_in(&store, "echo", "c1", &salma, "kept")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    // "gone"+"1" and "kept"+"1" are 5 bytes, "forever"+"1" 8.
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &salma).await,
+        (size(2, 10), size(6, 33))
+    );
+    // Setting it again (without a TTL) brings it back.
+    complete_kv(
+        &store,
+        "t2",
+        "c1",
+        vec![kv(
+            "echo",
+            "c1",
+            vec![set_in(&KvScope::Plugin, "gone", "2", None)],
+        )],
+    )
+    .await;
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Plugin, "gone")
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    let pruned = store
+        .prune(Retention {
+            expired_before: Some(now_ms()),
+            ..Retention::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned.kv_expired, 2, "{pruned:?}");
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &KvScope::Conversation).await,
+        (size(1, 5), size(4, 23))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &salma).await,
+        (size(1, 5), size(4, 23))
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &KvScope::Plugin).await,
+        (size(2, 13), size(4, 23))
+    );
+    // Nothing is left to expire.
+    let again = store
+        .prune(Retention {
+            expired_before: Some(now_ms()),
+            ..Retention::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.kv_expired, 0);
+
+    // A customer memory not written since the cut-off goes, and only the
+    // customer scope: the shared scope and the conversation stay.
+    complete_kv(
+        &store,
+        "t3",
+        "c2",
+        vec![kv("other", "c2", vec![set_in(&salma, "lang", "fr", None)])],
+    )
+    .await;
+    let pruned = store
+        .prune(Retention {
+            customer_idle_before: Some(now_ms() + 1),
+            ..Retention::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned.customer_entries, 2, "{pruned:?}");
+    assert_eq!(get_in(&store, "echo", "c1", &salma, "kept").await, None);
+    assert_eq!(get_in(&store, "other", "c2", &salma, "lang").await, None);
+    assert_eq!(
+        usage_in(&store, "echo", "c1", &salma).await,
+        (KvSize::default(), size(3, 18))
+    );
+    assert_eq!(
+        usage_in(&store, "other", "c1", &salma).await,
+        (KvSize::default(), KvSize::default())
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Plugin, "forever")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        get_in(&store, "echo", "c1", &KvScope::Conversation, "kept")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    // A memory written after the cut-off stays.
+    let cut = now_ms() - 60_000;
+    complete_kv(
+        &store,
+        "t4",
+        "c3",
+        vec![kv("echo", "c3", vec![set_in(&salma, "lang", "ar", None)])],
+    )
+    .await;
+    let pruned = store
+        .prune(Retention {
+            customer_idle_before: Some(cut),
+            ..Retention::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned.customer_entries, 0);
+    assert_eq!(
+        get_in(&store, "echo", "c4", &salma, "lang")
+            .await
+            .as_deref(),
+        Some("ar")
+    );
+}
+
+pub async fn kv_customer_writes_from_many_conversations_at_once_keep_exact_usage(db: TestDb) {
+    let store = db.open().await;
+    let salma = KvScope::Customer("thd_salma".into());
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let store = store.clone();
+        let salma = salma.clone();
+        tasks.push(tokio::spawn(async move {
+            // Every conversation overwrites one key (its value's length
+            // differs), adds one key of its own, and bumps a shared one.
+            let writes = vec![
+                set_in(&salma, "last", &"x".repeat(i + 1), None),
+                set_in(&salma, &format!("k{i}"), "v", None),
+                set_in(&KvScope::Plugin, "seen", &i.to_string(), None),
+            ];
+            let conv = format!("c{i}");
+            complete_kv(
+                &store,
+                &format!("m{i}"),
+                &conv,
+                vec![kv("echo", &conv, writes)],
+            )
+            .await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Last committed write wins: one of the values, whole.
+    let last = get_in(&store, "echo", "c0", &salma, "last").await.unwrap();
+    assert!(last.len() <= 24 && last.chars().all(|c| c == 'x'), "{last}");
+    let seen = get_in(&store, "echo", "c0", &KvScope::Plugin, "seen")
+        .await
+        .unwrap();
+    // The counts are those of the rows as they are: 25 keys for Salma.
+    // "k0"+"v" .. "k9"+"v" are 3 bytes, "k10"+"v" .. "k23"+"v" 4.
+    let customer_bytes = 4 + last.len() as i64 + 10 * 3 + 14 * 4;
+    let shared_bytes = 4 + seen.len() as i64;
+    assert_eq!(
+        usage_in(&store, "echo", "c0", &salma).await,
+        (
+            size(25, customer_bytes),
+            size(26, customer_bytes + shared_bytes)
+        )
+    );
+    assert_eq!(
+        usage_in(&store, "echo", "c0", &KvScope::Plugin).await.0,
+        size(1, shared_bytes)
+    );
+}
+
+pub async fn a_conversation_keeps_the_customer_an_event_named(db: TestDb) {
+    let store = db.open().await;
+    for (id, customer) in [("n1", Some("thd_salma")), ("n2", None)] {
+        let Inserted::New(seq) = store.insert_event(event(id, "c1")).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete_event(
+                seq,
+                "c1".into(),
+                serde_json::json!([]),
+                vec![],
+                vec![],
+                ConversationUpdate {
+                    customer_id: customer.map(str::to_string),
+                    ..ConversationUpdate::default()
+                },
+            )
+            .await
+            .unwrap();
+        // An event that names none (an agent's, a timer) keeps it.
+        let record = store.conversation_state("c1").await.unwrap().unwrap();
+        assert_eq!(record.customer_id.as_deref(), Some("thd_salma"));
+    }
+    handled_in(&store, "n3", "c2", 0).await;
+    let record = store.conversation_state("c2").await.unwrap().unwrap();
+    assert_eq!(record.customer_id, None);
 }

@@ -12,7 +12,11 @@
 //!   host must stop the turn without copying the key);
 //! - `many-reads`: reads 10,000 distinct keys (the per-turn KV view);
 //! - `huge-timer`, `huge-timer-payload`: `timers.schedule` with a 16 MiB
-//!   name, a 16 MiB payload; answers `refused: REASON`.
+//!   name, a 16 MiB payload; answers `refused: REASON`;
+//! - `huge-get-in`, `huge-set-in`, `huge-value-in`, `huge-delete-in`,
+//!   `huge-ttl`: the scoped calls (`kv::customer()`, `kv::plugin()`) with a
+//!   16 MiB key or value, or a TTL of `Duration::MAX`; answers `refused:
+//!   REASON` (the scoped calls have an error to return).
 use digibot_sdk::{Action, Bot, Message, Result, config, export_bot, kv, timers};
 
 const VALUE: usize = 64 << 10;
@@ -58,6 +62,11 @@ impl Bot for HostileKv {
             "huge-timer-payload" => {
                 refusal(timers::schedule("t", 1000, &"p".repeat(HUGE)).map(drop))
             }
+            "huge-get-in" => refusal(kv::customer().get(&huge()).map(drop)),
+            "huge-set-in" => refusal(kv::plugin().set(&huge(), "v")),
+            "huge-value-in" => refusal(kv::customer().set("k", &"v".repeat(HUGE))),
+            "huge-delete-in" => refusal(kv::plugin().delete(&huge())),
+            "huge-ttl" => refusal(kv::customer().set_with_ttl("k", "v", std::time::Duration::MAX)),
             "many-reads" => {
                 let found = (0..10_000)
                     .filter(|i| kv::get(&format!("key-{i}")).is_some())
