@@ -3,7 +3,9 @@
 //! customer (or Digishare) sends, each with what the plugin must answer:
 //! its actions, or the exact Messages API requests they become (matched
 //! exactly or partially), its KV state afterwards, or a failure; `[[http]]`
-//! stubs answer the plugin's outbound requests by URL. The plugin runs in
+//! stubs answer the plugin's outbound requests by URL. A `timer` turn fires
+//! a timer the plugin scheduled earlier in the file, and `scheduled`,
+//! `cancelled` and `pending_timers` check its timers. The plugin runs in
 //! the server's own dispatch (routing, filters, limits, request building,
 //! who is in charge) through replay's [`Session`]; nothing is compiled but
 //! the component, and compiled components are cached across runs.
@@ -12,7 +14,7 @@
 //! non-zero when a test fails or a test file is invalid. The format is in
 //! docs/testing.md.
 
-use super::replay::{PluginArgs, Session};
+use super::replay::{PluginArgs, Session, Turn as Ran};
 use crate::config::Settings;
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -21,6 +23,8 @@ use digibot_domain::event::{
     Choice, Content, Event, Location, customer_message_event, new_conversation_event,
 };
 use digibot_domain::outbound::{Refusal, Target};
+use digibot_domain::time::now_ms;
+use digibot_domain::timer::TimerOp;
 use digibot_runtime::{Manifest, OutboundHttp, OutboundRequest, OutboundResponse, Runtime, Sent};
 use serde::Deserialize;
 use serde_json::Value;
@@ -115,6 +119,9 @@ struct Turn {
     /// or the JSON itself (a string starting with `{`, or a table).
     #[serde(default)]
     webhook: Option<Value>,
+    /// A timer the plugin scheduled earlier comes due (by name).
+    #[serde(default)]
+    timer: Option<TimerTurn>,
     /// `exact` (the default) or `partial`: every field the expectation
     /// names must be there with that value; others are not looked at.
     #[serde(default, rename = "match")]
@@ -128,6 +135,18 @@ struct Turn {
     /// The plugin's KV in this conversation after the turn (`""`: absent).
     #[serde(default)]
     kv: BTreeMap<String, String>,
+    /// The timers the turn scheduled (`name`, `payload`, `after_ms`,
+    /// `cancel_on_customer_message`), in order.
+    #[serde(default)]
+    scheduled: Option<Vec<Value>>,
+    /// The names of the plugin's pending timers the turn ended without
+    /// firing: cancelled by the plugin, or by the customer's message.
+    #[serde(default)]
+    cancelled: Option<Vec<String>>,
+    /// The names of the plugin's timers pending in the turn's conversation
+    /// after it, in the order they were scheduled.
+    #[serde(default)]
+    pending_timers: Option<Vec<String>>,
     /// The turn fails, with a reason containing this.
     #[serde(default)]
     fails: Option<String>,
@@ -139,6 +158,44 @@ struct ChoiceTurn {
     id: String,
     #[serde(default)]
     title: Option<String>,
+}
+
+/// `timer = "follow-up"`, or `timer = { name = "follow-up", outside_window
+/// = true, conversation = "conv_2" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TimerTurn {
+    Name(String),
+    Fired(FiredTimer),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FiredTimer {
+    name: String,
+    /// Fired as if the customer last wrote over 24 hours ago on WhatsApp.
+    #[serde(default)]
+    outside_window: bool,
+    /// The conversation the timer is in (default: the current one).
+    #[serde(default)]
+    conversation: Option<String>,
+}
+
+impl TimerTurn {
+    fn fired(&self) -> FiredTimer {
+        match self {
+            TimerTurn::Name(name) => FiredTimer {
+                name: name.clone(),
+                outside_window: false,
+                conversation: None,
+            },
+            TimerTurn::Fired(f) => FiredTimer {
+                name: f.name.clone(),
+                outside_window: f.outside_window,
+                conversation: f.conversation.clone(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,10 +452,11 @@ fn read_test(file: &Path) -> anyhow::Result<TestFile> {
             turn.list.is_some(),
             turn.location.is_some(),
             turn.webhook.is_some(),
+            turn.timer.is_some(),
         ];
         if inputs.iter().filter(|x| **x).count() != 1 {
             bail!(
-                "turn {}: give exactly one of new_conversation, message, button, list, location, webhook",
+                "turn {}: give exactly one of new_conversation, message, button, list, location, webhook, timer",
                 i + 1
             );
         }
@@ -455,7 +513,11 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
     };
     let mut problems = Vec::new();
     for (i, turn) in test.turns.iter().enumerate() {
-        let (what, event) = match make_event(file, turn, &mut customer) {
+        let made = match &turn.timer {
+            Some(timer) => fire(session, &plugin, &customer, &timer.fired()),
+            None => make_event(file, turn, &mut customer).map(|(what, e)| (what, Some(e))),
+        };
+        let (what, event) = match made {
             Ok(x) => x,
             Err(e) => {
                 problems.push(format!("turn {}: {e:#}", i + 1));
@@ -463,8 +525,26 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
             }
         };
         let here = format!("turn {} ({what})", i + 1);
-        let conversation = event.conversation_id().unwrap_or_default().to_string();
-        let ran = session.run(&event);
+        let conversation = match &event {
+            Some(event) => event.conversation_id().unwrap_or_default().to_string(),
+            // A held timer's.
+            None => turn
+                .timer
+                .as_ref()
+                .and_then(|t| t.fired().conversation)
+                .unwrap_or_else(|| customer.conversation_id()),
+        };
+        let before = now_ms();
+        let ran = match &event {
+            Some(event) => session.run(event),
+            // Held: a human is in charge, nothing runs.
+            None => Ran {
+                duplicate: false,
+                handled: Default::default(),
+                timers_ended: Vec::new(),
+            },
+        };
+        let after = now_ms();
         let outcome = ran.handled.outcomes.iter().find(|o| o.plugin == plugin);
         if let Some(o) = outcome.filter(|o| matches!(o.outcome, "ok" | "failed")) {
             times.push(o.elapsed_us);
@@ -509,6 +589,30 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
                 .collect();
             check(&mut problems, &here, "requests", turn.mode, want, &got);
         }
+        if let Some(want) = &turn.scheduled {
+            let got = scheduled(&ran, &plugin, &conversation, want, (before, after));
+            check(&mut problems, &here, "scheduled timers", turn.mode, want, &got);
+        }
+        if let Some(want) = &turn.cancelled {
+            let got: Vec<Value> = ran
+                .timers_ended
+                .iter()
+                .filter(|(p, _)| *p == plugin)
+                .map(|(_, name)| Value::from(name.as_str()))
+                .collect();
+            let want: Vec<Value> = want.iter().map(|n| Value::from(n.as_str())).collect();
+            check(&mut problems, &here, "cancelled timers", Mode::Exact, &want, &got);
+        }
+        if let Some(want) = &turn.pending_timers {
+            let got: Vec<Value> = session
+                .timers(&conversation)
+                .into_iter()
+                .filter(|t| t.plugin == plugin)
+                .map(|t| Value::from(t.name))
+                .collect();
+            let want: Vec<Value> = want.iter().map(|n| Value::from(n.as_str())).collect();
+            check(&mut problems, &here, "pending timers", Mode::Exact, &want, &got);
+        }
         for (key, want) in &turn.kv {
             let got = session.kv(&plugin, &conversation, key);
             let want = (!want.is_empty()).then_some(want.as_str());
@@ -522,6 +626,98 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
         }
     }
     (problems, times)
+}
+
+/// The event a `timer` turn sends: the plugin's pending timer of that
+/// name, with its payload as scheduled; `None` when a human is in charge
+/// (the server holds it until the conversation is handed back: it stays
+/// pending).
+fn fire(
+    session: &mut Session,
+    plugin: &str,
+    customer: &Customer,
+    timer: &FiredTimer,
+) -> anyhow::Result<(String, Option<Event>)> {
+    let conversation = timer
+        .conversation
+        .clone()
+        .unwrap_or_else(|| customer.conversation_id());
+    let what = format!("timer {:?}", timer.name);
+    if session.state(&conversation) == digibot_domain::event::ConversationState::Human {
+        let pending = session
+            .timers(&conversation)
+            .iter()
+            .any(|t| t.plugin == plugin && t.name == timer.name);
+        if pending {
+            return Ok((format!("{what}, held: a human is in charge"), None));
+        }
+    }
+    match session.fire(plugin, &conversation, &timer.name, timer.outside_window) {
+        Some(event) => Ok((what, Some(event))),
+        None => {
+            let pending: Vec<String> = session
+                .timers(&conversation)
+                .into_iter()
+                .filter(|t| t.plugin == plugin)
+                .map(|t| format!("{:?}", t.name))
+                .collect();
+            bail!(
+                "{what}: no timer {:?} pending in {conversation} (pending: {})",
+                timer.name,
+                if pending.is_empty() {
+                    "none".to_string()
+                } else {
+                    pending.join(", ")
+                }
+            )
+        }
+    }
+}
+
+/// The timers `plugin` scheduled in the turn, as a test file writes them.
+/// The host adds `after_ms` to its clock during the turn, which ran between
+/// `before` and `after`: an expected `after_ms` that fits is taken as is.
+fn scheduled(
+    ran: &Ran,
+    plugin: &str,
+    conversation: &str,
+    want: &[Value],
+    (before, after): (i64, i64),
+) -> Vec<Value> {
+    ran.handled
+        .timers
+        .iter()
+        .filter(|c| c.plugin == plugin && c.conversation_id == conversation)
+        .flat_map(|c| &c.ops)
+        .filter_map(|op| match op {
+            TimerOp::Schedule {
+                name,
+                due_at,
+                payload,
+                cancel_on_customer_message,
+                ..
+            } => Some((name, *due_at, payload, *cancel_on_customer_message)),
+            TimerOp::Cancel { .. } => None,
+        })
+        .enumerate()
+        .map(|(i, (name, due_at, payload, cancel))| {
+            let (lo, hi) = (due_at - after, due_at - before);
+            let wanted = want
+                .get(i)
+                .and_then(|w| w.get("after_ms"))
+                .and_then(Value::as_i64)
+                .filter(|w| (lo..=hi).contains(w));
+            // Otherwise, for the diff: a whole second when one fits.
+            let seconds = hi - hi.rem_euclid(1000);
+            let shown = if seconds >= lo { seconds } else { hi };
+            serde_json::json!({
+                "name": name,
+                "payload": payload,
+                "after_ms": wanted.unwrap_or(shown),
+                "cancel_on_customer_message": cancel,
+            })
+        })
+        .collect()
 }
 
 /// `turn times: median 1210 µs, slowest 1800 µs (8 turns that ran)`.

@@ -10,6 +10,7 @@ import type {
   MessageEvent,
   NewConversationEvent,
   Sender,
+  TimerEvent,
 } from "./wit";
 
 /** A location the customer shared (not to be confused with the pin a bot sends). */
@@ -93,4 +94,46 @@ export class Message {
 
 export function conversation(event: NewConversationEvent): Conversation {
   return { ...event.conversation, state: event.state, eventId: event.eventId };
+}
+
+/**
+ * A timer this plugin scheduled (`timers.schedule`) came due, as `onTimer`
+ * receives it: only the plugin that scheduled it, in its conversation.
+ */
+export interface Timer {
+  /** What `timers.schedule` returned. */
+  readonly id: string;
+  /** The name it was scheduled under. */
+  readonly name: string;
+  /** The payload it was scheduled with. */
+  readonly payload: string;
+  /** The conversation it was scheduled in (the one replies go to). */
+  readonly conversationId: string;
+  /** When it was scheduled and when it came due (ms since the epoch). */
+  readonly scheduledAt: number;
+  readonly dueAt: number;
+  /**
+   * The conversation is on WhatsApp and the customer last wrote over 24
+   * hours ago: Digishare refuses a free-form message (write a note, or
+   * nothing).
+   */
+  readonly outsideWindow: boolean;
+  /** Who is in charge (always `bot`: timers wait while a human is). */
+  readonly state: ConversationState;
+  /** The key digibot deduplicates by (`timer:ID`). */
+  readonly eventId: string;
+}
+
+export function timer(event: TimerEvent): Timer {
+  return {
+    id: event.timerId,
+    name: event.name,
+    payload: event.payload,
+    conversationId: event.conversationId,
+    scheduledAt: Number(event.scheduledAt),
+    dueAt: Number(event.dueAt),
+    outsideWindow: event.outsideWindow,
+    state: event.state,
+    eventId: event.eventId,
+  };
 }

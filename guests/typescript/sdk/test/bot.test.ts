@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Action, LimitError } from "../src/actions";
 import { BotError, defineBot, reasonOf } from "../src/bot";
-import type { Content, MessageEvent, NewConversationEvent } from "../src/wit";
+import type { Content, MessageEvent, NewConversationEvent, TimerEvent } from "../src/wit";
 
 function message(content: Content): MessageEvent {
   return {
@@ -101,4 +101,25 @@ test("errors become the result's err with a readable reason", () => {
   assert.equal(reason("not-array"), "a handler must return an array of actions, not string");
   assert.ok(String(reason("type")).startsWith("TypeError: "));
   assert.equal(reasonOf(new LimitError({ kind: "bad-url" })), "file url must start with https:// or http://");
+});
+
+test("onTimer gets the timer as scheduled; a bot without one answers nothing", () => {
+  const event: TimerEvent = {
+    eventId: "timer:t1",
+    timerId: "t1",
+    conversationId: "conv_1",
+    name: "follow-up",
+    payload: "A-1042",
+    scheduledAt: 1000n,
+    dueAt: 61000n,
+    state: "bot",
+    outsideWindow: true,
+  };
+  const reminder = defineBot({
+    onTimer(t) {
+      return [Action.note(`${t.name} ${t.payload} ${t.dueAt - t.scheduledAt} ${t.outsideWindow} ${t.id}`)];
+    },
+  });
+  assert.deepEqual(reminder.onTimer(event), [{ tag: "note", val: "follow-up A-1042 60000 true t1" }]);
+  assert.deepEqual(echo.onTimer(event), []);
 });
