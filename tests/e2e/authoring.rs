@@ -277,23 +277,26 @@ fn echoes() -> Result<Vec<PathBuf>> {
 
 /// One conversation test file, tests/conversations/echo.toml (text, emoji,
 /// button, list row, location, whole webhooks, an agent taking over),
-/// passes against the Rust, Python and TypeScript echo alike.
+/// passes against the Rust, Python and TypeScript echo alike, and so does
+/// the same file in YAML (echo.yaml).
 #[test]
 fn one_conversation_test_passes_against_every_languages_echo() -> Result<()> {
-    let file = repo_root().join("tests/conversations/echo.toml");
-    for wasm in echoes()? {
-        let out = run(digibot_test().arg(&wasm).arg(&file))?.ok("digibot test")?;
-        ensure!(
-            out.stdout
-                == format!(
-                    "{} (echo repeats text and nothing else) ... ok (8 turns)\n\
-                     1 test file: 1 passed, 0 failed\n",
-                    file.display()
-                ),
-            "{}: {}",
-            wasm.display(),
-            out.stdout
-        );
+    for file in ["echo.toml", "echo.yaml"] {
+        let file = repo_root().join("tests/conversations").join(file);
+        for wasm in echoes()? {
+            let out = run(digibot_test().arg(&wasm).arg(&file))?.ok("digibot test")?;
+            ensure!(
+                out.stdout
+                    == format!(
+                        "{} (echo repeats text and nothing else) ... ok (8 turns)\n\
+                         1 test file: 1 passed, 0 failed\n",
+                        file.display()
+                    ),
+                "{}: {}",
+                wasm.display(),
+                out.stdout
+            );
+        }
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `digibot test [PLUGIN.wasm] [TESTS...]`: conversation tests any plugin
-//! language can run. A test file (TOML) is one conversation: turns the
+//! language can run. A test file (TOML, or YAML with the same schema) is
+//! one conversation: turns the
 //! customer (or Digishare) sends, each with what the plugin must answer:
 //! its actions, or the exact Messages API requests they become (matched
 //! exactly or partially), its KV state afterwards, or a failure; `[[http]]`
@@ -35,9 +36,9 @@ use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// The plugin component, then test files (TOML) or folders of them.
-    /// Without a `.wasm`: the component `digibot build` made in the current
-    /// folder; without tests: `tests/*.toml`.
+    /// The plugin component, then test files (`.toml`, `.yaml`, `.yml`) or
+    /// folders of them. Without a `.wasm`: the component `digibot build`
+    /// made in the current folder; without tests: those in `tests/`.
     #[arg(value_name = "PLUGIN.wasm [TESTS]")]
     pub paths: Vec<PathBuf>,
     /// A configuration value for the plugin, over its `NAME.toml` (a test
@@ -295,11 +296,11 @@ fn locate(args: &TestArgs) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
             let mut found: Vec<PathBuf> = std::fs::read_dir(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .filter(|p| Format::is_test(p))
                 .collect();
             found.sort();
             if found.is_empty() {
-                bail!("no test file (*.toml) in {}", path.display());
+                bail!("no test file (*.toml, *.yaml) in {}", path.display());
             }
             files.extend(found);
         } else {
@@ -434,10 +435,36 @@ pub fn run(args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A test file's syntax, from its extension: the same schema either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Toml,
+    Yaml,
+}
+
+impl Format {
+    fn of(file: &Path) -> Format {
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Format::Yaml,
+            _ => Format::Toml,
+        }
+    }
+
+    /// A file a folder of tests holds.
+    fn is_test(path: &Path) -> bool {
+        path.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "toml" | "yaml" | "yml"))
+    }
+}
+
 fn read_test(file: &Path) -> anyhow::Result<TestFile> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let test: TestFile = toml::from_str(&text).context("not a conversation test")?;
+    let test: TestFile = match Format::of(file) {
+        Format::Toml => toml::from_str(&text).context("not a conversation test")?,
+        Format::Yaml => serde_yaml_ng::from_str(&text).context("not a conversation test")?,
+    };
     if test.turns.is_empty() {
         bail!("no [[turn]]");
     }
@@ -895,6 +922,34 @@ mod tests {
     fn diff_marks_what_changed() {
         let d = diff("a\nb\nc", "a\nx\nc");
         assert_eq!(d, "  a\n- b\n+ x\n  c\n");
+    }
+
+    #[test]
+    fn yaml_files_have_the_toml_schema() {
+        let dir = std::env::temp_dir().join(format!("digibot-test-yaml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let yaml = dir.join("t.yaml");
+        std::fs::write(
+            &yaml,
+            "name: yaml\nconfig: { after_ms: \"1000\" }\nplugin:\n  grants: { http: [\"https://a.example/\"] }\n\
+             http:\n  - { url: \"https://a.example/x\", json: { ok: true } }\n\
+             turn:\n  - message: hi\n    match: partial\n    actions: [{ kind: text, body: hi }]\n    kv: { n: \"1\" }\n\
+             \x20 - timer: follow-up\n    scheduled: []\n",
+        )
+        .unwrap();
+        let test = read_test(&yaml).unwrap();
+        assert_eq!(test.name.as_deref(), Some("yaml"));
+        assert_eq!(test.config["after_ms"], "1000");
+        assert!(test.plugin.is_some());
+        assert_eq!(test.http[0].json, Some(serde_json::json!({"ok": true})));
+        assert_eq!(test.turns.len(), 2);
+        assert_eq!(test.turns[0].mode, Mode::Partial);
+        assert!(matches!(&test.turns[1].timer, Some(TimerTurn::Name(n)) if n == "follow-up"));
+        // Unknown keys are refused as in TOML.
+        std::fs::write(&yaml, "turn:\n  - mesage: hi\n").unwrap();
+        let e = format!("{:#}", read_test(&yaml).unwrap_err());
+        assert!(e.contains("mesage"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
