@@ -49,6 +49,19 @@ pub struct TestArgs {
     /// on the server's event path; the first call of a file included).
     #[arg(long)]
     pub timings: bool,
+    /// Write this test file (`.toml`, `.yaml`) from the stored conversation
+    /// `--conversation` first, then run it: the plugin's requests then are
+    /// the expectations, its journaled outbound calls the `[[http]]` stubs.
+    #[arg(long, value_name = "FILE", requires = "conversation")]
+    pub record: Option<PathBuf>,
+    /// The stored conversation `--record` writes a test of.
+    #[arg(long, value_name = "ID", requires = "record")]
+    pub conversation: Option<String>,
+    /// The store `--record` reads: digibot's data folder (its SQLite
+    /// database), instead of DIGIBOT_DATA_DIR; PostgreSQL is read when
+    /// DIGIBOT_DATABASE_URL is set, as the server does.
+    #[arg(long, value_name = "DIR", requires = "record")]
+    pub db: Option<PathBuf>,
 }
 
 /// One test file: one conversation.
@@ -123,6 +136,10 @@ struct Turn {
     /// A timer the plugin scheduled earlier comes due (by name).
     #[serde(default)]
     timer: Option<TimerTurn>,
+    /// An event in digibot's stored form (what `--record` writes), as a
+    /// table or a JSON string.
+    #[serde(default)]
+    event: Option<Value>,
     /// `exact` (the default) or `partial`: every field the expectation
     /// names must be there with that value; others are not looked at.
     #[serde(default, rename = "match")]
@@ -357,7 +374,28 @@ fn open_session(
     )
 }
 
-pub fn run(args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+pub fn run(mut args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    if let (Some(file), Some(conversation)) = (args.record.clone(), args.conversation.clone()) {
+        let mut settings = settings.clone();
+        if let Some(dir) = &args.db {
+            settings.data_dir = dir.clone();
+        }
+        // Only the component is named: the recorded file is what runs.
+        args.paths.retain(|p| p.extension().is_some_and(|e| e == "wasm"));
+        let plugin = match args.paths.first() {
+            Some(wasm) => wasm.clone(),
+            None => super::build::built_component(Path::new("."))?,
+        };
+        let name = digibot_runtime::plugin_name(&plugin);
+        let recorded = super::record::record(&settings, &conversation, &name, &file)?;
+        println!(
+            "recorded {} ({} turns, {} [[http]] stubs) from conversation {conversation}",
+            file.display(),
+            recorded.turns,
+            recorded.stubs
+        );
+        args.paths.push(file);
+    }
     let (plugin, files) = locate(&args)?;
     // Every file is read before the plugin is compiled: a typo should not
     // cost a compile.
@@ -480,10 +518,11 @@ fn read_test(file: &Path) -> anyhow::Result<TestFile> {
             turn.location.is_some(),
             turn.webhook.is_some(),
             turn.timer.is_some(),
+            turn.event.is_some(),
         ];
         if inputs.iter().filter(|x| **x).count() != 1 {
             bail!(
-                "turn {}: give exactly one of new_conversation, message, button, list, location, webhook, timer",
+                "turn {}: give exactly one of new_conversation, message, button, list, location, webhook, timer, event",
                 i + 1
             );
         }
@@ -800,6 +839,14 @@ fn make_event(
             address: l.address.clone(),
         }));
         return Ok((format!("location {},{}", l.latitude, l.longitude), event));
+    }
+    if let Some(event) = &turn.event {
+        let event: Event = match event {
+            Value::String(s) => serde_json::from_str(s),
+            other => serde_json::from_value(other.clone()),
+        }
+        .context("not an event in digibot's stored form")?;
+        return Ok((format!("event {}", event.key), event));
     }
     if let Some(webhook) = &turn.webhook {
         let (what, value) = match webhook {
