@@ -310,8 +310,18 @@ fn one_conversation_test_passes_against_every_languages_echo() -> Result<()> {
 #[test]
 fn timers_and_history_pass_the_same_conversation_test_in_every_language() -> Result<()> {
     for (plugin, file, title, turns) in [
-        ("reminder", "reminder.toml", "reminder follows up after silence", 9),
-        ("historian", "historian.toml", "historian reads the conversation back", 3),
+        (
+            "reminder",
+            "reminder.toml",
+            "reminder follows up after silence",
+            9,
+        ),
+        (
+            "historian",
+            "historian.toml",
+            "historian reads the conversation back",
+            3,
+        ),
     ] {
         let file = repo_root().join("tests/conversations").join(file);
         for wasm in every_language(plugin)? {

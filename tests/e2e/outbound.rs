@@ -810,7 +810,10 @@ async fn a_recorded_production_conversation_passes_as_a_test() -> Result<()> {
     let bot = orders_bot(&fake, &api).start().await?;
     let c = "conv_record_1";
     let mut keys = Vec::new();
-    for (id, text) in [("msg_rec_1", "bonjour"), ("msg_rec_2", "ma commande 12345 ?")] {
+    for (id, text) in [
+        ("msg_rec_1", "bonjour"),
+        ("msg_rec_2", "ma commande 12345 ?"),
+    ] {
         keys.push(bot.accept(&customer_text(c, id, text)).await?);
     }
     bot.wait_idle(&keys, TIMEOUT).await?;
@@ -857,7 +860,10 @@ async fn a_recorded_production_conversation_passes_as_a_test() -> Result<()> {
         );
         ensure_no_secret(&text, "the recorded test")?;
     }
-    ensure!(api.requests().len() == 1, "the recorded test called the API");
+    ensure!(
+        api.requests().len() == 1,
+        "the recorded test called the API"
+    );
     Ok(())
 }
 

@@ -176,8 +176,17 @@ async fn a_recorded_conversation_with_a_fired_timer_passes_as_a_test() -> Result
     )?;
     // The timer's turn is committed after its request is queued.
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while !bot.admin_get("/admin/events").await?.json()?.to_string().contains("timer:") {
-        ensure!(std::time::Instant::now() < deadline, "no timer event stored");
+    while !bot
+        .admin_get("/admin/events")
+        .await?
+        .json()?
+        .to_string()
+        .contains("timer:")
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no timer event stored"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let tmp = tempfile::tempdir()?;

@@ -233,7 +233,11 @@ fn digibot_replay_prints_the_same_requests_for_every_languages_echo() -> Result<
         let python = replayed_requests(event, "echo_py")?;
         let typescript = replayed_requests(event, "echo_ts")?;
         assert_eq!(python, rust, "python requests for {}", event["file"]);
-        assert_eq!(typescript, rust, "typescript requests for {}", event["file"]);
+        assert_eq!(
+            typescript, rust,
+            "typescript requests for {}",
+            event["file"]
+        );
         if event["dispatched"] == true {
             let ran: Vec<&Value> = event["plugins"]
                 .as_array()

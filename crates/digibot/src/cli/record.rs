@@ -32,13 +32,16 @@ pub fn record(
     let doc = crate::cli::block_on(read(settings, conversation, plugin))??;
     let recorded = Recorded {
         turns: doc["turn"].as_array().map_or(0, Vec::len),
-        stubs: doc.get("http").and_then(Value::as_array).map_or(0, Vec::len),
+        stubs: doc
+            .get("http")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len),
     };
     let text = match file.extension().and_then(|e| e.to_str()) {
         Some("yaml" | "yml") => serde_yaml_ng::to_string(&doc)?,
-        _ => toml::to_string(&doc).with_context(|| {
-            "the conversation does not fit TOML (a null value?): record to a .yaml file"
-        })?,
+        _ => toml::to_string(&doc).with_context(
+            || "the conversation does not fit TOML (a null value?): record to a .yaml file",
+        )?,
     };
     let header = format!(
         "# Recorded by `digibot test --record` from conversation {conversation} (plugin {plugin}).\n"

@@ -397,9 +397,9 @@ impl Session {
                 };
             }
             EventKind::ConversationArchived { .. } => {
-                let timers_ended =
-                    self.kv
-                        .apply_timers(&conversation, false, true, &[], now_ms());
+                let timers_ended = self
+                    .kv
+                    .apply_timers(&conversation, false, true, &[], now_ms());
                 self.states.insert(conversation, ConversationState::Closed);
                 return Turn {
                     duplicate: false,
@@ -449,7 +449,8 @@ impl Session {
                 .iter()
                 .any(|a| digibot_domain::actions::is_hand_off(&a.method, &a.path))
         {
-            self.states.insert(conversation.clone(), ConversationState::Human);
+            self.states
+                .insert(conversation.clone(), ConversationState::Human);
         }
         for changes in &handled.kv {
             self.kv

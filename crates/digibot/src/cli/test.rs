@@ -381,7 +381,8 @@ pub fn run(mut args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> 
             settings.data_dir = dir.clone();
         }
         // Only the component is named: the recorded file is what runs.
-        args.paths.retain(|p| p.extension().is_some_and(|e| e == "wasm"));
+        args.paths
+            .retain(|p| p.extension().is_some_and(|e| e == "wasm"));
         let plugin = match args.paths.first() {
             Some(wasm) => wasm.clone(),
             None => super::build::built_component(Path::new("."))?,
@@ -657,7 +658,14 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
         }
         if let Some(want) = &turn.scheduled {
             let got = scheduled(&ran, &plugin, &conversation, want, (before, after));
-            check(&mut problems, &here, "scheduled timers", turn.mode, want, &got);
+            check(
+                &mut problems,
+                &here,
+                "scheduled timers",
+                turn.mode,
+                want,
+                &got,
+            );
         }
         if let Some(want) = &turn.cancelled {
             let got: Vec<Value> = ran
@@ -667,7 +675,14 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
                 .map(|(_, name)| Value::from(name.as_str()))
                 .collect();
             let want: Vec<Value> = want.iter().map(|n| Value::from(n.as_str())).collect();
-            check(&mut problems, &here, "cancelled timers", Mode::Exact, &want, &got);
+            check(
+                &mut problems,
+                &here,
+                "cancelled timers",
+                Mode::Exact,
+                &want,
+                &got,
+            );
         }
         if let Some(want) = &turn.pending_timers {
             let got: Vec<Value> = session
@@ -677,7 +692,14 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
                 .map(|t| Value::from(t.name))
                 .collect();
             let want: Vec<Value> = want.iter().map(|n| Value::from(n.as_str())).collect();
-            check(&mut problems, &here, "pending timers", Mode::Exact, &want, &got);
+            check(
+                &mut problems,
+                &here,
+                "pending timers",
+                Mode::Exact,
+                &want,
+                &got,
+            );
         }
         for (key, want) in &turn.kv {
             let got = session.kv(&plugin, &conversation, key);
