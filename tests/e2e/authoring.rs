@@ -239,18 +239,22 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The echo of each language, as built by `cargo build-plugins`,
-/// scripts/build-python-plugins and scripts/build-typescript-plugins.
-fn echoes() -> Result<Vec<PathBuf>> {
+/// The plugin `name` of each language (Rust, Python, TypeScript), as built
+/// by `cargo build-plugins`, scripts/build-python-plugins and
+/// scripts/build-typescript-plugins.
+fn every_language(name: &str) -> Result<Vec<PathBuf>> {
     let root = repo_root();
     [
         (
-            "target/wasm32-wasip2/release/echo.wasm",
+            format!("target/wasm32-wasip2/release/{name}.wasm"),
             "cargo build-plugins",
         ),
-        ("target/guests/echo_py.wasm", "scripts/build-python-plugins"),
         (
-            "target/guests/echo_ts.wasm",
+            format!("target/guests/{name}_py.wasm"),
+            "scripts/build-python-plugins",
+        ),
+        (
+            format!("target/guests/{name}_ts.wasm"),
             "scripts/build-typescript-plugins",
         ),
     ]
@@ -267,26 +271,120 @@ fn echoes() -> Result<Vec<PathBuf>> {
     .collect()
 }
 
+fn echoes() -> Result<Vec<PathBuf>> {
+    every_language("echo")
+}
+
 /// One conversation test file, tests/conversations/echo.toml (text, emoji,
 /// button, list row, location, whole webhooks, an agent taking over),
-/// passes against the Rust, Python and TypeScript echo alike.
+/// passes against the Rust, Python and TypeScript echo alike, and so does
+/// the same file in YAML (echo.yaml).
 #[test]
 fn one_conversation_test_passes_against_every_languages_echo() -> Result<()> {
-    let file = repo_root().join("tests/conversations/echo.toml");
-    for wasm in echoes()? {
-        let out = run(digibot_test().arg(&wasm).arg(&file))?.ok("digibot test")?;
-        ensure!(
-            out.stdout
-                == format!(
-                    "{} (echo repeats text and nothing else) ... ok (8 turns)\n\
-                     1 test file: 1 passed, 0 failed\n",
-                    file.display()
-                ),
-            "{}: {}",
-            wasm.display(),
-            out.stdout
-        );
+    for file in ["echo.toml", "echo.yaml"] {
+        let file = repo_root().join("tests/conversations").join(file);
+        for wasm in echoes()? {
+            let out = run(digibot_test().arg(&wasm).arg(&file))?.ok("digibot test")?;
+            ensure!(
+                out.stdout
+                    == format!(
+                        "{} (echo repeats text and nothing else) ... ok (8 turns)\n\
+                         1 test file: 1 passed, 0 failed\n",
+                        file.display()
+                    ),
+                "{}: {}",
+                wasm.display(),
+                out.stdout
+            );
+        }
     }
+    Ok(())
+}
+
+/// Timers and history through `digibot test`, in every language: the
+/// reminder's follow-up is scheduled (payload, delay, cancelled by the
+/// customer's next message), fired by a `timer` turn with its payload as
+/// scheduled (inside and outside WhatsApp's window), held while an agent
+/// is in charge; the historian reads back the conversation the test made.
+/// One file each passes against the Rust, Python and TypeScript plugin.
+#[test]
+fn timers_and_history_pass_the_same_conversation_test_in_every_language() -> Result<()> {
+    for (plugin, file, title, turns) in [
+        (
+            "reminder",
+            "reminder.toml",
+            "reminder follows up after silence",
+            9,
+        ),
+        (
+            "historian",
+            "historian.toml",
+            "historian reads the conversation back",
+            3,
+        ),
+    ] {
+        let file = repo_root().join("tests/conversations").join(file);
+        for wasm in every_language(plugin)? {
+            let out = run(digibot_test().arg(&wasm).arg(&file))?.ok("digibot test")?;
+            ensure!(
+                out.stdout
+                    == format!(
+                        "{} ({title}) ... ok ({turns} turns)\n1 test file: 1 passed, 0 failed\n",
+                        file.display()
+                    ),
+                "{}: {}",
+                wasm.display(),
+                out.stdout
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A timer turn fires only a timer the plugin has pending, and a wrong
+/// timer expectation prints its diff (the delay as the plugin gave it).
+#[test]
+fn a_timer_turn_needs_a_pending_timer() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("timers.toml");
+    std::fs::write(
+        &file,
+        r#"
+[config]
+after_ms = "60000"
+
+[[turn]]
+message = "x"
+scheduled = [{ name = "follow-up", payload = "y", after_ms = 60000, cancel_on_customer_message = true }]
+
+[[turn]]
+timer = "reminder"
+"#,
+    )?;
+    let out = run(digibot_test().arg(plugin_wasm("reminder")).arg(&file))?;
+    ensure!(!out.success, "a failing test exited 0: {}", out.stdout);
+    let expected = format!(
+        "{} ... FAILED
+  turn 1 (message \"x\"): scheduled timers differ (exact match; - expected, + actual)
+    [
+      {{
+        \"after_ms\": 60000,
+        \"cancel_on_customer_message\": true,
+        \"name\": \"follow-up\",
+  -     \"payload\": \"y\"
+  +     \"payload\": \"x\"
+      }}
+    ]
+  turn 2: timer \"reminder\": no timer \"reminder\" pending in conv_1 (pending: \"follow-up\")
+1 test file: 0 passed, 1 failed
+",
+        file.display()
+    );
+    ensure!(
+        out.stdout == expected,
+        "got:\n{}\nexpected:\n{expected}",
+        out.stdout
+    );
     Ok(())
 }
 
@@ -966,28 +1064,8 @@ fn chat_in_a_terminal() -> Result<()> {
 /// orders plugin.
 #[test]
 fn stubbed_http_answers_the_orders_plugin_in_every_language() -> Result<()> {
-    let root = repo_root();
-    let file = root.join("tests/conversations/orders.toml");
-    for (wasm, built_by) in [
-        (
-            "target/wasm32-wasip2/release/orders.wasm",
-            "cargo build-plugins",
-        ),
-        (
-            "target/guests/orders_py.wasm",
-            "scripts/build-python-plugins",
-        ),
-        (
-            "target/guests/orders_ts.wasm",
-            "scripts/build-typescript-plugins",
-        ),
-    ] {
-        let wasm = root.join(wasm);
-        ensure!(
-            wasm.is_file(),
-            "{} is missing: run {built_by}",
-            wasm.display()
-        );
+    let file = repo_root().join("tests/conversations/orders.toml");
+    for wasm in every_language("orders")? {
         // The plugins' log lines are `info` events of the host.
         let out = run(digibot_test().arg(&wasm).arg(&file).env("RUST_LOG", "info"))?
             .ok("digibot test")?;

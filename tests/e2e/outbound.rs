@@ -797,6 +797,76 @@ async fn a_thousand_conversations_waiting_on_the_api_hold_no_thread_and_delay_no
     Ok(())
 }
 
+/// `digibot test --record`: a production conversation of `orders` (its
+/// order-API call journaled) becomes a test file, its request the
+/// expectation and the API's answer a `[[http]]` stub; the file passes when
+/// run again, offline (the API now answers otherwise), and in YAML too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_production_conversation_passes_as_a_test() -> Result<()> {
+    use crate::support::durable::cli;
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    api.set_order("12345", "shipped");
+    let bot = orders_bot(&fake, &api).start().await?;
+    let c = "conv_record_1";
+    let mut keys = Vec::new();
+    for (id, text) in [
+        ("msg_rec_1", "bonjour"),
+        ("msg_rec_2", "ma commande 12345 ?"),
+    ] {
+        keys.push(bot.accept(&customer_text(c, id, text)).await?);
+    }
+    bot.wait_idle(&keys, TIMEOUT).await?;
+    fake.settle(1, TIMEOUT).await?;
+    api.set_order("12345", "lost");
+
+    let orders = bot.plugins_dir.join("orders.wasm");
+    let data = bot.data_dir.clone();
+    let tmp = tempfile::tempdir()?;
+    for name in ["recorded.toml", "recorded.yaml"] {
+        let file = tmp.path().join(name);
+        let run = cli(
+            &data,
+            &[
+                "test",
+                &orders.to_string_lossy(),
+                "--record",
+                &file.to_string_lossy(),
+                "--conversation",
+                c,
+                "--db",
+                &data.to_string_lossy(),
+            ],
+        )
+        .await?
+        .ok()?;
+        ensure!(
+            run.stdout
+                == format!(
+                    "recorded {f} (2 turns, 1 [[http]] stubs) from conversation {c}\n\
+                     {f} (recorded conversation {c}) ... ok (2 turns)\n\
+                     1 test file: 1 passed, 0 failed\n",
+                    f = file.display()
+                ),
+            "{}",
+            run.stdout
+        );
+        let text = std::fs::read_to_string(&file)?;
+        ensure!(
+            text.contains("Votre commande 12345 est en route.")
+                && text.contains(&format!("{}/orders/12345", api.url()))
+                && text.contains("shipped"),
+            "{text}"
+        );
+        ensure_no_secret(&text, "the recorded test")?;
+    }
+    ensure!(
+        api.requests().len() == 1,
+        "the recorded test called the API"
+    );
+    Ok(())
+}
+
 /// `digibot replay --event KEY`: a production turn of `orders` runs again
 /// from the store, its order-API call answered from the event's journal
 /// (the API now says something else, and is not called), and gives the

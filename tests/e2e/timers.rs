@@ -154,6 +154,72 @@ async fn a_follow_up_fires_once_after_its_delay_and_a_customer_message_cancels_i
     Ok(())
 }
 
+/// `digibot test --record` on a conversation whose follow-up fired: the
+/// customer's message is an event turn, the firing a `timer` turn (fired
+/// in the test only because the plugin schedules it again), each expecting
+/// the request it made in production; the written file passes.
+#[tokio::test]
+async fn a_recorded_conversation_with_a_fired_timer_passes_as_a_test() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("reminder", &reminder(300))
+        .start()
+        .await?;
+    let c = "conv_timer_record";
+    handle(&bot, &customer(c, "msg_tr1", "bonjour")).await?;
+    fake.wait_for_conversation(c, 2, TIMEOUT).await?;
+    ensure_all_eq(
+        &fake.wire_for(c),
+        &[noted(c, "bonjour"), follow_up(c, "bonjour")],
+        c,
+    )?;
+    // The timer's turn is committed after its request is queued.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !bot
+        .admin_get("/admin/events")
+        .await?
+        .json()?
+        .to_string()
+        .contains("timer:")
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no timer event stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("recorded.toml");
+    let wasm = bot.plugins_dir.join("reminder.wasm");
+    let run = cli(
+        &bot.data_dir,
+        &[
+            "test",
+            &wasm.to_string_lossy(),
+            "--record",
+            &file.to_string_lossy(),
+            "--conversation",
+            c,
+        ],
+    )
+    .await?
+    .ok()?;
+    ensure!(
+        run.stdout.ends_with(&format!(
+            "(recorded conversation {c}) ... ok (2 turns)\n1 test file: 1 passed, 0 failed\n"
+        )),
+        "{}",
+        run.stdout
+    );
+    let text = std::fs::read_to_string(&file)?;
+    ensure!(
+        text.contains("name = \"follow-up\"") && text.contains("Still there? You wrote"),
+        "{text}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_follow_up_survives_kill_9_and_fires_once_after_the_restart() -> Result<()> {
     let fake = FakeDigishare::start().await?;

@@ -1,5 +1,6 @@
 //! The Python echo (guests/python/echo, built by scripts/build-python-plugins)
-//! through the real host runtime and through `digibot replay`: it must load
+//! and the TypeScript echo (guests/typescript/echo, scripts/build-typescript-plugins)
+//! through the real host runtime and through `digibot replay`: they must load
 //! like any plugin and answer every shared webhook fixture exactly as the
 //! Rust echo does.
 
@@ -19,6 +20,7 @@ fn root() -> PathBuf {
 
 const RUST_ECHO: &str = "target/wasm32-wasip2/release/echo.wasm";
 const PYTHON_ECHO: &str = "target/guests/echo_py.wasm";
+const TYPESCRIPT_ECHO: &str = "target/guests/echo_ts.wasm";
 
 /// The path of a built component, or an error naming what builds it.
 fn component(relative: &str) -> Result<PathBuf> {
@@ -26,7 +28,9 @@ fn component(relative: &str) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    let built_by = if relative.starts_with("target/guests/") {
+    let built_by = if relative.ends_with("_ts.wasm") {
+        "scripts/build-typescript-plugins"
+    } else if relative.starts_with("target/guests/") {
         "scripts/build-python-plugins"
     } else {
         "cargo build-plugins"
@@ -44,16 +48,19 @@ fn runtime() -> Result<Runtime> {
     .map_err(|e| anyhow::anyhow!("engine: {e}"))
 }
 
-/// Both echoes, loaded the way the server loads a plugin. The timeout is
-/// raised from its 100 ms default only so a loaded CI machine cannot fail
-/// the test; a Python call takes about a millisecond.
-fn echoes(runtime: &Runtime) -> Result<(Plugin, Plugin)> {
+/// The three echoes, loaded the way the server loads a plugin. The timeout
+/// is raised from its 100 ms default only so a loaded CI machine cannot
+/// fail the test; a Python or TypeScript call takes about a millisecond.
+fn echoes(runtime: &Runtime) -> Result<(Plugin, Plugin, Plugin)> {
     let manifest = Manifest::parse("[limits]\ntimeout_ms = 5000\n")?;
-    let rust = std::fs::read(component(RUST_ECHO)?)?;
-    let python = std::fs::read(component(PYTHON_ECHO)?)?;
-    let rust = runtime.load("echo", &rust, manifest.clone())?;
-    let python = runtime.load("echo_py", &python, manifest)?;
-    Ok((rust, python))
+    let load = |name: &str, path: &str| -> Result<Plugin> {
+        Ok(runtime.load(name, &std::fs::read(component(path)?)?, manifest.clone())?)
+    };
+    Ok((
+        load("echo", RUST_ECHO)?,
+        load("echo_py", PYTHON_ECHO)?,
+        load("echo_ts", TYPESCRIPT_ECHO)?,
+    ))
 }
 
 fn fixture_paths() -> Result<Vec<PathBuf>> {
@@ -127,10 +134,13 @@ fn run(
     Ok((actions, requests))
 }
 
+/// Every language's echo gives the same actions and the same Messages API
+/// requests on every shared fixture.
 #[test]
-fn python_echo_answers_every_fixture_like_the_rust_echo() -> Result<()> {
+fn every_languages_echo_answers_every_fixture_like_the_rust_echo() -> Result<()> {
     let runtime = runtime()?;
-    let (rust, python) = echoes(&runtime)?;
+    let (rust, python, typescript) = echoes(&runtime)?;
+    assert_eq!(typescript.wit_version, "0.3.0");
     eprintln!(
         "echo_py: {} bytes, {} imports, compiled in {:?} (from cache: {})",
         python.size,
@@ -156,9 +166,12 @@ fn python_echo_answers_every_fixture_like_the_rust_echo() -> Result<()> {
         let want = expected(event);
         let (rust_actions, rust_requests) = run(&runtime, &rust, event)?;
         let (py_actions, py_requests) = run(&runtime, &python, event)?;
+        let (ts_actions, ts_requests) = run(&runtime, &typescript, event)?;
         assert_eq!(rust_actions, want, "rust echo on {name}");
         assert_eq!(py_actions, want, "python echo on {name}");
-        assert_eq!(py_requests, rust_requests, "requests on {name}");
+        assert_eq!(ts_actions, want, "typescript echo on {name}");
+        assert_eq!(py_requests, rust_requests, "python requests on {name}");
+        assert_eq!(ts_requests, rust_requests, "typescript requests on {name}");
         replies += want.len();
     }
     // The fixtures hold customer texts, agent texts and non-text messages;
@@ -190,7 +203,7 @@ fn replayed_requests(event: &Value, plugin: &str) -> Result<Vec<Value>> {
 }
 
 #[test]
-fn digibot_replay_prints_the_same_requests_for_both_echoes() -> Result<()> {
+fn digibot_replay_prints_the_same_requests_for_every_languages_echo() -> Result<()> {
     // Without the agent's message: replay follows who is in charge, and
     // after it both echoes would be skipped in that conversation.
     let paths: Vec<_> = fixture_paths()?
@@ -204,6 +217,8 @@ fn digibot_replay_prints_the_same_requests_for_both_echoes() -> Result<()> {
         .arg(component(RUST_ECHO)?)
         .arg("--plugin")
         .arg(component(PYTHON_ECHO)?)
+        .arg("--plugin")
+        .arg(component(TYPESCRIPT_ECHO)?)
         .env("RUST_LOG", "warn")
         .output()?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -216,13 +231,24 @@ fn digibot_replay_prints_the_same_requests_for_both_echoes() -> Result<()> {
     for event in &events {
         let rust = replayed_requests(event, "echo")?;
         let python = replayed_requests(event, "echo_py")?;
-        assert_eq!(python, rust, "requests for {}", event["file"]);
+        let typescript = replayed_requests(event, "echo_ts")?;
+        assert_eq!(python, rust, "python requests for {}", event["file"]);
+        assert_eq!(
+            typescript, rust,
+            "typescript requests for {}",
+            event["file"]
+        );
         if event["dispatched"] == true {
             let ran: Vec<&Value> = event["plugins"]
                 .as_array()
                 .map(|all| all.iter().map(|p| &p["plugin"]).collect())
                 .unwrap_or_default();
-            assert_eq!(ran, ["echo", "echo_py"], "plugins on {}", event["file"]);
+            assert_eq!(
+                ran,
+                ["echo", "echo_py", "echo_ts"],
+                "plugins on {}",
+                event["file"]
+            );
         }
         echoed += rust.len();
     }

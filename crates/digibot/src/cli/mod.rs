@@ -7,6 +7,7 @@ mod check;
 mod conversations;
 mod dead_letters;
 mod new;
+mod record;
 mod replay;
 mod test;
 

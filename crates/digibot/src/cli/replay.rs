@@ -17,23 +17,31 @@
 //! and request building), KV kept in memory across events, and who is in
 //! charge of each conversation: a hand-off (taken as delivered: these tools
 //! send nothing) or an agent's message puts a human in charge, the agent's
-//! release note or archiving ends it, as in the server.
+//! release note or archiving ends it, as in the server. The session also
+//! keeps each conversation's pending timers (schedules and cancels applied
+//! as the store applies them: a customer message drops those cancelled by
+//! one, archiving drops all) and its history (what `conversation.history`
+//! answers), so `digibot test` can fire a timer a turn scheduled.
 
 use super::check::{runtime, sibling_manifest};
 use crate::config::Settings;
 use anyhow::{Context, bail};
 use clap::Args;
 use digibot_domain::event::{ConversationState, Event, EventKind, SenderKind};
+use digibot_domain::history::{self, HistoryEntry};
+use digibot_domain::kv::KvScope;
+use digibot_domain::time::now_ms;
+use digibot_domain::timer::{TimerFired, TimerOp, TimerRecord};
 use digibot_pipeline::dispatch::{self, Breaker, Handled};
 use digibot_protocol::Action;
 use digibot_runtime::registry::{Entry, Health};
-use digibot_runtime::{Manifest, MemoryKv, OutboundHttp, Runtime};
+use digibot_runtime::{KvRead, KvUsage, Manifest, MemoryKv, OutboundHttp, Runtime};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, Args)]
@@ -82,16 +90,149 @@ pub struct Turn {
     /// and runs nothing.
     pub duplicate: bool,
     pub handled: Handled,
+    /// Pending timers (plugin, name) this event ended without firing:
+    /// cancelled by a plugin, by the customer's message, or by archiving.
+    pub timers_ended: Vec<(String, String)>,
 }
 
-/// Plugins and in-memory KV state, run event by event like the server.
+/// What a session keeps in memory instead of a store: KV, pending timers
+/// and each conversation's history, read by the turns as the store is.
+#[derive(Default)]
+pub struct SessionState {
+    kv: MemoryKv,
+    timers: Mutex<Vec<TimerRecord>>,
+    /// Per conversation, oldest first, as `conversation.history` reads it.
+    history: Mutex<HashMap<String, Vec<HistoryEntry>>>,
+}
+
+impl SessionState {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<TimerRecord>> {
+        self.timers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, conversation: &str, entry: HistoryEntry) {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(conversation.to_string())
+            .or_default()
+            .push(entry);
+    }
+
+    /// Applies a turn's timer changes for `conversation` as the store's
+    /// commit does; returns the names of the pending timers that ended
+    /// without firing (cancelled by the plugin, by the customer's message,
+    /// or by archiving).
+    fn apply_timers(
+        &self,
+        conversation: &str,
+        customer_wrote: bool,
+        archived: bool,
+        changes: &[digibot_store::TimerChanges],
+        now: i64,
+    ) -> Vec<(String, String)> {
+        let mut pending = self.pending();
+        let mut ended = Vec::new();
+        let mut drop_where = |pending: &mut Vec<TimerRecord>, f: &dyn Fn(&TimerRecord) -> bool| {
+            pending.retain(|t| {
+                let drop = t.conversation_id == conversation && f(t);
+                if drop {
+                    ended.push((t.plugin.clone(), t.name.clone()));
+                }
+                !drop
+            })
+        };
+        if archived {
+            drop_where(&mut pending, &|_| true);
+            return ended;
+        }
+        if customer_wrote {
+            drop_where(&mut pending, &|t| t.cancel_on_customer_message);
+        }
+        for change in changes.iter().filter(|c| c.conversation_id == conversation) {
+            for op in &change.ops {
+                match op {
+                    TimerOp::Schedule {
+                        id,
+                        name,
+                        due_at,
+                        payload,
+                        cancel_on_customer_message,
+                    } => {
+                        pending.retain(|t| {
+                            !(t.conversation_id == conversation
+                                && t.plugin == change.plugin
+                                && t.name == *name)
+                        });
+                        pending.push(TimerRecord {
+                            id: id.clone(),
+                            plugin: change.plugin.clone(),
+                            conversation_id: conversation.to_string(),
+                            name: name.clone(),
+                            payload: payload.clone(),
+                            scheduled_at: now,
+                            due_at: *due_at,
+                            cancel_on_customer_message: *cancel_on_customer_message,
+                        });
+                    }
+                    TimerOp::Cancel { name } => drop_where(&mut pending, &|t| {
+                        t.plugin == change.plugin && t.name == *name
+                    }),
+                }
+            }
+        }
+        ended
+    }
+}
+
+#[async_trait::async_trait]
+impl KvRead for SessionState {
+    async fn get(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        scope: &KvScope,
+        key: &str,
+    ) -> Option<String> {
+        self.kv.get(plugin, conversation_id, scope, key).await
+    }
+
+    async fn usage(&self, plugin: &str, conversation_id: &str, scope: &KvScope) -> KvUsage {
+        self.kv.usage(plugin, conversation_id, scope).await
+    }
+
+    async fn customer_of(&self, conversation_id: &str) -> Option<String> {
+        self.kv.customer_of(conversation_id).await
+    }
+
+    async fn timer_names(&self, plugin: &str, conversation_id: &str) -> Vec<String> {
+        self.pending()
+            .iter()
+            .filter(|t| t.plugin == plugin && t.conversation_id == conversation_id)
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    async fn history(&self, conversation_id: &str, limit: usize) -> Vec<HistoryEntry> {
+        let entries = self
+            .history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(conversation_id)
+            .cloned()
+            .unwrap_or_default();
+        history::last(entries, limit)
+    }
+}
+
+/// Plugins and in-memory state, run event by event like the server.
 pub struct Session {
     runtime: Runtime,
     /// Drives the turns (which are async) one at a time: these tools have
     /// one event in flight.
     executor: tokio::runtime::Runtime,
     entries: Vec<Entry>,
-    kv: Arc<MemoryKv>,
+    kv: Arc<SessionState>,
     seen: HashSet<String>,
     states: HashMap<String, ConversationState>,
     release_command: String,
@@ -144,7 +285,7 @@ impl Session {
             runtime,
             executor,
             entries,
-            kv: Arc::new(MemoryKv::default()),
+            kv: Arc::new(SessionState::default()),
             seen: HashSet::new(),
             states: HashMap::new(),
             release_command: settings.release_command.trim().to_string(),
@@ -155,7 +296,7 @@ impl Session {
     /// Forgets every conversation (KV, events seen, who is in charge): the
     /// next test starts from nothing, with the plugins still loaded.
     pub fn reset(&mut self) {
-        self.kv = Arc::new(MemoryKv::default());
+        self.kv = Arc::new(SessionState::default());
         self.seen.clear();
         self.states.clear();
         self.http = None;
@@ -168,7 +309,47 @@ impl Session {
 
     /// What `plugin` stored under `key` in `conversation`.
     pub fn kv(&self, plugin: &str, conversation: &str, key: &str) -> Option<String> {
-        self.kv.value(plugin, conversation, key)
+        self.kv.kv.value(plugin, conversation, key)
+    }
+
+    /// The pending timers of `conversation`, in the order they were
+    /// scheduled.
+    pub fn timers(&self, conversation: &str) -> Vec<TimerRecord> {
+        self.kv
+            .pending()
+            .iter()
+            .filter(|t| t.conversation_id == conversation)
+            .cloned()
+            .collect()
+    }
+
+    /// The event `plugin`'s pending timer `name` in `conversation` becomes
+    /// when it comes due; it is no longer pending. `None`: no such timer.
+    pub fn fire(
+        &mut self,
+        plugin: &str,
+        conversation: &str,
+        name: &str,
+        outside_window: bool,
+    ) -> Option<Event> {
+        let mut pending = self.kv.pending();
+        let i = pending.iter().position(|t| {
+            t.plugin == plugin && t.conversation_id == conversation && t.name == name
+        })?;
+        let t = pending.remove(i);
+        Some(
+            TimerFired {
+                id: t.id,
+                plugin: t.plugin,
+                conversation_id: t.conversation_id,
+                name: t.name,
+                payload: t.payload,
+                scheduled_at: t.scheduled_at,
+                due_at: t.due_at,
+                outside_window,
+            }
+            .into_event(),
+        )
     }
 
     /// The plugins' names, in the order they run.
@@ -201,15 +382,24 @@ impl Session {
             return Turn {
                 duplicate: true,
                 handled: Handled::default(),
+                timers_ended: Vec::new(),
             };
         }
         let conversation = event.conversation_id().unwrap_or_default().to_string();
+        if let Some(customer) = event.customer_id() {
+            // Timers do not name their customer: the customer scope finds it here.
+            self.kv.kv.remember_customer(&conversation, customer);
+        }
         let mut state = self.state(&conversation);
         match &event.kind {
             EventKind::Message(m) if m.sender.kind == SenderKind::Agent => {
                 let release = m.is_internal_note()
                     && m.text()
                         .is_some_and(|t| t.trim().eq_ignore_ascii_case(&self.release_command));
+                if !m.sent_through_api() {
+                    self.kv
+                        .remember(&conversation, HistoryEntry::from_message(m, now_ms()));
+                }
                 if release {
                     self.release(&conversation);
                 } else if !m.sent_through_api() {
@@ -218,14 +408,24 @@ impl Session {
                 return Turn {
                     duplicate: false,
                     handled: Handled::default(),
+                    timers_ended: Vec::new(),
                 };
             }
             EventKind::ConversationArchived { .. } => {
+                let timers_ended = self
+                    .kv
+                    .apply_timers(&conversation, false, true, &[], now_ms());
                 self.states.insert(conversation, ConversationState::Closed);
                 return Turn {
                     duplicate: false,
                     handled: Handled::default(),
+                    timers_ended,
                 };
+            }
+            EventKind::Message(m) => {
+                // Before the turn: the message handled is history's last.
+                self.kv
+                    .remember(&conversation, HistoryEntry::from_message(m, now_ms()));
             }
             _ => {}
         }
@@ -264,15 +464,28 @@ impl Session {
                 .iter()
                 .any(|a| digibot_domain::actions::is_hand_off(&a.method, &a.path))
         {
-            self.states.insert(conversation, ConversationState::Human);
+            self.states
+                .insert(conversation.clone(), ConversationState::Human);
         }
         for changes in &handled.kv {
             self.kv
+                .kv
                 .apply(&changes.plugin, &changes.conversation_id, &changes.writes);
         }
+        let now = now_ms();
+        for action in &handled.actions {
+            if let Some(entry) = HistoryEntry::from_request(&action.body, now) {
+                self.kv.remember(&conversation, entry);
+            }
+        }
+        let customer_wrote = matches!(event.kind, EventKind::Message(_));
+        let timers_ended =
+            self.kv
+                .apply_timers(&conversation, customer_wrote, false, &handled.timers, now);
         Turn {
             duplicate: false,
             handled,
+            timers_ended,
         }
     }
 }
@@ -315,7 +528,9 @@ struct EventReport {
 }
 
 fn report(file: String, event: &Event, turn: Turn) -> EventReport {
-    let Turn { duplicate, handled } = turn;
+    let Turn {
+        duplicate, handled, ..
+    } = turn;
     let plugins = handled
         .outcomes
         .into_iter()

@@ -1,9 +1,12 @@
 //! `digibot test [PLUGIN.wasm] [TESTS...]`: conversation tests any plugin
-//! language can run. A test file (TOML) is one conversation: turns the
+//! language can run. A test file (TOML, or YAML with the same schema) is
+//! one conversation: turns the
 //! customer (or Digishare) sends, each with what the plugin must answer:
 //! its actions, or the exact Messages API requests they become (matched
 //! exactly or partially), its KV state afterwards, or a failure; `[[http]]`
-//! stubs answer the plugin's outbound requests by URL. The plugin runs in
+//! stubs answer the plugin's outbound requests by URL. A `timer` turn fires
+//! a timer the plugin scheduled earlier in the file, and `scheduled`,
+//! `cancelled` and `pending_timers` check its timers. The plugin runs in
 //! the server's own dispatch (routing, filters, limits, request building,
 //! who is in charge) through replay's [`Session`]; nothing is compiled but
 //! the component, and compiled components are cached across runs.
@@ -12,7 +15,7 @@
 //! non-zero when a test fails or a test file is invalid. The format is in
 //! docs/testing.md.
 
-use super::replay::{PluginArgs, Session};
+use super::replay::{PluginArgs, Session, Turn as Ran};
 use crate::config::Settings;
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -21,6 +24,8 @@ use digibot_domain::event::{
     Choice, Content, Event, Location, customer_message_event, new_conversation_event,
 };
 use digibot_domain::outbound::{Refusal, Target};
+use digibot_domain::time::now_ms;
+use digibot_domain::timer::TimerOp;
 use digibot_runtime::{Manifest, OutboundHttp, OutboundRequest, OutboundResponse, Runtime, Sent};
 use serde::Deserialize;
 use serde_json::Value;
@@ -31,9 +36,9 @@ use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// The plugin component, then test files (TOML) or folders of them.
-    /// Without a `.wasm`: the component `digibot build` made in the current
-    /// folder; without tests: `tests/*.toml`.
+    /// The plugin component, then test files (`.toml`, `.yaml`, `.yml`) or
+    /// folders of them. Without a `.wasm`: the component `digibot build`
+    /// made in the current folder; without tests: those in `tests/`.
     #[arg(value_name = "PLUGIN.wasm [TESTS]")]
     pub paths: Vec<PathBuf>,
     /// A configuration value for the plugin, over its `NAME.toml` (a test
@@ -44,6 +49,19 @@ pub struct TestArgs {
     /// on the server's event path; the first call of a file included).
     #[arg(long)]
     pub timings: bool,
+    /// Write this test file (`.toml`, `.yaml`) from the stored conversation
+    /// `--conversation` first, then run it: the plugin's requests then are
+    /// the expectations, its journaled outbound calls the `[[http]]` stubs.
+    #[arg(long, value_name = "FILE", requires = "conversation")]
+    pub record: Option<PathBuf>,
+    /// The stored conversation `--record` writes a test of.
+    #[arg(long, value_name = "ID", requires = "record")]
+    pub conversation: Option<String>,
+    /// The store `--record` reads: digibot's data folder (its SQLite
+    /// database), instead of DIGIBOT_DATA_DIR; PostgreSQL is read when
+    /// DIGIBOT_DATABASE_URL is set, as the server does.
+    #[arg(long, value_name = "DIR", requires = "record")]
+    pub db: Option<PathBuf>,
 }
 
 /// One test file: one conversation.
@@ -115,6 +133,13 @@ struct Turn {
     /// or the JSON itself (a string starting with `{`, or a table).
     #[serde(default)]
     webhook: Option<Value>,
+    /// A timer the plugin scheduled earlier comes due (by name).
+    #[serde(default)]
+    timer: Option<TimerTurn>,
+    /// An event in digibot's stored form (what `--record` writes), as a
+    /// table or a JSON string.
+    #[serde(default)]
+    event: Option<Value>,
     /// `exact` (the default) or `partial`: every field the expectation
     /// names must be there with that value; others are not looked at.
     #[serde(default, rename = "match")]
@@ -128,6 +153,18 @@ struct Turn {
     /// The plugin's KV in this conversation after the turn (`""`: absent).
     #[serde(default)]
     kv: BTreeMap<String, String>,
+    /// The timers the turn scheduled (`name`, `payload`, `after_ms`,
+    /// `cancel_on_customer_message`), in order.
+    #[serde(default)]
+    scheduled: Option<Vec<Value>>,
+    /// The names of the plugin's pending timers the turn ended without
+    /// firing: cancelled by the plugin, or by the customer's message.
+    #[serde(default)]
+    cancelled: Option<Vec<String>>,
+    /// The names of the plugin's timers pending in the turn's conversation
+    /// after it, in the order they were scheduled.
+    #[serde(default)]
+    pending_timers: Option<Vec<String>>,
     /// The turn fails, with a reason containing this.
     #[serde(default)]
     fails: Option<String>,
@@ -139,6 +176,44 @@ struct ChoiceTurn {
     id: String,
     #[serde(default)]
     title: Option<String>,
+}
+
+/// `timer = "follow-up"`, or `timer = { name = "follow-up", outside_window
+/// = true, conversation = "conv_2" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TimerTurn {
+    Name(String),
+    Fired(FiredTimer),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FiredTimer {
+    name: String,
+    /// Fired as if the customer last wrote over 24 hours ago on WhatsApp.
+    #[serde(default)]
+    outside_window: bool,
+    /// The conversation the timer is in (default: the current one).
+    #[serde(default)]
+    conversation: Option<String>,
+}
+
+impl TimerTurn {
+    fn fired(&self) -> FiredTimer {
+        match self {
+            TimerTurn::Name(name) => FiredTimer {
+                name: name.clone(),
+                outside_window: false,
+                conversation: None,
+            },
+            TimerTurn::Fired(f) => FiredTimer {
+                name: f.name.clone(),
+                outside_window: f.outside_window,
+                conversation: f.conversation.clone(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,11 +313,11 @@ fn locate(args: &TestArgs) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
             let mut found: Vec<PathBuf> = std::fs::read_dir(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .filter(|p| Format::is_test(p))
                 .collect();
             found.sort();
             if found.is_empty() {
-                bail!("no test file (*.toml) in {}", path.display());
+                bail!("no test file (*.toml, *.yaml) in {}", path.display());
             }
             files.extend(found);
         } else {
@@ -299,7 +374,29 @@ fn open_session(
     )
 }
 
-pub fn run(args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+pub fn run(mut args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    if let (Some(file), Some(conversation)) = (args.record.clone(), args.conversation.clone()) {
+        let mut settings = settings.clone();
+        if let Some(dir) = &args.db {
+            settings.data_dir = dir.clone();
+        }
+        // Only the component is named: the recorded file is what runs.
+        args.paths
+            .retain(|p| p.extension().is_some_and(|e| e == "wasm"));
+        let plugin = match args.paths.first() {
+            Some(wasm) => wasm.clone(),
+            None => super::build::built_component(Path::new("."))?,
+        };
+        let name = digibot_runtime::plugin_name(&plugin);
+        let recorded = super::record::record(&settings, &conversation, &name, &file)?;
+        println!(
+            "recorded {} ({} turns, {} [[http]] stubs) from conversation {conversation}",
+            file.display(),
+            recorded.turns,
+            recorded.stubs
+        );
+        args.paths.push(file);
+    }
     let (plugin, files) = locate(&args)?;
     // Every file is read before the plugin is compiled: a typo should not
     // cost a compile.
@@ -377,10 +474,36 @@ pub fn run(args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A test file's syntax, from its extension: the same schema either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Toml,
+    Yaml,
+}
+
+impl Format {
+    fn of(file: &Path) -> Format {
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Format::Yaml,
+            _ => Format::Toml,
+        }
+    }
+
+    /// A file a folder of tests holds.
+    fn is_test(path: &Path) -> bool {
+        path.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "toml" | "yaml" | "yml"))
+    }
+}
+
 fn read_test(file: &Path) -> anyhow::Result<TestFile> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let test: TestFile = toml::from_str(&text).context("not a conversation test")?;
+    let test: TestFile = match Format::of(file) {
+        Format::Toml => toml::from_str(&text).context("not a conversation test")?,
+        Format::Yaml => serde_yaml_ng::from_str(&text).context("not a conversation test")?,
+    };
     if test.turns.is_empty() {
         bail!("no [[turn]]");
     }
@@ -395,10 +518,12 @@ fn read_test(file: &Path) -> anyhow::Result<TestFile> {
             turn.list.is_some(),
             turn.location.is_some(),
             turn.webhook.is_some(),
+            turn.timer.is_some(),
+            turn.event.is_some(),
         ];
         if inputs.iter().filter(|x| **x).count() != 1 {
             bail!(
-                "turn {}: give exactly one of new_conversation, message, button, list, location, webhook",
+                "turn {}: give exactly one of new_conversation, message, button, list, location, webhook, timer, event",
                 i + 1
             );
         }
@@ -455,7 +580,11 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
     };
     let mut problems = Vec::new();
     for (i, turn) in test.turns.iter().enumerate() {
-        let (what, event) = match make_event(file, turn, &mut customer) {
+        let made = match &turn.timer {
+            Some(timer) => fire(session, &plugin, &customer, &timer.fired()),
+            None => make_event(file, turn, &mut customer).map(|(what, e)| (what, Some(e))),
+        };
+        let (what, event) = match made {
             Ok(x) => x,
             Err(e) => {
                 problems.push(format!("turn {}: {e:#}", i + 1));
@@ -463,8 +592,26 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
             }
         };
         let here = format!("turn {} ({what})", i + 1);
-        let conversation = event.conversation_id().unwrap_or_default().to_string();
-        let ran = session.run(&event);
+        let conversation = match &event {
+            Some(event) => event.conversation_id().unwrap_or_default().to_string(),
+            // A held timer's.
+            None => turn
+                .timer
+                .as_ref()
+                .and_then(|t| t.fired().conversation)
+                .unwrap_or_else(|| customer.conversation_id()),
+        };
+        let before = now_ms();
+        let ran = match &event {
+            Some(event) => session.run(event),
+            // Held: a human is in charge, nothing runs.
+            None => Ran {
+                duplicate: false,
+                handled: Default::default(),
+                timers_ended: Vec::new(),
+            },
+        };
+        let after = now_ms();
         let outcome = ran.handled.outcomes.iter().find(|o| o.plugin == plugin);
         if let Some(o) = outcome.filter(|o| matches!(o.outcome, "ok" | "failed")) {
             times.push(o.elapsed_us);
@@ -509,6 +656,51 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
                 .collect();
             check(&mut problems, &here, "requests", turn.mode, want, &got);
         }
+        if let Some(want) = &turn.scheduled {
+            let got = scheduled(&ran, &plugin, &conversation, want, (before, after));
+            check(
+                &mut problems,
+                &here,
+                "scheduled timers",
+                turn.mode,
+                want,
+                &got,
+            );
+        }
+        if let Some(want) = &turn.cancelled {
+            let got: Vec<Value> = ran
+                .timers_ended
+                .iter()
+                .filter(|(p, _)| *p == plugin)
+                .map(|(_, name)| Value::from(name.as_str()))
+                .collect();
+            let want: Vec<Value> = want.iter().map(|n| Value::from(n.as_str())).collect();
+            check(
+                &mut problems,
+                &here,
+                "cancelled timers",
+                Mode::Exact,
+                &want,
+                &got,
+            );
+        }
+        if let Some(want) = &turn.pending_timers {
+            let got: Vec<Value> = session
+                .timers(&conversation)
+                .into_iter()
+                .filter(|t| t.plugin == plugin)
+                .map(|t| Value::from(t.name))
+                .collect();
+            let want: Vec<Value> = want.iter().map(|n| Value::from(n.as_str())).collect();
+            check(
+                &mut problems,
+                &here,
+                "pending timers",
+                Mode::Exact,
+                &want,
+                &got,
+            );
+        }
         for (key, want) in &turn.kv {
             let got = session.kv(&plugin, &conversation, key);
             let want = (!want.is_empty()).then_some(want.as_str());
@@ -524,14 +716,108 @@ fn run_test(session: &mut Session, file: &Path, test: &TestFile) -> (Vec<String>
     (problems, times)
 }
 
-/// `turn times: median 1210 µs, slowest 1800 µs (8 turns that ran)`.
+/// The event a `timer` turn sends: the plugin's pending timer of that
+/// name, with its payload as scheduled; `None` when a human is in charge
+/// (the server holds it until the conversation is handed back: it stays
+/// pending).
+fn fire(
+    session: &mut Session,
+    plugin: &str,
+    customer: &Customer,
+    timer: &FiredTimer,
+) -> anyhow::Result<(String, Option<Event>)> {
+    let conversation = timer
+        .conversation
+        .clone()
+        .unwrap_or_else(|| customer.conversation_id());
+    let what = format!("timer {:?}", timer.name);
+    if session.state(&conversation) == digibot_domain::event::ConversationState::Human {
+        let pending = session
+            .timers(&conversation)
+            .iter()
+            .any(|t| t.plugin == plugin && t.name == timer.name);
+        if pending {
+            return Ok((format!("{what}, held: a human is in charge"), None));
+        }
+    }
+    match session.fire(plugin, &conversation, &timer.name, timer.outside_window) {
+        Some(event) => Ok((what, Some(event))),
+        None => {
+            let pending: Vec<String> = session
+                .timers(&conversation)
+                .into_iter()
+                .filter(|t| t.plugin == plugin)
+                .map(|t| format!("{:?}", t.name))
+                .collect();
+            bail!(
+                "{what}: no timer {:?} pending in {conversation} (pending: {})",
+                timer.name,
+                if pending.is_empty() {
+                    "none".to_string()
+                } else {
+                    pending.join(", ")
+                }
+            )
+        }
+    }
+}
+
+/// The timers `plugin` scheduled in the turn, as a test file writes them.
+/// The host adds `after_ms` to its clock during the turn, which ran between
+/// `before` and `after`: an expected `after_ms` that fits is taken as is.
+fn scheduled(
+    ran: &Ran,
+    plugin: &str,
+    conversation: &str,
+    want: &[Value],
+    (before, after): (i64, i64),
+) -> Vec<Value> {
+    ran.handled
+        .timers
+        .iter()
+        .filter(|c| c.plugin == plugin && c.conversation_id == conversation)
+        .flat_map(|c| &c.ops)
+        .filter_map(|op| match op {
+            TimerOp::Schedule {
+                name,
+                due_at,
+                payload,
+                cancel_on_customer_message,
+                ..
+            } => Some((name, *due_at, payload, *cancel_on_customer_message)),
+            TimerOp::Cancel { .. } => None,
+        })
+        .enumerate()
+        .map(|(i, (name, due_at, payload, cancel))| {
+            let (lo, hi) = (due_at - after, due_at - before);
+            let wanted = want
+                .get(i)
+                .and_then(|w| w.get("after_ms"))
+                .and_then(Value::as_i64)
+                .filter(|w| (lo..=hi).contains(w));
+            // Otherwise, for the diff: a whole second when one fits.
+            let seconds = hi - hi.rem_euclid(1000);
+            let shown = if seconds >= lo { seconds } else { hi };
+            serde_json::json!({
+                "name": name,
+                "payload": payload,
+                "after_ms": wanted.unwrap_or(shown),
+                "cancel_on_customer_message": cancel,
+            })
+        })
+        .collect()
+}
+
+/// `turn times: median 1210 µs, p99 1700 µs, fastest ..., slowest ...`.
 fn timings(mut times: Vec<u64>) -> String {
     if times.is_empty() {
         return "turn times: no turn ran the plugin".to_string();
     }
     times.sort_unstable();
+    // Nearest rank: the smallest time at least 99% of the turns reach.
+    let p99 = times[(times.len() * 99).div_ceil(100).saturating_sub(1)];
     format!(
-        "turn times: median {} µs, fastest {} µs, slowest {} µs ({} turns ran the plugin; a new instance each)",
+        "turn times: median {} µs, p99 {p99} µs, fastest {} µs, slowest {} µs ({} turns ran the plugin; a new instance each)",
         times[times.len() / 2],
         times[0],
         times[times.len() - 1],
@@ -577,6 +863,14 @@ fn make_event(
             address: l.address.clone(),
         }));
         return Ok((format!("location {},{}", l.latitude, l.longitude), event));
+    }
+    if let Some(event) = &turn.event {
+        let event: Event = match event {
+            Value::String(s) => serde_json::from_str(s),
+            other => serde_json::from_value(other.clone()),
+        }
+        .context("not an event in digibot's stored form")?;
+        return Ok((format!("event {}", event.key), event));
     }
     if let Some(webhook) = &turn.webhook {
         let (what, value) = match webhook {
@@ -699,6 +993,34 @@ mod tests {
     fn diff_marks_what_changed() {
         let d = diff("a\nb\nc", "a\nx\nc");
         assert_eq!(d, "  a\n- b\n+ x\n  c\n");
+    }
+
+    #[test]
+    fn yaml_files_have_the_toml_schema() {
+        let dir = std::env::temp_dir().join(format!("digibot-test-yaml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let yaml = dir.join("t.yaml");
+        std::fs::write(
+            &yaml,
+            "name: yaml\nconfig: { after_ms: \"1000\" }\nplugin:\n  grants: { http: [\"https://a.example/\"] }\n\
+             http:\n  - { url: \"https://a.example/x\", json: { ok: true } }\n\
+             turn:\n  - message: hi\n    match: partial\n    actions: [{ kind: text, body: hi }]\n    kv: { n: \"1\" }\n\
+             \x20 - timer: follow-up\n    scheduled: []\n",
+        )
+        .unwrap();
+        let test = read_test(&yaml).unwrap();
+        assert_eq!(test.name.as_deref(), Some("yaml"));
+        assert_eq!(test.config["after_ms"], "1000");
+        assert!(test.plugin.is_some());
+        assert_eq!(test.http[0].json, Some(serde_json::json!({"ok": true})));
+        assert_eq!(test.turns.len(), 2);
+        assert_eq!(test.turns[0].mode, Mode::Partial);
+        assert!(matches!(&test.turns[1].timer, Some(TimerTurn::Name(n)) if n == "follow-up"));
+        // Unknown keys are refused as in TOML.
+        std::fs::write(&yaml, "turn:\n  - mesage: hi\n").unwrap();
+        let e = format!("{:#}", read_test(&yaml).unwrap_err());
+        assert!(e.contains("mesage"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 import type { Action } from "./actions";
 import { LimitError } from "./actions";
-import { conversation, Message, type Conversation } from "./events";
-import type { MessageEvent, NewConversationEvent, WorldExports } from "./wit";
+import { conversation, Message, resume, timer, type Conversation, type Resume, type Timer } from "./events";
+import type { MessageEvent, WorldExports } from "./wit";
 
 /** What a handler may return: the replies, in order (nothing: no reply). */
 export type Replies = Action[] | undefined | void;
@@ -32,6 +32,17 @@ export interface Bot {
    * so a bot cannot answer itself in a loop).
    */
   onMessage?(message: Message): Answer;
+  /**
+   * A timer this bot scheduled with `timers.schedule` came due (see
+   * docs/timers.md). Export `onTimer` from your entry module too.
+   */
+  onTimer?(timer: Timer): Answer;
+  /**
+   * A human handed the conversation back (release command, operator, idle
+   * release): say you are back, or pick up where the bot left off. Export
+   * `onResume` from your entry module too.
+   */
+  onResume?(resume: Resume): Answer;
 }
 
 /** A handler's failure with a message for the logs, like the Rust SDK's `Error`. */
@@ -102,7 +113,7 @@ function run(handler: () => Answer): Action[] | Promise<Action[]> {
  * ```ts
  * import { Action, defineBot } from "digibot-sdk";
  *
- * export const { onNewConversation, onMessage } = defineBot({
+ * export const { onNewConversation, onMessage, onTimer, onResume } = defineBot({
  *   onMessage(message) {
  *     const text = message.text();
  *     return text === undefined ? [] : [Action.text(text)];
@@ -111,16 +122,18 @@ function run(handler: () => Answer): Action[] | Promise<Action[]> {
  * ```
  */
 export function defineBot(bot: Bot): BotExports {
+  // One export per world function: the bot's handler on the SDK's view of
+  // the event, or no actions when the bot has none. A new export is one
+  // more line here (and in the world's list in the build script).
+  function exported<E, V>(handler: ((view: V) => Answer) | undefined, view: (event: E) => V) {
+    // A promise when the handler is async: componentize-js awaits an
+    // export's promise, running the event loop (fetch) until it settles.
+    return (event: E): Action[] => (handler ? run(() => handler.call(bot, view(event))) : []) as Action[];
+  }
   return {
-    onNewConversation(event: NewConversationEvent): Action[] {
-      // A promise when the handler is async: componentize-js awaits an
-      // export's promise, running the event loop (fetch) until it settles.
-      const handler = bot.onNewConversation;
-      return (handler ? run(() => handler.call(bot, conversation(event))) : []) as Action[];
-    },
-    onMessage(event: MessageEvent): Action[] {
-      const handler = bot.onMessage;
-      return (handler ? run(() => handler.call(bot, new Message(event))) : []) as Action[];
-    },
+    onNewConversation: exported(bot.onNewConversation, conversation),
+    onMessage: exported(bot.onMessage, (e: MessageEvent) => new Message(e)),
+    onTimer: exported(bot.onTimer, timer),
+    onResume: exported(bot.onResume, resume),
   };
 }

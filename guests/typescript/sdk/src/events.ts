@@ -9,7 +9,10 @@ import type {
   Location,
   MessageEvent,
   NewConversationEvent,
+  ReleaseCause,
+  ResumeEvent,
   Sender,
+  TimerEvent,
 } from "./wit";
 
 /** A location the customer shared (not to be confused with the pin a bot sends). */
@@ -57,6 +60,12 @@ export class Message {
   readonly state: ConversationState;
   /** The key digibot deduplicates deliveries by. */
   readonly eventId: string;
+  /**
+   * With `debounce_ms` in the plugin's `NAME.toml`: the customer's earlier
+   * messages of the burst this turn answers, oldest first (this message is
+   * the burst's last). Empty otherwise.
+   */
+  readonly burst: Message[];
 
   constructor(event: MessageEvent) {
     const m = event.message;
@@ -67,6 +76,17 @@ export class Message {
     this.content = m.content;
     this.state = event.state;
     this.eventId = event.eventId;
+    this.burst = (event.burst ?? []).map(
+      (message) => new Message({ eventId: event.eventId, message, state: event.state, burst: [] }),
+    );
+  }
+
+  /**
+   * The burst's messages and this one, oldest first: what the customer
+   * wrote since the bot last answered (just this one without `debounce_ms`).
+   */
+  all(): Message[] {
+    return [...this.burst, this];
   }
 
   /** The text, when this is a text message (possibly empty). */
@@ -93,4 +113,85 @@ export class Message {
 
 export function conversation(event: NewConversationEvent): Conversation {
   return { ...event.conversation, state: event.state, eventId: event.eventId };
+}
+
+/**
+ * A timer this plugin scheduled (`timers.schedule`) came due, as `onTimer`
+ * receives it: only the plugin that scheduled it, in its conversation.
+ */
+export interface Timer {
+  /** What `timers.schedule` returned. */
+  readonly id: string;
+  /** The name it was scheduled under. */
+  readonly name: string;
+  /** The payload it was scheduled with. */
+  readonly payload: string;
+  /** The conversation it was scheduled in (the one replies go to). */
+  readonly conversationId: string;
+  /** When it was scheduled and when it came due (ms since the epoch). */
+  readonly scheduledAt: number;
+  readonly dueAt: number;
+  /**
+   * The conversation is on WhatsApp and the customer last wrote over 24
+   * hours ago: Digishare refuses a free-form message (write a note, or
+   * nothing).
+   */
+  readonly outsideWindow: boolean;
+  /** Who is in charge (always `bot`: timers wait while a human is). */
+  readonly state: ConversationState;
+  /** The key digibot deduplicates by (`timer:ID`). */
+  readonly eventId: string;
+}
+
+export function timer(event: TimerEvent): Timer {
+  return {
+    id: event.timerId,
+    name: event.name,
+    payload: event.payload,
+    conversationId: event.conversationId,
+    scheduledAt: Number(event.scheduledAt),
+    dueAt: Number(event.dueAt),
+    outsideWindow: event.outsideWindow,
+    state: event.state,
+    eventId: event.eventId,
+  };
+}
+
+/** How a conversation came back to the bot. */
+export type { ReleaseCause };
+
+/**
+ * A human handed the conversation back to the bot, as `onResume` receives
+ * it: once per hand-back, before the customer's next message.
+ */
+export interface Resume {
+  /** The conversation (the one replies go to). */
+  readonly conversationId: string;
+  /** How it came back: `command`, `operator` or `idle`. */
+  readonly cause: ReleaseCause;
+  /** In words, e.g. `release command from Ann (message m7)`. */
+  readonly reason: string;
+  /** How long the human had it (ms). */
+  readonly humanMs: number;
+  /** Messages written meanwhile (the customer's and the agents'). */
+  readonly messages: number;
+  /** As for timers: on WhatsApp, over 24 hours after the customer's last message. */
+  readonly outsideWindow: boolean;
+  /** Who is in charge (always `bot`). */
+  readonly state: ConversationState;
+  /** The key digibot deduplicates by (`resume:CONVERSATION:TAKEN`). */
+  readonly eventId: string;
+}
+
+export function resume(event: ResumeEvent): Resume {
+  return {
+    conversationId: event.conversationId,
+    cause: event.cause,
+    reason: event.reason,
+    humanMs: Number(event.humanMs),
+    messages: event.messages,
+    outsideWindow: event.outsideWindow,
+    state: event.state,
+    eventId: event.eventId,
+  };
 }

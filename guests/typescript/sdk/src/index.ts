@@ -6,7 +6,7 @@
  * ```ts
  * import { Action, defineBot } from "digibot-sdk";
  *
- * export const { onNewConversation, onMessage } = defineBot({
+ * export const { onNewConversation, onMessage, onTimer, onResume } = defineBot({
  *   onMessage(message) {
  *     const text = message.text();
  *     return text === undefined ? [] : [Action.text(text)];
@@ -22,8 +22,9 @@ export type { LimitReason } from "./actions";
 export { BotError, defineBot } from "./bot";
 export type { Answer, Bot, BotExports, Replies } from "./bot";
 export { Message } from "./events";
-export type { Conversation, SharedLocation } from "./events";
-export { config, kv, log, outbound } from "./host";
+export type { Conversation, ReleaseCause, Resume, SharedLocation, Timer } from "./events";
+export { config, history, kv, log, outbound, timers } from "./host";
+export type { HistoryEntry, KvIn, KvSetOptions, ScheduleOptions } from "./host";
 export { charCount, limits } from "./limits";
 export { WIT_VERSION } from "./wit";
 export type {
@@ -45,8 +46,10 @@ export type {
   MessageEvent,
   NewConversationEvent,
   Phone,
+  ResumeEvent,
   Sender,
   SenderKind,
   TextReply,
+  TimerEvent,
   UnknownContent,
 } from "./wit";

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Action, LimitError } from "../src/actions";
 import { BotError, defineBot, reasonOf } from "../src/bot";
-import type { Content, MessageEvent, NewConversationEvent } from "../src/wit";
+import type { Content, MessageEvent, NewConversationEvent, ResumeEvent, TimerEvent } from "../src/wit";
 
 function message(content: Content): MessageEvent {
   return {
@@ -102,4 +102,56 @@ test("errors become the result's err with a readable reason", () => {
   assert.equal(reason("not-array"), "a handler must return an array of actions, not string");
   assert.ok(String(reason("type")).startsWith("TypeError: "));
   assert.equal(reasonOf(new LimitError({ kind: "bad-url" })), "file url must start with https:// or http://");
+});
+
+test("onTimer gets the timer as scheduled; a bot without one answers nothing", () => {
+  const event: TimerEvent = {
+    eventId: "timer:t1",
+    timerId: "t1",
+    conversationId: "conv_1",
+    name: "follow-up",
+    payload: "A-1042",
+    scheduledAt: 1000n,
+    dueAt: 61000n,
+    state: "bot",
+    outsideWindow: true,
+  };
+  const reminder = defineBot({
+    onTimer(t) {
+      return [Action.note(`${t.name} ${t.payload} ${t.dueAt - t.scheduledAt} ${t.outsideWindow} ${t.id}`)];
+    },
+  });
+  assert.deepEqual(reminder.onTimer(event), [{ tag: "note", val: "follow-up A-1042 60000 true t1" }]);
+  assert.deepEqual(echo.onTimer(event), []);
+});
+
+test("onResume gets the hand-back; a bot without one answers nothing", () => {
+  const event: ResumeEvent = {
+    eventId: "resume:conv_1:1000",
+    conversationId: "conv_1",
+    cause: "command",
+    reason: "release command from Ann (message m7)",
+    humanMs: 90000n,
+    messages: 3,
+    state: "bot",
+    outsideWindow: false,
+  };
+  const back = defineBot({
+    onResume(r) {
+      return [Action.note(`${r.cause} ${r.humanMs} ${r.messages} ${r.outsideWindow} ${r.eventId}`)];
+    },
+  });
+  assert.deepEqual(back.onResume(event), [{ tag: "note", val: "command 90000 3 false resume:conv_1:1000" }]);
+  assert.deepEqual(echo.onResume(event), []);
+});
+
+test("a debounced message carries its burst, oldest first", () => {
+  const event = message({ tag: "text", val: "third" });
+  event.burst = ["first", "second"].map((val, i) => ({ ...event.message, id: `m${i}`, content: { tag: "text", val } }));
+  const joined = defineBot({
+    onMessage(m) {
+      return [Action.text(m.all().map((x) => `${x.id}:${x.text()}`).join(" "))];
+    },
+  });
+  assert.deepEqual(joined.onMessage(event), [{ tag: "text", val: { body: "m0:first m1:second msg_t_0001:third" } }]);
 });
