@@ -19,6 +19,7 @@ mod observability;
 mod outbound;
 mod pending;
 mod replicas;
+mod rollout;
 mod sandbox;
 mod scripts;
 mod sender;
