@@ -1953,7 +1953,7 @@ mod tests {
             )
             .unwrap(),
         );
-        assert_eq!((version, active), (3, 5000));
+        assert_eq!((version, active), (MIGRATIONS.last().unwrap().0, 5000));
         // Opening again applies nothing twice.
         drop(conn);
         let store = open(dir.path(), Durability::Full).unwrap();
