@@ -26,8 +26,8 @@
 //! Adding an operation: a method on [`Backend`], its implementation in
 //! every back end, and a test in [`suite`] (run against every back end).
 
-#[cfg(feature = "suite")]
 pub mod rollout;
+#[cfg(feature = "suite")]
 pub mod suite;
 
 use digibot_domain::event::{ConversationState, Event};
