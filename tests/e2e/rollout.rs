@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::containment::Admin;
-use crate::support::durable::Poster;
+use crate::support::durable::{Poster, cli_with};
 use crate::support::pg::fresh_database;
 use crate::support::*;
 
@@ -89,7 +89,12 @@ fn text_of(requests: &Value) -> Option<&str> {
 
 /// Posts `per` customer texts to each of `conversations`; returns the
 /// texts by conversation, in order.
-async fn chat(bot: &Digibot, tag: &str, conversations: &[String], per: usize) -> Result<Vec<String>> {
+async fn chat(
+    bot: &Digibot,
+    tag: &str,
+    conversations: &[String],
+    per: usize,
+) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     for round in 0..per {
         for (c, conversation) in conversations.iter().enumerate() {
@@ -121,10 +126,17 @@ fn sent_texts(fake: &FakeDigishare) -> BTreeSet<String> {
 #[tokio::test]
 async fn shadowing_echo_v2_sends_only_echo_and_reports_50_different() -> Result<()> {
     let fake = FakeDigishare::start().await?;
-    let bot = Digibot::builder().fake(&fake).plugin("echo").start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .start()
+        .await?;
     let admin = Admin::new(&bot)?;
     let rollout = start(&admin, "echo", "mode=shadow", wasm("echo_v2")?).await?;
-    ensure!(rollout["mode"] == "shadow" && rollout["state"] == "active", "{rollout}");
+    ensure!(
+        rollout["mode"] == "shadow" && rollout["state"] == "active",
+        "{rollout}"
+    );
 
     let texts = chat(&bot, "sh", &conversations("sh", 5), 10).await?;
     ensure!(texts.len() == 50);
@@ -157,14 +169,21 @@ async fn shadowing_echo_v2_sends_only_echo_and_reports_50_different() -> Result<
     // Nothing more went out meanwhile, and echo's breaker saw no failure.
     fake.assert_quiet(50, SETTLE).await?;
     let echo = admin.plugin("echo").await?;
-    ensure!(echo["failures"] == 0 && echo["consecutive_failures"] == 0, "{echo}");
+    ensure!(
+        echo["failures"] == 0 && echo["consecutive_failures"] == 0,
+        "{echo}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn a_shadowed_identical_build_is_the_same_50_times_and_promotes() -> Result<()> {
     let fake = FakeDigishare::start().await?;
-    let bot = Digibot::builder().fake(&fake).plugin("echo").start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .start()
+        .await?;
     let admin = Admin::new(&bot)?;
     start(&admin, "echo", "mode=shadow", wasm("echo")?).await?;
     chat(&bot, "id", &conversations("id", 5), 10).await?;
@@ -194,21 +213,32 @@ async fn a_shadowed_identical_build_is_the_same_50_times_and_promotes() -> Resul
 #[tokio::test]
 async fn promote_switches_new_events_and_needs_evidence_or_acceptance() -> Result<()> {
     let fake = FakeDigishare::start().await?;
-    let bot = Digibot::builder().fake(&fake).plugin("echo").start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .start()
+        .await?;
     let admin = Admin::new(&bot)?;
     let v2 = wasm("echo_v2")?;
     let plain_hash = admin.plugin("echo").await?["version"].clone();
     start(&admin, "echo", "mode=shadow", v2).await?;
     let before = chat(&bot, "pr", &conversations("pr", 2), 2).await?;
     fake.settle(4, TIMEOUT).await?;
-    wait_report(&admin, "echo", "4 comparisons", |r| r["totals"]["compared"] == 4).await?;
+    wait_report(&admin, "echo", "4 comparisons", |r| {
+        r["totals"]["compared"] == 4
+    })
+    .await?;
 
     // Differences: refused without acceptance, the serving version stays.
     let (status, body) = post(&admin, "/admin/plugins/echo/promote?require_same=1").await?;
     ensure!(status == 409, "{status} {body}");
     let (status, body) = post(&admin, "/admin/plugins/echo/promote").await?;
     ensure!(status == 409, "{status} {body}");
-    let (status, body) = post(&admin, "/admin/plugins/echo/promote?accept_differences=true").await?;
+    let (status, body) = post(
+        &admin,
+        "/admin/plugins/echo/promote?accept_differences=true",
+    )
+    .await?;
     ensure!(status == 200, "{status} {body}");
     ensure!(body["rollout"]["state"] == "promoted", "{body}");
 
@@ -219,17 +249,29 @@ async fn promote_switches_new_events_and_needs_evidence_or_acceptance() -> Resul
         .filter_map(|r| r.body["body"].as_str())
         .collect();
     for t in &before {
-        ensure!(texts.contains(&t.as_str()), "{t} answered by echo: {texts:?}");
+        ensure!(
+            texts.contains(&t.as_str()),
+            "{t} answered by echo: {texts:?}"
+        );
     }
     for t in &after {
         let v2 = format!("v2: {t}");
-        ensure!(texts.contains(&v2.as_str()), "{t} answered by the candidate: {texts:?}");
+        ensure!(
+            texts.contains(&v2.as_str()),
+            "{t} answered by the candidate: {texts:?}"
+        );
     }
     // Installed through the registry: the old version is a rollback away.
     let echo = admin.plugin("echo").await?;
-    ensure!(echo["version"] != plain_hash && echo["previous_versions"] == 1, "{echo}");
+    ensure!(
+        echo["version"] != plain_hash && echo["previous_versions"] == 1,
+        "{echo}"
+    );
     let (status, body) = post(&admin, "/admin/plugins/echo/rollback").await?;
-    ensure!(status == 200 && body["version"] == plain_hash, "{status} {body}");
+    ensure!(
+        status == 200 && body["version"] == plain_hash,
+        "{status} {body}"
+    );
     // No rollout left to promote or abort.
     let (status, _) = post(&admin, "/admin/plugins/echo/abort").await?;
     ensure!(status == 404, "abort after promotion: {status}");
@@ -241,14 +283,34 @@ async fn a_trapping_canary_is_rolled_back_and_its_conversations_served_by_echo()
     const CANARY: usize = 5;
     const SERVING: usize = 6;
     let fake = FakeDigishare::start().await?;
-    let bot = Digibot::builder().fake(&fake).plugin("echo").start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .start()
+        .await?;
     let admin = Admin::new(&bot)?;
     // Conversations in the candidate's half and in the serving version's.
     let all = conversations("can", 200);
-    let canaried: Vec<String> = all.iter().filter(|c| bucket(c) < 50).take(CANARY).cloned().collect();
-    let served: Vec<String> = all.iter().filter(|c| bucket(c) >= 50).take(SERVING).cloned().collect();
+    let canaried: Vec<String> = all
+        .iter()
+        .filter(|c| bucket(c) < 50)
+        .take(CANARY)
+        .cloned()
+        .collect();
+    let served: Vec<String> = all
+        .iter()
+        .filter(|c| bucket(c) >= 50)
+        .take(SERVING)
+        .cloned()
+        .collect();
     ensure!(canaried.len() == CANARY && served.len() == SERVING);
-    start(&admin, "echo", "mode=canary&percent=50", wasm("hostile_trap")?).await?;
+    start(
+        &admin,
+        "echo",
+        "mode=canary&percent=50",
+        wasm("hostile_trap")?,
+    )
+    .await?;
 
     // The serving half is answered; the candidate traps on the other.
     let first_served = chat(&bot, "s1", &served, 1).await?;
@@ -263,7 +325,10 @@ async fn a_trapping_canary_is_rolled_back_and_its_conversations_served_by_echo()
     let sent = sent_texts(&fake);
     ensure!(sent == first_served.iter().cloned().collect(), "{sent:?}");
     for c in &canaried {
-        ensure!(fake.messages_for(c).is_empty(), "{c} got a reply from the trap");
+        ensure!(
+            fake.messages_for(c).is_empty(),
+            "{c} got a reply from the trap"
+        );
     }
 
     // Afterwards every conversation, the canaried ones too, is echo's.
@@ -284,7 +349,10 @@ async fn a_trapping_canary_is_rolled_back_and_its_conversations_served_by_echo()
     ensure!(r["running_here"] == false, "{r}");
     // The serving version's breaker never saw the candidate's failures.
     let echo = admin.plugin("echo").await?;
-    ensure!(echo["failures"] == 0 && echo["consecutive_failures"] == 0, "{echo}");
+    ensure!(
+        echo["failures"] == 0 && echo["consecutive_failures"] == 0,
+        "{echo}"
+    );
     Ok(())
 }
 
@@ -314,7 +382,11 @@ async fn two_postgres_replicas_report_the_same_rollout() -> Result<()> {
     for i in 0..MESSAGES {
         let text = format!("rr m{i}");
         let reply = poster
-            .post(&customer_text(&format!("conv_rr_{}", i % 4), &format!("rr_{i}"), &text))
+            .post(&customer_text(
+                &format!("conv_rr_{}", i % 4),
+                &format!("rr_{i}"),
+                &text,
+            ))
             .await?;
         reply.expect_status(200)?;
         texts.insert(text);
@@ -326,9 +398,21 @@ async fn two_postgres_replicas_report_the_same_rollout() -> Result<()> {
     })
     .await?;
     let two = report(&admins[1], "echo").await?;
-    ensure!(one["totals"] == two["totals"], "{:#} / {:#}", one["totals"], two["totals"]);
-    ensure!(one["events"] == two["events"], "both replicas list the same comparisons");
-    ensure!(one["totals"]["different"] == MESSAGES, "{:#}", one["totals"]);
+    ensure!(
+        one["totals"] == two["totals"],
+        "{:#} / {:#}",
+        one["totals"],
+        two["totals"]
+    );
+    ensure!(
+        one["events"] == two["events"],
+        "both replicas list the same comparisons"
+    );
+    ensure!(
+        one["totals"]["different"] == MESSAGES,
+        "{:#}",
+        one["totals"]
+    );
 
     // Aborted on one, ended on both.
     let (status, body) = post(&admins[1], "/admin/plugins/echo/abort").await?;
@@ -337,5 +421,57 @@ async fn two_postgres_replicas_report_the_same_rollout() -> Result<()> {
         r["rollout"]["state"] == "aborted" && r["running_here"] == false
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_cli_shadows_reports_refuses_and_aborts_through_the_admin_api() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .start()
+        .await?;
+    let root = bot.root().to_path_buf();
+    let rollout = |args: &[&str]| {
+        let mut all = vec!["rollout", "--url", bot.url()];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(str::to_string).collect();
+        let root = root.clone();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            cli_with(&root, &[("DIGIBOT_ADMIN_TOKEN", ADMIN_TOKEN)], &args).await
+        }
+    };
+    let v2 = plugin_wasm("echo_v2");
+    let started = rollout(&["shadow", "echo", v2.to_str().context("path")?])
+        .await?
+        .ok()?;
+    let started: Value = serde_json::from_str(&started.stdout)?;
+    ensure!(started["rollout"]["mode"] == "shadow", "{started}");
+
+    chat(&bot, "cli", &conversations("cli", 1), 3).await?;
+    fake.settle(3, TIMEOUT).await?;
+    let admin = Admin::new(&bot)?;
+    wait_report(&admin, "echo", "3 comparisons", |r| {
+        r["totals"]["compared"] == 3
+    })
+    .await?;
+    let status = rollout(&["status", "echo"]).await?.ok()?;
+    let status: Value = serde_json::from_str(&status.stdout)?;
+    ensure!(status["totals"]["different"] == 3, "{status}");
+
+    // Differences and no --accept-differences: refused, exit code 1.
+    let refused = rollout(&["promote", "echo", "--require-same", "3"]).await?;
+    ensure!(
+        !refused.success && refused.stderr.contains("409"),
+        "{refused:?}"
+    );
+    let aborted = rollout(&["abort", "echo"]).await?.ok()?;
+    let aborted: Value = serde_json::from_str(&aborted.stdout)?;
+    ensure!(aborted["rollout"]["state"] == "aborted", "{aborted}");
+    // The serving version never changed.
+    let sent = sent_texts(&fake);
+    ensure!(sent.iter().all(|t| !t.starts_with("v2: ")), "{sent:?}");
     Ok(())
 }

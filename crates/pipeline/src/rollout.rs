@@ -327,7 +327,12 @@ impl Rollouts {
         let _guard = self.change.lock().await;
         let record = self.active(name).await?;
         self.store
-            .end_rollout(name, &record.id, "aborted", Some("aborted through the admin API".into()))
+            .end_rollout(
+                name,
+                &record.id,
+                "aborted",
+                Some("aborted through the admin API".into()),
+            )
             .await?;
         self.unload(name);
         Ok(self.store.rollout(name).await?.unwrap_or(record))
@@ -520,7 +525,12 @@ impl Rollouts {
         for attempt in 1..=5 {
             match self
                 .store
-                .end_rollout(name, &candidate.record.id, "rolled_back", Some(reason.clone()))
+                .end_rollout(
+                    name,
+                    &candidate.record.id,
+                    "rolled_back",
+                    Some(reason.clone()),
+                )
                 .await
             {
                 Ok(_) => return,
@@ -597,7 +607,11 @@ impl Rollouts {
             })
             .await;
             let (verdict, candidate_requests, reason) = match shadowed {
-                Err(e) => ("failed", serde_json::json!([]), Some(format!("the shadow turn panicked: {e}"))),
+                Err(e) => (
+                    "failed",
+                    serde_json::json!([]),
+                    Some(format!("the shadow turn panicked: {e}")),
+                ),
                 Ok(theirs) => {
                     let outcome = theirs.outcomes.iter().find(|o| o.plugin == name);
                     let requests = requests_of(&theirs, &name);
@@ -645,9 +659,16 @@ impl Rollouts {
             &snapshot.plugins,
             event.conversation_id().unwrap_or_default(),
         );
-        let handled =
-            dispatch::run_entries_with_http(registry.runtime(), &routed.entries, event, state, kv, http, breaker)
-                .await;
+        let handled = dispatch::run_entries_with_http(
+            registry.runtime(),
+            &routed.entries,
+            event,
+            state,
+            kv,
+            http,
+            breaker,
+        )
+        .await;
         self.judge(&routed, &handled).await;
         handled
     }

@@ -396,7 +396,8 @@ async fn upload(
     if let Some(mode) = &query.mode {
         let mode = Mode::parse(mode, query.percent)?;
         let rollouts = admin.rollouts.clone();
-        let record = change(async move { rollouts.start(&name, body.to_vec(), mode).await }).await?;
+        let record =
+            change(async move { rollouts.start(&name, body.to_vec(), mode).await }).await?;
         return Ok((StatusCode::CREATED, Json(json!({ "rollout": record }))).into_response());
     }
     if query.percent.is_some() {
@@ -435,13 +436,12 @@ async fn rollout(
     Query(query): Query<RolloutQuery>,
 ) -> Answer {
     let Some(record) = admin.store.rollout(&name).await? else {
-        return Err(AdminError::NotFound(format!("plugin {name} has no rollout")));
+        return Err(AdminError::NotFound(format!(
+            "plugin {name} has no rollout"
+        )));
     };
     let limit = query.limit.unwrap_or(100).min(1000);
-    let events = admin
-        .store
-        .comparisons(&name, &record.id, limit)
-        .await?;
+    let events = admin.store.comparisons(&name, &record.id, limit).await?;
     ok(json!({
         "totals": {
             "compared": record.same + record.different + record.failed,

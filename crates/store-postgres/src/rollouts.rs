@@ -66,7 +66,11 @@ fn json(text: String) -> serde_json::Value {
 }
 
 impl Postgres {
-    pub(crate) async fn start_rollout(&self, r: RolloutRecord, bytes: Vec<u8>) -> Result<(), Error> {
+    pub(crate) async fn start_rollout(
+        &self,
+        r: RolloutRecord,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
         let mut c = self.conn().await?;
         c.execute(
             "WITH gone AS (DELETE FROM rollout_comparisons WHERE plugin = $1)
@@ -127,7 +131,11 @@ impl Postgres {
         rows.iter().map(record_row).collect()
     }
 
-    pub(crate) async fn rollout_bytes(&self, plugin: &str, id: &str) -> Result<Option<Vec<u8>>, Error> {
+    pub(crate) async fn rollout_bytes(
+        &self,
+        plugin: &str,
+        id: &str,
+    ) -> Result<Option<Vec<u8>>, Error> {
         let mut c = self.conn().await?;
         let row = c
             .query_opt(

@@ -64,7 +64,11 @@ fn json(text: String) -> serde_json::Value {
 }
 
 impl Db {
-    pub(crate) async fn start_rollout(&self, r: RolloutRecord, bytes: Vec<u8>) -> Result<(), Error> {
+    pub(crate) async fn start_rollout(
+        &self,
+        r: RolloutRecord,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
         self.write(move |conn| {
             conn.prepare_cached("DELETE FROM rollout_comparisons WHERE plugin = ?1")?
                 .execute([&r.plugin])?;
@@ -153,7 +157,10 @@ fn rollouts(conn: &Connection, plugin: Option<&str>) -> Result<Vec<RolloutRecord
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub(crate) async fn rollout(db: &Arc<Db>, plugin: &str) -> Result<Option<RolloutRecord>, StoreError> {
+pub(crate) async fn rollout(
+    db: &Arc<Db>,
+    plugin: &str,
+) -> Result<Option<RolloutRecord>, StoreError> {
     let plugin = plugin.to_string();
     reading(db, move |db| {
         db.read(|conn| Ok(rollouts(conn, Some(&plugin))?.into_iter().next()))
@@ -165,7 +172,11 @@ pub(crate) async fn all(db: &Arc<Db>) -> Result<Vec<RolloutRecord>, StoreError> 
     reading(db, move |db| db.read(|conn| rollouts(conn, None))).await
 }
 
-pub(crate) async fn bytes(db: &Arc<Db>, plugin: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+pub(crate) async fn bytes(
+    db: &Arc<Db>,
+    plugin: &str,
+    id: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
     let (plugin, id) = (plugin.to_string(), id.to_string());
     reading(db, move |db| {
         db.read(|conn| {

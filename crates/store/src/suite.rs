@@ -1517,7 +1517,10 @@ pub async fn rollouts_count_each_event_once_end_once_and_survive_reopen(db: Test
     let listed = store.comparisons("echo", "r1", 2).await.unwrap();
     let keys: Vec<&str> = listed.iter().map(|c| c.event_key.as_str()).collect();
     assert_eq!(keys, ["e3", "e2"], "newest first, bounded");
-    assert_eq!(listed[1].candidate, serde_json::json!([{"text": "different"}]));
+    assert_eq!(
+        listed[1].candidate,
+        serde_json::json!([{"text": "different"}])
+    );
     assert_eq!(listed[1].serving, serde_json::json!([{"text": "serving"}]));
     assert_eq!(
         store.rollout_bytes("echo", "r1").await.unwrap().as_deref(),
@@ -1558,6 +1561,15 @@ pub async fn rollouts_count_each_event_once_end_once_and_survive_reopen(db: Test
         .map(|r| (r.plugin.as_str(), r.id.as_str(), r.same))
         .collect();
     assert_eq!(ids, [("echo", "r2", 0), ("greeter", "g1", 0)]);
-    assert!(store.comparisons("echo", "r1", 10).await.unwrap().is_empty());
-    assert_eq!(store.rollout("echo").await.unwrap().unwrap().state, "active");
+    assert!(
+        store
+            .comparisons("echo", "r1", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.rollout("echo").await.unwrap().unwrap().state,
+        "active"
+    );
 }
