@@ -21,6 +21,7 @@ mod observability;
 mod outbound;
 mod pending;
 mod replicas;
+mod rollout;
 mod sandbox;
 mod scripts;
 mod sender;

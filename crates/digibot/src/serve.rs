@@ -116,6 +116,9 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
         outbound,
         Some(store.clone()),
     )));
+    // Rollouts (candidates in shadow or canary), as the store records
+    // them: resumed after a restart, in step with other replicas.
+    let rollout_sync = tokio::spawn(dispatcher.rollouts().run(stop_rx.clone()));
     let recovered = dispatcher.recover().await?;
     // Pending events nothing handed the dispatcher (a webhook cut off after
     // its commit, a lane that gave up), and with a shared database those
@@ -205,6 +208,7 @@ pub async fn serve(settings: Settings, insecure: bool) -> Result<(), ServeError>
     let drained = dispatcher.drain(grace).await;
     let _ = tokio::time::timeout(grace, sender_task).await;
     pruner.abort();
+    rollout_sync.abort();
     if let Some(sync) = plugin_sync {
         sync.abort();
     }

@@ -16,6 +16,7 @@
 //! except assist plugins, which may only write internal notes.
 
 use crate::metrics as m;
+use crate::rollout::Rollouts;
 use crate::sender::Outbox;
 use crate::sends::Sends;
 use crate::window::WindowWarnings;
@@ -232,6 +233,37 @@ pub async fn run_entries_unmetered(
         false,
     )
     .await
+}
+
+/// [`run_entries_with_http`] without touching the process's metrics: a
+/// rollout's shadow turns, which serve nobody.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_unrecorded(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &digibot_domain::event::Event,
+    burst: &Burst,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    http: Arc<dyn OutboundHttp>,
+    breaker: Breaker,
+) -> Handled {
+    run(runtime, entries, event, burst, state, kv, http, breaker, false).await
+}
+
+/// [`run_plugins`] on given entries (a rollout's routing), in a burst.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_routed(
+    runtime: &Runtime,
+    entries: &[Entry],
+    event: &digibot_domain::event::Event,
+    burst: &Burst,
+    state: ConversationState,
+    kv: Arc<dyn KvRead>,
+    http: Arc<dyn OutboundHttp>,
+    breaker: Breaker,
+) -> Handled {
+    run(runtime, entries, event, burst, state, kv, http, breaker, true).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -829,6 +861,8 @@ struct Inner {
     /// every timer (other replicas', held ones, those past the bound).
     timer_hints: Mutex<BinaryHeap<Reverse<i64>>>,
     timer_scheduled: tokio::sync::Notify,
+    /// Candidates beside serving versions (see [`crate::rollout`]).
+    rollouts: Arc<Rollouts>,
 }
 
 impl Dispatcher {
@@ -845,6 +879,7 @@ impl Dispatcher {
         rules: Rules,
         shutdown: watch::Receiver<bool>,
     ) -> Dispatcher {
+        let rollouts = Arc::new(Rollouts::new(store.clone(), registry.clone()));
         Dispatcher {
             inner: Arc::new(Inner {
                 kv: Arc::new(StoreKv {
@@ -866,6 +901,7 @@ impl Dispatcher {
                 tasks: Mutex::new(JoinSet::new()),
                 timer_hints: Mutex::new(BinaryHeap::new()),
                 timer_scheduled: tokio::sync::Notify::new(),
+                rollouts,
             }),
         }
     }
@@ -878,6 +914,12 @@ impl Dispatcher {
             None => tracing::error!("Dispatcher::with_http after it was shared: ignored"),
         }
         self
+    }
+
+    /// The rollouts this dispatcher runs (the admin API starts and ends
+    /// them; `serve` syncs them with other replicas).
+    pub fn rollouts(&self) -> Arc<Rollouts> {
+        self.inner.rollouts.clone()
     }
 
     /// Queues a stored event behind the others of its conversation.
@@ -1381,7 +1423,7 @@ impl Dispatcher {
         }
         // The state plugins ran in (none ran for agent messages, archiving).
         let mut ran_in = None;
-        let (handled, update) = match &stored.event.kind {
+        let (mut handled, update) = match &stored.event.kind {
             EventKind::Message(m) if m.sender.kind == SenderKind::Agent => {
                 (Handled::default(), self.judge_agent(m, state).await)
             }
@@ -1425,7 +1467,7 @@ impl Dispatcher {
             },
         };
         let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
-        let kinds = handled.action_kinds;
+        let kinds = std::mem::take(&mut handled.action_kinds);
         let change = update.change.clone();
         // A completion that cannot be committed (the database is away) is
         // retried, with the plugin's outcome kept, until it commits: the
@@ -1471,6 +1513,24 @@ impl Dispatcher {
                             counter!(m::ACTIONS, "kind" => kind).increment(1);
                         }
                         self.inner.outbox.wake();
+                    }
+                    // Once the serving turn is committed (its replies
+                    // are on their way): the shadow candidates.
+                    if done.completed
+                        && let Some(state) = ran_in
+                        && self.inner.rollouts.any()
+                    {
+                        self.inner
+                            .rollouts
+                            .shadow(
+                                &stored.event,
+                                burst,
+                                state,
+                                self.inner.kv.clone(),
+                                &handled,
+                                &self.inner.turn_slots,
+                            )
+                            .await;
                     }
                     return Handling::Done;
                 }
@@ -1543,6 +1603,7 @@ impl Dispatcher {
         let kv = self.inner.kv.clone();
         let http = self.inner.http.clone();
         let breaker = self.inner.breaker;
+        let rollouts = self.inner.rollouts.clone();
         let mut event = stored.event.clone();
         // Told when a send would be refused: WhatsApp, and the customer's
         // last message over 24 hours ago.
@@ -1563,8 +1624,9 @@ impl Dispatcher {
         let burst = burst.clone();
         let handled = tokio::spawn(
             async move {
-                let handled =
-                    run_plugins(&registry, &event, &burst, state, kv, http, breaker).await;
+                let handled = rollouts
+                    .run_plugins(&registry, &event, &burst, state, kv, http, breaker)
+                    .await;
                 drop(permit);
                 handled
             }

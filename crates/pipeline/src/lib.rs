@@ -11,6 +11,8 @@
 //! - [`sends`]: which conversations have a request in flight (the echo race);
 //! - [`outbound`]: plugins' outbound HTTP: grant, SSRF rules, caps,
 //!   secrets, redirects, the call journal;
+//! - [`rollout`]: a candidate version in shadow or canary beside the
+//!   serving one, promoted or aborted on evidence;
 //! - [`window`]: warning once per conversation about WhatsApp's 24-hour
 //!   window;
 //! - [`cluster`]: plugins shared by replicas, kept in step with the store's
@@ -21,6 +23,7 @@ pub mod cluster;
 pub mod dispatch;
 pub mod metrics;
 pub mod outbound;
+pub mod rollout;
 pub mod sender;
 pub mod sends;
 pub mod window;

@@ -15,6 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use digibot_pipeline::rollout::{Mode, RolloutError, Rollouts};
 use digibot_pipeline::sender::Outbox;
 use digibot_runtime::registry::{Registry, RegistryError};
 use digibot_runtime::{LoadError, Plugin};
@@ -35,6 +36,8 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     /// Woken when dead letters go back to the outbox.
     pub outbox: Outbox,
+    /// Candidates in shadow or canary (the dispatcher's).
+    pub rollouts: Arc<Rollouts>,
 }
 
 /// Why an admin request failed, as its HTTP answer.
@@ -50,6 +53,8 @@ pub enum AdminError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("{0}")]
+    BadRequest(String),
     /// A blocking task (a compile) died.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
@@ -61,6 +66,7 @@ impl IntoResponse for AdminError {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Store(_) | AdminError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Registry(e) => match e {
                 RegistryError::NotFound(_) | RegistryError::NoPrevious(_) => StatusCode::NOT_FOUND,
@@ -110,6 +116,9 @@ pub fn routes() -> Router<AppState> {
             axum::routing::put(upload).delete(remove),
         )
         .route("/admin/plugins/{name}/rollback", post(rollback))
+        .route("/admin/plugins/{name}/rollout", get(rollout))
+        .route("/admin/plugins/{name}/promote", post(promote))
+        .route("/admin/plugins/{name}/abort", post(abort))
         .route("/admin/conversations", get(conversations))
         .route("/admin/conversations/{id}", get(conversation))
         .merge(simulator::routes())
@@ -350,13 +359,50 @@ fn installed(plugin: &Plugin) -> Answer {
 /// Runs a registry change to its end on its own task: a client that hangs
 /// up mid-upload does not cancel a change half-way through its steps
 /// (compile, record, publish).
-async fn change<T: Send + 'static>(
-    change: impl Future<Output = Result<T, RegistryError>> + Send + 'static,
+async fn change<T: Send + 'static, E: Into<AdminError> + Send + 'static>(
+    change: impl Future<Output = Result<T, E>> + Send + 'static,
 ) -> Result<T, AdminError> {
-    Ok(tokio::spawn(change).await??)
+    tokio::spawn(change).await?.map_err(Into::into)
 }
 
-async fn upload(State(admin): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Answer {
+impl From<RolloutError> for AdminError {
+    fn from(e: RolloutError) -> AdminError {
+        match e {
+            RolloutError::Registry(e) => AdminError::Registry(e),
+            RolloutError::Store(e) => AdminError::Store(e),
+            RolloutError::NotServing(_) | RolloutError::NoRollout(_) => {
+                AdminError::NotFound(e.to_string())
+            }
+            RolloutError::BadRequest(m) => AdminError::BadRequest(m),
+            RolloutError::NotReady(m) => AdminError::Conflict(m),
+        }
+    }
+}
+
+/// `PUT /admin/plugins/{name}`'s query: with `mode`, the body is a
+/// rollout's candidate instead of the new serving version.
+#[derive(Debug, serde::Deserialize)]
+struct UploadQuery {
+    mode: Option<String>,
+    percent: Option<u8>,
+}
+
+async fn upload(
+    State(admin): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<UploadQuery>,
+    body: Bytes,
+) -> Answer {
+    if let Some(mode) = &query.mode {
+        let mode = Mode::parse(mode, query.percent)?;
+        let rollouts = admin.rollouts.clone();
+        let record =
+            change(async move { rollouts.start(&name, body.to_vec(), mode).await }).await?;
+        return Ok((StatusCode::CREATED, Json(json!({ "rollout": record }))).into_response());
+    }
+    if query.percent.is_some() {
+        return Err(AdminError::BadRequest("percent is for mode=canary".into()));
+    }
     let registry = admin.registry.clone();
     let plugin = change(async move { registry.install(&name, &body).await }).await?;
     installed(&plugin)
@@ -372,6 +418,75 @@ async fn rollback(State(admin): State<AdminState>, Path(name): Path<String>) -> 
     let registry = admin.registry.clone();
     let plugin = change(async move { registry.rollback(&name).await }).await?;
     installed(&plugin)
+}
+
+/// `GET /admin/plugins/{name}/rollout`'s query.
+#[derive(Debug, serde::Deserialize)]
+struct RolloutQuery {
+    /// Newest comparisons shown (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// `GET /admin/plugins/{name}/rollout`: the plugin's latest rollout, its
+/// totals and its newest comparisons (the same on every replica), and
+/// whether this replica runs it.
+async fn rollout(
+    State(admin): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<RolloutQuery>,
+) -> Answer {
+    let Some(record) = admin.store.rollout(&name).await? else {
+        return Err(AdminError::NotFound(format!(
+            "plugin {name} has no rollout"
+        )));
+    };
+    let limit = query.limit.unwrap_or(100).min(1000);
+    let events = admin.store.comparisons(&name, &record.id, limit).await?;
+    ok(json!({
+        "totals": {
+            "compared": record.same + record.different + record.failed,
+            "same": record.same,
+            "different": record.different,
+            "failed": record.failed,
+        },
+        "running_here": admin.rollouts.runs(&name, &record.id),
+        "canary": admin.rollouts.canary_view(&name),
+        "rollout": record,
+        "events": events,
+    }))
+}
+
+/// `POST /admin/plugins/{name}/promote`'s query.
+#[derive(Debug, serde::Deserialize)]
+struct PromoteQuery {
+    require_same: Option<u64>,
+    #[serde(default)]
+    accept_differences: bool,
+}
+
+/// `POST /admin/plugins/{name}/promote`: the candidate becomes the serving
+/// version (409 when the evidence asked for is not there).
+async fn promote(
+    State(admin): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<PromoteQuery>,
+) -> Answer {
+    let rollouts = admin.rollouts.clone();
+    let (record, plugin) = change(async move {
+        rollouts
+            .promote(&name, query.require_same, query.accept_differences)
+            .await
+    })
+    .await?;
+    ok(json!({ "rollout": record, "version": plugin.hash, "promoted": plugin.name }))
+}
+
+/// `POST /admin/plugins/{name}/abort`: the candidate stops; the serving
+/// version stays.
+async fn abort(State(admin): State<AdminState>, Path(name): Path<String>) -> Answer {
+    let rollouts = admin.rollouts.clone();
+    let record = change(async move { rollouts.abort(&name).await }).await?;
+    ok(json!({ "rollout": record }))
 }
 
 /// `POST /admin/conversations/{id}/release`: a conversation in a human's

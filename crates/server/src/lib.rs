@@ -143,6 +143,7 @@ impl AppState {
                 store: store.clone(),
                 registry,
                 outbox,
+                rollouts: dispatcher.rollouts(),
             },
             webhook: WebhookState {
                 store,

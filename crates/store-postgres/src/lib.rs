@@ -39,6 +39,7 @@
 mod connect;
 mod plugins;
 mod pool;
+mod rollouts;
 
 pub use connect::{DatabaseUrl, SslMode};
 
@@ -352,6 +353,7 @@ CREATE TABLE kv_scoped_usage (
 CREATE INDEX kv_scoped_idle ON kv_scoped_usage (scope, active_at);
 "#,
     ),
+    (9, rollouts::MIGRATION),
 ];
 
 /// Any `pg_advisory_xact_lock` key of digibot's own; this one guards
@@ -2042,6 +2044,55 @@ impl Backend for PgStore {
 
     async fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
         self.0.prune(retention).await
+    }
+
+    async fn start_rollout(
+        &self,
+        rollout: digibot_store::RolloutRecord,
+        bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        Ok(self.0.start_rollout(rollout, bytes).await?)
+    }
+
+    async fn end_rollout(
+        &self,
+        plugin: &str,
+        id: &str,
+        state: &str,
+        reason: Option<String>,
+    ) -> Result<bool, StoreError> {
+        Ok(self.0.end_rollout(plugin, id, state, reason).await?)
+    }
+
+    async fn rollout(
+        &self,
+        plugin: &str,
+    ) -> Result<Option<digibot_store::RolloutRecord>, StoreError> {
+        Ok(self.0.rollouts(Some(plugin)).await?.into_iter().next())
+    }
+
+    async fn rollouts(&self) -> Result<Vec<digibot_store::RolloutRecord>, StoreError> {
+        Ok(self.0.rollouts(None).await?)
+    }
+
+    async fn rollout_bytes(&self, plugin: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.0.rollout_bytes(plugin, id).await?)
+    }
+
+    async fn record_comparison(
+        &self,
+        comparison: digibot_store::Comparison,
+    ) -> Result<bool, StoreError> {
+        Ok(self.0.record_comparison(comparison).await?)
+    }
+
+    async fn comparisons(
+        &self,
+        plugin: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<digibot_store::Comparison>, StoreError> {
+        Ok(self.0.comparisons(plugin, id, limit).await?)
     }
 
     fn plugin_records(&self) -> Option<Arc<dyn PluginRecords>> {

@@ -25,6 +25,8 @@ use digibot_store::{
     OutboxAction, OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError,
     StoredEvent, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
+mod rollouts;
+
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -272,6 +274,7 @@ CREATE TABLE kv_scoped_usage (
 CREATE INDEX kv_scoped_idle ON kv_scoped_usage(scope, active_at);
 "#,
     ),
+    (6, rollouts::MIGRATION),
 ];
 
 /// Creates the first schema if the database is new, then applies the
@@ -1664,6 +1667,58 @@ impl Backend for Sqlite {
 
     async fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
         self.0.prune(retention).await
+    }
+
+    async fn start_rollout(
+        &self,
+        rollout: digibot_store::RolloutRecord,
+        bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        Ok(self.0.start_rollout(rollout, bytes).await?)
+    }
+
+    async fn end_rollout(
+        &self,
+        plugin: &str,
+        id: &str,
+        state: &str,
+        reason: Option<String>,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .0
+            .end_rollout(plugin.into(), id.into(), state.into(), reason)
+            .await?)
+    }
+
+    async fn rollout(
+        &self,
+        plugin: &str,
+    ) -> Result<Option<digibot_store::RolloutRecord>, StoreError> {
+        rollouts::rollout(&self.0, plugin).await
+    }
+
+    async fn rollouts(&self) -> Result<Vec<digibot_store::RolloutRecord>, StoreError> {
+        rollouts::all(&self.0).await
+    }
+
+    async fn rollout_bytes(&self, plugin: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        rollouts::bytes(&self.0, plugin, id).await
+    }
+
+    async fn record_comparison(
+        &self,
+        comparison: digibot_store::Comparison,
+    ) -> Result<bool, StoreError> {
+        Ok(self.0.record_comparison(comparison).await?)
+    }
+
+    async fn comparisons(
+        &self,
+        plugin: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<digibot_store::Comparison>, StoreError> {
+        rollouts::comparisons(&self.0, plugin, id, limit).await
     }
 }
 

@@ -26,6 +26,7 @@
 //! Adding an operation: a method on [`Backend`], its implementation in
 //! every back end, and a test in [`suite`] (run against every back end).
 
+pub mod rollout;
 #[cfg(feature = "suite")]
 pub mod suite;
 
@@ -35,6 +36,7 @@ pub use digibot_domain::kv::{KvChanges, KvScope, KvSize, KvUsage, KvWrite, Scope
 pub use digibot_domain::outbound::Refusal;
 pub use digibot_domain::time::now_ms;
 pub use digibot_domain::timer::{TimerChanges, TimerFired, TimerOp, TimerRecord};
+pub use rollout::{Comparison, RolloutRecord};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -690,6 +692,48 @@ pub trait Backend: Send + Sync + 'static {
         event_key: &str,
         plugin: Option<&str>,
     ) -> Result<Vec<JournalEntry>, StoreError>;
+
+    // ---- rollouts ----------------------------------------------------------
+
+    /// Starts a rollout of `rollout.plugin` with the candidate's `bytes`,
+    /// replacing the plugin's previous one (and its comparisons); its
+    /// totals start at 0.
+    async fn start_rollout(&self, rollout: RolloutRecord, bytes: Vec<u8>)
+    -> Result<(), StoreError>;
+
+    /// Ends the active rollout `id` of `plugin` (`state`: `promoted`,
+    /// `aborted`, `rolled_back`); false when it is not the active one (it
+    /// ended already, on this replica or another).
+    async fn end_rollout(
+        &self,
+        plugin: &str,
+        id: &str,
+        state: &str,
+        reason: Option<String>,
+    ) -> Result<bool, StoreError>;
+
+    /// The plugin's latest rollout, active or ended.
+    async fn rollout(&self, plugin: &str) -> Result<Option<RolloutRecord>, StoreError>;
+
+    /// Every plugin's latest rollout, by plugin name.
+    async fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+
+    /// The candidate bytes of rollout `id` of `plugin`.
+    async fn rollout_bytes(&self, plugin: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Records one comparison and counts it in its rollout's totals, once
+    /// per (rollout, event): false when that event was compared already.
+    /// Keeps the newest [`rollout::COMPARISONS_KEPT`].
+    async fn record_comparison(&self, comparison: Comparison) -> Result<bool, StoreError>;
+
+    /// The newest `limit` comparisons of rollout `id` of `plugin`, newest
+    /// first.
+    async fn comparisons(
+        &self,
+        plugin: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<Comparison>, StoreError>;
 
     // ---- retention ---------------------------------------------------------
 

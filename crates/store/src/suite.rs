@@ -65,6 +65,7 @@ macro_rules! store_suite {
             kv_values_expire_and_retention_removes_them_and_idle_customers,
             kv_customer_writes_from_many_conversations_at_once_keep_exact_usage,
             a_conversation_keeps_the_customer_an_event_named,
+            rollouts_count_each_event_once_end_once_and_survive_reopen,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -1944,4 +1945,126 @@ pub async fn a_conversation_keeps_the_customer_an_event_named(db: TestDb) {
     handled_in(&store, "n3", "c2", 0).await;
     let record = store.conversation_state("c2").await.unwrap().unwrap();
     assert_eq!(record.customer_id, None);
+}
+
+fn rollout_record(plugin: &str, id: &str) -> RolloutRecord {
+    RolloutRecord {
+        plugin: plugin.into(),
+        id: id.into(),
+        mode: "shadow".into(),
+        percent: 0,
+        candidate: "ab".repeat(32),
+        state: "active".into(),
+        reason: None,
+        started_at: 1,
+        changed_at: 1,
+        same: 0,
+        different: 0,
+        failed: 0,
+    }
+}
+
+fn comparison(plugin: &str, id: &str, event_key: &str, verdict: &str) -> Comparison {
+    Comparison {
+        plugin: plugin.into(),
+        rollout: id.into(),
+        event_key: event_key.into(),
+        conversation_id: "c".into(),
+        verdict: verdict.into(),
+        serving: serde_json::json!([{"text": "serving"}]),
+        candidate: serde_json::json!([{"text": verdict}]),
+        reason: None,
+        at: 5,
+    }
+}
+
+pub async fn rollouts_count_each_event_once_end_once_and_survive_reopen(db: TestDb) {
+    let store = db.open().await;
+    assert_eq!(store.rollout("echo").await.unwrap(), None);
+    // No rollout: nothing to compare against.
+    assert!(
+        !store
+            .record_comparison(comparison("echo", "r1", "e0", "same"))
+            .await
+            .unwrap()
+    );
+    store
+        .start_rollout(rollout_record("echo", "r1"), b"wasm-1".to_vec())
+        .await
+        .unwrap();
+    for (key, verdict) in [("e1", "same"), ("e2", "different"), ("e3", "failed")] {
+        assert!(
+            store
+                .record_comparison(comparison("echo", "r1", key, verdict))
+                .await
+                .unwrap()
+        );
+    }
+    // The same event compared again (a re-run, another replica): once.
+    assert!(
+        !store
+            .record_comparison(comparison("echo", "r1", "e2", "same"))
+            .await
+            .unwrap()
+    );
+    let r = store.rollout("echo").await.unwrap().unwrap();
+    assert_eq!((r.same, r.different, r.failed), (1, 1, 1));
+    let listed = store.comparisons("echo", "r1", 2).await.unwrap();
+    let keys: Vec<&str> = listed.iter().map(|c| c.event_key.as_str()).collect();
+    assert_eq!(keys, ["e3", "e2"], "newest first, bounded");
+    assert_eq!(
+        listed[1].candidate,
+        serde_json::json!([{"text": "different"}])
+    );
+    assert_eq!(listed[1].serving, serde_json::json!([{"text": "serving"}]));
+    assert_eq!(
+        store.rollout_bytes("echo", "r1").await.unwrap().as_deref(),
+        Some(&b"wasm-1"[..])
+    );
+    assert_eq!(store.rollout_bytes("echo", "r0").await.unwrap(), None);
+    // Ended once: a second end (another replica) changes nothing.
+    assert!(
+        store
+            .end_rollout("echo", "r1", "rolled_back", Some("why".into()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .end_rollout("echo", "r1", "aborted", None)
+            .await
+            .unwrap()
+    );
+    store.close();
+    drop(store);
+    let store = db.open().await;
+    let r = store.rollout("echo").await.unwrap().unwrap();
+    assert_eq!(r.state, "rolled_back");
+    assert_eq!(r.reason.as_deref(), Some("why"));
+    // A new rollout replaces the old one and its comparisons.
+    store
+        .start_rollout(rollout_record("echo", "r2"), b"wasm-2".to_vec())
+        .await
+        .unwrap();
+    store
+        .start_rollout(rollout_record("greeter", "g1"), b"wasm-g".to_vec())
+        .await
+        .unwrap();
+    let all = store.rollouts().await.unwrap();
+    let ids: Vec<(&str, &str, u64)> = all
+        .iter()
+        .map(|r| (r.plugin.as_str(), r.id.as_str(), r.same))
+        .collect();
+    assert_eq!(ids, [("echo", "r2", 0), ("greeter", "g1", 0)]);
+    assert!(
+        store
+            .comparisons("echo", "r1", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.rollout("echo").await.unwrap().unwrap().state,
+        "active"
+    );
 }

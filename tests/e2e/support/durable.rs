@@ -116,6 +116,11 @@ impl CliRun {
 /// Runs the real `digibot ARGS...` on `data_dir` (the same database a
 /// running server uses), with no other DIGIBOT_* variable.
 pub async fn cli(data_dir: &Path, args: &[&str]) -> Result<CliRun> {
+    cli_with(data_dir, &[], args).await
+}
+
+/// [`cli`] with `env` (DIGIBOT_* variables among them) set too.
+pub async fn cli_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Result<CliRun> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_digibot"));
     cmd.args(args);
     for (key, _) in std::env::vars_os() {
@@ -125,7 +130,8 @@ pub async fn cli(data_dir: &Path, args: &[&str]) -> Result<CliRun> {
     }
     cmd.env("DIGIBOT_DATA_DIR", data_dir)
         .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied());
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await?
         .context("running the digibot CLI")?;

@@ -9,6 +9,7 @@ mod dead_letters;
 mod new;
 mod record;
 mod replay;
+mod rollout;
 mod test;
 
 use crate::config::{Flags, Settings};
@@ -78,6 +79,14 @@ pub enum Command {
     /// Run conversation tests (TOML files of turns and expected answers)
     /// against a plugin component, in any language.
     Test(test::TestArgs),
+    /// Shadow, canary, promote or abort a new plugin version on a running
+    /// server (through its admin API).
+    Rollout {
+        #[command(flatten)]
+        settings: SettingsFile,
+        #[command(flatten)]
+        args: rollout::RolloutArgs,
+    },
 }
 
 /// Log line formats, chosen by `DIGIBOT_LOG_FORMAT`.
@@ -159,6 +168,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay::run(args, &env_settings()?),
         Command::Chat(args) => chat::run(args, &env_settings()?),
         Command::Test(args) => test::run(args, &env_settings()?),
+        Command::Rollout { settings, args } => {
+            rollout::run(args, &Settings::load(settings.path.as_deref())?)
+        }
     }
 }
 

@@ -189,6 +189,53 @@ async function loadPlugins() {
       el("td", { class: "wrap small" }, p.last_failure || el("span", { class: "muted" }, "—")),
     );
   }));
+  await loadRollouts(plugins);
+}
+
+// ---- rollouts --------------------------------------------------------------
+
+const VERDICT_KIND = { same: "ok", different: "warn", failed: "bad" };
+const ROLLOUT_KIND = { active: "ok", promoted: "neutral", aborted: "neutral", rolled_back: "bad" };
+
+// The latest rollout of each plugin (a 404 means none), with its newest
+// comparisons: the serving version's requests beside the candidate's.
+async function loadRollouts(plugins) {
+  const panels = [];
+  for (const p of plugins) {
+    let report;
+    try {
+      report = await api("GET", `/admin/plugins/${encodeURIComponent(p.name)}/rollout?limit=50`);
+    } catch (error) {
+      if (String(error.message).includes(": 404 ")) continue;
+      throw error;
+    }
+    panels.push(rolloutPanel(report));
+  }
+  $("#rollouts").replaceChildren(...panels);
+}
+
+function rolloutPanel(report) {
+  const r = report.rollout;
+  const t = report.totals;
+  const rows = (report.events || []).map((e) => el("tr", { dataset: { event: e.event_key } },
+    el("td", {}, badge(e.verdict, VERDICT_KIND[e.verdict] || "neutral"),
+      el("div", { class: "muted small" }, time(e.at))),
+    el("td", { class: "small" }, e.conversation_id),
+    el("td", { class: "serving" }, json(e.serving)),
+    el("td", { class: "candidate" }, e.reason ? el("p", { class: "error small" }, e.reason) : null, json(e.candidate)),
+  ));
+  return el("div", { class: "card rollout", dataset: { plugin: r.plugin } },
+    el("h2", {}, `Rollout of ${r.plugin} `, badge(r.mode + (r.mode === "canary" ? ` ${r.percent}%` : ""), "neutral"),
+      " ", badge(r.state, ROLLOUT_KIND[r.state] || "neutral")),
+    el("p", { class: "muted small" },
+      `candidate ${String(r.candidate).slice(0, 12)} · started ${ago(r.started_at)} · `,
+      el("span", { class: "totals" }, `${t.compared} compared: ${t.same} same, ${t.different} different, ${t.failed} failed`),
+      r.reason ? el("span", { class: "error" }, " · " + r.reason) : null),
+    el("table", { class: "diff" },
+      el("thead", {}, el("tr", {}, el("th", {}, "Verdict"), el("th", {}, "Conversation"),
+        el("th", {}, "Serving version sent"), el("th", {}, "Candidate would have sent"))),
+      el("tbody", {}, rows)),
+  );
 }
 
 // ---- conversations ---------------------------------------------------------
