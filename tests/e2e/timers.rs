@@ -437,9 +437,11 @@ async fn ten_thousand_timers_across_a_thousand_conversations_fire_once_each_in_o
     const CONVERSATIONS: usize = 1000;
     const TIMERS: usize = 10;
     let fake = FakeDigishare::start().await?;
+    // A long deadline: 64 first turns at once on a loaded 2-core machine
+    // can pass 100 ms of wall clock, and this test is about timers.
     let bot = Digibot::builder()
         .fake(&fake)
-        .plugin("ticker")
+        .plugin_toml("ticker", "[limits]\ntimeout_ms = 10000\n")
         .start()
         .await?;
     let conversation = |c: usize| format!("conv_tick_{c:04}");

@@ -31,8 +31,7 @@ use digibot_runtime::{
 };
 use digibot_store::{
     ConversationRecord, ConversationUpdate, KvChanges, KvScope, NewAction, Release, StateChange,
-    Store,
-    StoreError, StoredEvent, TimerChanges, now_ms,
+    Store, StoreError, StoredEvent, TimerChanges, now_ms,
 };
 use metrics::counter;
 use serde::Serialize;
@@ -248,7 +247,10 @@ pub(crate) async fn run_unrecorded(
     http: Arc<dyn OutboundHttp>,
     breaker: Breaker,
 ) -> Handled {
-    run(runtime, entries, event, burst, state, kv, http, breaker, false).await
+    run(
+        runtime, entries, event, burst, state, kv, http, breaker, false,
+    )
+    .await
 }
 
 /// [`run_plugins`] on given entries (a rollout's routing), in a burst.
@@ -263,7 +265,10 @@ pub(crate) async fn run_routed(
     http: Arc<dyn OutboundHttp>,
     breaker: Breaker,
 ) -> Handled {
-    run(runtime, entries, event, burst, state, kv, http, breaker, true).await
+    run(
+        runtime, entries, event, burst, state, kv, http, breaker, true,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

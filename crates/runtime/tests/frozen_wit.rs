@@ -51,7 +51,10 @@ fn normalised(dir: &Path) -> String {
     let mut text = String::new();
     for file in files {
         let rel = file.strip_prefix(dir).expect("under the folder");
-        text.push_str(&format!("== {}\n", rel.to_string_lossy().replace('\\', "/")));
+        text.push_str(&format!(
+            "== {}\n",
+            rel.to_string_lossy().replace('\\', "/")
+        ));
         let body = std::fs::read_to_string(&file).expect("utf-8 wit");
         for line in body.lines() {
             let code = match line.find("//") {
@@ -99,7 +102,10 @@ fn every_wit_folder_is_released_or_the_one_in_progress() {
         .filter(|name| !RELEASED.iter().any(|(f, _)| f == name))
         .collect();
     unreleased.sort();
-    assert!(unreleased.len() <= 1, "more than one unreleased WIT folder: {unreleased:?}");
+    assert!(
+        unreleased.len() <= 1,
+        "more than one unreleased WIT folder: {unreleased:?}"
+    );
 }
 
 #[test]
@@ -109,7 +115,11 @@ fn a_changed_field_changes_the_digest_and_a_comment_does_not() {
     write("package a:b@0.1.0;\ninterface t {\n    record r { x: u32 }\n}\n");
     let base = digest(dir.path());
     write("/// docs\npackage a:b@0.1.0;\n\ninterface t { // why\n        record r { x: u32 }\n}\n");
-    assert_eq!(digest(dir.path()), base, "comments and layout are not the interface");
+    assert_eq!(
+        digest(dir.path()),
+        base,
+        "comments and layout are not the interface"
+    );
     write("package a:b@0.1.0;\ninterface t {\n    record r { x: u64 }\n}\n");
     assert_ne!(digest(dir.path()), base, "a field's type is");
 }
