@@ -207,6 +207,11 @@ async fn a_shadowed_identical_build_is_the_same_50_times_and_promotes() -> Resul
     let (status, body) = post(&admin, "/admin/plugins/echo/promote?require_same=50").await?;
     ensure!(status == 200, "{status} {body}");
     ensure!(body["rollout"]["state"] == "promoted", "{body}");
+    // The newest 20 production turns replayed against it first, the same.
+    ensure!(
+        body["replay"]["compared"] == 20 && body["replay"]["same"] == 20,
+        "{body:#}"
+    );
     Ok(())
 }
 
@@ -473,5 +478,186 @@ async fn the_cli_shadows_reports_refuses_and_aborts_through_the_admin_api() -> R
     // The serving version never changed.
     let sent = sent_texts(&fake);
     ensure!(sent.iter().all(|t| !t.starts_with("v2: ")), "{sent:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn promotion_replays_recent_turns_and_refuses_on_differences() -> Result<()> {
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .start()
+        .await?;
+    let admin = Admin::new(&bot)?;
+    // Production turns of `echo` before any rollout: no shadow evidence,
+    // only what the replay finds.
+    let texts = chat(&bot, "rp", &conversations("rp", 3), 2).await?;
+    fake.settle(6, TIMEOUT).await?;
+    start(&admin, "echo", "mode=shadow", wasm("echo_v2")?).await?;
+    let plain = admin.plugin("echo").await?["version"].clone();
+
+    let (status, body) = post(&admin, "/admin/plugins/echo/promote").await?;
+    ensure!(status == 409, "{status} {body}");
+    let replay = &body["replay"];
+    ensure!(
+        replay["compared"] == 6 && replay["different"] == 6 && replay["same"] == 0,
+        "{body:#}"
+    );
+    let differences = replay["differences"].as_array().context("differences")?;
+    ensure!(differences.len() == 6, "{body:#}");
+    for d in differences {
+        let (recorded, candidate) = (
+            text_of(&d["recorded"]).context("recorded")?,
+            text_of(&d["candidate"]).context("candidate")?,
+        );
+        ensure!(
+            texts.iter().any(|t| t == recorded) && candidate == format!("v2: {recorded}"),
+            "{d:#}"
+        );
+    }
+    // Newest first: the last message sent is the first replayed.
+    ensure!(
+        text_of(&differences[0]["recorded"]) == texts.last().map(String::as_str),
+        "{body:#}"
+    );
+    // Fewer asked for, fewer replayed; too many is a bad request.
+    let (status, body) = post(&admin, "/admin/plugins/echo/promote?replay=2").await?;
+    ensure!(
+        status == 409 && body["replay"]["compared"] == 2,
+        "{status} {body:#}"
+    );
+    let (status, body) = post(&admin, "/admin/plugins/echo/promote?replay=201").await?;
+    ensure!(status == 400, "{status} {body:#}");
+    ensure!(
+        admin.plugin("echo").await?["version"] == plain,
+        "a refused promotion changed nothing"
+    );
+    // The replay sent nothing.
+    fake.assert_quiet(6, SETTLE).await?;
+
+    let (status, body) = post(
+        &admin,
+        "/admin/plugins/echo/promote?accept_differences=true",
+    )
+    .await?;
+    ensure!(
+        status == 200
+            && body["rollout"]["state"] == "promoted"
+            && body["replay"]["different"] == 6,
+        "{status} {body:#}"
+    );
+    ensure!(admin.plugin("echo").await?["version"] != plain);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_replays_outbound_calls_from_the_journal_and_calls_nothing() -> Result<()> {
+    use crate::outbound::orders_bot;
+    use crate::support::orders_api::FakeOrderApi;
+    let fake = FakeDigishare::start().await?;
+    let api = FakeOrderApi::start().await?;
+    api.set_order("12345", "shipped");
+    let bot = orders_bot(&fake, &api).start().await?;
+    let admin = Admin::new(&bot)?;
+    for c in 0..3 {
+        bot.accept(&customer_text(
+            &format!("conv_rj_{c}"),
+            &format!("msg_rj_{c}"),
+            "ma commande 12345 ?",
+        ))
+        .await?;
+    }
+    fake.settle(3, TIMEOUT).await?;
+    ensure!(api.requests().len() == 3, "{:?}", api.requests());
+    // A real call now would answer otherwise.
+    api.set_order("12345", "lost");
+    start(&admin, "orders", "mode=shadow", wasm("orders")?).await?;
+    let (status, body) = post(&admin, "/admin/plugins/orders/promote").await?;
+    ensure!(
+        status == 200
+            && body["replay"]["compared"] == 3
+            && body["replay"]["same"] == 3
+            && body["replay"]["differences"] == serde_json::json!([]),
+        "{status} {body:#}"
+    );
+    ensure!(
+        api.requests().len() == 3,
+        "the replay called the order API: {:?}",
+        api.requests()
+    );
+    fake.assert_quiet(3, SETTLE).await?;
+    Ok(())
+}
+
+/// `pin = "conversation"`: a conversation that started on a version keeps
+/// it through a hot swap and a restart, new conversations get the new
+/// one, and archiving ends the pin.
+#[tokio::test]
+async fn a_pinned_conversation_finishes_on_its_version_across_a_swap_and_a_restart() -> Result<()>
+{
+    let fake = FakeDigishare::start().await?;
+    let mut bot = Digibot::builder()
+        .fake(&fake)
+        .plugin_toml("echo", "pin = \"conversation\"\n")
+        .start()
+        .await?;
+    let plain = Admin::new(&bot)?.plugin("echo").await?["version"]
+        .as_str()
+        .context("version")?
+        .to_string();
+    let (old, new) = ("conv_pin_old", "conv_pin_new");
+    bot.accept(&customer_text(old, "msg_pin_1", "one")).await?;
+    fake.settle(1, TIMEOUT).await?;
+
+    let (status, body) = Admin::new(&bot)?
+        .send(
+            reqwest::Method::PUT,
+            "/admin/plugins/echo",
+            wasm("echo_v2")?,
+        )
+        .await?;
+    ensure!(status == 200, "hot swap: {status} {body}");
+    bot.accept(&customer_text(old, "msg_pin_2", "two")).await?;
+    bot.accept(&customer_text(new, "msg_pin_3", "three")).await?;
+    fake.settle(3, TIMEOUT).await?;
+    ensure_all_eq(
+        &fake.wire_for(old),
+        &[wire_text(old, "one"), wire_text(old, "two")],
+        "the pinned conversation",
+    )?;
+    ensure_all_eq(
+        &fake.wire_for(new),
+        &[wire_text(new, "v2: three")],
+        "a new conversation",
+    )?;
+    let detail = bot.admin_get(&format!("/admin/conversations/{old}")).await?;
+    let detail = detail.json()?;
+    ensure!(detail["pins"]["echo"] == plain.as_str(), "{detail:#}");
+
+    // After a restart the earlier version comes back from the history.
+    bot.restart().await?;
+    bot.accept(&customer_text(old, "msg_pin_4", "four")).await?;
+    fake.settle(4, TIMEOUT).await?;
+    ensure!(
+        fake.wire_for(old).last() == Some(&wire_text(old, "four")),
+        "{:#?}",
+        fake.wire_for(old)
+    );
+
+    // Archived, then reopened: it starts on the serving version.
+    bot.accept(&serde_json::json!({
+        "event": "live_chat.conversation_archived",
+        "data": {"conversation_id": old, "archived_at": "2026-12-03T10:00:00.000000Z"}
+    }))
+    .await?;
+    bot.accept(&customer_text(old, "msg_pin_5", "five")).await?;
+    fake.settle(5, TIMEOUT).await?;
+    ensure!(
+        fake.wire_for(old).last() == Some(&wire_text(old, "v2: five")),
+        "{:#?}",
+        fake.wire_for(old)
+    );
+    fake.assert_quiet(5, SETTLE).await?;
     Ok(())
 }

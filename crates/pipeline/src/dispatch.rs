@@ -603,8 +603,8 @@ fn count_change(from: ConversationState, change: &StateChange) {
 
 /// The store's KV, as plugins read it: the turn awaits the store (and
 /// holds no thread meanwhile).
-struct StoreKv {
-    store: Store,
+pub(crate) struct StoreKv {
+    pub(crate) store: Store,
 }
 
 #[async_trait::async_trait]
@@ -771,7 +771,7 @@ fn next_index(queue: &[StoredEvent]) -> usize {
 }
 
 /// Whether `event` is a customer's message (what a debounce folds).
-fn from_customer(event: &digibot_domain::event::Event) -> Option<&Message> {
+pub(crate) fn from_customer(event: &digibot_domain::event::Event) -> Option<&Message> {
     match &event.kind {
         EventKind::Message(m) if m.sender.kind == SenderKind::Customer => Some(m),
         _ => None,
@@ -1495,6 +1495,15 @@ impl Dispatcher {
             {
                 Ok(done) => {
                     self.hint_timers(&update);
+                    // Archived: reopened, it starts on the serving versions.
+                    if update.archive.is_some()
+                        && done.completed
+                        && crate::pin::any(&self.inner.registry)
+                        && let Err(e) = self.inner.store.unpin(&conversation).await
+                    {
+                        tracing::warn!(conversation = %conversation, error = %e,
+                            "cannot drop the archived conversation's pins");
+                    }
                     if let Some(change) = change.filter(|_| done.changed) {
                         tracing::info!(conversation = %conversation, event = %stored.event.key,
                             from = %state, to = %change.to, reason = %change.reason, "conversation state changed");
@@ -1627,10 +1636,13 @@ impl Dispatcher {
         // order holds): a bug that panics in a turn fails this event
         // alone, which stays pending, instead of the lane.
         let burst = burst.clone();
+        let store = self.inner.store.clone();
         let handled = tokio::spawn(
             async move {
+                let conversation = event.conversation_id().unwrap_or_default().to_string();
+                let pinned = crate::pin::entries(&store, &registry, &conversation).await;
                 let handled = rollouts
-                    .run_plugins(&registry, &event, &burst, state, kv, http, breaker)
+                    .run_plugins(&registry, pinned, &event, &burst, state, kv, http, breaker)
                     .await;
                 drop(permit);
                 handled

@@ -11,6 +11,7 @@
 //! - [`sends`]: which conversations have a request in flight (the echo race);
 //! - [`outbound`]: plugins' outbound HTTP: grant, SSRF rules, caps,
 //!   secrets, redirects, the call journal;
+//! - [`pin`]: conversations that keep the plugin version they started on;
 //! - [`rollout`]: a candidate version in shadow or canary beside the
 //!   serving one, promoted or aborted on evidence;
 //! - [`window`]: warning once per conversation about WhatsApp's 24-hour
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod dispatch;
 pub mod metrics;
 pub mod outbound;
+pub mod pin;
 pub mod rollout;
 pub mod sender;
 pub mod sends;

@@ -17,7 +17,11 @@
 //!   version.
 //! - **Promote / abort**: promotion installs the candidate through the
 //!   registry's normal path (history, rollback, the cluster's record);
-//!   it can require a number of shadowed events with no difference.
+//!   it can require a number of shadowed events with no difference. First
+//!   the last recorded production turns of the serving version are
+//!   replayed against the candidate from their journals
+//!   ([`Rollouts::replay_recent`]): a difference refuses the promotion
+//!   unless it is accepted, and the answer reports them either way.
 //!
 //! The rollout itself lives in the store (`digibot_store::rollout`), so
 //! replicas sharing a database run the same candidate ([`Rollouts::sync`])
@@ -50,6 +54,12 @@ pub enum RolloutError {
     /// A promotion whose evidence falls short.
     #[error("{0}")]
     NotReady(String),
+    /// A promotion refused because replayed production turns differ.
+    #[error("{message}")]
+    ReplayDiffers {
+        message: String,
+        replay: Box<ReplayReport>,
+    },
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -182,6 +192,77 @@ pub struct Routed {
     pub entries: Vec<Entry>,
     /// Canaries this event took part in: (candidate, served by it).
     canaries: Vec<(Arc<Candidate>, bool)>,
+}
+
+/// How many recent production turns a promotion replays unless told, and
+/// at most.
+pub const REPLAY_DEFAULT: usize = 20;
+pub const REPLAY_MAX: usize = 200;
+/// How many of the newest events a promotion looks through for them.
+const REPLAY_SCAN: usize = 5_000;
+
+/// What a promotion asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Promotion {
+    /// At least this many shadowed events compared the same.
+    pub require_same: Option<u64>,
+    /// Promote even with differences (shadowed or replayed).
+    pub accept_differences: bool,
+    /// Replay this many recent production turns first (0: none).
+    pub replay: usize,
+}
+
+impl Default for Promotion {
+    fn default() -> Promotion {
+        Promotion {
+            require_same: None,
+            accept_differences: false,
+            replay: REPLAY_DEFAULT,
+        }
+    }
+}
+
+/// Recent production turns replayed against a candidate.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayReport {
+    pub compared: usize,
+    pub same: usize,
+    pub different: usize,
+    pub failed: usize,
+    /// The turns that did not give the same requests, newest first.
+    pub differences: Vec<Replayed>,
+}
+
+/// One replayed turn that differed or failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replayed {
+    pub event_key: String,
+    pub conversation_id: String,
+    /// `different` or `failed`.
+    pub verdict: &'static str,
+    /// What the serving version queued then.
+    pub recorded: serde_json::Value,
+    /// What the candidate queues now.
+    pub candidate: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What a promotion did.
+#[derive(Debug, Clone)]
+pub struct Promoted {
+    pub record: RolloutRecord,
+    pub plugin: Arc<Plugin>,
+    pub replay: ReplayReport,
+}
+
+/// The outcome `plugin` had in an event's summary (`ok`, `folded`, …).
+fn outcome_in<'a>(outcomes: &'a serde_json::Value, plugin: &str) -> Option<&'a str> {
+    outcomes
+        .as_array()?
+        .iter()
+        .find(|o| o["plugin"] == plugin)
+        .and_then(|o| o["outcome"].as_str())
 }
 
 fn requests_of(handled: &Handled, plugin: &str) -> serde_json::Value {
@@ -341,16 +422,13 @@ impl Rollouts {
     /// Installs the candidate of `name` as its serving version, through
     /// the registry (so history and rollback keep working). With
     /// `require_same`, at least that many shadowed events must have been
-    /// compared, none different nor failed, unless `accept_differences`.
-    pub async fn promote(
-        &self,
-        name: &str,
-        require_same: Option<u64>,
-        accept_differences: bool,
-    ) -> Result<(RolloutRecord, Arc<Plugin>), RolloutError> {
+    /// compared, none different nor failed, and the last `replay`
+    /// production turns replayed against the candidate must give the same
+    /// requests; `accept_differences` promotes anyway.
+    pub async fn promote(&self, name: &str, ask: Promotion) -> Result<Promoted, RolloutError> {
         let _guard = self.change.lock().await;
         let record = self.active(name).await?;
-        if !accept_differences {
+        if !ask.accept_differences {
             if record.different > 0 || record.failed > 0 {
                 return Err(RolloutError::NotReady(format!(
                     "rollout {} of {name}: {} different and {} failed of {} compared; pass accept_differences=true to promote anyway",
@@ -360,7 +438,7 @@ impl Rollouts {
                     record.same + record.different + record.failed
                 )));
             }
-            if let Some(n) = require_same
+            if let Some(n) = ask.require_same
                 && record.same < n
             {
                 return Err(RolloutError::NotReady(format!(
@@ -374,13 +452,152 @@ impl Rollouts {
             .rollout_bytes(name, &record.id)
             .await?
             .ok_or_else(|| RolloutError::NoRollout(name.to_string()))?;
+        let loaded = self
+            .lock()
+            .get(name)
+            .filter(|c| c.record.id == record.id)
+            .map(|c| c.entry.clone());
+        let entry = match loaded {
+            Some(entry) => entry,
+            None => Entry {
+                plugin: Arc::new(self.compile(name, bytes.clone()).await?),
+                health: Arc::new(Health::default()),
+            },
+        };
+        let replay = self
+            .replay_recent(name, &entry, ask.replay.min(REPLAY_MAX))
+            .await?;
+        if !ask.accept_differences && replay.same < replay.compared {
+            return Err(RolloutError::ReplayDiffers {
+                message: format!(
+                    "rollout {} of {name}: of the last {} production turns replayed against the candidate, {} differ and {} failed; pass accept_differences=true to promote anyway",
+                    record.id, replay.compared, replay.different, replay.failed
+                ),
+                replay: Box::new(replay),
+            });
+        }
         let plugin = self.registry.install(name, &bytes).await?;
         self.store
             .end_rollout(name, &record.id, "promoted", None)
             .await?;
         self.unload(name);
-        tracing::info!(plugin = name, rollout = %record.id, version = %&plugin.hash[..12], "rollout promoted");
-        Ok((self.store.rollout(name).await?.unwrap_or(record), plugin))
+        tracing::info!(plugin = name, rollout = %record.id, version = %&plugin.hash[..12],
+            replayed = replay.compared, replayed_same = replay.same, "rollout promoted");
+        Ok(Promoted {
+            record: self.store.rollout(name).await?.unwrap_or(record),
+            plugin,
+            replay,
+        })
+    }
+
+    /// Replays against `candidate` the newest `limit` turns the serving
+    /// version of `name` took (`ok` or `failed`) among the last
+    /// [`REPLAY_SCAN`] events, each from its stored event and journal (its
+    /// outbound calls answered from it, or refused), a debounced turn with
+    /// the burst it answered, and compares the requests with those the
+    /// turn queued then. KV reads see the store as it is now; nothing is
+    /// written or sent.
+    pub async fn replay_recent(
+        &self,
+        name: &str,
+        candidate: &Entry,
+        limit: usize,
+    ) -> Result<ReplayReport, RolloutError> {
+        let mut report = ReplayReport::default();
+        if limit == 0 {
+            return Ok(report);
+        }
+        // Newest first.
+        let recent = self.store.recent_events(REPLAY_SCAN).await?;
+        let kv: Arc<dyn KvRead> = Arc::new(dispatch::StoreKv {
+            store: self.store.clone(),
+        });
+        let mut recorded_in: HashMap<String, Vec<digibot_store::OutboxAction>> = HashMap::new();
+        let turns = recent
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(outcome_in(&e.plugins, name), Some("ok" | "failed")))
+            .take(limit);
+        for (at, summary) in turns {
+            let Some(stored) = self.store.event(&summary.key).await? else {
+                continue;
+            };
+            let conversation = summary.conversation_id.clone().unwrap_or_default();
+            // The burst it answered: the folded messages just before it.
+            let mut earlier = Vec::new();
+            for older in recent[at + 1..]
+                .iter()
+                .filter(|e| e.conversation_id == summary.conversation_id)
+            {
+                if outcome_in(&older.plugins, name) != Some("folded") {
+                    break;
+                }
+                if let Some(folded) = self.store.event(&older.key).await?
+                    && let Some(m) = dispatch::from_customer(&folded.event)
+                {
+                    earlier.push(m.clone());
+                }
+            }
+            earlier.reverse();
+            let burst = if earlier.is_empty() {
+                Burst::Alone
+            } else {
+                Burst::Last(earlier.into())
+            };
+            let journal = self.store.journal(&summary.key, Some(name)).await?;
+            let http: Arc<dyn OutboundHttp> = Arc::new(FromJournal::new(journal));
+            let theirs = dispatch::run_unrecorded(
+                self.registry.runtime(),
+                std::slice::from_ref(candidate),
+                &stored.event,
+                &burst,
+                ConversationState::Bot,
+                kv.clone(),
+                http,
+                Breaker {
+                    failures: 0,
+                    cooldown: Duration::ZERO,
+                },
+            )
+            .await;
+            if !recorded_in.contains_key(&conversation) {
+                let actions = match summary.conversation_id.as_deref() {
+                    Some(c) => self.store.conversation(c).await?.actions,
+                    None => Vec::new(),
+                };
+                recorded_in.insert(conversation.clone(), actions);
+            }
+            let recorded: serde_json::Value = recorded_in[&conversation]
+                .iter()
+                .filter(|a| a.event_seq == stored.seq && a.plugin == name)
+                .map(|a| serde_json::json!({ "method": a.method, "path": a.path, "body": a.body }))
+                .collect();
+            let requests = requests_of(&theirs, name);
+            let outcome = theirs.outcomes.iter().find(|o| o.plugin == name);
+            let (verdict, reason) = match outcome {
+                Some(o) if o.outcome == "failed" => ("failed", o.reason.clone()),
+                _ if requests == recorded => ("same", None),
+                _ => ("different", None),
+            };
+            report.compared += 1;
+            match verdict {
+                "same" => {
+                    report.same += 1;
+                    continue;
+                }
+                "failed" => report.failed += 1,
+                _ => report.different += 1,
+            }
+            report.differences.push(Replayed {
+                event_key: summary.key.clone(),
+                conversation_id: conversation,
+                verdict,
+                recorded,
+                candidate: requests,
+                reason,
+            });
+        }
+        Ok(report)
     }
 
     /// Runs here what the store says is active: loads the candidates
@@ -644,11 +861,14 @@ impl Rollouts {
     }
 
     /// The serving turn of `event` with its canaries routed and judged:
-    /// [`dispatch::run_plugins`] when no rollout is running here.
+    /// [`dispatch::run_plugins`] when no rollout is running here. `pinned`:
+    /// the entries the conversation is pinned to ([`crate::pin`]), instead
+    /// of the registry's.
     #[allow(clippy::too_many_arguments)]
     pub async fn run_plugins(
         &self,
         registry: &Registry,
+        pinned: Option<Vec<Entry>>,
         event: &Event,
         burst: &Burst,
         state: ConversationState,
@@ -657,11 +877,28 @@ impl Rollouts {
         breaker: Breaker,
     ) -> Handled {
         if !self.any() {
-            return dispatch::run_plugins(registry, event, burst, state, kv, http, breaker).await;
+            return match pinned {
+                None => {
+                    dispatch::run_plugins(registry, event, burst, state, kv, http, breaker).await
+                }
+                Some(entries) => {
+                    dispatch::run_routed(
+                        registry.runtime(),
+                        &entries,
+                        event,
+                        burst,
+                        state,
+                        kv,
+                        http,
+                        breaker,
+                    )
+                    .await
+                }
+            };
         }
         let snapshot = registry.snapshot();
         let routed = self.route(
-            &snapshot.plugins,
+            pinned.as_deref().unwrap_or(&snapshot.plugins),
             event.conversation_id().unwrap_or_default(),
         );
         let handled = dispatch::run_routed(

@@ -28,6 +28,17 @@ pub struct Manifest {
     /// turn: the plugin answers the burst's last message and sees the
     /// earlier ones with it. At most [`DEBOUNCE_MAX_MS`].
     pub debounce_ms: Option<u64>,
+    /// `pin = "conversation"`: a conversation keeps the version of the
+    /// plugin its first turn ran on until it is archived, whatever is
+    /// installed meanwhile; new conversations get the serving version.
+    pub pin: Option<Pin>,
+}
+
+/// What a plugin's version is pinned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pin {
+    Conversation,
 }
 
 /// The longest `debounce_ms`: every message of a burst waits for it.
@@ -101,6 +112,7 @@ impl Default for Manifest {
             assist: false,
             fallback: None,
             debounce_ms: None,
+            pin: None,
         }
     }
 }
@@ -386,6 +398,11 @@ impl Manifest {
             .map(|ms| Duration::from_millis(ms.min(DEBOUNCE_MAX_MS)))
     }
 
+    /// Whether conversations keep the version they started on.
+    pub fn pins_conversations(&self) -> bool {
+        self.pin == Some(Pin::Conversation)
+    }
+
     pub fn wants(&self, filter: EventFilter) -> bool {
         self.enabled
             && (matches!(filter, EventFilter::Timer | EventFilter::Resume)
@@ -396,6 +413,15 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_is_conversation_or_nothing() {
+        assert!(Manifest::parse("pin = \"conversation\"\n").unwrap().pins_conversations());
+        assert!(!Manifest::default().pins_conversations());
+        for bad in ["pin = \"customer\"\n", "pin = true\n"] {
+            assert!(Manifest::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_fallback_is_checked_when_read() {

@@ -316,7 +316,14 @@ pub struct Registry {
     /// Per plugin, the last version refused (with the manifest it was
     /// tried with): tried again only when either changes.
     refused: Mutex<BTreeMap<String, Refusal>>,
+    /// Earlier versions serving the conversations pinned to them, by
+    /// (name, hash).
+    pinned: Mutex<BTreeMap<(String, String), Entry>>,
 }
+
+/// The most earlier versions kept loaded for pinned conversations; past
+/// it they are compiled again (from the cache) when next needed.
+const PINNED_LOADED: usize = 32;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
     move |source| RegistryError::Io {
@@ -368,7 +375,61 @@ impl Registry {
             shared: None,
             cluster: Mutex::new(None),
             refused: Mutex::new(BTreeMap::new()),
+            pinned: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Version `hash` of `name`, for a conversation pinned to it: the
+    /// serving one, one loaded before, or its kept bytes (the history here,
+    /// or the cluster's record) compiled now with today's `NAME.toml`.
+    /// `None` when it is not known any more (or no longer loads).
+    pub async fn version(&self, name: &str, hash: &str) -> Option<Entry> {
+        if let Some(entry) = self.snapshot().get(name)
+            && entry.plugin.hash == hash
+        {
+            return Some(entry.clone());
+        }
+        let key = (name.to_string(), hash.to_string());
+        if let Some(entry) = self
+            .pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Some(entry.clone());
+        }
+        check_name(name).ok()?;
+        if !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let bytes = match &self.shared {
+            Some(shared) => shared.bytes(name, hash).await.ok().flatten(),
+            None => {
+                let path = self.history_dir.join(name).join(format!("{hash}.wasm"));
+                tokio::fs::read(&path).await.ok()
+            }
+        }?;
+        let manifest = self.read_manifest(name).ok()?;
+        let runtime = self.runtime.clone();
+        let owned = name.to_string();
+        let plugin = tokio::task::spawn_blocking(move || runtime.load(&owned, &bytes, manifest))
+            .await
+            .ok()?
+            .map_err(|e| {
+                tracing::warn!(plugin = name, version = %&hash[..hash.len().min(12)], error = %e,
+                    "a pinned version no longer loads; its conversations get the serving one");
+            })
+            .ok()?;
+        let entry = Entry {
+            plugin: Arc::new(plugin),
+            health: Arc::new(Health::default()),
+        };
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if pinned.len() >= PINNED_LOADED {
+            pinned.clear();
+        }
+        pinned.insert(key, entry.clone());
+        Some(entry)
     }
 
     /// Why `hash` of `name` failed to load with `manifest` before, if it did.

@@ -15,7 +15,9 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use digibot_pipeline::rollout::{Mode, RolloutError, Rollouts};
+use digibot_pipeline::rollout::{
+    Mode, Promotion, REPLAY_DEFAULT, REPLAY_MAX, RolloutError, Rollouts,
+};
 use digibot_pipeline::sender::Outbox;
 use digibot_runtime::registry::{Registry, RegistryError};
 use digibot_runtime::{LoadError, Plugin};
@@ -49,6 +51,12 @@ pub enum AdminError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A conflict with the evidence for it (a promotion's replay).
+    #[error("{message}")]
+    ConflictWith {
+        message: String,
+        details: serde_json::Value,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -65,7 +73,7 @@ impl IntoResponse for AdminError {
         let status = match &self {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Conflict(_) | AdminError::ConflictWith { .. } => StatusCode::CONFLICT,
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Store(_) | AdminError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Registry(e) => match e {
@@ -88,6 +96,11 @@ impl IntoResponse for AdminError {
         }) = &self
         {
             body["refused_imports"] = json!(imports);
+        }
+        if let AdminError::ConflictWith { details, .. } = &self
+            && let (Some(body), Some(details)) = (body.as_object_mut(), details.as_object())
+        {
+            body.extend(details.clone());
         }
         (status, body).into_response()
     }
@@ -269,7 +282,11 @@ async fn conversation(State(admin): State<AdminState>, Path(id): Path<String>) -
             "no recent events in this conversation".into(),
         ));
     }
-    ok(detail)
+    // The versions it is pinned to (`pin = "conversation"`), by plugin.
+    let pins: BTreeMap<String, String> = admin.store.pins(&id).await?.into_iter().collect();
+    let mut body = serde_json::to_value(&detail).unwrap_or_default();
+    body["pins"] = json!(pins);
+    ok(body)
 }
 
 /// Events whose recorded plugin outcomes feed the latency summary.
@@ -375,6 +392,10 @@ impl From<RolloutError> for AdminError {
             }
             RolloutError::BadRequest(m) => AdminError::BadRequest(m),
             RolloutError::NotReady(m) => AdminError::Conflict(m),
+            RolloutError::ReplayDiffers { message, replay } => AdminError::ConflictWith {
+                message,
+                details: json!({ "replay": replay }),
+            },
         }
     }
 }
@@ -462,23 +483,37 @@ struct PromoteQuery {
     require_same: Option<u64>,
     #[serde(default)]
     accept_differences: bool,
+    /// Recent production turns replayed against the candidate first.
+    replay: Option<usize>,
 }
 
 /// `POST /admin/plugins/{name}/promote`: the candidate becomes the serving
-/// version (409 when the evidence asked for is not there).
+/// version (409 when the evidence asked for is not there, or the recent
+/// turns replayed against it differ: the body has them).
 async fn promote(
     State(admin): State<AdminState>,
     Path(name): Path<String>,
     Query(query): Query<PromoteQuery>,
 ) -> Answer {
     let rollouts = admin.rollouts.clone();
-    let (record, plugin) = change(async move {
-        rollouts
-            .promote(&name, query.require_same, query.accept_differences)
-            .await
-    })
-    .await?;
-    ok(json!({ "rollout": record, "version": plugin.hash, "promoted": plugin.name }))
+    if query.replay.is_some_and(|n| n > REPLAY_MAX) {
+        return Err(AdminError::BadRequest(format!(
+            "replay={} is more than {REPLAY_MAX}",
+            query.replay.unwrap_or_default()
+        )));
+    }
+    let ask = Promotion {
+        require_same: query.require_same,
+        accept_differences: query.accept_differences,
+        replay: query.replay.unwrap_or(REPLAY_DEFAULT),
+    };
+    let promoted = change(async move { rollouts.promote(&name, ask).await }).await?;
+    ok(json!({
+        "rollout": promoted.record,
+        "version": promoted.plugin.hash,
+        "promoted": promoted.plugin.name,
+        "replay": promoted.replay,
+    }))
 }
 
 /// `POST /admin/plugins/{name}/abort`: the candidate stops; the serving

@@ -37,6 +37,7 @@
 //! each migration once.
 
 mod connect;
+mod pins;
 mod plugins;
 mod pool;
 mod rollouts;
@@ -354,6 +355,7 @@ CREATE INDEX kv_scoped_idle ON kv_scoped_usage (scope, active_at);
 "#,
     ),
     (9, rollouts::MIGRATION),
+    (10, pins::MIGRATION),
 ];
 
 /// Any `pg_advisory_xact_lock` key of digibot's own; this one guards
@@ -1796,6 +1798,8 @@ impl Postgres {
                         DELETE FROM kv USING usage
                         WHERE kv.plugin = usage.plugin AND kv.conversation_id = usage.conversation_id
                         RETURNING 1
+                     ), unpinned AS (
+                        DELETE FROM pins p USING idle WHERE p.conversation_id = idle.id
                      ), gone AS (
                         DELETE FROM conversations c USING idle WHERE c.id = idle.id RETURNING 1
                      )
@@ -2084,6 +2088,23 @@ impl Backend for PgStore {
         comparison: digibot_store::Comparison,
     ) -> Result<bool, StoreError> {
         Ok(self.0.record_comparison(comparison).await?)
+    }
+
+    async fn pin_version(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        version: &str,
+    ) -> Result<String, StoreError> {
+        Ok(self.0.pin_version(plugin, conversation_id, version).await?)
+    }
+
+    async fn unpin(&self, conversation_id: &str) -> Result<usize, StoreError> {
+        Ok(self.0.unpin(conversation_id).await?)
+    }
+
+    async fn pins(&self, conversation_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self.0.pins(conversation_id).await?)
     }
 
     async fn comparisons(

@@ -25,6 +25,7 @@ use digibot_store::{
     OutboxAction, OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError,
     StoredEvent, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
+mod pins;
 mod rollouts;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -275,6 +276,7 @@ CREATE INDEX kv_scoped_idle ON kv_scoped_usage(scope, active_at);
 "#,
     ),
     (6, rollouts::MIGRATION),
+    (7, pins::MIGRATION),
 ];
 
 /// Creates the first schema if the database is new, then applies the
@@ -1393,6 +1395,8 @@ fn forget_conversation(conn: &Connection, id: &str) -> Result<usize, Error> {
     }
     conn.prepare_cached("DELETE FROM kv_usage WHERE conversation_id = ?1")?
         .execute([id])?;
+    conn.prepare_cached("DELETE FROM pins WHERE conversation_id = ?1")?
+        .execute([id])?;
     conn.prepare_cached("DELETE FROM conversations WHERE id = ?1")?
         .execute([id])?;
     Ok(entries)
@@ -1710,6 +1714,23 @@ impl Backend for Sqlite {
         comparison: digibot_store::Comparison,
     ) -> Result<bool, StoreError> {
         Ok(self.0.record_comparison(comparison).await?)
+    }
+
+    async fn pin_version(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        version: &str,
+    ) -> Result<String, StoreError> {
+        pins::pin_version(&self.0, plugin, conversation_id, version).await
+    }
+
+    async fn unpin(&self, conversation_id: &str) -> Result<usize, StoreError> {
+        pins::unpin(&self.0, conversation_id).await
+    }
+
+    async fn pins(&self, conversation_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        pins::pins(&self.0, conversation_id).await
     }
 
     async fn comparisons(

@@ -735,6 +735,24 @@ pub trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Comparison>, StoreError>;
 
+    // ---- pinned versions -------------------------------------------------
+
+    /// The version of `plugin` that `conversation_id` is pinned to
+    /// (`pin = "conversation"`), pinning it to `version` when it has none.
+    async fn pin_version(
+        &self,
+        plugin: &str,
+        conversation_id: &str,
+        version: &str,
+    ) -> Result<String, StoreError>;
+
+    /// Drops a conversation's pins (archived: reopened, it starts on the
+    /// serving versions). How many there were.
+    async fn unpin(&self, conversation_id: &str) -> Result<usize, StoreError>;
+
+    /// A conversation's pins: (plugin, version), by plugin.
+    async fn pins(&self, conversation_id: &str) -> Result<Vec<(String, String)>, StoreError>;
+
     // ---- retention ---------------------------------------------------------
 
     /// Deletes what `retention` says is old enough (see [`Retention`]),

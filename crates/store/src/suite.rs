@@ -66,6 +66,7 @@ macro_rules! store_suite {
             kv_customer_writes_from_many_conversations_at_once_keep_exact_usage,
             a_conversation_keeps_the_customer_an_event_named,
             rollouts_count_each_event_once_end_once_and_survive_reopen,
+            a_pin_is_set_once_per_conversation_and_plugin_and_dropped_by_unpin,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -2067,4 +2068,35 @@ pub async fn rollouts_count_each_event_once_end_once_and_survive_reopen(db: Test
         store.rollout("echo").await.unwrap().unwrap().state,
         "active"
     );
+}
+
+pub async fn a_pin_is_set_once_per_conversation_and_plugin_and_dropped_by_unpin(db: TestDb) {
+    let store = db.open().await;
+    assert_eq!(store.pin_version("echo", "c1", "v1").await.unwrap(), "v1");
+    // Pinned: a later version does not replace it.
+    assert_eq!(store.pin_version("echo", "c1", "v2").await.unwrap(), "v1");
+    // Another conversation, another plugin: their own pins.
+    assert_eq!(store.pin_version("echo", "c2", "v2").await.unwrap(), "v2");
+    assert_eq!(store.pin_version("orders", "c1", "o7").await.unwrap(), "o7");
+    // Many at once on a new conversation: one wins, all answer it.
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.pin_version("echo", "c3", &format!("r{i}")).await })
+        })
+        .collect();
+    let mut answers = std::collections::BTreeSet::new();
+    for r in racers {
+        answers.insert(r.await.unwrap().unwrap());
+    }
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let store = db.open().await;
+    assert_eq!(
+        store.pins("c1").await.unwrap(),
+        vec![("echo".into(), "v1".into()), ("orders".into(), "o7".into())]
+    );
+    assert_eq!(store.unpin("c1").await.unwrap(), 2);
+    assert_eq!(store.pins("c1").await.unwrap(), vec![]);
+    assert_eq!(store.pin_version("echo", "c1", "v2").await.unwrap(), "v2");
+    assert_eq!(store.pins("c2").await.unwrap(), vec![("echo".into(), "v2".into())]);
 }

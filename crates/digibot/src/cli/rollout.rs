@@ -40,6 +40,10 @@ pub enum RolloutCommand {
         /// Promote even though some events differed or failed.
         #[arg(long)]
         accept_differences: bool,
+        /// Replay this many recent production turns against the candidate
+        /// first (default 20, 0 for none); a difference refuses.
+        #[arg(long)]
+        replay: Option<usize>,
     },
     /// Stop the candidate; the serving version stays.
     Abort { name: String },
@@ -88,10 +92,14 @@ async fn run_async(args: RolloutArgs, settings: &Settings) -> anyhow::Result<Exi
             name,
             require_same,
             accept_differences,
+            replay,
         } => {
             let mut query = format!("?accept_differences={accept_differences}");
             if let Some(n) = require_same {
                 query.push_str(&format!("&require_same={n}"));
+            }
+            if let Some(n) = replay {
+                query.push_str(&format!("&replay={n}"));
             }
             client.post(plugin(name, &format!("/promote{query}")))
         }
