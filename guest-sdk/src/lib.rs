@@ -372,12 +372,28 @@ pub mod config {
     }
 }
 
-/// State kept between events of one conversation, private to this plugin.
+/// State kept in digibot's database, always this plugin's own. Three
+/// scopes: [`kv::conversation()`] (what [`kv::get`], [`kv::set`] and
+/// [`kv::delete`] use), [`kv::customer()`] (the event's customer, across
+/// their conversations) and [`kv::plugin()`] (shared by all of this
+/// plugin's conversations).
 ///
-/// [`kv::get`], [`kv::set`] and [`kv::delete`] use the conversation of the
-/// event being handled: the same key in another conversation, or in another
-/// plugin, is a different value.
-/// These functions call into digibot, so they only work inside a plugin.
+/// ```no_run
+/// use digibot_sdk::kv;
+/// use std::time::Duration;
+/// # fn f() -> digibot_sdk::Result<()> {
+/// kv::customer().set("lang", "fr")?;                   // remembered next time
+/// let lang = kv::customer().get("lang")?;              // Some("fr")
+/// let n: u64 = kv::plugin().get("greeted")?.map_or(0, |n| n.parse().unwrap_or(0));
+/// kv::plugin().set("greeted", &(n + 1).to_string())?;  // every conversation's
+/// kv::conversation().set_with_ttl("otp", "4821", Duration::from_secs(300))?;
+/// # Ok(()) }
+/// ```
+///
+/// Writes take effect when the handler returns `Ok` (committed with the
+/// event); an `Err` writes nothing. `customer` and `plugin` entries can
+/// be written by two conversations at once: the last committed write of
+/// a key wins, so a counter there may miss a concurrent increment.
 ///
 /// ```no_run
 /// use digibot_sdk::{Action, Result, kv};
@@ -389,29 +405,9 @@ pub mod config {
 /// }
 /// # count_visits().unwrap();
 /// ```
+///
+/// These functions call into digibot, so they only work inside a plugin.
 pub mod kv {
-    //! State kept in digibot's database, always this plugin's own. Three
-    //! scopes: [`conversation()`] (what [`get`], [`set`] and [`delete`]
-    //! use), [`customer()`] (the event's customer, across their
-    //! conversations) and [`plugin()`] (shared by all of this plugin's
-    //! conversations).
-    //!
-    //! ```no_run
-    //! use digibot_sdk::kv;
-    //! use std::time::Duration;
-    //! # fn f() -> digibot_sdk::Result<()> {
-    //! kv::customer().set("lang", "fr")?;                   // remembered next time
-    //! let lang = kv::customer().get("lang")?;              // Some("fr")
-    //! let n: u64 = kv::plugin().get("greeted")?.map_or(0, |n| n.parse().unwrap_or(0));
-    //! kv::plugin().set("greeted", &(n + 1).to_string())?;  // every conversation's
-    //! kv::conversation().set_with_ttl("otp", "4821", Duration::from_secs(300))?;
-    //! # Ok(()) }
-    //! ```
-    //!
-    //! Writes take effect when the handler returns `Ok` (committed with the
-    //! event); an `Err` writes nothing. `customer` and `plugin` entries can
-    //! be written by two conversations at once: the last committed write of
-    //! a key wins, so a counter there may miss a concurrent increment.
     use crate::bindings::digishare::bot::kv as wit;
     use std::time::Duration;
 

@@ -37,7 +37,7 @@ async fn a_customer_key_written_in_one_conversation_is_read_in_their_next_one() 
         &fake,
         c1,
         opened_by(c1, "thd_4Kd8sPq2"),
-        &[first.clone()],
+        std::slice::from_ref(&first),
     )
     .await?;
     step(
@@ -90,7 +90,14 @@ async fn a_customer_quota_refusal_reaches_the_plugin_and_the_outcome() -> Result
         .await?;
     let c = "conv_mem_quota";
     let first = wire_text(c, &format!("Conversation #1. {HELLO}"));
-    step(&bot, &fake, c, opened_by(c, "thd_quota"), &[first.clone()]).await?;
+    step(
+        &bot,
+        &fake,
+        c,
+        opened_by(c, "thd_quota"),
+        std::slice::from_ref(&first),
+    )
+    .await?;
     // `fill` writes fill-0, fill-1, fill-2; the fourth key is refused, and
     // the plugin answers with the refusal.
     let refusal = "quota: this customer's kv would hold 4 keys, the quota is 3";

@@ -542,9 +542,7 @@ async fn promotion_replays_recent_turns_and_refuses_on_differences() -> Result<(
     )
     .await?;
     ensure!(
-        status == 200
-            && body["rollout"]["state"] == "promoted"
-            && body["replay"]["different"] == 6,
+        status == 200 && body["rollout"]["state"] == "promoted" && body["replay"]["different"] == 6,
         "{status} {body:#}"
     );
     ensure!(admin.plugin("echo").await?["version"] != plain);
@@ -594,8 +592,7 @@ async fn a_promotion_replays_outbound_calls_from_the_journal_and_calls_nothing()
 /// it through a hot swap and a restart, new conversations get the new
 /// one, and archiving ends the pin.
 #[tokio::test]
-async fn a_pinned_conversation_finishes_on_its_version_across_a_swap_and_a_restart() -> Result<()>
-{
+async fn a_pinned_conversation_finishes_on_its_version_across_a_swap_and_a_restart() -> Result<()> {
     let fake = FakeDigishare::start().await?;
     let mut bot = Digibot::builder()
         .fake(&fake)
@@ -619,7 +616,8 @@ async fn a_pinned_conversation_finishes_on_its_version_across_a_swap_and_a_resta
         .await?;
     ensure!(status == 200, "hot swap: {status} {body}");
     bot.accept(&customer_text(old, "msg_pin_2", "two")).await?;
-    bot.accept(&customer_text(new, "msg_pin_3", "three")).await?;
+    bot.accept(&customer_text(new, "msg_pin_3", "three"))
+        .await?;
     fake.settle(3, TIMEOUT).await?;
     ensure_all_eq(
         &fake.wire_for(old),
@@ -631,7 +629,9 @@ async fn a_pinned_conversation_finishes_on_its_version_across_a_swap_and_a_resta
         &[wire_text(new, "v2: three")],
         "a new conversation",
     )?;
-    let detail = bot.admin_get(&format!("/admin/conversations/{old}")).await?;
+    let detail = bot
+        .admin_get(&format!("/admin/conversations/{old}"))
+        .await?;
     let detail = detail.json()?;
     ensure!(detail["pins"]["echo"] == plain.as_str(), "{detail:#}");
 

@@ -416,7 +416,11 @@ mod tests {
 
     #[test]
     fn pin_is_conversation_or_nothing() {
-        assert!(Manifest::parse("pin = \"conversation\"\n").unwrap().pins_conversations());
+        assert!(
+            Manifest::parse("pin = \"conversation\"\n")
+                .unwrap()
+                .pins_conversations()
+        );
         assert!(!Manifest::default().pins_conversations());
         for bad in ["pin = \"customer\"\n", "pin = true\n"] {
             assert!(Manifest::parse(bad).is_err(), "{bad}");

@@ -105,10 +105,13 @@ fn space(conversation_id: &str, scope: &KvScope) -> Space {
     }
 }
 
+/// (plugin, space, key) → (value, expires at).
+type Entries = HashMap<(String, Space, String), (String, Option<i64>)>;
+
 /// An in-memory [`KvRead`] that can apply an invocation's writes.
 #[derive(Default)]
 pub struct MemoryKv {
-    entries: std::sync::Mutex<HashMap<(String, Space, String), (String, Option<i64>)>>,
+    entries: std::sync::Mutex<Entries>,
     customers: std::sync::Mutex<HashMap<String, String>>,
 }
 

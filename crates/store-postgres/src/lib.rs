@@ -2634,13 +2634,9 @@ async fn add_scoped_totals(
     c: &mut Conn,
     totals: &[((&str, &str, &str), i64, i64)],
 ) -> Result<(), Error> {
-    let (mut plugins, mut scopes, mut owners, mut keys, mut bytes): (
-        Vec<&str>,
-        Vec<&str>,
-        Vec<&str>,
-        Vec<i64>,
-        Vec<i64>,
-    ) = Default::default();
+    let (mut plugins, mut scopes, mut owners) =
+        (Vec::<&str>::new(), Vec::<&str>::new(), Vec::<&str>::new());
+    let (mut keys, mut bytes) = (Vec::<i64>::new(), Vec::<i64>::new());
     for ((plugin, scope, owner), k, b) in totals {
         if (*k, *b) == (0, 0) {
             continue;

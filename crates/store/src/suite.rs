@@ -2098,5 +2098,8 @@ pub async fn a_pin_is_set_once_per_conversation_and_plugin_and_dropped_by_unpin(
     assert_eq!(store.unpin("c1").await.unwrap(), 2);
     assert_eq!(store.pins("c1").await.unwrap(), vec![]);
     assert_eq!(store.pin_version("echo", "c1", "v2").await.unwrap(), "v2");
-    assert_eq!(store.pins("c2").await.unwrap(), vec![("echo".into(), "v2".into())]);
+    assert_eq!(
+        store.pins("c2").await.unwrap(),
+        vec![("echo".into(), "v2".into())]
+    );
 }
