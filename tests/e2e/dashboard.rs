@@ -458,3 +458,111 @@ async fn the_journal_panel_shows_a_call_and_never_its_secret() -> Result<()> {
     );
     Ok(())
 }
+
+/// `digibot test --record FILE --simulator NAME`: a dashboard session
+/// becomes a conversation test that passes against the plugin that
+/// answered it, and fails with a diff when its expectation is changed.
+#[tokio::test]
+async fn a_simulator_session_records_as_a_test_that_passes() -> Result<()> {
+    use crate::containment::Admin;
+    use crate::support::durable::cli_with;
+    let fake = FakeDigishare::start().await?;
+    let bot = Digibot::builder()
+        .fake(&fake)
+        .plugin("echo")
+        .plugin("greeter")
+        .start()
+        .await?;
+    for input in [
+        json!({"type": "new_conversation", "customer_name": "Salma"}),
+        json!({"type": "text", "text": "bonjour"}),
+        json!({"type": "text", "text": "et ma commande ?"}),
+    ] {
+        simulate(&bot, "rec", input).await?;
+    }
+    let admin = Admin::new(&bot)?;
+    let get = |path: &'static str| admin.send(reqwest::Method::GET, path, Vec::new());
+    // Two plugins answered: the test names one.
+    let (status, body) = get("/admin/simulator/rec/test").await?;
+    ensure!(
+        status == 400
+            && body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("echo, greeter")),
+        "{status} {body}"
+    );
+    let (status, _) = get("/admin/simulator/nobody/test").await?;
+    ensure!(status == 404, "an unknown session: {status}");
+    let (status, doc) = get("/admin/simulator/rec/test?plugin=echo").await?;
+    ensure!(status == 200, "{status} {doc}");
+    let turns = doc["turn"].as_array().context("turns")?;
+    ensure!(turns.len() == 3, "{doc:#}");
+    ensure!(
+        turns[1]["requests"]
+            == json!([{"method": "POST", "path": "/v1/messages", "body": {
+                "conversation_id": "sim-rec", "type": "text", "body": "bonjour", "send_to_third": true}}]),
+        "{doc:#}"
+    );
+
+    let root = bot.root().to_path_buf();
+    let echo = plugin_wasm("echo");
+    let echo = echo.to_str().context("path")?;
+    let env = [("DIGIBOT_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let toml = root.join("rec.toml");
+    let toml = toml.to_str().context("path")?;
+    let run = cli_with(
+        &root,
+        &env,
+        &[
+            "test",
+            echo,
+            "--record",
+            toml,
+            "--simulator",
+            "rec",
+            "--url",
+            bot.url(),
+        ],
+    )
+    .await?;
+    ensure!(
+        run.success
+            && run.stdout.contains("3 turns")
+            && run.stdout.contains("simulated conversation rec"),
+        "{run:?}"
+    );
+    let written = std::fs::read_to_string(toml)?;
+    ensure!(
+        written.contains("[[turn]]") && written.contains("bonjour"),
+        "{written}"
+    );
+
+    // The JSON the dashboard downloads runs as it is; a wrong expectation
+    // fails with the difference.
+    let json_file = root.join("rec.json");
+    std::fs::write(&json_file, serde_json::to_vec_pretty(&doc)?)?;
+    let run = cli_with(
+        &root,
+        &[],
+        &["test", echo, json_file.to_str().context("path")?],
+    )
+    .await?;
+    ensure!(run.success, "{run:?}");
+    let mut wrong = doc.clone();
+    wrong["turn"][1]["requests"][0]["body"]["body"] = json!("au revoir");
+    let wrong_file = root.join("wrong.json");
+    std::fs::write(&wrong_file, serde_json::to_vec_pretty(&wrong)?)?;
+    let run = cli_with(
+        &root,
+        &[],
+        &["test", echo, wrong_file.to_str().context("path")?],
+    )
+    .await?;
+    ensure!(
+        !run.success && format!("{}{}", run.stdout, run.stderr).contains("au revoir"),
+        "{run:?}"
+    );
+    // The simulator sent nothing.
+    ensure!(fake.received() == 0, "{:?}", fake.requests());
+    Ok(())
+}

@@ -128,35 +128,8 @@ pub fn event_span(event: &digibot_domain::event::Event) -> tracing::Span {
     )
 }
 
-/// Runs every plugin of `registry` on `event`, in name order, their HTTP
-/// requests sent through `http`: one turn after another, each awaited (a
-/// turn waiting on a host call, such as an HTTP request, holds no thread).
-/// `burst`: the event's place in a debounced burst.
-pub async fn run_plugins(
-    registry: &Registry,
-    event: &digibot_domain::event::Event,
-    burst: &Burst,
-    state: ConversationState,
-    kv: Arc<dyn KvRead>,
-    http: Arc<dyn OutboundHttp>,
-    breaker: Breaker,
-) -> Handled {
-    run(
-        registry.runtime(),
-        &registry.snapshot().plugins,
-        event,
-        burst,
-        state,
-        kv,
-        http,
-        breaker,
-        true,
-    )
-    .await
-}
-
-/// [`run_plugins`] on given entries (sorted by name), for tools that load
-/// plugins without a registry (`replay`, `chat`): same routing, filters,
+/// [`run_routed`] for tools that load plugins without a registry
+/// (`replay`, `chat`), on given entries (sorted by name): same routing, filters,
 /// limits and request building as the server; HTTP requests are refused
 /// (a replay must not call the outside world again).
 pub async fn run_entries(
@@ -253,7 +226,11 @@ pub(crate) async fn run_unrecorded(
     .await
 }
 
-/// [`run_plugins`] on given entries (a rollout's routing), in a burst.
+/// Runs `entries` (a registry snapshot's, or a rollout's routing or a
+/// conversation's pins of it) on `event`, in name order, their HTTP
+/// requests sent through `http`: one turn after another, each awaited (a
+/// turn waiting on a host call, such as an HTTP request, holds no thread).
+/// `burst`: the event's place in a debounced burst.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_routed(
     runtime: &Runtime,

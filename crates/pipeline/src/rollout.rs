@@ -861,7 +861,7 @@ impl Rollouts {
     }
 
     /// The serving turn of `event` with its canaries routed and judged:
-    /// [`dispatch::run_plugins`] when no rollout is running here. `pinned`:
+    /// the registry's entries as they are when no rollout is running here. `pinned`:
     /// the entries the conversation is pinned to ([`crate::pin`]), instead
     /// of the registry's.
     #[allow(clippy::too_many_arguments)]
@@ -876,31 +876,22 @@ impl Rollouts {
         http: Arc<dyn OutboundHttp>,
         breaker: Breaker,
     ) -> Handled {
-        if !self.any() {
-            return match pinned {
-                None => {
-                    dispatch::run_plugins(registry, event, burst, state, kv, http, breaker).await
-                }
-                Some(entries) => {
-                    dispatch::run_routed(
-                        registry.runtime(),
-                        &entries,
-                        event,
-                        burst,
-                        state,
-                        kv,
-                        http,
-                        breaker,
-                    )
-                    .await
-                }
-            };
-        }
         let snapshot = registry.snapshot();
-        let routed = self.route(
-            pinned.as_deref().unwrap_or(&snapshot.plugins),
-            event.conversation_id().unwrap_or_default(),
-        );
+        let entries = pinned.as_deref().unwrap_or(&snapshot.plugins);
+        if !self.any() {
+            return dispatch::run_routed(
+                registry.runtime(),
+                entries,
+                event,
+                burst,
+                state,
+                kv,
+                http,
+                breaker,
+            )
+            .await;
+        }
+        let routed = self.route(entries, event.conversation_id().unwrap_or_default());
         let handled = dispatch::run_routed(
             registry.runtime(),
             &routed.entries,

@@ -13,6 +13,10 @@
 //! fresh health), so a failing plugin in the simulator cannot quarantine it
 //! for customers, and they are left out of `/metrics`. At most [`MAX_CONVERSATIONS`] simulated conversations are
 //! kept; the least recently used one is forgotten first.
+//!
+//! Each conversation keeps its first [`TRANSCRIPT_MAX`] turns, so that
+//! `GET /admin/simulator/{conversation}/test` can write the session as a
+//! conversation test (`digibot test --record FILE --simulator NAME`).
 
 use crate::{AppState, error_body};
 use axum::Json;
@@ -52,6 +56,9 @@ pub struct SimulatorState {
 /// Simulated conversations kept at once.
 pub const MAX_CONVERSATIONS: usize = 100;
 
+/// Turns of one simulated conversation kept for its test file.
+pub const TRANSCRIPT_MAX: usize = 200;
+
 /// Prefix of a simulated conversation's id, as plugins see it.
 pub const ID_PREFIX: &str = "sim-";
 
@@ -70,6 +77,8 @@ pub enum SimulatorError {
     ShuttingDown,
     #[error("plugin turn failed: {0}")]
     Turn(String),
+    #[error("no simulated conversation {0:?} (or it was forgotten)")]
+    NotFound(String),
 }
 
 impl SimulatorError {
@@ -80,6 +89,7 @@ impl SimulatorError {
             | SimulatorError::EmptyText
             | SimulatorError::BadLocation => StatusCode::BAD_REQUEST,
             SimulatorError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            SimulatorError::NotFound(_) => StatusCode::NOT_FOUND,
             SimulatorError::Turn(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -152,6 +162,10 @@ struct Conversation {
     customer_name: String,
     messages: u64,
     last_used: u64,
+    /// Its first [`TRANSCRIPT_MAX`] events and what the plugins did.
+    transcript: Vec<(Event, Turn)>,
+    /// More turns were taken than the transcript keeps.
+    truncated: bool,
 }
 
 /// The simulated conversations and their plugin KV.
@@ -263,6 +277,8 @@ impl Simulator {
                 customer_name: "Customer".to_string(),
                 messages: 0,
                 last_used: 0,
+                transcript: Vec::new(),
+                truncated: false,
             });
         if let Some(customer) = customer {
             conversation.customer_name = customer;
@@ -270,6 +286,85 @@ impl Simulator {
         conversation.messages += 1;
         conversation.last_used = *clock;
         (conversation.customer_name.clone(), conversation.messages)
+    }
+
+    /// Keeps a turn of `name` in its transcript.
+    fn remember(&self, name: &str, event: Event, turn: &Turn) {
+        let mut guard = self.conversations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conversation) = guard.1.get_mut(name) {
+            if conversation.transcript.len() < TRANSCRIPT_MAX {
+                conversation.transcript.push((event, turn.clone()));
+            } else {
+                conversation.truncated = true;
+            }
+        }
+    }
+
+    /// The conversation test of simulated conversation `name` for
+    /// `plugin` (optional when one plugin answered in it), in the form
+    /// `digibot test` reads (and `digibot test --record` writes): each
+    /// turn the event in digibot's stored form, expecting the requests the
+    /// plugin's actions became.
+    pub fn test_file(
+        &self,
+        name: &str,
+        plugin: Option<&str>,
+    ) -> Result<serde_json::Value, SimulatorError> {
+        check_name(name)?;
+        let guard = self.conversations.lock().unwrap_or_else(|e| e.into_inner());
+        let conversation = guard
+            .1
+            .get(name)
+            .filter(|c| !c.transcript.is_empty())
+            .ok_or_else(|| SimulatorError::NotFound(name.to_string()))?;
+        let mut ran: Vec<&str> = conversation
+            .transcript
+            .iter()
+            .flat_map(|(_, turn)| turn.plugins.iter())
+            .filter(|p| p.outcome != "filtered")
+            .map(|p| p.plugin.as_str())
+            .collect();
+        ran.sort_unstable();
+        ran.dedup();
+        let plugin = match (plugin, ran.as_slice()) {
+            (Some(p), _) if ran.contains(&p) => p,
+            (Some(p), _) => {
+                return Err(SimulatorError::BadRequest(format!(
+                    "plugin {p} took no turn in this conversation (these did: {})",
+                    ran.join(", ")
+                )));
+            }
+            (None, [only]) => only,
+            (None, _) => {
+                return Err(SimulatorError::BadRequest(format!(
+                    "name the plugin with ?plugin=: {} took turns in this conversation",
+                    if ran.is_empty() {
+                        "none".to_string()
+                    } else {
+                        ran.join(", ")
+                    }
+                )));
+            }
+        };
+        let turns: Vec<serde_json::Value> = conversation
+            .transcript
+            .iter()
+            .map(|(event, turn)| {
+                let requests: Vec<&ApiRequest> = turn
+                    .plugins
+                    .iter()
+                    .filter(|p| p.plugin == plugin)
+                    .flat_map(|p| p.replies.iter())
+                    .filter_map(|r| r.request.as_ref())
+                    .collect();
+                json!({ "event": event, "requests": requests })
+            })
+            .collect();
+        let mut title = format!("simulated conversation {name}");
+        if conversation.truncated {
+            title.push_str(&format!(" (its first {TRANSCRIPT_MAX} turns)"));
+        }
+        Ok(json!({ "name": title, "turn": turns }))
     }
 
     /// Runs the live plugins on `event` and keeps their KV writes.
@@ -368,9 +463,11 @@ impl Simulator {
             .map_err(|_| SimulatorError::ShuttingDown)?;
         // Its own task, so a bug that panics in a turn answers 500 here
         // rather than taking the connection down.
+        let name = name.to_string();
         tokio::spawn(async move {
             let turn = self.run(&registry, &event).await;
             drop(slot);
+            self.remember(&name, event, &turn);
             turn
         })
         .await
@@ -384,8 +481,9 @@ impl IntoResponse for SimulatorError {
     }
 }
 
-/// `POST /admin/simulator/{conversation}/events` and `DELETE
-/// /admin/simulator/{conversation}`; the admin router adds the auth.
+/// `POST /admin/simulator/{conversation}/events`, `DELETE
+/// /admin/simulator/{conversation}` and `GET
+/// /admin/simulator/{conversation}/test`; the admin router adds the auth.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/admin/simulator/{conversation}/events", post(send))
@@ -393,6 +491,29 @@ pub fn routes() -> Router<AppState> {
             "/admin/simulator/{conversation}",
             axum::routing::delete(reset),
         )
+        .route(
+            "/admin/simulator/{conversation}/test",
+            axum::routing::get(test_file),
+        )
+}
+
+#[derive(Debug, Deserialize)]
+struct TestQuery {
+    plugin: Option<String>,
+}
+
+/// `GET /admin/simulator/{conversation}/test[?plugin=NAME]`: the session
+/// as a conversation test (JSON; `digibot test` reads it as it is, and
+/// `digibot test --record FILE --simulator NAME` writes it as TOML or
+/// YAML).
+async fn test_file(
+    State(sim): State<SimulatorState>,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<TestQuery>,
+) -> Result<Json<serde_json::Value>, SimulatorError> {
+    Ok(Json(
+        sim.simulator.test_file(&name, query.plugin.as_deref())?,
+    ))
 }
 
 async fn send(

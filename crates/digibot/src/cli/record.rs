@@ -5,7 +5,9 @@
 //! archiving included, runs as it did; a timer that came due becomes a
 //! `timer` turn, fired only if the plugin schedules it again), expecting
 //! the Messages API requests the plugin queued then; the turn's journaled
-//! outbound calls become `[[http]]` stubs. The file is TOML or YAML by its
+//! outbound calls become `[[http]]` stubs. `--simulator NAME` records the
+//! dashboard simulator's conversation instead (the server's `GET
+//! /admin/simulator/NAME/test`). The file is TOML, YAML or JSON by its
 //! extension; `digibot test` then runs it.
 
 use crate::config::Settings;
@@ -30,6 +32,62 @@ pub fn record(
     file: &Path,
 ) -> anyhow::Result<Recorded> {
     let doc = crate::cli::block_on(read(settings, conversation, plugin))??;
+    write(
+        file,
+        doc,
+        &format!(
+            "# Recorded by `digibot test --record` from conversation {conversation} (plugin {plugin}).\n"
+        ),
+    )
+}
+
+/// Writes to `file` the test of the dashboard simulator's conversation
+/// `name` for `plugin`, read from a running server's admin API (`GET
+/// /admin/simulator/NAME/test`).
+pub fn record_simulated(
+    settings: &Settings,
+    url: Option<&str>,
+    name: &str,
+    plugin: &str,
+    file: &Path,
+) -> anyhow::Result<Recorded> {
+    let token = settings
+        .admin_token
+        .as_ref()
+        .context("DIGIBOT_ADMIN_TOKEN is not set: the admin API needs it")?;
+    let base = super::rollout::base_url(url, settings);
+    let doc = crate::cli::block_on(async {
+        let answer = reqwest::Client::new()
+            // Both are plain names (letters, digits, '-', '_').
+            .get(format!(
+                "{base}/admin/simulator/{name}/test?plugin={plugin}"
+            ))
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the admin API at {base}"))?;
+        let status = answer.status();
+        let body: Value = answer.json().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "the admin API answered {status}: {}",
+                body["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        anyhow::Ok(body)
+    })??;
+    write(
+        file,
+        doc,
+        &format!(
+            "# Recorded by `digibot test --record` from simulated conversation {name} (plugin {plugin}).\n"
+        ),
+    )
+}
+
+/// Writes `doc` to `file` as TOML, YAML or JSON by its extension.
+fn write(file: &Path, mut doc: Value, header: &str) -> anyhow::Result<Recorded> {
+    strip_nulls(&mut doc);
     let recorded = Recorded {
         turns: doc["turn"].as_array().map_or(0, Vec::len),
         stubs: doc
@@ -37,17 +95,17 @@ pub fn record(
             .and_then(Value::as_array)
             .map_or(0, Vec::len),
     };
-    let text = match file.extension().and_then(|e| e.to_str()) {
-        Some("yaml" | "yml") => serde_yaml_ng::to_string(&doc)?,
-        _ => toml::to_string(&doc).with_context(
-            || "the conversation does not fit TOML (a null value?): record to a .yaml file",
-        )?,
-    };
-    let header = format!(
-        "# Recorded by `digibot test --record` from conversation {conversation} (plugin {plugin}).\n"
-    );
-    std::fs::write(file, header + &text)
-        .with_context(|| format!("cannot write {}", file.display()))?;
+    let text =
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => header.to_string() + &serde_yaml_ng::to_string(&doc)?,
+            // JSON has no comments.
+            Some("json") => serde_json::to_string_pretty(&doc)? + "\n",
+            _ => header.to_string()
+                + &toml::to_string(&doc).with_context(
+                    || "the conversation does not fit TOML (a null value?): record to a .yaml file",
+                )?,
+        };
+    std::fs::write(file, text).with_context(|| format!("cannot write {}", file.display()))?;
     Ok(recorded)
 }
 
@@ -77,9 +135,7 @@ async fn read(settings: &Settings, conversation: &str, plugin: &str) -> anyhow::
                 turn.insert("timer".into(), timer);
             }
             _ => {
-                let mut event = serde_json::to_value(&stored.event)?;
-                strip_nulls(&mut event);
-                turn.insert("event".into(), event);
+                turn.insert("event".into(), serde_json::to_value(&stored.event)?);
             }
         }
         if stored.event.invokes_plugins() {

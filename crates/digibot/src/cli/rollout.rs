@@ -59,8 +59,10 @@ pub fn run(args: RolloutArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     crate::cli::block_on(run_async(args, settings))?
 }
 
-fn base_url(args: &RolloutArgs, settings: &Settings) -> String {
-    if let Some(url) = &args.url {
+/// A running server's base URL: `url`, or `http://` + `DIGIBOT_LISTEN`
+/// (its unspecified address as localhost).
+pub(crate) fn base_url(url: Option<&str>, settings: &Settings) -> String {
+    if let Some(url) = url {
         return url.trim_end_matches('/').to_string();
     }
     let mut addr = settings.listen;
@@ -75,7 +77,7 @@ async fn run_async(args: RolloutArgs, settings: &Settings) -> anyhow::Result<Exi
         .admin_token
         .as_ref()
         .context("DIGIBOT_ADMIN_TOKEN is not set: the admin API needs it")?;
-    let base = base_url(&args, settings);
+    let base = base_url(args.url.as_deref(), settings);
     let client = reqwest::Client::new();
     let plugin = |name: &str, tail: &str| format!("{base}/admin/plugins/{name}{tail}");
     let request = match &args.command {

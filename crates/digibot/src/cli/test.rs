@@ -36,7 +36,8 @@ use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// The plugin component, then test files (`.toml`, `.yaml`, `.yml`) or
+    /// The plugin component, then test files (`.toml`, `.yaml`, `.yml`, or
+    /// `.json` named one by one) or
     /// folders of them. Without a `.wasm`: the component `digibot build`
     /// made in the current folder; without tests: those in `tests/`.
     #[arg(value_name = "PLUGIN.wasm [TESTS]")]
@@ -49,14 +50,30 @@ pub struct TestArgs {
     /// on the server's event path; the first call of a file included).
     #[arg(long)]
     pub timings: bool,
-    /// Write this test file (`.toml`, `.yaml`) from the stored conversation
-    /// `--conversation` first, then run it: the plugin's requests then are
-    /// the expectations, its journaled outbound calls the `[[http]]` stubs.
-    #[arg(long, value_name = "FILE", requires = "conversation")]
+    /// Write this test file (`.toml`, `.yaml`, `.json`) from the stored
+    /// conversation `--conversation`, or the dashboard simulator's
+    /// conversation `--simulator`, first, then run it: the plugin's
+    /// requests then are the expectations, its journaled outbound calls the
+    /// `[[http]]` stubs.
+    #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
     /// The stored conversation `--record` writes a test of.
-    #[arg(long, value_name = "ID", requires = "record")]
+    #[arg(
+        long,
+        value_name = "ID",
+        requires = "record",
+        conflicts_with = "simulator"
+    )]
     pub conversation: Option<String>,
+    /// The simulated conversation of a running server's dashboard that
+    /// `--record` writes a test of (through its admin API:
+    /// DIGIBOT_ADMIN_TOKEN).
+    #[arg(long, value_name = "NAME", requires = "record")]
+    pub simulator: Option<String>,
+    /// The running server `--simulator` reads (default: `http://` +
+    /// DIGIBOT_LISTEN).
+    #[arg(long, value_name = "URL", requires = "simulator")]
+    pub url: Option<String>,
     /// The store `--record` reads: digibot's data folder (its SQLite
     /// database), instead of DIGIBOT_DATA_DIR; PostgreSQL is read when
     /// DIGIBOT_DATABASE_URL is set, as the server does.
@@ -375,7 +392,7 @@ fn open_session(
 }
 
 pub fn run(mut args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
-    if let (Some(file), Some(conversation)) = (args.record.clone(), args.conversation.clone()) {
+    if let Some(file) = args.record.clone() {
         let mut settings = settings.clone();
         if let Some(dir) = &args.db {
             settings.data_dir = dir.clone();
@@ -388,9 +405,27 @@ pub fn run(mut args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> 
             None => super::build::built_component(Path::new("."))?,
         };
         let name = digibot_runtime::plugin_name(&plugin);
-        let recorded = super::record::record(&settings, &conversation, &name, &file)?;
+        let (recorded, from) = match (&args.conversation, &args.simulator) {
+            (Some(conversation), _) => (
+                super::record::record(&settings, conversation, &name, &file)?,
+                format!("conversation {conversation}"),
+            ),
+            (None, Some(simulated)) => (
+                super::record::record_simulated(
+                    &settings,
+                    args.url.as_deref(),
+                    simulated,
+                    &name,
+                    &file,
+                )?,
+                format!("simulated conversation {simulated}"),
+            ),
+            (None, None) => {
+                bail!("--record needs --conversation ID (stored) or --simulator NAME (dashboard)")
+            }
+        };
         println!(
-            "recorded {} ({} turns, {} [[http]] stubs) from conversation {conversation}",
+            "recorded {} ({} turns, {} [[http]] stubs) from {from}",
             file.display(),
             recorded.turns,
             recorded.stubs
@@ -479,17 +514,21 @@ pub fn run(mut args: TestArgs, settings: &Settings) -> anyhow::Result<ExitCode> 
 enum Format {
     Toml,
     Yaml,
+    /// What the dashboard's "Save as test" downloads.
+    Json,
 }
 
 impl Format {
     fn of(file: &Path) -> Format {
         match file.extension().and_then(|e| e.to_str()) {
             Some("yaml" | "yml") => Format::Yaml,
+            Some("json") => Format::Json,
             _ => Format::Toml,
         }
     }
 
-    /// A file a folder of tests holds.
+    /// A file a folder of tests holds. Not `.json`: a folder of tests
+    /// often holds JSON fixtures too; a JSON test is named by its path.
     fn is_test(path: &Path) -> bool {
         path.extension()
             .and_then(|e| e.to_str())
@@ -503,6 +542,7 @@ fn read_test(file: &Path) -> anyhow::Result<TestFile> {
     let test: TestFile = match Format::of(file) {
         Format::Toml => toml::from_str(&text).context("not a conversation test")?,
         Format::Yaml => serde_yaml_ng::from_str(&text).context("not a conversation test")?,
+        Format::Json => serde_json::from_str(&text).context("not a conversation test")?,
     };
     if test.turns.is_empty() {
         bail!("no [[turn]]");

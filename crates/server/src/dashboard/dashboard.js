@@ -449,6 +449,28 @@ async function simulate(input) {
   }
 }
 
+// The conversation so far as a test file `digibot test` runs (JSON; `digibot
+// test --record FILE.toml --simulator NAME` writes TOML or YAML).
+async function saveAsTest() {
+  const base = `/admin/simulator/${encodeURIComponent(simName())}/test`;
+  let doc;
+  try {
+    doc = await api("GET", base);
+  } catch (error) {
+    if (!/name the plugin/.test(error.message)) throw error;
+    const plugin = window.prompt(error.message.replace(/^.*?: 400 /, "") + "\nPlugin:");
+    if (!plugin) return;
+    doc = await api("GET", `${base}?plugin=${encodeURIComponent(plugin.trim())}`);
+  }
+  const blob = new Blob([JSON.stringify(doc, null, 2) + "\n"], { type: "application/json" });
+  const link = el("a", { href: URL.createObjectURL(blob), download: `sim-${simName()}.json` });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  URL.revokeObjectURL(link.href);
+  chatLine(`Saved as sim-${simName()}.json: run it with digibot test PLUGIN.wasm sim-${simName()}.json`, "ok");
+}
+
 function choose(type, id, title) {
   customerSays(title);
   simulate({ type, id, title });
@@ -580,6 +602,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#retry-all").addEventListener("click", () => retry("/admin/dead-letters/retry"));
   $("#sim-form").addEventListener("submit", sendText);
   $("#sim-new").addEventListener("click", () => newConversation().catch(fail));
+  $("#sim-save").addEventListener("click", () => saveAsTest().catch((error) => {
+    chatLine(error.message, "bad");
+    fail(error);
+  }));
   $("#sim-location").addEventListener("click", shareLocation);
   for (const button of document.querySelectorAll("[data-refresh]")) {
     button.addEventListener("click", () => load(button.dataset.refresh));
