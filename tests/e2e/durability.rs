@@ -41,6 +41,7 @@ async fn kill9_mid_burst_loses_nothing() -> Result<()> {
         .fake(&fake)
         .plugin("echo")
         .retry(5, 200, 30)
+        .long_deadline()
         .start()
         .await?;
     let poster = Poster::new(&bot)?;
@@ -150,6 +151,7 @@ async fn flaky_api_every_reply_once_and_in_order() -> Result<()> {
         .fake(&fake)
         .plugin("echo")
         .retry(5, 200, 30)
+        .long_deadline()
         .start()
         .await?;
     let poster = Poster::new(&bot)?;
@@ -233,6 +235,7 @@ async fn each_fixture_five_times_concurrently_replies_once() -> Result<()> {
         .fake(&fake)
         .plugin("echo")
         .retry(5, 200, 30)
+        .long_deadline()
         .start()
         .await?;
     let poster = Poster::new(&bot)?;
@@ -349,6 +352,7 @@ async fn sigterm_drains_within_grace_and_restart_delivers_the_rest() -> Result<(
         .api_token(API_TOKEN)
         .plugin("echo")
         .retry(5, 200, 30)
+        .long_deadline()
         .env("DIGIBOT_SHUTDOWN_GRACE_SECS", "2")
         .env("DIGIBOT_REQUEST_TIMEOUT_MS", "120000")
         .start()

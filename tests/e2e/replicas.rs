@@ -38,6 +38,7 @@ fn echo_replicas(fake: &FakeDigishare, database: &str) -> DigibotBuilder {
         .fake(fake)
         .plugin("echo")
         .retry(5, 200, 30)
+        .long_deadline()
         .database(database)
         .env("DIGIBOT_LEASE_MS", LEASE_MS)
 }
@@ -391,6 +392,7 @@ async fn plugin_uploaded_to_one_replica_serves_on_another() -> Result<()> {
     let bots = Digibot::builder()
         .fake(&fake)
         .retry(5, 200, 30)
+        .long_deadline()
         .database(&database)
         .env("DIGIBOT_LEASE_MS", LEASE_MS)
         .start_replicas(2)

@@ -110,6 +110,14 @@ impl DigibotBuilder {
         self.env_remove("DIGIBOT_API_TOKEN")
     }
 
+    /// Plugins get 10 s per turn instead of the 100 ms default: for tests
+    /// of delivery and durability under a burst, where a first turn that
+    /// passes 100 ms of wall clock on a loaded 2-core machine is
+    /// containment working, not the failure under test.
+    pub fn long_deadline(self) -> Self {
+        self.env("DIGIBOT_PLUGIN_TIMEOUT_MS", "10000")
+    }
+
     /// Copies NAME.wasm into the plugins folder (no NAME.toml).
     pub fn plugin(mut self, name: &str) -> Self {
         self.plugins.push((name.to_string(), None));
