@@ -43,7 +43,7 @@ fn agent_note(conversation: &str, id: &str, text: &str) -> Value {
     v
 }
 
-fn archived(conversation: &str) -> Value {
+pub(crate) fn archived(conversation: &str) -> Value {
     json!({"event": "live_chat.conversation_archived",
            "data": {"conversation_id": conversation, "archived_at": "2026-11-26T10:30:00.000000Z"}})
 }

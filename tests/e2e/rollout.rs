@@ -646,11 +646,7 @@ async fn a_pinned_conversation_finishes_on_its_version_across_a_swap_and_a_resta
     );
 
     // Archived, then reopened: it starts on the serving version.
-    bot.accept(&serde_json::json!({
-        "event": "live_chat.conversation_archived",
-        "data": {"conversation_id": old, "archived_at": "2026-12-03T10:00:00.000000Z"}
-    }))
-    .await?;
+    bot.accept(&crate::lifecycle::archived(old)).await?;
     bot.accept(&customer_text(old, "msg_pin_5", "five")).await?;
     fake.settle(5, TIMEOUT).await?;
     ensure!(

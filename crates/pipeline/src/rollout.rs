@@ -878,23 +878,13 @@ impl Rollouts {
     ) -> Handled {
         let snapshot = registry.snapshot();
         let entries = pinned.as_deref().unwrap_or(&snapshot.plugins);
-        if !self.any() {
-            return dispatch::run_routed(
-                registry.runtime(),
-                entries,
-                event,
-                burst,
-                state,
-                kv,
-                http,
-                breaker,
-            )
-            .await;
-        }
-        let routed = self.route(entries, event.conversation_id().unwrap_or_default());
+        // Routed (and judged) only while a rollout runs here.
+        let routed = self
+            .any()
+            .then(|| self.route(entries, event.conversation_id().unwrap_or_default()));
         let handled = dispatch::run_routed(
             registry.runtime(),
-            &routed.entries,
+            routed.as_ref().map_or(entries, |r| &r.entries),
             event,
             burst,
             state,
@@ -903,7 +893,9 @@ impl Rollouts {
             breaker,
         )
         .await;
-        self.judge(&routed, &handled).await;
+        if let Some(routed) = &routed {
+            self.judge(routed, &handled).await;
+        }
         handled
     }
 }
