@@ -30,8 +30,8 @@ use digibot_runtime::{
     Call, CallSummary, EventFilter, Failure, KvRead, NoHttp, OutboundHttp, Runtime,
 };
 use digibot_store::{
-    ConversationRecord, ConversationUpdate, KvChanges, KvScope, NewAction, Release, StateChange,
-    Store, StoreError, StoredEvent, TimerChanges, now_ms,
+    ConversationRecord, ConversationUpdate, Judge, Judged, KvChanges, KvScope, NewAction, Release,
+    StateChange, Store, StoreError, StoredEvent, TimerChanges, now_ms,
 };
 use metrics::counter;
 use serde::Serialize;
@@ -559,6 +559,53 @@ fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// What an agent message changes, given the conversation's `state`,
+/// whether the message is digibot's own (its id came back from a send, or
+/// it went through the API), whether it is the release command, and
+/// whether a send was still in flight when it was judged.
+fn agent_update(
+    m: &Message,
+    state: ConversationState,
+    own: bool,
+    release: bool,
+    in_flight: bool,
+) -> ConversationUpdate {
+    let conversation = m.conversation_id.as_str();
+    if m.sent_through_api() {
+        tracing::debug!(conversation, message = %m.id, "agent message sent through the API: digibot's own, not a takeover");
+        return ConversationUpdate::default();
+    }
+    if own {
+        tracing::debug!(conversation, message = %m.id, "digibot's own message came back: not a takeover");
+        return ConversationUpdate::default();
+    }
+    let who = m.sender.name.as_deref().unwrap_or("an agent");
+    let mut update = ConversationUpdate {
+        agent_at: Some(now_ms()),
+        ..ConversationUpdate::default()
+    };
+    if release {
+        update.change = Some(StateChange {
+            from: Some(ConversationState::Human),
+            to: ConversationState::Bot,
+            reason: format!("release command from {who} (message {})", m.id),
+        });
+        return update;
+    }
+    let mut reason = format!("{who} wrote (message {})", m.id);
+    if in_flight {
+        reason.push_str(", judged while a send was still in flight");
+    }
+    if state != ConversationState::Human {
+        update.change = Some(StateChange {
+            from: None,
+            to: ConversationState::Human,
+            reason,
+        });
+    }
+    update
+}
+
 /// Counts a state change the dispatcher applied (from `from`).
 fn count_change(from: ConversationState, change: &StateChange) {
     match (from, change.to) {
@@ -607,7 +654,8 @@ impl KvRead for StoreKv {
     }
 
     async fn customer_of(&self, conversation_id: &str) -> Option<String> {
-        match self.store.conversation_state(conversation_id).await {
+        // Only this process's completions set it: the cache has it right.
+        match self.store.cached_conversation_state(conversation_id).await {
             Ok(record) => record.and_then(|r| r.customer_id),
             Err(e) => {
                 // The customer scope is then refused as unknown.
@@ -1378,7 +1426,14 @@ impl Dispatcher {
             .conversation_id()
             .unwrap_or_default()
             .to_string();
-        let record = match self.inner.store.conversation_state(&conversation).await {
+        // What this process last committed for it (no round trip): the
+        // completion below checks it still holds (`expect`).
+        let record = match self
+            .inner
+            .store
+            .cached_conversation_state(&conversation)
+            .await
+        {
             Ok(record) => record,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the conversation's state; event left pending");
@@ -1448,6 +1503,8 @@ impl Dispatcher {
                 None => return Handling::Pending,
             },
         };
+        let mut update = update;
+        update.expect = Some(state);
         let outcomes = serde_json::to_value(&handled.outcomes).unwrap_or_default();
         let kinds = std::mem::take(&mut handled.action_kinds);
         let change = update.change.clone();
@@ -1470,6 +1527,15 @@ impl Dispatcher {
                 )
                 .await
             {
+                Ok(done) if done.stale => {
+                    // Another process changed hands meanwhile (a CLI
+                    // release): what ran was decided on a state that no
+                    // longer holds, and nothing of it was kept.
+                    tracing::info!(conversation = %conversation, read = %state,
+                        "the conversation changed hands elsewhere; handling the event again");
+                    counter!(m::STALE_STATES).increment(1);
+                    return Handling::Again(Box::new(stored));
+                }
                 Ok(done) => {
                     self.hint_timers(&update);
                     // Archived: reopened, it starts on the serving versions.
@@ -1675,30 +1741,11 @@ impl Dispatcher {
     /// internal note; otherwise a human takes over.
     async fn judge_agent(&self, m: &Message, state: ConversationState) -> ConversationUpdate {
         let conversation = m.conversation_id.as_str();
-        let echo = ConversationUpdate::default();
-        if m.sent_through_api() {
-            tracing::debug!(conversation, message = %m.id, "agent message sent through the API: digibot's own, not a takeover");
-            return echo;
-        }
-        if self.own_message(m).await {
-            tracing::debug!(conversation, message = %m.id, "digibot's own message came back: not a takeover");
-            return echo;
-        }
-        let who = m.sender.name.as_deref().unwrap_or("an agent");
-        let mut update = ConversationUpdate {
-            agent_at: Some(now_ms()),
-            ..ConversationUpdate::default()
-        };
-        if m.is_internal_note() && m.text().is_some_and(|t| self.inner.rules.is_release(t)) {
-            update.change = Some(StateChange {
-                from: Some(ConversationState::Human),
-                to: ConversationState::Bot,
-                reason: format!("release command from {who} (message {})", m.id),
-            });
-            return update;
-        }
-        let mut reason = format!("{who} wrote (message {})", m.id);
-        if self.inner.sends.busy(conversation) {
+        let release = self.is_release(m);
+        // Sent through the API: digibot's own without a lookup.
+        let mut own = !m.sent_through_api() && self.own_message(m).await;
+        let mut in_flight = false;
+        if !own && !release && !m.sent_through_api() && self.inner.sends.busy(conversation) {
             // It may be the echo of a send whose id is not known yet.
             match self
                 .inner
@@ -1707,10 +1754,10 @@ impl Dispatcher {
                 .await
             {
                 Some(waited) => {
-                    if self.own_message(m).await {
+                    own = self.own_message(m).await;
+                    if own {
                         tracing::info!(conversation, message = %m.id, waited_ms = waited.as_millis() as u64,
                             "digibot's own message came back before its send returned: not a takeover");
-                        return echo;
                     }
                 }
                 None => {
@@ -1720,18 +1767,72 @@ impl Dispatcher {
                     // bot could talk over an agent with nothing to show it.
                     tracing::warn!(conversation, message = %m.id, waited_s = self.inner.rules.echo_wait.as_secs(),
                         "a send to this conversation is still in flight: judging the agent message without its id (takeover)");
-                    reason.push_str(", judged while a send was still in flight");
+                    in_flight = true;
                 }
             }
         }
-        if state != ConversationState::Human {
-            update.change = Some(StateChange {
-                from: None,
-                to: ConversationState::Human,
-                reason,
-            });
+        agent_update(m, state, own, release, in_flight)
+    }
+
+    fn is_release(&self, m: &Message) -> bool {
+        m.is_internal_note() && m.text().is_some_and(|t| self.inner.rules.is_release(t))
+    }
+
+    /// A judge for an agent message about to be recorded, when it can be
+    /// judged in its insert's transaction ([`digibot_store::Backend::insert_judged`]):
+    /// its conversation has no lane here (nothing of it is queued or being
+    /// handled, so its order holds) and no send to it is in flight (every
+    /// id this message could be the echo of is committed). `None`: record
+    /// it for its lane, which waits for the send.
+    ///
+    /// An agent message and a customer message of one conversation that
+    /// arrive together are then judged in the order they commit rather
+    /// than in their inbox order; a turn decided before the takeover
+    /// committed is refused at its completion and handled again
+    /// ([`ConversationUpdate::expect`]).
+    pub fn judge_at_insert(&self, event: &digibot_domain::event::Event) -> Option<Judge> {
+        let EventKind::Message(m) = &event.kind else {
+            return None;
+        };
+        if m.sender.kind != SenderKind::Agent {
+            return None;
         }
-        update
+        let conversation = m.conversation_id.as_str();
+        if self.lock_lanes().queues.contains_key(conversation) || self.inner.sends.busy(conversation)
+        {
+            return None;
+        }
+        let release = self.is_release(m);
+        let m = m.clone();
+        Some(Box::new(move |state, own| {
+            agent_update(&m, state.unwrap_or_default(), own, release, false)
+        }))
+    }
+
+    /// Tells what an agent message judged as it was recorded did, as a
+    /// lane would have: the state change's log line and metrics, and a
+    /// hand-back's `digibot.resumed` to its lane.
+    pub async fn judged(&self, event: &digibot_domain::event::Event, judged: &Judged) {
+        let Judged::Handled {
+            from,
+            update,
+            changed,
+            ..
+        } = judged
+        else {
+            return;
+        };
+        counter!(m::AGENT_JUDGED_AT_INSERT).increment(1);
+        let conversation = event.conversation_id().unwrap_or_default();
+        let Some(change) = update.change.as_ref().filter(|_| *changed) else {
+            return;
+        };
+        tracing::info!(conversation, event = %event.key, from = %from, to = %change.to,
+            reason = %change.reason, "conversation state changed");
+        count_change(*from, change);
+        if change.to == ConversationState::Bot && *from == ConversationState::Human {
+            self.pick_up(conversation).await;
+        }
     }
 
     async fn own_message(&self, m: &Message) -> bool {

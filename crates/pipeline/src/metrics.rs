@@ -42,6 +42,12 @@ pub const PLUGIN_FALLBACKS: &str = "digibot_plugin_fallbacks_total";
 pub const TIMERS_FIRED: &str = "digibot_timers_fired_total";
 /// Customer messages a debounce folded into a later message's turn.
 pub const MESSAGES_DEBOUNCED: &str = "digibot_messages_debounced_total";
+/// Events handled again because their conversation changed hands in
+/// another process while they were handled (the state they were decided
+/// in was stale).
+pub const STALE_STATES: &str = "digibot_stale_conversation_states_total";
+/// Agent messages judged in their insert's transaction (no lane ran).
+pub const AGENT_JUDGED_AT_INSERT: &str = "digibot_agent_messages_judged_at_insert_total";
 
 /// Plugins' outbound HTTP calls, by plugin and result: the status class
 /// (`2xx`, ...) or the refusal's kind (`not-granted`, `timeout`, ...).
@@ -131,6 +137,16 @@ pub fn describe() {
         HTTP_JOURNAL_SECONDS,
         "Time to record one outbound call in the journal, durably."
     );
+    describe_counter!(
+        STALE_STATES,
+        "Events handled again because their conversation changed hands in another process meanwhile."
+    );
+    describe_counter!(
+        AGENT_JUDGED_AT_INSERT,
+        "Agent messages judged as they were recorded, in one transaction (no lane ran)."
+    );
+    counter!(STALE_STATES).increment(0);
+    counter!(AGENT_JUDGED_AT_INSERT).increment(0);
     counter!(API_RETRIES).increment(0);
     counter!(SKIPPED_HUMAN).increment(0);
     counter!(ARCHIVED_DEAD_LETTERS).increment(0);

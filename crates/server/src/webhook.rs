@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use digibot_domain::event::{Event, ParseError};
 use digibot_pipeline::dispatch::Dispatcher;
-use digibot_store::{Inserted, Store, StoredEvent};
+use digibot_store::{Inserted, Judged, Store, StoredEvent};
 use serde_json::json;
 
 /// What the webhook edge needs: where events go.
@@ -195,7 +195,22 @@ async fn record(
 ) -> Result<&'static str, digibot_store::StoreError> {
     let dispatch = event.dispatched().then(|| event.clone());
     let key = event.key.clone();
-    match store.insert_event(event).await? {
+    // An agent message whose conversation has nothing in flight here is
+    // judged in its insert's transaction: one round trip, no lane.
+    let judge = dispatch.as_ref().and_then(|e| dispatcher.judge_at_insert(e));
+    let inserted = match (judge, &dispatch) {
+        (Some(judge), Some(copy)) => match store.insert_judged(event, judge).await? {
+            judged @ Judged::Handled { .. } => {
+                count("ignored");
+                dispatcher.judged(copy, &judged).await;
+                return Ok("accepted");
+            }
+            Judged::Pending(seq) => Inserted::New(seq),
+            Judged::Duplicate => Inserted::Duplicate,
+        },
+        _ => store.insert_event(event).await?,
+    };
+    match inserted {
         Inserted::New(seq) => {
             // `accepted` when plugins will run; agent messages and
             // archiving go through the dispatcher too (they change who is

@@ -924,6 +924,8 @@ impl Postgres {
             completed: row.try_get(3)?,
             changed: row.try_get(4)?,
             archived: row.try_get::<_, i64>(5)? as usize,
+            // Its reads are never cached: `expect` is what it read.
+            stale: false,
         })
     }
 

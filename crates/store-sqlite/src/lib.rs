@@ -21,12 +21,14 @@ use digibot_store::HistoryEntry;
 use digibot_store::{
     ActionCounts, Backend, CONVERSATION_WINDOW, Completed, ConversationDetail, ConversationRecord,
     ConversationSummary, ConversationUpdate, EventSummary, Inserted, JournalEntry, JournalOutcome,
-    JournalRequest, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction, ORPHANED_AFTER,
-    OutboxAction, OutboxDepth, Pruned, Release, Retention, StateChange, Store, StoreError,
-    StoredEvent, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
+    JournalRequest, Judge, Judged, KvChanges, KvScope, KvSize, KvUsage, KvWrite, NewAction,
+    ORPHANED_AFTER, OutboxAction, OutboxDepth, Pruned, Release, Retention, StateChange, Store,
+    StoreError, StoredEvent, TimerFired, TimerOp, TimerRecord, now_ms, parse_state,
 };
 mod pins;
 mod rollouts;
+mod states;
+use states::States;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -100,6 +102,8 @@ struct Db {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Dropping the sender stops the checkpoint thread.
     checkpoint: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// Conversation states as this process last committed them.
+    states: Arc<States>,
 }
 
 const SCHEMA: &str = r#"
@@ -327,12 +331,14 @@ fn in_savepoint<T>(
     f: impl FnOnce(&Connection) -> Result<T, Error>,
 ) -> Result<T, Error> {
     run(conn, "SAVEPOINT job")?;
+    let mark = states::mark();
     match f(conn) {
         Ok(v) => {
             run(conn, "RELEASE job")?;
             Ok(v)
         }
         Err(e) => {
+            states::undo_since(mark);
             run(conn, "ROLLBACK TO job")?;
             run(conn, "RELEASE job")?;
             Err(e)
@@ -340,7 +346,7 @@ fn in_savepoint<T>(
     }
 }
 
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, states: Arc<States>) {
     // Bounding the batch keeps one transaction (and its callers' latency) small.
     const MAX_BATCH: usize = 512;
     while let Ok(first) = jobs.recv() {
@@ -369,6 +375,8 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         if error.is_some() {
             let _ = run(&conn, "ROLLBACK");
         }
+        // Before the callers hear back: what they read next is committed.
+        states.apply(error.is_none());
         for c in completions {
             c(error.as_deref());
         }
@@ -429,9 +437,11 @@ impl Db {
             None
         };
         let (tx, rx) = mpsc::channel::<Job>();
+        let states = Arc::new(States::default());
+        let writer_states = states.clone();
         let writer = std::thread::Builder::new()
             .name("digibot-store".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, writer_states))
             .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
         Ok(Db {
             jobs: Mutex::new(Some(tx)),
@@ -440,6 +450,7 @@ impl Db {
             path,
             writer: Mutex::new(Some(writer)),
             checkpoint: Mutex::new(checkpoint),
+            states,
         })
     }
 
@@ -522,6 +533,38 @@ impl Db {
         self.write(move |conn| insert_event(conn, &event)).await
     }
 
+    /// Records an agent message handled, judged in the same transaction.
+    async fn insert_judged(&self, event: Event, judge: Judge) -> Result<Judged, Error> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let Inserted::New(seq) = insert_event_as(conn, &event, "handled", now)? else {
+                return Ok(Judged::Duplicate);
+            };
+            let id = event.conversation_id().unwrap_or_default();
+            let message = match &event.kind {
+                digibot_domain::event::EventKind::Message(m) => m.id.as_str(),
+                _ => "",
+            };
+            let state = conn
+                .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
+                .query_row([id], |r| r.get::<_, String>(0))
+                .optional()?
+                .map(|s| parse_state(&s))
+                .transpose()?;
+            let update = judge(state, own_message(conn, id, message)?);
+            let changed = update_conversation(conn, id, &update, now)?;
+            conn.prepare_cached("UPDATE events SET outcomes = '[]' WHERE seq = ?1")?
+                .execute([seq])?;
+            Ok(Judged::Handled {
+                seq,
+                from: state.unwrap_or_default(),
+                update,
+                changed,
+            })
+        })
+        .await
+    }
+
     /// Events not yet dispatched, oldest first (recovery after a restart).
     fn pending_events(&self) -> Result<Vec<StoredEvent>, Error> {
         self.read(|conn| {
@@ -590,6 +633,24 @@ impl Db {
     ) -> Result<Completed, Error> {
         self.write(move |conn| {
             let now = now_ms();
+            if let Some(expected) = update.expect
+                && !conversation_id.is_empty()
+            {
+                let state = conn
+                    .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
+                    .query_row([&conversation_id], |r| r.get::<_, String>(0))
+                    .optional()?
+                    .map(|s| parse_state(&s))
+                    .transpose()?
+                    .unwrap_or_default();
+                if state != expected {
+                    states::touch(&conversation_id);
+                    return Ok(Completed {
+                        stale: true,
+                        ..Completed::default()
+                    });
+                }
+            }
             let changed = conn
                 .prepare_cached(
                     "UPDATE events SET status = 'handled', handled_at = ?2, outcomes = ?3
@@ -672,15 +733,7 @@ impl Db {
     /// Whether the Messages API gave digibot this message id when it sent
     /// something to this conversation.
     fn is_own_message(&self, conversation_id: &str, message_id: &str) -> Result<bool, Error> {
-        self.read(|conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT 1 FROM sent_messages WHERE conversation_id = ?1 AND message_id = ?2",
-                )?
-                .query_row([conversation_id, message_id], |_| Ok(()))
-                .optional()?
-                .is_some())
-        })
+        self.read(|conn| own_message(conn, conversation_id, message_id))
     }
 
     /// Hands a conversation in a human's hands back to the bot, saying why.
@@ -1399,6 +1452,7 @@ fn forget_conversation(conn: &Connection, id: &str) -> Result<usize, Error> {
         .execute([id])?;
     conn.prepare_cached("DELETE FROM conversations WHERE id = ?1")?
         .execute([id])?;
+    states::touch(id);
     Ok(entries)
 }
 
@@ -1435,6 +1489,10 @@ impl Backend for Sqlite {
 
     async fn insert_event(&self, event: Event) -> Result<Inserted, StoreError> {
         Ok(self.0.insert_event(event).await?)
+    }
+
+    async fn insert_judged(&self, event: Event, judge: Judge) -> Result<Judged, StoreError> {
+        Ok(self.0.insert_judged(event, judge).await?)
     }
 
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
@@ -1474,6 +1532,24 @@ impl Backend for Sqlite {
     async fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
         let id = id.to_string();
         reading(&self.0, move |db| db.conversation_state(&id)).await
+    }
+
+    /// From what this process's writer last committed when it has it; a
+    /// read fills it otherwise (see `states`).
+    async fn cached_conversation_state(
+        &self,
+        id: &str,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
+        let states = self.0.states.clone();
+        if let Some(record) = states.get(id) {
+            return Ok(Some(record));
+        }
+        let generation = states.generation();
+        let record = self.conversation_state(id).await?;
+        if let Some(record) = &record {
+            states.fill(generation, record);
+        }
+        Ok(record)
     }
 
     async fn conversation_states(
@@ -1843,14 +1919,32 @@ fn event_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
     })
 }
 
+fn own_message(conn: &Connection, conversation_id: &str, message_id: &str) -> Result<bool, Error> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM sent_messages WHERE conversation_id = ?1 AND message_id = ?2")?
+        .query_row([conversation_id, message_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 fn insert_event(conn: &Connection, event: &Event) -> Result<Inserted, Error> {
-    let payload = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let status = if event.dispatched() {
         "pending"
     } else {
         "recorded"
     };
-    let now = now_ms();
+    insert_event_as(conn, event, status, now_ms())
+}
+
+/// Records `event` as `status` (`handled` and `recorded` with `now` as
+/// their handling time).
+fn insert_event_as(
+    conn: &Connection,
+    event: &Event,
+    status: &str,
+    now: i64,
+) -> Result<Inserted, Error> {
+    let payload = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let inserted = conn
         .prepare_cached(
             "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
@@ -1935,6 +2029,9 @@ fn change_state(
             change.reason,
             change.from.map(|s| s.as_str())
         ])? > 0;
+    if changed {
+        states::touch(id);
+    }
     if changed && let Some((taken_at, messages)) = human {
         let resumed = Resumed {
             conversation_id: id.to_string(),
@@ -1986,10 +2083,15 @@ fn update_conversation(
             update.customer_id
         ])?;
     }
-    match &update.change {
-        Some(change) => change_state(conn, id, change, now),
-        None => Ok(false),
+    let changed = match &update.change {
+        Some(change) => change_state(conn, id, change, now)?,
+        None => false,
+    };
+    // What the conversation's next event reads, without a round trip.
+    if let Some(record) = conversation_state(conn, id)? {
+        states::fresh(record);
     }
+    Ok(changed)
 }
 
 /// Applies one plugin's KV writes in one conversation, in order, and

@@ -83,6 +83,33 @@ pub enum Inserted {
     Duplicate,
 }
 
+/// How an agent message is judged as it is recorded
+/// ([`Backend::insert_judged`]): given its conversation's state (`None`:
+/// digibot has not seen it) and whether the message is one digibot sent
+/// (its id is among the Messages API's answers), what it changes.
+pub type Judge = Box<dyn FnOnce(Option<ConversationState>, bool) -> ConversationUpdate + Send>;
+
+/// What [`Backend::insert_judged`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Judged {
+    /// Recorded and handled in one transaction: nothing is left for the
+    /// dispatcher but to say so.
+    Handled {
+        seq: i64,
+        /// The conversation's state before (the bot's for a new one).
+        from: ConversationState,
+        /// What the judge decided.
+        update: ConversationUpdate,
+        /// Whether its state change applied.
+        changed: bool,
+    },
+    /// Recorded as pending, for its conversation's lane (a back end that
+    /// does not judge as it records).
+    Pending(i64),
+    /// Already recorded (a redelivery).
+    Duplicate,
+}
+
 /// An event waiting for (or past) dispatch.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
@@ -233,6 +260,12 @@ pub struct ConversationUpdate {
     /// marked cancel-on-customer-message are dropped first, so a timer
     /// scheduled in answer to that message stands.
     pub timers: Vec<TimerChanges>,
+    /// The state the event was handled in, as the dispatcher read it
+    /// (the bot's for a conversation it had not seen). A back end whose
+    /// [`Backend::cached_conversation_state`] can be stale refuses the
+    /// completion when the conversation is no longer in it
+    /// ([`Completed::stale`]); one that always reads afresh may ignore it.
+    pub expect: Option<ConversationState>,
 }
 
 /// What [`Store::complete_event`] did.
@@ -246,6 +279,10 @@ pub struct Completed {
     pub changed: bool,
     /// Pending actions turned into dead letters by archiving.
     pub archived: usize,
+    /// Nothing was done: the conversation is no longer in the state the
+    /// update expects (another process changed it). Handle the event
+    /// again, from a fresh read.
+    pub stale: bool,
 }
 
 /// What [`Store::release_blocking`] found.
@@ -477,10 +514,35 @@ pub trait Backend: Send + Sync + 'static {
         update: ConversationUpdate,
     ) -> Result<Completed, StoreError>;
 
+    /// Records an agent message and, in the same transaction, judges it
+    /// with `judge` and applies what it decides to its conversation: one
+    /// round trip instead of a lane's four. The caller makes sure nothing
+    /// else of the conversation is being handled, and no send to it is in
+    /// flight (whose message id this one could be). A back end that cannot
+    /// records it as [`Judged::Pending`], which is what this default does.
+    async fn insert_judged(&self, event: Event, judge: Judge) -> Result<Judged, StoreError> {
+        drop(judge);
+        Ok(match self.insert_event(event).await? {
+            Inserted::New(seq) => Judged::Pending(seq),
+            Inserted::Duplicate => Judged::Duplicate,
+        })
+    }
+
     // ---- conversations -----------------------------------------------------
 
     /// One conversation's state, if digibot has seen it.
     async fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError>;
+
+    /// [`conversation_state`](Self::conversation_state), possibly from what
+    /// this process last committed: it can miss a change another process
+    /// made, so a turn decided on it says so in
+    /// [`ConversationUpdate::expect`]. The default reads afresh.
+    async fn cached_conversation_state(
+        &self,
+        id: &str,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
+        self.conversation_state(id).await
+    }
 
     /// Conversations, most recently changed first, optionally only those in
     /// `state`.
