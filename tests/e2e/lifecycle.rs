@@ -733,6 +733,17 @@ async fn release_from_the_cli_and_the_admin_api() -> Result<()> {
     )
     .await?;
     fake.settle(2, TIMEOUT).await?;
+    // Both agent messages were judged as they were recorded (no lane).
+    // The CLI's release happened in another process, behind the server's
+    // cached state ("human"): the customer's "un" was first decided on it,
+    // refused at its completion as stale, and answered from a fresh read.
+    ensure_metrics(
+        &scrape(&bot).await?,
+        &[
+            series("digibot_agent_messages_judged_at_insert_total", 2.0),
+            series("digibot_stale_conversation_states_total", 1.0),
+        ],
+    )?;
     Ok(())
 }
 

@@ -67,6 +67,8 @@ macro_rules! store_suite {
             a_conversation_keeps_the_customer_an_event_named,
             rollouts_count_each_event_once_end_once_and_survive_reopen,
             a_pin_is_set_once_per_conversation_and_plugin_and_dropped_by_unpin,
+            an_agent_message_judged_at_insert_is_handled_once_or_left_pending,
+            a_completion_is_never_applied_on_a_state_changed_behind_the_cache,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
@@ -2101,5 +2103,155 @@ pub async fn a_pin_is_set_once_per_conversation_and_plugin_and_dropped_by_unpin(
     assert_eq!(
         store.pins("c2").await.unwrap(),
         vec![("echo".into(), "v2".into())]
+    );
+}
+
+fn agent_event(id: &str, conv: &str) -> Event {
+    Event::parse(
+        format!(
+            r#"{{"event":"live_chat.new_message","data":{{"id":"{id}","data":{{"conversation_id":"{conv}","body":"Ici Karim","sender":{{"model_type":"user","name":"Karim"}}}}}}}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap()
+}
+
+/// `insert_judged` either handles the agent message in its insert's
+/// transaction (judged once, with the conversation's state and whether the
+/// id is one digibot sent) or records it pending for a lane; never both,
+/// and a redelivery is a duplicate that is not judged again.
+pub async fn an_agent_message_judged_at_insert_is_handled_once_or_left_pending(db: TestDb) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let store = db.open().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let judge = |calls: &Arc<AtomicUsize>| -> crate::Judge {
+        let calls = calls.clone();
+        Box::new(move |state, own| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            assert_eq!((state, own), (None, false), "a new conversation, not our message");
+            takeover("Karim wrote")
+        })
+    };
+    let agent = agent_event("ag1", "cj");
+    let key = agent.key.clone();
+    match store.insert_judged(agent.clone(), judge(&calls)).await.unwrap() {
+        crate::Judged::Handled {
+            seq,
+            from,
+            update,
+            changed,
+        } => {
+            assert!(seq > 0 && changed, "the takeover applied");
+            assert_eq!(from, ConversationState::Bot);
+            assert_eq!(update.change.unwrap().to, ConversationState::Human);
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+            assert!(store.pending_event(&key).await.unwrap().is_none());
+            assert!(store.pending_events().await.unwrap().is_empty());
+            let handled = store.event(&key).await.unwrap().unwrap();
+            assert_eq!(handled.seq, seq);
+            for state in [
+                store.conversation_state("cj").await.unwrap().unwrap(),
+                store.cached_conversation_state("cj").await.unwrap().unwrap(),
+            ] {
+                assert_eq!(
+                    (state.state, state.reason.as_str()),
+                    (ConversationState::Human, "Karim wrote")
+                );
+                assert!(state.last_agent_at.is_some());
+            }
+        }
+        crate::Judged::Pending(seq) => {
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "judged and left pending");
+            assert_eq!(store.pending_event(&key).await.unwrap().unwrap().seq, seq);
+            assert_eq!(store.conversation_state("cj").await.unwrap(), None);
+        }
+        crate::Judged::Duplicate => panic!("a first delivery is not a duplicate"),
+    }
+    let before = calls.load(Ordering::SeqCst);
+    assert_eq!(
+        store.insert_judged(agent, judge(&calls)).await.unwrap(),
+        crate::Judged::Duplicate
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), before, "a duplicate is not judged");
+}
+
+/// Two handles on one database (another process: `digibot conversations
+/// release` beside the server). What one handle's cached read says may be
+/// stale; a completion that expects it is then refused (nothing applied,
+/// the event still pending) and the next read is fresh. A completion that
+/// expects the state the conversation is in applies.
+pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(db: TestDb) {
+    let server = db.open().await;
+    let cli = db.open().await;
+    complete_with(&server, "t1", "cs", takeover("agent wrote")).await;
+    let cached = server.cached_conversation_state("cs").await.unwrap().unwrap();
+    assert_eq!(cached.state, ConversationState::Human);
+    assert_eq!(
+        cli.release("cs", "released from the CLI".into())
+            .await
+            .unwrap(),
+        Release::Released
+    );
+    let read = server.cached_conversation_state("cs").await.unwrap().unwrap();
+    let t2 = event("t2", "cs");
+    let t2_key = t2.key.clone();
+    let Inserted::New(seq) = server.insert_event(t2).await.unwrap() else {
+        panic!("t2 is a duplicate")
+    };
+    let update = ConversationUpdate {
+        customer_at: Some(now_ms()),
+        expect: Some(read.state),
+        ..ConversationUpdate::default()
+    };
+    let done = server
+        .complete_event(
+            seq,
+            "cs".into(),
+            serde_json::json!([]),
+            vec![action("cs/t2")],
+            vec![],
+            update.clone(),
+        )
+        .await
+        .unwrap();
+    if read.state == ConversationState::Bot {
+        // A back end that read afresh: it applied.
+        assert!(done.completed && !done.stale && done.queued == 1, "{done:?}");
+        return;
+    }
+    {
+        // Stale: refused, nothing queued, still pending; read afresh now.
+        assert_eq!(
+            done,
+            Completed {
+                stale: true,
+                ..Completed::default()
+            }
+        );
+        assert_eq!(server.pending_event(&t2_key).await.unwrap().unwrap().seq, seq);
+        assert!(server.outbox_heads(10).await.unwrap().is_empty());
+        let fresh = server.cached_conversation_state("cs").await.unwrap().unwrap();
+        assert_eq!(fresh.state, ConversationState::Bot);
+    }
+    // Expecting the state it is in: applied.
+    let done = server
+        .complete_event(
+            seq,
+            "cs".into(),
+            serde_json::json!([]),
+            vec![action("cs/t2")],
+            vec![],
+            ConversationUpdate {
+                expect: Some(ConversationState::Bot),
+                ..update
+            },
+        )
+        .await
+        .unwrap();
+    assert!(done.completed && !done.stale && done.queued == 1, "{done:?}");
+    assert!(server.pending_event(&t2_key).await.unwrap().is_none());
+    assert_eq!(
+        server.cached_conversation_state("cs").await.unwrap(),
+        server.conversation_state("cs").await.unwrap()
     );
 }
