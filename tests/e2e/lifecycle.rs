@@ -782,6 +782,30 @@ async fn idle_human_conversations_return_to_the_bot() -> Result<()> {
         ],
     )?;
     fake.settle(1, TIMEOUT).await?;
+
+    // Idle too, but released by the CLI (another process) first: the
+    // server's cached state still says human, the idle release finds it
+    // the bot's, and the message is answered once from a fresh read.
+    let cli_c = "conv_life_idle_cli";
+    handle(&bot, &agent(cli_c, "msg_id4", "Ici Karim")).await?;
+    ensure_state(&bot, cli_c, "human", "Agent Karim wrote").await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cli(&bot.data_dir, &["conversations", "release", cli_c])
+        .await?
+        .ok()?;
+    step(
+        &bot,
+        &fake,
+        cli_c,
+        customer(cli_c, "msg_id5", "trois"),
+        &[wire_text(cli_c, "trois")],
+    )
+    .await?;
+    ensure_metrics(
+        &scrape(&bot).await?,
+        &[series(r#"digibot_releases_total{reason="idle"}"#, 1.0)],
+    )?;
+    fake.settle(2, TIMEOUT).await?;
     Ok(())
 }
 

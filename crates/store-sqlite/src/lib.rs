@@ -740,6 +740,9 @@ impl Db {
     async fn release(&self, id: &str, reason: String) -> Result<Release, Error> {
         let id = id.to_string();
         self.write(move |conn| {
+            // Whatever it finds: a caller that asked on a stale cached
+            // state (another process released it) reads afresh next.
+            states::touch(&id);
             let state: Option<String> = conn
                 .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
                 .query_row([&id], |r| r.get(0))
