@@ -1798,7 +1798,8 @@ impl Dispatcher {
             return None;
         }
         let conversation = m.conversation_id.as_str();
-        if self.lock_lanes().queues.contains_key(conversation) || self.inner.sends.busy(conversation)
+        if self.lock_lanes().queues.contains_key(conversation)
+            || self.inner.sends.busy(conversation)
         {
             return None;
         }

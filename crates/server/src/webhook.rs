@@ -197,7 +197,9 @@ async fn record(
     let key = event.key.clone();
     // An agent message whose conversation has nothing in flight here is
     // judged in its insert's transaction: one round trip, no lane.
-    let judge = dispatch.as_ref().and_then(|e| dispatcher.judge_at_insert(e));
+    let judge = dispatch
+        .as_ref()
+        .and_then(|e| dispatcher.judge_at_insert(e));
     let inserted = match (judge, &dispatch) {
         (Some(judge), Some(copy)) => match store.insert_judged(event, judge).await? {
             judged @ Judged::Handled { .. } => {

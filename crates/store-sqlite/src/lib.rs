@@ -553,8 +553,6 @@ impl Db {
                 .transpose()?;
             let update = judge(state, own_message(conn, id, message)?);
             let changed = update_conversation(conn, id, &update, now)?;
-            conn.prepare_cached("UPDATE events SET outcomes = '[]' WHERE seq = ?1")?
-                .execute([seq])?;
             Ok(Judged::Handled {
                 seq,
                 from: state.unwrap_or_default(),
@@ -1924,7 +1922,9 @@ fn event_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
 
 fn own_message(conn: &Connection, conversation_id: &str, message_id: &str) -> Result<bool, Error> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM sent_messages WHERE conversation_id = ?1 AND message_id = ?2")?
+        .prepare_cached(
+            "SELECT 1 FROM sent_messages WHERE conversation_id = ?1 AND message_id = ?2",
+        )?
         .query_row([conversation_id, message_id], |_| Ok(()))
         .optional()?
         .is_some())
@@ -1940,7 +1940,7 @@ fn insert_event(conn: &Connection, event: &Event) -> Result<Inserted, Error> {
 }
 
 /// Records `event` as `status` (`handled` and `recorded` with `now` as
-/// their handling time).
+/// their handling time; `handled`: no plugin ran, its outcomes `[]`).
 fn insert_event_as(
     conn: &Connection,
     event: &Event,
@@ -1950,8 +1950,9 @@ fn insert_event_as(
     let payload = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?6 = 'pending' THEN NULL ELSE ?7 END)
+            "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at, outcomes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?6 = 'pending' THEN NULL ELSE ?7 END,
+                     CASE WHEN ?6 = 'handled' THEN '[]' END)
              ON CONFLICT(key) DO NOTHING",
         )?
         .execute(params![

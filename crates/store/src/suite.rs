@@ -2128,13 +2128,21 @@ pub async fn an_agent_message_judged_at_insert_is_handled_once_or_left_pending(d
         let calls = calls.clone();
         Box::new(move |state, own| {
             calls.fetch_add(1, Ordering::SeqCst);
-            assert_eq!((state, own), (None, false), "a new conversation, not our message");
+            assert_eq!(
+                (state, own),
+                (None, false),
+                "a new conversation, not our message"
+            );
             takeover("Karim wrote")
         })
     };
     let agent = agent_event("ag1", "cj");
     let key = agent.key.clone();
-    match store.insert_judged(agent.clone(), judge(&calls)).await.unwrap() {
+    match store
+        .insert_judged(agent.clone(), judge(&calls))
+        .await
+        .unwrap()
+    {
         crate::Judged::Handled {
             seq,
             from,
@@ -2151,7 +2159,11 @@ pub async fn an_agent_message_judged_at_insert_is_handled_once_or_left_pending(d
             assert_eq!(handled.seq, seq);
             for state in [
                 store.conversation_state("cj").await.unwrap().unwrap(),
-                store.cached_conversation_state("cj").await.unwrap().unwrap(),
+                store
+                    .cached_conversation_state("cj")
+                    .await
+                    .unwrap()
+                    .unwrap(),
             ] {
                 assert_eq!(
                     (state.state, state.reason.as_str()),
@@ -2172,7 +2184,11 @@ pub async fn an_agent_message_judged_at_insert_is_handled_once_or_left_pending(d
         store.insert_judged(agent, judge(&calls)).await.unwrap(),
         crate::Judged::Duplicate
     );
-    assert_eq!(calls.load(Ordering::SeqCst), before, "a duplicate is not judged");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before,
+        "a duplicate is not judged"
+    );
 }
 
 /// Two handles on one database (another process: `digibot conversations
@@ -2184,7 +2200,11 @@ pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(d
     let server = db.open().await;
     let cli = db.open().await;
     complete_with(&server, "t1", "cs", takeover("agent wrote")).await;
-    let cached = server.cached_conversation_state("cs").await.unwrap().unwrap();
+    let cached = server
+        .cached_conversation_state("cs")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(cached.state, ConversationState::Human);
     assert_eq!(
         cli.release("cs", "released from the CLI".into())
@@ -2192,7 +2212,11 @@ pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(d
             .unwrap(),
         Release::Released
     );
-    let read = server.cached_conversation_state("cs").await.unwrap().unwrap();
+    let read = server
+        .cached_conversation_state("cs")
+        .await
+        .unwrap()
+        .unwrap();
     let t2 = event("t2", "cs");
     let t2_key = t2.key.clone();
     let Inserted::New(seq) = server.insert_event(t2).await.unwrap() else {
@@ -2216,7 +2240,10 @@ pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(d
         .unwrap();
     if read.state == ConversationState::Bot {
         // A back end that read afresh: it applied.
-        assert!(done.completed && !done.stale && done.queued == 1, "{done:?}");
+        assert!(
+            done.completed && !done.stale && done.queued == 1,
+            "{done:?}"
+        );
         return;
     }
     {
@@ -2228,9 +2255,16 @@ pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(d
                 ..Completed::default()
             }
         );
-        assert_eq!(server.pending_event(&t2_key).await.unwrap().unwrap().seq, seq);
+        assert_eq!(
+            server.pending_event(&t2_key).await.unwrap().unwrap().seq,
+            seq
+        );
         assert!(server.outbox_heads(10).await.unwrap().is_empty());
-        let fresh = server.cached_conversation_state("cs").await.unwrap().unwrap();
+        let fresh = server
+            .cached_conversation_state("cs")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(fresh.state, ConversationState::Bot);
     }
     // Expecting the state it is in: applied.
@@ -2248,7 +2282,10 @@ pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(d
         )
         .await
         .unwrap();
-    assert!(done.completed && !done.stale && done.queued == 1, "{done:?}");
+    assert!(
+        done.completed && !done.stale && done.queued == 1,
+        "{done:?}"
+    );
     assert!(server.pending_event(&t2_key).await.unwrap().is_none());
     assert_eq!(
         server.cached_conversation_state("cs").await.unwrap(),
