@@ -2222,22 +2222,22 @@ pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(d
     let Inserted::New(seq) = server.insert_event(t2).await.unwrap() else {
         panic!("t2 is a duplicate")
     };
-    let update = ConversationUpdate {
-        customer_at: Some(now_ms()),
-        expect: Some(read.state),
-        ..ConversationUpdate::default()
-    };
-    let done = server
-        .complete_event(
+    // The customer's message, completed as decided in `expect`.
+    let complete = |expect: ConversationState| {
+        server.complete_event(
             seq,
             "cs".into(),
             serde_json::json!([]),
             vec![action("cs/t2")],
             vec![],
-            update.clone(),
+            ConversationUpdate {
+                customer_at: Some(now_ms()),
+                expect: Some(expect),
+                ..ConversationUpdate::default()
+            },
         )
-        .await
-        .unwrap();
+    };
+    let done = complete(read.state).await.unwrap();
     if read.state == ConversationState::Bot {
         // A back end that read afresh: it applied.
         assert!(
@@ -2246,42 +2246,27 @@ pub async fn a_completion_is_never_applied_on_a_state_changed_behind_the_cache(d
         );
         return;
     }
-    {
-        // Stale: refused, nothing queued, still pending; read afresh now.
-        assert_eq!(
-            done,
-            Completed {
-                stale: true,
-                ..Completed::default()
-            }
-        );
-        assert_eq!(
-            server.pending_event(&t2_key).await.unwrap().unwrap().seq,
-            seq
-        );
-        assert!(server.outbox_heads(10).await.unwrap().is_empty());
-        let fresh = server
-            .cached_conversation_state("cs")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(fresh.state, ConversationState::Bot);
-    }
-    // Expecting the state it is in: applied.
-    let done = server
-        .complete_event(
-            seq,
-            "cs".into(),
-            serde_json::json!([]),
-            vec![action("cs/t2")],
-            vec![],
-            ConversationUpdate {
-                expect: Some(ConversationState::Bot),
-                ..update
-            },
-        )
+    // Stale: refused, nothing queued, still pending; read afresh now.
+    assert_eq!(
+        done,
+        Completed {
+            stale: true,
+            ..Completed::default()
+        }
+    );
+    assert_eq!(
+        server.pending_event(&t2_key).await.unwrap().unwrap().seq,
+        seq
+    );
+    assert!(server.outbox_heads(10).await.unwrap().is_empty());
+    let fresh = server
+        .cached_conversation_state("cs")
         .await
+        .unwrap()
         .unwrap();
+    assert_eq!(fresh.state, ConversationState::Bot);
+    // Expecting the state it is in: applied.
+    let done = complete(ConversationState::Bot).await.unwrap();
     assert!(
         done.completed && !done.stale && done.queued == 1,
         "{done:?}"
