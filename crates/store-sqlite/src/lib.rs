@@ -2059,41 +2059,44 @@ fn update_conversation(
     update: &ConversationUpdate,
     now: i64,
 ) -> Result<bool, Error> {
-    conn.prepare_cached(
-        "INSERT INTO conversations (id, state, changed_at, reason, active_at) VALUES (?1, 'bot', ?2, 'first event', ?2)
-         ON CONFLICT (id) DO UPDATE SET active_at = MAX(active_at, excluded.active_at)",
-    )?
-    .execute(params![id, now])?;
-    if update.channel.is_some()
-        || update.customer_at.is_some()
-        || update.agent_at.is_some()
-        || update.customer_id.is_some()
-    {
-        // Times only move forward: events can be handled out of order.
-        conn.prepare_cached(
-            "UPDATE conversations SET
-               messages = messages + (?3 IS NOT NULL) + (?4 IS NOT NULL),
-               channel = COALESCE(?2, channel),
-               customer_id = COALESCE(?5, customer_id),
-               last_customer_at = CASE WHEN ?3 IS NOT NULL AND (last_customer_at IS NULL OR ?3 > last_customer_at) THEN ?3 ELSE last_customer_at END,
-               last_agent_at = CASE WHEN ?4 IS NOT NULL AND (last_agent_at IS NULL OR ?4 > last_agent_at) THEN ?4 ELSE last_agent_at END
-             WHERE id = ?1",
-        )?
-        .execute(params![
-            id,
-            update.channel,
-            update.customer_at,
-            update.agent_at,
-            update.customer_id
-        ])?;
-    }
+    // One statement: created in the bot's hands if new, its activity, its
+    // message count and what the event says about it, and the row back.
+    // Times only move forward: events can be handled out of order.
+    let row = conn
+        .prepare_cached(&format!(
+            "INSERT INTO conversations (id, state, changed_at, reason, active_at, messages, channel, customer_id, last_customer_at, last_agent_at)
+             VALUES (?1, 'bot', ?2, 'first event', ?2, (?4 IS NOT NULL) + (?5 IS NOT NULL), ?3, ?6, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET
+               active_at = MAX(active_at, excluded.active_at),
+               messages = messages + (?4 IS NOT NULL) + (?5 IS NOT NULL),
+               channel = COALESCE(?3, channel),
+               customer_id = COALESCE(?6, customer_id),
+               last_customer_at = CASE WHEN ?4 IS NOT NULL AND (last_customer_at IS NULL OR ?4 > last_customer_at) THEN ?4 ELSE last_customer_at END,
+               last_agent_at = CASE WHEN ?5 IS NOT NULL AND (last_agent_at IS NULL OR ?5 > last_agent_at) THEN ?5 ELSE last_agent_at END
+             RETURNING {CONVERSATION_COLUMNS}"
+        ))?
+        .query_row(
+            params![
+                id,
+                now,
+                update.channel,
+                update.customer_at,
+                update.agent_at,
+                update.customer_id
+            ],
+            conversation_row,
+        )?;
     let changed = match &update.change {
         Some(change) => change_state(conn, id, change, now)?,
         None => false,
     };
     // What the conversation's next event reads, without a round trip.
-    if let Some(record) = conversation_state(conn, id)? {
-        states::fresh(record);
+    if changed {
+        if let Some(record) = conversation_state(conn, id)? {
+            states::fresh(record);
+        }
+    } else {
+        states::fresh(row);
     }
     Ok(changed)
 }
