@@ -545,12 +545,7 @@ impl Db {
                 digibot_domain::event::EventKind::Message(m) => m.id.as_str(),
                 _ => "",
             };
-            let state = conn
-                .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
-                .query_row([id], |r| r.get::<_, String>(0))
-                .optional()?
-                .map(|s| parse_state(&s))
-                .transpose()?;
+            let state = state_of(conn, id)?;
             let update = judge(state, own_message(conn, id, message)?);
             let changed = update_conversation(conn, id, &update, now)?;
             Ok(Judged::Handled {
@@ -633,21 +628,13 @@ impl Db {
             let now = now_ms();
             if let Some(expected) = update.expect
                 && !conversation_id.is_empty()
+                && state_of(conn, &conversation_id)?.unwrap_or_default() != expected
             {
-                let state = conn
-                    .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
-                    .query_row([&conversation_id], |r| r.get::<_, String>(0))
-                    .optional()?
-                    .map(|s| parse_state(&s))
-                    .transpose()?
-                    .unwrap_or_default();
-                if state != expected {
-                    states::touch(&conversation_id);
-                    return Ok(Completed {
-                        stale: true,
-                        ..Completed::default()
-                    });
-                }
+                states::touch(&conversation_id);
+                return Ok(Completed {
+                    stale: true,
+                    ..Completed::default()
+                });
             }
             let changed = conn
                 .prepare_cached(
@@ -741,11 +728,7 @@ impl Db {
             // Whatever it finds: a caller that asked on a stale cached
             // state (another process released it) reads afresh next.
             states::touch(&id);
-            let state: Option<String> = conn
-                .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
-                .query_row([&id], |r| r.get(0))
-                .optional()?;
-            let Some(state) = state else {
+            let Some(state) = state_of(conn, &id)? else {
                 return Ok(Release::Unknown);
             };
             let change = StateChange {
@@ -756,7 +739,7 @@ impl Db {
             if change_state(conn, &id, &change, now_ms())? {
                 Ok(Release::Released)
             } else {
-                Ok(Release::NotHuman(parse_state(&state)?))
+                Ok(Release::NotHuman(state))
             }
         })
         .await
@@ -1918,6 +1901,16 @@ fn event_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
             .and_then(|o| serde_json::from_str(&o).ok())
             .unwrap_or(serde_json::Value::Array(vec![])),
     })
+}
+
+/// Who is in charge of conversation `id`, if digibot has seen it.
+fn state_of(conn: &Connection, id: &str) -> Result<Option<ConversationState>, Error> {
+    Ok(conn
+        .prepare_cached("SELECT state FROM conversations WHERE id = ?1")?
+        .query_row([id], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|s| parse_state(&s))
+        .transpose()?)
 }
 
 fn own_message(conn: &Connection, conversation_id: &str, message_id: &str) -> Result<bool, Error> {
