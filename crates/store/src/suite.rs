@@ -49,6 +49,7 @@ macro_rules! store_suite {
             concurrent_inserts_all_land,
             completing_queues_actions_and_kv_once,
             outbox_heads_are_each_conversations_oldest_pending,
+            outbox_heads_count_heads_not_what_waits_behind_them,
             retries_wait_and_dead_letters_can_be_retried_or_dropped,
             prune_removes_only_old_finished_work,
             outbox_depth_counts_pending_and_dead_and_ping_fails_once_closed,
@@ -329,6 +330,46 @@ pub async fn outbox_heads_are_each_conversations_oldest_pending(db: TestDb) {
         counts,
         [("pending".to_string(), 1), ("sent".to_string(), 3)]
     );
+}
+
+/// The read walks pending actions in due order: what waits behind a head
+/// is due sooner than a retried head, yet is never returned, and the limit
+/// counts heads, however many followers come first.
+pub async fn outbox_heads_count_heads_not_what_waits_behind_them(db: TestDb) {
+    let store = db.open().await;
+    handled_in(&store, "a1", "a", 3).await;
+    handled_in(&store, "b1", "b", 1).await;
+    let a0 = head_id(&store, "a1/a0").await;
+    let later = now_ms() + 60_000;
+    store
+        .mark_retry(a0, later, Some(503), "busy".into())
+        .await
+        .unwrap();
+    let keys = |heads: Vec<OutboxAction>| -> Vec<String> {
+        heads.into_iter().map(|a| a.idempotency_key).collect()
+    };
+    // a1/a1 and a1/a2 are due now, before b's head and a's retry.
+    assert_eq!(
+        keys(store.outbox_heads(1).await.unwrap()),
+        ["b1/a0"],
+        "the limit must count heads"
+    );
+    assert_eq!(
+        keys(store.outbox_heads(10).await.unwrap()),
+        ["b1/a0", "a1/a0"],
+        "soonest due first, followers never"
+    );
+    // A dead letter made pending again is older than the head after it:
+    // it is its conversation's head once more.
+    store.mark_dead(a0, Some(400), "bad".into()).await.unwrap();
+    assert_eq!(
+        keys(store.outbox_heads(10).await.unwrap()),
+        ["a1/a1", "b1/a0"]
+    );
+    assert_eq!(store.retry_dead(Some(a0)).await.unwrap(), 1);
+    let mut heads = keys(store.outbox_heads(10).await.unwrap());
+    heads.sort();
+    assert_eq!(heads, ["a1/a0", "b1/a0"]);
 }
 
 pub async fn retries_wait_and_dead_letters_can_be_retried_or_dropped(db: TestDb) {
