@@ -689,7 +689,8 @@ pub trait Backend: Send + Sync + 'static {
     /// that is not: one query serves both. With replicas, the heads
     /// returned are claimed for this one (its own claims included), and
     /// no other replica gets them until they are settled or the claim
-    /// runs out.
+    /// runs out. It runs on every wake of the sender, so a back end must
+    /// make it cost the heads it returns, not the pending backlog.
     async fn outbox_heads(&self, limit: usize) -> Result<Vec<OutboxAction>, StoreError>;
 
     /// Counts of outbox rows by status.
