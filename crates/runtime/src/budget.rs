@@ -13,6 +13,13 @@
 //! other turns' work, and only the wall clock sees it). Waits on host
 //! calls are not compute.
 //!
+//! One poll counts at most [`POLL_CAP`]. Guest code yields at every tick,
+//! so a poll that lasts far longer was not this turn computing: the OS ran
+//! other threads (a busy machine, a 2-core CI box running many servers),
+//! and counting that would stop a plugin that did nothing wrong. The
+//! thread's own CPU clock would be exact, but reading it costs a system
+//! call (about 600 ns here, against a 3 µs plugin call) twice per poll.
+//!
 //! Both budgets are checked whenever the future yields, and a timer wakes
 //! a waiting turn at its wall deadline. A turn still computing gets a
 //! little grace past the wall deadline ([`grace`]): with equal budgets, a
@@ -62,6 +69,12 @@ impl Meter {
     }
 }
 
+/// The most compute one poll counts: five epoch ticks. A poll of guest
+/// code runs until the next tick; a longer one was preempted, or spent in
+/// host work between ticks (instantiation, a host call's own work), which
+/// the wall deadline still bounds.
+const POLL_CAP: Duration = Duration::from_millis(crate::EPOCH_TICK.as_millis() as u64 * 5);
+
 /// How long past its wall deadline a turn that is computing (not waiting
 /// on a host call) may go on before the deadline stops it: five epoch
 /// ticks, or a tenth of the deadline if that is longer.
@@ -95,7 +108,7 @@ pub(crate) async fn within<F: Future>(
             return Poll::Ready(Ok(out));
         }
         let now = Instant::now();
-        compute += now - polled;
+        compute += (now - polled).min(POLL_CAP);
         if compute >= limits.compute {
             return Poll::Ready(Err(Budget::Compute(limits.compute)));
         }
@@ -117,4 +130,66 @@ pub(crate) async fn within<F: Future>(
         Poll::Pending
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn limits(compute_ms: u64, wall_ms: u64) -> Limits {
+        Limits {
+            compute: Duration::from_millis(compute_ms),
+            wall: Duration::from_millis(wall_ms),
+            ..Limits::default()
+        }
+    }
+
+    /// A turn that runs `polls` slices, each holding its thread for
+    /// `slice` (as guest code, or a thread the OS took away), then yields
+    /// as at an epoch tick.
+    fn slices(meter: Arc<Meter>, polls: usize, slice: Duration) -> impl Future<Output = ()> {
+        let mut left = polls;
+        std::future::poll_fn(move |cx| {
+            if left == 0 {
+                return Poll::Ready(());
+            }
+            left -= 1;
+            std::thread::sleep(slice);
+            meter.mark_yield();
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+    }
+
+    /// The thread taken away for longer than the whole budget in one
+    /// slice (what a loaded machine does): the turn is not stopped.
+    #[tokio::test]
+    async fn a_preempted_slice_is_not_counted_as_compute() {
+        let meter = Arc::new(Meter::default());
+        let turn = slices(meter.clone(), 1, Duration::from_millis(150));
+        assert_eq!(within(&meter, &limits(100, 10_000), turn).await, Ok(()));
+    }
+
+    /// Slices of a tick each, as a busy loop runs: they add up, and the
+    /// compute budget stops the turn long before its wall deadline.
+    #[tokio::test]
+    async fn ticks_of_compute_add_up_to_the_budget() {
+        let meter = Arc::new(Meter::default());
+        let turn = slices(meter.clone(), 1_000, crate::EPOCH_TICK);
+        let started = Instant::now();
+        let spent = within(&meter, &limits(40, 10_000), turn).await;
+        assert_eq!(spent, Err(Budget::Compute(Duration::from_millis(40))));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Long slices still count their cap each: a turn whose every poll
+    /// overruns is stopped by compute, not left to the wall deadline.
+    #[tokio::test]
+    async fn long_slices_count_their_cap() {
+        let meter = Arc::new(Meter::default());
+        let turn = slices(meter.clone(), 1_000, POLL_CAP * 2);
+        let spent = within(&meter, &limits(50, 10_000), turn).await;
+        assert_eq!(spent, Err(Budget::Compute(Duration::from_millis(50))));
+    }
 }
