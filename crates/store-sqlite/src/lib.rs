@@ -1852,15 +1852,13 @@ fn journal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JournalEntry, E
 const OUTBOX_COLUMNS: &str = "id, event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, attempts, next_attempt_at, last_status, last_error, created_at";
 
 /// The sender's read: each conversation's oldest pending action, soonest
-/// due first. It walks `outbox_due` and probes `outbox_pending` per row, so
-/// it stops after `?1` heads; the `GROUP BY conversation_id` it replaces
-/// read every pending row on each wake (14% of the saturated pipeline's CPU
-/// with a backlog of a few thousand replies).
-/// The sender's read: pending heads in due order. It has no `LIMIT ?`:
-/// SQLite plans a bound LIMIT by its value, so every execution would
-/// prepare the statement again (10% of the paced pipeline's samples); the
-/// caller stops reading after the heads it wants instead, and the walk of
-/// the due index is lazy, so that costs the same.
+/// due first. It walks `outbox_due` and probes `outbox_pending` per row,
+/// lazily, so a caller that stops after `limit` rows reads only those
+/// heads; the `GROUP BY conversation_id` it replaces read every pending
+/// row on each wake (14% of the saturated pipeline's CPU with a backlog of
+/// a few thousand replies). No `LIMIT ?`: SQLite plans a bound LIMIT by
+/// its value, so every execution prepared the statement again (10% of the
+/// paced pipeline's samples).
 static OUTBOX_HEADS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {OUTBOX_COLUMNS} FROM outbox o
