@@ -73,7 +73,7 @@ impl Meter {
 /// code runs until the next tick; a longer one was preempted, or spent in
 /// host work between ticks (instantiation, a host call's own work), which
 /// the wall deadline still bounds.
-const POLL_CAP: Duration = Duration::from_millis(crate::EPOCH_TICK.as_millis() as u64 * 5);
+const POLL_CAP: Duration = crate::EPOCH_TICK.saturating_mul(5);
 
 /// How long past its wall deadline a turn that is computing (not waiting
 /// on a host call) may go on before the deadline stops it: five epoch

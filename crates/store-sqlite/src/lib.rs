@@ -2338,7 +2338,7 @@ fn add_plugin_usage(conn: &Connection, plugin: &str, keys: i64, bytes: i64) -> R
 mod tests {
     use super::*;
     use digibot_store::store_suite;
-    use digibot_store::suite::{TestDb, event};
+    use digibot_store::suite::{TestDb, action, event};
 
     fn fixture() -> Option<TestDb> {
         let dir = tempfile::tempdir().unwrap();
@@ -2385,14 +2385,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), Durability::Full).unwrap();
         for i in 0..3 {
-            db.write(move |conn| {
-                conn.execute(
-                    "INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
-                     VALUES (1, ?1, 'echo', ?1, 'POST', '/v1/messages', '{}', 'pending', 1, 1)",
-                    [format!("c{i}")],
-                )?;
-                Ok(())
-            })
+            let conv = format!("c{i}");
+            let Inserted::New(seq) = db.insert_event(event(&conv, &conv)).await.unwrap() else {
+                panic!("a new event");
+            };
+            let actions = vec![action(&conv)];
+            db.complete_event(
+                seq,
+                conv,
+                serde_json::json!([]),
+                actions,
+                vec![],
+                Default::default(),
+            )
             .await
             .unwrap();
             let heads = db.outbox_heads(2).unwrap();
