@@ -9,18 +9,23 @@
 //! client-side one), and so does acquiring a connection: a database that
 //! hangs is a [`StoreError::Timeout`], which the webhook answers with 503.
 //!
-//! Round trips: every operation on the event path is one statement, so one
-//! round trip, and commits on its own (data-modifying CTEs keep an event's
-//! completion, with its actions and KV writes, one atomic statement).
-//! Statements are prepared once per connection. Concurrent commits already
-//! share WAL flushes in PostgreSQL, so there is no group commit here.
+//! Round trips: every stage of an event is one statement, so one round
+//! trip, and commits on its own (data-modifying CTEs keep an event's
+//! completion, with its actions and KV writes, one atomic statement). A
+//! webhook costs three at most: its insert (which also takes the lease and
+//! reads what the lane's claim would: see `held`), its completion (which
+//! also gives the lease back when nothing else of the conversation waits),
+//! and its delivery, which shares a statement with the deliveries recorded
+//! at the same time (see `sent`). Statements are prepared once per
+//! connection.
 //!
 //! Work sharing between replicas, without a coordinator:
 //! - a conversation is handled by one replica at a time: its lease (a row of
-//!   `conversation_leases`: owner replica, expiry) is taken when a dispatcher
-//!   lane starts, renewed by every completion, given back when the lane
-//!   runs dry; a dead replica's lease expires and another replica takes the
-//!   conversation over. A completion whose conversation is leased to
+//!   `conversation_leases`: owner replica, expiry) is taken by the insert
+//!   of an event for a lane (or by the lane's claim), renewed by every
+//!   completion, given back by the completion after which nothing of the
+//!   conversation waits; a dead replica's lease expires and another
+//!   replica takes the conversation over. A completion whose conversation is leased to
 //!   another replica is refused, so a replica that lost its lease cannot
 //!   reorder the conversation.
 //! - the outbox head of a conversation is claimed (`FOR UPDATE SKIP LOCKED`,
@@ -37,10 +42,12 @@
 //! each migration once.
 
 mod connect;
+mod held;
 mod pins;
 mod plugins;
 mod pool;
 mod rollouts;
+mod sent;
 
 pub use connect::{DatabaseUrl, SslMode};
 
@@ -364,6 +371,23 @@ CREATE INDEX kv_scoped_idle ON kv_scoped_usage (scope, active_at);
 CREATE INDEX outbox_due ON outbox (next_attempt_at, id) WHERE status = 'pending';
 "#,
     ),
+    (
+        12,
+        r#"
+-- Every update of a conversation bumps its version, whoever makes it: a
+-- replica keeps the record at the highest version it has seen (see
+-- `held::Records`), so an older read that answers late never wins.
+ALTER TABLE conversations ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
+CREATE FUNCTION digibot_conversation_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.version := OLD.version + 1;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER conversations_version BEFORE UPDATE ON conversations
+    FOR EACH ROW EXECUTE FUNCTION digibot_conversation_version();
+"#,
+    ),
 ];
 
 /// Any `pg_advisory_xact_lock` key of digibot's own; this one guards
@@ -425,6 +449,12 @@ struct Postgres {
     inbox: Arc<Notify>,
     /// The listener and the poll timer, stopped with the store.
     tasks: Vec<JoinHandle<()>>,
+    /// Leases the inserts took, for the lanes' claims.
+    claims: held::Claims,
+    /// Conversation records, at the highest version seen.
+    records: held::Records,
+    /// Deliveries recorded together.
+    deliveries: sent::Deliveries,
 }
 
 impl Drop for Postgres {
@@ -458,13 +488,17 @@ impl Postgres {
         );
         let (notifications, _) = broadcast::channel(1024);
         migrate(&pool).await?;
+        let (deliveries, recording) = sent::Deliveries::start(pool.clone());
         let mut pg = Postgres {
             pool,
             replica,
             options,
             notifications,
             inbox: Arc::new(Notify::new()),
-            tasks: Vec::new(),
+            tasks: vec![recording],
+            claims: held::Claims::default(),
+            records: held::Records::default(),
+            deliveries,
         };
         pg.start_listener(url)?;
         Ok(pg)
@@ -598,12 +632,39 @@ impl Postgres {
         };
         let now = now_ms();
         let handled_at = (status != "pending").then_some(now);
+        let conversation = event.conversation_id().filter(|_| event.dispatched());
         let mut c = self.conn().await?;
+        // The event a lane will handle takes its conversation's lease in
+        // the same statement, as the lane's claim would, and reads what the
+        // claim reads (the conversation's other pending events and its
+        // record): the claim then costs nothing (see `held`).
         let rows = c
             .query(
-                "INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (key) DO NOTHING RETURNING seq",
+                "WITH ins AS (
+                    INSERT INTO events (key, name, conversation_id, created_at, payload, status, received_at, handled_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                    ON CONFLICT (key) DO NOTHING RETURNING seq
+                 ), lease AS (
+                    INSERT INTO conversation_leases (conversation_id, owner, expires_at)
+                    SELECT $9, $10, now() + make_interval(secs => $11) FROM ins WHERE $9::text IS NOT NULL
+                    ON CONFLICT (conversation_id) DO UPDATE
+                    SET owner = excluded.owner, expires_at = excluded.expires_at
+                    WHERE conversation_leases.owner = excluded.owner
+                       OR conversation_leases.expires_at < now()
+                    RETURNING 1
+                 ), held AS (
+                    SELECT count(*) AS n FROM lease
+                 ), nudge AS (
+                    SELECT pg_notify('digibot_inbox', $9) FROM ins, held
+                    WHERE $9::text IS NOT NULL AND held.n = 0
+                 )
+                 SELECT ins.seq, held.n, (SELECT count(*) FROM nudge),
+                        c.id, c.state, c.changed_at, c.reason, c.channel, c.last_customer_at, c.last_agent_at, c.customer_id, c.version,
+                        e.seq, e.payload, e.received_at
+                 FROM ins CROSS JOIN held
+                 LEFT JOIN conversations c ON held.n > 0 AND c.id = $9
+                 LEFT JOIN events e ON held.n > 0 AND e.conversation_id = $9 AND e.status = 'pending'
+                 ORDER BY e.seq",
                 &[
                     &event.key,
                     &event.name,
@@ -613,13 +674,44 @@ impl Postgres {
                     &status,
                     &now,
                     &handled_at,
+                    &conversation,
+                    &self.replica,
+                    &secs(self.options.lease),
                 ],
             )
             .await?;
-        Ok(match rows.first() {
-            Some(row) => Inserted::New(row.try_get(0)?),
-            None => Inserted::Duplicate,
-        })
+        let Some(first) = rows.first() else {
+            return Ok(Inserted::Duplicate);
+        };
+        let seq: i64 = first.try_get(0)?;
+        if let Some(conversation) = conversation {
+            let claim = if first.try_get::<_, i64>(1)? == 0 {
+                held::Claim::Elsewhere
+            } else {
+                match first.try_get::<_, Option<String>>(3)? {
+                    Some(_) => self
+                        .records
+                        .seen(first.try_get(11)?, conversation_record(first, 3)?),
+                    // None yet (as of this statement): read afresh if need be.
+                    None => self.records.forget(conversation),
+                }
+                let mut others = Vec::new();
+                for r in &rows {
+                    if let Some(seq) = r.try_get::<_, Option<i64>>(12)? {
+                        others.push(stored_event(seq, r.try_get(13)?, r.try_get(14)?)?);
+                    }
+                }
+                held::Claim::Held(others)
+            };
+            self.claims.taken(conversation, claim, self.claim_age());
+        }
+        Ok(Inserted::New(seq))
+    }
+
+    /// How long an insert's claim stands for the lane's: a third of the
+    /// lease, so the lease it took has most of its time left.
+    fn claim_age(&self) -> Duration {
+        self.options.lease / 3
     }
 
     async fn pending_events(&self) -> Result<Vec<StoredEvent>, Error> {
@@ -715,6 +807,9 @@ impl Postgres {
                     &deletes,
                     &update,
                     now,
+                    // A hand-back queues its `digibot.resumed` event after
+                    // the statement: the lease stays for it.
+                    !handing_back,
                 )
                 .await?;
             if done.completed && timer_ops {
@@ -749,6 +844,10 @@ impl Postgres {
         match applied {
             Ok(done) => {
                 c.execute("COMMIT", &[]).await?;
+                if handing_back {
+                    // The resume's record came after the statement's row.
+                    self.records.forget(&conversation_id);
+                }
                 Ok(done)
             }
             Err(e) => {
@@ -771,6 +870,7 @@ impl Postgres {
         deletes: &[Vec<String>; 3],
         update: &ConversationUpdate,
         now: i64,
+        may_release: bool,
     ) -> Result<Completed, Error> {
         let change_to = update.change.as_ref().map(|c| c.to.as_str());
         let change_from = update
@@ -787,13 +887,29 @@ impl Postgres {
                 "WITH blocked AS (
                     SELECT 1 FROM conversation_leases
                     WHERE conversation_id = $2 AND owner <> $5 AND expires_at > now()
+                 ), stale AS (
+                    -- Decided on a record another process changed since.
+                    SELECT 1 FROM conversations WHERE id = $2 AND $28::text IS NOT NULL AND state <> $28::text
                  ), done AS (
                     UPDATE events SET status = 'handled', handled_at = $3, outcomes = $4
                     WHERE seq = $1 AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM blocked)
+                      AND NOT EXISTS (SELECT 1 FROM stale)
                     RETURNING seq
+                 ), dry AS (
+                    -- Nothing else of the conversation waits: the lease goes
+                    -- back with this commit, not in a statement of its own.
+                    SELECT $29::boolean AND EXISTS (SELECT 1 FROM done)
+                           AND NOT EXISTS (SELECT 1 FROM events WHERE conversation_id = $2 AND status = 'pending' AND seq <> $1) AS yes
                  ), renewed AS (
                     UPDATE conversation_leases SET expires_at = now() + make_interval(secs => $6)
-                    WHERE conversation_id = $2 AND owner = $5 RETURNING 1
+                    WHERE conversation_id = $2 AND owner = $5 AND NOT (SELECT yes FROM dry) RETURNING 1
+                 ), released AS (
+                    DELETE FROM conversation_leases
+                    WHERE conversation_id = $2 AND owner = $5 AND (SELECT yes FROM dry)
+                      -- Not if an insert renewed it since this statement's
+                      -- snapshot (see `release_conversation`).
+                      AND expires_at = (SELECT expires_at FROM conversation_leases WHERE conversation_id = $2)
+                    RETURNING 1
                  ), queued AS (
                     INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
                     SELECT done.seq, $2, a.plugin, a.key, a.method, a.path, a.body, 'pending', $3, $3
@@ -871,7 +987,7 @@ impl Postgres {
                        -- Times only move forward (GREATEST skips NULLs).
                        last_customer_at = GREATEST(conversations.last_customer_at, $23::bigint),
                        last_agent_at = GREATEST(conversations.last_agent_at, $24::bigint)
-                    RETURNING 1
+                    RETURNING id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id, version
                  ), archived AS (
                     UPDATE outbox SET status = 'dead', last_status = NULL, last_error = $25::text, done_at = $3,
                            claimed_by = NULL, claim_expires = NULL
@@ -892,7 +1008,12 @@ impl Postgres {
                         (SELECT count(*) FROM kv_set) + (SELECT count(*) FROM kv_delete) + (SELECT count(*) FROM renewed),
                         EXISTS (SELECT 1 FROM done),
                         EXISTS (SELECT 1 FROM conv) AND (SELECT yes FROM applies),
-                        (SELECT count(*) FROM archived)",
+                        (SELECT count(*) FROM archived),
+                        EXISTS (SELECT 1 FROM stale),
+                        EXISTS (SELECT 1 FROM released),
+                        conv.id, conv.state, conv.changed_at, conv.reason, conv.channel,
+                        conv.last_customer_at, conv.last_agent_at, conv.customer_id, conv.version
+                 FROM (SELECT 1) AS one LEFT JOIN conv ON true",
                 &[
                     &seq,
                     &conversation_id,
@@ -921,18 +1042,33 @@ impl Postgres {
                     &update.archive,
                     expires,
                     &update.customer_id,
+                    &update.expect.map(|s| s.as_str()),
+                    &may_release,
                 ],
             )
             .await?;
         if row.try_get::<_, bool>(1)? {
             return Err(StoreError::LeaseLost(conversation_id.to_string()).into());
         }
+        if row.try_get::<_, bool>(6)? {
+            self.records.forget(conversation_id);
+            return Ok(Completed {
+                stale: true,
+                ..Completed::default()
+            });
+        }
+        if row.try_get::<_, bool>(7)? {
+            self.claims.released(conversation_id);
+        }
+        if row.try_get::<_, Option<String>>(8)?.is_some() {
+            self.records
+                .seen(row.try_get(16)?, conversation_record(&row, 8)?);
+        }
         Ok(Completed {
             queued: row.try_get::<_, i64>(0)? as usize,
             completed: row.try_get(3)?,
             changed: row.try_get(4)?,
             archived: row.try_get::<_, i64>(5)? as usize,
-            // Its reads are never cached: `expect` is what it read.
             stale: false,
         })
     }
@@ -943,12 +1079,30 @@ impl Postgres {
         let mut c = self.conn().await?;
         let rows = c
             .query(
-                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id
+                "SELECT id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id, version
                  FROM conversations WHERE id = $1",
                 &[&id],
             )
             .await?;
-        rows.first().map(|r| conversation_record(r, 0)).transpose()
+        let Some(row) = rows.first() else {
+            self.records.forget(id);
+            return Ok(None);
+        };
+        let record = conversation_record(row, 0)?;
+        self.records.seen(row.try_get(8)?, record.clone());
+        Ok(Some(record))
+    }
+
+    /// What this replica last read or wrote of the conversation (see
+    /// `held::Records`), else a read.
+    async fn cached_conversation_state(
+        &self,
+        id: &str,
+    ) -> Result<Option<ConversationRecord>, Error> {
+        match self.records.get(id) {
+            Some(record) => Ok(Some(record)),
+            None => self.conversation_state(id).await,
+        }
     }
 
     async fn conversation_states(
@@ -1010,6 +1164,7 @@ impl Postgres {
         match released {
             Ok(release) => {
                 c.execute("COMMIT", &[]).await?;
+                self.records.forget(id);
                 Ok(release)
             }
             Err(e) => {
@@ -1301,6 +1456,12 @@ impl Postgres {
         &self,
         conversation_id: &str,
     ) -> Result<Option<Vec<StoredEvent>>, Error> {
+        // The webhook's insert claimed it moments ago (see `insert_event`).
+        match self.claims.take(conversation_id, self.claim_age()) {
+            Some(held::Claim::Held(others)) => return Ok(Some(others)),
+            Some(held::Claim::Elsewhere) => return Ok(None),
+            None => {}
+        }
         let mut c = self.conn().await?;
         // Taken when free, expired, or already ours; when another replica
         // holds it, that replica is told (NOTIFY) an event waits for it.
@@ -1319,8 +1480,11 @@ impl Postgres {
                  ), nudge AS (
                     SELECT pg_notify('digibot_inbox', $1) FROM held WHERE n = 0
                  )
-                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload, e.received_at
-                 FROM held LEFT JOIN events e
+                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload, e.received_at,
+                        c.id, c.state, c.changed_at, c.reason, c.channel, c.last_customer_at, c.last_agent_at, c.customer_id, c.version
+                 FROM held
+                 LEFT JOIN conversations c ON held.n > 0 AND c.id = $1
+                 LEFT JOIN events e
                    ON held.n > 0 AND e.conversation_id = $1 AND e.status = 'pending'
                  ORDER BY e.seq",
                 &[&conversation_id, &self.replica, &secs(self.options.lease)],
@@ -1334,6 +1498,15 @@ impl Postgres {
         if held == 0 {
             return Ok(None);
         }
+        self.claims.claimed(conversation_id);
+        if let Some(first) = rows.first() {
+            match first.try_get::<_, Option<String>>(5)? {
+                Some(_) => self
+                    .records
+                    .seen(first.try_get(13)?, conversation_record(first, 5)?),
+                None => self.records.forget(conversation_id),
+            }
+        }
         let mut events = Vec::new();
         for r in &rows {
             if let Some(seq) = r.try_get::<_, Option<i64>>(2)? {
@@ -1345,6 +1518,10 @@ impl Postgres {
     }
 
     async fn release_conversation(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, Error> {
+        // Its last completion gave the lease back already.
+        if self.claims.was_released(conversation_id) {
+            return Ok(Vec::new());
+        }
         let mut c = self.conn().await?;
         // Kept (and the events returned) while events of the conversation
         // wait: those arrived at other replicas meanwhile.
@@ -1356,6 +1533,10 @@ impl Postgres {
                  ), released AS (
                     DELETE FROM conversation_leases
                     WHERE conversation_id = $1 AND owner = $2
+                      -- Not if an insert renewed it since this statement's
+                      -- snapshot (its event is pending, unseen here): a
+                      -- changed row fails this on the recheck.
+                      AND expires_at = (SELECT expires_at FROM conversation_leases WHERE conversation_id = $1)
                       AND NOT EXISTS (SELECT 1 FROM waiting)
                     RETURNING 1
                  )
@@ -1529,6 +1710,16 @@ impl Postgres {
         message_id: Option<String>,
         hand_off: bool,
     ) -> Result<bool, Error> {
+        if !hand_off {
+            self.deliveries
+                .record(sent::Delivery {
+                    id,
+                    status,
+                    message_id,
+                })
+                .await?;
+            return Ok(false);
+        }
         let mut c = self.conn().await?;
         let reason = format!("hand-off delivered (action {id})");
         // One statement: the delivery, its message id, and a delivered
@@ -1552,7 +1743,7 @@ impl Postgres {
                     WHERE conversations.state = 'bot'
                     RETURNING 1
                  )
-                 SELECT EXISTS (SELECT 1 FROM handed), (SELECT count(*) FROM ids)",
+                 SELECT EXISTS (SELECT 1 FROM handed), (SELECT count(*) FROM ids), (SELECT conversation_id FROM sent)",
                 &[
                     &id,
                     &(status as i64),
@@ -1563,7 +1754,11 @@ impl Postgres {
                 ],
             )
             .await?;
-        Ok(row.try_get(0)?)
+        let handed: bool = row.try_get(0)?;
+        if handed && let Some(conversation) = row.try_get::<_, Option<&str>>(2)? {
+            self.records.forget(conversation);
+        }
+        Ok(handed)
     }
 
     async fn mark_retry(
@@ -1732,6 +1927,8 @@ impl Postgres {
     }
 
     async fn prune_batch(&self, retention: Retention, limit: i64) -> Result<Pruned, Error> {
+        // Idle conversations may go: their records are read afresh.
+        self.records.clear();
         let mut c = self.conn().await?;
         let mut pruned = Pruned::default();
         if let Some(before) = retention.finished_before {
@@ -1881,6 +2078,13 @@ impl Backend for PgStore {
 
     async fn conversation_state(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
         Ok(self.0.conversation_state(id).await?)
+    }
+
+    async fn cached_conversation_state(
+        &self,
+        id: &str,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
+        Ok(self.0.cached_conversation_state(id).await?)
     }
 
     async fn conversation_states(
@@ -2892,68 +3096,135 @@ mod tests {
         let Some((a, b, _db)) = two_replicas(Options::default()).await else {
             return;
         };
+        let complete = |store: &Store, seq: i64, actions: Vec<NewAction>| {
+            let store = store.clone();
+            async move {
+                store
+                    .complete_event(
+                        seq,
+                        "c".into(),
+                        serde_json::json!([]),
+                        actions,
+                        vec![],
+                        digibot_store::ConversationUpdate::default(),
+                    )
+                    .await
+            }
+        };
+        // A's insert takes the lease in its own statement; B's finds it
+        // held (and tells A). A's next insert reads what waits, in order:
+        // its own first event and the one B received.
         let e1 = insert(&a, "m1", "c").await;
         let e2 = insert(&b, "m2", "c").await;
-        // A holds it, and its claim brings the event B received, in order.
+        let e3 = insert(&a, "m3", "c").await;
+        // The lanes' claims are the inserts' (see the next test).
         let got = a.claim_conversation("c").await.unwrap().unwrap();
         assert_eq!(seqs(&got), [e1.seq, e2.seq]);
-        // B is refused, and cannot complete an event of it either.
         assert!(b.claim_conversation("c").await.unwrap().is_none());
-        let refused = b
-            .complete_event(
-                e1.seq,
-                "c".into(),
-                serde_json::json!([]),
-                vec![action("x")],
-                vec![],
-                digibot_store::ConversationUpdate::default(),
-            )
-            .await;
+        // B cannot complete an event of it either.
+        let refused = complete(&b, e1.seq, vec![action("x")]).await;
         assert!(
             matches!(refused, Err(StoreError::LeaseLost(_))),
             "{refused:?}"
         );
-        // A completes the first; an event B receives meanwhile keeps A's
-        // lease at release, and comes back to A.
-        let queued = a
-            .complete_event(
-                e1.seq,
-                "c".into(),
-                serde_json::json!([]),
-                vec![action("k1")],
-                vec![],
-                digibot_store::ConversationUpdate::default(),
-            )
-            .await
-            .unwrap()
-            .queued;
-        assert_eq!(queued, 1);
-        let e3 = insert(&b, "m3", "c").await;
-        let waiting = a.release_conversation("c").await.unwrap();
-        assert_eq!(seqs(&waiting), [e2.seq, e3.seq]);
+        // A completes the first; the others wait, so the lease stays, and
+        // an event B receives meanwhile comes back to A at release.
+        assert_eq!(
+            complete(&a, e1.seq, vec![action("k1")])
+                .await
+                .unwrap()
+                .queued,
+            1
+        );
+        let e4 = insert(&b, "m4", "c").await;
         assert!(b.claim_conversation("c").await.unwrap().is_none());
-        // B's inbox poll finds nothing of A's conversation; A's finds both.
+        let waiting = a.release_conversation("c").await.unwrap();
+        assert_eq!(seqs(&waiting), [e2.seq, e3.seq, e4.seq]);
+        assert!(b.claim_conversation("c").await.unwrap().is_none());
+        // B's inbox poll finds nothing of A's conversation; A's finds them.
         assert!(b.claimable_events(100).await.unwrap().is_empty());
         assert_eq!(
             seqs(&a.claimable_events(100).await.unwrap()),
-            [e2.seq, e3.seq]
+            [e2.seq, e3.seq, e4.seq]
         );
-        for e in [&e2, &e3] {
-            a.complete_event(
-                e.seq,
-                "c".into(),
-                serde_json::json!([]),
-                vec![],
-                vec![],
-                digibot_store::ConversationUpdate::default(),
-            )
-            .await
-            .unwrap();
+        for e in [&e2, &e3, &e4] {
+            complete(&a, e.seq, vec![]).await.unwrap();
         }
-        // Dry: released, and now B may take it.
+        // Dry: the last completion gave the lease back, so the lane's
+        // release sends nothing (it works with A's database gone), and now
+        // B may take it.
+        a.close();
         assert!(a.release_conversation("c").await.unwrap().is_empty());
         assert_eq!(b.claim_conversation("c").await.unwrap().unwrap().len(), 0);
-        assert!(a.claim_conversation("c").await.unwrap().is_none());
+        assert!(matches!(
+            a.claim_conversation("c").await,
+            Err(StoreError::Closed)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deliveries_recorded_together_each_keep_their_message_id() {
+        let Some((url, _db)) = testdb::create() else {
+            return;
+        };
+        let store = open(&url, Options::default()).await.unwrap();
+        for i in 0..40 {
+            let e = insert(&store, &format!("m{i}"), &format!("c{i}")).await;
+            store
+                .complete_event(
+                    e.seq,
+                    format!("c{i}"),
+                    serde_json::json!([]),
+                    vec![action(&format!("k{i}"))],
+                    vec![],
+                    digibot_store::ConversationUpdate::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let heads = store.outbox_heads(100).await.unwrap();
+        assert_eq!(heads.len(), 40);
+        // All at once: they share statements (`sent`), each still recorded
+        // as its own delivery, with its own message id; one of them is a
+        // hand-off, which goes alone and takes its conversation.
+        let mut marks = tokio::task::JoinSet::new();
+        for (i, head) in heads.iter().enumerate() {
+            let (store, id, conv) = (store.clone(), head.id, head.conversation_id.clone());
+            marks.spawn(async move {
+                let handed = store
+                    .mark_sent(id, 200, Some(format!("msg-{conv}")), i == 7)
+                    .await
+                    .unwrap();
+                (conv, handed, i == 7)
+            });
+        }
+        while let Some(done) = marks.join_next().await {
+            let (conv, handed, hand_off) = done.unwrap();
+            assert_eq!(handed, hand_off, "{conv}");
+            assert!(
+                store
+                    .is_own_message(&conv, &format!("msg-{conv}"))
+                    .await
+                    .unwrap()
+            );
+            assert!(!store.is_own_message(&conv, "msg-other").await.unwrap());
+        }
+        assert!(store.outbox_heads(100).await.unwrap().is_empty());
+        assert_eq!(store.outbox_depth().await.unwrap().pending, 0);
+        let humans = store
+            .conversation_states(Some(ConversationState::Human), 100)
+            .await
+            .unwrap();
+        assert_eq!(humans.len(), 1);
+        assert_eq!(humans[0].id, heads[7].conversation_id);
+        // A delivery of a closed store is an error, not a hang.
+        store.close();
+        assert!(
+            store
+                .mark_sent(heads[0].id, 200, None, false)
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2967,13 +3238,12 @@ mod tests {
             return;
         };
         let e1 = insert(&a, "m1", "c").await;
-        assert_eq!(
-            seqs(&a.claim_conversation("c").await.unwrap().unwrap()),
-            [e1.seq]
-        );
-        // A "dies" holding the conversation. B's poll finds the event once
-        // the lease ran out, and B's claim then succeeds.
+        // A "dies" holding the conversation, which its insert claimed: the
+        // lane's claim is that one (no statement: it works with A's
+        // database gone). B's poll finds the event once the lease ran out,
+        // and B's claim then succeeds.
         a.close();
+        assert!(a.claim_conversation("c").await.unwrap().is_some());
         let found = eventually("B finds the orphaned event", async || {
             let found = b.claimable_events(100).await.unwrap();
             (!found.is_empty()).then_some(found)

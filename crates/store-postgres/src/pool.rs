@@ -37,6 +37,8 @@ pub(crate) struct Timeouts {
 }
 
 /// At most `size` connections, opened on demand, reused while healthy.
+/// A clone shares the connections.
+#[derive(Clone)]
 pub(crate) struct Pool {
     pool: deadpool_postgres::Pool,
     timeouts: Timeouts,
