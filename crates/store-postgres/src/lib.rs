@@ -688,20 +688,7 @@ impl Postgres {
             let claim = if first.try_get::<_, i64>(1)? == 0 {
                 held::Claim::Elsewhere
             } else {
-                match first.try_get::<_, Option<String>>(3)? {
-                    Some(_) => self
-                        .records
-                        .seen(first.try_get(11)?, conversation_record(first, 3)?),
-                    // None yet (as of this statement): read afresh if need be.
-                    None => self.records.forget(conversation),
-                }
-                let mut others = Vec::new();
-                for r in &rows {
-                    if let Some(seq) = r.try_get::<_, Option<i64>>(12)? {
-                        others.push(stored_event(seq, r.try_get(13)?, r.try_get(14)?)?);
-                    }
-                }
-                held::Claim::Held(others)
+                held::Claim::Held(self.claimed(conversation, &rows, 3)?)
             };
             self.claims.taken(conversation, claim, self.claim_age());
         }
@@ -1480,8 +1467,9 @@ impl Postgres {
                  ), nudge AS (
                     SELECT pg_notify('digibot_inbox', $1) FROM held WHERE n = 0
                  )
-                 SELECT held.n, (SELECT count(*) FROM nudge), e.seq, e.payload, e.received_at,
-                        c.id, c.state, c.changed_at, c.reason, c.channel, c.last_customer_at, c.last_agent_at, c.customer_id, c.version
+                 SELECT held.n, (SELECT count(*) FROM nudge),
+                        c.id, c.state, c.changed_at, c.reason, c.channel, c.last_customer_at, c.last_agent_at, c.customer_id, c.version,
+                        e.seq, e.payload, e.received_at
                  FROM held
                  LEFT JOIN conversations c ON held.n > 0 AND c.id = $1
                  LEFT JOIN events e
@@ -1499,22 +1487,34 @@ impl Postgres {
             return Ok(None);
         }
         self.claims.claimed(conversation_id);
+        Ok(Some(self.claimed(conversation_id, &rows, 2)?))
+    }
+
+    /// What a claim's rows hold from column `at` on: the conversation's
+    /// record and its version (kept in `records`; none yet: read afresh
+    /// when needed), then its pending events (`seq`, `payload`,
+    /// `received_at`), one a row.
+    fn claimed(
+        &self,
+        conversation: &str,
+        rows: &[Row],
+        at: usize,
+    ) -> Result<Vec<StoredEvent>, Error> {
         if let Some(first) = rows.first() {
-            match first.try_get::<_, Option<String>>(5)? {
+            match first.try_get::<_, Option<String>>(at)? {
                 Some(_) => self
                     .records
-                    .seen(first.try_get(13)?, conversation_record(first, 5)?),
-                None => self.records.forget(conversation_id),
+                    .seen(first.try_get(at + 8)?, conversation_record(first, at)?),
+                None => self.records.forget(conversation),
             }
         }
         let mut events = Vec::new();
-        for r in &rows {
-            if let Some(seq) = r.try_get::<_, Option<i64>>(2)? {
-                let payload: String = r.try_get(3)?;
-                events.push(stored_event(seq, &payload, r.try_get(4)?)?);
+        for r in rows {
+            if let Some(seq) = r.try_get::<_, Option<i64>>(at + 9)? {
+                events.push(stored_event(seq, r.try_get(at + 10)?, r.try_get(at + 11)?)?);
             }
         }
-        Ok(Some(events))
+        Ok(events)
     }
 
     async fn release_conversation(&self, conversation_id: &str) -> Result<Vec<StoredEvent>, Error> {
