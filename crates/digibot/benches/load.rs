@@ -101,6 +101,10 @@ struct Args {
     /// A note on the conditions, kept in the results.
     #[arg(long, default_value = "")]
     note: String,
+    /// A setting of every digibot target, `KEY=VALUE` (repeatable), e.g.
+    /// `--set DIGIBOT_DATABASE_POOL=32`: kept in the results' note.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -198,7 +202,7 @@ fn main() -> Result<()> {
     let results = json!({
         "settings": {
             "connections": args.connections, "seconds": args.seconds, "warmup": args.warmup,
-            "wrk_threads": args.threads, "rounds": args.rounds,
+            "wrk_threads": args.threads, "rounds": args.rounds, "set": args.settings,
             "conversations": args.conversations, "durability": args.durability,
         },
         "note": args.note,
@@ -428,12 +432,18 @@ async fn start(args: &Args, target: Target, round: usize) -> Result<(Server, Vec
         return Ok((server, vec![url]));
     }
     let fake = FakeDigishare::start().await?;
-    let builder = Digibot::builder()
+    let mut builder = Digibot::builder()
         .fake(&fake)
         .env("RUST_LOG", "warn")
         .env("DIGIBOT_DURABILITY", &args.durability)
         .env("DIGIBOT_WATCH_PLUGINS", "false")
         .plugin("echo");
+    for setting in &args.settings {
+        let (key, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--set {setting}: not KEY=VALUE"))?;
+        builder = builder.env(key, value);
+    }
     let bots = match target.replicas() {
         0 => vec![builder.start().await?],
         n => {
