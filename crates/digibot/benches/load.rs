@@ -102,12 +102,20 @@ struct Args {
     #[arg(long, default_value = "")]
     note: String,
     /// A setting of every digibot target, `KEY=VALUE` (repeatable), e.g.
-    /// `--set DIGIBOT_DATABASE_POOL=32`: kept in the results' note.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    /// `--set DIGIBOT_DATABASE_POOL=32`: kept in the results' settings.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = setting)]
     settings: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// `--set`'s value, refused at parse time unless it is `KEY=VALUE`.
+fn setting(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((key, _)) if !key.is_empty() => Ok(s.to_string()),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -438,10 +446,7 @@ async fn start(args: &Args, target: Target, round: usize) -> Result<(Server, Vec
         .env("DIGIBOT_DURABILITY", &args.durability)
         .env("DIGIBOT_WATCH_PLUGINS", "false")
         .plugin("echo");
-    for setting in &args.settings {
-        let (key, value) = setting
-            .split_once('=')
-            .with_context(|| format!("--set {setting}: not KEY=VALUE"))?;
+    for (key, value) in args.settings.iter().filter_map(|s| s.split_once('=')) {
         builder = builder.env(key, value);
     }
     let bots = match target.replicas() {
