@@ -104,16 +104,16 @@ struct Args {
     /// A setting of every digibot target, `KEY=VALUE` (repeatable), e.g.
     /// `--set DIGIBOT_DATABASE_POOL=32`: kept in the results' settings.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = setting)]
-    settings: Vec<String>,
+    settings: Vec<(String, String)>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
-/// `--set`'s value, refused at parse time unless it is `KEY=VALUE`.
-fn setting(s: &str) -> Result<String, String> {
+/// `--set`'s value, split once when parsed (refused unless `KEY=VALUE`).
+fn setting(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((key, _)) if !key.is_empty() => Ok(s.to_string()),
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
 }
@@ -210,7 +210,8 @@ fn main() -> Result<()> {
     let results = json!({
         "settings": {
             "connections": args.connections, "seconds": args.seconds, "warmup": args.warmup,
-            "wrk_threads": args.threads, "rounds": args.rounds, "set": args.settings,
+            "wrk_threads": args.threads, "rounds": args.rounds,
+            "set": args.settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "conversations": args.conversations, "durability": args.durability,
         },
         "note": args.note,
@@ -446,7 +447,7 @@ async fn start(args: &Args, target: Target, round: usize) -> Result<(Server, Vec
         .env("DIGIBOT_DURABILITY", &args.durability)
         .env("DIGIBOT_WATCH_PLUGINS", "false")
         .plugin("echo");
-    for (key, value) in args.settings.iter().filter_map(|s| s.split_once('=')) {
+    for (key, value) in &args.settings {
         builder = builder.env(key, value);
     }
     let bots = match target.replicas() {
