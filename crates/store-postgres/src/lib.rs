@@ -48,6 +48,7 @@ mod plugins;
 mod pool;
 mod rollouts;
 mod sent;
+mod stats;
 
 pub use connect::{DatabaseUrl, SslMode};
 
@@ -455,6 +456,8 @@ struct Postgres {
     records: held::Records,
     /// Deliveries recorded together.
     deliveries: sent::Deliveries,
+    /// The outbox's planner statistics, refreshed as actions are queued.
+    outbox_stats: Arc<stats::OutboxStats>,
 }
 
 impl Drop for Postgres {
@@ -490,6 +493,7 @@ impl Postgres {
         migrate(&pool).await?;
         let (deliveries, recording) = sent::Deliveries::start(pool.clone());
         let mut pg = Postgres {
+            outbox_stats: stats::OutboxStats::new(pool.clone()),
             pool,
             replica,
             options,
@@ -825,12 +829,21 @@ impl Postgres {
             Ok::<_, Error>(done)
         }
         .await;
+        let queued = |done: &Completed| {
+            if done.completed {
+                self.outbox_stats.queued(actions.len());
+            }
+        };
         if !transaction {
+            if let Ok(done) = &applied {
+                queued(done);
+            }
             return applied;
         }
         match applied {
             Ok(done) => {
                 c.execute("COMMIT", &[]).await?;
+                queued(&done);
                 if handing_back {
                     // The resume's record came after the statement's row.
                     self.records.forget(&conversation_id);
@@ -1654,28 +1667,14 @@ impl Postgres {
         // flight. Conditions on `o` are rechecked on the latest row
         // version after the lock, so a head sent or claimed meanwhile
         // is passed over.
-        let rows = c
-            .query(
-                "WITH mine AS (
-                    SELECT o.id FROM outbox o
-                    WHERE o.status = 'pending'
-                      AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.status = 'pending'
-                                      AND p.conversation_id = o.conversation_id AND p.id < o.id)
-                      AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.claim_expires < now())
-                    ORDER BY o.next_attempt_at, o.id
-                    LIMIT $2
-                    FOR UPDATE OF o SKIP LOCKED
-                 ), claimed AS (
-                    UPDATE outbox SET claimed_by = $1, claim_expires = now() + make_interval(secs => $3)
-                    FROM mine WHERE outbox.id = mine.id
-                    RETURNING outbox.id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
-                              status, attempts, next_attempt_at, last_status, last_error, created_at
-                 )
-                 SELECT * FROM claimed ORDER BY next_attempt_at, id",
-                &[&replica, &(limit as i64), &claim],
-            )
-            .await?;
-        rows.iter().map(outbox_row).collect()
+        let mut rows = c
+            .query(OUTBOX_CLAIM_SQL, &[&replica, &(limit as i64), &claim])
+            .await?
+            .iter()
+            .map(outbox_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.sort_by_key(|a| (a.next_attempt_at, a.id));
+        Ok(rows)
     }
 
     async fn outbox_counts(&self) -> Result<Vec<(String, i64)>, Error> {
@@ -2928,6 +2927,29 @@ fn conversation_record(r: &Row, at: usize) -> Result<ConversationRecord, Error> 
     })
 }
 
+/// The sender's claim: the first pending action of each conversation,
+/// soonest due first, at most `$2`, not held by another replica (`$1` is
+/// this one), claimed for `$3` seconds. Its plan walks `outbox_due` in
+/// order, probes `outbox_pending` once per candidate and stops at the limit,
+/// so it costs the heads it returns, not the backlog, as long as the
+/// statistics are current (see `stats`); the claim itself is one index
+/// lookup of the ids (an `= ANY` on the primary key, never a join the
+/// planner could hash over the table).
+const OUTBOX_CLAIM_SQL: &str = "WITH mine AS (
+    SELECT o.id FROM outbox o
+    WHERE o.status = 'pending'
+      AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.status = 'pending'
+                      AND p.conversation_id = o.conversation_id AND p.id < o.id)
+      AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.claim_expires < now())
+    ORDER BY o.next_attempt_at, o.id
+    LIMIT $2
+    FOR UPDATE OF o SKIP LOCKED
+ )
+ UPDATE outbox SET claimed_by = $1, claim_expires = now() + make_interval(secs => $3)
+ WHERE id = ANY(ARRAY(SELECT id FROM mine))
+ RETURNING id, event_seq, conversation_id, plugin, idempotency_key, method, path, body,
+           status, attempts, next_attempt_at, last_status, last_error, created_at";
+
 fn outbox_row(r: &Row) -> Result<OutboxAction, Error> {
     let body: String = r.try_get(7)?;
     Ok(OutboxAction {
@@ -3225,6 +3247,85 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// The claim walks the due index and probes the pending index on a
+    /// backlog grown from nothing: the replica's own analyses keep the
+    /// statistics of an empty outbox from choosing a sort of every pending
+    /// row, or a probe by the wrong index (see `stats`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_claim_walks_the_due_index_on_a_backlog_grown_from_nothing() {
+        let Some((url, _db)) = testdb::create() else {
+            return;
+        };
+        let pg = Postgres::open(&url, Options::default()).await.unwrap();
+        let mut c = pg.conn().await.unwrap();
+        // As a new database is: its outbox analyzed while empty.
+        c.execute("ANALYZE outbox", &[]).await.unwrap();
+        let due_rows = async |c: &mut Conn| -> f32 {
+            c.query_one(
+                "SELECT reltuples FROM pg_class WHERE relname = 'outbox_due'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+        };
+        assert_eq!(due_rows(&mut c).await, 0.0);
+        let queued = stats::MIN_QUEUED as usize + 100;
+        for i in 0..queued {
+            let conv = format!("c{}", i % 200);
+            let Inserted::New(seq) = pg
+                .insert_event(event(&format!("m{i}"), &conv))
+                .await
+                .unwrap()
+            else {
+                panic!("m{i} is a duplicate")
+            };
+            pg.complete_event(
+                seq,
+                conv,
+                serde_json::json!([]),
+                vec![action(&format!("k{i}"))],
+                vec![],
+                digibot_store::ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let rows = eventually("the replica analyzes its outbox", async || {
+            let rows = due_rows(&mut c).await;
+            (rows >= stats::MIN_QUEUED as f32).then_some(rows)
+        })
+        .await;
+        assert!(rows <= queued as f32 * 1.1, "{rows}");
+        let plan: Vec<String> = c
+            .query(
+                &format!("EXPLAIN {OUTBOX_CLAIM_SQL}"),
+                &[&"explain".to_string(), &64i64, &30.0f64],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        for wanted in [
+            "Index Scan using outbox_due on outbox o",
+            "Index Scan using outbox_pending on outbox p",
+            "Index Cond: ((conversation_id = o.conversation_id) AND (id < o.id))",
+            "Index Scan using outbox_pkey on outbox",
+        ] {
+            assert!(plan.contains(wanted), "{wanted} is not in\n{plan}");
+        }
+        for unwanted in ["Seq Scan", "Sort", "Hash", "Bitmap"] {
+            assert!(!plan.contains(unwanted), "{unwanted} is in\n{plan}");
+        }
+        // It claims the 64 soonest heads, one per conversation.
+        let heads = pg.outbox_heads(64).await.unwrap();
+        let keys: Vec<String> = heads.iter().map(|h| h.idempotency_key.clone()).collect();
+        let expected: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
+        assert_eq!(keys, expected);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
