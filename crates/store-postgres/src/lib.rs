@@ -879,141 +879,17 @@ impl Postgres {
             .and_then(|c| c.from)
             .map(|s| s.as_str());
         let reason = update.change.as_ref().map(|c| c.reason.as_str());
+        let kv_writes = !sets[0].is_empty() || !deletes[0].is_empty();
         // One statement, so one round trip and one atomic commit: the lease
         // check, the status guard (a second completion queues nothing), the
         // lease renewal, the actions in order, the KV writes.
         let row = c
             .query_one(
-                "WITH blocked AS (
-                    SELECT 1 FROM conversation_leases
-                    WHERE conversation_id = $2 AND owner <> $5 AND expires_at > now()
-                 ), stale AS (
-                    -- Decided on a record another process changed since.
-                    SELECT 1 FROM conversations WHERE id = $2 AND $28::text IS NOT NULL AND state <> $28::text
-                 ), done AS (
-                    UPDATE events SET status = 'handled', handled_at = $3, outcomes = $4
-                    WHERE seq = $1 AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM blocked)
-                      AND NOT EXISTS (SELECT 1 FROM stale)
-                    RETURNING seq
-                 ), dry AS (
-                    -- Nothing else of the conversation waits: the lease goes
-                    -- back with this commit, not in a statement of its own.
-                    SELECT $29::boolean AND EXISTS (SELECT 1 FROM done)
-                           AND NOT EXISTS (SELECT 1 FROM events WHERE conversation_id = $2 AND status = 'pending' AND seq <> $1) AS yes
-                 ), renewed AS (
-                    UPDATE conversation_leases SET expires_at = now() + make_interval(secs => $6)
-                    WHERE conversation_id = $2 AND owner = $5 AND NOT (SELECT yes FROM dry) RETURNING 1
-                 ), released AS (
-                    DELETE FROM conversation_leases
-                    WHERE conversation_id = $2 AND owner = $5 AND (SELECT yes FROM dry)
-                      -- Not if an insert renewed it since this statement's
-                      -- snapshot (see `release_conversation`).
-                      AND expires_at = (SELECT expires_at FROM conversation_leases WHERE conversation_id = $2)
-                    RETURNING 1
-                 ), queued AS (
-                    INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
-                    SELECT done.seq, $2, a.plugin, a.key, a.method, a.path, a.body, 'pending', $3, $3
-                    FROM done, unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
-                         WITH ORDINALITY AS a(plugin, key, method, path, body, n)
-                    ORDER BY a.n
-                    RETURNING id
-                 ), kv_set AS (
-                    INSERT INTO kv (plugin, conversation_id, key, value, updated_at, expires_at)
-                    SELECT s.plugin, s.conv, s.key, s.value, $3, s.expires
-                    FROM done, unnest($12::text[], $13::text[], $14::text[], $15::text[], $26::bigint[]) AS s(plugin, conv, key, value, expires)
-                    ON CONFLICT (plugin, conversation_id, key)
-                    DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at, expires_at = excluded.expires_at
-                    RETURNING 1
-                 ), kv_delete AS (
-                    DELETE FROM kv USING done, unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
-                    WHERE kv.plugin = d.plugin AND kv.conversation_id = d.conv AND kv.key = d.key
-                    RETURNING 1
-                 ), kv_old AS (
-                    -- The sizes of the entries written, before (every part
-                    -- of one statement sees the same snapshot).
-                    SELECT kv.plugin, kv.conversation_id AS conv, kv.key,
-                           octet_length(kv.key) + octet_length(kv.value) AS size
-                    FROM kv JOIN (SELECT * FROM unnest($12::text[], $13::text[], $14::text[])
-                                  UNION ALL SELECT * FROM unnest($16::text[], $17::text[], $18::text[])) AS w(plugin, conv, key)
-                         ON kv.plugin = w.plugin AND kv.conversation_id = w.conv AND kv.key = w.key
-                 ), kv_delta AS (
-                    SELECT x.plugin, x.conv, sum(x.keys)::bigint AS keys, sum(x.bytes)::bigint AS bytes
-                    FROM (SELECT s.plugin, s.conv, CASE WHEN o.key IS NULL THEN 1 ELSE 0 END AS keys,
-                                 octet_length(s.key) + octet_length(s.value) - COALESCE(o.size, 0) AS bytes
-                          FROM unnest($12::text[], $13::text[], $14::text[], $15::text[]) AS s(plugin, conv, key, value)
-                          LEFT JOIN kv_old o ON o.plugin = s.plugin AND o.conv = s.conv AND o.key = s.key
-                          UNION ALL
-                          SELECT o.plugin, o.conv, -1, -o.size
-                          FROM unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
-                          JOIN kv_old o ON o.plugin = d.plugin AND o.conv = d.conv AND o.key = d.key) AS x
-                    GROUP BY x.plugin, x.conv
-                    HAVING sum(x.keys) <> 0 OR sum(x.bytes) <> 0
-                 ), kv_usage_up AS (
-                    INSERT INTO kv_usage (conversation_id, plugin, keys, bytes)
-                    SELECT d.conv, d.plugin, d.keys, d.bytes FROM done, kv_delta d
-                    ON CONFLICT (conversation_id, plugin) DO UPDATE
-                    SET keys = kv_usage.keys + excluded.keys, bytes = kv_usage.bytes + excluded.bytes
-                    RETURNING 1
-                 ), kv_totals_up AS (
-                    INSERT INTO kv_plugin_usage (plugin, shard, keys, bytes)
-                    SELECT d.plugin, hashtext(d.conv) & 15, sum(d.keys)::bigint, sum(d.bytes)::bigint
-                    FROM done, kv_delta d GROUP BY d.plugin, hashtext(d.conv) & 15
-                    ON CONFLICT (plugin, shard) DO UPDATE
-                    SET keys = kv_plugin_usage.keys + excluded.keys, bytes = kv_plugin_usage.bytes + excluded.bytes
-                    RETURNING 1
-                 ), old AS (
-                    SELECT state FROM conversations WHERE id = $2
-                 ), applies AS (
-                    -- The state change applies from its `from` state (any
-                    -- other state when none); a new conversation is `bot`.
-                    SELECT $19::text IS NOT NULL
-                           AND COALESCE((SELECT state FROM old), 'bot') <> $19::text
-                           AND ($20::text IS NULL OR COALESCE((SELECT state FROM old), 'bot') = $20::text) AS yes
-                 ), conv AS (
-                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at, active_at, customer_id)
-                    SELECT $2, CASE WHEN applies.yes THEN $19::text ELSE 'bot' END, $3,
-                           CASE WHEN applies.yes THEN $21::text ELSE 'first event' END,
-                           $22::text, $23::bigint, $24::bigint, $3, $27::text
-                    FROM done, applies WHERE $2 <> ''
-                    ON CONFLICT (id) DO UPDATE SET
-                       active_at = GREATEST(conversations.active_at, $3),
-                       customer_id = COALESCE($27::text, conversations.customer_id),
-                       state = CASE WHEN (SELECT yes FROM applies) THEN $19::text ELSE conversations.state END,
-                       changed_at = CASE WHEN (SELECT yes FROM applies) THEN $3 ELSE conversations.changed_at END,
-                       messages = CASE WHEN (SELECT yes FROM applies) THEN 0
-                                  ELSE conversations.messages + ($23::bigint IS NOT NULL)::int + ($24::bigint IS NOT NULL)::int END,
-                       reason = CASE WHEN (SELECT yes FROM applies) THEN $21::text ELSE conversations.reason END,
-                       channel = COALESCE($22::text, conversations.channel),
-                       -- Times only move forward (GREATEST skips NULLs).
-                       last_customer_at = GREATEST(conversations.last_customer_at, $23::bigint),
-                       last_agent_at = GREATEST(conversations.last_agent_at, $24::bigint)
-                    RETURNING id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id, version
-                 ), archived AS (
-                    UPDATE outbox SET status = 'dead', last_status = NULL, last_error = $25::text, done_at = $3,
-                           claimed_by = NULL, claim_expires = NULL
-                    FROM done
-                    WHERE $25::text IS NOT NULL AND outbox.conversation_id = $2 AND outbox.status = 'pending'
-                    RETURNING 1
-                 ), timers_dropped AS (
-                    -- Archiving drops the conversation's timers; a customer
-                    -- message those it cancels (the turns' own schedules
-                    -- follow, in the same transaction).
-                    DELETE FROM timers USING done
-                    WHERE timers.conversation_id = $2
-                      AND ($25::text IS NOT NULL OR ($23::bigint IS NOT NULL AND timers.cancel_on_message))
-                    RETURNING 1
-                 )
-                 SELECT (SELECT count(*) FROM queued),
-                        EXISTS (SELECT 1 FROM blocked),
-                        (SELECT count(*) FROM kv_set) + (SELECT count(*) FROM kv_delete) + (SELECT count(*) FROM renewed),
-                        EXISTS (SELECT 1 FROM done),
-                        EXISTS (SELECT 1 FROM conv) AND (SELECT yes FROM applies),
-                        (SELECT count(*) FROM archived),
-                        EXISTS (SELECT 1 FROM stale),
-                        EXISTS (SELECT 1 FROM released),
-                        conv.id, conv.state, conv.changed_at, conv.reason, conv.channel,
-                        conv.last_customer_at, conv.last_agent_at, conv.customer_id, conv.version
-                 FROM (SELECT 1) AS one LEFT JOIN conv ON true",
+                if kv_writes {
+                    &COMPLETE_WITH_KV
+                } else {
+                    &COMPLETE_WITHOUT_KV
+                },
                 &[
                     &seq,
                     &conversation_id,
@@ -2926,6 +2802,169 @@ fn conversation_record(r: &Row, at: usize) -> Result<ConversationRecord, Error> 
         customer_id: r.try_get(at + 7)?,
     })
 }
+
+/// [`Postgres::complete_in`]'s statement up to its actions: the lease
+/// check, the status guard, the lease renewal or release, the actions.
+const COMPLETE_HEAD: &str = "WITH blocked AS (
+                    SELECT 1 FROM conversation_leases
+                    WHERE conversation_id = $2 AND owner <> $5 AND expires_at > now()
+                 ), stale AS (
+                    -- Decided on a record another process changed since.
+                    SELECT 1 FROM conversations WHERE id = $2 AND $28::text IS NOT NULL AND state <> $28::text
+                 ), done AS (
+                    UPDATE events SET status = 'handled', handled_at = $3, outcomes = $4
+                    WHERE seq = $1 AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM blocked)
+                      AND NOT EXISTS (SELECT 1 FROM stale)
+                    RETURNING seq
+                 ), dry AS (
+                    -- Nothing else of the conversation waits: the lease goes
+                    -- back with this commit, not in a statement of its own.
+                    SELECT $29::boolean AND EXISTS (SELECT 1 FROM done)
+                           AND NOT EXISTS (SELECT 1 FROM events WHERE conversation_id = $2 AND status = 'pending' AND seq <> $1) AS yes
+                 ), renewed AS (
+                    UPDATE conversation_leases SET expires_at = now() + make_interval(secs => $6)
+                    WHERE conversation_id = $2 AND owner = $5 AND NOT (SELECT yes FROM dry) RETURNING 1
+                 ), released AS (
+                    DELETE FROM conversation_leases
+                    WHERE conversation_id = $2 AND owner = $5 AND (SELECT yes FROM dry)
+                      -- Not if an insert renewed it since this statement's
+                      -- snapshot (see `release_conversation`).
+                      AND expires_at = (SELECT expires_at FROM conversation_leases WHERE conversation_id = $2)
+                    RETURNING 1
+                 ), queued AS (
+                    INSERT INTO outbox (event_seq, conversation_id, plugin, idempotency_key, method, path, body, status, next_attempt_at, created_at)
+                    SELECT done.seq, $2, a.plugin, a.key, a.method, a.path, a.body, 'pending', $3, $3
+                    FROM done, unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+                         WITH ORDINALITY AS a(plugin, key, method, path, body, n)
+                    ORDER BY a.n
+                    RETURNING id
+                 ";
+
+/// Its KV writes and the usage counts they change.
+const COMPLETE_KV: &str = "), kv_set AS (
+                    INSERT INTO kv (plugin, conversation_id, key, value, updated_at, expires_at)
+                    SELECT s.plugin, s.conv, s.key, s.value, $3, s.expires
+                    FROM done, unnest($12::text[], $13::text[], $14::text[], $15::text[], $26::bigint[]) AS s(plugin, conv, key, value, expires)
+                    ON CONFLICT (plugin, conversation_id, key)
+                    DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at, expires_at = excluded.expires_at
+                    RETURNING 1
+                 ), kv_delete AS (
+                    DELETE FROM kv USING done, unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
+                    WHERE kv.plugin = d.plugin AND kv.conversation_id = d.conv AND kv.key = d.key
+                    RETURNING 1
+                 ), kv_old AS (
+                    -- The sizes of the entries written, before (every part
+                    -- of one statement sees the same snapshot).
+                    SELECT kv.plugin, kv.conversation_id AS conv, kv.key,
+                           octet_length(kv.key) + octet_length(kv.value) AS size
+                    FROM kv JOIN (SELECT * FROM unnest($12::text[], $13::text[], $14::text[])
+                                  UNION ALL SELECT * FROM unnest($16::text[], $17::text[], $18::text[])) AS w(plugin, conv, key)
+                         ON kv.plugin = w.plugin AND kv.conversation_id = w.conv AND kv.key = w.key
+                 ), kv_delta AS (
+                    SELECT x.plugin, x.conv, sum(x.keys)::bigint AS keys, sum(x.bytes)::bigint AS bytes
+                    FROM (SELECT s.plugin, s.conv, CASE WHEN o.key IS NULL THEN 1 ELSE 0 END AS keys,
+                                 octet_length(s.key) + octet_length(s.value) - COALESCE(o.size, 0) AS bytes
+                          FROM unnest($12::text[], $13::text[], $14::text[], $15::text[]) AS s(plugin, conv, key, value)
+                          LEFT JOIN kv_old o ON o.plugin = s.plugin AND o.conv = s.conv AND o.key = s.key
+                          UNION ALL
+                          SELECT o.plugin, o.conv, -1, -o.size
+                          FROM unnest($16::text[], $17::text[], $18::text[]) AS d(plugin, conv, key)
+                          JOIN kv_old o ON o.plugin = d.plugin AND o.conv = d.conv AND o.key = d.key) AS x
+                    GROUP BY x.plugin, x.conv
+                    HAVING sum(x.keys) <> 0 OR sum(x.bytes) <> 0
+                 ), kv_usage_up AS (
+                    INSERT INTO kv_usage (conversation_id, plugin, keys, bytes)
+                    SELECT d.conv, d.plugin, d.keys, d.bytes FROM done, kv_delta d
+                    ON CONFLICT (conversation_id, plugin) DO UPDATE
+                    SET keys = kv_usage.keys + excluded.keys, bytes = kv_usage.bytes + excluded.bytes
+                    RETURNING 1
+                 ), kv_totals_up AS (
+                    INSERT INTO kv_plugin_usage (plugin, shard, keys, bytes)
+                    SELECT d.plugin, hashtext(d.conv) & 15, sum(d.keys)::bigint, sum(d.bytes)::bigint
+                    FROM done, kv_delta d GROUP BY d.plugin, hashtext(d.conv) & 15
+                    ON CONFLICT (plugin, shard) DO UPDATE
+                    SET keys = kv_plugin_usage.keys + excluded.keys, bytes = kv_plugin_usage.bytes + excluded.bytes
+                    RETURNING 1
+                 ";
+
+/// Its conversation upsert, archive and timer cancels, and the answer
+/// (`{kv_count}` is how many KV writes the statement made).
+const COMPLETE_TAIL: &str = "), old AS (
+                    SELECT state FROM conversations WHERE id = $2
+                 ), applies AS (
+                    -- The state change applies from its `from` state (any
+                    -- other state when none); a new conversation is `bot`.
+                    SELECT $19::text IS NOT NULL
+                           AND COALESCE((SELECT state FROM old), 'bot') <> $19::text
+                           AND ($20::text IS NULL OR COALESCE((SELECT state FROM old), 'bot') = $20::text) AS yes
+                 ), conv AS (
+                    INSERT INTO conversations (id, state, changed_at, reason, channel, last_customer_at, last_agent_at, active_at, customer_id)
+                    SELECT $2, CASE WHEN applies.yes THEN $19::text ELSE 'bot' END, $3,
+                           CASE WHEN applies.yes THEN $21::text ELSE 'first event' END,
+                           $22::text, $23::bigint, $24::bigint, $3, $27::text
+                    FROM done, applies WHERE $2 <> ''
+                    ON CONFLICT (id) DO UPDATE SET
+                       active_at = GREATEST(conversations.active_at, $3),
+                       customer_id = COALESCE($27::text, conversations.customer_id),
+                       state = CASE WHEN (SELECT yes FROM applies) THEN $19::text ELSE conversations.state END,
+                       changed_at = CASE WHEN (SELECT yes FROM applies) THEN $3 ELSE conversations.changed_at END,
+                       messages = CASE WHEN (SELECT yes FROM applies) THEN 0
+                                  ELSE conversations.messages + ($23::bigint IS NOT NULL)::int + ($24::bigint IS NOT NULL)::int END,
+                       reason = CASE WHEN (SELECT yes FROM applies) THEN $21::text ELSE conversations.reason END,
+                       channel = COALESCE($22::text, conversations.channel),
+                       -- Times only move forward (GREATEST skips NULLs).
+                       last_customer_at = GREATEST(conversations.last_customer_at, $23::bigint),
+                       last_agent_at = GREATEST(conversations.last_agent_at, $24::bigint)
+                    RETURNING id, state, changed_at, reason, channel, last_customer_at, last_agent_at, customer_id, version
+                 ), archived AS (
+                    UPDATE outbox SET status = 'dead', last_status = NULL, last_error = $25::text, done_at = $3,
+                           claimed_by = NULL, claim_expires = NULL
+                    FROM done
+                    WHERE $25::text IS NOT NULL AND outbox.conversation_id = $2 AND outbox.status = 'pending'
+                    RETURNING 1
+                 ), timers_dropped AS (
+                    -- Archiving drops the conversation's timers; a customer
+                    -- message those it cancels (the turns' own schedules
+                    -- follow, in the same transaction).
+                    DELETE FROM timers USING done
+                    WHERE timers.conversation_id = $2
+                      AND ($25::text IS NOT NULL OR ($23::bigint IS NOT NULL AND timers.cancel_on_message))
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM queued),
+                        EXISTS (SELECT 1 FROM blocked),
+                        {kv_count} + (SELECT count(*) FROM renewed),
+                        EXISTS (SELECT 1 FROM done),
+                        EXISTS (SELECT 1 FROM conv) AND (SELECT yes FROM applies),
+                        (SELECT count(*) FROM archived),
+                        EXISTS (SELECT 1 FROM stale),
+                        EXISTS (SELECT 1 FROM released),
+                        conv.id, conv.state, conv.changed_at, conv.reason, conv.channel,
+                        conv.last_customer_at, conv.last_agent_at, conv.customer_id, conv.version
+                 FROM (SELECT 1) AS one LEFT JOIN conv ON true";
+
+/// The completion of a turn that wrote KV entries.
+static COMPLETE_WITH_KV: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let tail = COMPLETE_TAIL.replace(
+        "{kv_count}",
+        "(SELECT count(*) FROM kv_set) + (SELECT count(*) FROM kv_delete)",
+    );
+    format!("{COMPLETE_HEAD}{COMPLETE_KV}{tail}")
+});
+
+/// The completion of a turn that wrote none, the usual one: without the KV
+/// parts, which cost the executor even when their arrays are empty. Their
+/// parameters keep their types in a part nothing reads (never executed),
+/// so both statements take the same arguments.
+static COMPLETE_WITHOUT_KV: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let tail = COMPLETE_TAIL.replace("{kv_count}", "0");
+    format!(
+        "{COMPLETE_HEAD}), kv_unused AS (
+                    SELECT $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
+                           $18::text[], $26::bigint[]
+                 {tail}"
+    )
+});
 
 /// The sender's claim: the first pending action of each conversation,
 /// soonest due first, at most `$2`, not held by another replica (`$1` is
