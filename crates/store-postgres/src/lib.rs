@@ -829,21 +829,16 @@ impl Postgres {
             Ok::<_, Error>(done)
         }
         .await;
-        let queued = |done: &Completed| {
-            if done.completed {
-                self.outbox_stats.queued(actions.len());
-            }
-        };
         if !transaction {
             if let Ok(done) = &applied {
-                queued(done);
+                self.outbox_stats.queued(done.queued);
             }
             return applied;
         }
         match applied {
             Ok(done) => {
                 c.execute("COMMIT", &[]).await?;
-                queued(&done);
+                self.outbox_stats.queued(done.queued);
                 if handing_back {
                     // The resume's record came after the statement's row.
                     self.records.forget(&conversation_id);
@@ -3136,6 +3131,23 @@ mod tests {
         }
     }
 
+    /// Inserts customer message `id` in `conv` and completes it with one
+    /// action, keyed `key`.
+    async fn handled(store: &Store, id: &str, conv: &str, key: &str) {
+        let e = insert(store, id, conv).await;
+        store
+            .complete_event(
+                e.seq,
+                conv.to_string(),
+                serde_json::json!([]),
+                vec![action(key)],
+                vec![],
+                digibot_store::ConversationUpdate::default(),
+            )
+            .await
+            .unwrap();
+    }
+
     fn seqs(events: &[StoredEvent]) -> Vec<i64> {
         events.iter().map(|e| e.seq).collect()
     }
@@ -3230,18 +3242,7 @@ mod tests {
         };
         let store = open(&url, Options::default()).await.unwrap();
         for i in 0..40 {
-            let e = insert(&store, &format!("m{i}"), &format!("c{i}")).await;
-            store
-                .complete_event(
-                    e.seq,
-                    format!("c{i}"),
-                    serde_json::json!([]),
-                    vec![action(&format!("k{i}"))],
-                    vec![],
-                    digibot_store::ConversationUpdate::default(),
-                )
-                .await
-                .unwrap();
+            handled(&store, &format!("m{i}"), &format!("c{i}"), &format!("k{i}")).await;
         }
         let heads = store.outbox_heads(100).await.unwrap();
         assert_eq!(heads.len(), 40);
@@ -3297,11 +3298,11 @@ mod tests {
         let Some((url, _db)) = testdb::create() else {
             return;
         };
-        let pg = Postgres::open(&url, Options::default()).await.unwrap();
-        let mut c = pg.conn().await.unwrap();
+        let store = open(&url, Options::default()).await.unwrap();
+        let c = testdb::connect_one(&url).await.unwrap();
         // As a new database is: its outbox analyzed while empty.
         c.execute("ANALYZE outbox", &[]).await.unwrap();
-        let due_rows = async |c: &mut Conn| -> f32 {
+        let due_rows = async |c: &tokio_postgres::Client| -> f32 {
             c.query_one(
                 "SELECT reltuples FROM pg_class WHERE relname = 'outbox_due'",
                 &[],
@@ -3310,30 +3311,14 @@ mod tests {
             .unwrap()
             .get(0)
         };
-        assert_eq!(due_rows(&mut c).await, 0.0);
+        assert_eq!(due_rows(&c).await, 0.0);
         let queued = stats::MIN_QUEUED as usize + 100;
         for i in 0..queued {
             let conv = format!("c{}", i % 200);
-            let Inserted::New(seq) = pg
-                .insert_event(event(&format!("m{i}"), &conv))
-                .await
-                .unwrap()
-            else {
-                panic!("m{i} is a duplicate")
-            };
-            pg.complete_event(
-                seq,
-                conv,
-                serde_json::json!([]),
-                vec![action(&format!("k{i}"))],
-                vec![],
-                digibot_store::ConversationUpdate::default(),
-            )
-            .await
-            .unwrap();
+            handled(&store, &format!("m{i}"), &conv, &format!("k{i}")).await;
         }
         let rows = eventually("the replica analyzes its outbox", async || {
-            let rows = due_rows(&mut c).await;
+            let rows = due_rows(&c).await;
             (rows >= stats::MIN_QUEUED as f32).then_some(rows)
         })
         .await;
@@ -3361,7 +3346,7 @@ mod tests {
             assert!(!plan.contains(unwanted), "{unwanted} is in\n{plan}");
         }
         // It claims the 64 soonest heads, one per conversation.
-        let heads = pg.outbox_heads(64).await.unwrap();
+        let heads = store.outbox_heads(64).await.unwrap();
         let keys: Vec<String> = heads.iter().map(|h| h.idempotency_key.clone()).collect();
         let expected: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
         assert_eq!(keys, expected);
