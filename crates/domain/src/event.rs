@@ -457,11 +457,15 @@ fn content(type_name: &str, body: &Value) -> Content {
             let Some(obj) = body.as_object() else {
                 return unknown();
             };
-            let coord = |k: &str| {
+            // A coordinate outside the globe is not a location: the body
+            // stays as sent, as unknown content, rather than a typed
+            // location no map (and no Messages API) would accept.
+            let coord = |k: &str, limit: f64| {
                 obj.get(k)
-                    .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
+                    .and_then(|v| v.as_f64().or_else(|| v.as_str()?.trim().parse().ok()))
+                    .filter(|c: &f64| c.is_finite() && c.abs() <= limit)
             };
-            match (coord("latitude"), coord("longitude")) {
+            match (coord("latitude", 90.0), coord("longitude", 180.0)) {
                 (Some(latitude), Some(longitude)) => Content::Location(Location {
                     latitude,
                     longitude,
@@ -676,6 +680,65 @@ mod tests {
     fn agent_messages_do_not_invoke_plugins() {
         let e = fixture("message_agent");
         assert!(!e.invokes_plugins());
+    }
+
+    fn location(latitude: &str) -> Event {
+        let body = format!(
+            r#"{{"event":"live_chat.new_message","data":{{"id":"m1","data":{{"conversation_id":"c1","type":"location","body":{{"latitude":{latitude},"longitude":-7.5898}}}}}}}}"#
+        );
+        Event::parse(body.as_bytes()).unwrap()
+    }
+
+    fn content_of(event: &Event) -> &Content {
+        match &event.kind {
+            EventKind::Message(m) => &m.content,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Found by the fuzzer: a 90-digit latitude parsed to one float and
+    /// read back from the inbox as its neighbour.
+    #[test]
+    fn a_location_off_the_globe_is_kept_as_sent_not_as_a_location() {
+        for latitude in [
+            "3300000000000000000000000000000000000000000000000000000000000000000000000000000000001198412870.5731",
+            "90.5",
+            "-1e400",
+            "\"NaN\"",
+        ] {
+            let Ok(event) = Event::parse(
+                format!(r#"{{"event":"live_chat.new_message","data":{{"id":"m1","data":{{"conversation_id":"c1","type":"location","body":{{"latitude":{latitude},"longitude":1}}}}}}}}"#).as_bytes(),
+            ) else {
+                continue; // serde_json refuses numbers beyond f64
+            };
+            match content_of(&event) {
+                Content::Unknown {
+                    type_name,
+                    raw_json,
+                } => {
+                    assert_eq!(type_name, "location");
+                    assert!(raw_json.contains("longitude"), "{raw_json}");
+                }
+                other => panic!("{latitude}: {other:?}"),
+            }
+        }
+    }
+
+    /// The inbox stores events as JSON: a coordinate written with more
+    /// digits than an f64 holds must read back as the same f64.
+    #[test]
+    fn a_long_coordinate_reads_back_from_the_inbox_unchanged() {
+        // serde_json's default float parser reads this as 60.23749372429682,
+        // one unit off the nearest f64 (what `str::parse` gives).
+        let digits = "60.2374937242968128280884406192056759400014319009953015203755";
+        let event = location(digits);
+        assert!(
+            matches!(content_of(&event), Content::Location(l) if l.latitude == digits.parse::<f64>().unwrap())
+        );
+        let back: Event = serde_json::from_str(&serde_json::to_string(&event).unwrap()).unwrap();
+        assert_eq!(back, event);
+        let edge = location("-90");
+        assert!(matches!(content_of(&edge), Content::Location(l) if l.latitude == -90.0));
     }
 
     #[test]
