@@ -682,11 +682,15 @@ mod tests {
         assert!(!e.invokes_plugins());
     }
 
-    fn location(latitude: &str) -> Event {
-        let body = format!(
+    /// A location webhook with `latitude` written as is (any JSON text).
+    fn location_webhook(latitude: &str) -> String {
+        format!(
             r#"{{"event":"live_chat.new_message","data":{{"id":"m1","data":{{"conversation_id":"c1","type":"location","body":{{"latitude":{latitude},"longitude":-7.5898}}}}}}}}"#
-        );
-        Event::parse(body.as_bytes()).unwrap()
+        )
+    }
+
+    fn location(latitude: &str) -> Event {
+        Event::parse(location_webhook(latitude).as_bytes()).unwrap()
     }
 
     fn content_of(event: &Event) -> &Content {
@@ -706,9 +710,7 @@ mod tests {
             "-1e400",
             "\"NaN\"",
         ] {
-            let Ok(event) = Event::parse(
-                format!(r#"{{"event":"live_chat.new_message","data":{{"id":"m1","data":{{"conversation_id":"c1","type":"location","body":{{"latitude":{latitude},"longitude":1}}}}}}}}"#).as_bytes(),
-            ) else {
+            let Ok(event) = Event::parse(location_webhook(latitude).as_bytes()) else {
                 continue; // serde_json refuses numbers beyond f64
             };
             match content_of(&event) {
