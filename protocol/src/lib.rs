@@ -103,6 +103,16 @@ pub mod limits {
     /// Characters in an id that digibot puts into a URL path or a
     /// `reply_to` (user ids, message ids).
     pub const REF_ID_MAX: usize = 128;
+
+    /// Whether a latitude and longitude name a point on the globe (finite,
+    /// within ±90 and ±180): the one check for locations going out and
+    /// coming in.
+    pub fn on_the_globe(latitude: f64, longitude: f64) -> bool {
+        latitude.is_finite()
+            && longitude.is_finite()
+            && latitude.abs() <= 90.0
+            && longitude.abs() <= 180.0
+    }
 }
 
 /// One reply a bot asks digibot to perform, in the conversation of the

@@ -216,11 +216,7 @@ impl Action {
             Action::Buttons(b) => buttons(b),
             Action::List(l) => list(l),
             Action::Location(loc) => {
-                let ok = loc.latitude.is_finite()
-                    && loc.longitude.is_finite()
-                    && loc.latitude.abs() <= 90.0
-                    && loc.longitude.abs() <= 180.0;
-                if ok {
+                if crate::limits::on_the_globe(loc.latitude, loc.longitude) {
                     Ok(())
                 } else {
                     Err(LimitError::BadCoordinates)

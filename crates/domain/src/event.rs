@@ -460,18 +460,21 @@ fn content(type_name: &str, body: &Value) -> Content {
             // A coordinate outside the globe is not a location: the body
             // stays as sent, as unknown content, rather than a typed
             // location no map (and no Messages API) would accept.
-            let coord = |k: &str, limit: f64| {
+            let coord = |k: &str| {
                 obj.get(k)
                     .and_then(|v| v.as_f64().or_else(|| v.as_str()?.trim().parse().ok()))
-                    .filter(|c: &f64| c.is_finite() && c.abs() <= limit)
             };
-            match (coord("latitude", 90.0), coord("longitude", 180.0)) {
-                (Some(latitude), Some(longitude)) => Content::Location(Location {
-                    latitude,
-                    longitude,
-                    name: text(obj, "name"),
-                    address: text(obj, "address"),
-                }),
+            match (coord("latitude"), coord("longitude")) {
+                (Some(latitude), Some(longitude))
+                    if digibot_protocol::limits::on_the_globe(latitude, longitude) =>
+                {
+                    Content::Location(Location {
+                        latitude,
+                        longitude,
+                        name: text(obj, "name"),
+                        address: text(obj, "address"),
+                    })
+                }
                 _ => unknown(),
             }
         }

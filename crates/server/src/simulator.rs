@@ -235,7 +235,7 @@ impl Simulator {
                 latitude,
                 longitude,
             } => {
-                if !(-90.0..=90.0).contains(&latitude) || !(-180.0..=180.0).contains(&longitude) {
+                if !digibot_protocol::limits::on_the_globe(latitude, longitude) {
                     return Err(SimulatorError::BadLocation);
                 }
                 Content::Location(Location {

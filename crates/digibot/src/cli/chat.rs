@@ -63,7 +63,7 @@ fn parse_input(line: &str, picks: &[Pick]) -> Input {
             .collect();
         return match numbers[..] {
             [latitude, longitude]
-                if (-90.0..=90.0).contains(&latitude) && (-180.0..=180.0).contains(&longitude) =>
+                if digibot_protocol::limits::on_the_globe(latitude, longitude) =>
             {
                 Input::Send(Content::Location(Location {
                     latitude,
